@@ -1,0 +1,229 @@
+//! PID 1 of the snapgate test guest.
+//!
+//! 1. Mounts /proc, /sys and /dev.
+//! 2. Loads the kernel modules listed, in order, in `/etc/modules` (virtio
+//!    transport, net, blk, rng: the Debian cloud kernel builds them as modules).
+//! 3. Configures `eth0` from the kernel's documented `ip=` parameter
+//!    (`ip=<client>::<gw>:<netmask>::<device>:off`). The kernel cannot apply it
+//!    itself because virtio_net is a module, so this program does, with the
+//!    busybox `ip` applet.
+//! 4. Serves HTTP/1.1 on `snapgate.port=` (default 8080):
+//!    - `GET /healthz` answers `ok` and touches nothing else, so readiness
+//!      probes on a template leave no per-instance state behind;
+//!    - any other request answers with the instance identity, the boot id, the
+//!      request line, every header and, for requests with a body, the body.
+//!
+//! The instance identity is minted on the first non-probe request from the
+//! virtio-rng device, i.e. from host entropy read after the VM was restored.
+//! Clones of one snapshot share all guest memory, including the kernel's RNG
+//! state and boot id, so only the host can tell them apart.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+const BUSYBOX: &str = "/bin/busybox";
+
+fn main() {
+    if let Err(e) = setup() {
+        log(&format!("setup failed: {e}"));
+    }
+    let port = cmdline_value("snapgate.port=")
+        .and_then(|p| p.parse::<u16>().ok())
+        .unwrap_or(8080);
+    serve(port);
+}
+
+fn log(msg: &str) {
+    // The serial console is the only log a guest has.
+    eprintln!("snapgate-guest: {msg}");
+}
+
+fn setup() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    let none: Option<&str> = None;
+    for (src, dst, fs) in [
+        ("proc", "/proc", "proc"),
+        ("sysfs", "/sys", "sysfs"),
+        ("devtmpfs", "/dev", "devtmpfs"),
+    ] {
+        let _ = std::fs::create_dir_all(dst);
+        mount(Some(src), dst, Some(fs), MsFlags::empty(), none)
+            .map_err(|e| format!("mount {dst}: {e}"))?;
+    }
+    load_modules()?;
+    configure_network()
+}
+
+fn load_modules() -> Result<(), String> {
+    use nix::kmod::{finit_module, ModuleInitFlags};
+    let list = std::fs::read_to_string("/etc/modules").map_err(|e| format!("/etc/modules: {e}"))?;
+    for name in list.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let path = format!("/lib/modules/{name}.ko");
+        let file = std::fs::File::open(&path).map_err(|e| format!("{path}: {e}"))?;
+        match finit_module(&file, c"", ModuleInitFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+            Err(e) => return Err(format!("loading {name}: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn cmdline_value(key: &str) -> Option<String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline").ok()?;
+    cmdline
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .map(str::to_owned)
+}
+
+fn busybox(args: &[&str]) -> Result<(), String> {
+    let status = Command::new(BUSYBOX)
+        .args(args)
+        .status()
+        .map_err(|e| format!("busybox {args:?}: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("busybox {args:?}: {status}"))
+    }
+}
+
+fn prefix_len(mask: &str) -> Result<u32, String> {
+    let addr: std::net::Ipv4Addr = mask.parse().map_err(|_| format!("bad netmask {mask}"))?;
+    Ok(u32::from(addr).count_ones())
+}
+
+fn configure_network() -> Result<(), String> {
+    busybox(&["ip", "link", "set", "lo", "up"])?;
+    let Some(ip) = cmdline_value("ip=") else {
+        return Err("no ip= on the kernel command line".into());
+    };
+    // ip=<client-ip>:<server-ip>:<gw-ip>:<netmask>:<hostname>:<device>:<autoconf>
+    let f: Vec<&str> = ip.split(':').collect();
+    let field = |i: usize| f.get(i).copied().unwrap_or("");
+    let (client, gw, mask) = (field(0), field(2), field(3));
+    let dev = if field(5).is_empty() {
+        "eth0"
+    } else {
+        field(5)
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::path::Path::new(&format!("/sys/class/net/{dev}")).exists() {
+        if Instant::now() > deadline {
+            return Err(format!("{dev} did not appear"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let cidr = format!("{client}/{}", prefix_len(mask)?);
+    busybox(&["ip", "addr", "add", &cidr, "dev", dev])?;
+    busybox(&["ip", "link", "set", dev, "up"])?;
+    if !gw.is_empty() {
+        busybox(&["ip", "route", "add", "default", "via", gw])?;
+    }
+    log(&format!("{dev} is {cidr} via {gw}"));
+    Ok(())
+}
+
+fn serve(port: u16) {
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("bind :{port}: {e}"));
+            loop {
+                std::thread::park();
+            }
+        }
+    };
+    log(&format!("listening on :{port}"));
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = handle(stream);
+        });
+    }
+}
+
+fn identity() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        let mut buf = [0u8; 8];
+        let read = std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut buf));
+        if read.is_err() {
+            // No virtio-rng: fall back to the kernel RNG (shared by clones).
+            let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
+        }
+        buf.iter().map(|b| format!("{b:02x}")).collect()
+    })
+}
+
+fn boot_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// One connection: HTTP/1.1 with keep-alive, bodies sized by Content-Length.
+fn handle(stream: TcpStream) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut out = stream;
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line)? == 0 {
+            return Ok(());
+        }
+        let request_line = request_line.trim_end().to_owned();
+        let mut headers = Vec::new();
+        let mut content_length = 0usize;
+        let mut close = request_line.ends_with("HTTP/1.0");
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                return Ok(());
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+                if name == "content-length" {
+                    content_length = value.parse().unwrap_or(0);
+                }
+                if name == "connection" && value.eq_ignore_ascii_case("close") {
+                    close = true;
+                }
+                headers.push(format!("{name}: {value}"));
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        reader.read_exact(&mut body)?;
+        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
+        let mut payload = Vec::new();
+        if path == "/healthz" {
+            payload.extend_from_slice(b"ok\n");
+        } else {
+            payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
+            payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
+            payload.extend_from_slice(format!("request: {request_line}\n").as_bytes());
+            for h in &headers {
+                payload.extend_from_slice(format!("header: {h}\n").as_bytes());
+            }
+            if !body.is_empty() {
+                payload.extend_from_slice(format!("body: {} bytes\n", body.len()).as_bytes());
+                payload.extend_from_slice(&body);
+            }
+        }
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+            payload.len(),
+            if close { "connection: close\r\n" } else { "" }
+        );
+        out.write_all(head.as_bytes())?;
+        out.write_all(&payload)?;
+        if close {
+            return Ok(());
+        }
+    }
+}

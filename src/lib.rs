@@ -1,0 +1,18 @@
+//! snapgate: a scale-to-zero edge gateway for microVM apps.
+//!
+//! Module map (data flows one way, top to bottom):
+//! - [`config`]: `proxy.yaml` -> serde structs -> validation -> typed values.
+//! - [`vmm`]: the [`vmm::Vmm`] trait and its QEMU and Cloud Hypervisor drivers.
+//! - [`net`]: taps, addressing, clean-up of a crashed run's leftovers.
+//! - [`snapshot_cmd`]: the operator's `snapgate snapshot build`.
+
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+// Errors here carry context (paths, log tails) and are returned on cold
+// paths next to VM starts that take milliseconds; boxing them buys nothing.
+#![allow(clippy::result_large_err)]
+
+pub mod config;
+pub mod net;
+pub mod snapshot_cmd;
+pub mod vmm;

@@ -1,0 +1,85 @@
+//! The `snapgate` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use snapgate::config::Config;
+
+#[derive(Parser)]
+#[command(version, about = "Scale-to-zero edge gateway for microVM apps")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a config file and print every problem with its key.
+    Check {
+        /// The config file.
+        file: PathBuf,
+    },
+    /// Snapshot operations.
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum SnapshotCommand {
+    /// Boot each app's template, wait until ready, and snapshot it.
+    Build {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+        /// Only this app (repeatable); all apps by default.
+        #[arg(long = "app")]
+        apps: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "snapgate=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { file } => match Config::load(&file) {
+            Ok(config) => {
+                println!("{}: ok ({} apps)", file.display(), config.apps.len());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Snapshot {
+            command: SnapshotCommand::Build { config, apps },
+        } => {
+            let result = (|| -> anyhow::Result<()> {
+                let config = Config::load(&config)?;
+                let rt = tokio::runtime::Runtime::new()?;
+                rt.block_on(snapgate::snapshot_cmd::build(
+                    &config,
+                    &apps,
+                    &mut std::io::stdout(),
+                ))?;
+                Ok(())
+            })();
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("snapshot build failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! Cloud Hypervisor driver, through its REST API.
+//!
+//! # Template
+//! 1. Start `cloud-hypervisor --api-socket path=<run>/api.sock` and ping it.
+//! 2. `vm.create` with cpus, memory, payload (kernel, initramfs, cmdline),
+//!    read-only disks, rng and the serial console to `<run>/console.log`.
+//! 3. `vm.add-net` for `net0` with the tap fd attached (SCM_RIGHTS). The
+//!    snapshot then records an fd-backed net, not a tap *name*: clones of one
+//!    snapshot would otherwise all try to open the same tap (EBUSY).
+//! 4. `vm.boot`; readiness is probed over the tap like any VM.
+//! 5. Snapshot: `vm.pause`, `vm.snapshot` to `file://<dest>` (CH writes
+//!    `config.json`, `state.json`, `memory-ranges`), then `vmm.shutdown`.
+//!
+//! # Clones
+//! A fresh process started with only `--api-socket`, then `vm.restore` with
+//! `net_fds: [{id: net0, num_fds: 1}]`, the new tap's fd attached, and
+//! `resume: true`. CH restores from a per-clone directory under the clone's
+//! run directory: a copy of `config.json` with the serial console pointed at
+//! the clone's own log, and symlinks to the shared `state.json` and
+//! `memory-ranges`. Disks must be read-only (clones share them).
+//!
+//! CH copies snapshot memory into each clone (`memory_restore_mode: copy`),
+//! or maps it on demand with userfaultfd (`ondemand`, which needs
+//! `/dev/userfaultfd` or `vm.unprivileged_userfaultfd=1`). Snapshots need
+//! hardware KVM.
+
+pub mod api;
+
+use std::ffi::OsString;
+use std::net::SocketAddrV4;
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+pub use api::ChClient;
+
+use super::process::make_run_dir;
+use super::snapshot::create_dest;
+use super::{
+    Endpoint, ImageSpec, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError, VmmKind,
+};
+use crate::net::{NetParams, Tap};
+
+/// How CH brings snapshot memory into a clone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryRestoreMode {
+    /// Read the whole memory file into the clone before it runs.
+    #[default]
+    Copy,
+    /// Fault pages in on first touch (userfaultfd).
+    OnDemand,
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// Snapshot files CH writes.
+const SNAPSHOT_FILES: &[&str] = &["config.json", "state.json", "memory-ranges"];
+
+/// The Cloud Hypervisor driver.
+#[derive(Debug)]
+pub struct CloudHypervisor {
+    binary: PathBuf,
+    state_dir: PathBuf,
+    net: NetParams,
+    tsc_khz: u64,
+    restore_mode: MemoryRestoreMode,
+}
+
+/// The VmConfig body of `vm.create` for `spec`.
+pub fn vm_config(spec: &ImageSpec, cmdline: &str, console: &Path) -> Value {
+    let mut payload = json!({
+        "kernel": spec.kernel,
+        "cmdline": cmdline,
+    });
+    if let Some(initramfs) = &spec.initramfs {
+        payload["initramfs"] = json!(initramfs);
+    }
+    let disks: Vec<Value> = spec
+        .disks
+        .iter()
+        .map(|d| json!({ "path": d.path, "readonly": true }))
+        .collect();
+    let mut config = json!({
+        "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
+        "memory": { "size": u64::from(spec.memory_mib) << 20, "shared": false },
+        "payload": payload,
+        "rng": { "src": "/dev/urandom" },
+        "serial": { "mode": "File", "file": console },
+        "console": { "mode": "Off" },
+    });
+    if !disks.is_empty() {
+        config["disks"] = Value::Array(disks);
+    }
+    config
+}
+
+/// The NetConfig body of `vm.add-net` (one queue pair: one fd).
+pub fn net_config(net: &NetParams) -> Value {
+    json!({
+        "id": "net0",
+        "mac": net.guest_mac.to_string(),
+        "host_mac": net.host_mac.to_string(),
+        "num_queues": 2,
+    })
+}
+
+/// The RestoreConfig body of `vm.restore` from `source`, one tap fd.
+pub fn restore_config(source: &Path, mode: MemoryRestoreMode) -> Value {
+    json!({
+        "source_url": api::file_url(source),
+        "prefault": false,
+        "memory_restore_mode": match mode {
+            MemoryRestoreMode::Copy => "Copy",
+            MemoryRestoreMode::OnDemand => "OnDemand",
+        },
+        "resume": true,
+        "net_fds": [{ "id": "net0", "num_fds": 1 }],
+    })
+}
+
+impl CloudHypervisor {
+    /// A driver running `binary`, keeping run files under `state_dir`.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        state_dir: impl Into<PathBuf>,
+        net: NetParams,
+        restore_mode: MemoryRestoreMode,
+    ) -> CloudHypervisor {
+        CloudHypervisor {
+            binary: binary.into(),
+            state_dir: state_dir.into(),
+            net,
+            tsc_khz: super::spec::host_tsc_khz(),
+            restore_mode,
+        }
+    }
+
+    /// Starts a bare VMM process and waits for its API. Records `spawn`.
+    async fn start(&self, id: &VmId, run_dir: &Path) -> Result<(VmProcess, ChClient), VmmError> {
+        let started = Instant::now();
+        let socket = run_dir.join("api.sock");
+        let args: Vec<OsString> = vec![
+            "--api-socket".into(),
+            format!("path={}", socket.display()).into(),
+        ];
+        let mut process =
+            VmProcess::spawn(id, &self.binary, &args, vec![], run_dir, &self.state_dir)?;
+        let client = ChClient::new(id.clone(), socket);
+        client
+            .wait_for_api(&mut process, started + START_TIMEOUT)
+            .await?;
+        Ok((process, client))
+    }
+
+    fn endpoint(&self, tap: &Tap, spec: &ImageSpec) -> Endpoint {
+        Endpoint {
+            tap: tap.name().to_owned(),
+            addr: SocketAddrV4::new(self.net.guest_ip, spec.guest_port),
+        }
+    }
+
+    /// The client of a running VM.
+    pub fn client(vm: &Vm) -> ChClient {
+        ChClient::new(vm.id().clone(), vm.process().run_dir().join("api.sock"))
+    }
+}
+
+/// Prepares `<run_dir>/source/`: the snapshot's `config.json` with the
+/// serial console pointed at this clone's log, and links to the rest.
+fn clone_source(snapshot: &Snapshot, run_dir: &Path, console: &Path) -> Result<PathBuf, VmmError> {
+    let dir = run_dir.join("source");
+    let io = |what, path: &Path| {
+        let path = path.to_owned();
+        move |source| VmmError::Io { what, path, source }
+    };
+    std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+    let config_path = snapshot.file("config.json");
+    let text = std::fs::read_to_string(&config_path).map_err(io("cannot read", &config_path))?;
+    let mut config: Value = serde_json::from_str(&text).map_err(|e| VmmError::SnapshotFile {
+        path: config_path.clone(),
+        problem: format!("not JSON: {e}"),
+    })?;
+    if config["serial"]["mode"] == "File" {
+        config["serial"]["file"] = json!(console);
+    }
+    let out = dir.join("config.json");
+    std::fs::write(&out, config.to_string()).map_err(io("cannot write", &out))?;
+    for name in ["state.json", "memory-ranges"] {
+        let link = dir.join(name);
+        std::os::unix::fs::symlink(snapshot.file(name), &link).map_err(io("cannot link", &link))?;
+    }
+    Ok(dir)
+}
+
+#[async_trait]
+impl Vmm for CloudHypervisor {
+    fn kind(&self) -> VmmKind {
+        VmmKind::CloudHypervisor
+    }
+
+    async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
+        let problems = spec.validate();
+        if !problems.is_empty() {
+            return Err(VmmError::Invalid(problems.join("; ")));
+        }
+        let cmdline = spec
+            .render_cmdline(&self.net, self.tsc_khz)
+            .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))?;
+        let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let started = Instant::now();
+        let (process, client) = self.start(&id, &run_dir).await?;
+        let endpoint = self.endpoint(&tap, spec);
+        let console = process.console_path();
+        let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
+        vm.record("spawn", started.elapsed());
+        let t = Instant::now();
+        client
+            .create(&vm_config(spec, vm.cmdline(), &console))
+            .await?;
+        let fd = tap.take_fd();
+        client
+            .add_net(&net_config(&self.net), &[fd.as_fd()])
+            .await?;
+        // CH holds its own copy now; ours closes here.
+        drop(fd);
+        vm.record("create", t.elapsed());
+        let t = Instant::now();
+        client.boot().await?;
+        vm.record("boot", t.elapsed());
+        Ok(vm)
+    }
+
+    async fn snapshot(&self, mut vm: Vm, dest: &Path) -> Result<Snapshot, VmmError> {
+        create_dest(dest)?;
+        let client = Self::client(&vm);
+        let result = async {
+            let t = Instant::now();
+            client.pause().await?;
+            client.snapshot(dest).await?;
+            vm.record("save", t.elapsed());
+            Snapshot::write(
+                dest,
+                VmmKind::CloudHypervisor,
+                SnapshotMode::Full,
+                "kvm",
+                vm.spec(),
+                vm.cmdline(),
+                SNAPSHOT_FILES,
+            )
+        }
+        .await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dest);
+        }
+        let _ = self.destroy(vm).await;
+        result
+    }
+
+    async fn restore(&self, id: VmId, snapshot: &Snapshot, mut tap: Tap) -> Result<Vm, VmmError> {
+        snapshot.verify()?;
+        let m = snapshot.manifest();
+        if m.vmm != VmmKind::CloudHypervisor {
+            return Err(VmmError::Invalid(format!(
+                "snapshot {} was taken by {}, not cloud-hypervisor",
+                snapshot.dir().display(),
+                m.vmm
+            )));
+        }
+        let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let started = Instant::now();
+        let (process, client) = self.start(&id, &run_dir).await?;
+        let source = clone_source(snapshot, &run_dir, &process.console_path())?;
+        let endpoint = self.endpoint(&tap, &m.spec);
+        let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
+        vm.record("spawn", started.elapsed());
+        let t = Instant::now();
+        let fd = tap.take_fd();
+        client
+            .restore(&restore_config(&source, self.restore_mode), &[fd.as_fd()])
+            .await?;
+        drop(fd);
+        vm.record("load", t.elapsed());
+        let state = client.state().await?;
+        if state != "Running" {
+            return Err(VmmError::Api {
+                vm: vm.id().clone(),
+                endpoint: "vm.info".into(),
+                status: 200,
+                chain: vec![format!("restored VM is {state}, not Running")],
+            });
+        }
+        Ok(vm)
+    }
+
+    async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
+        let client = Self::client(&vm);
+        // A clean exit lets CH release its resources; a hung VMM is killed.
+        let _ = tokio::time::timeout(Duration::from_secs(2), client.vmm_shutdown()).await;
+        vm.process_mut().stop(Duration::from_secs(2)).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bodies_follow_the_api_shapes() {
+        let spec: ImageSpec = serde_yaml_ng::from_str(
+            "kernel: /k\ninitramfs: /i\ncmdline: x\nmemory_mib: 128\nvcpus: 2\ndisks: [{path: /d}]\n",
+        )
+        .unwrap();
+        let c = vm_config(&spec, "console=ttyS0", Path::new("/run/console.log"));
+        assert_eq!(c["memory"]["size"], 128u64 << 20);
+        assert_eq!(c["cpus"]["boot_vcpus"], 2);
+        assert_eq!(c["payload"]["initramfs"], "/i");
+        assert_eq!(c["disks"][0]["readonly"], true);
+        let r = restore_config(Path::new("/snap"), MemoryRestoreMode::OnDemand);
+        assert_eq!(r["source_url"], "file:///snap");
+        assert_eq!(r["memory_restore_mode"], "OnDemand");
+        assert_eq!(r["net_fds"][0]["num_fds"], 1);
+    }
+}

@@ -1,0 +1,340 @@
+//! The VMM layer: one [`Vmm`] trait, two drivers (QEMU, Cloud Hypervisor).
+//!
+//! # Lifecycle
+//! ```text
+//!  boot(spec, tap) ──> wait_ready ──> snapshot(dest) ──> Snapshot (files on disk)
+//!                                                          │
+//!                        restore(snapshot, tap) <──────────┘  (many times)
+//!                               │
+//!                          wait_ready ──> serve ──> destroy
+//! ```
+//! 1. Every VM runs in its own VMM process, started by the driver with the
+//!    VM's tap fd inherited. The [`Vm`] value owns that process: dropping it
+//!    kills the process (the tap goes with it) and removes its run directory;
+//!    [`Vmm::destroy`] does the same but waits for the exit and reports errors.
+//! 2. A process id file per VM sits in `<state_dir>/vms/` while the VM lives,
+//!    so a gateway restarted after a crash can kill VMMs it no longer owns
+//!    ([`process::kill_stale`]).
+//! 3. Drivers time each step and keep the figures in [`Vm::timings`].
+//! 4. A [`Snapshot`] is a directory with a `manifest.json` written last; a
+//!    snapshot without one, or whose files differ in size from what the
+//!    manifest recorded, is refused before any VMM is started.
+
+pub mod cloud_hypervisor;
+pub mod process;
+pub mod qemu;
+mod qmp;
+pub mod ready;
+pub mod snapshot;
+pub mod spec;
+
+use std::fmt;
+use std::net::SocketAddrV4;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use process::VmProcess;
+pub use snapshot::Snapshot;
+pub use spec::{ImageSpec, Machine, SnapshotMode};
+
+use crate::net::{NetError, Tap};
+
+/// Identifies one VM (a template or a clone) in logs, file names and metrics.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct VmId(String);
+
+impl VmId {
+    /// Makes an id; only `[A-Za-z0-9_-]` are kept so it is safe in paths.
+    pub fn new(s: impl AsRef<str>) -> VmId {
+        VmId(
+            s.as_ref()
+                .chars()
+                .filter(|c| c.is_ascii_alphanumeric() || *c == '-' || *c == '_')
+                .collect(),
+        )
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for VmId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Which VMM drives the VMs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VmmKind {
+    /// QEMU, over QMP.
+    Qemu,
+    /// Cloud Hypervisor, over its REST API.
+    CloudHypervisor,
+}
+
+impl fmt::Display for VmmKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            VmmKind::Qemu => "qemu",
+            VmmKind::CloudHypervisor => "cloud-hypervisor",
+        })
+    }
+}
+
+/// Durations of a driver's steps, in order.
+#[derive(Clone, Debug, Default)]
+pub struct Timings(Vec<(&'static str, Duration)>);
+
+impl Timings {
+    /// Records one step.
+    pub fn record(&mut self, step: &'static str, took: Duration) {
+        self.0.push((step, took));
+    }
+
+    /// The duration of `step`, if it was recorded.
+    pub fn get(&self, step: &str) -> Option<Duration> {
+        self.0.iter().find(|(s, _)| *s == step).map(|(_, d)| *d)
+    }
+
+    /// Every step, in order.
+    pub fn steps(&self) -> &[(&'static str, Duration)] {
+        &self.0
+    }
+
+    /// The sum of all steps.
+    pub fn total(&self) -> Duration {
+        self.0.iter().map(|(_, d)| *d).sum()
+    }
+}
+
+impl fmt::Display for Timings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (step, d)) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{step}={:.1}ms", d.as_secs_f64() * 1e3)?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a VM's guest serves: its address, reached through its own tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    /// The tap the guest sits behind; client sockets bind to it.
+    pub tap: String,
+    /// The guest's address and port.
+    pub addr: SocketAddrV4,
+}
+
+/// A running VM. Dropping it kills its VMM process (see the module doc).
+#[derive(Debug)]
+pub struct Vm {
+    id: VmId,
+    endpoint: Endpoint,
+    spec: ImageSpec,
+    cmdline: String,
+    process: VmProcess,
+    timings: Timings,
+}
+
+impl Vm {
+    /// Wraps a started VMM process running `spec` with the kernel command
+    /// line `cmdline` (placeholders filled in).
+    pub fn new(
+        id: VmId,
+        endpoint: Endpoint,
+        spec: ImageSpec,
+        cmdline: String,
+        process: VmProcess,
+    ) -> Vm {
+        Vm {
+            id,
+            endpoint,
+            spec,
+            cmdline,
+            process,
+            timings: Timings::default(),
+        }
+    }
+
+    /// The image spec the VM runs.
+    pub fn spec(&self) -> &ImageSpec {
+        &self.spec
+    }
+
+    /// The kernel command line the VM booted with.
+    pub fn cmdline(&self) -> &str {
+        &self.cmdline
+    }
+
+    /// The VM's id.
+    pub fn id(&self) -> &VmId {
+        &self.id
+    }
+
+    /// The VMM process id.
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
+    /// Where the guest serves.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.endpoint
+    }
+
+    /// The path the readiness probe asks for.
+    pub fn ready_path(&self) -> &str {
+        &self.spec.ready_path
+    }
+
+    /// Driver step durations so far.
+    pub fn timings(&self) -> &Timings {
+        &self.timings
+    }
+
+    /// Records a step duration.
+    pub fn record(&mut self, step: &'static str, took: Duration) {
+        self.timings.record(step, took);
+    }
+
+    /// The VMM process.
+    pub fn process(&self) -> &VmProcess {
+        &self.process
+    }
+
+    /// The VMM process, mutably (to wait on or kill it).
+    pub fn process_mut(&mut self) -> &mut VmProcess {
+        &mut self.process
+    }
+
+    /// Takes the process out, for drivers that stop the VM in steps.
+    pub fn into_process(self) -> VmProcess {
+        self.process
+    }
+}
+
+/// Errors from the VMM layer. Messages name the VM, file or call at fault;
+/// where the VMM or guest printed something, its last lines are attached.
+// Variant docs say when each happens; field names say the rest.
+#[allow(missing_docs)]
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The VMM binary could not be started.
+    #[error("cannot start {binary}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The VMM process exited while we still needed it.
+    #[error("VMM of {vm} exited ({status}) while {during}{}", tail_suffix(.log_tail))]
+    Exited {
+        vm: VmId,
+        status: String,
+        during: &'static str,
+        log_tail: String,
+    },
+    /// A QMP command failed.
+    #[error("QMP {command} on {vm}: {message}")]
+    Qmp {
+        vm: VmId,
+        command: String,
+        message: String,
+    },
+    /// A Cloud Hypervisor API call failed; `chain` is CH's own error chain.
+    #[error("cloud-hypervisor {endpoint} on {vm}: HTTP {status}: {}", .chain.join(": "))]
+    Api {
+        vm: VmId,
+        endpoint: String,
+        status: u16,
+        chain: Vec<String>,
+    },
+    /// Talking to the VMM's control socket failed.
+    #[error("control socket of {vm}: {what}")]
+    Control {
+        vm: VmId,
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A snapshot file is missing, truncated or unreadable.
+    #[error("snapshot file {}: {problem}", .path.display())]
+    SnapshotFile { path: PathBuf, problem: String },
+    /// The guest did not answer its readiness probe in time.
+    #[error("{vm} not ready after {:.1}s: GET {path} on {addr} via {tap}: {last_error}{}", .after.as_secs_f64(), tail_suffix(.console_tail))]
+    NotReady {
+        vm: VmId,
+        after: Duration,
+        path: String,
+        addr: SocketAddrV4,
+        tap: String,
+        last_error: String,
+        console_tail: String,
+    },
+    /// A step did not finish in time.
+    #[error("{vm}: {step} did not finish within {:.1}s", .after.as_secs_f64())]
+    Timeout {
+        vm: VmId,
+        step: &'static str,
+        after: Duration,
+    },
+    /// A file or directory operation failed.
+    #[error("{what} {}", .path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The image spec or settings cannot be used.
+    #[error("invalid VM settings: {0}")]
+    Invalid(String),
+    /// Host networking failed.
+    #[error(transparent)]
+    Net(#[from] NetError),
+}
+
+fn tail_suffix(tail: &str) -> String {
+    if tail.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; last output:\n{}", tail.trim_end())
+    }
+}
+
+/// The lifecycle every VMM driver implements (see the module doc).
+#[async_trait]
+pub trait Vmm: Send + Sync + 'static {
+    /// Which VMM this is.
+    fn kind(&self) -> VmmKind;
+
+    /// Boots a template VM from `spec` on `tap`. Returns once the VMM runs the
+    /// guest, not when the guest is ready.
+    async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError>;
+
+    /// Waits until the guest answers its readiness probe with 200, at most
+    /// `timeout`; fails at once if the VMM exits. Records `ready`.
+    async fn wait_ready(&self, vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
+        ready::wait_ready(vm, timeout).await
+    }
+
+    /// Snapshots a ready template into the directory `dest` (created, must
+    /// not exist) and stops the template for good.
+    async fn snapshot(&self, vm: Vm, dest: &std::path::Path) -> Result<Snapshot, VmmError>;
+
+    /// Restores a new VM from `snapshot` onto `tap`. Returns once the guest
+    /// runs again, not when it is ready.
+    async fn restore(&self, id: VmId, snapshot: &Snapshot, tap: Tap) -> Result<Vm, VmmError>;
+
+    /// Stops the VM and waits until its VMM process is gone.
+    async fn destroy(&self, vm: Vm) -> Result<(), VmmError>;
+}

@@ -1,0 +1,304 @@
+//! VMM processes: spawning with inherited fds, pid files, clean-up.
+//!
+//! Each VM gets `<state_dir>/run/<id>/` (control socket, VMM log, serial
+//! console) and `<state_dir>/vms/<id>.pid` holding `<pid> <start time>`. The
+//! start time (field 22 of `/proc/<pid>/stat`) guards against killing an
+//! unrelated process that reused a recorded pid.
+//!
+//! VMMs run in their own process group, so a Ctrl-C at the gateway's terminal
+//! reaches only the gateway, which then stops its VMs itself.
+
+use std::ffi::OsString;
+use std::fs::File;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use command_fds::{CommandFdExt, FdMapping};
+use tokio::process::{Child, Command};
+
+use super::{VmId, VmmError};
+
+/// A VMM process owned by one [`super::Vm`].
+#[derive(Debug)]
+pub struct VmProcess {
+    id: VmId,
+    child: Child,
+    pid: u32,
+    run_dir: PathBuf,
+    pid_file: PathBuf,
+    exit: Option<String>,
+}
+
+/// The run directory of `id` under `state_dir`, emptied and created.
+pub fn make_run_dir(state_dir: &Path, id: &VmId) -> Result<PathBuf, VmmError> {
+    let dir = state_dir.join("run").join(id.as_str());
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).map_err(|source| VmmError::Io {
+            what: "cannot clear run directory",
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    std::fs::create_dir_all(&dir).map_err(|source| VmmError::Io {
+        what: "cannot create run directory",
+        path: dir.clone(),
+        source,
+    })?;
+    Ok(dir)
+}
+
+impl VmProcess {
+    /// Starts `binary args...` with each `(fd, n)` of `fds` inherited as fd
+    /// `n`, stdout and stderr to `<run_dir>/vmm.log`, and records its pid.
+    pub fn spawn(
+        id: &VmId,
+        binary: &Path,
+        args: &[OsString],
+        fds: Vec<(OwnedFd, i32)>,
+        run_dir: &Path,
+        state_dir: &Path,
+    ) -> Result<VmProcess, VmmError> {
+        let log_path = run_dir.join("vmm.log");
+        let log = File::create(&log_path).map_err(|source| VmmError::Io {
+            what: "cannot create",
+            path: log_path.clone(),
+            source,
+        })?;
+        let log2 = log.try_clone().map_err(|source| VmmError::Io {
+            what: "cannot duplicate",
+            path: log_path.clone(),
+            source,
+        })?;
+        let mut cmd = Command::new(binary);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .current_dir(run_dir)
+            .process_group(0)
+            .kill_on_drop(true);
+        let mappings = fds
+            .into_iter()
+            .map(|(parent_fd, child_fd)| FdMapping {
+                parent_fd,
+                child_fd,
+            })
+            .collect();
+        cmd.fd_mappings(mappings)
+            .map_err(|e| VmmError::Invalid(format!("fd mapping: {e}")))?;
+        let child = cmd.spawn().map_err(|source| VmmError::Spawn {
+            binary: binary.to_owned(),
+            source,
+        })?;
+        // The parent's copies of the mapped fds were moved into `cmd` and are
+        // closed when it drops here, so the tap lives only in the child.
+        drop(cmd);
+        let pid = child.id().unwrap_or(0);
+        let pid_dir = state_dir.join("vms");
+        let pid_file = pid_dir.join(format!("{id}.pid"));
+        let record = std::fs::create_dir_all(&pid_dir).and_then(|()| {
+            std::fs::write(
+                &pid_file,
+                format!("{pid} {}\n", start_time(pid).unwrap_or(0)),
+            )
+        });
+        let process = VmProcess {
+            id: id.clone(),
+            child,
+            pid,
+            run_dir: run_dir.to_owned(),
+            pid_file: pid_file.clone(),
+            exit: None,
+        };
+        record.map_err(|source| VmmError::Io {
+            what: "cannot record pid in",
+            path: pid_file,
+            source,
+        })?;
+        Ok(process)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The VM's run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
+    }
+
+    /// The serial console log (drivers point the guest's console here).
+    pub fn console_path(&self) -> PathBuf {
+        self.run_dir.join("console.log")
+    }
+
+    /// `Some(status)` once the process has exited.
+    pub fn exited(&mut self) -> Option<String> {
+        if self.exit.is_none() {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exit = Some(status.to_string());
+            }
+        }
+        self.exit.clone()
+    }
+
+    /// An error for a VMM that exited `during` a step, with its last output.
+    pub fn exited_error(&mut self, during: &'static str) -> VmmError {
+        VmmError::Exited {
+            vm: self.id.clone(),
+            status: self.exited().unwrap_or_else(|| "still running".into()),
+            during,
+            log_tail: self.log_tail(),
+        }
+    }
+
+    /// The last lines of the VMM's own log and of the guest console.
+    pub fn log_tail(&self) -> String {
+        let mut out = String::new();
+        for (label, path) in [
+            ("vmm", self.run_dir.join("vmm.log")),
+            ("console", self.console_path()),
+        ] {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str(&format!("  [{label}] {line}\n"));
+            }
+        }
+        out
+    }
+
+    /// Waits up to `grace` for the process to exit by itself, then kills it,
+    /// and waits until it is gone.
+    pub async fn stop(&mut self, grace: Duration) -> Result<(), VmmError> {
+        if self.exit.is_none() {
+            let status = match tokio::time::timeout(grace, self.child.wait()).await {
+                Ok(status) => status,
+                Err(_) => {
+                    let _ = self.child.start_kill();
+                    self.child.wait().await
+                }
+            };
+            let status = status.map_err(|source| VmmError::Io {
+                what: "cannot wait for VMM of",
+                path: PathBuf::from(self.id.as_str()),
+                source,
+            })?;
+            self.exit = Some(status.to_string());
+        }
+        Ok(())
+    }
+
+    /// Kills the process and waits until it is gone.
+    pub async fn kill(&mut self) -> Result<(), VmmError> {
+        self.stop(Duration::ZERO).await
+    }
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        // kill_on_drop sends SIGKILL if the process still runs; tokio reaps it.
+        let _ = std::fs::remove_file(&self.pid_file);
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+    }
+}
+
+/// Field 22 of `/proc/<pid>/stat`: the process start time in clock ticks.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces: count from its closing ')'.
+    let after = &stat[stat.rfind(')')? + 2..];
+    after.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// Kills VMMs recorded under `<state_dir>/vms/` by an earlier run that died,
+/// and removes their pid files and run directories. Returns the pids killed.
+pub fn kill_stale(state_dir: &Path) -> Vec<u32> {
+    let mut killed = Vec::new();
+    let Ok(entries) = std::fs::read_dir(state_dir.join("vms")) else {
+        return killed;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+        if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
+            let pid = pid as u32;
+            if pid > 0 && start_time(pid) == Some(started) {
+                let target = nix::unistd::Pid::from_raw(pid as i32);
+                if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                    killed.push(pid);
+                    wait_gone(pid);
+                }
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+        if let Some(stem) = path.file_stem() {
+            let _ = std::fs::remove_dir_all(state_dir.join("run").join(stem));
+        }
+    }
+    killed
+}
+
+/// Waits (up to 5 s) until `pid` has exited, so its fds (and taps) are gone.
+/// The process is not our child, so it cannot be waited on; its /proc entry
+/// disappears once its parent (init, after a crash) reaps it.
+fn wait_gone(pid: u32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            Err(_) => return,
+            // A zombie has closed its fds already.
+            Ok(s) if s[s.rfind(')').unwrap_or(0)..].starts_with(") Z") => return,
+            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_time_of_self_is_stable() {
+        let me = std::process::id();
+        let a = start_time(me).expect("own start time");
+        assert_eq!(Some(a), start_time(me));
+    }
+
+    #[tokio::test]
+    async fn stale_processes_are_killed_and_unrelated_ones_spared() {
+        let state = tempfile::tempdir().unwrap();
+        let id = VmId::new("stale-1");
+        let run = make_run_dir(state.path(), &id).unwrap();
+        let mut p = VmProcess::spawn(
+            &id,
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            vec![],
+            &run,
+            state.path(),
+        )
+        .unwrap();
+        let pid = p.pid();
+        // A pid file whose start time does not match must not be acted on.
+        std::fs::write(
+            state.path().join("vms/other.pid"),
+            format!("{} 1\n", std::process::id()),
+        )
+        .unwrap();
+        // Forget the process as a crashed gateway would (no kill on drop).
+        let killed = kill_stale(state.path());
+        assert_eq!(killed, vec![pid]);
+        p.stop(Duration::from_secs(5)).await.unwrap();
+        assert!(p.exited().unwrap().contains("SIGKILL"), "{:?}", p.exited());
+        assert!(!state.path().join("vms/stale-1.pid").exists());
+        assert!(!state.path().join("vms/other.pid").exists());
+    }
+}

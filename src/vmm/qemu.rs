@@ -1,0 +1,506 @@
+//! QEMU driver, over QMP on a Unix socket.
+//!
+//! # Templates and clones (`snapshot_mode: template`)
+//! The template's RAM is a file (`memory-backend-file,share=on`). Once the
+//! guest is ready: `stop`, enable the `x-ignore-shared` migration capability
+//! and `migrate` to a file: only device state (tens of KB) is written, the
+//! RAM stays in the memory file. The template is then killed for good (clones
+//! map its memory file privately and would see later writes) and the file
+//! moves into the snapshot. A clone starts with the same command line but
+//! `share=off` on that file and `-incoming defer`, loads the device state with
+//! `migrate-incoming`, and `cont`s: its RAM is copy-on-write over the
+//! template's page cache, so a clone costs only the pages it writes.
+//!
+//! # Full snapshots (`snapshot_mode: full`)
+//! RAM is anonymous memory, saved into the state stream and loaded into each
+//! clone: slower and one full RAM copy per clone, but one self-contained file.
+//!
+//! # Accelerators
+//! `kvm` where the host has hardware virtualization, else `tcg` (software
+//! emulation). `auto` picks KVM only where `/dev/kvm` exists *and* the CPU
+//! flags show `vmx` or `svm`: some hosts expose a `/dev/kvm` that cannot run
+//! ordinary guests. A snapshot records its accelerator and is restored only
+//! under the same one.
+//!
+//! Each VM gets the tap fd as fd 3 (`-netdev tap,fd=3`); the tap dies with
+//! the QEMU process.
+
+use std::ffi::OsString;
+use std::net::SocketAddrV4;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::process::make_run_dir;
+use super::qmp::Qmp;
+use super::snapshot::{create_dest, move_file};
+use super::{
+    Endpoint, ImageSpec, Machine, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError,
+    VmmKind,
+};
+use crate::net::{NetParams, Tap};
+
+/// Which accelerator QEMU uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where the CPU has hardware virtualization, else TCG.
+    #[default]
+    Auto,
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// Whether this host can run ordinary guests under KVM.
+pub fn hardware_kvm() -> bool {
+    Path::new("/dev/kvm").exists()
+        && std::fs::read_to_string("/proc/cpuinfo")
+            .map(|s| {
+                s.lines()
+                    .filter(|l| l.starts_with("flags"))
+                    .any(|l| l.split_whitespace().any(|f| f == "vmx" || f == "svm"))
+            })
+            .unwrap_or(false)
+}
+
+impl Accel {
+    /// The accelerator to use on this host: `"kvm"` or `"tcg"`.
+    pub fn resolve(self) -> Result<&'static str, VmmError> {
+        match self {
+            Accel::Tcg => Ok("tcg"),
+            Accel::Kvm if hardware_kvm() => Ok("kvm"),
+            Accel::Kvm => Err(VmmError::Invalid(
+                "accel: kvm needs /dev/kvm and a CPU with vmx or svm; use tcg or auto".into(),
+            )),
+            Accel::Auto if hardware_kvm() => Ok("kvm"),
+            Accel::Auto => Ok("tcg"),
+        }
+    }
+}
+
+/// How long QEMU may take to open its QMP socket.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long saving or loading a snapshot may take.
+const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
+/// Polling interval for migration status (a template clone loads in ~50 ms).
+const POLL: Duration = Duration::from_millis(2);
+
+/// The QEMU driver.
+#[derive(Debug)]
+pub struct Qemu {
+    binary: PathBuf,
+    accel: &'static str,
+    state_dir: PathBuf,
+    net: NetParams,
+    tsc_khz: u64,
+}
+
+enum Memory {
+    /// Template: RAM in `<run_dir>/memory`, which the VM writes through to.
+    Shared,
+    /// Clone: the template's file mapped copy-on-write.
+    Private(PathBuf),
+    /// Anonymous RAM.
+    Ram,
+}
+
+impl Qemu {
+    /// A driver running `binary` (e.g. `qemu-system-x86_64`) under `accel`,
+    /// keeping run files under `state_dir`.
+    pub fn new(
+        binary: impl Into<PathBuf>,
+        accel: Accel,
+        state_dir: impl Into<PathBuf>,
+        net: NetParams,
+    ) -> Result<Qemu, VmmError> {
+        Ok(Qemu {
+            binary: binary.into(),
+            accel: accel.resolve()?,
+            state_dir: state_dir.into(),
+            net,
+            tsc_khz: super::spec::host_tsc_khz(),
+        })
+    }
+
+    /// The accelerator in use: `"kvm"` or `"tcg"`.
+    pub fn accel(&self) -> &'static str {
+        self.accel
+    }
+
+    fn args(
+        &self,
+        id: &VmId,
+        spec: &ImageSpec,
+        cmdline: &str,
+        memory: Memory,
+        run_dir: &Path,
+        incoming: bool,
+    ) -> Vec<OsString> {
+        let mut a: Vec<OsString> = Vec::new();
+        let mut push = |items: &[&str]| a.extend(items.iter().map(OsString::from));
+        let mem = format!("{}M", spec.memory_mib);
+        let (bus, machine) = match spec.machine {
+            Machine::Microvm => (
+                "device",
+                // Under TCG the default microvm (no PIT/PIC/RTC) hangs while
+                // calibrating; the legacy devices cost nothing under KVM.
+                "microvm,pit=on,pic=on,rtc=on,memory-backend=mem",
+            ),
+            Machine::Pc => ("pci", "pc,memory-backend=mem"),
+        };
+        let name = format!("snapgate-{id}");
+        push(&["-name", &name, "-nodefaults", "-no-user-config"]);
+        push(&["-display", "none", "-no-reboot", "-accel", self.accel]);
+        if self.accel == "kvm" {
+            push(&["-cpu", "host"]);
+        }
+        push(&["-smp", &spec.vcpus.to_string(), "-m", &mem]);
+        let backend = match memory {
+            Memory::Shared => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=on",
+                escape(&run_dir.join("memory"))
+            ),
+            Memory::Private(p) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path={},share=off",
+                escape(&p)
+            ),
+            Memory::Ram => format!("memory-backend-ram,id=mem,size={mem}"),
+        };
+        push(&["-object", &backend, "-M", machine]);
+        push(&["-kernel", &path_str(&spec.kernel)]);
+        if let Some(initrd) = &spec.initramfs {
+            push(&["-initrd", &path_str(initrd)]);
+        }
+        push(&["-append", cmdline]);
+        let serial = format!("file:{}", path_str(&run_dir.join("console.log")));
+        let qmp = format!(
+            "unix:{},server=on,wait=off",
+            path_str(&run_dir.join("qmp.sock"))
+        );
+        push(&["-serial", &serial, "-qmp", &qmp]);
+        let nic = format!("virtio-net-{bus},netdev=net0,mac={}", self.net.guest_mac);
+        push(&["-netdev", "tap,id=net0,fd=3", "-device", &nic]);
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let drive = format!(
+                "id=disk{i},file={},format=raw,if=none,readonly=on",
+                escape(&disk.path)
+            );
+            let dev = format!("virtio-blk-{bus},drive=disk{i}");
+            push(&["-drive", &drive, "-device", &dev]);
+        }
+        let rng = format!("virtio-rng-{bus},rng=rng0");
+        push(&[
+            "-object",
+            "rng-random,id=rng0,filename=/dev/urandom",
+            "-device",
+            &rng,
+        ]);
+        if incoming {
+            push(&["-incoming", "defer"]);
+        }
+        a
+    }
+
+    fn endpoint(&self, tap: &Tap, spec: &ImageSpec) -> Endpoint {
+        Endpoint {
+            tap: tap.name().to_owned(),
+            addr: SocketAddrV4::new(self.net.guest_ip, spec.guest_port),
+        }
+    }
+
+    /// Starts QEMU and waits for QMP. Records `spawn`.
+    async fn start(
+        &self,
+        id: VmId,
+        spec: &ImageSpec,
+        cmdline: String,
+        mut tap: Tap,
+        memory: Memory,
+        incoming: bool,
+    ) -> Result<(Vm, Qmp), VmmError> {
+        let started = Instant::now();
+        let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let args = self.args(&id, spec, &cmdline, memory, &run_dir, incoming);
+        let process = VmProcess::spawn(
+            &id,
+            &self.binary,
+            &args,
+            vec![(tap.take_fd(), 3)],
+            &run_dir,
+            &self.state_dir,
+        )?;
+        let endpoint = self.endpoint(&tap, spec);
+        let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
+        let qmp_path = run_dir.join("qmp.sock");
+        let qmp = Qmp::connect(&id, &qmp_path, vm.process_mut(), started + START_TIMEOUT).await?;
+        vm.record("spawn", started.elapsed());
+        Ok((vm, qmp))
+    }
+}
+
+/// Escapes a path for a QEMU option value (commas are doubled).
+fn escape(p: &Path) -> String {
+    path_str(p).replace(',', ",,")
+}
+
+fn path_str(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// Quotes a path for the shell QEMU runs `exec:` migration URIs with.
+fn shell_quote(p: &Path) -> String {
+    format!("'{}'", path_str(p).replace('\'', r"'\''"))
+}
+
+#[async_trait]
+impl Vmm for Qemu {
+    fn kind(&self) -> VmmKind {
+        VmmKind::Qemu
+    }
+
+    async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError> {
+        let problems = spec.validate();
+        if !problems.is_empty() {
+            return Err(VmmError::Invalid(problems.join("; ")));
+        }
+        let cmdline = spec
+            .render_cmdline(&self.net, self.tsc_khz)
+            .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))?;
+        let memory = match spec.snapshot_mode {
+            SnapshotMode::Template => Memory::Shared,
+            SnapshotMode::Full => Memory::Ram,
+        };
+        let (vm, _qmp) = self.start(id, spec, cmdline, tap, memory, false).await?;
+        Ok(vm)
+    }
+
+    async fn snapshot(&self, mut vm: Vm, dest: &Path) -> Result<Snapshot, VmmError> {
+        create_dest(dest)?;
+        let result = self.snapshot_into(&mut vm, dest).await;
+        if result.is_err() {
+            let _ = std::fs::remove_dir_all(dest);
+        }
+        drop(vm);
+        result
+    }
+
+    async fn restore(&self, id: VmId, snapshot: &Snapshot, tap: Tap) -> Result<Vm, VmmError> {
+        snapshot.verify()?;
+        let m = snapshot.manifest();
+        if m.vmm != VmmKind::Qemu {
+            return Err(VmmError::Invalid(format!(
+                "snapshot {} was taken by {}, not qemu",
+                snapshot.dir().display(),
+                m.vmm
+            )));
+        }
+        if m.accel != self.accel {
+            return Err(VmmError::Invalid(format!(
+                "snapshot {} was taken under {}, this driver runs {}",
+                snapshot.dir().display(),
+                m.accel,
+                self.accel
+            )));
+        }
+        let mode = m.mode;
+        let memory = match mode {
+            SnapshotMode::Template => Memory::Private(snapshot.file("memory")),
+            SnapshotMode::Full => Memory::Ram,
+        };
+        let (mut vm, mut qmp) = self
+            .start(id, &m.spec, m.cmdline.clone(), tap, memory, true)
+            .await?;
+        let load = Instant::now();
+        if mode == SnapshotMode::Template {
+            ignore_shared(&mut qmp).await?;
+        }
+        let uri = format!("exec:cat {}", shell_quote(&snapshot.file("state")));
+        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+            .await?;
+        let deadline = load + MIGRATE_TIMEOUT;
+        let status = loop {
+            let status = qmp.execute("query-status", None).await?;
+            let status = status["status"].as_str().unwrap_or("").to_owned();
+            if status != "inmigrate" {
+                break status;
+            }
+            if vm.process_mut().exited().is_some() {
+                return Err(vm.process_mut().exited_error("loading the snapshot"));
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Timeout {
+                    vm: vm.id().clone(),
+                    step: "loading the snapshot",
+                    after: MIGRATE_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        vm.record("load", load.elapsed());
+        let resume = Instant::now();
+        match status.as_str() {
+            "running" => {}
+            "paused" | "postmigrate" | "prelaunch" => {
+                qmp.execute("cont", None).await?;
+            }
+            other => {
+                return Err(VmmError::Qmp {
+                    vm: vm.id().clone(),
+                    command: "query-status".into(),
+                    message: format!("after loading the snapshot the VM is {other:?}"),
+                })
+            }
+        }
+        vm.record("resume", resume.elapsed());
+        Ok(vm)
+    }
+
+    async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
+        // Guest state is disposable: no clean shutdown is needed.
+        vm.process_mut().kill().await
+    }
+}
+
+impl Qemu {
+    async fn snapshot_into(&self, vm: &mut Vm, dest: &Path) -> Result<Snapshot, VmmError> {
+        let id = vm.id().clone();
+        let run_dir = vm.process().run_dir().to_owned();
+        let mut qmp = Qmp::connect(
+            &id,
+            &run_dir.join("qmp.sock"),
+            vm.process_mut(),
+            Instant::now() + START_TIMEOUT,
+        )
+        .await?;
+        let mode = vm.spec().snapshot_mode;
+        let started = Instant::now();
+        qmp.execute("stop", None).await?;
+        if mode == SnapshotMode::Template {
+            ignore_shared(&mut qmp).await?;
+        }
+        let uri = format!("exec:cat > {}", shell_quote(&dest.join("state")));
+        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let deadline = started + MIGRATE_TIMEOUT;
+        loop {
+            let info = qmp.execute("query-migrate", None).await?;
+            match info["status"].as_str().unwrap_or("") {
+                "completed" => break,
+                "failed" | "cancelled" => {
+                    let why = info["error-desc"].as_str().unwrap_or("no reason given");
+                    return Err(VmmError::Qmp {
+                        vm: id,
+                        command: "migrate".into(),
+                        message: format!("saving the snapshot failed: {why}"),
+                    });
+                }
+                _ => {}
+            }
+            if vm.process_mut().exited().is_some() {
+                return Err(vm.process_mut().exited_error("saving the snapshot"));
+            }
+            if Instant::now() >= deadline {
+                return Err(VmmError::Timeout {
+                    vm: id,
+                    step: "saving the snapshot",
+                    after: MIGRATE_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        vm.record("save", started.elapsed());
+        // Clones map the memory file: the template must never run again.
+        drop(qmp);
+        vm.process_mut().kill().await?;
+        let files: &[&str] = match mode {
+            SnapshotMode::Template => {
+                move_file(&run_dir.join("memory"), &dest.join("memory"))?;
+                &["state", "memory"]
+            }
+            SnapshotMode::Full => &["state"],
+        };
+        Snapshot::write(
+            dest,
+            VmmKind::Qemu,
+            mode,
+            self.accel,
+            vm.spec(),
+            vm.cmdline(),
+            files,
+        )
+    }
+}
+
+async fn ignore_shared(qmp: &mut Qmp) -> Result<(), VmmError> {
+    qmp.execute(
+        "migrate-set-capabilities",
+        Some(json!({
+            "capabilities": [{ "capability": "x-ignore-shared", "state": true }]
+        })),
+    )
+    .await
+    .map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accel_tcg_always_resolves() {
+        assert_eq!(Accel::Tcg.resolve().unwrap(), "tcg");
+        let auto = Accel::Auto.resolve().unwrap();
+        assert_eq!(auto == "kvm", hardware_kvm());
+    }
+
+    #[test]
+    fn command_line_for_template_and_clone() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: "tcg",
+            state_dir: "/s".into(),
+            net: NetParams::default(),
+            tsc_khz: 1,
+        };
+        let spec: ImageSpec = serde_yaml_ng::from_str(
+            "kernel: /k\ninitramfs: /i\ncmdline: x\ndisks: [{path: '/d,1'}]\n",
+        )
+        .unwrap();
+        let id = VmId::new("t1");
+        let args: Vec<String> = q
+            .args(&id, &spec, "x", Memory::Shared, Path::new("/r"), false)
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = args.join(" ");
+        assert!(joined.contains("mem-path=/r/memory,share=on"), "{joined}");
+        assert!(joined.contains("-netdev tap,id=net0,fd=3"));
+        assert!(joined.contains("virtio-net-device,netdev=net0,mac=02:73:67:00:00:02"));
+        assert!(joined.contains("file=/d,,1,format=raw,if=none,readonly=on"));
+        assert!(!joined.contains("-incoming"));
+        let clone: Vec<String> = q
+            .args(
+                &id,
+                &spec,
+                "x",
+                Memory::Private("/s/memory".into()),
+                Path::new("/r"),
+                true,
+            )
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect();
+        let joined = clone.join(" ");
+        assert!(joined.contains("mem-path=/s/memory,share=off"));
+        assert!(joined.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn shell_quoting() {
+        assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
+    }
+}

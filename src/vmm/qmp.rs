@@ -1,0 +1,149 @@
+//! A minimal QMP client: JSON lines over the VM's Unix socket.
+//!
+//! Hand-written on purpose: snapgate issues six commands and reads their
+//! `return` or `error`; the QMP crates on crates.io generate bindings from
+//! one QEMU schema version, while snapgate must drive both Debian's QEMU 7.2
+//! and newer releases. QMP is one JSON object per line; asynchronous events
+//! may arrive between a command and its reply and are skipped here.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::UnixStream;
+
+use super::{VmId, VmProcess, VmmError};
+
+/// How long one QMP command may take before the VMM is deemed hung.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub(crate) struct Qmp {
+    vm: VmId,
+    reader: BufReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+}
+
+impl Qmp {
+    /// Connects once QEMU listens on `path`, reads the greeting and enters
+    /// command mode. Fails at once if the process exits, or at `deadline`.
+    pub async fn connect(
+        vm: &VmId,
+        path: &Path,
+        process: &mut VmProcess,
+        deadline: Instant,
+    ) -> Result<Qmp, VmmError> {
+        let stream = loop {
+            match UnixStream::connect(path).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    if process.exited().is_some() {
+                        return Err(process.exited_error("starting"));
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(VmmError::Control {
+                            vm: vm.clone(),
+                            what: format!("QMP socket {} never accepted", path.display()),
+                            source: e,
+                        });
+                    }
+                    // QEMU creates the socket a few ms after exec.
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+            }
+        };
+        let (r, w) = stream.into_split();
+        let mut qmp = Qmp {
+            vm: vm.clone(),
+            reader: BufReader::new(r),
+            writer: w,
+        };
+        let greeting = qmp.read_message().await?;
+        if greeting.get("QMP").is_none() {
+            return Err(qmp.protocol_error("greeting", &greeting));
+        }
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// Runs one command; returns its `return` value or the QMP error.
+    pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, VmmError> {
+        let mut msg = json!({ "execute": command });
+        if let Some(args) = args {
+            msg["arguments"] = args;
+        }
+        let mut line = msg.to_string();
+        line.push('\n');
+        let io = |what: &str, source| VmmError::Control {
+            vm: self.vm.clone(),
+            what: format!("{what} QMP {command}"),
+            source,
+        };
+        self.writer
+            .write_all(line.as_bytes())
+            .await
+            .map_err(|e| io("sending", e))?;
+        let reply = tokio::time::timeout(COMMAND_TIMEOUT, async {
+            loop {
+                let msg = self.read_message().await?;
+                if msg.get("event").is_some() {
+                    continue;
+                }
+                return Ok::<Value, VmmError>(msg);
+            }
+        })
+        .await
+        .map_err(|_| VmmError::Qmp {
+            vm: self.vm.clone(),
+            command: command.to_owned(),
+            message: format!("no reply within {COMMAND_TIMEOUT:?}"),
+        })??;
+        if let Some(ret) = reply.get("return") {
+            return Ok(ret.clone());
+        }
+        let message = reply
+            .pointer("/error/desc")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .unwrap_or_else(|| reply.to_string());
+        Err(VmmError::Qmp {
+            vm: self.vm.clone(),
+            command: command.to_owned(),
+            message,
+        })
+    }
+
+    async fn read_message(&mut self) -> Result<Value, VmmError> {
+        let mut line = String::new();
+        let n = self
+            .reader
+            .read_line(&mut line)
+            .await
+            .map_err(|source| VmmError::Control {
+                vm: self.vm.clone(),
+                what: "reading QMP".into(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(VmmError::Control {
+                vm: self.vm.clone(),
+                what: "QMP connection closed".into(),
+                source: std::io::ErrorKind::UnexpectedEof.into(),
+            });
+        }
+        serde_json::from_str(&line).map_err(|e| VmmError::Qmp {
+            vm: self.vm.clone(),
+            command: "(read)".into(),
+            message: format!("not JSON ({e}): {}", line.trim_end()),
+        })
+    }
+
+    fn protocol_error(&self, what: &str, got: &Value) -> VmmError {
+        VmmError::Qmp {
+            vm: self.vm.clone(),
+            command: what.to_owned(),
+            message: format!("unexpected message {got}"),
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Reaching a guest over its tap, and the readiness probe.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpSocket, TcpStream};
+
+use super::{Endpoint, Vm, VmmError};
+
+/// Opens a TCP connection to the guest, bound to its tap (`SO_BINDTODEVICE`):
+/// every clone has the same address, the tap is what tells them apart.
+pub async fn connect(endpoint: &Endpoint) -> std::io::Result<TcpStream> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind_device(Some(endpoint.tap.as_bytes()))?;
+    socket.set_nodelay(true)?;
+    socket.connect(endpoint.addr.into()).await
+}
+
+/// One HTTP/1.1 GET of `path` on the guest; returns the status and body.
+pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), String> {
+    let stream = connect(endpoint)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let conn = tokio::spawn(conn);
+    let req = http::Request::get(path)
+        .header(http::header::HOST, endpoint.addr.to_string())
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| format!("request: {e}"))?;
+    let status = resp.status().as_u16();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| format!("body: {e}"))?
+        .to_bytes();
+    conn.abort();
+    Ok((status, body))
+}
+
+/// How long one probe attempt may take. A guest whose network is not up yet
+/// does not answer ARP, and a connect would otherwise hang for seconds.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
+/// Pause between failed attempts (a refused connect returns at once).
+const RETRY_PAUSE: Duration = Duration::from_millis(5);
+
+/// Probes `GET <ready_path>` until it answers 200, the VMM exits, or
+/// `timeout` passes. Records the step `ready`.
+pub async fn wait_ready(vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    let endpoint = vm.endpoint().clone();
+    let path = vm.ready_path().to_owned();
+    let mut last_error = String::from("no attempt made");
+    loop {
+        if vm.process_mut().exited().is_some() {
+            return Err(vm.process_mut().exited_error("waiting for readiness"));
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(VmmError::NotReady {
+                vm: vm.id().clone(),
+                after: timeout,
+                path,
+                addr: endpoint.addr,
+                tap: endpoint.tap,
+                last_error,
+                console_tail: vm.process().log_tail(),
+            });
+        }
+        let attempt = ATTEMPT_TIMEOUT.min(deadline - now);
+        match tokio::time::timeout(attempt, get(&endpoint, &path)).await {
+            Ok(Ok((200, _))) => {
+                vm.record("ready", start.elapsed());
+                return Ok(());
+            }
+            Ok(Ok((status, _))) => last_error = format!("HTTP {status}"),
+            Ok(Err(e)) => last_error = e,
+            Err(_) => last_error = format!("no answer within {attempt:?}"),
+        }
+        tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
+            .await;
+    }
+}

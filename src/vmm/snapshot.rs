@@ -1,0 +1,269 @@
+//! Snapshots on disk: a directory of VMM files plus `manifest.json`.
+//!
+//! The manifest is written last, atomically (write to a temporary name, then
+//! rename): a directory without one is an unfinished snapshot. It records
+//! which VMM and mode made the snapshot, the resolved image spec and kernel
+//! command line (a restore must recreate the template's devices exactly,
+//! whatever the config says today), and the size of every file, so a missing
+//! or truncated file is reported by name before any VMM is started.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{ImageSpec, SnapshotMode, VmmError, VmmKind};
+
+const MANIFEST: &str = "manifest.json";
+const FORMAT: u32 = 1;
+
+/// One file of a snapshot and its size when the snapshot was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileEntry {
+    /// Name inside the snapshot directory.
+    pub name: String,
+    /// Size in bytes.
+    pub size: u64,
+}
+
+/// What `manifest.json` holds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Manifest format version.
+    pub format: u32,
+    /// The VMM that took the snapshot.
+    pub vmm: VmmKind,
+    /// How guest memory is stored.
+    pub mode: SnapshotMode,
+    /// Accelerator the template ran under (`kvm` or `tcg`); a restore uses the
+    /// same.
+    pub accel: String,
+    /// The image spec the template booted from.
+    pub spec: ImageSpec,
+    /// The kernel command line, placeholders filled in.
+    pub cmdline: String,
+    /// Files, with sizes.
+    pub files: Vec<FileEntry>,
+    /// Seconds since the Unix epoch when the snapshot was completed.
+    pub created_unix: u64,
+}
+
+/// A snapshot whose manifest was read and whose files were checked.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    dir: PathBuf,
+    manifest: Manifest,
+}
+
+impl Snapshot {
+    /// Reads `dir/manifest.json` and checks that every recorded file exists
+    /// with its recorded size.
+    pub fn open(dir: &Path) -> Result<Snapshot, VmmError> {
+        let path = dir.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| VmmError::SnapshotFile {
+            path: path.clone(),
+            problem: format!("cannot read ({e}); is this a finished snapshot?"),
+        })?;
+        let manifest: Manifest =
+            serde_json::from_str(&text).map_err(|e| VmmError::SnapshotFile {
+                path: path.clone(),
+                problem: format!("not a snapshot manifest: {e}"),
+            })?;
+        if manifest.format != FORMAT {
+            return Err(VmmError::SnapshotFile {
+                path,
+                problem: format!(
+                    "format {} is not the supported format {FORMAT}",
+                    manifest.format
+                ),
+            });
+        }
+        let snapshot = Snapshot {
+            dir: dir.to_owned(),
+            manifest,
+        };
+        snapshot.verify()?;
+        Ok(snapshot)
+    }
+
+    /// Checks every file against the manifest again (cheap: one stat each).
+    pub fn verify(&self) -> Result<(), VmmError> {
+        for f in &self.manifest.files {
+            let path = self.dir.join(&f.name);
+            let meta = std::fs::metadata(&path).map_err(|e| VmmError::SnapshotFile {
+                path: path.clone(),
+                problem: format!("missing ({e})"),
+            })?;
+            if meta.len() != f.size {
+                return Err(VmmError::SnapshotFile {
+                    path,
+                    problem: format!(
+                        "truncated or changed: {} bytes, the manifest recorded {}",
+                        meta.len(),
+                        f.size
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Records `files` (which must exist in `dir`) and writes the manifest.
+    pub fn write(
+        dir: &Path,
+        vmm: VmmKind,
+        mode: SnapshotMode,
+        accel: &str,
+        spec: &ImageSpec,
+        cmdline: &str,
+        files: &[&str],
+    ) -> Result<Snapshot, VmmError> {
+        let mut entries = Vec::new();
+        for name in files {
+            let path = dir.join(name);
+            let size = std::fs::metadata(&path)
+                .map_err(|e| VmmError::SnapshotFile {
+                    path: path.clone(),
+                    problem: format!("the VMM did not write it ({e})"),
+                })?
+                .len();
+            entries.push(FileEntry {
+                name: (*name).to_owned(),
+                size,
+            });
+        }
+        let manifest = Manifest {
+            format: FORMAT,
+            vmm,
+            mode,
+            accel: accel.to_owned(),
+            spec: spec.clone(),
+            cmdline: cmdline.to_owned(),
+            files: entries,
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        let tmp = dir.join(format!("{MANIFEST}.tmp"));
+        let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+        std::fs::write(&tmp, text)
+            .and_then(|()| std::fs::rename(&tmp, dir.join(MANIFEST)))
+            .map_err(|source| VmmError::Io {
+                what: "cannot write manifest in",
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(Snapshot {
+            dir: dir.to_owned(),
+            manifest,
+        })
+    }
+
+    /// The snapshot directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A file of the snapshot.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// The manifest.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// Total size of the snapshot's files in bytes.
+    pub fn size_bytes(&self) -> u64 {
+        self.manifest.files.iter().map(|f| f.size).sum()
+    }
+}
+
+/// Creates the directory a new snapshot goes into; it must not exist yet, so
+/// a snapshot is never written over one that clones may be using.
+pub fn create_dest(dest: &Path) -> Result<(), VmmError> {
+    if dest.exists() {
+        return Err(VmmError::SnapshotFile {
+            path: dest.to_owned(),
+            problem: "already exists; remove it or choose another destination".into(),
+        });
+    }
+    std::fs::create_dir_all(dest).map_err(|source| VmmError::Io {
+        what: "cannot create snapshot directory",
+        path: dest.to_owned(),
+        source,
+    })
+}
+
+/// Moves `from` to `to`, copying when they are on different filesystems.
+pub fn move_file(from: &Path, to: &Path) -> Result<(), VmmError> {
+    let io = |source| VmmError::Io {
+        what: "cannot move into the snapshot",
+        path: from.to_owned(),
+        source,
+    };
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            std::fs::copy(from, to).map_err(io)?;
+            std::fs::remove_file(from).map_err(io)
+        }
+        Err(e) => Err(io(e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> ImageSpec {
+        serde_yaml_ng::from_str("kernel: /k\ncmdline: x\n").unwrap()
+    }
+
+    #[test]
+    fn missing_truncated_and_unfinished_snapshots_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        assert!(Snapshot::open(d)
+            .unwrap_err()
+            .to_string()
+            .contains("manifest.json"));
+        std::fs::write(d.join("state"), vec![0u8; 100]).unwrap();
+        std::fs::write(d.join("memory"), vec![0u8; 4096]).unwrap();
+        let s = Snapshot::write(
+            d,
+            VmmKind::Qemu,
+            SnapshotMode::Template,
+            "tcg",
+            &spec(),
+            "x",
+            &["state", "memory"],
+        )
+        .unwrap();
+        assert_eq!(s.size_bytes(), 4196);
+        assert!(Snapshot::open(d).is_ok());
+
+        std::fs::write(d.join("memory"), vec![0u8; 10]).unwrap();
+        let err = Snapshot::open(d).unwrap_err().to_string();
+        assert!(err.contains("memory") && err.contains("truncated"), "{err}");
+
+        std::fs::remove_file(d.join("state")).unwrap();
+        let err = Snapshot::open(d).unwrap_err().to_string();
+        assert!(err.contains("/state") && err.contains("missing"), "{err}");
+
+        std::fs::write(d.join("manifest.json"), "{").unwrap();
+        let err = Snapshot::open(d).unwrap_err().to_string();
+        assert!(err.contains("not a snapshot manifest"), "{err}");
+    }
+
+    #[test]
+    fn dest_must_not_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(create_dest(dir.path())
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
+        assert!(create_dest(&dir.path().join("new")).is_ok());
+    }
+}
