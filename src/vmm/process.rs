@@ -145,6 +145,18 @@ impl VmProcess {
         self.exit.clone()
     }
 
+    /// After a control-socket error: if the process exits within `grace`,
+    /// the exit (with its last output) explains the failure better than the
+    /// broken socket does.
+    pub async fn explain(&mut self, err: VmmError, during: &'static str) -> VmmError {
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
+        if self.exited().is_some() {
+            self.exited_error(during)
+        } else {
+            err
+        }
+    }
+
     /// An error for a VMM that exited `during` a step, with its last output.
     pub fn exited_error(&mut self, during: &'static str) -> VmmError {
         VmmError::Exited {

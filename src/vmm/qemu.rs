@@ -281,10 +281,13 @@ impl Vmm for Qemu {
 
     async fn snapshot(&self, mut vm: Vm, dest: &Path) -> Result<Snapshot, VmmError> {
         create_dest(dest)?;
-        let result = self.snapshot_into(&mut vm, dest).await;
-        if result.is_err() {
-            let _ = std::fs::remove_dir_all(dest);
-        }
+        let result = match self.snapshot_into(&mut vm, dest).await {
+            Ok(snapshot) => Ok(snapshot),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(dest);
+                Err(vm.process_mut().explain(e, "saving the snapshot").await)
+            }
+        };
         drop(vm);
         result
     }
@@ -315,49 +318,10 @@ impl Vmm for Qemu {
         let (mut vm, mut qmp) = self
             .start(id, &m.spec, m.cmdline.clone(), tap, memory, true)
             .await?;
-        let load = Instant::now();
-        if mode == SnapshotMode::Template {
-            ignore_shared(&mut qmp).await?;
+        match load_and_resume(&mut vm, &mut qmp, snapshot, mode).await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(vm.process_mut().explain(e, "loading the snapshot").await),
         }
-        let uri = format!("exec:cat {}", shell_quote(&snapshot.file("state")));
-        qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
-            .await?;
-        let deadline = load + MIGRATE_TIMEOUT;
-        let status = loop {
-            let status = qmp.execute("query-status", None).await?;
-            let status = status["status"].as_str().unwrap_or("").to_owned();
-            if status != "inmigrate" {
-                break status;
-            }
-            if vm.process_mut().exited().is_some() {
-                return Err(vm.process_mut().exited_error("loading the snapshot"));
-            }
-            if Instant::now() >= deadline {
-                return Err(VmmError::Timeout {
-                    vm: vm.id().clone(),
-                    step: "loading the snapshot",
-                    after: MIGRATE_TIMEOUT,
-                });
-            }
-            tokio::time::sleep(POLL).await;
-        };
-        vm.record("load", load.elapsed());
-        let resume = Instant::now();
-        match status.as_str() {
-            "running" => {}
-            "paused" | "postmigrate" | "prelaunch" => {
-                qmp.execute("cont", None).await?;
-            }
-            other => {
-                return Err(VmmError::Qmp {
-                    vm: vm.id().clone(),
-                    command: "query-status".into(),
-                    message: format!("after loading the snapshot the VM is {other:?}"),
-                })
-            }
-        }
-        vm.record("resume", resume.elapsed());
-        Ok(vm)
     }
 
     async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
@@ -433,6 +397,59 @@ impl Qemu {
             files,
         )
     }
+}
+
+/// Loads a snapshot's state into a VM started with `-incoming defer` and
+/// resumes it. Records `load` and `resume`.
+async fn load_and_resume(
+    vm: &mut Vm,
+    qmp: &mut Qmp,
+    snapshot: &Snapshot,
+    mode: SnapshotMode,
+) -> Result<(), VmmError> {
+    let load = Instant::now();
+    if mode == SnapshotMode::Template {
+        ignore_shared(qmp).await?;
+    }
+    let uri = format!("exec:cat {}", shell_quote(&snapshot.file("state")));
+    qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
+        .await?;
+    let deadline = load + MIGRATE_TIMEOUT;
+    let status = loop {
+        let status = qmp.execute("query-status", None).await?;
+        let status = status["status"].as_str().unwrap_or("").to_owned();
+        if status != "inmigrate" {
+            break status;
+        }
+        if vm.process_mut().exited().is_some() {
+            return Err(vm.process_mut().exited_error("loading the snapshot"));
+        }
+        if Instant::now() >= deadline {
+            return Err(VmmError::Timeout {
+                vm: vm.id().clone(),
+                step: "loading the snapshot",
+                after: MIGRATE_TIMEOUT,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    };
+    vm.record("load", load.elapsed());
+    let resume = Instant::now();
+    match status.as_str() {
+        "running" => {}
+        "paused" | "postmigrate" | "prelaunch" => {
+            qmp.execute("cont", None).await?;
+        }
+        other => {
+            return Err(VmmError::Qmp {
+                vm: vm.id().clone(),
+                command: "query-status".into(),
+                message: format!("after loading the snapshot the VM is {other:?}"),
+            })
+        }
+    }
+    vm.record("resume", resume.elapsed());
+    Ok(())
 }
 
 async fn ignore_shared(qmp: &mut Qmp) -> Result<(), VmmError> {

@@ -148,13 +148,21 @@ fn serve(port: u16) {
 fn identity() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
-        let mut buf = [0u8; 8];
+        // The virtio-rng driver keeps a prefetched buffer (64 bytes), which a
+        // snapshot captures: every clone would read the same first bytes.
+        // Reading well past it pulls fresh bytes from the host; all of it is
+        // folded into the id.
+        let mut buf = [0u8; 512];
         let read = std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut buf));
         if read.is_err() {
             // No virtio-rng: fall back to the kernel RNG (shared by clones).
             let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut buf));
         }
-        buf.iter().map(|b| format!("{b:02x}")).collect()
+        let mut id = [0u8; 8];
+        for (i, b) in buf.iter().enumerate() {
+            id[i % 8] = id[i % 8].rotate_left(3) ^ b;
+        }
+        id.iter().map(|b| format!("{b:02x}")).collect()
     })
 }
 

@@ -1,0 +1,291 @@
+//! QEMU driver end to end: real VMs (TCG here, KVM where the host has it),
+//! real taps. Needs root, /dev/net/tun, QEMU and the test guest.
+#![cfg(feature = "vm-tests")]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use snapgate::net::Network;
+use snapgate::vmm::qemu::{Accel, Qemu};
+use snapgate::vmm::{Snapshot, SnapshotMode, VmId, Vmm, VmmError};
+
+struct Env {
+    state: tempfile::TempDir,
+    net: Network,
+    qemu: Qemu,
+}
+
+fn env(prefix: &str) -> Env {
+    let state = tempfile::tempdir().unwrap();
+    let net = Network::new(net_params(prefix)).unwrap();
+    let qemu = Qemu::new(
+        "qemu-system-x86_64",
+        Accel::Auto,
+        state.path(),
+        net.params().clone(),
+    )
+    .unwrap();
+    Env { state, net, qemu }
+}
+
+/// Boots the test guest, waits until it is ready and snapshots it.
+async fn build_snapshot(env: &Env, mode: SnapshotMode) -> (Snapshot, u32) {
+    let mut spec = linux_spec();
+    spec.snapshot_mode = mode;
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env
+        .qemu
+        .boot(VmId::new("template"), &spec, tap)
+        .await
+        .unwrap();
+    let pid = vm.pid();
+    env.qemu
+        .wait_ready(&mut vm, spec.ready_timeout)
+        .await
+        .unwrap();
+    let dest = env.state.path().join("snap");
+    let snap = env.qemu.snapshot(vm, &dest).await.unwrap();
+    (snap, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_clones_each_answer_over_their_own_tap_with_their_own_identity() {
+    let env = env("sgqc");
+    let (snap, template_pid) = build_snapshot(&env, SnapshotMode::Template).await;
+    assert!(
+        !alive(template_pid) || eventually(Duration::from_secs(5), || !alive(template_pid)).await
+    );
+    assert_eq!(
+        snap.manifest()
+            .files
+            .iter()
+            .map(|f| f.name.as_str())
+            .collect::<Vec<_>>(),
+        ["state", "memory"]
+    );
+
+    // Restore three clones at once; each VM value kills its VMM if the test
+    // fails before the explicit destroy below.
+    let restores = (0..3).map(|i| {
+        let env = &env;
+        let snap = &snap;
+        async move {
+            let tap = env.net.create_tap().await.unwrap();
+            let mut vm = env
+                .qemu
+                .restore(VmId::new(format!("clone{i}")), snap, tap)
+                .await
+                .unwrap();
+            env.qemu
+                .wait_ready(&mut vm, Duration::from_secs(30))
+                .await
+                .unwrap();
+            vm
+        }
+    });
+    let clones = futures::future::join_all(restores).await;
+    let pids: Vec<u32> = clones.iter().map(|vm| vm.pid()).collect();
+    let taps: Vec<String> = clones.iter().map(|vm| vm.endpoint().tap.clone()).collect();
+    assert_eq!(
+        taps.iter().collect::<std::collections::HashSet<_>>().len(),
+        3,
+        "{taps:?}"
+    );
+
+    let mut identities = std::collections::HashSet::new();
+    for vm in &clones {
+        for step in ["spawn", "load", "resume", "ready"] {
+            assert!(
+                vm.timings().get(step).is_some(),
+                "{} lacks timing {step}",
+                vm.id()
+            );
+        }
+        let body = get_text(vm.endpoint(), "/who").await;
+        assert!(body.contains("request: GET /who HTTP/1.1"), "{body}");
+        let id = instance_of(&body);
+        // Asking again over the same tap reaches the same instance.
+        assert_eq!(instance_of(&get_text(vm.endpoint(), "/again").await), id);
+        identities.insert(id);
+    }
+    assert_eq!(identities.len(), 3, "clones answered with {identities:?}");
+
+    for vm in clones {
+        env.qemu.destroy(vm).await.unwrap();
+    }
+    assert_all_gone(&env.net, &pids).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_snapshot_restores_a_working_clone() {
+    let env = env("sgqf");
+    let (snap, _) = build_snapshot(&env, SnapshotMode::Full).await;
+    assert_eq!(snap.manifest().mode, SnapshotMode::Full);
+    assert!(!snap.file("memory").exists());
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env
+        .qemu
+        .restore(VmId::new("full1"), &snap, tap)
+        .await
+        .unwrap();
+    env.qemu
+        .wait_ready(&mut vm, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let body = get_text(vm.endpoint(), "/").await;
+    assert!(body.starts_with("instance: "), "{body}");
+    let pid = vm.pid();
+    env.qemu.destroy(vm).await.unwrap();
+    assert_all_gone(&env.net, &[pid]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_snapshots_fail_fast_naming_the_file_and_leave_nothing() {
+    let env = env("sgqb");
+    let (snap, _) = build_snapshot(&env, SnapshotMode::Template).await;
+    let src = snap.dir();
+
+    // Copies of the snapshot, broken three ways (hard links: no 256 MiB copies).
+    let variant = |name: &str, skip: &str| {
+        let dir = env.state.path().join(name);
+        std::fs::create_dir(&dir).unwrap();
+        for f in ["manifest.json", "state", "memory"] {
+            if f != skip {
+                std::fs::hard_link(src.join(f), dir.join(f)).unwrap();
+            }
+        }
+        dir
+    };
+    let missing = variant("missing", "memory");
+    let truncated = variant("truncated", "state");
+    let state_len = std::fs::metadata(src.join("state")).unwrap().len() as usize;
+    std::fs::write(truncated.join("state"), vec![0u8; state_len / 2]).unwrap();
+    let garbage = variant("garbage", "state");
+    std::fs::write(garbage.join("state"), vec![0xa5u8; state_len]).unwrap();
+
+    // Opening checks each file against the manifest before any VMM starts.
+    let err = Snapshot::open(&missing).unwrap_err();
+    assert!(matches!(err, VmmError::SnapshotFile { .. }), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("{}/memory", missing.display())),
+        "{err}"
+    );
+    assert!(err.to_string().contains("missing"), "{err}");
+    let err = Snapshot::open(&truncated).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains(&format!("{}/state", truncated.display())),
+        "{err}"
+    );
+    assert!(err.to_string().contains("truncated"), "{err}");
+
+    // A file damaged after open is caught again by restore, still before spawning.
+    let opened = Snapshot::open(&garbage).unwrap();
+    std::fs::remove_file(garbage.join("memory")).unwrap();
+    let tap = env.net.create_tap().await.unwrap();
+    let err = env
+        .qemu
+        .restore(VmId::new("late"), &opened, tap)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("/memory"), "{err}");
+    assert!(
+        !env.state.path().join("vms/late.pid").exists(),
+        "a VMM was started"
+    );
+
+    // Same size, wrong content: QEMU refuses the state and the error carries its words.
+    std::fs::hard_link(src.join("memory"), garbage.join("memory")).unwrap();
+    let opened = Snapshot::open(&garbage).unwrap();
+    let tap = env.net.create_tap().await.unwrap();
+    let started = Instant::now();
+    let err = env
+        .qemu
+        .restore(VmId::new("garbage"), &opened, tap)
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(msg.contains("garbage"), "{msg}");
+    assert!(
+        msg.to_lowercase().contains("migration") || msg.contains("exited"),
+        "{msg}"
+    );
+    eprintln!(
+        "garbage state rejected after {:?}: {msg}",
+        started.elapsed()
+    );
+    assert_all_gone(&env.net, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn guest_that_never_becomes_ready_fails_at_the_deadline_and_leaves_nothing() {
+    let env = env("sgqn");
+    let mut spec = linux_spec();
+    // The guest serves 8080; probing 8099 can never succeed.
+    spec.guest_port = 8099;
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env.qemu.boot(VmId::new("never"), &spec, tap).await.unwrap();
+    let pid = vm.pid();
+    let run_dir = vm.process().run_dir().to_owned();
+    let deadline = Duration::from_secs(4);
+    let started = Instant::now();
+    let err = env.qemu.wait_ready(&mut vm, deadline).await.unwrap_err();
+    assert!(started.elapsed() >= deadline);
+    let msg = err.to_string();
+    assert!(matches!(err, VmmError::NotReady { .. }), "{msg}");
+    assert!(
+        msg.contains("never not ready after 4.0s: GET /healthz on 169.254.100.2:8099"),
+        "{msg}"
+    );
+    assert!(msg.contains("sgqn"), "the error names the tap: {msg}");
+    drop(vm);
+    assert_all_gone(&env.net, &[pid]).await;
+    assert!(!run_dir.exists(), "run directory left behind");
+    assert!(!env.state.path().join("vms/never.pid").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vmm_that_dies_during_boot_is_reported_with_its_output() {
+    let env = env("sgqd");
+    let mut spec = linux_spec();
+    // An initramfs that is not one: the kernel panics, -no-reboot ends QEMU.
+    let bogus = env.state.path().join("bogus.img");
+    std::fs::write(&bogus, b"not an initramfs").unwrap();
+    spec.initramfs = Some(bogus);
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env.qemu.boot(VmId::new("dies"), &spec, tap).await.unwrap();
+    let pid = vm.pid();
+    let err = env
+        .qemu
+        .wait_ready(&mut vm, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, VmmError::Exited { .. }), "{msg}");
+    assert!(msg.contains("[console]"), "console output attached: {msg}");
+    drop(vm);
+    assert_all_gone(&env.net, &[pid]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leftovers_of_a_crashed_run_are_removed_at_start_up() {
+    let env = env("sgqs");
+    let spec = linux_spec();
+    let tap = env.net.create_tap().await.unwrap();
+    let vm = env
+        .qemu
+        .boot(VmId::new("orphan"), &spec, tap)
+        .await
+        .unwrap();
+    let pid = vm.pid();
+    // A crashed gateway runs no destructors: its VMM and tap live on.
+    std::mem::forget(vm);
+    assert_eq!(env.net.list_taps().await.unwrap().len(), 1);
+    let killed = snapgate::vmm::process::kill_stale(env.state.path());
+    assert_eq!(killed, vec![pid]);
+    env.net.remove_stale_taps().await.unwrap();
+    assert_all_gone(&env.net, &[pid]).await;
+}
