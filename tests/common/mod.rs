@@ -101,3 +101,81 @@ pub fn instance_of(body: &str) -> String {
         .unwrap_or_else(|| panic!("no instance line in {body:?}"))
         .to_owned()
 }
+
+/// Reports a test as skipped, by name, on stderr and in `$SNAPGATE_SKIP_LOG`
+/// (which `scripts/test` prints at the end of the run).
+pub fn skip(test: &str, reason: &str) {
+    let line = format!("SKIPPED {test}: {reason}");
+    eprintln!("{line}");
+    if let Some(log) = std::env::var_os("SNAPGATE_SKIP_LOG") {
+        use std::io::Write;
+        if let Ok(mut f) = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+        {
+            let _ = writeln!(f, "{line}");
+        }
+    }
+}
+
+/// The smallest guest Cloud Hypervisor can boot: an ELF64 with a PVH entry
+/// note whose code halts forever (`hlt; jmp .-1`), loaded at 1 MiB.
+pub fn halting_pvh_kernel(path: &Path) {
+    const LOAD: u64 = 0x10_0000;
+    let mut elf = vec![0u8; 0x1010];
+    let put = |buf: &mut Vec<u8>, at: usize, bytes: &[u8]| {
+        buf[at..at + bytes.len()].copy_from_slice(bytes)
+    };
+    // ELF header.
+    put(&mut elf, 0, b"\x7fELF\x02\x01\x01");
+    put(&mut elf, 16, &2u16.to_le_bytes()); // ET_EXEC
+    put(&mut elf, 18, &62u16.to_le_bytes()); // EM_X86_64
+    put(&mut elf, 20, &1u32.to_le_bytes()); // EV_CURRENT
+    put(&mut elf, 24, &LOAD.to_le_bytes()); // e_entry
+    put(&mut elf, 32, &64u64.to_le_bytes()); // e_phoff
+    put(&mut elf, 52, &64u16.to_le_bytes()); // e_ehsize
+    put(&mut elf, 54, &56u16.to_le_bytes()); // e_phentsize
+    put(&mut elf, 56, &2u16.to_le_bytes()); // e_phnum
+                                            // PT_LOAD: 16 bytes of code at file offset 0x1000 -> 1 MiB.
+    let mut ph = 64;
+    put(&mut elf, ph, &1u32.to_le_bytes());
+    put(&mut elf, ph + 4, &5u32.to_le_bytes()); // R+X
+    put(&mut elf, ph + 8, &0x1000u64.to_le_bytes());
+    put(&mut elf, ph + 16, &LOAD.to_le_bytes());
+    put(&mut elf, ph + 24, &LOAD.to_le_bytes());
+    put(&mut elf, ph + 32, &16u64.to_le_bytes());
+    put(&mut elf, ph + 40, &16u64.to_le_bytes());
+    put(&mut elf, ph + 48, &0x1000u64.to_le_bytes());
+    // PT_NOTE: Xen note type 18 (PHYS32_ENTRY) = the 32-bit PVH entry.
+    ph += 56;
+    let note_at = 0xb0usize;
+    put(&mut elf, ph, &4u32.to_le_bytes());
+    put(&mut elf, ph + 4, &4u32.to_le_bytes()); // R
+    put(&mut elf, ph + 8, &(note_at as u64).to_le_bytes());
+    put(&mut elf, ph + 32, &20u64.to_le_bytes());
+    put(&mut elf, ph + 40, &20u64.to_le_bytes());
+    put(&mut elf, ph + 48, &4u64.to_le_bytes());
+    put(&mut elf, note_at, &4u32.to_le_bytes()); // namesz
+    put(&mut elf, note_at + 4, &4u32.to_le_bytes()); // descsz
+    put(&mut elf, note_at + 8, &18u32.to_le_bytes()); // type
+    put(&mut elf, note_at + 12, b"Xen\0");
+    put(&mut elf, note_at + 16, &(LOAD as u32).to_le_bytes());
+    // Code: hlt; jmp back to hlt.
+    put(&mut elf, 0x1000, &[0xf4, 0xeb, 0xfd]);
+    std::fs::write(path, elf).expect("write the halting kernel");
+}
+
+/// The Cloud Hypervisor binary: `$SNAPGATE_CH_BIN`, else `cloud-hypervisor`
+/// on PATH.
+pub fn cloud_hypervisor_bin() -> Option<PathBuf> {
+    if let Some(bin) = std::env::var_os("SNAPGATE_CH_BIN") {
+        let bin = PathBuf::from(bin);
+        return bin.exists().then_some(bin);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("cloud-hypervisor"))
+            .find(|p| p.exists())
+    })
+}
