@@ -254,10 +254,8 @@ fn validate(req: &Seen) -> Vec<String> {
                 }
             }
         }
-        "vm.add-net" => {
-            if req.fds.is_empty() && body.get("tap").is_none() {
-                p.push("add-net without a tap name needs fds".into());
-            }
+        "vm.add-net" if req.fds.is_empty() && body.get("tap").is_none() => {
+            p.push("add-net without a tap name needs fds".into());
         }
         "vm.restore" => {
             let want: u64 = body["net_fds"]
