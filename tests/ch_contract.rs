@@ -205,6 +205,10 @@ fn check(schema: &Schema, at: &str, v: &Value, problems: &mut Vec<String>) {
     }
 }
 
+fn is_file_url(v: &Value) -> bool {
+    v.as_str().is_some_and(|u| u.starts_with("file:///"))
+}
+
 /// Checks one request against the API; returns what is wrong.
 fn validate(req: &Seen) -> Vec<String> {
     let mut p = Vec::new();
@@ -274,19 +278,15 @@ fn validate(req: &Seen) -> Vec<String> {
             if !mode.is_null() && mode != "Copy" && mode != "OnDemand" {
                 p.push(format!("memory_restore_mode {mode}"));
             }
-            for url in [&body["source_url"]] {
-                if !url.as_str().is_some_and(|u| u.starts_with("file:///")) {
-                    p.push(format!("source_url {url} is not a file:// URL"));
-                }
+            if !is_file_url(&body["source_url"]) {
+                p.push(format!(
+                    "source_url {} is not a file:// URL",
+                    body["source_url"]
+                ));
             }
         }
-        "vm.snapshot" => {
-            if !body["destination_url"]
-                .as_str()
-                .is_some_and(|u| u.starts_with("file:///"))
-            {
-                p.push("destination_url is not a file:// URL".into());
-            }
+        "vm.snapshot" if !is_file_url(&body["destination_url"]) => {
+            p.push("destination_url is not a file:// URL".into());
         }
         _ => {}
     }
