@@ -1,7 +1,7 @@
-//! `snapgate snapshot build`: boot an app's template, wait until it is
-//! ready, snapshot it, and report.
+//! Building snapshots: `snapgate snapshot build`, and `snapgate run` for apps
+//! whose snapshot is missing or stale.
 //!
-//! Snapshots go to `<snapshot_dir>/<app>/<unix time>/`, and the symlink
+//! Snapshots go to `<snapshot_dir>/<app>/<unix ms>/`, and the symlink
 //! `<snapshot_dir>/<app>/current` is switched to the new one atomically, so
 //! clones of the previous snapshot keep running from files that stay in
 //! place.
@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::net::Network;
 use crate::vmm::cloud_hypervisor::CloudHypervisor;
 use crate::vmm::qemu::Qemu;
-use crate::vmm::{Snapshot, VmId, Vmm, VmmError, VmmKind};
+use crate::vmm::{ImageSpec, Snapshot, VmId, Vmm, VmmError, VmmKind};
 
 /// The VMM driver the config asks for.
 pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
@@ -36,7 +36,7 @@ pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
     })
 }
 
-/// The snapshot `current` points at for `app`, if any.
+/// The link to the snapshot in use for `app`.
 pub fn current_snapshot(snapshot_dir: &Path, app: &str) -> PathBuf {
     snapshot_dir.join(app).join("current")
 }
@@ -44,8 +44,6 @@ pub fn current_snapshot(snapshot_dir: &Path, app: &str) -> PathBuf {
 /// What one build produced.
 #[derive(Debug)]
 pub struct Built {
-    /// The app.
-    pub app: String,
     /// The snapshot.
     pub snapshot: Snapshot,
     /// Seconds from start of boot to guest ready.
@@ -54,21 +52,115 @@ pub struct Built {
     pub snapshot_secs: f64,
 }
 
-/// Builds snapshots for `apps` (all apps when empty), printing progress to
-/// `out`.
+/// Boots `app`'s template from `spec`, waits until ready, snapshots it into
+/// a new directory and points `current` at it. Progress goes to `out`.
+pub async fn build_one(
+    vmm: &dyn Vmm,
+    net: &Network,
+    snapshot_dir: &Path,
+    app: &str,
+    spec: &ImageSpec,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<Built> {
+    let started = Instant::now();
+    writeln!(out, "{app}: booting template with {}", vmm.kind())?;
+    let tap = net.create_tap().await?;
+    let mut vm = vmm
+        .boot(VmId::new(format!("{app}-template")), spec, tap)
+        .await?;
+    writeln!(
+        out,
+        "{app}: VMM pid {}; waiting up to {:?} for GET {} on {} via {}",
+        vm.pid(),
+        spec.ready_timeout,
+        spec.ready_path,
+        vm.endpoint().addr,
+        vm.endpoint().tap
+    )?;
+    vmm.wait_ready(&mut vm, spec.ready_timeout).await?;
+    let boot_to_ready = started.elapsed().as_secs_f64();
+    writeln!(
+        out,
+        "{app}: ready after {boot_to_ready:.2}s ({})",
+        vm.timings()
+    )?;
+    let app_dir = snapshot_dir.join(app);
+    let stamp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis()
+        .to_string();
+    let dest = app_dir.join(&stamp);
+    let t = Instant::now();
+    let snapshot = vmm.snapshot(vm, &dest).await?;
+    let snapshot_secs = t.elapsed().as_secs_f64();
+    // Switch `current` atomically: a new link, renamed over the old.
+    let tmp = app_dir.join(format!(".current.{}", std::process::id()));
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    std::fs::rename(&tmp, current_snapshot(snapshot_dir, app))?;
+    writeln!(
+        out,
+        "{app}: snapshot {} ({:.1} MiB) in {snapshot_secs:.2}s; {:.2}s in all",
+        dest.display(),
+        snapshot.size_bytes() as f64 / (1024.0 * 1024.0),
+        started.elapsed().as_secs_f64()
+    )?;
+    Ok(Built {
+        snapshot,
+        boot_to_ready,
+        snapshot_secs,
+    })
+}
+
+/// The current snapshot of `app` if it was taken from `spec` as it is now,
+/// else a freshly built one.
+pub async fn ensure(
+    vmm: &dyn Vmm,
+    net: &Network,
+    snapshot_dir: &Path,
+    app: &str,
+    spec: &ImageSpec,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<Snapshot> {
+    let current = current_snapshot(snapshot_dir, app);
+    match Snapshot::open(&current) {
+        Ok(s) if s.manifest().vmm == vmm.kind() && s.is_current_for(spec) => {
+            writeln!(out, "{app}: using snapshot {}", current.display())?;
+            return Ok(s);
+        }
+        Ok(_) => writeln!(out, "{app}: snapshot is stale (image or spec changed)")?,
+        Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
+        Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
+    }
+    Ok(build_one(vmm, net, snapshot_dir, app, spec, out)
+        .await?
+        .snapshot)
+}
+
+/// `snapgate snapshot build`: builds snapshots for `apps` (every VM app
+/// when empty).
 pub async fn build(
     config: &Config,
     apps: &[String],
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Vec<Built>> {
+    let vm_apps: Vec<&String> = config
+        .apps
+        .iter()
+        .filter(|(_, a)| a.image.is_some())
+        .map(|(n, _)| n)
+        .collect();
     for name in apps {
-        if !config.apps.contains_key(name) {
-            let known: Vec<&str> = config.apps.keys().map(String::as_str).collect();
-            anyhow::bail!("no app {name:?} in the config (apps: {})", known.join(", "));
+        if !vm_apps.contains(&name) {
+            let known: Vec<&str> = vm_apps.iter().map(|s| s.as_str()).collect();
+            anyhow::bail!(
+                "no VM app {name:?} in the config (VM apps: {})",
+                known.join(", ")
+            );
         }
     }
     let selected: Vec<&String> = if apps.is_empty() {
-        config.apps.keys().collect()
+        vm_apps
     } else {
         apps.iter().collect()
     };
@@ -76,55 +168,8 @@ pub async fn build(
     let vmm = driver(config)?;
     let mut built = Vec::new();
     for app in selected {
-        let spec = &config.apps[app].image;
-        let started = Instant::now();
-        writeln!(out, "{app}: booting template with {}", vmm.kind())?;
-        let tap = net.create_tap().await?;
-        let mut vm = vmm
-            .boot(VmId::new(format!("{app}-template")), spec, tap)
-            .await?;
-        writeln!(
-            out,
-            "{app}: VMM pid {}; waiting up to {:?} for GET {} on {} via {}",
-            vm.pid(),
-            spec.ready_timeout,
-            spec.ready_path,
-            vm.endpoint().addr,
-            vm.endpoint().tap
-        )?;
-        vmm.wait_ready(&mut vm, spec.ready_timeout).await?;
-        let boot_to_ready = started.elapsed().as_secs_f64();
-        writeln!(
-            out,
-            "{app}: ready after {boot_to_ready:.2}s ({})",
-            vm.timings()
-        )?;
-        let app_dir = config.snapshot_dir().join(app);
-        let stamp = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis();
-        let dest = app_dir.join(stamp.to_string());
-        let t = Instant::now();
-        let snapshot = vmm.snapshot(vm, &dest).await?;
-        let snapshot_secs = t.elapsed().as_secs_f64();
-        // Switch `current` atomically: a new link, renamed over the old.
-        let tmp = app_dir.join(".current.tmp");
-        let _ = std::fs::remove_file(&tmp);
-        std::os::unix::fs::symlink(stamp.to_string(), &tmp)?;
-        std::fs::rename(&tmp, current_snapshot(&config.snapshot_dir(), app))?;
-        writeln!(
-            out,
-            "{app}: snapshot {} ({:.1} MiB) in {snapshot_secs:.2}s; {:.2}s in all",
-            dest.display(),
-            snapshot.size_bytes() as f64 / (1024.0 * 1024.0),
-            started.elapsed().as_secs_f64()
-        )?;
-        built.push(Built {
-            app: app.clone(),
-            snapshot,
-            boot_to_ready,
-            snapshot_secs,
-        });
+        let spec = config.apps[app].image.as_ref().expect("VM app");
+        built.push(build_one(vmm.as_ref(), &net, &config.snapshot_dir(), app, spec, out).await?);
     }
     Ok(built)
 }

@@ -6,7 +6,9 @@
 //! type errors, the line.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -94,18 +96,129 @@ impl VmmConfig {
     }
 }
 
-/// One app.
+fn default_min_warm() -> usize {
+    0
+}
+fn default_max_instances() -> usize {
+    4
+}
+fn default_max_concurrency() -> usize {
+    16
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(300)
+}
+fn default_hold_queue() -> usize {
+    100
+}
+fn default_hold_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// How an app's VMs are pooled.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Instances kept restored and idle, ready for a request; 0 scales to zero.
+    #[serde(default = "default_min_warm")]
+    pub min_warm: usize,
+    /// Most instances (running or being restored) at once.
+    #[serde(default = "default_max_instances")]
+    pub max_instances: usize,
+    /// Most requests one instance serves at once.
+    #[serde(default = "default_max_concurrency")]
+    pub max_concurrency: usize,
+    /// An instance with no request for this long (from its last completion)
+    /// is destroyed, down to `min_warm`.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Most requests held while no instance is free; more get 503.
+    #[serde(default = "default_hold_queue")]
+    pub hold_queue: usize,
+    /// Longest a request is held; then it gets 503.
+    #[serde(default = "default_hold_timeout", with = "humantime_serde")]
+    pub hold_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            min_warm: default_min_warm(),
+            max_instances: default_max_instances(),
+            max_concurrency: default_max_concurrency(),
+            idle_timeout: default_idle_timeout(),
+            hold_queue: default_hold_queue(),
+            hold_timeout: default_hold_timeout(),
+        }
+    }
+}
+
+/// One app: the hosts it answers and where its requests go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AppConfig {
-    /// What the app's VMs boot.
-    pub image: ImageSpec,
+    /// Host names (`app.example.com`) and wildcards (`*.example.com`).
+    pub hosts: Vec<String>,
+    /// VM app: what its VMs boot.
+    #[serde(default)]
+    pub image: Option<ImageSpec>,
+    /// VM app: how its VMs are pooled.
+    #[serde(default)]
+    pub pool: Option<PoolConfig>,
+    /// Static app: a fixed upstream address, no VMs.
+    #[serde(default)]
+    pub upstream: Option<SocketAddr>,
+}
+
+/// What serves an app, once validated.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Upstream<'a> {
+    /// MicroVMs restored from the app's snapshot.
+    Vm(&'a ImageSpec, PoolConfig),
+    /// A fixed address.
+    Static(SocketAddr),
+}
+
+impl AppConfig {
+    /// The app's upstream (valid configs have exactly one kind).
+    pub fn upstream(&self) -> Upstream<'_> {
+        match (&self.image, self.upstream) {
+            (Some(image), _) => Upstream::Vm(image, self.pool.clone().unwrap_or_default()),
+            (None, Some(addr)) => Upstream::Static(addr),
+            (None, None) => unreachable!("validated: an app has an image or an upstream"),
+        }
+    }
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9090))
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// Address of the HTTP listener.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Address of the admin listener (`/metrics`, `/healthz`).
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Longest a client may take to send request headers.
+    #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
     /// Where pid files, run directories and snapshots live.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -140,7 +253,10 @@ impl Config {
         let mut config = Self::parse(&text).map_err(|p| fail(vec![p]))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
-        let problems = config.validate();
+        let mut problems = config.validate();
+        for p in &mut problems {
+            p.line = locate(&text, &p.key);
+        }
         if problems.is_empty() {
             Ok(config)
         } else {
@@ -176,12 +292,12 @@ impl Config {
         if let Some(dir) = &mut self.snapshot_dir {
             abs(dir);
         }
-        for app in self.apps.values_mut() {
-            abs(&mut app.image.kernel);
-            if let Some(initramfs) = &mut app.image.initramfs {
+        for image in self.apps.values_mut().filter_map(|a| a.image.as_mut()) {
+            abs(&mut image.kernel);
+            if let Some(initramfs) = &mut image.initramfs {
                 abs(initramfs);
             }
-            for disk in &mut app.image.disks {
+            for disk in &mut image.disks {
                 abs(&mut disk.path);
             }
         }
@@ -204,16 +320,78 @@ impl Config {
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
         }
+        if self.listen == self.admin {
+            add(
+                "admin".into(),
+                format!("{} is also the listen address", self.admin),
+            );
+        }
+        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, app) in &self.apps {
+            let at = format!("apps.{name}");
             if !valid_app_name(name) {
                 add(
-                    format!("apps.{name}"),
+                    at.clone(),
                     "app names are 1-32 characters of [a-z0-9-], starting with a letter".into(),
                 );
             }
-            for p in app.image.validate() {
-                let (field, msg) = p.split_once(": ").unwrap_or(("", &p));
-                add(format!("apps.{name}.image.{field}"), msg.to_owned());
+            if app.hosts.is_empty() {
+                add(format!("{at}.hosts"), "at least one host is needed".into());
+            }
+            for (i, host) in app.hosts.iter().enumerate() {
+                if let Err(e) = check_host_pattern(host) {
+                    add(format!("{at}.hosts[{i}]"), format!("{host:?}: {e}"));
+                } else if let Some(other) = owners.insert(host, name) {
+                    add(
+                        format!("{at}.hosts[{i}]"),
+                        format!("{host:?} is also a host of app {other}"),
+                    );
+                }
+            }
+            match (&app.image, app.upstream) {
+                (Some(_), Some(_)) => add(
+                    at.clone(),
+                    "has both image (VM app) and upstream (static app); keep one".into(),
+                ),
+                (None, None) => add(
+                    at.clone(),
+                    "needs image (a VM app) or upstream (a static app)".into(),
+                ),
+                (None, Some(_)) if app.pool.is_some() => add(
+                    format!("{at}.pool"),
+                    "applies to VM apps only; a static app has no pool".into(),
+                ),
+                _ => {}
+            }
+            if let Some(image) = &app.image {
+                for p in image.validate() {
+                    let (field, msg) = p.split_once(": ").unwrap_or(("", &p));
+                    add(format!("{at}.image.{field}"), msg.to_owned());
+                }
+            }
+            if let Some(pool) = &app.pool {
+                let key = |k: &str| format!("{at}.pool.{k}");
+                if pool.max_instances == 0 {
+                    add(key("max_instances"), "must be at least 1".into());
+                }
+                if pool.min_warm > pool.max_instances {
+                    add(
+                        key("min_warm"),
+                        format!(
+                            "{} is above max_instances ({})",
+                            pool.min_warm, pool.max_instances
+                        ),
+                    );
+                }
+                if pool.max_concurrency == 0 {
+                    add(key("max_concurrency"), "must be at least 1".into());
+                }
+                if pool.hold_timeout.is_zero() {
+                    add(key("hold_timeout"), "must be above zero".into());
+                }
+                if pool.idle_timeout.is_zero() {
+                    add(key("idle_timeout"), "must be above zero".into());
+                }
             }
         }
         problems
@@ -225,6 +403,60 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("snapshots"))
     }
+}
+
+/// Checks a host pattern: a lowercase DNS name, or `*.` and one, without a
+/// port.
+pub fn check_host_pattern(pattern: &str) -> Result<(), String> {
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    if name.contains('*') {
+        return Err("a wildcard may only be a leading \"*.\"".into());
+    }
+    if name.contains(':') {
+        return Err("hosts match without a port; remove \":port\"".into());
+    }
+    if name.is_empty() || name.len() > 253 {
+        return Err("not a host name".into());
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "label {label:?} is not 1-63 of [a-z0-9-] (lowercase, no leading or trailing '-')"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The 1-based line of a dotted key path in YAML text, found by walking the
+/// path's segments down the indentation; `None` if not found.
+pub fn locate(text: &str, key: &str) -> Option<usize> {
+    let mut line_no = 0usize;
+    let mut min_indent = 0usize;
+    let lines: Vec<&str> = text.lines().collect();
+    let segments: Vec<&str> = key
+        .split('.')
+        .map(|s| s.split('[').next().unwrap_or(s))
+        .filter(|s| !s.is_empty())
+        .collect();
+    for seg in segments {
+        let found = lines.iter().enumerate().skip(line_no).find(|(_, l)| {
+            let indent = l.len() - l.trim_start().len();
+            let t = l.trim_start().trim_start_matches("- ");
+            indent >= min_indent
+                && (t.starts_with(&format!("{seg}:")) || t.starts_with(&format!("\"{seg}\":")))
+        })?;
+        line_no = found.0;
+        min_indent = found.1.len() - found.1.trim_start().len() + 1;
+    }
+    Some(line_no + 1)
 }
 
 fn valid_app_name(name: &str) -> bool {
@@ -248,8 +480,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn host_patterns() {
+        assert!(check_host_pattern("hello.localhost").is_ok());
+        assert!(check_host_pattern("*.example.com").is_ok());
+        for bad in [
+            "Hello.com",
+            "a.*.com",
+            "*",
+            "a..b",
+            "-a.com",
+            "a.com:80",
+            "",
+        ] {
+            assert!(check_host_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn locate_finds_nested_keys() {
+        let text = "listen: x\napps:\n  a:\n    pool:\n      min_warm: 1\n  b:\n    pool:\n      min_warm: 9\n";
+        assert_eq!(locate(text, "apps.b.pool.min_warm"), Some(8));
+        assert_eq!(locate(text, "apps.a.pool.min_warm"), Some(5));
+        assert_eq!(locate(text, "apps.c"), None);
+    }
+
+    #[test]
     fn unknown_key_is_named_with_its_path_and_line() {
-        let text = "apps:\n  hello:\n    image:\n      kernel: /k\n      cmdline: x\n      memroy_mib: 3\n";
+        let text = "apps:\n  hello:\n    hosts: [a.test]\n    image:\n      kernel: /k\n      cmdline: x\n      memroy_mib: 3\n";
         let p = Config::parse(text).unwrap_err();
         assert_eq!(p.key, "apps.hello.image.memroy_mib");
         assert!(
@@ -257,12 +514,12 @@ mod tests {
             "{}",
             p.message
         );
-        assert_eq!(p.line, Some(6));
+        assert_eq!(p.line, Some(7));
     }
 
     #[test]
     fn validation_names_keys() {
-        let text = "network:\n  prefix_len: 31\napps:\n  Hello:\n    image:\n      kernel: /nonexistent/k\n      cmdline: '{nope}'\n";
+        let text = "network:\n  prefix_len: 31\napps:\n  Hello:\n    hosts: [a.test]\n    image:\n      kernel: /nonexistent/k\n      cmdline: '{nope}'\n";
         let c = Config::parse(text).unwrap();
         let keys: Vec<String> = c.validate().into_iter().map(|p| p.key).collect();
         assert!(keys.contains(&"network.prefix_len".to_string()), "{keys:?}");
@@ -279,9 +536,14 @@ mod tests {
 
     #[test]
     fn relative_paths_resolve_against_the_file() {
-        let mut c = Config::parse("apps:\n  a:\n    image: {kernel: k, cmdline: x}\n").unwrap();
+        let mut c =
+            Config::parse("apps:\n  a:\n    hosts: [a.test]\n    image: {kernel: k, cmdline: x}\n")
+                .unwrap();
         c.resolve_paths(Path::new("/etc/snapgate"));
-        assert_eq!(c.apps["a"].image.kernel, Path::new("/etc/snapgate/k"));
+        assert_eq!(
+            c.apps["a"].image.as_ref().unwrap().kernel,
+            Path::new("/etc/snapgate/k")
+        );
         assert_eq!(c.snapshot_dir(), Path::new("/var/lib/snapgate/snapshots"));
     }
 }

@@ -45,6 +45,43 @@ pub struct Manifest {
     pub files: Vec<FileEntry>,
     /// Seconds since the Unix epoch when the snapshot was completed.
     pub created_unix: u64,
+    /// Size and modification time of each image file when the template
+    /// booted: a rebuilt kernel or disk makes the snapshot stale.
+    #[serde(default)]
+    pub image_files: Vec<FileStamp>,
+}
+
+/// An image file as it was when a template booted from it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    /// The path, as the spec names it.
+    pub path: PathBuf,
+    /// Size in bytes.
+    pub size: u64,
+    /// Modification time, nanoseconds since the Unix epoch.
+    pub mtime_ns: u128,
+}
+
+/// Stamps of the kernel, initramfs and disks of `spec` (missing files are
+/// stamped as size 0).
+pub fn image_files(spec: &ImageSpec) -> Vec<FileStamp> {
+    let mut paths = vec![spec.kernel.clone()];
+    paths.extend(spec.initramfs.clone());
+    paths.extend(spec.disks.iter().map(|d| d.path.clone()));
+    paths
+        .into_iter()
+        .map(|path| {
+            let meta = std::fs::metadata(&path).ok();
+            FileStamp {
+                size: meta.as_ref().map_or(0, |m| m.len()),
+                mtime_ns: meta
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map_or(0, |d| d.as_nanos()),
+                path,
+            }
+        })
+        .collect()
 }
 
 /// A snapshot whose manifest was read and whose files were checked.
@@ -143,6 +180,7 @@ impl Snapshot {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
+            image_files: image_files(spec),
         };
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
@@ -157,6 +195,11 @@ impl Snapshot {
             dir: dir.to_owned(),
             manifest,
         })
+    }
+
+    /// Whether this snapshot was taken from `spec` as its files are now.
+    pub fn is_current_for(&self, spec: &ImageSpec) -> bool {
+        self.manifest.spec == *spec && self.manifest.image_files == image_files(spec)
     }
 
     /// The snapshot directory.

@@ -11,7 +11,8 @@
 //!    - `GET /healthz` answers `ok` and touches nothing else, so readiness
 //!      probes on a template leave no per-instance state behind;
 //!    - any other request answers with the instance identity, the boot id, the
-//!      request line, every header and, for requests with a body, the body.
+//!      request line, every header and, for requests with a body, the body;
+//!    - `/sleep/<ms>` does the same after `<ms>` milliseconds.
 //!
 //! The instance identity is minted on the first non-probe request from the
 //! virtio-rng device, i.e. from host entropy read after the VM was restored.
@@ -209,6 +210,13 @@ fn handle(stream: TcpStream) -> std::io::Result<()> {
         reader.read_exact(&mut body)?;
         let path = request_line.split_whitespace().nth(1).unwrap_or("/");
         let mut payload = Vec::new();
+        if let Some(ms) = path
+            .strip_prefix("/sleep/")
+            .and_then(|m| m.parse::<u64>().ok())
+        {
+            // Holds the request, so tests can keep an instance busy.
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if path == "/healthz" {
             payload.extend_from_slice(b"ok\n");
         } else {
