@@ -4,6 +4,8 @@
 //! - [`config`]: `proxy.yaml` -> serde structs -> validation -> typed values.
 //! - [`vmm`]: the [`vmm::Vmm`] trait and its QEMU and Cloud Hypervisor drivers.
 //! - [`net`]: taps, addressing, clean-up of a crashed run's leftovers.
+//! - [`pool`]: per-app pools of VM instances: claim, hold queue, restore, reaper.
+//! - [`upstream`]: kept-alive HTTP clients per VM instance.
 //! - [`snapshot_cmd`]: the operator's `snapgate snapshot build`.
 
 #![deny(unsafe_code)]
@@ -14,5 +16,7 @@
 
 pub mod config;
 pub mod net;
+pub mod pool;
 pub mod snapshot_cmd;
+pub mod upstream;
 pub mod vmm;
