@@ -2,6 +2,9 @@
 //!
 //! Module map (data flows one way, top to bottom):
 //! - [`config`]: `proxy.yaml` -> serde structs -> validation -> typed values.
+//! - [`gateway`]: wiring from a config to a running gateway, and shutdown.
+//! - [`proxy`]: listener, Host router, forwarding, errors -> responses.
+//! - [`admin`]: `/metrics` and `/healthz` on their own listener.
 //! - [`vmm`]: the [`vmm::Vmm`] trait and its QEMU and Cloud Hypervisor drivers.
 //! - [`net`]: taps, addressing, clean-up of a crashed run's leftovers.
 //! - [`pool`]: per-app pools of VM instances: claim, hold queue, restore, reaper.
@@ -14,9 +17,12 @@
 // paths next to VM starts that take milliseconds; boxing them buys nothing.
 #![allow(clippy::result_large_err)]
 
+pub mod admin;
 pub mod config;
+pub mod gateway;
 pub mod net;
 pub mod pool;
+pub mod proxy;
 pub mod snapshot_cmd;
 pub mod upstream;
 pub mod vmm;

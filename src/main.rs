@@ -15,6 +15,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the gateway until SIGINT or SIGTERM.
+    Run {
+        /// The config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Check a config file and print every problem with its key.
     Check {
         /// The config file.
@@ -47,9 +53,17 @@ fn main() -> ExitCode {
                 .unwrap_or_else(|_| "snapgate=info".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Run { config } => match run(&config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("snapgate: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Check { file } => match Config::load(&file) {
             Ok(config) => {
                 println!("{}: ok ({} apps)", file.display(), config.apps.len());
@@ -82,4 +96,32 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+/// Loads the config, starts the gateway, and on SIGINT or SIGTERM drains it.
+fn run(file: &std::path::Path) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let config = Config::load(file)?;
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        // Signals are caught before anything starts, so none is missed.
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        // A signal while starting (say, during a snapshot build) stops it: the
+        // dropped start-up kills the VMs it made.
+        let mut out = std::io::stdout();
+        let gateway = tokio::select! {
+            started = snapgate::gateway::start(&config, &mut out) => started?,
+            _ = int.recv() => return Ok(()),
+            _ = term.recv() => return Ok(()),
+        };
+        let name = tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        };
+        println!("{name}: draining (grace {:?})", config.shutdown_grace);
+        gateway.shutdown().await;
+        println!("stopped");
+        Ok(())
+    })
 }

@@ -94,7 +94,7 @@ pub async fn build_one(
     let snapshot = vmm.snapshot(vm, &dest).await?;
     let snapshot_secs = t.elapsed().as_secs_f64();
     // Switch `current` atomically: a new link, renamed over the old.
-    let tmp = app_dir.join(format!(".current.{}", std::process::id()));
+    let tmp = app_dir.join(format!(".current.{}.{stamp}", std::process::id()));
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&stamp, &tmp)?;
     std::fs::rename(&tmp, current_snapshot(snapshot_dir, app))?;

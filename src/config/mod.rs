@@ -251,8 +251,9 @@ impl Config {
             }])
         })?;
         let mut config = Self::parse(&text).map_err(|p| fail(vec![p]))?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        config.resolve_paths(base);
+        // Absolute, so paths stay right whatever directory a VMM runs in.
+        let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+        config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
         let mut problems = config.validate();
         for p in &mut problems {
             p.line = locate(&text, &p.key);

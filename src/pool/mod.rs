@@ -207,6 +207,8 @@ struct State {
 pub struct PoolStats {
     /// Instances ready, serving or draining.
     pub instances: usize,
+    /// Instances serving at least one request.
+    pub leased: usize,
     /// Restores in flight.
     pub restoring: usize,
     /// Requests in the hold queue.
@@ -328,6 +330,7 @@ impl Pool {
         let st = self.shared.lock();
         PoolStats {
             instances: st.instances.len(),
+            leased: st.instances.iter().filter(|i| i.in_flight > 0).count(),
             restoring: st.restoring,
             queued: st.waiters.len(),
             peak: st.peak,
@@ -336,11 +339,16 @@ impl Pool {
 
     /// VMM process ids of the current instances.
     pub fn pids(&self) -> Vec<u32> {
+        self.instances().into_iter().map(|(pid, _)| pid).collect()
+    }
+
+    /// (VMM process id, tap) of each current instance.
+    pub fn instances(&self) -> Vec<(u32, String)> {
         self.shared
             .lock()
             .instances
             .iter()
-            .map(|i| i.vm.pid())
+            .map(|i| (i.vm.pid(), i.vm.endpoint().tap.clone()))
             .collect()
     }
 

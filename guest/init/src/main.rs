@@ -11,7 +11,8 @@
 //!    - `GET /healthz` answers `ok` and touches nothing else, so readiness
 //!      probes on a template leave no per-instance state behind;
 //!    - any other request answers with the instance identity, the boot id, the
-//!      request line, every header and, for requests with a body, the body;
+//!      client's address and port (one per connection), the request line,
+//!      every header and, for requests with a body, the body;
 //!    - `/sleep/<ms>` does the same after `<ms>` milliseconds.
 //!
 //! The instance identity is minted on the first non-probe request from the
@@ -175,6 +176,7 @@ fn boot_id() -> String {
 
 /// One connection: HTTP/1.1 with keep-alive, bodies sized by Content-Length.
 fn handle(stream: TcpStream) -> std::io::Result<()> {
+    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {
@@ -222,6 +224,7 @@ fn handle(stream: TcpStream) -> std::io::Result<()> {
         } else {
             payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
             payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
+            payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
             payload.extend_from_slice(format!("request: {request_line}\n").as_bytes());
             for h in &headers {
                 payload.extend_from_slice(format!("header: {h}\n").as_bytes());

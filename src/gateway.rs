@@ -1,0 +1,133 @@
+//! Wiring: from a validated config to a running gateway, and back to
+//! nothing.
+//!
+//! Start-up, in order:
+//! 1. Kill VMMs a previous run left (pid files in `<state_dir>/vms/`), then
+//!    delete taps left with this gateway's prefix.
+//! 2. For each VM app, use its snapshot if it was taken from the configured
+//!    image as it is now, else boot a template and take one.
+//! 3. Start each app's pool (which pre-warms `min_warm` instances), bind the
+//!    listener and the admin listener.
+//!
+//! [`Running::shutdown`]: stop accepting, let in-flight requests finish for
+//! `shutdown_grace`, close every pool (failing held requests with 503 and
+//! destroying every VM, whose taps go with it).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+
+use crate::config::{Config, Upstream};
+use crate::net::Network;
+use crate::pool::{Pool, PoolMetrics, SnapshotFactory};
+use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
+use crate::{admin, snapshot_cmd, upstream, vmm};
+
+/// A running gateway.
+pub struct Running {
+    /// Where it serves HTTP.
+    pub listen: SocketAddr,
+    /// Where it serves `/metrics`.
+    pub admin: SocketAddr,
+    /// The proxy (pools, for tests and admin use).
+    pub proxy: Arc<Proxy>,
+    /// The metrics registry.
+    pub registry: Registry,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    grace: std::time::Duration,
+}
+
+/// Starts the gateway described by `config`; progress lines go to `out`.
+pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Result<Running> {
+    std::fs::create_dir_all(&config.state_dir)
+        .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
+    let net = Network::new(config.network.clone())?;
+    let killed = vmm::process::kill_stale(&config.state_dir);
+    let removed = net.remove_stale_taps().await?;
+    if !killed.is_empty() || !removed.is_empty() {
+        writeln!(out, "cleaned up after an earlier run: killed VMMs {killed:?}, removed taps {removed:?}")?;
+    }
+    let registry = Registry::new();
+    let pool_metrics = PoolMetrics::new(&registry)?;
+    let proxy_metrics = ProxyMetrics::new(&registry)?;
+    let driver = snapshot_cmd::driver(config)?;
+
+    let mut targets = HashMap::new();
+    for (name, app) in &config.apps {
+        let target = match app.upstream() {
+            Upstream::Vm(spec, pool_cfg) => {
+                let snapshot = snapshot_cmd::ensure(driver.as_ref(), &net, &config.snapshot_dir(), name, spec, out)
+                    .await
+                    .with_context(|| format!("app {name}: preparing its snapshot"))?;
+                let factory = Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot));
+                writeln!(
+                    out,
+                    "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
+                    pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
+                )?;
+                Target::Pool(Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()))
+            }
+            Upstream::Static(addr) => Target::Static {
+                addr,
+                client: upstream::client(None),
+            },
+        };
+        targets.insert(name.clone(), target);
+    }
+    let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
+    let proxy = Arc::new(Proxy::new(router, targets, proxy_metrics));
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: binding {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("admin: binding {}", config.admin))?;
+    let listen = listener.local_addr()?;
+    let admin = admin_listener.local_addr()?;
+    let (stop, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(crate::proxy::serve(
+        listener,
+        proxy.clone(),
+        config.header_read_timeout,
+        stop_rx.clone(),
+        config.shutdown_grace,
+    ));
+    let admin_task = tokio::spawn(admin::serve(admin_listener, registry.clone(), stop_rx));
+    info!(%listen, %admin, "serving");
+    writeln!(out, "serving on http://{listen}, metrics on http://{admin}/metrics")?;
+    Ok(Running {
+        listen,
+        admin,
+        proxy,
+        registry,
+        stop,
+        server,
+        admin_task,
+        grace: config.shutdown_grace,
+    })
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (at most the grace
+    /// period), then closes every pool and destroys every VM.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.server.await;
+        let _ = self.admin_task.await;
+        for pool in self.proxy.pools() {
+            pool.close(self.grace).await;
+        }
+        info!("stopped");
+    }
+}

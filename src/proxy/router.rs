@@ -1,0 +1,74 @@
+//! Host -> app. Exact names first, then the longest matching `*.` wildcard.
+
+use std::collections::HashMap;
+
+/// Routes a request's host to an app name.
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<String, String>,
+    /// (suffix including the leading dot, app), longest suffix first.
+    wildcards: Vec<(String, String)>,
+}
+
+impl Router {
+    /// A router for `(app, host patterns)`; patterns were validated with the
+    /// config.
+    pub fn new<'a>(apps: impl IntoIterator<Item = (&'a str, &'a [String])>) -> Router {
+        let mut r = Router::default();
+        for (app, hosts) in apps {
+            for host in hosts {
+                match host.strip_prefix('*') {
+                    Some(suffix) => r.wildcards.push((suffix.to_owned(), app.to_owned())),
+                    None => {
+                        r.exact.insert(host.clone(), app.to_owned());
+                    }
+                }
+            }
+        }
+        r.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r
+    }
+
+    /// The app for a `Host` value (any port and trailing dot ignored, case
+    /// folded).
+    pub fn route(&self, host: &str) -> Option<&str> {
+        let host = host_name(host).to_ascii_lowercase();
+        let host = host.trim_end_matches('.');
+        if let Some(app) = self.exact.get(host) {
+            return Some(app);
+        }
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
+            .map(|(_, app)| app.as_str())
+    }
+}
+
+/// The name part of a `Host` header value: without the port, IPv6 brackets
+/// kept.
+pub fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exact_beats_wildcard_and_longest_wildcard_wins() {
+        let a = vec!["a.example.com".to_string()];
+        let b = vec!["*.example.com".to_string()];
+        let c = vec!["*.deep.example.com".to_string()];
+        let r = Router::new([("a", &a[..]), ("b", &b[..]), ("c", &c[..])]);
+        assert_eq!(r.route("a.example.com"), Some("a"));
+        assert_eq!(r.route("A.Example.COM:8080"), Some("a"));
+        assert_eq!(r.route("x.example.com."), Some("b"));
+        assert_eq!(r.route("x.deep.example.com"), Some("c"));
+        assert_eq!(r.route("example.com"), None, "a wildcard needs a label before it");
+        assert_eq!(r.route("other.org"), None);
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+    }
+}
