@@ -19,7 +19,10 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<ProxyBody> 
             let encoder = TextEncoder::new();
             let mut buf = Vec::new();
             if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
-                return text(StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics: {e}\n"));
+                return text(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("encoding metrics: {e}\n"),
+                );
             }
             let mut resp = text(StatusCode::OK, String::from_utf8_lossy(&buf).into_owned());
             if let Ok(v) = encoder.format_type().parse() {
@@ -28,7 +31,10 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<ProxyBody> 
             resp
         }
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        other => text(StatusCode::NOT_FOUND, format!("no admin page {other}; try /metrics or /healthz\n")),
+        other => text(
+            StatusCode::NOT_FOUND,
+            format!("no admin page {other}; try /metrics or /healthz\n"),
+        ),
     }
 }
 

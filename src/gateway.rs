@@ -55,7 +55,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let killed = vmm::process::kill_stale(&config.state_dir);
     let removed = net.remove_stale_taps().await?;
     if !killed.is_empty() || !removed.is_empty() {
-        writeln!(out, "cleaned up after an earlier run: killed VMMs {killed:?}, removed taps {removed:?}")?;
+        writeln!(
+            out,
+            "cleaned up after an earlier run: killed VMMs {killed:?}, removed taps {removed:?}"
+        )?;
     }
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
@@ -66,16 +69,28 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     for (name, app) in &config.apps {
         let target = match app.upstream() {
             Upstream::Vm(spec, pool_cfg) => {
-                let snapshot = snapshot_cmd::ensure(driver.as_ref(), &net, &config.snapshot_dir(), name, spec, out)
-                    .await
-                    .with_context(|| format!("app {name}: preparing its snapshot"))?;
+                let snapshot = snapshot_cmd::ensure(
+                    driver.as_ref(),
+                    &net,
+                    &config.snapshot_dir(),
+                    name,
+                    spec,
+                    out,
+                )
+                .await
+                .with_context(|| format!("app {name}: preparing its snapshot"))?;
                 let factory = Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot));
                 writeln!(
                     out,
                     "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
                     pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
                 )?;
-                Target::Pool(Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()))
+                Target::Pool(Pool::new(
+                    name.clone(),
+                    pool_cfg,
+                    factory,
+                    pool_metrics.clone(),
+                ))
             }
             Upstream::Static(addr) => Target::Static {
                 addr,
@@ -105,7 +120,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     ));
     let admin_task = tokio::spawn(admin::serve(admin_listener, registry.clone(), stop_rx));
     info!(%listen, %admin, "serving");
-    writeln!(out, "serving on http://{listen}, metrics on http://{admin}/metrics")?;
+    writeln!(
+        out,
+        "serving on http://{listen}, metrics on http://{admin}/metrics"
+    )?;
     Ok(Running {
         listen,
         admin,

@@ -321,7 +321,8 @@ impl Config {
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
         }
-        if self.listen == self.admin {
+        // Port 0 asks for any free port: two of those never clash.
+        if self.listen == self.admin && self.listen.port() != 0 {
             add(
                 "admin".into(),
                 format!("{} is also the listen address", self.admin),

@@ -81,6 +81,25 @@ impl PoolMetrics {
         Ok(m)
     }
 
+    /// Creates `app`'s series at zero, so dashboards and alerts see them
+    /// before the first event.
+    pub(super) fn init(&self, app: &str) {
+        for counter in [
+            &self.restores,
+            &self.restore_failures,
+            &self.reaped,
+            &self.failed,
+        ] {
+            counter.with_label_values(&[app]);
+        }
+        for outcome in ["warm", "held", "queue_full", "hold_timeout", "unavailable"] {
+            self.claims.with_label_values(&[app, outcome]);
+        }
+        self.hold.with_label_values(&[app]);
+        self.restore_duration.with_label_values(&[app]);
+        self.set_queue(app, 0);
+    }
+
     pub(super) fn set_instances(&self, app: &str, state: &str, n: i64) {
         self.instances.with_label_values(&[app, state]).set(n);
     }

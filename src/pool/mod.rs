@@ -26,7 +26,10 @@
 //!    the lock and reaping only takes instances with `in_flight == 0`, so a
 //!    new request and the reaper never both win the same instance.
 //! 6. An instance whose lease was marked broken (its VM failed mid-request)
-//!    takes no new leases and is destroyed when its last lease ends.
+//!    takes no new leases and is destroyed when its last lease ends. When the
+//!    maintenance task finds an instance's VMM dead, it also cancels the
+//!    instance's `gone` token: requests in flight on it end with 502 instead
+//!    of waiting on connections whose peer vanished without a reset.
 //! 7. [`Pool::close`] fails queued requests, destroys idle instances, and
 //!    destroys the rest as their leases end.
 
@@ -40,6 +43,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 pub use metrics::PoolMetrics;
@@ -170,6 +174,9 @@ struct Instance {
     in_flight: usize,
     idle_since: Instant,
     draining: bool,
+    /// Cancelled when the VMM is found dead: in-flight requests stop
+    /// waiting on connections whose peer is gone and will never reset them.
+    gone: CancellationToken,
 }
 
 impl Instance {
@@ -240,6 +247,7 @@ pub struct Lease {
     vm: VmId,
     endpoint: Endpoint,
     client: UpstreamClient,
+    gone: CancellationToken,
     held: Option<Duration>,
     broken: bool,
 }
@@ -267,6 +275,11 @@ impl Lease {
     /// A client whose kept-alive connections reach this instance.
     pub fn client(&self) -> &UpstreamClient {
         &self.client
+    }
+
+    /// Cancelled if the instance's VMM dies while leased.
+    pub fn gone(&self) -> &CancellationToken {
+        &self.gone
     }
 
     /// How long the request was held for this lease (`None`: an instance was
@@ -307,8 +320,10 @@ impl Pool {
         factory: Arc<dyn Factory>,
         metrics: PoolMetrics,
     ) -> Pool {
+        let app = app.into();
+        metrics.init(&app);
         let shared = Arc::new(Shared {
-            app: app.into(),
+            app,
             cfg,
             factory,
             state: Mutex::new(State::default()),
@@ -520,6 +535,7 @@ impl Shared {
             vm: instance.vm.id().clone(),
             endpoint: instance.vm.endpoint().clone(),
             client: instance.client.clone(),
+            gone: instance.gone.clone(),
             held,
             broken: false,
         })
@@ -672,6 +688,7 @@ async fn restore(shared: Arc<Shared>, id: VmId) {
                         in_flight: 0,
                         idle_since: Instant::now(),
                         draining: false,
+                        gone: CancellationToken::new(),
                     });
                     let undelivered = shared.dispatch(&mut st);
                     shared.publish(&st);
@@ -728,6 +745,7 @@ async fn maintain(shared: Arc<Shared>) {
             while i < st.instances.len() {
                 let instance = &mut st.instances[i];
                 if let Some(status) = instance.vm.process_mut().exited() {
+                    instance.gone.cancel();
                     if !instance.draining {
                         warn!(app = %shared.app, vm = %instance.vm.id(), "VMM exited ({status}); replacing it");
                         shared.metrics.instance_failed(&shared.app);

@@ -37,8 +37,11 @@ pub use router::{host_name, Router};
 use crate::pool::Pool;
 use crate::upstream::UpstreamClient;
 
+/// Errors a response body may end with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body of every response snapgate sends.
-pub type ProxyBody = BoxBody<Bytes, hyper::Error>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// Where an app's requests go.
 pub enum Target {
@@ -65,7 +68,10 @@ impl ProxyMetrics {
     pub fn new(registry: &Registry) -> prometheus::Result<ProxyMetrics> {
         let m = ProxyMetrics {
             requests: IntCounterVec::new(
-                Opts::new("snapgate_requests_total", "Requests by app and response status (app \"\" for unknown hosts)."),
+                Opts::new(
+                    "snapgate_requests_total",
+                    "Requests by app and response status (app \"\" for unknown hosts).",
+                ),
                 &["app", "status"],
             )?,
             duration: HistogramVec::new(
@@ -73,7 +79,9 @@ impl ProxyMetrics {
                     "snapgate_request_duration_seconds",
                     "Time from request to response headers, holds included.",
                 )
-                .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]),
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                ]),
                 &["app"],
             )?,
         };
@@ -136,32 +144,44 @@ impl Proxy {
             .unwrap_or("")
             .to_owned();
         let Some(app) = self.router.route(&host).map(str::to_owned) else {
-            let resp = text(StatusCode::NOT_FOUND, format!("snapgate: no app serves host {host:?}\n"));
+            let resp = text(
+                StatusCode::NOT_FOUND,
+                format!("snapgate: no app serves host {host:?}\n"),
+            );
             self.metrics.observe("", resp.status(), started.elapsed());
             return resp;
         };
         let resp = match &self.targets[&app] {
             Target::Pool(pool) => match pool.claim().await {
                 Err(e) => {
-                    let mut resp = text(StatusCode::SERVICE_UNAVAILABLE, format!("snapgate: {e}\n"));
+                    let mut resp =
+                        text(StatusCode::SERVICE_UNAVAILABLE, format!("snapgate: {e}\n"));
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(e.retry_after()));
                     resp
                 }
                 Ok(mut lease) => {
                     let upstream = prepare(req, remote, &host, lease.endpoint().addr.into());
-                    match lease.client().request(upstream).await {
+                    let gone = lease.gone().clone();
+                    let answer = tokio::select! {
+                        answer = lease.client().request(upstream) => answer.map_err(|e| format!("{e:#}")),
+                        _ = gone.cancelled() => Err("its VMM exited".to_owned()),
+                    };
+                    match answer {
                         Ok(resp) => {
                             let (mut parts, body) = resp.into_parts();
                             strip_hop_by_hop(&mut parts.headers);
                             Response::from_parts(parts, LeasedBody::new(body, Some(lease)).boxed())
                         }
                         Err(e) => {
-                            warn!(app, vm = %lease.vm(), "instance failed the request: {e:#}");
+                            warn!(app, vm = %lease.vm(), "instance failed the request: {e}");
                             lease.mark_broken();
                             text(
                                 StatusCode::BAD_GATEWAY,
-                                format!("snapgate: app {app}: instance {} failed: {e}\n", lease.vm()),
+                                format!(
+                                    "snapgate: app {app}: instance {} failed: {e}\n",
+                                    lease.vm()
+                                ),
                             )
                         }
                     }
@@ -316,7 +336,10 @@ pub async fn serve(
         });
     }
     drop(listener);
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         warn!("connections still open after the {grace:?} grace period; closing them");
     }
 }

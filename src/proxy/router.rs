@@ -67,7 +67,11 @@ mod tests {
         assert_eq!(r.route("A.Example.COM:8080"), Some("a"));
         assert_eq!(r.route("x.example.com."), Some("b"));
         assert_eq!(r.route("x.deep.example.com"), Some("c"));
-        assert_eq!(r.route("example.com"), None, "a wildcard needs a label before it");
+        assert_eq!(
+            r.route("example.com"),
+            None,
+            "a wildcard needs a label before it"
+        );
         assert_eq!(r.route("other.org"), None);
         assert_eq!(host_name("[::1]:80"), "[::1]");
     }

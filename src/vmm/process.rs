@@ -6,7 +6,11 @@
 //! unrelated process that reused a recorded pid.
 //!
 //! VMMs run in their own process group, so a Ctrl-C at the gateway's terminal
-//! reaches only the gateway, which then stops its VMs itself.
+//! reaches only the gateway, which then stops its VMs itself. Each VMM also
+//! gets `PR_SET_PDEATHSIG(SIGKILL)`: if the gateway dies without stopping
+//! them (SIGKILL, a crash), the kernel kills them, and their taps go with
+//! them. Pid files cover what that cannot (a VMM spawned from a thread that
+//! has since exited; another process that reuses the state directory).
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -88,6 +92,20 @@ impl VmProcess {
             .collect();
         cmd.fd_mappings(mappings)
             .map_err(|e| VmmError::Invalid(format!("fd mapping: {e}")))?;
+        let parent = std::process::id();
+        #[allow(unsafe_code)]
+        // SAFETY: runs in the forked child before exec and only makes
+        // async-signal-safe calls (prctl, getppid, _exit), allocating nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                // The parent may have died before prctl took effect.
+                if nix::unistd::getppid().as_raw() as u32 != parent {
+                    nix::libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
         let child = cmd.spawn().map_err(|source| VmmError::Spawn {
             binary: binary.to_owned(),
             source,

@@ -176,7 +176,10 @@ fn boot_id() -> String {
 
 /// One connection: HTTP/1.1 with keep-alive, bodies sized by Content-Length.
 fn handle(stream: TcpStream) -> std::io::Result<()> {
-    let peer = stream.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = stream
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
     loop {

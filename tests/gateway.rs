@@ -1,0 +1,456 @@
+//! The gateway end to end: a real client, the real gateway, real QEMU VMs on
+//! real taps. Snapshots are cached in `target/test-snapshots` (rebuilt when
+//! the test guest changes), so only the first run boots a template.
+#![cfg(feature = "vm-tests")]
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use snapgate::config::Config;
+use snapgate::gateway::{self, Running};
+use snapgate::net::Network;
+
+/// A config for one app, `app`, on host `<app>.test`, with `pool` settings
+/// (YAML flow map), taps named `<prefix>*`, state in `state`.
+fn config(state: &Path, prefix: &str, pool: &str) -> Config {
+    let g = guest_dir();
+    let snapshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
+    let text = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
+         state_dir: {state}\nsnapshot_dir: {snapshots}\n\
+         vmm: {{ kind: qemu, accel: auto }}\n\
+         network: {{ tap_prefix: {prefix} }}\n\
+         apps:\n  app:\n    hosts: [app.test]\n    image:\n\
+         \x20     kernel: {kernel}\n      initramfs: {initrd}\n\
+         \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
+         \x20     ready_timeout: 60s\n    pool: {pool}\n",
+        state = state.display(),
+        snapshots = snapshots.display(),
+        kernel = g.join("vmlinuz").display(),
+        initrd = g.join("initramfs.cpio.gz").display(),
+    );
+    let file = state.join("proxy.yaml");
+    std::fs::write(&file, text).unwrap();
+    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
+}
+
+struct Gw {
+    _state: tempfile::TempDir,
+    running: Option<Running>,
+    net: Network,
+    http: reqwest::Client,
+}
+
+impl Gw {
+    async fn start(prefix: &str, pool: &str) -> Gw {
+        let state = tempfile::tempdir().unwrap();
+        let cfg = config(state.path(), prefix, pool);
+        let net = Network::new(cfg.network.clone()).unwrap();
+        let running = gateway::start(&cfg, &mut std::io::sink()).await.unwrap();
+        Gw {
+            _state: state,
+            running: Some(running),
+            net,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    fn pool(&self) -> &snapgate::pool::Pool {
+        self.running().proxy.pool("app").unwrap()
+    }
+
+    fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("http://{}{path}", self.running().listen))
+            .header("host", "app.test")
+    }
+
+    async fn metrics(&self) -> String {
+        reqwest::get(format!("http://{}/metrics", self.running().admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// The value of one sample line, 0 when absent.
+    async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().unwrap())
+    }
+
+    /// Shuts the gateway down and checks that every VM and tap is gone.
+    async fn stop(mut self) {
+        let pids = self.pool().pids();
+        self.running.take().unwrap().shutdown().await;
+        assert_all_gone(&self.net, &pids).await;
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        // A failed test still kills its VMs: dropping the runtime's tasks
+        // drops every VM value, and each kills its VMM.
+        if let Some(running) = self.running.take() {
+            drop(running);
+        }
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_at_zero_is_held_and_served_by_a_fresh_restore() {
+    let gw = Gw::start("sggz", "{ min_warm: 0, max_instances: 2 }").await;
+    assert_eq!(gw.pool().stats().instances, 0, "at zero");
+    let resp = gw
+        .get("/hello?x=1")
+        .header("x-forwarded-for", "10.9.8.7")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("request: GET /hello?x=1 HTTP/1.1"), "{body}");
+    assert!(body.contains("header: host: app.test"), "{body}");
+    assert!(
+        body.contains("header: x-forwarded-for: 10.9.8.7, 127.0.0.1"),
+        "{body}"
+    );
+    assert!(body.contains("header: x-forwarded-proto: http"), "{body}");
+    assert!(
+        body.contains("header: x-forwarded-host: app.test"),
+        "{body}"
+    );
+    assert_eq!(
+        gw.metric("snapgate_claims_total{app=\"app\",outcome=\"held\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(gw.metric("snapgate_restores_total{app=\"app\"}").await, 1.0);
+    assert_eq!(
+        gw.metric("snapgate_hold_duration_seconds_count{app=\"app\"}")
+            .await,
+        1.0
+    );
+
+    // Bodies stream both ways: 1 MiB up, echoed back.
+    let upload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
+    let resp = gw
+        .http
+        .post(format!("http://{}/upload", gw.running().listen))
+        .header("host", "app.test")
+        .body(upload.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let bytes = resp.bytes().await.unwrap();
+    let marker = b"body: 1048576 bytes\n";
+    let at = bytes
+        .windows(marker.len())
+        .position(|w| w == marker)
+        .expect("body line");
+    assert_eq!(&bytes[at + marker.len()..], &upload[..]);
+
+    // Kept-alive connections to the VM are reused: same peer port.
+    let peer = |b: &str| {
+        b.lines()
+            .find(|l| l.starts_with("peer: "))
+            .unwrap()
+            .to_owned()
+    };
+    let a = peer(&gw.get("/a").send().await.unwrap().text().await.unwrap());
+    let b = peer(&gw.get("/b").send().await.unwrap().text().await.unwrap());
+    assert_eq!(a, b);
+
+    // Unknown host: 404 with a short body.
+    let resp = gw
+        .http
+        .get(format!("http://{}/", gw.running().listen))
+        .header("host", "nope.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("no app serves host \"nope.test\""));
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prewarmed_instance_serves_the_first_request_without_a_restore() {
+    let gw = Gw::start("sggw", "{ min_warm: 1, max_instances: 2 }").await;
+    wait_for("the warm instance", Duration::from_secs(60), async || {
+        gw.pool().stats().instances == 1
+    })
+    .await;
+    assert_eq!(gw.metric("snapgate_restores_total{app=\"app\"}").await, 1.0);
+    let resp = gw.get("/").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        gw.metric("snapgate_claims_total{app=\"app\",outcome=\"warm\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("snapgate_claims_total{app=\"app\",outcome=\"held\"}")
+            .await,
+        0.0
+    );
+    assert_eq!(
+        gw.metric("snapgate_restores_total{app=\"app\"}").await,
+        1.0,
+        "no restore on the request path"
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_requests_at_zero_all_succeed_on_at_most_two_vms() {
+    let gw = Gw::start(
+        "sgg5",
+        "{ min_warm: 0, max_instances: 2, max_concurrency: 4, hold_timeout: 60s }",
+    )
+    .await;
+    let requests = (0..50).map(|i| {
+        let req = gw.get(&format!("/sleep/20?n={i}"));
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.text().await.unwrap())
+        }
+    });
+    let answers = futures::future::join_all(requests).await;
+    let statuses: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    let instances: HashSet<String> = answers.iter().map(|(_, b)| instance_of(b)).collect();
+    assert!(instances.len() <= 2, "{instances:?}");
+    assert!(
+        gw.pool().stats().peak <= 2,
+        "peak {}",
+        gw.pool().stats().peak
+    );
+    assert!(gw.metric("snapgate_restores_total{app=\"app\"}").await <= 2.0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_queue_and_hold_timeout_get_503_with_retry_after_and_the_rest_are_served() {
+    let gw = Gw::start(
+        "sggq",
+        "{ min_warm: 1, max_instances: 1, max_concurrency: 1, hold_queue: 2, hold_timeout: 1s }",
+    )
+    .await;
+    wait_for("the warm instance", Duration::from_secs(60), async || {
+        gw.pool().stats().instances == 1
+    })
+    .await;
+    // A holds the only instance for 4 s.
+    let a = tokio::spawn(gw.get("/sleep/4000").send());
+    wait_for("A to be in flight", Duration::from_secs(10), async || {
+        gw.pool().stats().leased == 1
+    })
+    .await;
+    // B and C fill the hold queue.
+    let timed = |req: reqwest::RequestBuilder| async move {
+        let t = Instant::now();
+        let resp = req.send().await.unwrap();
+        (
+            resp.status().as_u16(),
+            resp.headers().get("retry-after").cloned(),
+            t.elapsed(),
+        )
+    };
+    let b = tokio::spawn(timed(gw.get("/b")));
+    let c = tokio::spawn(timed(gw.get("/c")));
+    wait_for("B and C to be held", Duration::from_secs(10), async || {
+        gw.pool().stats().queued == 2
+    })
+    .await;
+    // D finds the queue full: 503 at once.
+    let (status, retry, took) = timed(gw.get("/d")).await;
+    assert_eq!(status, 503);
+    assert_eq!(retry.unwrap(), "1");
+    assert!(took < Duration::from_secs(1), "{took:?}");
+    // B and C are held for hold_timeout (1 s), then get 503 too, well
+    // before A frees the instance.
+    for held in [b, c] {
+        let (status, retry, took) = held.await.unwrap();
+        assert_eq!(status, 503);
+        assert!(retry.is_some());
+        assert!(
+            took >= Duration::from_secs(1) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
+    }
+    let a = a.await.unwrap().unwrap();
+    assert_eq!(a.status(), 200);
+    assert_eq!(gw.get("/e").send().await.unwrap().status(), 200);
+    assert_eq!(
+        gw.metric("snapgate_claims_total{app=\"app\",outcome=\"queue_full\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("snapgate_claims_total{app=\"app\",outcome=\"hold_timeout\"}")
+            .await,
+        2.0
+    );
+    assert_eq!(
+        gw.metric("snapgate_requests_total{app=\"app\",status=\"503\"}")
+            .await,
+        3.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_instances_go_after_idle_timeout_and_the_next_request_brings_one_back() {
+    let gw = Gw::start(
+        "sggi",
+        "{ min_warm: 0, max_instances: 1, idle_timeout: 2s }",
+    )
+    .await;
+    assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
+    let instances = gw.pool().instances();
+    let [(pid, tap)] = &instances[..] else {
+        panic!("one instance: {instances:?}")
+    };
+    let (pid, tap) = (*pid, tap.clone());
+    wait_for("the reaper", Duration::from_secs(20), async || {
+        gw.pool().stats().instances == 0
+    })
+    .await;
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(pid)).await,
+        "VMM {pid} still runs"
+    );
+    assert_all_gone(&gw.net, &[pid]).await;
+    assert!(!gw
+        .net
+        .list_taps()
+        .await
+        .unwrap()
+        .iter()
+        .any(|(_, t)| *t == tap));
+    assert_eq!(gw.metric("snapgate_reaped_total{app=\"app\"}").await, 1.0);
+    assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
+    assert_eq!(gw.metric("snapgate_restores_total{app=\"app\"}").await, 2.0);
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_vmm_is_replaced_when_idle_and_fails_only_its_own_request_when_busy() {
+    let gw = Gw::start("sggk", "{ min_warm: 1, max_instances: 2 }").await;
+    wait_for("the warm instance", Duration::from_secs(60), async || {
+        gw.pool().stats().instances == 1
+    })
+    .await;
+    let kill = |pid: u32| {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap()
+    };
+    // Killed while idle: replaced.
+    let first = gw.pool().pids()[0];
+    kill(first);
+    wait_for("a replacement", Duration::from_secs(60), async || {
+        let pids = gw.pool().pids();
+        pids.len() == 1 && pids[0] != first && gw.pool().stats().restoring == 0
+    })
+    .await;
+    assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
+
+    // Killed while serving: that client gets 502, later requests succeed.
+    let slow = tokio::spawn(gw.get("/sleep/5000").send());
+    wait_for("the slow request", Duration::from_secs(10), async || {
+        gw.pool().stats().leased == 1
+    })
+    .await;
+    kill(gw.pool().pids()[0]);
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp.text().await.unwrap().contains("failed"));
+    for _ in 0..3 {
+        assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
+    }
+    assert_eq!(
+        gw.metric("snapgate_instance_failures_total{app=\"app\"}")
+            .await,
+        2.0
+    );
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_check() {
+    let gw = Gw::start("sggm", "{ min_warm: 0, max_instances: 1 }").await;
+    assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
+    let _ = gw
+        .http
+        .get(format!("http://{}/", gw.running().listen))
+        .header("host", "x.test")
+        .send()
+        .await
+        .unwrap();
+    let text = gw.metrics().await;
+    for family in [
+        "snapgate_requests_total",
+        "snapgate_request_duration_seconds",
+        "snapgate_hold_duration_seconds",
+        "snapgate_instances",
+        "snapgate_restores_total",
+        "snapgate_restore_failures_total",
+        "snapgate_hold_queue_depth",
+    ] {
+        assert!(
+            text.contains(&format!("# TYPE {family} ")),
+            "{family} missing"
+        );
+    }
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; scripts/test installs it)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    gw.stop().await;
+}
