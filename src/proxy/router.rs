@@ -25,7 +25,7 @@ impl Router {
                 }
             }
         }
-        r.wildcards.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        r.wildcards.sort_by_key(|w| std::cmp::Reverse(w.0.len()));
         r
     }
 
@@ -59,9 +59,9 @@ mod tests {
 
     #[test]
     fn exact_beats_wildcard_and_longest_wildcard_wins() {
-        let a = vec!["a.example.com".to_string()];
-        let b = vec!["*.example.com".to_string()];
-        let c = vec!["*.deep.example.com".to_string()];
+        let a = ["a.example.com".to_string()];
+        let b = ["*.example.com".to_string()];
+        let c = ["*.deep.example.com".to_string()];
         let r = Router::new([("a", &a[..]), ("b", &b[..]), ("c", &c[..])]);
         assert_eq!(r.route("a.example.com"), Some("a"));
         assert_eq!(r.route("A.Example.COM:8080"), Some("a"));
