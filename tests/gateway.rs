@@ -17,8 +17,13 @@ use snapgate::net::Network;
 /// A config for one app, `app`, on host `<app>.test`, with `pool` settings
 /// (YAML flow map), taps named `<prefix>*`, state in `state`.
 fn config(state: &Path, prefix: &str, pool: &str) -> Config {
+    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
+    config_in(state, prefix, pool, &shared)
+}
+
+/// [`config`] with snapshots in `snapshots`.
+fn config_in(state: &Path, prefix: &str, pool: &str, snapshots: &Path) -> Config {
     let g = guest_dir();
-    let snapshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
     let text = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
          state_dir: {state}\nsnapshot_dir: {snapshots}\n\
@@ -49,6 +54,10 @@ impl Gw {
     async fn start(prefix: &str, pool: &str) -> Gw {
         let state = tempfile::tempdir().unwrap();
         let cfg = config(state.path(), prefix, pool);
+        Gw::start_with(state, cfg).await
+    }
+
+    async fn start_with(state: tempfile::TempDir, cfg: Config) -> Gw {
         let net = Network::new(cfg.network.clone()).unwrap();
         let running = gateway::start(&cfg, &mut std::io::sink()).await.unwrap();
         Gw {
@@ -453,4 +462,157 @@ async fn metrics_pass_promtool_check() {
         String::from_utf8_lossy(&out.stderr)
     );
     gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_restores_answer_503_naming_the_problem_and_recover_after_backoff() {
+    // A snapshot of this test's own, so damaging it touches no other test.
+    let state = tempfile::tempdir().unwrap();
+    let snapshots = state.path().join("snapshots");
+    let cfg = config_in(
+        state.path(),
+        "sggf",
+        "{ min_warm: 0, max_instances: 1, idle_timeout: 1s }",
+        &snapshots,
+    );
+    let gw = Gw::start_with(state, cfg).await;
+    let state_file = snapshots.join("app/current/state");
+    let good = std::fs::read(&state_file).unwrap();
+    // Damage it the way a full disk would: same name, half the bytes.
+    let tmp = state_file.with_extension("tmp");
+    std::fs::write(&tmp, &good[..good.len() / 2]).unwrap();
+    std::fs::rename(&tmp, &state_file).unwrap();
+
+    let resp = gw.get("/").send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    let body = resp.text().await.unwrap();
+    assert!(body.contains("app app: cannot start an instance"), "{body}");
+    assert!(
+        body.contains("/state") && body.contains("truncated"),
+        "{body}"
+    );
+    assert_eq!(
+        gw.metric("snapgate_restore_failures_total{app=\"app\"}")
+            .await,
+        1.0
+    );
+
+    // Repaired: after the backoff the next request restores and is served.
+    std::fs::write(&tmp, &good).unwrap();
+    std::fs::rename(&tmp, &state_file).unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = gw.get("/").send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(gw.metric("snapgate_restores_total{app=\"app\"}").await, 1.0);
+    gw.stop().await;
+}
+
+/// Processes whose command line mentions `needle`.
+fn processes_mentioning(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(needle) && alive(pid) {
+            found.push(pid);
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish_then_removes_every_vm_and_exits_0() {
+    use tokio::io::AsyncBufReadExt;
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(state.path(), "sggs", "{ min_warm: 1, max_instances: 2 }");
+    let net = Network::new(cfg.network.clone()).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_snapgate"))
+        .args(["run", "--config"])
+        .arg(state.path().join("proxy.yaml"))
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let serving = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            let line = lines
+                .next_line()
+                .await
+                .unwrap()
+                .expect("snapgate exited before serving");
+            if let Some(rest) = line.strip_prefix("serving on http://") {
+                return rest.to_owned();
+            }
+        }
+    })
+    .await
+    .expect("serving within 120 s");
+    // "ADDR, metrics on http://ADMIN/metrics"
+    let (listen, admin) = serving.split_once(", metrics on http://").unwrap();
+    let admin = admin.trim_end_matches("/metrics").to_owned();
+    let http = reqwest::Client::new();
+    let get = |path: &str| {
+        http.get(format!("http://{listen}{path}"))
+            .header("host", "app.test")
+    };
+    let leased = async || {
+        let text = reqwest::get(format!("http://{admin}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.contains("snapgate_instances{app=\"app\",state=\"leased\"} 1")
+    };
+    assert_eq!(get("/").send().await.unwrap().status(), 200);
+
+    let slow = tokio::spawn(get("/sleep/2000").send());
+    wait_for("the slow request", Duration::from_secs(10), leased).await;
+    let state_dir = state.path().to_string_lossy().into_owned();
+    assert!(
+        !processes_mentioning(&state_dir).is_empty(),
+        "the VMM runs under the state dir"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id().unwrap() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+
+    // The request in flight finishes; new connections are refused.
+    let resp = slow.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("request: GET /sleep/2000"));
+    let refused = tokio::net::TcpStream::connect(listen).await.is_err();
+    assert!(refused, "still accepting after SIGTERM");
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exit within 30 s")
+        .unwrap();
+    assert!(status.success(), "{status}");
+    let mut rest = String::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        rest.push_str(&line);
+        rest.push('\n');
+    }
+    assert!(rest.contains("SIGTERM: draining"), "{rest}");
+    assert!(
+        processes_mentioning(&state_dir).is_empty(),
+        "VMMs left: {:?}",
+        processes_mentioning(&state_dir)
+    );
+    assert_all_gone(&net, &[]).await;
+    assert_eq!(
+        std::fs::read_dir(state.path().join("vms")).unwrap().count(),
+        0,
+        "pid files left"
+    );
 }

@@ -271,6 +271,13 @@ impl Config {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let key = e.path().to_string();
             let inner = e.into_inner();
+            let mut message = strip_location(&inner.to_string());
+            // The YAML error may start with its own (shorter) path: keep one.
+            if let Some((head, rest)) = message.split_once(": ") {
+                if key.starts_with(head) {
+                    message = rest.to_owned();
+                }
+            }
             Problem {
                 key: if key == "." {
                     "(top level)".into()
@@ -278,7 +285,7 @@ impl Config {
                     key
                 },
                 line: inner.location().map(|l| l.line()),
-                message: strip_location(&inner.to_string()),
+                message,
             }
         })
     }

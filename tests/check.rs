@@ -1,0 +1,211 @@
+//! `snapgate check` against a table of broken configs: each is rejected,
+//! exit code non-zero, with a message naming the key (and its line).
+
+use std::process::Command;
+
+/// A valid base config; each case changes one thing. `/bin/sh` stands in
+/// for kernel files (`check` only needs them to exist).
+const BASE: &str = "\
+listen: 127.0.0.1:8080
+admin: 127.0.0.1:9090
+apps:
+  hello:
+    hosts: [hello.localhost]
+    image:
+      kernel: /bin/sh
+      cmdline: 'ip={guest_ip}'
+    pool:
+      min_warm: 1
+      max_instances: 2
+  other:
+    hosts: [other.localhost]
+    upstream: 127.0.0.1:3000
+";
+
+fn check(text: &str) -> (bool, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.yaml");
+    std::fs::write(&file, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_snapgate"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_base_config_passes() {
+    let (ok, stdout, stderr) = check(BASE);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok (2 apps)"), "{stdout}");
+}
+
+#[test]
+fn broken_configs_are_rejected_naming_the_key() {
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "unknown key",
+            BASE.replace("      min_warm: 1", "      min_wram: 1"),
+            "apps.hello.pool.min_wram (line 10): unknown field `min_wram`",
+        ),
+        (
+            "missing image file",
+            BASE.replace("kernel: /bin/sh", "kernel: /nonexistent/vmlinuz"),
+            "apps.hello.image.kernel (line 7): /nonexistent/vmlinuz",
+        ),
+        (
+            "bad host pattern",
+            BASE.replace("[hello.localhost]", "['hello.*.localhost']"),
+            "apps.hello.hosts[0] (line 5)",
+        ),
+        (
+            "uppercase host",
+            BASE.replace("[hello.localhost]", "[Hello.localhost]"),
+            "apps.hello.hosts[0]",
+        ),
+        (
+            "host with a port",
+            BASE.replace("[hello.localhost]", "['hello.localhost:8080']"),
+            "remove \":port\"",
+        ),
+        (
+            "min_warm above max_instances",
+            BASE.replace("min_warm: 1", "min_warm: 3"),
+            "apps.hello.pool.min_warm (line 10): 3 is above max_instances (2)",
+        ),
+        (
+            "duplicate host across apps",
+            BASE.replace("[other.localhost]", "[hello.localhost]"),
+            "is also a host of app hello",
+        ),
+        (
+            "image and upstream together",
+            BASE.replace(
+                "    upstream: 127.0.0.1:3000",
+                "    upstream: 127.0.0.1:3000\n    image: {kernel: /bin/sh, cmdline: x}",
+            ),
+            "apps.other (line 12): has both image",
+        ),
+        (
+            "neither image nor upstream",
+            BASE.replace("    upstream: 127.0.0.1:3000\n", ""),
+            "apps.other (line 12): needs image",
+        ),
+        (
+            "pool on a static app",
+            BASE.replace(
+                "    upstream: 127.0.0.1:3000",
+                "    upstream: 127.0.0.1:3000\n    pool: {min_warm: 1}",
+            ),
+            "apps.other.pool",
+        ),
+        (
+            "unknown placeholder",
+            BASE.replace("{guest_ip}", "{guest_addr}"),
+            "apps.hello.image.cmdline (line 8): unknown placeholder {guest_addr}",
+        ),
+        (
+            "zero max_instances",
+            BASE.replace("max_instances: 2", "max_instances: 0"),
+            "apps.hello.pool.max_instances",
+        ),
+        (
+            "bad duration",
+            BASE.replace("      min_warm: 1", "      idle_timeout: soon"),
+            "apps.hello.pool.idle_timeout (line 10)",
+        ),
+        (
+            "bad address",
+            BASE.replace("listen: 127.0.0.1:8080", "listen: localhost"),
+            "listen (line 1)",
+        ),
+        (
+            "bad VMM kind",
+            BASE.replace(
+                "listen: 127.0.0.1:8080",
+                "listen: 127.0.0.1:8080\nvmm: {kind: firecracker}",
+            ),
+            "vmm.kind (line 2): unknown variant `firecracker`",
+        ),
+        (
+            "bad accel",
+            BASE.replace(
+                "listen: 127.0.0.1:8080",
+                "listen: 127.0.0.1:8080\nvmm: {accel: hvf}",
+            ),
+            "vmm.accel",
+        ),
+        (
+            "guest outside the tap subnet",
+            BASE.replace(
+                "listen: 127.0.0.1:8080",
+                "listen: 127.0.0.1:8080\nnetwork: {guest_ip: 169.254.9.2}",
+            ),
+            "network.guest_ip",
+        ),
+        (
+            "bad app name",
+            BASE.replace("  other:", "  Other_App:"),
+            "apps.Other_App",
+        ),
+        (
+            "same listen and admin",
+            BASE.replace("9090", "8080"),
+            "admin (line 2): 127.0.0.1:8080 is also the listen address",
+        ),
+        ("not YAML", "apps: [unclosed".to_owned(), "(line 1)"),
+        (
+            "no apps",
+            "listen: 127.0.0.1:8080\napps: {}\n".to_owned(),
+            "apps",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, text, expect) in cases {
+        let (ok, _, stderr) = check(text);
+        if ok {
+            failures.push(format!("{name}: accepted"));
+        } else if !stderr.contains(expect) {
+            failures.push(format!("{name}: wanted {expect:?} in:\n{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let text = BASE
+        .replace("min_warm: 1", "min_warm: 3")
+        .replace("[other.localhost]", "[hello.localhost]");
+    let (ok, _, stderr) = check(&text);
+    assert!(!ok);
+    assert!(stderr.contains("has 2 problem(s)"), "{stderr}");
+}
+
+#[test]
+fn the_shipped_proxy_yaml_parses() {
+    // Its image files exist only after scripts/build-guest; everything else
+    // must check out.
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.yaml")).unwrap();
+    let config = snapgate::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p}"));
+    let problems: Vec<String> = config
+        .validate()
+        .into_iter()
+        .filter(|p| {
+            !p.key.starts_with("apps.hello.image.kernel")
+                && !p.key.starts_with("apps.hello.image.initramfs")
+        })
+        .map(|p| p.to_string())
+        .collect();
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+    assert_eq!(config.admin.to_string(), "127.0.0.1:9090");
+    let pool = config.apps["hello"].pool.clone().unwrap();
+    assert_eq!(pool.min_warm, 1);
+    assert_eq!(pool.idle_timeout.as_secs(), 30);
+}
