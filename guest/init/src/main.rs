@@ -152,9 +152,9 @@ fn identity() -> &'static str {
     ID.get_or_init(|| {
         // The virtio-rng driver keeps a prefetched buffer (64 bytes), which a
         // snapshot captures: every clone would read the same first bytes.
-        // Reading well past it pulls fresh bytes from the host; all of it is
+        // Reading past it (128 bytes) pulls fresh bytes from the host; all is
         // folded into the id.
-        let mut buf = [0u8; 512];
+        let mut buf = [0u8; 128];
         let read = std::fs::File::open("/dev/hwrng").and_then(|mut f| f.read_exact(&mut buf));
         if read.is_err() {
             // No virtio-rng: fall back to the kernel RNG (shared by clones).
@@ -242,8 +242,11 @@ fn handle(stream: TcpStream) -> std::io::Result<()> {
             payload.len(),
             if close { "connection: close\r\n" } else { "" }
         );
-        out.write_all(head.as_bytes())?;
-        out.write_all(&payload)?;
+        // One write: with a separate write for the body, Nagle's algorithm
+        // would wait for the client's delayed ACK (~40 ms) before sending it.
+        let mut message = head.into_bytes();
+        message.extend_from_slice(&payload);
+        out.write_all(&message)?;
         if close {
             return Ok(());
         }

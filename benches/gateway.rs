@@ -1,0 +1,135 @@
+//! Gateway benchmark with real VMs: cold start through the gateway (app at
+//! zero), warm request latency, and throughput with concurrent clients.
+//! Prints a table.
+//!
+//!     SNAPGATE_GUEST_DIR=$(scripts/build-guest) cargo bench --features vm-tests --bench gateway
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use snapgate::config::Config;
+
+fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> String {
+    v.sort_by(f64::total_cmp);
+    let pct = |p: f64| v[((v.len() - 1) as f64 * p).round() as usize];
+    format!(
+        "| {name:<40} | {:>8.2} | {:>8.2} | {:>8.2} | {:>8.2} | {unit:<4} | {:>5} |",
+        v[0],
+        pct(0.5),
+        pct(0.95),
+        v[v.len() - 1],
+        v.len()
+    )
+}
+
+fn config(state: &Path, pool: &str) -> Config {
+    let g = std::env::var_os("SNAPGATE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
+    let snapshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
+    let text = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\nsnapshot_dir: {}\n\
+         network: {{ tap_prefix: sgbg }}\n\
+         apps:\n  app:\n    hosts: [app.test]\n    image:\n\
+         \x20     kernel: {}\n      initramfs: {}\n\
+         \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
+         \x20     ready_timeout: 60s\n    pool: {pool}\n",
+        state.display(),
+        snapshots.display(),
+        g.join("vmlinuz").display(),
+        g.join("initramfs.cpio.gz").display()
+    );
+    let file = state.join("proxy.yaml");
+    std::fs::write(&file, text).unwrap();
+    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let state = tempfile::tempdir().unwrap();
+    let cfg = config(
+        state.path(),
+        "{ min_warm: 0, max_instances: 2, max_concurrency: 16, idle_timeout: 1s, hold_timeout: 60s }",
+    );
+    let gw = snapgate::gateway::start(&cfg, &mut std::io::sink())
+        .await
+        .unwrap();
+    let pool = gw.proxy.pool("app").unwrap().clone();
+    let http = reqwest::Client::new();
+    let url = format!("http://{}/", gw.listen);
+    let get = || http.get(&url).header("host", "app.test").send();
+    let mut rows = Vec::new();
+
+    // Cold start: app at zero, one request, full answer.
+    let mut cold = Vec::new();
+    for _ in 0..10 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pool.stats().instances + pool.stats().restoring > 0 {
+            assert!(Instant::now() < deadline, "not reaped");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // A fresh client: no kept-alive connection to the gateway either.
+        let client = reqwest::Client::new();
+        let t = Instant::now();
+        let resp = client
+            .get(&url)
+            .header("host", "app.test")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        cold.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    rows.push(stats("cold start via gateway (app at zero)", "ms", cold));
+
+    // Warm: sequential requests on a kept-alive connection.
+    get().await.unwrap().bytes().await.unwrap();
+    let mut warm = Vec::new();
+    for _ in 0..300 {
+        let t = Instant::now();
+        let resp = get().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.bytes().await.unwrap();
+        warm.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    rows.push(stats("warm request, sequential", "ms", warm));
+
+    // Throughput: 32 clients x 30 requests.
+    let t = Instant::now();
+    let clients = (0..32).map(|_| {
+        let http = http.clone();
+        let url = url.clone();
+        async move {
+            for _ in 0..30 {
+                let r = http
+                    .get(&url)
+                    .header("host", "app.test")
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                r.bytes().await.unwrap();
+            }
+        }
+    });
+    futures::future::join_all(clients).await;
+    let rps = 960.0 / t.elapsed().as_secs_f64();
+    let peak = pool.stats().peak;
+    gw.shutdown().await;
+
+    println!();
+    println!("snapgate gateway benchmark: QEMU, test guest, 2 host cores");
+    println!(
+        "| {:<40} | {:>8} | {:>8} | {:>8} | {:>8} | {:<4} | {:>5} |",
+        "measure", "min", "median", "p95", "max", "unit", "runs"
+    );
+    println!(
+        "|{:-<42}|{:-<10}|{:-<10}|{:-<10}|{:-<10}|{:-<6}|{:-<7}|",
+        "", "", "", "", "", "", ""
+    );
+    for row in rows {
+        println!("{row}");
+    }
+    println!("throughput, 32 concurrent clients: {rps:.0} requests/s on at most {peak} VMs");
+}
