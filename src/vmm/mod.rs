@@ -40,7 +40,7 @@ pub use process::VmProcess;
 pub use snapshot::Snapshot;
 pub use spec::{ImageSpec, Machine, SnapshotMode};
 
-use crate::net::{NetError, Tap};
+use crate::net::{NetError, NetParams, Tap};
 
 /// Identifies one VM (a template or a clone) in logs, file names and metrics.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -133,6 +133,27 @@ pub struct Endpoint {
     pub tap: String,
     /// The guest's address and port.
     pub addr: SocketAddrV4,
+}
+
+impl Endpoint {
+    /// Where a guest of `spec` on `tap` serves, with the addressing of `net`.
+    pub fn of(tap: &Tap, net: &NetParams, spec: &ImageSpec) -> Endpoint {
+        Endpoint {
+            tap: tap.name().to_owned(),
+            addr: SocketAddrV4::new(net.guest_ip, spec.guest_port),
+        }
+    }
+}
+
+/// Checks `spec` and renders its kernel command line: what every driver
+/// does before it boots a template.
+pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<String, VmmError> {
+    let problems = spec.validate();
+    if !problems.is_empty() {
+        return Err(VmmError::Invalid(problems.join("; ")));
+    }
+    spec.render_cmdline(net, tsc_khz)
+        .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))
 }
 
 /// A running VM. Dropping it kills its VMM process (see the module doc).

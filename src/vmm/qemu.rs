@@ -26,7 +26,6 @@
 //! the QEMU process.
 
 use std::ffi::OsString;
-use std::net::SocketAddrV4;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -206,13 +205,6 @@ impl Qemu {
         a
     }
 
-    fn endpoint(&self, tap: &Tap, spec: &ImageSpec) -> Endpoint {
-        Endpoint {
-            tap: tap.name().to_owned(),
-            addr: SocketAddrV4::new(self.net.guest_ip, spec.guest_port),
-        }
-    }
-
     /// Starts QEMU and waits for QMP. Records `spawn`.
     async fn start(
         &self,
@@ -234,7 +226,7 @@ impl Qemu {
             &run_dir,
             &self.state_dir,
         )?;
-        let endpoint = self.endpoint(&tap, spec);
+        let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
         let qmp_path = run_dir.join("qmp.sock");
         let qmp = Qmp::connect(&id, &qmp_path, vm.process_mut(), started + START_TIMEOUT).await?;
@@ -264,13 +256,7 @@ impl Vmm for Qemu {
     }
 
     async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError> {
-        let problems = spec.validate();
-        if !problems.is_empty() {
-            return Err(VmmError::Invalid(problems.join("; ")));
-        }
-        let cmdline = spec
-            .render_cmdline(&self.net, self.tsc_khz)
-            .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))?;
+        let cmdline = super::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let memory = match spec.snapshot_mode {
             SnapshotMode::Template => Memory::Shared,
             SnapshotMode::Full => Memory::Ram,

@@ -27,7 +27,6 @@
 pub mod api;
 
 use std::ffi::OsString;
-use std::net::SocketAddrV4;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -156,13 +155,6 @@ impl CloudHypervisor {
         Ok((process, client))
     }
 
-    fn endpoint(&self, tap: &Tap, spec: &ImageSpec) -> Endpoint {
-        Endpoint {
-            tap: tap.name().to_owned(),
-            addr: SocketAddrV4::new(self.net.guest_ip, spec.guest_port),
-        }
-    }
-
     /// The client of a running VM.
     pub fn client(vm: &Vm) -> ChClient {
         ChClient::new(vm.id().clone(), vm.process().run_dir().join("api.sock"))
@@ -203,17 +195,11 @@ impl Vmm for CloudHypervisor {
     }
 
     async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
-        let problems = spec.validate();
-        if !problems.is_empty() {
-            return Err(VmmError::Invalid(problems.join("; ")));
-        }
-        let cmdline = spec
-            .render_cmdline(&self.net, self.tsc_khz)
-            .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))?;
+        let cmdline = crate::vmm::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
         let (process, client) = self.start(&id, &run_dir).await?;
-        let endpoint = self.endpoint(&tap, spec);
+        let endpoint = Endpoint::of(&tap, &self.net, spec);
         let console = process.console_path();
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
@@ -274,7 +260,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
-        let endpoint = self.endpoint(&tap, &m.spec);
+        let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
         let t = Instant::now();
