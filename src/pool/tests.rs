@@ -242,6 +242,17 @@ async fn dead_vmm_is_replaced_and_broken_instance_is_drained() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    // The kill lands in real time while this test's clock is paused: wait
+    // (really) until the process is a zombie before letting virtual time run.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        if stat.is_empty() || stat[stat.rfind(')').unwrap_or(0)..].starts_with(") Z") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "SIGKILL did not take");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     // The maintenance tick notices, removes it and restores a replacement.
     let mut replaced = false;
     for _ in 0..100 {
