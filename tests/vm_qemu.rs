@@ -289,3 +289,109 @@ async fn leftovers_of_a_crashed_run_are_removed_at_start_up() {
     env.net.remove_stale_taps().await.unwrap();
     assert_all_gone(&env.net, &[pid]).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pc_machine_boots_snapshots_and_clones() {
+    let env = env("sgqp");
+    let mut spec = linux_spec();
+    spec.machine = snapgate::vmm::Machine::Pc;
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env
+        .qemu
+        .boot(VmId::new("pc-template"), &spec, tap)
+        .await
+        .unwrap();
+    env.qemu
+        .wait_ready(&mut vm, spec.ready_timeout)
+        .await
+        .unwrap();
+    let snap = env
+        .qemu
+        .snapshot(vm, &env.state.path().join("pc-snap"))
+        .await
+        .unwrap();
+    assert_eq!(snap.manifest().spec.machine, snapgate::vmm::Machine::Pc);
+    let tap = env.net.create_tap().await.unwrap();
+    let mut clone = env
+        .qemu
+        .restore(VmId::new("pc-clone"), &snap, tap)
+        .await
+        .unwrap();
+    env.qemu
+        .wait_ready(&mut clone, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(get_text(clone.endpoint(), "/")
+        .await
+        .starts_with("instance: "));
+    let pid = clone.pid();
+    env.qemu.destroy(clone).await.unwrap();
+    assert_all_gone(&env.net, &[pid]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn snapshot_build_command_reports_path_size_and_seconds() {
+    let state = tempfile::tempdir().unwrap();
+    let g = guest_dir();
+    let config = state.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "state_dir: {s}\nnetwork: {{ tap_prefix: sgqk }}\napps:\n  web:\n    hosts: [web.test]\n    image:\n\
+             \x20     kernel: {k}\n      initramfs: {i}\n\
+             \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
+             \x20     ready_timeout: 60s\n  site:\n    hosts: [site.test]\n    upstream: 127.0.0.1:1\n",
+            s = state.path().display(),
+            k = g.join("vmlinuz").display(),
+            i = g.join("initramfs.cpio.gz").display()
+        ),
+    )
+    .unwrap();
+    let run = |app: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_snapgate"))
+            .args(["snapshot", "build", "--config"])
+            .arg(&config)
+            .args(["--app", app])
+            .output()
+            .unwrap()
+    };
+    let out = run("web");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("web: booting template with qemu"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("web: ready after "), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("web: snapshot "))
+        .expect("result line");
+    // "web: snapshot <path> (<size> MiB) in <s>s; <s>s in all"
+    let path = line.split_whitespace().nth(2).unwrap();
+    assert!(
+        line.contains(" MiB) in ") && line.ends_with("s in all"),
+        "{line}"
+    );
+    let snap = snapgate::vmm::Snapshot::open(std::path::Path::new(path)).unwrap();
+    let current = state.path().join("snapshots/web/current");
+    assert_eq!(
+        std::fs::canonicalize(current).unwrap(),
+        std::fs::canonicalize(snap.dir()).unwrap()
+    );
+    // A static app has nothing to snapshot: refused by name.
+    let out = run("site");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM app \"site\""));
+    assert!(
+        std::fs::read_dir(state.path().join("vms"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "pid files left"
+    );
+}

@@ -1,0 +1,103 @@
+//! Static apps (a fixed upstream, no VMs) and the listener's own limits,
+//! against a real upstream server and a real client on loopback.
+
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A tiny upstream: answers every request with its method and path.
+async fn upstream() -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let service = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let via = req
+                        .headers()
+                        .get("x-forwarded-host")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("")
+                        .to_owned();
+                    let body = format!("{} {} via {via}", req.method(), req.uri());
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+async fn gateway(
+    upstream: std::net::SocketAddr,
+) -> (tempfile::TempDir, snapgate::gateway::Running) {
+    let state = tempfile::tempdir().unwrap();
+    let file = state.path().join("proxy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nheader_read_timeout: 1s\nstate_dir: {}\n\
+             network: {{ tap_prefix: sgst }}\n\
+             apps:\n  site:\n    hosts: ['*.site.test']\n    upstream: {upstream}\n  gone:\n    hosts: [gone.test]\n    upstream: 127.0.0.1:1\n",
+            state.path().display()
+        ),
+    )
+    .unwrap();
+    let config = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let running = snapgate::gateway::start(&config, &mut std::io::sink())
+        .await
+        .unwrap();
+    (state, running)
+}
+
+#[tokio::test]
+async fn static_apps_are_forwarded_and_a_dead_upstream_is_a_502() {
+    let (_state, gw) = gateway(upstream().await).await;
+    let http = reqwest::Client::new();
+    let resp = http
+        .get(format!("http://{}/a/b?c=d", gw.listen))
+        .header("host", "www.site.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.text().await.unwrap(), "GET /a/b?c=d via www.site.test");
+    let resp = http
+        .get(format!("http://{}/", gw.listen))
+        .header("host", "gone.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert!(resp
+        .text()
+        .await
+        .unwrap()
+        .contains("upstream 127.0.0.1:1 failed"));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn slow_headers_are_cut_off_at_header_read_timeout() {
+    let (_state, gw) = gateway(upstream().await).await;
+    let mut conn = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let started = Instant::now();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: www.site.test\r\n")
+        .await
+        .unwrap();
+    // Never finish the headers: the gateway must give up, not wait forever.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "connection still open after 10 s");
+    assert!(started.elapsed() >= Duration::from_secs(1));
+    gw.shutdown().await;
+}
