@@ -3,7 +3,7 @@
 //!
 //! Start-up, in order:
 //! 1. Kill VMMs a previous run left (pid files in `<state_dir>/vms/`), then
-//!    delete taps left with this gateway's prefix.
+//!    delete the taps recorded with them.
 //! 2. For each VM app, use its snapshot if it was taken from the configured
 //!    image as it is now, else boot a template and take one.
 //! 3. Start each app's pool (which pre-warms `min_warm` instances), bind the
@@ -52,12 +52,13 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     std::fs::create_dir_all(&config.state_dir)
         .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
     let net = Network::new(config.network.clone())?;
-    let killed = vmm::process::kill_stale(&config.state_dir);
-    let removed = net.remove_stale_taps().await?;
-    if !killed.is_empty() || !removed.is_empty() {
+    let stale = vmm::process::kill_stale(&config.state_dir);
+    let removed = net.remove_taps(&stale.taps).await?;
+    if !stale.killed.is_empty() || !removed.is_empty() {
         writeln!(
             out,
-            "cleaned up after an earlier run: killed VMMs {killed:?}, removed taps {removed:?}"
+            "cleaned up after an earlier run: killed VMMs {:?}, removed taps {removed:?}",
+            stale.killed
         )?;
     }
     let registry = Registry::new();
@@ -85,16 +86,15 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                     "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
                     pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
                 )?;
-                Target::Pool(Pool::new(
-                    name.clone(),
-                    pool_cfg,
-                    factory,
-                    pool_metrics.clone(),
-                ))
+                Target::Pool {
+                    pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
+                    response_timeout: app.response_timeout,
+                }
             }
             Upstream::Static(addr) => Target::Static {
                 addr,
                 client: upstream::client(None),
+                response_timeout: app.response_timeout,
             },
         };
         targets.insert(name.clone(), target);

@@ -26,3 +26,19 @@ pub mod proxy;
 pub mod snapshot_cmd;
 pub mod upstream;
 pub mod vmm;
+
+/// An error and its `source()` chain on one line: `outer: cause: root`.
+pub fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}

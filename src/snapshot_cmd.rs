@@ -124,11 +124,14 @@ pub async fn ensure(
 ) -> anyhow::Result<Snapshot> {
     let current = current_snapshot(snapshot_dir, app);
     match Snapshot::open(&current) {
-        Ok(s) if s.manifest().vmm == vmm.kind() && s.is_current_for(spec) => {
+        Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), spec, vmm.net()) => {
             writeln!(out, "{app}: using snapshot {}", current.display())?;
             return Ok(s);
         }
-        Ok(_) => writeln!(out, "{app}: snapshot is stale (image or spec changed)")?,
+        Ok(_) => writeln!(
+            out,
+            "{app}: snapshot is stale (image, spec, network, VMM or accelerator changed)"
+        )?,
         Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
         Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
     }

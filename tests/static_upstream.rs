@@ -16,6 +16,9 @@ async fn upstream() -> std::net::SocketAddr {
             };
             let service = hyper::service::service_fn(
                 |req: http::Request<hyper::body::Incoming>| async move {
+                    if req.uri().path() == "/hang" {
+                        tokio::time::sleep(Duration::from_secs(30)).await;
+                    }
                     let via = req
                         .headers()
                         .get("x-forwarded-host")
@@ -47,7 +50,7 @@ async fn gateway(
         format!(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nheader_read_timeout: 1s\nstate_dir: {}\n\
              network: {{ tap_prefix: sgst }}\n\
-             apps:\n  site:\n    hosts: ['*.site.test']\n    upstream: {upstream}\n  gone:\n    hosts: [gone.test]\n    upstream: 127.0.0.1:1\n",
+             apps:\n  site:\n    hosts: ['*.site.test']\n    upstream: {upstream}\n    response_timeout: 1s\n  gone:\n    hosts: [gone.test]\n    upstream: 127.0.0.1:1\n",
             state.path().display()
         ),
     )
@@ -78,11 +81,10 @@ async fn static_apps_are_forwarded_and_a_dead_upstream_is_a_502() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    assert!(resp
-        .text()
-        .await
-        .unwrap()
-        .contains("upstream 127.0.0.1:1 failed"));
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "snapgate: app gone: the upstream failed the request\n"
+    );
     gw.shutdown().await;
 }
 
@@ -99,5 +101,26 @@ async fn slow_headers_are_cut_off_at_header_read_timeout() {
     let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "connection still open after 10 s");
     assert!(started.elapsed() >= Duration::from_secs(1));
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_upstream_that_never_answers_gets_a_504_at_response_timeout() {
+    let (_state, gw) = gateway(upstream().await).await;
+    let started = Instant::now();
+    let resp = reqwest::Client::new()
+        .get(format!("http://{}/hang", gw.listen))
+        .header("host", "a.site.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 504);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1) && started.elapsed() < Duration::from_secs(10)
+    );
+    assert_eq!(
+        resp.text().await.unwrap(),
+        "snapgate: app site: no response within 1s\n"
+    );
     gw.shutdown().await;
 }

@@ -284,9 +284,24 @@ async fn leftovers_of_a_crashed_run_are_removed_at_start_up() {
     // A crashed gateway runs no destructors: its VMM and tap live on.
     std::mem::forget(vm);
     assert_eq!(env.net.list_taps().await.unwrap().len(), 1);
-    let killed = snapgate::vmm::process::kill_stale(env.state.path());
-    assert_eq!(killed, vec![pid]);
-    env.net.remove_stale_taps().await.unwrap();
+    // A tap of the same prefix that no pid file names (another gateway's)
+    // must survive the clean-up.
+    let bystander = env.net.create_tap().await.unwrap();
+    let stale = snapgate::vmm::process::kill_stale(env.state.path());
+    assert_eq!(stale.killed, vec![pid]);
+    assert_eq!(stale.taps.len(), 1);
+    env.net.remove_taps(&stale.taps).await.unwrap();
+    assert!(eventually(Duration::from_secs(10), || !alive(pid)).await);
+    let left: Vec<String> = env
+        .net
+        .list_taps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.1)
+        .collect();
+    assert_eq!(left, vec![bystander.name().to_owned()]);
+    drop(bystander);
     assert_all_gone(&env.net, &[pid]).await;
 }
 

@@ -168,6 +168,13 @@ pub struct AppConfig {
     /// Static app: a fixed upstream address, no VMs.
     #[serde(default)]
     pub upstream: Option<SocketAddr>,
+    /// Longest the upstream may take to send response headers; then 504.
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+}
+
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// What serves an app, once validated.
@@ -372,6 +379,12 @@ impl Config {
                 ),
                 _ => {}
             }
+            if app.response_timeout.is_zero() {
+                add(
+                    format!("{at}.response_timeout"),
+                    "must be above zero".into(),
+                );
+            }
             if let Some(image) = &app.image {
                 for p in image.validate() {
                     let (field, msg) = p.split_once(": ").unwrap_or(("", &p));
@@ -394,6 +407,12 @@ impl Config {
                 }
                 if pool.max_concurrency == 0 {
                     add(key("max_concurrency"), "must be at least 1".into());
+                }
+                if pool.hold_queue == 0 {
+                    add(
+                        key("hold_queue"),
+                        "must be at least 1 (a request at zero waits for its instance here)".into(),
+                    );
                 }
                 if pool.hold_timeout.is_zero() {
                     add(key("hold_timeout"), "must be above zero".into());

@@ -28,13 +28,14 @@
 //! creation over rtnetlink) and are *not* persistent: the tap exists while an
 //! fd on it is open. [`Tap::take_fd`] hands that fd to the VMM process and our
 //! copy is closed right after the spawn, so a VMM that exits or crashes takes
-//! its tap with it. Taps still present at start-up (a previous run was killed
-//! while its VMMs lived on) are found by their name prefix and deleted by
-//! [`Network::remove_stale_taps`] after those VMMs are killed.
+//! its tap with it. A tap still present at start-up (a previous run was
+//! killed while its VMMs lived on) is deleted by [`Network::remove_taps`]
+//! once those VMMs are killed, by the name recorded with each VMM's pid.
 
 mod tap;
 
 use std::net::Ipv4Addr;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -74,9 +75,9 @@ pub enum NetError {
         #[source]
         source: std::io::Error,
     },
-    /// The tap prefix is not usable as an interface name prefix.
-    #[error("tap prefix {0:?} must be 1 to 6 characters of [a-z0-9]")]
-    BadPrefix(String),
+    /// The network settings are inconsistent.
+    #[error("network.{0}")]
+    Invalid(String),
 }
 
 /// A MAC address, written `aa:bb:cc:dd:ee:ff` in config.
@@ -216,9 +217,7 @@ impl Network {
     /// Opens a netlink connection (its driver runs on the current tokio
     /// runtime) for taps named `<tap_prefix><n>`.
     pub fn new(params: NetParams) -> Result<Self, NetError> {
-        params
-            .validate()
-            .map_err(|_| NetError::BadPrefix(params.tap_prefix.clone()))?;
+        params.validate().map_err(NetError::Invalid)?;
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
         tokio::spawn(conn);
         // Number taps from a pid-derived base so two gateways (or two test
@@ -259,7 +258,11 @@ impl Network {
             move |source| NetError::Link { what, name, source }
         };
         let index = self.link_index(&name).await?;
-        set_sysctl(&format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1")?;
+        // Hosts booted with ipv6.disable=1 have no IPv6 sysctls: nothing to turn off.
+        let ipv6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
+        if Path::new(&ipv6).exists() {
+            set_sysctl(&ipv6, "1")?;
+        }
         set_sysctl(&format!("/proc/sys/net/ipv4/conf/{name}/rp_filter"), "2")?;
         self.handle
             .link()
@@ -310,11 +313,16 @@ impl Network {
         list_links_with_prefix(&self.handle, &self.params.tap_prefix).await
     }
 
-    /// Deletes every link that carries this gateway's tap prefix: leftovers of
-    /// a run that died. Call it after the VMMs holding them were killed.
-    pub async fn remove_stale_taps(&self) -> Result<Vec<String>, NetError> {
+    /// Deletes the taps named in `names` that still exist: leftovers of a
+    /// run that died, recorded with its VMMs. Taps of the same prefix that
+    /// nothing recorded are left alone (they may be another gateway's).
+    /// Call it after the VMMs holding them were killed.
+    pub async fn remove_taps(&self, names: &[String]) -> Result<Vec<String>, NetError> {
         let mut removed = Vec::new();
         for (index, name) in self.list_taps().await? {
+            if !names.contains(&name) {
+                continue;
+            }
             match self.handle.link().del(index).execute().await {
                 Ok(()) => removed.push(name),
                 // Gone in the meantime: its last fd closed.

@@ -96,12 +96,14 @@ impl Factory for SnapshotFactory {
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum ClaimError {
     /// The hold queue is full.
-    #[error("app {app}: all {max} instances busy and {queued} requests already waiting")]
+    #[error("app {app}: no instance free ({instances} running, {restoring} starting) and {queued} requests already waiting")]
     QueueFull {
         /// The app.
         app: String,
-        /// max_instances.
-        max: usize,
+        /// Instances running.
+        instances: usize,
+        /// Restores in flight.
+        restoring: usize,
         /// Requests in the hold queue.
         queued: usize,
     },
@@ -132,6 +134,17 @@ pub enum ClaimError {
 }
 
 impl ClaimError {
+    /// What a client is told: no internals (paths, VMM output), which go to
+    /// the log and [`Pool::last_error`] instead.
+    pub fn public_message(&self) -> String {
+        match self {
+            ClaimError::Unavailable { app, .. } => {
+                format!("app {app}: cannot start an instance right now")
+            }
+            other => other.to_string(),
+        }
+    }
+
     /// Seconds a client should wait before retrying.
     pub fn retry_after(&self) -> u64 {
         match self {
@@ -352,6 +365,11 @@ impl Pool {
         }
     }
 
+    /// The error of the last failed restore, while restores keep failing.
+    pub fn last_error(&self) -> Option<String> {
+        self.shared.lock().last_error.clone()
+    }
+
     /// VMM process ids of the current instances.
     pub fn pids(&self) -> Vec<u32> {
         self.instances().into_iter().map(|(pid, _)| pid).collect()
@@ -388,7 +406,8 @@ impl Pool {
                 shared.metrics.claim(&shared.app, "queue_full");
                 return Err(ClaimError::QueueFull {
                     app: shared.app.clone(),
-                    max: shared.cfg.max_instances,
+                    instances: st.instances.len(),
+                    restoring: st.restoring,
                     queued: st.waiters.len(),
                 });
             }
@@ -620,7 +639,7 @@ impl Shared {
     async fn stop(&self, vm: Vm) {
         let id = vm.id().clone();
         if let Err(e) = self.factory.stop(vm).await {
-            error!(app = %self.app, vm = %id, "stopping instance: {e}");
+            error!(app = %self.app, vm = %id, "stopping instance: {}", crate::display_chain(&e));
         }
     }
 
@@ -702,14 +721,14 @@ async fn restore(shared: Arc<Shared>, id: VmId) {
         }
         Err(e) => {
             shared.metrics.restore_failed(&shared.app);
-            error!(app = %shared.app, vm = %id, "restore failed: {e}");
+            error!(app = %shared.app, vm = %id, "restore failed: {}", crate::display_chain(&e));
             let failed = {
                 let mut st = shared.lock();
                 st.restoring -= 1;
                 st.failures += 1;
                 let wait = backoff(st.failures);
                 st.retry_at = Some(Instant::now() + wait);
-                st.last_error = Some(e.to_string());
+                st.last_error = Some(crate::display_chain(&e));
                 let serving = st.instances.iter().any(|i| !i.draining);
                 // Nothing else will serve the queue: fail it now, clearly.
                 let failed: Vec<Waiter> = if !serving && st.restoring == 0 {
@@ -797,8 +816,10 @@ async fn maintain(shared: Arc<Shared>) {
             }
             (to_stop, next)
         };
+        // Stops run on their own tasks: a slow VMM exit must not delay
+        // noticing dead VMMs or restores due after a backoff.
         for instance in to_stop {
-            shared.stop(instance.vm).await;
+            shared.stop_in_background(instance.vm);
         }
         tokio::select! {
             _ = tokio::time::sleep_until(next) => {}

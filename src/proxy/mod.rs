@@ -46,14 +46,106 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 /// Where an app's requests go.
 pub enum Target {
     /// Instances from the app's pool.
-    Pool(Pool),
+    Pool {
+        /// The pool.
+        pool: Pool,
+        /// Longest wait for response headers.
+        response_timeout: Duration,
+    },
     /// A fixed upstream address.
     Static {
         /// The address.
         addr: SocketAddr,
         /// Its client.
         client: UpstreamClient,
+        /// Longest wait for response headers.
+        response_timeout: Duration,
     },
+}
+
+/// How forwarding one request to an upstream failed.
+enum Failure {
+    /// The connection could not be made: the upstream is not accepting.
+    Connect(String),
+    /// The client's own request body failed (it went away or sent garbage).
+    ClientBody(String),
+    /// The upstream broke off the exchange.
+    Upstream(String),
+    /// The instance's VMM died.
+    VmGone,
+    /// No response headers within the app's response_timeout.
+    Timeout(Duration),
+}
+
+impl Failure {
+    fn of(e: hyper_util::client::legacy::Error) -> Failure {
+        let chain = crate::display_chain(&e);
+        if e.is_connect() {
+            return Failure::Connect(chain);
+        }
+        let mut source = std::error::Error::source(&e);
+        while let Some(cause) = source {
+            if let Some(h) = cause.downcast_ref::<hyper::Error>() {
+                if h.is_user() {
+                    return Failure::ClientBody(chain);
+                }
+            }
+            source = cause.source();
+        }
+        Failure::Upstream(chain)
+    }
+
+    /// Whether the instance should be replaced: it refused connections or
+    /// its VMM died. A reset or a slow answer alone says nothing about the VM.
+    fn breaks_instance(&self) -> bool {
+        matches!(self, Failure::Connect(_) | Failure::VmGone)
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Failure::Connect(e) | Failure::ClientBody(e) | Failure::Upstream(e) => e.clone(),
+            Failure::VmGone => "its VMM exited".into(),
+            Failure::Timeout(t) => format!("no response headers within {t:?}"),
+        }
+    }
+
+    /// The response for the client, which names no internals.
+    fn response(&self, app: &str) -> Response<ProxyBody> {
+        match self {
+            Failure::ClientBody(_) => text(
+                StatusCode::BAD_REQUEST,
+                "snapgate: the request body could not be read\n".into(),
+            ),
+            Failure::Timeout(t) => text(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!("snapgate: app {app}: no response within {}s\n", t.as_secs()),
+            ),
+            _ => text(
+                StatusCode::BAD_GATEWAY,
+                format!("snapgate: app {app}: the upstream failed the request\n"),
+            ),
+        }
+    }
+}
+
+/// Sends `req` with `client`, giving up when `gone` fires or after `timeout`.
+async fn send(
+    client: &UpstreamClient,
+    req: Request<Incoming>,
+    gone: Option<&tokio_util::sync::CancellationToken>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, Failure> {
+    let vm_gone = async {
+        match gone {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        answer = client.request(req) => answer.map_err(Failure::of),
+        _ = vm_gone => Err(Failure::VmGone),
+        _ = tokio::time::sleep(timeout) => Err(Failure::Timeout(timeout)),
+    }
 }
 
 /// The request metrics.
@@ -120,7 +212,7 @@ impl Proxy {
     /// The pool of `app`, if it is a VM app.
     pub fn pool(&self, app: &str) -> Option<&Pool> {
         match self.targets.get(app) {
-            Some(Target::Pool(p)) => Some(p),
+            Some(Target::Pool { pool, .. }) => Some(pool),
             _ => None,
         }
     }
@@ -128,7 +220,7 @@ impl Proxy {
     /// Every pool.
     pub fn pools(&self) -> impl Iterator<Item = &Pool> {
         self.targets.values().filter_map(|t| match t {
-            Target::Pool(p) => Some(p),
+            Target::Pool { pool, .. } => Some(pool),
             Target::Static { .. } => None,
         })
     }
@@ -152,10 +244,16 @@ impl Proxy {
             return resp;
         };
         let resp = match &self.targets[&app] {
-            Target::Pool(pool) => match pool.claim().await {
+            Target::Pool {
+                pool,
+                response_timeout,
+            } => match pool.claim().await {
                 Err(e) => {
-                    let mut resp =
-                        text(StatusCode::SERVICE_UNAVAILABLE, format!("snapgate: {e}\n"));
+                    debug!(app, "no instance: {e}");
+                    let mut resp = text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("snapgate: {}\n", e.public_message()),
+                    );
                     resp.headers_mut()
                         .insert(header::RETRY_AFTER, HeaderValue::from(e.retry_after()));
                     resp
@@ -163,43 +261,37 @@ impl Proxy {
                 Ok(mut lease) => {
                     let upstream = prepare(req, remote, &host, lease.endpoint().addr.into());
                     let gone = lease.gone().clone();
-                    let answer = tokio::select! {
-                        answer = lease.client().request(upstream) => answer.map_err(|e| format!("{e:#}")),
-                        _ = gone.cancelled() => Err("its VMM exited".to_owned()),
-                    };
-                    match answer {
+                    match send(lease.client(), upstream, Some(&gone), *response_timeout).await {
                         Ok(resp) => {
                             let (mut parts, body) = resp.into_parts();
                             strip_hop_by_hop(&mut parts.headers);
                             Response::from_parts(parts, LeasedBody::new(body, Some(lease)).boxed())
                         }
-                        Err(e) => {
-                            warn!(app, vm = %lease.vm(), "instance failed the request: {e}");
-                            lease.mark_broken();
-                            text(
-                                StatusCode::BAD_GATEWAY,
-                                format!(
-                                    "snapgate: app {app}: instance {} failed: {e}\n",
-                                    lease.vm()
-                                ),
-                            )
+                        Err(failure) => {
+                            warn!(app, vm = %lease.vm(), "request failed: {}", failure.detail());
+                            if failure.breaks_instance() {
+                                lease.mark_broken();
+                            }
+                            failure.response(&app)
                         }
                     }
                 }
             },
-            Target::Static { addr, client } => {
-                match client.request(prepare(req, remote, &host, *addr)).await {
+            Target::Static {
+                addr,
+                client,
+                response_timeout,
+            } => {
+                let upstream = prepare(req, remote, &host, *addr);
+                match send(client, upstream, None, *response_timeout).await {
                     Ok(resp) => {
                         let (mut parts, body) = resp.into_parts();
                         strip_hop_by_hop(&mut parts.headers);
                         Response::from_parts(parts, LeasedBody::new(body, None).boxed())
                     }
-                    Err(e) => {
-                        warn!(app, %addr, "upstream failed: {e:#}");
-                        text(
-                            StatusCode::BAD_GATEWAY,
-                            format!("snapgate: app {app}: upstream {addr} failed: {e}\n"),
-                        )
+                    Err(failure) => {
+                        warn!(app, %addr, "request failed: {}", failure.detail());
+                        failure.response(&app)
                     }
                 }
             }

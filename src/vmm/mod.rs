@@ -338,6 +338,12 @@ pub trait Vmm: Send + Sync + 'static {
     /// Which VMM this is.
     fn kind(&self) -> VmmKind;
 
+    /// The accelerator VMs run under: `kvm` or `tcg`.
+    fn accel(&self) -> &str;
+
+    /// The tap addressing this driver's guests get.
+    fn net(&self) -> &NetParams;
+
     /// Boots a template VM from `spec` on `tap`. Returns once the VMM runs the
     /// guest, not when the guest is ready.
     async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError>;

@@ -1,7 +1,8 @@
 //! VMM processes: spawning with inherited fds, pid files, clean-up.
 //!
 //! Each VM gets `<state_dir>/run/<id>/` (control socket, VMM log, serial
-//! console) and `<state_dir>/vms/<id>.pid` holding `<pid> <start time>`. The
+//! console) and `<state_dir>/vms/<id>.pid` holding `<pid> <start time>
+//! [<tap>]`. The
 //! start time (field 22 of `/proc/<pid>/stat`) guards against killing an
 //! unrelated process that reused a recorded pid.
 //!
@@ -143,6 +144,17 @@ impl VmProcess {
         self.pid
     }
 
+    /// Records the VM's tap next to its pid, so a later start-up can remove
+    /// exactly this tap if this process outlives its gateway.
+    pub fn record_tap(&self, tap: &str) -> Result<(), VmmError> {
+        let line = format!("{} {} {tap}\n", self.pid, start_time(self.pid).unwrap_or(0));
+        std::fs::write(&self.pid_file, line).map_err(|source| VmmError::Io {
+            what: "cannot record tap in",
+            path: self.pid_file.clone(),
+            source,
+        })
+    }
+
     /// The VM's run directory.
     pub fn run_dir(&self) -> &Path {
         &self.run_dir
@@ -244,12 +256,21 @@ fn start_time(pid: u32) -> Option<u64> {
     after.split_whitespace().nth(19)?.parse().ok()
 }
 
+/// What [`kill_stale`] found.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// VMMs killed.
+    pub killed: Vec<u32>,
+    /// Taps recorded for the VMs found (killed or already gone).
+    pub taps: Vec<String>,
+}
+
 /// Kills VMMs recorded under `<state_dir>/vms/` by an earlier run that died,
-/// and removes their pid files and run directories. Returns the pids killed.
-pub fn kill_stale(state_dir: &Path) -> Vec<u32> {
-    let mut killed = Vec::new();
+/// and removes their pid files and run directories.
+pub fn kill_stale(state_dir: &Path) -> Stale {
+    let mut stale = Stale::default();
     let Ok(entries) = std::fs::read_dir(state_dir.join("vms")) else {
-        return killed;
+        return stale;
     };
     for entry in entries.flatten() {
         let path = entry.path();
@@ -257,23 +278,27 @@ pub fn kill_stale(state_dir: &Path) -> Vec<u32> {
             continue;
         }
         let text = std::fs::read_to_string(&path).unwrap_or_default();
-        let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
-        if let (Some(Some(pid)), Some(Some(started))) = (fields.next(), fields.next()) {
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        if let (Some(pid), Some(started)) = (number(0), number(1)) {
             let pid = pid as u32;
             if pid > 0 && start_time(pid) == Some(started) {
                 let target = nix::unistd::Pid::from_raw(pid as i32);
                 if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
-                    killed.push(pid);
+                    stale.killed.push(pid);
                     wait_gone(pid);
                 }
             }
+        }
+        if let Some(tap) = fields.get(2) {
+            stale.taps.push((*tap).to_owned());
         }
         let _ = std::fs::remove_file(&path);
         if let Some(stem) = path.file_stem() {
             let _ = std::fs::remove_dir_all(state_dir.join("run").join(stem));
         }
     }
-    killed
+    stale
 }
 
 /// Waits (up to 5 s) until `pid` has exited, so its fds (and taps) are gone.
@@ -323,9 +348,11 @@ mod tests {
             format!("{} 1\n", std::process::id()),
         )
         .unwrap();
+        p.record_tap("sgtest0").unwrap();
         // Forget the process as a crashed gateway would (no kill on drop).
-        let killed = kill_stale(state.path());
-        assert_eq!(killed, vec![pid]);
+        let stale = kill_stale(state.path());
+        assert_eq!(stale.killed, vec![pid]);
+        assert_eq!(stale.taps, vec!["sgtest0".to_string()]);
         p.stop(Duration::from_secs(5)).await.unwrap();
         assert!(p.exited().unwrap().contains("SIGKILL"), "{:?}", p.exited());
         assert!(!state.path().join("vms/stale-1.pid").exists());

@@ -35,7 +35,7 @@ use serde_json::json;
 
 use super::process::make_run_dir;
 use super::qmp::Qmp;
-use super::snapshot::{create_dest, move_file};
+use super::snapshot::{create_dest, move_file, Origin};
 use super::{
     Endpoint, ImageSpec, Machine, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError,
     VmmKind,
@@ -226,6 +226,7 @@ impl Qemu {
             &run_dir,
             &self.state_dir,
         )?;
+        process.record_tap(tap.name())?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
         let qmp_path = run_dir.join("qmp.sock");
@@ -253,6 +254,14 @@ fn shell_quote(p: &Path) -> String {
 impl Vmm for Qemu {
     fn kind(&self) -> VmmKind {
         VmmKind::Qemu
+    }
+
+    fn net(&self) -> &NetParams {
+        &self.net
+    }
+
+    fn accel(&self) -> &str {
+        self.accel
     }
 
     async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError> {
@@ -373,15 +382,15 @@ impl Qemu {
             }
             SnapshotMode::Full => &["state"],
         };
-        Snapshot::write(
-            dest,
-            VmmKind::Qemu,
+        let origin = Origin {
+            vmm: VmmKind::Qemu,
             mode,
-            self.accel,
-            vm.spec(),
-            vm.cmdline(),
-            files,
-        )
+            accel: self.accel,
+            spec: vm.spec(),
+            cmdline: vm.cmdline(),
+            net: &self.net,
+        };
+        Snapshot::write(dest, origin, files)
     }
 }
 

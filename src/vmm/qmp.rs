@@ -59,12 +59,25 @@ impl Qmp {
             reader: BufReader::new(r),
             writer: w,
         };
-        let greeting = qmp.read_message().await?;
-        if greeting.get("QMP").is_none() {
-            return Err(qmp.protocol_error("greeting", &greeting));
+        // A QEMU that accepts the socket but hangs in its start-up must not
+        // hold the caller past the deadline.
+        let left = deadline.saturating_duration_since(Instant::now());
+        let handshake = async {
+            let greeting = qmp.read_message().await?;
+            if greeting.get("QMP").is_none() {
+                return Err(qmp.protocol_error("greeting", &greeting));
+            }
+            qmp.execute("qmp_capabilities", None).await.map(drop)
+        };
+        match tokio::time::timeout(left, handshake).await {
+            Ok(Ok(())) => Ok(qmp),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(VmmError::Timeout {
+                vm: vm.clone(),
+                step: "the QMP greeting",
+                after: left,
+            }),
         }
-        qmp.execute("qmp_capabilities", None).await?;
-        Ok(qmp)
     }
 
     /// Runs one command; returns its `return` value or the QMP error.

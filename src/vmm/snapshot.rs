@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::{ImageSpec, SnapshotMode, VmmError, VmmKind};
+use crate::net::NetParams;
 
 const MANIFEST: &str = "manifest.json";
 const FORMAT: u32 = 1;
@@ -49,6 +50,36 @@ pub struct Manifest {
     /// booted: a rebuilt kernel or disk makes the snapshot stale.
     #[serde(default)]
     pub image_files: Vec<FileStamp>,
+    /// The guest's network as the snapshot froze it (addresses, MACs): a
+    /// clone keeps it, so a changed `network` setting makes the snapshot
+    /// stale.
+    #[serde(default)]
+    pub guest_net: String,
+}
+
+/// Where a snapshot comes from: what [`Snapshot::write`] records.
+#[derive(Clone, Copy, Debug)]
+pub struct Origin<'a> {
+    /// The VMM that took it.
+    pub vmm: VmmKind,
+    /// How memory is stored.
+    pub mode: SnapshotMode,
+    /// `kvm` or `tcg`.
+    pub accel: &'a str,
+    /// The template's image spec.
+    pub spec: &'a ImageSpec,
+    /// Its rendered kernel command line.
+    pub cmdline: &'a str,
+    /// The tap addressing it booted with.
+    pub net: &'a NetParams,
+}
+
+/// The parts of `net` a guest keeps in a snapshot.
+pub fn guest_net(net: &NetParams) -> String {
+    format!(
+        "{}/{} via {} guest-mac {} host-mac {}",
+        net.guest_ip, net.prefix_len, net.host_ip, net.guest_mac, net.host_mac
+    )
 }
 
 /// An image file as it was when a template booted from it.
@@ -145,15 +176,7 @@ impl Snapshot {
     }
 
     /// Records `files` (which must exist in `dir`) and writes the manifest.
-    pub fn write(
-        dir: &Path,
-        vmm: VmmKind,
-        mode: SnapshotMode,
-        accel: &str,
-        spec: &ImageSpec,
-        cmdline: &str,
-        files: &[&str],
-    ) -> Result<Snapshot, VmmError> {
+    pub fn write(dir: &Path, origin: Origin<'_>, files: &[&str]) -> Result<Snapshot, VmmError> {
         let mut entries = Vec::new();
         for name in files {
             let path = dir.join(name);
@@ -170,17 +193,18 @@ impl Snapshot {
         }
         let manifest = Manifest {
             format: FORMAT,
-            vmm,
-            mode,
-            accel: accel.to_owned(),
-            spec: spec.clone(),
-            cmdline: cmdline.to_owned(),
+            vmm: origin.vmm,
+            mode: origin.mode,
+            accel: origin.accel.to_owned(),
+            spec: origin.spec.clone(),
+            cmdline: origin.cmdline.to_owned(),
             files: entries,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
-            image_files: image_files(spec),
+            image_files: image_files(origin.spec),
+            guest_net: guest_net(origin.net),
         };
         let tmp = dir.join(format!("{MANIFEST}.tmp"));
         let text = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
@@ -197,9 +221,21 @@ impl Snapshot {
         })
     }
 
-    /// Whether this snapshot was taken from `spec` as its files are now.
-    pub fn is_current_for(&self, spec: &ImageSpec) -> bool {
-        self.manifest.spec == *spec && self.manifest.image_files == image_files(spec)
+    /// Whether this snapshot was taken by `vmm` under `accel` from `spec`,
+    /// as its files are now, with the guest network of `net`.
+    pub fn is_current_for(
+        &self,
+        vmm: VmmKind,
+        accel: &str,
+        spec: &ImageSpec,
+        net: &NetParams,
+    ) -> bool {
+        let m = &self.manifest;
+        m.vmm == vmm
+            && m.accel == accel
+            && m.spec == *spec
+            && m.image_files == image_files(spec)
+            && m.guest_net == guest_net(net)
     }
 
     /// The snapshot directory.
@@ -274,16 +310,29 @@ mod tests {
             .contains("manifest.json"));
         std::fs::write(d.join("state"), vec![0u8; 100]).unwrap();
         std::fs::write(d.join("memory"), vec![0u8; 4096]).unwrap();
-        let s = Snapshot::write(
-            d,
-            VmmKind::Qemu,
-            SnapshotMode::Template,
-            "tcg",
-            &spec(),
-            "x",
-            &["state", "memory"],
-        )
-        .unwrap();
+        let net = NetParams::default();
+        let origin = Origin {
+            vmm: VmmKind::Qemu,
+            mode: SnapshotMode::Template,
+            accel: "tcg",
+            spec: &spec(),
+            cmdline: "x",
+            net: &net,
+        };
+        let s = Snapshot::write(d, origin, &["state", "memory"]).unwrap();
+        assert!(s.is_current_for(VmmKind::Qemu, "tcg", &spec(), &net));
+        assert!(
+            !s.is_current_for(VmmKind::Qemu, "kvm", &spec(), &net),
+            "accelerator changed"
+        );
+        let moved = NetParams {
+            guest_ip: "169.254.100.3".parse().unwrap(),
+            ..NetParams::default()
+        };
+        assert!(
+            !s.is_current_for(VmmKind::Qemu, "tcg", &spec(), &moved),
+            "guest address changed"
+        );
         assert_eq!(s.size_bytes(), 4196);
         assert!(Snapshot::open(d).is_ok());
 

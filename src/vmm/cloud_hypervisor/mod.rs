@@ -38,7 +38,7 @@ use serde_json::{json, Value};
 pub use api::ChClient;
 
 use super::process::make_run_dir;
-use super::snapshot::create_dest;
+use super::snapshot::{create_dest, Origin};
 use super::{
     Endpoint, ImageSpec, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError, VmmKind,
 };
@@ -194,11 +194,20 @@ impl Vmm for CloudHypervisor {
         VmmKind::CloudHypervisor
     }
 
+    fn net(&self) -> &NetParams {
+        &self.net
+    }
+
+    fn accel(&self) -> &str {
+        "kvm"
+    }
+
     async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
         let cmdline = crate::vmm::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
         let (process, client) = self.start(&id, &run_dir).await?;
+        process.record_tap(tap.name())?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let console = process.console_path();
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
@@ -228,15 +237,15 @@ impl Vmm for CloudHypervisor {
             client.pause().await?;
             client.snapshot(dest).await?;
             vm.record("save", t.elapsed());
-            Snapshot::write(
-                dest,
-                VmmKind::CloudHypervisor,
-                SnapshotMode::Full,
-                "kvm",
-                vm.spec(),
-                vm.cmdline(),
-                SNAPSHOT_FILES,
-            )
+            let origin = Origin {
+                vmm: VmmKind::CloudHypervisor,
+                mode: SnapshotMode::Full,
+                accel: "kvm",
+                spec: vm.spec(),
+                cmdline: vm.cmdline(),
+                net: &self.net,
+            };
+            Snapshot::write(dest, origin, SNAPSHOT_FILES)
         }
         .await;
         if result.is_err() {
@@ -260,6 +269,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
+        process.record_tap(tap.name())?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
