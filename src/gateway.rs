@@ -44,7 +44,6 @@ pub struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: JoinHandle<()>,
-    grace: std::time::Duration,
 }
 
 /// Starts the gateway described by `config`; progress lines go to `out`.
@@ -132,7 +131,6 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         stop,
         server,
         admin_task,
-        grace: config.shutdown_grace,
     })
 }
 
@@ -141,10 +139,14 @@ impl Running {
     /// period), then closes every pool and destroys every VM.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
+        // Held requests get their 503 now, not after the grace period.
+        for pool in self.proxy.pools() {
+            pool.begin_close();
+        }
         let _ = self.server.await;
         let _ = self.admin_task.await;
         for pool in self.proxy.pools() {
-            pool.close(self.grace).await;
+            pool.close(std::time::Duration::from_secs(5)).await;
         }
         info!("stopped");
     }

@@ -36,7 +36,7 @@
 mod metrics;
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -245,6 +245,8 @@ struct Shared {
     wake: Notify,
     metrics: PoolMetrics,
     seq: AtomicU64,
+    /// Stops running on their own tasks.
+    stopping: AtomicUsize,
 }
 
 /// One app's pool. Cheap to clone.
@@ -343,6 +345,7 @@ impl Pool {
             wake: Notify::new(),
             metrics,
             seq: AtomicU64::new(1),
+            stopping: AtomicUsize::new(0),
         });
         tokio::spawn(maintain(shared.clone()));
         Pool { shared }
@@ -468,10 +471,10 @@ impl Pool {
         })
     }
 
-    /// Stops the pool: fails queued requests, destroys idle instances now
-    /// and the others as their leases end, and waits (at most `within`) until
-    /// every instance and restore is gone.
-    pub async fn close(&self, within: Duration) {
+    /// Starts closing: no new leases or restores, queued requests fail now
+    /// with 503, idle instances are destroyed, busy ones as their last lease
+    /// ends.
+    pub fn begin_close(&self) {
         let shared = &self.shared;
         let (waiters, idle) = {
             let mut st = shared.lock();
@@ -490,9 +493,16 @@ impl Pool {
             let _ = w.tx.send(Err(shared.shutting_down()));
         }
         for instance in idle {
-            shared.stop(instance.vm).await;
+            shared.stop_in_background(instance.vm);
         }
         shared.wake.notify_one();
+    }
+
+    /// Closes the pool ([`Pool::begin_close`]) and waits, at most `within`,
+    /// until every instance and restore is gone.
+    pub async fn close(&self, within: Duration) {
+        self.begin_close();
+        let shared = &self.shared;
         let deadline = Instant::now() + within;
         loop {
             let left = {
@@ -503,8 +513,12 @@ impl Pool {
                 if left > 0 {
                     warn!(app = %shared.app, left, "instances still running after close");
                 }
-                return;
+                break;
             }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Stops run on their own tasks; wait for them too.
+        while shared.stopping.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
@@ -647,7 +661,11 @@ impl Shared {
         match tokio::runtime::Handle::try_current() {
             Ok(rt) => {
                 let me = self.clone();
-                rt.spawn(async move { me.stop(vm).await });
+                me.stopping.fetch_add(1, Ordering::SeqCst);
+                rt.spawn(async move {
+                    me.stop(vm).await;
+                    me.stopping.fetch_sub(1, Ordering::SeqCst);
+                });
             }
             // No runtime (process exit): dropping the VM kills its VMM.
             Err(_) => drop(vm),

@@ -395,12 +395,15 @@ pub async fn serve(
     grace: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     // The timer is what makes header_read_timeout work at all.
     http.timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout)
         .keep_alive(true);
     loop {
+        // Forget connections that have finished.
+        while connections.try_join_next().is_some() {}
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
@@ -421,7 +424,7 @@ pub async fn serve(
             async move { Ok::<_, Infallible>(proxy.handle(remote, req).await) }.instrument(span)
         });
         let conn = graceful.watch(http.serve_connection(TokioIo::new(stream), service));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 debug!(%remote, "connection: {e}");
             }
@@ -432,8 +435,13 @@ pub async fn serve(
         .await
         .is_err()
     {
-        warn!("connections still open after the {grace:?} grace period; closing them");
+        warn!(
+            open = connections.len(),
+            "connections still open after the {grace:?} grace period; closing them"
+        );
+        connections.abort_all();
     }
+    while connections.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
