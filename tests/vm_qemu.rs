@@ -224,12 +224,26 @@ async fn broken_snapshots_fail_fast_naming_the_file_and_leave_nothing() {
 async fn guest_that_never_becomes_ready_fails_at_the_deadline_and_leaves_nothing() {
     let env = env("sgqn");
     let mut spec = linux_spec();
-    // The guest serves 8080; probing 8099 can never succeed.
+    // The guest keeps serving 8080 while readiness probes 8099: it can never
+    // become ready, however fast it boots.
+    spec.cmdline = spec.cmdline.replace("{guest_port}", "8080");
     spec.guest_port = 8099;
     let tap = env.net.create_tap().await.unwrap();
     let mut vm = env.qemu.boot(VmId::new("never"), &spec, tap).await.unwrap();
     let pid = vm.pid();
     let run_dir = vm.process().run_dir().to_owned();
+    // The guest is up and serving, just not where readiness looks.
+    let mut serving = vm.endpoint().clone();
+    serving.addr.set_port(8080);
+    let up = Instant::now() + Duration::from_secs(60);
+    while snapgate::vmm::ready::get(&serving, "/healthz")
+        .await
+        .map(|r| r.0)
+        != Ok(200)
+    {
+        assert!(Instant::now() < up, "the guest never served on 8080");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let deadline = Duration::from_secs(4);
     let started = Instant::now();
     let err = env.qemu.wait_ready(&mut vm, deadline).await.unwrap_err();
