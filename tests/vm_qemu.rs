@@ -34,10 +34,15 @@ fn env(prefix: &str) -> Env {
 async fn build_snapshot(env: &Env, mode: SnapshotMode) -> (Snapshot, u32) {
     let mut spec = linux_spec();
     spec.snapshot_mode = mode;
+    build_snapshot_of(env, &spec).await
+}
+
+/// Boots `spec`, waits until it is ready and snapshots it.
+async fn build_snapshot_of(env: &Env, spec: &snapgate::vmm::ImageSpec) -> (Snapshot, u32) {
     let tap = env.net.create_tap().await.unwrap();
     let mut vm = env
         .qemu
-        .boot(VmId::new("template"), &spec, tap)
+        .boot(VmId::new("template"), spec, tap)
         .await
         .unwrap();
     let pid = vm.pid();
@@ -48,6 +53,17 @@ async fn build_snapshot(env: &Env, mode: SnapshotMode) -> (Snapshot, u32) {
     let dest = env.state.path().join("snap");
     let snap = env.qemu.snapshot(vm, &dest).await.unwrap();
     (snap, pid)
+}
+
+/// Restores a clone of `snap` on a new tap and waits until it is ready.
+async fn ready_clone(env: &Env, snap: &Snapshot, name: &str) -> snapgate::vmm::Vm {
+    let tap = env.net.create_tap().await.unwrap();
+    let mut vm = env.qemu.restore(VmId::new(name), snap, tap).await.unwrap();
+    env.qemu
+        .wait_ready(&mut vm, Duration::from_secs(30))
+        .await
+        .unwrap();
+    vm
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -68,23 +84,7 @@ async fn three_clones_each_answer_over_their_own_tap_with_their_own_identity() {
 
     // Restore three clones at once; each VM value kills its VMM if the test
     // fails before the explicit destroy below.
-    let restores = (0..3).map(|i| {
-        let env = &env;
-        let snap = &snap;
-        async move {
-            let tap = env.net.create_tap().await.unwrap();
-            let mut vm = env
-                .qemu
-                .restore(VmId::new(format!("clone{i}")), snap, tap)
-                .await
-                .unwrap();
-            env.qemu
-                .wait_ready(&mut vm, Duration::from_secs(30))
-                .await
-                .unwrap();
-            vm
-        }
-    });
+    let restores = (0..3).map(|i| ready_clone(&env, &snap, ["clone0", "clone1", "clone2"][i]));
     let clones = futures::future::join_all(restores).await;
     let pids: Vec<u32> = clones.iter().map(|vm| vm.pid()).collect();
     let taps: Vec<String> = clones.iter().map(|vm| vm.endpoint().tap.clone()).collect();
@@ -124,16 +124,7 @@ async fn full_snapshot_restores_a_working_clone() {
     let (snap, _) = build_snapshot(&env, SnapshotMode::Full).await;
     assert_eq!(snap.manifest().mode, SnapshotMode::Full);
     assert!(!snap.file("memory").exists());
-    let tap = env.net.create_tap().await.unwrap();
-    let mut vm = env
-        .qemu
-        .restore(VmId::new("full1"), &snap, tap)
-        .await
-        .unwrap();
-    env.qemu
-        .wait_ready(&mut vm, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let vm = ready_clone(&env, &snap, "full1").await;
     let body = get_text(vm.endpoint(), "/").await;
     assert!(body.starts_with("instance: "), "{body}");
     let pid = vm.pid();
@@ -324,32 +315,9 @@ async fn pc_machine_boots_snapshots_and_clones() {
     let env = env("sgqp");
     let mut spec = linux_spec();
     spec.machine = snapgate::vmm::Machine::Pc;
-    let tap = env.net.create_tap().await.unwrap();
-    let mut vm = env
-        .qemu
-        .boot(VmId::new("pc-template"), &spec, tap)
-        .await
-        .unwrap();
-    env.qemu
-        .wait_ready(&mut vm, spec.ready_timeout)
-        .await
-        .unwrap();
-    let snap = env
-        .qemu
-        .snapshot(vm, &env.state.path().join("pc-snap"))
-        .await
-        .unwrap();
+    let (snap, _) = build_snapshot_of(&env, &spec).await;
     assert_eq!(snap.manifest().spec.machine, snapgate::vmm::Machine::Pc);
-    let tap = env.net.create_tap().await.unwrap();
-    let mut clone = env
-        .qemu
-        .restore(VmId::new("pc-clone"), &snap, tap)
-        .await
-        .unwrap();
-    env.qemu
-        .wait_ready(&mut clone, Duration::from_secs(30))
-        .await
-        .unwrap();
+    let clone = ready_clone(&env, &snap, "pc-clone").await;
     assert!(get_text(clone.endpoint(), "/")
         .await
         .starts_with("instance: "));
