@@ -4,7 +4,9 @@
 //! Snapshots go to `<snapshot_dir>/<app>/<unix ms>/`, and the symlink
 //! `<snapshot_dir>/<app>/current` is switched to the new one atomically, so
 //! clones of the previous snapshot keep running from files that stay in
-//! place.
+//! place. The newest [`KEEP`] snapshots of an app are kept; older ones are
+//! removed after a build (a clone still mapping a removed memory file keeps
+//! its pages: Linux frees the file when the last mapping goes).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -34,6 +36,28 @@ pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
             config.vmm.memory_restore_mode,
         )),
     })
+}
+
+/// Snapshots kept per app: the current one and the one before it.
+pub const KEEP: usize = 2;
+
+/// Removes all but the newest `keep` snapshot directories (named by their
+/// creation time in ms) of one app; returns what it removed.
+pub fn prune(app_dir: &Path, keep: usize) -> Vec<PathBuf> {
+    let mut dirs: Vec<(u128, PathBuf)> = std::fs::read_dir(app_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect();
+    dirs.sort();
+    let old = dirs.len().saturating_sub(keep);
+    dirs.into_iter()
+        .take(old)
+        .filter(|(_, dir)| std::fs::remove_dir_all(dir).is_ok())
+        .map(|(_, dir)| dir)
+        .collect()
 }
 
 /// The link to the snapshot in use for `app`.
@@ -98,6 +122,9 @@ pub async fn build_one(
     let _ = std::fs::remove_file(&tmp);
     std::os::unix::fs::symlink(&stamp, &tmp)?;
     std::fs::rename(&tmp, current_snapshot(snapshot_dir, app))?;
+    for removed in prune(&app_dir, KEEP) {
+        writeln!(out, "{app}: removed old snapshot {}", removed.display())?;
+    }
     writeln!(
         out,
         "{app}: snapshot {} ({:.1} MiB) in {snapshot_secs:.2}s; {:.2}s in all",
@@ -175,4 +202,25 @@ pub async fn build(
         built.push(build_one(vmm.as_ref(), &net, &config.snapshot_dir(), app, spec, out).await?);
     }
     Ok(built)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prune_keeps_the_newest_snapshots_and_nothing_else_is_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["100", "20", "3000", "400"] {
+            std::fs::create_dir(dir.path().join(name)).unwrap();
+        }
+        std::os::unix::fs::symlink("3000", dir.path().join("current")).unwrap();
+        std::fs::create_dir(dir.path().join("notes")).unwrap();
+        let mut removed = prune(dir.path(), 2);
+        removed.sort();
+        assert_eq!(removed, vec![dir.path().join("100"), dir.path().join("20")]);
+        for kept in ["400", "3000", "current", "notes"] {
+            assert!(dir.path().join(kept).exists(), "{kept}");
+        }
+    }
 }
