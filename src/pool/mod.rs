@@ -145,6 +145,16 @@ impl ClaimError {
         }
     }
 
+    /// The `outcome` label of `snapgate_claims_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ClaimError::QueueFull { .. } => "queue_full",
+            ClaimError::HoldTimeout { .. } => "hold_timeout",
+            ClaimError::Unavailable { .. } => "unavailable",
+            ClaimError::ShuttingDown { .. } => "shutting_down",
+        }
+    }
+
     /// Seconds a client should wait before retrying.
     pub fn retry_after(&self) -> u64 {
         match self {
@@ -263,7 +273,6 @@ pub struct Lease {
     endpoint: Endpoint,
     client: UpstreamClient,
     gone: CancellationToken,
-    held: Option<Duration>,
     broken: bool,
 }
 
@@ -295,12 +304,6 @@ impl Lease {
     /// Cancelled if the instance's VMM dies while leased.
     pub fn gone(&self) -> &CancellationToken {
         &self.gone
-    }
-
-    /// How long the request was held for this lease (`None`: an instance was
-    /// free at once).
-    pub fn held(&self) -> Option<Duration> {
-        self.held
     }
 
     /// Marks the instance as failed (its VM broke a request): it takes no
@@ -393,20 +396,34 @@ impl Pool {
     pub async fn claim(&self) -> Result<Lease, ClaimError> {
         let shared = &self.shared;
         let started = Instant::now();
-        let (id, rx) = {
+        let result = self.lease_or_wait(started).await;
+        let outcome = match &result {
+            Ok((_, false)) => "warm",
+            Ok((_, true)) => {
+                shared.metrics.hold_duration(&shared.app, started.elapsed());
+                "held"
+            }
+            Err(e) => e.outcome(),
+        };
+        shared.metrics.claim(&shared.app, outcome);
+        result.map(|(lease, _)| lease)
+    }
+
+    /// The lease, and whether the request had to wait for it.
+    async fn lease_or_wait(&self, started: Instant) -> Result<(Lease, bool), ClaimError> {
+        let shared = &self.shared;
+        let (id, mut rx) = {
             let mut st = shared.lock();
             if st.closed {
                 return Err(shared.shutting_down());
             }
-            if let Some(lease) = shared.try_lease(&mut st, None) {
+            if let Some(lease) = shared.try_lease(&mut st) {
                 shared.publish(&st);
-                shared.metrics.claim(&shared.app, "warm");
-                return Ok(lease);
+                return Ok((lease, false));
             }
             // Requests that gave up (client went away) free their place.
             st.waiters.retain(|w| !w.tx.is_closed());
             if st.waiters.len() >= shared.cfg.hold_queue {
-                shared.metrics.claim(&shared.app, "queue_full");
                 return Err(ClaimError::QueueFull {
                     app: shared.app.clone(),
                     instances: st.instances.len(),
@@ -415,7 +432,6 @@ impl Pool {
                 });
             }
             if let Some(err) = shared.unavailable(&st) {
-                shared.metrics.claim(&shared.app, "unavailable");
                 return Err(err);
             }
             let (tx, rx) = oneshot::channel();
@@ -426,9 +442,7 @@ impl Pool {
             shared.publish(&st);
             (id, rx)
         };
-        let mut rx = rx;
-        let outcome = tokio::time::timeout(shared.cfg.hold_timeout, &mut rx).await;
-        let result = match outcome {
+        let result = match tokio::time::timeout(shared.cfg.hold_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(shared.shutting_down()),
             Err(_) => {
@@ -451,24 +465,7 @@ impl Pool {
                 }
             }
         };
-        match &result {
-            Ok(_) => {
-                shared.metrics.claim(&shared.app, "held");
-                shared.metrics.hold_duration(&shared.app, started.elapsed());
-            }
-            Err(ClaimError::HoldTimeout { .. }) => {
-                shared.metrics.claim(&shared.app, "hold_timeout")
-            }
-            Err(ClaimError::Unavailable { .. }) => shared.metrics.claim(&shared.app, "unavailable"),
-            Err(ClaimError::ShuttingDown { .. }) => {
-                shared.metrics.claim(&shared.app, "shutting_down")
-            }
-            Err(ClaimError::QueueFull { .. }) => shared.metrics.claim(&shared.app, "queue_full"),
-        }
-        result.map(|mut lease| {
-            lease.held = Some(started.elapsed());
-            lease
-        })
+        result.map(|lease| (lease, true))
     }
 
     /// Starts closing: no new leases or restores, queued requests fail now
@@ -555,7 +552,7 @@ impl Shared {
     }
 
     /// Leases the busiest instance with room (packing), if any.
-    fn try_lease(self: &Arc<Self>, st: &mut State, held: Option<Duration>) -> Option<Lease> {
+    fn try_lease(self: &Arc<Self>, st: &mut State) -> Option<Lease> {
         let max = self.cfg.max_concurrency;
         let instance = st
             .instances
@@ -569,7 +566,6 @@ impl Shared {
             endpoint: instance.vm.endpoint().clone(),
             client: instance.client.clone(),
             gone: instance.gone.clone(),
-            held,
             broken: false,
         })
     }
@@ -579,7 +575,7 @@ impl Shared {
     fn dispatch(self: &Arc<Self>, st: &mut State) -> Vec<Lease> {
         let mut undelivered = Vec::new();
         while !st.waiters.is_empty() {
-            let Some(lease) = self.try_lease(st, None) else {
+            let Some(lease) = self.try_lease(st) else {
                 break;
             };
             let waiter = st.waiters.pop_front().expect("checked non-empty");
@@ -673,25 +669,16 @@ impl Shared {
     }
 
     fn publish(&self, st: &State) {
-        let mut counts = [0i64; 4];
-        counts[0] = st.restoring as i64;
-        for i in &st.instances {
-            let slot = match i.state() {
-                InstanceState::Restoring => 0,
-                InstanceState::Warm => 1,
-                InstanceState::Leased => 2,
-                InstanceState::Draining => 3,
-            };
-            counts[slot] += 1;
-        }
-        let states = [
-            InstanceState::Restoring,
-            InstanceState::Warm,
-            InstanceState::Leased,
-            InstanceState::Draining,
+        let count = |state| st.instances.iter().filter(|i| i.state() == state).count();
+        let counts = [
+            (InstanceState::Restoring, st.restoring),
+            (InstanceState::Warm, count(InstanceState::Warm)),
+            (InstanceState::Leased, count(InstanceState::Leased)),
+            (InstanceState::Draining, count(InstanceState::Draining)),
         ];
-        for (state, n) in states.iter().zip(counts) {
-            self.metrics.set_instances(&self.app, state.as_str(), n);
+        for (state, n) in counts {
+            self.metrics
+                .set_instances(&self.app, state.as_str(), n as i64);
         }
         self.metrics.set_queue(&self.app, st.waiters.len() as i64);
     }
