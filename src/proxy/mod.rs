@@ -262,11 +262,7 @@ impl Proxy {
                     let upstream = prepare(req, remote, &host, lease.endpoint().addr.into());
                     let gone = lease.gone().clone();
                     match send(lease.client(), upstream, Some(&gone), *response_timeout).await {
-                        Ok(resp) => {
-                            let (mut parts, body) = resp.into_parts();
-                            strip_hop_by_hop(&mut parts.headers);
-                            Response::from_parts(parts, LeasedBody::new(body, Some(lease)).boxed())
-                        }
+                        Ok(resp) => relay(resp, Some(lease)),
                         Err(failure) => {
                             warn!(app, vm = %lease.vm(), "request failed: {}", failure.detail());
                             if failure.breaks_instance() {
@@ -284,11 +280,7 @@ impl Proxy {
             } => {
                 let upstream = prepare(req, remote, &host, *addr);
                 match send(client, upstream, None, *response_timeout).await {
-                    Ok(resp) => {
-                        let (mut parts, body) = resp.into_parts();
-                        strip_hop_by_hop(&mut parts.headers);
-                        Response::from_parts(parts, LeasedBody::new(body, None).boxed())
-                    }
+                    Ok(resp) => relay(resp, None),
                     Err(failure) => {
                         warn!(app, %addr, "request failed: {}", failure.detail());
                         failure.response(&app)
@@ -299,6 +291,14 @@ impl Proxy {
         self.metrics.observe(&app, resp.status(), started.elapsed());
         resp
     }
+}
+
+/// The upstream's answer for the client: hop-by-hop headers removed, the
+/// body streamed with `lease` held until it ends.
+fn relay(resp: Response<Incoming>, lease: Option<crate::pool::Lease>) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, LeasedBody::new(body, lease).boxed())
 }
 
 /// A short plain-text response.
