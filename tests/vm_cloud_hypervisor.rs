@@ -41,7 +41,7 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
         "--api-socket".into(),
         format!("path={}", socket.display()).into(),
     ];
-    let mut process = VmProcess::spawn(&id, &bin, &args, vec![], &run, state.path()).unwrap();
+    let mut process = VmProcess::spawn(&id, &bin, &args, vec![], None, &run, state.path()).unwrap();
     let pid = process.pid();
     let client = ChClient::new(id.clone(), &socket);
     client

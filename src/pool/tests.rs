@@ -51,6 +51,7 @@ impl Factory for Scripted {
             std::path::Path::new("/bin/sleep"),
             &["3600".into()],
             vec![],
+            None,
             &run,
             self.state.path(),
         )?;

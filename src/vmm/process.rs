@@ -56,12 +56,15 @@ pub fn make_run_dir(state_dir: &Path, id: &VmId) -> Result<PathBuf, VmmError> {
 
 impl VmProcess {
     /// Starts `binary args...` with each `(fd, n)` of `fds` inherited as fd
-    /// `n`, stdout and stderr to `<run_dir>/vmm.log`, and records its pid.
+    /// `n`, stdout and stderr to `<run_dir>/vmm.log`, and records its pid and
+    /// the VM's tap (so a later start-up can remove exactly this tap if the
+    /// process outlives its gateway).
     pub fn spawn(
         id: &VmId,
         binary: &Path,
         args: &[OsString],
         fds: Vec<(OwnedFd, i32)>,
+        tap: Option<&str>,
         run_dir: &Path,
         state_dir: &Path,
     ) -> Result<VmProcess, VmmError> {
@@ -120,7 +123,11 @@ impl VmProcess {
         let record = std::fs::create_dir_all(&pid_dir).and_then(|()| {
             std::fs::write(
                 &pid_file,
-                format!("{pid} {}\n", start_time(pid).unwrap_or(0)),
+                format!(
+                    "{pid} {} {}\n",
+                    start_time(pid).unwrap_or(0),
+                    tap.unwrap_or("")
+                ),
             )
         });
         let process = VmProcess {
@@ -142,17 +149,6 @@ impl VmProcess {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.pid
-    }
-
-    /// Records the VM's tap next to its pid, so a later start-up can remove
-    /// exactly this tap if this process outlives its gateway.
-    pub fn record_tap(&self, tap: &str) -> Result<(), VmmError> {
-        let line = format!("{} {} {tap}\n", self.pid, start_time(self.pid).unwrap_or(0));
-        std::fs::write(&self.pid_file, line).map_err(|source| VmmError::Io {
-            what: "cannot record tap in",
-            path: self.pid_file.clone(),
-            source,
-        })
     }
 
     /// The VM's run directory.
@@ -337,6 +333,7 @@ mod tests {
             Path::new("/bin/sleep"),
             &["30".into()],
             vec![],
+            Some("sgtest0"),
             &run,
             state.path(),
         )
@@ -348,7 +345,6 @@ mod tests {
             format!("{} 1\n", std::process::id()),
         )
         .unwrap();
-        p.record_tap("sgtest0").unwrap();
         // Forget the process as a crashed gateway would (no kill on drop).
         let stale = kill_stale(state.path());
         assert_eq!(stale.killed, vec![pid]);

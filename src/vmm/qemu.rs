@@ -223,10 +223,10 @@ impl Qemu {
             &self.binary,
             &args,
             vec![(tap.take_fd(), 3)],
+            Some(tap.name()),
             &run_dir,
             &self.state_dir,
         )?;
-        process.record_tap(tap.name())?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
         let qmp_path = run_dir.join("qmp.sock");

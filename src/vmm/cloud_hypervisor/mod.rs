@@ -138,16 +138,28 @@ impl CloudHypervisor {
         }
     }
 
-    /// Starts a bare VMM process and waits for its API. Records `spawn`.
-    async fn start(&self, id: &VmId, run_dir: &Path) -> Result<(VmProcess, ChClient), VmmError> {
+    /// Starts a bare VMM process for a VM on `tap` and waits for its API.
+    async fn start(
+        &self,
+        id: &VmId,
+        tap: &str,
+        run_dir: &Path,
+    ) -> Result<(VmProcess, ChClient), VmmError> {
         let started = Instant::now();
         let socket = run_dir.join("api.sock");
         let args: Vec<OsString> = vec![
             "--api-socket".into(),
             format!("path={}", socket.display()).into(),
         ];
-        let mut process =
-            VmProcess::spawn(id, &self.binary, &args, vec![], run_dir, &self.state_dir)?;
+        let mut process = VmProcess::spawn(
+            id,
+            &self.binary,
+            &args,
+            vec![],
+            Some(tap),
+            run_dir,
+            &self.state_dir,
+        )?;
         let client = ChClient::new(id.clone(), socket);
         client
             .wait_for_api(&mut process, started + START_TIMEOUT)
@@ -206,8 +218,7 @@ impl Vmm for CloudHypervisor {
         let cmdline = crate::vmm::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
-        let (process, client) = self.start(&id, &run_dir).await?;
-        process.record_tap(tap.name())?;
+        let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let console = process.console_path();
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
@@ -267,9 +278,8 @@ impl Vmm for CloudHypervisor {
         }
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
-        let (process, client) = self.start(&id, &run_dir).await?;
+        let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
-        process.record_tap(tap.name())?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
