@@ -65,17 +65,6 @@ pub fn current_snapshot(snapshot_dir: &Path, app: &str) -> PathBuf {
     snapshot_dir.join(app).join("current")
 }
 
-/// What one build produced.
-#[derive(Debug)]
-pub struct Built {
-    /// The snapshot.
-    pub snapshot: Snapshot,
-    /// Seconds from start of boot to guest ready.
-    pub boot_to_ready: f64,
-    /// Seconds the snapshot took.
-    pub snapshot_secs: f64,
-}
-
 /// Boots `app`'s template from `spec`, waits until ready, snapshots it into
 /// a new directory and points `current` at it. Progress goes to `out`.
 pub async fn build_one(
@@ -85,7 +74,7 @@ pub async fn build_one(
     app: &str,
     spec: &ImageSpec,
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<Built> {
+) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
     writeln!(out, "{app}: booting template with {}", vmm.kind())?;
     let tap = net.create_tap().await?;
@@ -132,11 +121,7 @@ pub async fn build_one(
         snapshot.size_bytes() as f64 / (1024.0 * 1024.0),
         started.elapsed().as_secs_f64()
     )?;
-    Ok(Built {
-        snapshot,
-        boot_to_ready,
-        snapshot_secs,
-    })
+    Ok(snapshot)
 }
 
 /// The current snapshot of `app` if it was taken from `spec` as it is now,
@@ -162,9 +147,7 @@ pub async fn ensure(
         Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
         Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
     }
-    Ok(build_one(vmm, net, snapshot_dir, app, spec, out)
-        .await?
-        .snapshot)
+    build_one(vmm, net, snapshot_dir, app, spec, out).await
 }
 
 /// `snapgate snapshot build`: builds snapshots for `apps` (every VM app
@@ -173,7 +156,7 @@ pub async fn build(
     config: &Config,
     apps: &[String],
     out: &mut (dyn Write + Send),
-) -> anyhow::Result<Vec<Built>> {
+) -> anyhow::Result<Vec<Snapshot>> {
     let vm_apps: Vec<&String> = config
         .apps
         .iter()
