@@ -107,11 +107,6 @@ impl Timings {
     pub fn steps(&self) -> &[(&'static str, Duration)] {
         &self.0
     }
-
-    /// The sum of all steps.
-    pub fn total(&self) -> Duration {
-        self.0.iter().map(|(_, d)| *d).sum()
-    }
 }
 
 impl fmt::Display for Timings {
@@ -235,11 +230,6 @@ impl Vm {
     /// The VMM process, mutably (to wait on or kill it).
     pub fn process_mut(&mut self) -> &mut VmProcess {
         &mut self.process
-    }
-
-    /// Takes the process out, for drivers that stop the VM in steps.
-    pub fn into_process(self) -> VmProcess {
-        self.process
     }
 }
 
