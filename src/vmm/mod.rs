@@ -102,11 +102,6 @@ impl Timings {
     pub fn get(&self, step: &str) -> Option<Duration> {
         self.0.iter().find(|(s, _)| *s == step).map(|(_, d)| *d)
     }
-
-    /// Every step, in order.
-    pub fn steps(&self) -> &[(&'static str, Duration)] {
-        &self.0
-    }
 }
 
 impl fmt::Display for Timings {
