@@ -4,10 +4,9 @@
 //!
 //!     SNAPGATE_GUEST_DIR=$(scripts/build-guest) cargo bench --features vm-tests --bench gateway
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use snapgate::config::Config;
+use snapgate::testing::{gateway_config, shared_snapshot_dir};
 
 fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
@@ -22,34 +21,14 @@ fn stats(name: &str, unit: &str, mut v: Vec<f64>) -> String {
     )
 }
 
-fn config(state: &Path, pool: &str) -> Config {
-    let g = std::env::var_os("SNAPGATE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
-    let snapshots = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
-    let text = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\nsnapshot_dir: {}\n\
-         network: {{ tap_prefix: sgbg }}\n\
-         apps:\n  app:\n    hosts: [app.test]\n    image:\n\
-         \x20     kernel: {}\n      initramfs: {}\n\
-         \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
-         \x20     ready_timeout: 60s\n    pool: {pool}\n",
-        state.display(),
-        snapshots.display(),
-        g.join("vmlinuz").display(),
-        g.join("initramfs.cpio.gz").display()
-    );
-    let file = state.join("proxy.yaml");
-    std::fs::write(&file, text).unwrap();
-    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
-}
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let state = tempfile::tempdir().unwrap();
-    let cfg = config(
+    let cfg = gateway_config(
         state.path(),
+        "sgbg",
         "{ min_warm: 0, max_instances: 2, max_concurrency: 16, idle_timeout: 1s, hold_timeout: 60s }",
+            &shared_snapshot_dir(),
     );
     let gw = snapgate::gateway::start(&cfg, &mut std::io::sink())
         .await

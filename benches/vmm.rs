@@ -5,7 +5,6 @@
 //!
 //! `SNAPGATE_BENCH_RUNS` sets the number of runs (default 5; at least 5).
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use snapgate::net::{NetParams, Network};
@@ -13,17 +12,7 @@ use snapgate::vmm::qemu::{Accel, Qemu};
 use snapgate::vmm::{ImageSpec, Snapshot, SnapshotMode, VmId, Vmm};
 
 fn guest_spec(mode: SnapshotMode) -> ImageSpec {
-    let dir = std::env::var_os("SNAPGATE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
-    let mut spec: ImageSpec = serde_yaml_ng::from_str(&format!(
-        "kernel: {}\ninitramfs: {}\n\
-         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
-         ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\nready_timeout: 60s\n",
-        dir.join("vmlinuz").display(),
-        dir.join("initramfs.cpio.gz").display()
-    ))
-    .expect("spec");
+    let mut spec = snapgate::testing::linux_spec();
     spec.snapshot_mode = mode;
     spec
 }

@@ -24,6 +24,8 @@ pub mod net;
 pub mod pool;
 pub mod proxy;
 pub mod snapshot_cmd;
+#[cfg(feature = "vm-tests")]
+pub mod testing;
 pub mod upstream;
 pub mod vmm;
 

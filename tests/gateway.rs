@@ -13,34 +13,12 @@ use common::*;
 use snapgate::config::Config;
 use snapgate::gateway::{self, Running};
 use snapgate::net::Network;
+use snapgate::testing::{gateway_config, shared_snapshot_dir};
 
-/// A config for one app, `app`, on host `<app>.test`, with `pool` settings
-/// (YAML flow map), taps named `<prefix>*`, state in `state`.
+/// The gateway config of [`snapgate::testing::gateway_config`], with the
+/// shared snapshot cache.
 fn config(state: &Path, prefix: &str, pool: &str) -> Config {
-    let shared = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots");
-    config_in(state, prefix, pool, &shared)
-}
-
-/// [`config`] with snapshots in `snapshots`.
-fn config_in(state: &Path, prefix: &str, pool: &str, snapshots: &Path) -> Config {
-    let g = guest_dir();
-    let text = format!(
-        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
-         state_dir: {state}\nsnapshot_dir: {snapshots}\n\
-         vmm: {{ kind: qemu, accel: auto }}\n\
-         network: {{ tap_prefix: {prefix} }}\n\
-         apps:\n  app:\n    hosts: [app.test]\n    image:\n\
-         \x20     kernel: {kernel}\n      initramfs: {initrd}\n\
-         \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
-         \x20     ready_timeout: 60s\n    pool: {pool}\n",
-        state = state.display(),
-        snapshots = snapshots.display(),
-        kernel = g.join("vmlinuz").display(),
-        initrd = g.join("initramfs.cpio.gz").display(),
-    );
-    let file = state.join("proxy.yaml");
-    std::fs::write(&file, text).unwrap();
-    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
+    gateway_config(state, prefix, pool, &shared_snapshot_dir())
 }
 
 struct Gw {
@@ -469,7 +447,7 @@ async fn failed_restores_answer_503_naming_the_problem_and_recover_after_backoff
     // A snapshot of this test's own, so damaging it touches no other test.
     let state = tempfile::tempdir().unwrap();
     let snapshots = state.path().join("snapshots");
-    let cfg = config_in(
+    let cfg = gateway_config(
         state.path(),
         "sggf",
         "{ min_warm: 0, max_instances: 1, idle_timeout: 1s }",

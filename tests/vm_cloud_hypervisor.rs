@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapgate::net::Network;
+use snapgate::testing::linux_spec;
 use snapgate::vmm::cloud_hypervisor::{vm_config, ChClient, CloudHypervisor, MemoryRestoreMode};
 use snapgate::vmm::process::{make_run_dir, VmProcess};
 use snapgate::vmm::qemu::hardware_kvm;

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapgate::net::Network;
+use snapgate::testing::linux_spec;
 use snapgate::vmm::qemu::{Accel, Qemu};
 use snapgate::vmm::{Snapshot, SnapshotMode, VmId, Vmm, VmmError};
 
@@ -329,18 +330,14 @@ async fn pc_machine_boots_snapshots_and_clones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_build_command_reports_path_size_and_seconds() {
     let state = tempfile::tempdir().unwrap();
-    let g = guest_dir();
     let config = state.path().join("proxy.yaml");
+    let image = serde_json::to_string(&linux_spec()).unwrap();
     std::fs::write(
         &config,
         format!(
-            "state_dir: {s}\nnetwork: {{ tap_prefix: sgqk }}\napps:\n  web:\n    hosts: [web.test]\n    image:\n\
-             \x20     kernel: {k}\n      initramfs: {i}\n\
-             \x20     cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off'\n\
-             \x20     ready_timeout: 60s\n  site:\n    hosts: [site.test]\n    upstream: 127.0.0.1:1\n",
-            s = state.path().display(),
-            k = g.join("vmlinuz").display(),
-            i = g.join("initramfs.cpio.gz").display()
+            "state_dir: {}\nnetwork: {{ tap_prefix: sgqk }}\napps:\n  web:\n    hosts: [web.test]\n    image: {image}\n\
+             \x20 site:\n    hosts: [site.test]\n    upstream: 127.0.0.1:1\n",
+            state.path().display(),
         ),
     )
     .unwrap();

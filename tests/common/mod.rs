@@ -5,34 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use snapgate::net::{NetParams, Network};
-use snapgate::vmm::{Endpoint, ImageSpec};
-
-/// The test guest built by `scripts/build-guest`.
-pub fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("SNAPGATE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
-    assert!(
-        dir.join("vmlinuz").exists(),
-        "no test guest in {}: run scripts/build-guest (scripts/test does)",
-        dir.display()
-    );
-    dir
-}
-
-/// The Linux test guest as an image spec.
-pub fn linux_spec() -> ImageSpec {
-    let g = guest_dir();
-    serde_yaml_ng::from_str(&format!(
-        "kernel: {}\ninitramfs: {}\n\
-         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
-         ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off snapgate.port={{guest_port}}'\n\
-         ready_timeout: 60s\n",
-        g.join("vmlinuz").display(),
-        g.join("initramfs.cpio.gz").display()
-    ))
-    .expect("test spec parses")
-}
+use snapgate::vmm::Endpoint;
 
 /// Network parameters with a tap prefix of the test's own, so parallel tests
 /// never see each other's taps.

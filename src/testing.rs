@@ -1,0 +1,61 @@
+//! Fixtures for the end-to-end tests and benchmarks (feature `vm-tests`):
+//! the test guest built by `scripts/build-guest`, as an image spec and as a
+//! one-app gateway config.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::Config;
+use crate::vmm::ImageSpec;
+
+/// The test guest: `$SNAPGATE_GUEST_DIR`, else `target/guest/current`.
+/// Panics, saying how to build it, if it is missing.
+pub fn guest_dir() -> PathBuf {
+    let dir = std::env::var_os("SNAPGATE_GUEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
+    assert!(
+        dir.join("vmlinuz").exists(),
+        "no test guest in {}: run scripts/build-guest (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The Linux test guest as an image spec.
+pub fn linux_spec() -> ImageSpec {
+    let g = guest_dir();
+    serde_yaml_ng::from_str(&format!(
+        "kernel: {}\ninitramfs: {}\n\
+         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
+         ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off snapgate.port={{guest_port}}'\n\
+         ready_timeout: 60s\n",
+        g.join("vmlinuz").display(),
+        g.join("initramfs.cpio.gz").display()
+    ))
+    .expect("test spec parses")
+}
+
+/// Where tests and benchmarks keep the test guest's snapshots between runs
+/// (rebuilt whenever the guest changes).
+pub fn shared_snapshot_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-snapshots")
+}
+
+/// Writes `<state>/proxy.yaml` for one app, `app` on host `app.test`,
+/// served by the test guest with `pool` (a YAML flow map), on any free
+/// ports, taps named `<tap_prefix>*`, snapshots in `snapshots`, and loads it.
+pub fn gateway_config(state: &Path, tap_prefix: &str, pool: &str, snapshots: &Path) -> Config {
+    // JSON is YAML: the spec goes in as one flow mapping.
+    let image = serde_json::to_string(&linux_spec()).expect("spec serializes");
+    let text = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
+         state_dir: {}\nsnapshot_dir: {}\n\
+         network: {{ tap_prefix: {tap_prefix} }}\n\
+         apps:\n  app:\n    hosts: [app.test]\n    image: {image}\n    pool: {pool}\n",
+        state.display(),
+        snapshots.display(),
+    );
+    let file = state.join("proxy.yaml");
+    std::fs::write(&file, text).expect("write proxy.yaml");
+    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
+}
