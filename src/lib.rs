@@ -44,3 +44,29 @@ pub fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     out
 }
+
+/// A setting that cannot be used: which field, and why. Validators return
+/// these; the config layer puts its own key path in front of `field`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field, relative to the struct checked (`disks[0].path`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
+}

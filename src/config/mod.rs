@@ -329,8 +329,7 @@ impl Config {
             })
         };
         if let Err(e) = self.network.validate() {
-            let (field, msg) = e.split_once(": ").unwrap_or(("", &e));
-            add(format!("network.{field}"), msg.to_owned());
+            add(format!("network.{}", e.field), e.message);
         }
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
@@ -387,8 +386,7 @@ impl Config {
             }
             if let Some(image) = &app.image {
                 for p in image.validate() {
-                    let (field, msg) = p.split_once(": ").unwrap_or(("", &p));
-                    add(format!("{at}.image.{field}"), msg.to_owned());
+                    add(format!("{at}.image.{}", p.field), p.message);
                 }
             }
             if let Some(pool) = &app.pool {

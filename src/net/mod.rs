@@ -43,6 +43,8 @@ use futures::TryStreamExt;
 use netlink_packet_route::link::LinkAttribute;
 use serde::{Deserialize, Serialize};
 
+use crate::FieldError;
+
 pub use tap::Tap;
 
 /// Errors from host networking. Each names the tap or setting at fault.
@@ -77,7 +79,7 @@ pub enum NetError {
     },
     /// The network settings are inconsistent.
     #[error("network.{0}")]
-    Invalid(String),
+    Invalid(FieldError),
 }
 
 /// A MAC address, written `aa:bb:cc:dd:ee:ff` in config.
@@ -169,8 +171,8 @@ impl NetParams {
     }
 
     /// Checks the prefix, the prefix length and that both addresses share a
-    /// subnet; returns a message naming the field at fault.
-    pub fn validate(&self) -> Result<(), String> {
+    /// subnet.
+    pub fn validate(&self) -> Result<(), FieldError> {
         let p = &self.tap_prefix;
         if p.is_empty()
             || p.len() > 6
@@ -178,25 +180,29 @@ impl NetParams {
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
         {
-            return Err(format!(
-                "tap_prefix: {p:?} must be 1 to 6 characters of [a-z0-9]"
+            return Err(FieldError::new(
+                "tap_prefix",
+                format!("{p:?} must be 1 to 6 characters of [a-z0-9]"),
             ));
         }
         if !(8..=30).contains(&self.prefix_len) {
-            return Err(format!(
-                "prefix_len: {} must be between 8 and 30",
-                self.prefix_len
+            return Err(FieldError::new(
+                "prefix_len",
+                format!("{} must be between 8 and 30", self.prefix_len),
             ));
         }
         let mask = u32::from(self.netmask());
         if u32::from(self.host_ip) & mask != u32::from(self.guest_ip) & mask {
-            return Err(format!(
-                "guest_ip: {} is not in the subnet of host_ip {}/{}",
-                self.guest_ip, self.host_ip, self.prefix_len
+            return Err(FieldError::new(
+                "guest_ip",
+                format!(
+                    "{} is not in the subnet of host_ip {}/{}",
+                    self.guest_ip, self.host_ip, self.prefix_len
+                ),
             ));
         }
         if self.host_ip == self.guest_ip {
-            return Err("guest_ip: must differ from host_ip".into());
+            return Err(FieldError::new("guest_ip", "must differ from host_ip"));
         }
         Ok(())
     }
@@ -401,12 +407,12 @@ mod tests {
             guest_ip: Ipv4Addr::new(169, 254, 101, 2),
             ..NetParams::default()
         };
-        assert!(bad.validate().unwrap_err().starts_with("guest_ip"));
+        assert_eq!(bad.validate().unwrap_err().field, "guest_ip");
         let bad = NetParams {
             tap_prefix: "Tap-".into(),
             ..NetParams::default()
         };
-        assert!(bad.validate().unwrap_err().starts_with("tap_prefix"));
+        assert_eq!(bad.validate().unwrap_err().field, "tap_prefix");
     }
 
     #[test]

@@ -140,6 +140,7 @@ impl Endpoint {
 pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<String, VmmError> {
     let problems = spec.validate();
     if !problems.is_empty() {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(VmmError::Invalid(problems.join("; ")));
     }
     spec.render_cmdline(net, tsc_khz)

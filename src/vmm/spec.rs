@@ -24,6 +24,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::net::NetParams;
+use crate::FieldError;
 
 /// QEMU machine type. Cloud Hypervisor has one machine and ignores this.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -126,14 +127,16 @@ pub struct ImageSpec {
 }
 
 impl ImageSpec {
-    /// Checks everything that can be checked without booting; each message
-    /// starts with the field at fault.
-    pub fn validate(&self) -> Vec<String> {
+    /// Checks everything that can be checked without booting.
+    pub fn validate(&self) -> Vec<FieldError> {
         let mut problems = Vec::new();
         let mut file = |field: String, path: &PathBuf| match std::fs::metadata(path) {
             Ok(m) if m.is_file() => {}
-            Ok(_) => problems.push(format!("{field}: {} is not a file", path.display())),
-            Err(e) => problems.push(format!("{field}: {}: {e}", path.display())),
+            Ok(_) => problems.push(FieldError::new(
+                field,
+                format!("{} is not a file", path.display()),
+            )),
+            Err(e) => problems.push(FieldError::new(field, format!("{}: {e}", path.display()))),
         };
         file("kernel".into(), &self.kernel);
         if let Some(initramfs) = &self.initramfs {
@@ -143,28 +146,28 @@ impl ImageSpec {
             file(format!("disks[{i}].path"), &disk.path);
         }
         if let Err(e) = render(&self.cmdline, |_| Some(String::new())) {
-            problems.push(format!("cmdline: {e}"));
+            problems.push(FieldError::new("cmdline", e));
         }
         if self.memory_mib < 16 {
-            problems.push(format!(
-                "memory_mib: {} is below the 16 MiB minimum",
-                self.memory_mib
+            problems.push(FieldError::new(
+                "memory_mib",
+                format!("{} is below the 16 MiB minimum", self.memory_mib),
             ));
         }
         if self.vcpus == 0 {
-            problems.push("vcpus: must be at least 1".into());
+            problems.push(FieldError::new("vcpus", "must be at least 1"));
         }
         if self.guest_port == 0 {
-            problems.push("guest_port: must not be 0".into());
+            problems.push(FieldError::new("guest_port", "must not be 0"));
         }
         if !self.ready_path.starts_with('/') {
-            problems.push(format!(
-                "ready_path: {:?} must start with /",
-                self.ready_path
+            problems.push(FieldError::new(
+                "ready_path",
+                format!("{:?} must start with /", self.ready_path),
             ));
         }
         if self.ready_timeout.is_zero() {
-            problems.push("ready_timeout: must be above zero".into());
+            problems.push(FieldError::new("ready_timeout", "must be above zero"));
         }
         problems
     }
@@ -296,7 +299,7 @@ mod tests {
     fn validate_names_missing_files() {
         let problems = spec("x").validate();
         assert!(
-            problems.iter().any(|p| p.starts_with("kernel: /k")),
+            problems.iter().any(|p| p.to_string().starts_with("kernel: /k")),
             "{problems:?}"
         );
     }
