@@ -299,7 +299,9 @@ mod tests {
     fn validate_names_missing_files() {
         let problems = spec("x").validate();
         assert!(
-            problems.iter().any(|p| p.to_string().starts_with("kernel: /k")),
+            problems
+                .iter()
+                .any(|p| p.to_string().starts_with("kernel: /k")),
             "{problems:?}"
         );
     }
