@@ -1,4 +1,6 @@
-//! PID 1 of the snapgate test guest.
+//! PID 1 of the snapgate guests: the test guest, and the agent of runtime
+//! guests (see [`agent`]; it runs instead of step 4 when the kernel command
+//! line has `snapgate.agent=<port>`).
 //!
 //! 1. Mounts /proc, /sys and /dev.
 //! 2. Loads the kernel modules listed, in order, in `/etc/modules` (virtio
@@ -20,6 +22,8 @@
 //! Clones of one snapshot share all guest memory, including the kernel's RNG
 //! state and boot id, so only the host can tell them apart.
 
+mod agent;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
@@ -32,10 +36,14 @@ fn main() {
     if let Err(e) = setup() {
         log(&format!("setup failed: {e}"));
     }
+    if let Some(port) = cmdline_value("snapgate.agent=") {
+        let port = port.parse::<u16>().unwrap_or(agent::DEFAULT_PORT);
+        agent::run(port);
+    }
     let port = cmdline_value("snapgate.port=")
         .and_then(|p| p.parse::<u16>().ok())
         .unwrap_or(8080);
-    serve(port);
+    serve_with(port, echo);
 }
 
 fn log(msg: &str) {
@@ -129,24 +137,6 @@ fn configure_network() -> Result<(), String> {
     Ok(())
 }
 
-fn serve(port: u16) {
-    let listener = match TcpListener::bind(("0.0.0.0", port)) {
-        Ok(l) => l,
-        Err(e) => {
-            log(&format!("bind :{port}: {e}"));
-            loop {
-                std::thread::park();
-            }
-        }
-    };
-    log(&format!("listening on :{port}"));
-    for stream in listener.incoming().flatten() {
-        std::thread::spawn(move || {
-            let _ = handle(stream);
-        });
-    }
-}
-
 fn identity() -> &'static str {
     static ID: OnceLock<String> = OnceLock::new();
     ID.get_or_init(|| {
@@ -174,81 +164,154 @@ fn boot_id() -> String {
         .unwrap_or_default()
 }
 
-/// One connection: HTTP/1.1 with keep-alive, bodies sized by Content-Length.
-fn handle(stream: TcpStream) -> std::io::Result<()> {
+/// One parsed HTTP/1.1 request.
+pub struct Request {
+    /// The request line, e.g. `GET / HTTP/1.1`.
+    pub line: String,
+    /// Headers as `name: value`, names lower-cased.
+    pub headers: Vec<String>,
+    /// The body (sized by Content-Length).
+    pub body: Vec<u8>,
+    /// Whether the client asked to close the connection after this one.
+    pub close: bool,
+}
+
+impl Request {
+    /// The request target.
+    pub fn path(&self) -> &str {
+        self.line.split_whitespace().nth(1).unwrap_or("/")
+    }
+
+    /// The method.
+    pub fn method(&self) -> &str {
+        self.line.split_whitespace().next().unwrap_or("")
+    }
+}
+
+/// Reads one request; `None` when the client closed the connection.
+pub fn read_request(reader: &mut impl BufRead) -> std::io::Result<Option<Request>> {
+    let mut line = String::new();
+    if reader.read_line(&mut line)? == 0 {
+        return Ok(None);
+    }
+    let line = line.trim_end().to_owned();
+    let mut headers = Vec::new();
+    let mut content_length = 0usize;
+    let mut close = line.ends_with("HTTP/1.0");
+    loop {
+        let mut h = String::new();
+        if reader.read_line(&mut h)? == 0 {
+            return Ok(None);
+        }
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        if let Some((name, value)) = h.split_once(':') {
+            let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
+            if name == "content-length" {
+                content_length = value.parse().unwrap_or(0);
+            }
+            if name == "connection" && value.eq_ignore_ascii_case("close") {
+                close = true;
+            }
+            headers.push(format!("{name}: {value}"));
+        }
+    }
+    let mut body = vec![0u8; content_length];
+    reader.read_exact(&mut body)?;
+    Ok(Some(Request {
+        line,
+        headers,
+        body,
+        close,
+    }))
+}
+
+/// Writes one response with a text body.
+pub fn write_response(
+    out: &mut impl Write,
+    status: &str,
+    payload: &[u8],
+    close: bool,
+) -> std::io::Result<()> {
+    let head = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
+        payload.len(),
+        if close { "connection: close\r\n" } else { "" }
+    );
+    // One write: with a separate write for the body, Nagle's algorithm
+    // would wait for the client's delayed ACK (~40 ms) before sending it.
+    let mut message = head.into_bytes();
+    message.extend_from_slice(payload);
+    out.write_all(&message)
+}
+
+/// Serves connections on `port`, each on its own thread, with `handler`.
+fn serve_with(port: u16, handler: fn(&Request, &str) -> (String, Vec<u8>)) {
+    let listener = match TcpListener::bind(("0.0.0.0", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            log(&format!("bind :{port}: {e}"));
+            loop {
+                std::thread::park();
+            }
+        }
+    };
+    log(&format!("listening on :{port}"));
+    for stream in listener.incoming().flatten() {
+        std::thread::spawn(move || {
+            let _ = connection(stream, handler);
+        });
+    }
+}
+
+/// One connection: HTTP/1.1 with keep-alive.
+fn connection(
+    stream: TcpStream,
+    handler: fn(&Request, &str) -> (String, Vec<u8>),
+) -> std::io::Result<()> {
     let peer = stream
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut out = stream;
-    loop {
-        let mut request_line = String::new();
-        if reader.read_line(&mut request_line)? == 0 {
-            return Ok(());
-        }
-        let request_line = request_line.trim_end().to_owned();
-        let mut headers = Vec::new();
-        let mut content_length = 0usize;
-        let mut close = request_line.ends_with("HTTP/1.0");
-        loop {
-            let mut line = String::new();
-            if reader.read_line(&mut line)? == 0 {
-                return Ok(());
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((name, value)) = line.split_once(':') {
-                let (name, value) = (name.trim().to_ascii_lowercase(), value.trim());
-                if name == "content-length" {
-                    content_length = value.parse().unwrap_or(0);
-                }
-                if name == "connection" && value.eq_ignore_ascii_case("close") {
-                    close = true;
-                }
-                headers.push(format!("{name}: {value}"));
-            }
-        }
-        let mut body = vec![0u8; content_length];
-        reader.read_exact(&mut body)?;
-        let path = request_line.split_whitespace().nth(1).unwrap_or("/");
-        let mut payload = Vec::new();
-        if let Some(ms) = path
-            .strip_prefix("/sleep/")
-            .and_then(|m| m.parse::<u64>().ok())
-        {
-            // Holds the request, so tests can keep an instance busy.
-            std::thread::sleep(Duration::from_millis(ms));
-        }
-        if path == "/healthz" {
-            payload.extend_from_slice(b"ok\n");
-        } else {
-            payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
-            payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
-            payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
-            payload.extend_from_slice(format!("request: {request_line}\n").as_bytes());
-            for h in &headers {
-                payload.extend_from_slice(format!("header: {h}\n").as_bytes());
-            }
-            if !body.is_empty() {
-                payload.extend_from_slice(format!("body: {} bytes\n", body.len()).as_bytes());
-                payload.extend_from_slice(&body);
-            }
-        }
-        let head = format!(
-            "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n",
-            payload.len(),
-            if close { "connection: close\r\n" } else { "" }
-        );
-        // One write: with a separate write for the body, Nagle's algorithm
-        // would wait for the client's delayed ACK (~40 ms) before sending it.
-        let mut message = head.into_bytes();
-        message.extend_from_slice(&payload);
-        out.write_all(&message)?;
-        if close {
+    while let Some(req) = read_request(&mut reader)? {
+        let (status, payload) = handler(&req, &peer);
+        write_response(&mut out, &status, &payload, req.close)?;
+        if req.close {
             return Ok(());
         }
     }
+    Ok(())
+}
+
+/// The test guest's own answers (see the crate doc).
+fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
+    let path = req.path();
+    if let Some(ms) = path
+        .strip_prefix("/sleep/")
+        .and_then(|m| m.parse::<u64>().ok())
+    {
+        // Holds the request, so tests can keep an instance busy.
+        std::thread::sleep(Duration::from_millis(ms));
+    }
+    let mut payload = Vec::new();
+    if path == "/healthz" {
+        payload.extend_from_slice(b"ok\n");
+    } else {
+        payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
+        payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
+        payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
+        payload.extend_from_slice(format!("request: {}\n", req.line).as_bytes());
+        for h in &req.headers {
+            payload.extend_from_slice(format!("header: {h}\n").as_bytes());
+        }
+        if !req.body.is_empty() {
+            payload.extend_from_slice(format!("body: {} bytes\n", req.body.len()).as_bytes());
+            payload.extend_from_slice(&req.body);
+        }
+    }
+    ("200 OK".into(), payload)
 }

@@ -1,0 +1,229 @@
+//! The agent of runtime guests: a language runtime loaded before the
+//! snapshot, an app started in it after a clone is claimed.
+//!
+//! Kernel parameters (all set in the runtime's `cmdline` in `proxy.yaml`):
+//! `snapgate.agent=<port>` turns the agent on and names its control port;
+//! `snapgate.root=<dev>` is the runtime's read-only root disk (default
+//! `/dev/vda`); `snapgate.code=<dev>` the code disk (default `/dev/vdb`);
+//! `snapgate.exec=<argv, comma-separated>` the runtime command, run inside
+//! the root disk.
+//!
+//! 1. Mounts the root disk read-only at `/rt`, with `/proc`, `/dev` and a
+//!    `/tmp` tmpfs inside it, and starts the runtime chrooted there: stdin a
+//!    pipe, stdout a pipe read here, stderr the console.
+//! 2. The runtime's first stdout line, `snapgate-loader: loaded`, marks it
+//!    loaded; later lines are copied to the console.
+//! 3. Control API on the agent port:
+//!    - `GET /healthz`: 200 once the runtime is loaded, 503 before. The
+//!      runtime's base snapshot is taken after the first 200.
+//!    - `POST /start` with `{"main": "server.js", "port": 8080, "env": {..}}`:
+//!      drops the guest's cached blocks of the code disk (the kernel read
+//!      it while it was still the template's empty disk), mounts it
+//!      read-only at `/rt/app`, checks that `main` is there, and hands the
+//!      message (plus `"dir": "/app"`) to the runtime on its stdin. 200 when
+//!      handed over; 409 if already started; 400 for a bad message; 422
+//!      with the reason when the disk does not mount or `main` is missing.
+//! 4. When the runtime exits, its status goes to the console and the VM is
+//!    powered off: the VMM exits and the gateway reports the console
+//!    output, which carries the runtime's own error output.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, OnceLock};
+
+use super::{busybox, cmdline_value, log, serve_with, Request};
+
+/// The control port when `snapgate.agent=` carries no number.
+pub const DEFAULT_PORT: u16 = 8081;
+const RT: &str = "/rt";
+
+static LOADED: AtomicBool = AtomicBool::new(false);
+static STDIN: OnceLock<Mutex<Option<ChildStdin>>> = OnceLock::new();
+
+/// Runs the agent; never returns.
+pub fn run(port: u16) -> ! {
+    if let Err(e) = start_runtime() {
+        log(&format!("agent: {e}"));
+        power_off();
+    }
+    serve_with(port, control);
+    power_off()
+}
+
+fn start_runtime() -> Result<(), String> {
+    use nix::mount::{mount, MsFlags};
+    let none: Option<&str> = None;
+    let root = cmdline_value("snapgate.root=").unwrap_or_else(|| "/dev/vda".into());
+    let exec =
+        cmdline_value("snapgate.exec=").ok_or("no snapgate.exec= on the kernel command line")?;
+    let argv: Vec<&str> = exec.split(',').filter(|a| !a.is_empty()).collect();
+    std::fs::create_dir_all(RT).map_err(|e| format!("{RT}: {e}"))?;
+    mount(
+        Some(root.as_str()),
+        RT,
+        Some("ext4"),
+        MsFlags::MS_RDONLY,
+        none,
+    )
+    .map_err(|e| format!("mount {root} on {RT}: {e}"))?;
+    for (src, dst, fs) in [
+        ("proc", "/rt/proc", "proc"),
+        ("devtmpfs", "/rt/dev", "devtmpfs"),
+        ("tmpfs", "/rt/tmp", "tmpfs"),
+    ] {
+        mount(Some(src), dst, Some(fs), MsFlags::empty(), none)
+            .map_err(|e| format!("mount {dst}: {e}"))?;
+    }
+    // busybox chroot: std's Command has no safe chroot.
+    let mut child = Command::new(super::BUSYBOX)
+        .arg("chroot")
+        .arg(RT)
+        .args(&argv)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", "/tmp")
+        .env("NODE_ENV", "production")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("starting {argv:?}: {e}"))?;
+    log(&format!("agent: runtime {argv:?} is pid {}", child.id()));
+    let _ = STDIN.set(Mutex::new(child.stdin.take()));
+    let stdout = child.stdout.take().expect("piped");
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout);
+        let mut line = String::new();
+        while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+            if !LOADED.load(Ordering::SeqCst) && line.trim_end() == "snapgate-loader: loaded" {
+                LOADED.store(true, Ordering::SeqCst);
+                log("agent: runtime loaded");
+            } else {
+                eprint!("{line}");
+            }
+            line.clear();
+        }
+    });
+    std::thread::spawn(move || {
+        let status = match child.wait() {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("wait failed: {e}"),
+        };
+        log(&format!("agent: runtime exited ({status}); powering off"));
+        power_off();
+    });
+    Ok(())
+}
+
+fn power_off() -> ! {
+    use nix::sys::reboot::{reboot, RebootMode};
+    nix::unistd::sync();
+    let _ = reboot(RebootMode::RB_POWER_OFF);
+    // Where power-off is not wired, a reset ends the VMM (-no-reboot).
+    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    loop {
+        std::thread::park();
+    }
+}
+
+fn control(req: &Request, _peer: &str) -> (String, Vec<u8>) {
+    match (req.method(), req.path()) {
+        ("GET", "/healthz") if LOADED.load(Ordering::SeqCst) => {
+            ("200 OK".into(), b"loaded\n".to_vec())
+        }
+        ("GET", "/healthz") => (
+            "503 Service Unavailable".into(),
+            b"runtime loading\n".to_vec(),
+        ),
+        ("POST", "/start") => match start_app(&req.body) {
+            Ok(msg) => ("200 OK".into(), msg.into_bytes()),
+            Err((status, msg)) => {
+                log(&format!("agent: start refused: {msg}"));
+                (status.into(), format!("{msg}\n").into_bytes())
+            }
+        },
+        _ => ("404 Not Found".into(), b"not found\n".to_vec()),
+    }
+}
+
+fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
+    use nix::mount::{mount, MsFlags};
+    const BAD: &str = "400 Bad Request";
+    const UNUSABLE: &str = "422 Unprocessable Entity";
+    let mut msg: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| (BAD, format!("start message: {e}")))?;
+    let main = msg["main"]
+        .as_str()
+        .filter(|m| !m.is_empty() && !m.starts_with('/') && !m.split('/').any(|c| c == ".."))
+        .ok_or((
+            BAD,
+            "start message: \"main\" must be a relative path inside the code disk".to_string(),
+        ))?
+        .to_owned();
+    if !msg["port"].is_u64() {
+        return Err((BAD, "start message: \"port\" must be a number".into()));
+    }
+    let stdin = STDIN
+        .get()
+        .ok_or((UNUSABLE, "runtime not started".to_string()))?;
+    let mut stdin = stdin.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(pipe) = stdin.as_mut() else {
+        return Err((
+            "409 Conflict",
+            "an app was already started in this instance".into(),
+        ));
+    };
+    if !LOADED.load(Ordering::SeqCst) {
+        return Err(("503 Service Unavailable", "runtime still loading".into()));
+    }
+    let code = cmdline_value("snapgate.code=").unwrap_or_else(|| "/dev/vdb".into());
+    busybox(&["blockdev", "--flushbufs", &code])
+        .map_err(|e| (UNUSABLE, format!("code disk {code}: {e}")))?;
+    let none: Option<&str> = None;
+    mount(
+        Some(code.as_str()),
+        "/rt/app",
+        Some("ext4"),
+        MsFlags::MS_RDONLY | MsFlags::MS_NODEV | MsFlags::MS_NOSUID,
+        none,
+    )
+    .map_err(|e| {
+        (
+            UNUSABLE,
+            format!(
+                "code disk {code} does not mount as ext4 ({e}); is it an image snapgate packed?"
+            ),
+        )
+    })?;
+    if !std::path::Path::new("/rt/app").join(&main).is_file() {
+        let mut found: Vec<String> = std::fs::read_dir("/rt/app")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| n != "lost+found")
+            .collect();
+        found.sort();
+        return Err((
+            UNUSABLE,
+            format!(
+                "main {main:?} is not a file on the code disk (top level: {})",
+                found.join(", ")
+            ),
+        ));
+    }
+    msg["dir"] = "/app".into();
+    let mut line = msg.to_string();
+    line.push('\n');
+    pipe.write_all(line.as_bytes()).map_err(|e| {
+        (
+            UNUSABLE,
+            format!("handing the start message to the runtime: {e}"),
+        )
+    })?;
+    // Taken: a second start is refused.
+    *stdin = None;
+    log(&format!("agent: started {main}"));
+    Ok(format!("started {main}\n"))
+}

@@ -1,0 +1,73 @@
+'use strict';
+// The snapgate Node.js runtime loader, run by the guest agent (/init) as
+// `node /opt/snapgate/loader.js` inside the runtime root disk.
+//
+// 1. Loads what most HTTP apps need (the runtime itself, http, crypto, ...)
+//    so a snapshot taken now carries it all, warmed.
+// 2. Says `snapgate-loader: loaded` on stdout: the agent then reports the
+//    runtime ready and the base snapshot can be taken.
+// 3. Blocks reading one JSON line on stdin: the start message the agent
+//    writes when the gateway claims this instance for an app, e.g.
+//    {"dir":"/app","main":"server.js","port":8080,"env":{"K":"V"}}.
+// 4. Sets the environment (PORT among it), changes into the app directory
+//    and loads the app's main module in this same process. An error while
+//    loading is printed with its stack and ends the process with status 1,
+//    as an uncaught error later does: the agent then stops the VM, and the
+//    gateway reports the output.
+
+const fs = require('fs');
+const path = require('path');
+for (const m of ['http', 'https', 'net', 'events', 'stream', 'url', 'util',
+    'crypto', 'zlib', 'os', 'child_process', 'querystring', 'buffer']) {
+    require(m);
+}
+
+function readLine(fd) {
+    const chunks = [];
+    const buf = Buffer.alloc(4096);
+    for (;;) {
+        let n;
+        try {
+            n = fs.readSync(fd, buf, 0, buf.length, null);
+        } catch (e) {
+            if (e.code === 'EAGAIN' || e.code === 'EINTR') continue;
+            throw e;
+        }
+        if (n === 0) return null;
+        const i = buf.subarray(0, n).indexOf(10);
+        if (i >= 0) {
+            chunks.push(Buffer.from(buf.subarray(0, i)));
+            return Buffer.concat(chunks).toString('utf8');
+        }
+        chunks.push(Buffer.from(buf.subarray(0, n)));
+    }
+}
+
+fs.writeSync(1, 'snapgate-loader: loaded\n');
+const line = readLine(0);
+if (line === null) {
+    console.error('snapgate-loader: no start message (stdin closed)');
+    process.exit(1);
+}
+const start = JSON.parse(line);
+for (const [k, v] of Object.entries(start.env || {})) {
+    process.env[k] = String(v);
+}
+process.env.PORT = String(start.port);
+process.chdir(start.dir);
+const main = path.resolve(start.dir, start.main);
+process.argv[1] = main;
+console.log(`snapgate-loader: starting ${main} on port ${start.port}`);
+try {
+    if (main.endsWith('.mjs')) {
+        import(main).catch((e) => {
+            console.error(e && e.stack ? e.stack : String(e));
+            process.exit(1);
+        });
+    } else {
+        require(main);
+    }
+} catch (e) {
+    console.error(e && e.stack ? e.stack : String(e));
+    process.exit(1);
+}
