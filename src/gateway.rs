@@ -5,13 +5,15 @@
 //! 1. Kill VMMs a previous run left (pid files in `<state_dir>/vms/`), then
 //!    delete the taps recorded with them.
 //! 2. For each VM app, use its snapshot if it was taken from the configured
-//!    image as it is now, else boot a template and take one.
+//!    image as it is now, else boot a template and take one. Runtime apps:
+//!    pack each app's code; ensure the runtime's shared snapshot (and start
+//!    its stock of warm clones) or, for `snapshot: app`, the app's own.
 //! 3. Start each app's pool (which pre-warms `min_warm` instances), bind the
 //!    listener and the admin listener.
 //!
 //! [`Running::shutdown`]: stop accepting, let in-flight requests finish for
 //! `shutdown_grace`, close every pool (failing held requests with 503 and
-//! destroying every VM, whose taps go with it).
+//! destroying every VM, whose taps go with it), then every runtime stock.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -25,10 +27,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::config::{Config, Upstream};
+use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
-use crate::pool::{Pool, PoolMetrics, SnapshotFactory};
+use crate::pool::{Factory, Pool, PoolMetrics, SnapshotFactory};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
+use crate::runtime::{self, AppTemplate, CodeSource, Runtime, RuntimeFactory, StartSpec};
 use crate::{admin, snapshot_cmd, upstream, vmm};
 
 /// A running gateway.
@@ -41,6 +44,11 @@ pub struct Running {
     pub proxy: Arc<Proxy>,
     /// The metrics registry.
     pub registry: Registry,
+    /// Runtime stocks by runtime name (runtimes whose apps start from the
+    /// shared snapshot).
+    pub runtimes: HashMap<String, Arc<Runtime>>,
+    /// Runtime metrics.
+    pub runtime_metrics: runtime::RuntimeMetrics,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: JoinHandle<()>,
@@ -63,40 +71,140 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
+    let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
     let driver = snapshot_cmd::driver(config)?;
+    let mut runtimes: HashMap<String, Arc<Runtime>> = HashMap::new();
 
     let mut targets = HashMap::new();
-    for (name, app) in &config.apps {
-        let target = match app.upstream() {
-            Upstream::Vm(spec, pool_cfg) => {
-                let snapshot = snapshot_cmd::ensure(
-                    driver.as_ref(),
-                    &net,
-                    &config.snapshot_dir(),
-                    name,
-                    spec,
-                    out,
-                )
-                .await
-                .with_context(|| format!("app {name}: preparing its snapshot"))?;
-                let factory = Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot));
-                writeln!(
-                    out,
-                    "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
-                    pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
-                )?;
-                Target::Pool {
-                    pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
-                    response_timeout: app.response_timeout,
+    let built: anyhow::Result<()> = async {
+        for (name, app) in &config.apps {
+            let target = match app.upstream() {
+                Upstream::Vm(spec, pool_cfg) => {
+                    let snapshot = snapshot_cmd::ensure(
+                        driver.as_ref(),
+                        &net,
+                        &config.snapshot_dir(),
+                        name,
+                        spec,
+                        None,
+                        out,
+                    )
+                    .await
+                    .with_context(|| format!("app {name}: preparing its snapshot"))?;
+                    let factory = Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot));
+                    writeln!(
+                        out,
+                        "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
+                        pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
+                    )?;
+                    Target::Pool {
+                        pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
+                        response_timeout: app.response_timeout,
+                    }
                 }
+                Upstream::Runtime(rt_app, pool_cfg) => {
+                    let rt_name = &rt_app.name;
+                    let rt_cfg = &config.runtimes[rt_name];
+                    let start = StartSpec::new(name, rt_app, rt_cfg);
+                    let code = CodeSource::new(
+                        name,
+                        &rt_app.code,
+                        &config.state_dir.join("code").join(name),
+                        rt_cfg.code_disk_mib,
+                    );
+                    // A code source that cannot be packed is reported now.
+                    let image = code
+                        .current()
+                        .with_context(|| format!("app {name}: packing its code"))?;
+                    writeln!(
+                        out,
+                        "{name}: code {} -> {} ({} KiB, sha256 {})",
+                        rt_app.code.display(),
+                        image.path.display(),
+                        image.bytes / 1024,
+                        &image.hash[..16]
+                    )?;
+                    let factory: Arc<dyn Factory> = match rt_app.snapshot {
+                        StartFrom::Runtime => {
+                            let stock = match runtimes.get(rt_name) {
+                                Some(stock) => stock.clone(),
+                                None => {
+                                    let snapshot = snapshot_cmd::ensure(
+                                        driver.as_ref(),
+                                        &net,
+                                        &config.snapshot_dir(),
+                                        &runtime::snapshot_name(rt_name),
+                                        &rt_cfg.spec(),
+                                        None,
+                                        out,
+                                    )
+                                    .await
+                                    .with_context(|| {
+                                        format!("runtime {rt_name}: preparing its snapshot")
+                                    })?;
+                                    writeln!(out, "runtime {rt_name}: min_warm={}", rt_cfg.min_warm)?;
+                                    let stock = Runtime::start(
+                                        rt_name,
+                                        driver.clone(),
+                                        net.clone(),
+                                        snapshot,
+                                        rt_cfg.min_warm,
+                                        runtime_metrics.clone(),
+                                    );
+                                    runtimes.insert(rt_name.clone(), stock.clone());
+                                    stock
+                                }
+                            };
+                            Arc::new(RuntimeFactory::new(stock, code, start))
+                        }
+                        StartFrom::App => {
+                            let spec = runtime::app_image(rt_cfg, &image.path);
+                            let snapshot = snapshot_cmd::ensure(
+                                driver.as_ref(),
+                                &net,
+                                &config.snapshot_dir(),
+                                name,
+                                &spec,
+                                Some(&AppTemplate { start }),
+                                out,
+                            )
+                            .await
+                            .with_context(|| format!("app {name}: preparing its snapshot"))?;
+                            Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot))
+                        }
+                    };
+                    writeln!(
+                        out,
+                        "{name}: runtime {rt_name} ({:?} snapshot), pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
+                        rt_app.snapshot, pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
+                    )?;
+                    Target::Pool {
+                        pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
+                        response_timeout: app.response_timeout,
+                    }
+                }
+                Upstream::Static(addr) => Target::Static {
+                    addr,
+                    client: upstream::client(None),
+                    response_timeout: app.response_timeout,
+                },
+            };
+            targets.insert(name.clone(), target);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = built {
+        // Nothing half-started stays behind: VMs made so far are destroyed.
+        for target in targets.values() {
+            if let Target::Pool { pool, .. } = target {
+                pool.close(std::time::Duration::from_secs(5)).await;
             }
-            Upstream::Static(addr) => Target::Static {
-                addr,
-                client: upstream::client(None),
-                response_timeout: app.response_timeout,
-            },
-        };
-        targets.insert(name.clone(), target);
+        }
+        for runtime in runtimes.values() {
+            runtime.close(std::time::Duration::from_secs(5)).await;
+        }
+        return Err(e);
     }
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Proxy::new(router, targets, proxy_metrics));
@@ -128,6 +236,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         admin,
         proxy,
         registry,
+        runtimes,
+        runtime_metrics,
         stop,
         server,
         admin_task,
@@ -147,6 +257,9 @@ impl Running {
         let _ = self.admin_task.await;
         for pool in self.proxy.pools() {
             pool.close(std::time::Duration::from_secs(5)).await;
+        }
+        for runtime in self.runtimes.values() {
+            runtime.close(std::time::Duration::from_secs(5)).await;
         }
         info!("stopped");
     }

@@ -8,6 +8,7 @@
 //! - [`vmm`]: the [`vmm::Vmm`] trait and its QEMU and Cloud Hypervisor drivers.
 //! - [`net`]: taps, addressing, clean-up of a crashed run's leftovers.
 //! - [`pool`]: per-app pools of VM instances: claim, hold queue, restore, reaper.
+//! - [`runtime`]: runtime apps: a shared runtime snapshot, per-app code disks.
 //! - [`upstream`]: kept-alive HTTP clients per VM instance.
 //! - [`snapshot_cmd`]: the operator's `snapgate snapshot build`.
 
@@ -23,6 +24,7 @@ pub mod gateway;
 pub mod net;
 pub mod pool;
 pub mod proxy;
+pub mod runtime;
 pub mod snapshot_cmd;
 #[cfg(feature = "vm-tests")]
 pub mod testing;

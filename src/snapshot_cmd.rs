@@ -13,11 +13,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use async_trait::async_trait;
+
 use crate::config::Config;
 use crate::net::Network;
 use crate::vmm::cloud_hypervisor::CloudHypervisor;
 use crate::vmm::qemu::Qemu;
-use crate::vmm::{ImageSpec, Snapshot, VmId, Vmm, VmmError, VmmKind};
+use crate::vmm::{ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError, VmmKind};
+
+/// A step between a template's readiness and its snapshot: a per-app
+/// snapshot of a runtime app starts the app here.
+#[async_trait]
+pub trait Prepare: Send + Sync {
+    /// Runs on the ready template; may change what it serves
+    /// ([`Vm::serve_at`]): the snapshot records the spec as it is after.
+    async fn prepare(&self, vmm: &dyn Vmm, vm: &mut Vm) -> Result<(), VmmError>;
+    /// The spec a snapshot prepared from `boot` records.
+    fn prepared_spec(&self, boot: &ImageSpec) -> ImageSpec;
+}
 
 /// The VMM driver the config asks for.
 pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
@@ -65,14 +78,16 @@ pub fn current_snapshot(snapshot_dir: &Path, app: &str) -> PathBuf {
     snapshot_dir.join(app).join("current")
 }
 
-/// Boots `app`'s template from `spec`, waits until ready, snapshots it into
-/// a new directory and points `current` at it. Progress goes to `out`.
+/// Boots `app`'s template from `spec`, waits until ready, runs `prepare`
+/// if given, snapshots it into a new directory and points `current` at it.
+/// Progress goes to `out`.
 pub async fn build_one(
     vmm: &dyn Vmm,
     net: &Network,
     snapshot_dir: &Path,
     app: &str,
     spec: &ImageSpec,
+    prepare: Option<&dyn Prepare>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Snapshot> {
     let started = Instant::now();
@@ -97,6 +112,17 @@ pub async fn build_one(
         "{app}: ready after {boot_to_ready:.2}s ({})",
         vm.timings()
     )?;
+    if let Some(prepare) = prepare {
+        let t = Instant::now();
+        prepare.prepare(vmm, &mut vm).await?;
+        writeln!(
+            out,
+            "{app}: prepared in {:.2}s; GET {} on {} answers 200",
+            t.elapsed().as_secs_f64(),
+            vm.ready_path(),
+            vm.endpoint().addr
+        )?;
+    }
     let app_dir = snapshot_dir.join(app);
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)?
@@ -124,19 +150,24 @@ pub async fn build_one(
     Ok(snapshot)
 }
 
-/// The current snapshot of `app` if it was taken from `spec` as it is now,
-/// else a freshly built one.
+/// The current snapshot of `app` if it was taken from `spec` (and
+/// `prepare`) as they are now, else a freshly built one.
 pub async fn ensure(
     vmm: &dyn Vmm,
     net: &Network,
     snapshot_dir: &Path,
     app: &str,
     spec: &ImageSpec,
+    prepare: Option<&dyn Prepare>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Snapshot> {
     let current = current_snapshot(snapshot_dir, app);
+    let recorded = match prepare {
+        Some(p) => p.prepared_spec(spec),
+        None => spec.clone(),
+    };
     match Snapshot::open(&current) {
-        Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), spec, vmm.net()) => {
+        Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), &recorded, vmm.net()) => {
             writeln!(out, "{app}: using snapshot {}", current.display())?;
             return Ok(s);
         }
@@ -147,7 +178,7 @@ pub async fn ensure(
         Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
         Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
     }
-    build_one(vmm, net, snapshot_dir, app, spec, out).await
+    build_one(vmm, net, snapshot_dir, app, spec, prepare, out).await
 }
 
 /// `snapgate snapshot build`: builds snapshots for `apps` (every VM app
@@ -182,7 +213,18 @@ pub async fn build(
     let mut built = Vec::new();
     for app in selected {
         let spec = config.apps[app].image.as_ref().expect("VM app");
-        built.push(build_one(vmm.as_ref(), &net, &config.snapshot_dir(), app, spec, out).await?);
+        built.push(
+            build_one(
+                vmm.as_ref(),
+                &net,
+                &config.snapshot_dir(),
+                app,
+                spec,
+                None,
+                out,
+            )
+            .await?,
+        );
     }
     Ok(built)
 }

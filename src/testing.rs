@@ -59,3 +59,60 @@ pub fn gateway_config(state: &Path, tap_prefix: &str, pool: &str, snapshots: &Pa
     std::fs::write(&file, text).expect("write proxy.yaml");
     Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// The Node.js runtime root disk: `$SNAPGATE_NODE_RUNTIME_DIR`, else
+/// `target/guest/node-current`. Panics, saying how to build it, if missing.
+pub fn node_runtime_dir() -> PathBuf {
+    let dir = std::env::var_os("SNAPGATE_NODE_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/node-current"));
+    assert!(
+        dir.join("root.img").exists(),
+        "no Node.js runtime in {}: run scripts/build-node-runtime (scripts/test does)",
+        dir.display()
+    );
+    dir
+}
+
+/// The Node.js runtime's image: the test guest's kernel and initramfs (its
+/// /init is the agent), the runtime root disk, the agent on port 8081.
+pub fn node_runtime_spec() -> ImageSpec {
+    let g = guest_dir();
+    serde_yaml_ng::from_str(&format!(
+        "kernel: {}\ninitramfs: {}\ndisks: [{{path: {}}}]\n\
+         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
+         ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off snapgate.agent={{guest_port}} \
+         snapgate.exec=/usr/bin/node,/opt/snapgate/loader.js'\n\
+         guest_port: 8081\nready_timeout: 120s\n",
+        g.join("vmlinuz").display(),
+        g.join("initramfs.cpio.gz").display(),
+        node_runtime_dir().join("root.img").display(),
+    ))
+    .expect("runtime spec parses")
+}
+
+/// Writes `<state>/proxy.yaml` with the Node.js runtime `node` (its
+/// `min_warm` given) and `apps` (YAML text of the `apps:` map, indented by
+/// two spaces), on any free ports, taps named `<tap_prefix>*`, snapshots in
+/// `snapshots`, and loads it.
+pub fn runtime_gateway_config(
+    state: &Path,
+    tap_prefix: &str,
+    runtime_min_warm: usize,
+    apps: &str,
+    snapshots: &Path,
+) -> Config {
+    let image = serde_json::to_string(&node_runtime_spec()).expect("spec serializes");
+    let text = format!(
+        "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
+         state_dir: {}\nsnapshot_dir: {}\n\
+         network: {{ tap_prefix: {tap_prefix} }}\n\
+         runtimes:\n  node:\n    image: {image}\n    code_disk_mib: 16\n    min_warm: {runtime_min_warm}\n\
+         apps:\n{apps}",
+        state.display(),
+        snapshots.display(),
+    );
+    let file = state.join("proxy.yaml");
+    std::fs::write(&file, text).expect("write proxy.yaml");
+    Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
+}

@@ -451,11 +451,7 @@ async fn every_request_matches_the_published_api() {
     let ping = client.ping().await.unwrap();
     assert_eq!(ping["version"], "53.0");
     client
-        .create(&vm_config(
-            &spec(),
-            "console=ttyS0",
-            Path::new("/run/console.log"),
-        ))
+        .create(&vm_config(&spec(), "console=ttyS0", Path::new("/run")))
         .await
         .unwrap();
     client

@@ -52,10 +52,7 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
 
     let ping = client.ping().await.unwrap();
     assert!(ping["version"].is_string(), "{ping}");
-    client
-        .create(&vm_config(&spec, "", &run.join("console.log")))
-        .await
-        .unwrap();
+    client.create(&vm_config(&spec, "", &run)).await.unwrap();
     assert_eq!(client.state().await.unwrap(), "Created");
     client.boot().await.unwrap();
     let info = client.info().await.unwrap();

@@ -153,6 +153,95 @@ impl Default for PoolConfig {
     }
 }
 
+fn default_code_disk_mib() -> u32 {
+    64
+}
+fn default_app_port() -> u16 {
+    8080
+}
+
+/// A language runtime shared by many apps: its VMs boot, load the runtime
+/// and wait; their snapshot is the base every app of the runtime starts
+/// from (see [`crate::runtime`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// What the runtime's VMs boot. `guest_port` is the guest agent's port
+    /// and `ready_path` its health path (200 once the runtime is loaded).
+    pub image: ImageSpec,
+    /// Size of the code disk each instance has: the largest app code image
+    /// this runtime takes.
+    #[serde(default = "default_code_disk_mib")]
+    pub code_disk_mib: u32,
+    /// The port apps serve on (they are told it in `PORT`).
+    #[serde(default = "default_app_port")]
+    pub app_port: u16,
+    /// Runtime clones kept restored and waiting, for any app of this runtime
+    /// to take (each app's own `pool.min_warm` keeps started instances).
+    #[serde(default)]
+    pub min_warm: usize,
+}
+
+impl RuntimeConfig {
+    /// The image spec the runtime's VMs boot: the configured one plus the
+    /// code slot.
+    pub fn spec(&self) -> ImageSpec {
+        let mut spec = self.image.clone();
+        spec.code_slot_mib = Some(self.code_disk_mib);
+        spec
+    }
+}
+
+/// Which snapshot a runtime app's instances start from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StartFrom {
+    /// The runtime's shared snapshot: on claim, a runtime clone gets the
+    /// app's code disk and starts the app. No per-app snapshot exists.
+    #[default]
+    Runtime,
+    /// The app's own snapshot, taken after the app started: faster claims,
+    /// one snapshot per app (rebuilt when its code changes).
+    App,
+}
+
+fn default_main() -> String {
+    "index.js".into()
+}
+fn default_app_ready_path() -> String {
+    "/".into()
+}
+fn default_app_ready_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+/// An app that runs in a runtime: its code and how it starts.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeAppConfig {
+    /// The runtime (a key of `runtimes`).
+    pub name: String,
+    /// The app's code: a directory, packed by snapgate into a read-only
+    /// ext4 image (cached by content hash), or a ready ext4 image file.
+    pub code: PathBuf,
+    /// The module the runtime loads, relative to the code's root.
+    #[serde(default = "default_main")]
+    pub main: String,
+    /// Environment variables for the app (`PORT` is set by snapgate).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// GET of this path on the app port must answer 200 before the instance
+    /// takes requests.
+    #[serde(default = "default_app_ready_path")]
+    pub ready_path: String,
+    /// Longest the app may take from its start to its first 200.
+    #[serde(default = "default_app_ready_timeout", with = "humantime_serde")]
+    pub ready_timeout: Duration,
+    /// `runtime` (default) or `app`: see [`StartFrom`].
+    #[serde(default)]
+    pub snapshot: StartFrom,
+}
+
 /// One app: the hosts it answers and where its requests go.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -162,6 +251,9 @@ pub struct AppConfig {
     /// VM app: what its VMs boot.
     #[serde(default)]
     pub image: Option<ImageSpec>,
+    /// Runtime app: its code, run in a runtime's VMs.
+    #[serde(default)]
+    pub runtime: Option<RuntimeAppConfig>,
     /// VM app: how its VMs are pooled.
     #[serde(default)]
     pub pool: Option<PoolConfig>,
@@ -182,6 +274,8 @@ fn default_response_timeout() -> Duration {
 pub enum Upstream<'a> {
     /// MicroVMs restored from the app's snapshot.
     Vm(&'a ImageSpec, PoolConfig),
+    /// The app's code in a runtime's microVMs.
+    Runtime(&'a RuntimeAppConfig, PoolConfig),
     /// A fixed address.
     Static(SocketAddr),
 }
@@ -189,10 +283,14 @@ pub enum Upstream<'a> {
 impl AppConfig {
     /// The app's upstream (valid configs have exactly one kind).
     pub fn upstream(&self) -> Upstream<'_> {
-        match (&self.image, self.upstream) {
-            (Some(image), _) => Upstream::Vm(image, self.pool.clone().unwrap_or_default()),
-            (None, Some(addr)) => Upstream::Static(addr),
-            (None, None) => unreachable!("validated: an app has an image or an upstream"),
+        let pool = || self.pool.clone().unwrap_or_default();
+        match (&self.image, &self.runtime, self.upstream) {
+            (Some(image), _, _) => Upstream::Vm(image, pool()),
+            (None, Some(rt), _) => Upstream::Runtime(rt, pool()),
+            (None, None, Some(addr)) => Upstream::Static(addr),
+            (None, None, None) => {
+                unreachable!("validated: an app has an image, a runtime or an upstream")
+            }
         }
     }
 }
@@ -238,6 +336,9 @@ pub struct Config {
     /// Tap addressing shared by every VM.
     #[serde(default)]
     pub network: NetParams,
+    /// Language runtimes by name, shared by runtime apps.
+    #[serde(default)]
+    pub runtimes: BTreeMap<String, RuntimeConfig>,
     /// Apps by name.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -307,7 +408,12 @@ impl Config {
         if let Some(dir) = &mut self.snapshot_dir {
             abs(dir);
         }
-        for image in self.apps.values_mut().filter_map(|a| a.image.as_mut()) {
+        for rt in self.apps.values_mut().filter_map(|a| a.runtime.as_mut()) {
+            abs(&mut rt.code);
+        }
+        let images = self.apps.values_mut().filter_map(|a| a.image.as_mut());
+        let runtime_images = self.runtimes.values_mut().map(|r| &mut r.image);
+        for image in images.chain(runtime_images) {
             abs(&mut image.kernel);
             if let Some(initramfs) = &mut image.initramfs {
                 abs(initramfs);
@@ -363,20 +469,29 @@ impl Config {
                     );
                 }
             }
-            match (&app.image, app.upstream) {
-                (Some(_), Some(_)) => add(
+            let kinds = [
+                app.image.as_ref().map(|_| "image (VM app)"),
+                app.runtime.as_ref().map(|_| "runtime (runtime app)"),
+                app.upstream.as_ref().map(|_| "upstream (static app)"),
+            ];
+            let kinds: Vec<&str> = kinds.into_iter().flatten().collect();
+            match kinds.len() {
+                0 => add(
                     at.clone(),
-                    "has both image (VM app) and upstream (static app); keep one".into(),
+                    "needs image (a VM app), runtime (a runtime app) or upstream (a static app)"
+                        .into(),
                 ),
-                (None, None) => add(
-                    at.clone(),
-                    "needs image (a VM app) or upstream (a static app)".into(),
-                ),
-                (None, Some(_)) if app.pool.is_some() => add(
+                1 => {}
+                _ => add(at.clone(), format!("has {}; keep one", kinds.join(" and "))),
+            }
+            if app.upstream.is_some() && app.pool.is_some() {
+                add(
                     format!("{at}.pool"),
-                    "applies to VM apps only; a static app has no pool".into(),
-                ),
-                _ => {}
+                    "applies to VM and runtime apps only; a static app has no pool".into(),
+                );
+            }
+            if let Some(rt) = &app.runtime {
+                self.validate_runtime_app(&format!("{at}.runtime"), rt, &mut add);
             }
             if app.response_timeout.is_zero() {
                 add(
@@ -420,7 +535,107 @@ impl Config {
                 }
             }
         }
+        for (name, rt) in &self.runtimes {
+            let at = format!("runtimes.{name}");
+            if !valid_app_name(name) {
+                add(
+                    at.clone(),
+                    "runtime names are 1-32 characters of [a-z0-9-], starting with a letter".into(),
+                );
+            }
+            for p in rt.spec().validate() {
+                let key = if p.field == "code_slot_mib" {
+                    format!("{at}.code_disk_mib")
+                } else {
+                    format!("{at}.image.{}", p.field)
+                };
+                add(key, p.message);
+            }
+            if rt.image.code_slot_mib.is_some() {
+                add(
+                    format!("{at}.image.code_slot_mib"),
+                    "is set from code_disk_mib; remove it".into(),
+                );
+            }
+            if rt.app_port == 0 {
+                add(format!("{at}.app_port"), "must not be 0".into());
+            } else if rt.app_port == rt.image.guest_port {
+                add(
+                    format!("{at}.app_port"),
+                    format!(
+                        "{} is also image.guest_port, the guest agent's port",
+                        rt.app_port
+                    ),
+                );
+            }
+        }
         problems
+    }
+
+    fn validate_runtime_app(
+        &self,
+        at: &str,
+        rt: &RuntimeAppConfig,
+        add: &mut impl FnMut(String, String),
+    ) {
+        if !self.runtimes.contains_key(&rt.name) {
+            let known: Vec<&str> = self.runtimes.keys().map(String::as_str).collect();
+            add(
+                format!("{at}.name"),
+                if known.is_empty() {
+                    format!(
+                        "no runtime {:?}: the config has no runtimes section",
+                        rt.name
+                    )
+                } else {
+                    format!("no runtime {:?} (runtimes: {})", rt.name, known.join(", "))
+                },
+            );
+        }
+        match std::fs::metadata(&rt.code) {
+            Ok(m) if m.is_dir() || m.is_file() => {}
+            Ok(_) => add(
+                format!("{at}.code"),
+                format!("{} is neither a directory nor a file", rt.code.display()),
+            ),
+            Err(e) => add(format!("{at}.code"), format!("{}: {e}", rt.code.display())),
+        }
+        if rt.main.is_empty() || rt.main.starts_with('/') || rt.main.split('/').any(|c| c == "..") {
+            add(
+                format!("{at}.main"),
+                format!("{:?} must be a relative path inside the code", rt.main),
+            );
+        } else if rt.code.is_dir() && !rt.code.join(&rt.main).is_file() {
+            add(
+                format!("{at}.main"),
+                format!("{} is not a file", rt.code.join(&rt.main).display()),
+            );
+        }
+        for key in rt.env.keys() {
+            let ok = !key.is_empty()
+                && !key.starts_with(|c: char| c.is_ascii_digit())
+                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                add(
+                    format!("{at}.env.{key}"),
+                    "variable names are [A-Za-z0-9_], not starting with a digit".into(),
+                );
+            } else if key == "PORT" {
+                add(
+                    format!("{at}.env.PORT"),
+                    "is set by snapgate to the runtime's app_port".into(),
+                );
+            }
+        }
+        if !rt.ready_path.starts_with('/') {
+            add(
+                format!("{at}.ready_path"),
+                format!("{:?} must start with /", rt.ready_path),
+            );
+        }
+        if rt.ready_timeout.is_zero() {
+            add(format!("{at}.ready_timeout"), "must be above zero".into());
+        }
     }
 
     /// Where snapshots live.

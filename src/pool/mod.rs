@@ -122,6 +122,9 @@ pub enum ClaimError {
         app: String,
         /// The last restore error.
         reason: String,
+        /// The app itself failed to start (its code or its process), not
+        /// the VM or the host.
+        app_failed: bool,
         /// When the next attempt is due.
         retry_after: Duration,
     },
@@ -138,6 +141,11 @@ impl ClaimError {
     /// the log and [`Pool::last_error`] instead.
     pub fn public_message(&self) -> String {
         match self {
+            ClaimError::Unavailable {
+                app,
+                app_failed: true,
+                ..
+            } => format!("app {app}: the app failed to start; the operator has the details"),
             ClaimError::Unavailable { app, .. } => {
                 format!("app {app}: cannot start an instance right now")
             }
@@ -228,6 +236,8 @@ struct State {
     failures: u32,
     retry_at: Option<Instant>,
     last_error: Option<String>,
+    /// Whether the last failed start was the app's own fault.
+    last_app_failed: bool,
     closed: bool,
     peak: usize,
 }
@@ -544,6 +554,7 @@ impl Shared {
             Some(ClaimError::Unavailable {
                 app: self.app.clone(),
                 reason: st.last_error.clone().unwrap_or_default(),
+                app_failed: st.last_app_failed,
                 retry_after: retry_at - now,
             })
         } else {
@@ -734,6 +745,7 @@ async fn restore(shared: Arc<Shared>, id: VmId) {
                 let wait = backoff(st.failures);
                 st.retry_at = Some(Instant::now() + wait);
                 st.last_error = Some(crate::display_chain(&e));
+                st.last_app_failed = matches!(e, VmmError::App { .. });
                 let serving = st.instances.iter().any(|i| !i.draining);
                 // Nothing else will serve the queue: fail it now, clearly.
                 let failed: Vec<Waiter> = if !serving && st.restoring == 0 {
@@ -749,6 +761,7 @@ async fn restore(shared: Arc<Shared>, id: VmId) {
                 let _ = w.tx.send(Err(ClaimError::Unavailable {
                     app: shared.app.clone(),
                     reason: e.to_string(),
+                    app_failed: matches!(e, VmmError::App { .. }),
                     retry_after: wait,
                 }));
             }

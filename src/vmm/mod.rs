@@ -147,6 +147,31 @@ pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<S
         .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))
 }
 
+/// Where a VM's code slot file lives in its run directory.
+pub fn code_slot_path(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("code.img")
+}
+
+/// Creates the empty (sparse) code slot file of `spec` in `run_dir`, if the
+/// spec has one; every VM of a runtime gets its own.
+pub fn create_code_slot(
+    spec: &ImageSpec,
+    run_dir: &std::path::Path,
+) -> Result<Option<PathBuf>, VmmError> {
+    let Some(mib) = spec.code_slot_mib else {
+        return Ok(None);
+    };
+    let path = code_slot_path(run_dir);
+    std::fs::File::create(&path)
+        .and_then(|f| f.set_len(u64::from(mib) << 20))
+        .map_err(|source| VmmError::Io {
+            what: "cannot create code slot",
+            path: path.clone(),
+            source,
+        })?;
+    Ok(Some(path))
+}
+
 /// A running VM. Dropping it kills its VMM process (see the module doc).
 #[derive(Debug)]
 pub struct Vm {
@@ -206,6 +231,26 @@ impl Vm {
     /// The path the readiness probe asks for.
     pub fn ready_path(&self) -> &str {
         &self.spec.ready_path
+    }
+
+    /// The file behind this VM's code disk, for runtime images
+    /// ([`ImageSpec::code_slot_mib`]): empty until an app's code is written
+    /// into it. The VMM reads it through its own descriptor, so writes made
+    /// here before the guest mounts the disk are what the guest sees.
+    pub fn code_slot(&self) -> Option<PathBuf> {
+        self.spec
+            .code_slot_mib
+            .map(|_| code_slot_path(self.process.run_dir()))
+    }
+
+    /// Points the endpoint and the readiness probe at what the guest serves
+    /// now: a runtime clone first answers on its agent port, then, once its
+    /// app has started, on the app's port and ready path.
+    pub fn serve_at(&mut self, port: u16, ready_path: &str, ready_timeout: Duration) {
+        self.endpoint.addr.set_port(port);
+        self.spec.guest_port = port;
+        self.spec.ready_path = ready_path.to_owned();
+        self.spec.ready_timeout = ready_timeout;
     }
 
     /// Driver step durations so far.
@@ -305,9 +350,26 @@ pub enum VmmError {
     /// The image spec or settings cannot be used.
     #[error("invalid VM settings: {0}")]
     Invalid(String),
+    /// A runtime app did not start: its code could not be packed or
+    /// attached, the guest agent refused it, or the app crashed or never
+    /// answered. `output` is what the app printed, from the console.
+    #[error("app {app}: {reason}{}", output_suffix(.output))]
+    App {
+        app: String,
+        reason: String,
+        output: String,
+    },
     /// Host networking failed.
     #[error(transparent)]
     Net(#[from] NetError),
+}
+
+fn output_suffix(output: &str) -> String {
+    if output.trim().is_empty() {
+        String::new()
+    } else {
+        format!("; app output:\n{}", output.trim_end())
+    }
 }
 
 fn tail_suffix(tail: &str) -> String {

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
+use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -20,6 +20,17 @@ pub async fn connect(endpoint: &Endpoint) -> std::io::Result<TcpStream> {
 
 /// One HTTP/1.1 GET of `path` on the guest; returns the status and body.
 pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), String> {
+    request(endpoint, http::Method::GET, path, Bytes::new()).await
+}
+
+/// One HTTP/1.1 request on a fresh connection to the guest; returns the
+/// status and body.
+pub async fn request(
+    endpoint: &Endpoint,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<(u16, Bytes), String> {
     let stream = connect(endpoint)
         .await
         .map_err(|e| format!("connect: {e}"))?;
@@ -27,9 +38,15 @@ pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), String
         .await
         .map_err(|e| format!("handshake: {e}"))?;
     let conn = tokio::spawn(conn);
-    let req = http::Request::get(path)
-        .header(http::header::HOST, endpoint.addr.to_string())
-        .body(Empty::<Bytes>::new())
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, endpoint.addr.to_string());
+    if !body.is_empty() {
+        req = req.header(http::header::CONTENT_TYPE, "application/json");
+    }
+    let req = req
+        .body(Full::new(body))
         .map_err(|e| format!("request: {e}"))?;
     let resp = sender
         .send_request(req)

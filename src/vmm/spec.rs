@@ -79,6 +79,9 @@ fn default_snapshot_mode() -> SnapshotMode {
     SnapshotMode::Template
 }
 
+/// The largest code disk, in MiB.
+pub const MAX_CODE_DISK_MIB: u32 = 16 * 1024;
+
 /// Placeholders a cmdline may use, and what they expand to.
 pub const PLACEHOLDERS: &[(&str, &str)] = &[
     ("guest_ip", "the guest's address"),
@@ -124,6 +127,12 @@ pub struct ImageSpec {
     /// How QEMU snapshots this image.
     #[serde(default = "default_snapshot_mode")]
     pub snapshot_mode: SnapshotMode,
+    /// Runtime images only (snapgate sets it from the runtime's
+    /// `code_disk_mib`): one more read-only disk after `disks`, of this many
+    /// MiB, backed by a file of each VM's own (`Vm::code_slot`) that starts
+    /// empty and receives an app's code when a clone is claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_slot_mib: Option<u32>,
 }
 
 impl ImageSpec {
@@ -168,6 +177,14 @@ impl ImageSpec {
         }
         if self.ready_timeout.is_zero() {
             problems.push(FieldError::new("ready_timeout", "must be above zero"));
+        }
+        if let Some(mib) = self.code_slot_mib {
+            if !(1..=MAX_CODE_DISK_MIB).contains(&mib) {
+                problems.push(FieldError::new(
+                    "code_slot_mib",
+                    format!("{mib} is not within 1..={MAX_CODE_DISK_MIB}"),
+                ));
+            }
         }
         problems
     }

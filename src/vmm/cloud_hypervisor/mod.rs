@@ -69,8 +69,10 @@ pub struct CloudHypervisor {
     restore_mode: MemoryRestoreMode,
 }
 
-/// The VmConfig body of `vm.create` for `spec`.
-pub fn vm_config(spec: &ImageSpec, cmdline: &str, console: &Path) -> Value {
+/// The VmConfig body of `vm.create` for `spec`, for a VM whose run
+/// directory is `run_dir` (serial console log, code slot).
+pub fn vm_config(spec: &ImageSpec, cmdline: &str, run_dir: &Path) -> Value {
+    let console = run_dir.join("console.log");
     let mut payload = json!({
         "kernel": spec.kernel,
         "cmdline": cmdline,
@@ -78,10 +80,15 @@ pub fn vm_config(spec: &ImageSpec, cmdline: &str, console: &Path) -> Value {
     if let Some(initramfs) = &spec.initramfs {
         payload["initramfs"] = json!(initramfs);
     }
+    let code_slot = spec
+        .code_slot_mib
+        .map(|_| crate::vmm::code_slot_path(run_dir));
     let disks: Vec<Value> = spec
         .disks
         .iter()
-        .map(|d| json!({ "path": d.path, "readonly": true }))
+        .map(|d| d.path.as_path())
+        .chain(code_slot.as_deref())
+        .map(|path| json!({ "path": path, "readonly": true }))
         .collect();
     let mut config = json!({
         "cpus": { "boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus },
@@ -174,8 +181,13 @@ impl CloudHypervisor {
 }
 
 /// Prepares `<run_dir>/source/`: the snapshot's `config.json` with the
-/// serial console pointed at this clone's log, and links to the rest.
-fn clone_source(snapshot: &Snapshot, run_dir: &Path, console: &Path) -> Result<PathBuf, VmmError> {
+/// serial console pointed at this clone's log and, for runtime images, the
+/// last disk (the code slot) at this clone's own file; links to the rest.
+pub fn clone_source(
+    snapshot: &Snapshot,
+    run_dir: &Path,
+    console: &Path,
+) -> Result<PathBuf, VmmError> {
     let dir = run_dir.join("source");
     let io = |what, path: &Path| {
         let path = path.to_owned();
@@ -190,6 +202,16 @@ fn clone_source(snapshot: &Snapshot, run_dir: &Path, console: &Path) -> Result<P
     })?;
     if config["serial"]["mode"] == "File" {
         config["serial"]["file"] = json!(console);
+    }
+    if snapshot.manifest().spec.code_slot_mib.is_some() {
+        let slot = config["disks"]
+            .as_array_mut()
+            .and_then(|disks| disks.last_mut())
+            .ok_or_else(|| VmmError::SnapshotFile {
+                path: config_path.clone(),
+                problem: "a runtime snapshot without disks: the code slot is missing".into(),
+            })?;
+        slot["path"] = json!(crate::vmm::code_slot_path(run_dir));
     }
     let out = dir.join("config.json");
     std::fs::write(&out, config.to_string()).map_err(io("cannot write", &out))?;
@@ -220,12 +242,12 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
-        let console = process.console_path();
+        crate::vmm::create_code_slot(spec, &run_dir)?;
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
         let t = Instant::now();
         client
-            .create(&vm_config(spec, vm.cmdline(), &console))
+            .create(&vm_config(spec, vm.cmdline(), &run_dir))
             .await?;
         let fd = tap.take_fd();
         client
@@ -280,6 +302,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
+        crate::vmm::create_code_slot(&m.spec, &run_dir)?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
@@ -317,10 +340,13 @@ mod tests {
     #[test]
     fn bodies_follow_the_api_shapes() {
         let spec: ImageSpec = serde_yaml_ng::from_str(
-            "kernel: /k\ninitramfs: /i\ncmdline: x\nmemory_mib: 128\nvcpus: 2\ndisks: [{path: /d}]\n",
+            "kernel: /k\ninitramfs: /i\ncmdline: x\nmemory_mib: 128\nvcpus: 2\ndisks: [{path: /d}]\ncode_slot_mib: 8\n",
         )
         .unwrap();
-        let c = vm_config(&spec, "console=ttyS0", Path::new("/run/console.log"));
+        let c = vm_config(&spec, "console=ttyS0", Path::new("/run"));
+        assert_eq!(c["serial"]["file"], "/run/console.log");
+        assert_eq!(c["disks"][1]["path"], "/run/code.img");
+        assert_eq!(c["disks"][1]["readonly"], true);
         assert_eq!(c["memory"]["size"], 128u64 << 20);
         assert_eq!(c["cpus"]["boot_vcpus"], 2);
         assert_eq!(c["payload"]["initramfs"], "/i");

@@ -1,0 +1,309 @@
+//! Runtime apps end to end: the Node.js runtime guest (built from Debian
+//! packages by scripts/build-node-runtime), real QEMU clones on real taps,
+//! the real gateway and a real client. The runtime's snapshot is cached in
+//! `target/test-snapshots` (rebuilt when the guest or runtime changes).
+#![cfg(feature = "vm-tests")]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::*;
+use snapgate::gateway::{self, Running};
+use snapgate::net::Network;
+use snapgate::testing::{runtime_gateway_config, shared_snapshot_dir};
+
+/// A JS app that answers with its name, version and environment.
+fn write_app(dir: &Path, name: &str, version: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(
+        dir.join("server.js"),
+        format!(
+            "const http = require('http');\n\
+             const started = Date.now();\n\
+             http.createServer((req, res) => {{\n\
+             \x20 res.setHeader('content-type', 'text/plain');\n\
+             \x20 res.end(`app={name} version={version} greeting=${{process.env.GREETING}} port=${{process.env.PORT}} node=${{process.version}} url=${{req.url}}\\n`);\n\
+             }}).listen(Number(process.env.PORT));\n"
+        ),
+    )
+    .unwrap();
+}
+
+/// An app entry of `apps:` for the `node` runtime.
+fn app_entry(name: &str, code: &Path, extra: &str, pool: &str) -> String {
+    format!(
+        "  {name}:\n    hosts: [{name}.test]\n    runtime: {{ name: node, code: {}, main: server.js{extra} }}\n    pool: {pool}\n",
+        code.display()
+    )
+}
+
+struct Gw {
+    state: tempfile::TempDir,
+    snapshots: PathBuf,
+    running: Option<Running>,
+    net: Network,
+    http: reqwest::Client,
+}
+
+impl Gw {
+    async fn start(prefix: &str, runtime_min_warm: usize, apps: &str, snapshots: &Path) -> Gw {
+        let state = tempfile::tempdir().unwrap();
+        let cfg = runtime_gateway_config(state.path(), prefix, runtime_min_warm, apps, snapshots);
+        let net = Network::new(cfg.network.clone()).unwrap();
+        let running = gateway::start(&cfg, &mut std::io::stderr())
+            .await
+            .unwrap_or_else(|e| panic!("gateway start: {}", snapgate::display_chain(e.as_ref())));
+        Gw {
+            state,
+            snapshots: snapshots.to_owned(),
+            running: Some(running),
+            net,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    fn running(&self) -> &Running {
+        self.running.as_ref().unwrap()
+    }
+
+    fn pool(&self, app: &str) -> &snapgate::pool::Pool {
+        self.running().proxy.pool(app).unwrap()
+    }
+
+    async fn get(&self, app: &str, path: &str) -> (u16, String) {
+        let resp = self
+            .http
+            .get(format!("http://{}{path}", self.running().listen))
+            .header("host", format!("{app}.test"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.text().await.unwrap())
+    }
+
+    fn runtime_stock(&self) -> (usize, usize) {
+        self.running().runtimes["node"].stock()
+    }
+
+    /// Every VMM pid the gateway has: app instances and warm runtime clones.
+    fn pids(&self, apps: &[&str]) -> Vec<u32> {
+        let mut pids: Vec<u32> = apps.iter().flat_map(|a| self.pool(a).pids()).collect();
+        for rt in self.running().runtimes.values() {
+            pids.extend(rt.pids());
+        }
+        pids
+    }
+
+    /// Shuts the gateway down and checks that every VM and tap is gone.
+    async fn stop(mut self, apps: &[&str]) {
+        let pids = self.pids(apps);
+        self.running.take().unwrap().shutdown().await;
+        assert_all_gone(&self.net, &pids).await;
+    }
+}
+
+impl Drop for Gw {
+    fn drop(&mut self) {
+        // A failed test still kills its VMs: dropping the runtime's tasks
+        // drops every VM value, and each kills its VMM.
+        drop(self.running.take());
+    }
+}
+
+async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The snapshot directory `current` points at, for `name`.
+fn current_snapshot(snapshots: &Path, name: &str) -> PathBuf {
+    std::fs::canonicalize(snapshots.join(name).join("current"))
+        .unwrap_or_else(|e| panic!("{name}: no current snapshot: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
+    let code = tempfile::tempdir().unwrap();
+    let (alpha, beta) = (code.path().join("alpha"), code.path().join("beta"));
+    write_app(&alpha, "alpha", 1);
+    write_app(&beta, "beta", 1);
+    let pool = "{ min_warm: 0, max_instances: 2, idle_timeout: 1s }";
+    let apps = app_entry("alpha", &alpha, ", env: { GREETING: hi-alpha }", pool)
+        + &app_entry("beta", &beta, ", env: { GREETING: hi-beta }", pool);
+    let gw = Gw::start("sgrt", 1, &apps, &shared_snapshot_dir()).await;
+    let runtime_snapshot = current_snapshot(&gw.snapshots, "runtime.node");
+    let metrics = gw.running().runtime_metrics.clone();
+    wait_for(
+        "a warm runtime clone",
+        Duration::from_secs(60),
+        async || gw.runtime_stock().0 == 1,
+    )
+    .await;
+
+    // Each host answers with its own app, both from the one runtime snapshot.
+    let (status, body) = gw.get("alpha", "/a").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("app=alpha version=1 greeting=hi-alpha port=8080 node=v18."),
+        "{body}"
+    );
+    assert!(body.contains("url=/a"), "{body}");
+    let (status, body) = gw.get("beta", "/b").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("app=beta version=1 greeting=hi-beta"),
+        "{body}"
+    );
+    // No image was rebuilt: no per-app snapshot, the runtime's is the same.
+    assert!(!gw.snapshots.join("alpha").exists());
+    assert!(!gw.snapshots.join("beta").exists());
+    assert_eq!(
+        current_snapshot(&gw.snapshots, "runtime.node"),
+        runtime_snapshot
+    );
+    // The first claim took the warm clone; the stock refills for the next.
+    assert!(metrics.takes("node", "warm") >= 1);
+    wait_for("the stock to refill", Duration::from_secs(60), async || {
+        gw.runtime_stock().0 == 1
+    })
+    .await;
+
+    // New code for alpha: once its instance is reaped (idle 1s), the next
+    // instance runs it, from the same runtime snapshot.
+    write_app(&alpha, "alpha", 2);
+    wait_for(
+        "alpha to scale to zero",
+        Duration::from_secs(30),
+        async || gw.pool("alpha").stats().instances == 0,
+    )
+    .await;
+    let (status, body) = gw.get("alpha", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("app=alpha version=2"), "{body}");
+    assert_eq!(
+        current_snapshot(&gw.snapshots, "runtime.node"),
+        runtime_snapshot
+    );
+    let images: Vec<_> = std::fs::read_dir(gw.state.path().join("code/alpha"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(images.len(), 2, "one image per code version: {images:?}");
+    assert_eq!(metrics.failures("node"), 0);
+    gw.stop(&["alpha", "beta"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
+    let code = tempfile::tempdir().unwrap();
+    let good = code.path().join("good");
+    write_app(&good, "good", 1);
+    let crash = code.path().join("crash");
+    std::fs::create_dir_all(&crash).unwrap();
+    std::fs::write(
+        crash.join("server.js"),
+        "console.log('connecting to the database');\n\
+         throw new Error('boom: DATABASE_URL is not set');\n",
+    )
+    .unwrap();
+    // A code "image" that is no file system at all.
+    let garbage = code.path().join("garbage.img");
+    std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
+    let pool = "{ min_warm: 0, max_instances: 1 }";
+    let apps = app_entry("good", &good, "", pool)
+        + &app_entry("crash", &crash, "", pool)
+        + &app_entry("garbage", &garbage, "", pool);
+    let gw = Gw::start("sgrf", 1, &apps, &shared_snapshot_dir()).await;
+    let metrics = gw.running().runtime_metrics.clone();
+    wait_for(
+        "a warm runtime clone",
+        Duration::from_secs(60),
+        async || gw.runtime_stock().0 == 1,
+    )
+    .await;
+
+    // The app crashes at start: 503 naming the app, and the app's own
+    // output (its log line and its error) in the error the gateway logs.
+    let (status, body) = gw.get("crash", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("app crash: the app failed to start"),
+        "{body}"
+    );
+    let err = gw.pool("crash").last_error().expect("an error is kept");
+    assert!(err.contains("the app exited while starting"), "{err}");
+    assert!(err.contains("connecting to the database"), "{err}");
+    assert!(
+        err.contains("Error: boom: DATABASE_URL is not set"),
+        "{err}"
+    );
+
+    // The code disk does not mount: 503, and the agent's reason.
+    let (status, body) = gw.get("garbage", "/").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("app garbage: the app failed to start"),
+        "{body}"
+    );
+    let err = gw.pool("garbage").last_error().expect("an error is kept");
+    assert!(err.contains("refused the start (HTTP 422)"), "{err}");
+    assert!(err.contains("does not mount as ext4"), "{err}");
+
+    // The runtime is not poisoned: the good app starts, the stock refills,
+    // and no runtime clone failed.
+    let (status, body) = gw.get("good", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("app=good version=1"), "{body}");
+    wait_for("the stock to refill", Duration::from_secs(60), async || {
+        gw.runtime_stock().0 == 1
+    })
+    .await;
+    assert_eq!(metrics.failures("node"), 0);
+    assert!(gw.running().runtimes["node"].last_error().is_none());
+    // The failed apps' clones were destroyed, not left running.
+    assert_eq!(gw.pool("crash").stats().instances, 0);
+    assert_eq!(gw.pool("garbage").stats().instances, 0);
+    gw.stop(&["good", "crash", "garbage"]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
+    let code = tempfile::tempdir().unwrap();
+    let solo = code.path().join("solo");
+    write_app(&solo, "solo", 1);
+    // Its own snapshot directory: the test checks it is built here.
+    let snapshots = tempfile::tempdir().unwrap();
+    let apps = app_entry(
+        "solo",
+        &solo,
+        ", snapshot: app, env: { GREETING: frozen }",
+        "{ min_warm: 0, max_instances: 2 }",
+    );
+    let gw = Gw::start("sgpa", 1, &apps, snapshots.path()).await;
+    // The app's own snapshot, and no runtime stock (no app needs one).
+    let manifest: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(current_snapshot(snapshots.path(), "solo").join("manifest.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["spec"]["guest_port"], 8080, "{manifest}");
+    assert_eq!(manifest["spec"]["ready_path"], "/");
+    assert!(!snapshots.path().join("runtime.node").exists());
+    assert!(gw.running().runtimes.is_empty());
+
+    let (status, body) = gw.get("solo", "/x").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.starts_with("app=solo version=1 greeting=frozen"),
+        "{body}"
+    );
+    // It was restored from the app's snapshot: no runtime clone was taken.
+    assert_eq!(gw.pool("solo").stats().instances, 1);
+    gw.stop(&["solo"]).await;
+}
