@@ -98,9 +98,19 @@ impl Timings {
         self.0.push((step, took));
     }
 
-    /// The duration of `step`, if it was recorded.
+    /// The duration of `step`, if it was recorded (the first, if it was
+    /// recorded more than once).
     pub fn get(&self, step: &str) -> Option<Duration> {
         self.0.iter().find(|(s, _)| *s == step).map(|(_, d)| *d)
+    }
+
+    /// The duration of the last `step` recorded.
+    pub fn last(&self, step: &str) -> Option<Duration> {
+        self.0
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == step)
+            .map(|(_, d)| *d)
     }
 }
 

@@ -1,0 +1,26 @@
+'use strict';
+// The Node.js demo app of proxy.yaml (node.localhost). It runs in a clone
+// of the Node.js runtime snapshot: snapgate attached this directory, packed
+// as a read-only disk, when the request that woke it arrived.
+const http = require('http');
+const os = require('os');
+
+const startedAt = new Date();
+let served = 0;
+
+http.createServer((req, res) => {
+    served += 1;
+    const body = [
+        `Hello from Node.js ${process.version} in a snapgate microVM.`,
+        `app started: ${startedAt.toISOString()} (uptime ${process.uptime().toFixed(2)}s)`,
+        `requests served by this instance: ${served}`,
+        `greeting from proxy.yaml: ${process.env.GREETING || '(none)'}`,
+        `you asked for: ${req.method} ${req.url}`,
+        `kernel: ${os.release()}`,
+        '',
+    ].join('\n');
+    res.writeHead(200, { 'content-type': 'text/plain; charset=utf-8' });
+    res.end(body);
+}).listen(Number(process.env.PORT), () => {
+    console.log(`demo app listening on ${process.env.PORT}`);
+});
