@@ -109,7 +109,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                     let code = CodeSource::new(
                         name,
                         &rt_app.code,
-                        &config.state_dir.join("code").join(name),
+                        &config.code_cache(name),
                         rt_cfg.code_disk_mib,
                     );
                     // A code source that cannot be packed is reported now.

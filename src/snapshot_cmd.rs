@@ -181,24 +181,27 @@ pub async fn ensure(
     build_one(vmm, net, snapshot_dir, app, spec, prepare, out).await
 }
 
-/// `snapgate snapshot build`: builds snapshots for `apps` (every VM app
-/// when empty).
+/// `snapgate snapshot build`: builds the snapshots `apps` start from (every
+/// VM and runtime app when empty): a VM app's own; for a runtime app, its
+/// runtime's shared snapshot, or with `snapshot: app` the app's own.
 pub async fn build(
     config: &Config,
     apps: &[String],
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Vec<Snapshot>> {
+    use crate::config::{StartFrom, Upstream};
+    use crate::runtime::{self, AppTemplate, CodeSource, StartSpec};
     let vm_apps: Vec<&String> = config
         .apps
         .iter()
-        .filter(|(_, a)| a.image.is_some())
+        .filter(|(_, a)| !matches!(a.upstream(), Upstream::Static(_)))
         .map(|(n, _)| n)
         .collect();
     for name in apps {
         if !vm_apps.contains(&name) {
             let known: Vec<&str> = vm_apps.iter().map(|s| s.as_str()).collect();
             anyhow::bail!(
-                "no VM app {name:?} in the config (VM apps: {})",
+                "no VM or runtime app {name:?} in the config (they are: {})",
                 known.join(", ")
             );
         }
@@ -210,21 +213,43 @@ pub async fn build(
     };
     let net = Network::new(config.network.clone())?;
     let vmm = driver(config)?;
+    let dir = config.snapshot_dir();
     let mut built = Vec::new();
+    let mut runtimes_built = Vec::new();
     for app in selected {
-        let spec = config.apps[app].image.as_ref().expect("VM app");
-        built.push(
-            build_one(
-                vmm.as_ref(),
-                &net,
-                &config.snapshot_dir(),
-                app,
-                spec,
-                None,
-                out,
-            )
-            .await?,
-        );
+        let snapshot = match config.apps[app].upstream() {
+            Upstream::Vm(spec, _) => {
+                build_one(vmm.as_ref(), &net, &dir, app, spec, None, out).await?
+            }
+            Upstream::Runtime(rt_app, _) => {
+                let rt = &config.runtimes[&rt_app.name];
+                match rt_app.snapshot {
+                    StartFrom::Runtime if runtimes_built.contains(&rt_app.name) => continue,
+                    StartFrom::Runtime => {
+                        runtimes_built.push(rt_app.name.clone());
+                        let name = runtime::snapshot_name(&rt_app.name);
+                        build_one(vmm.as_ref(), &net, &dir, &name, &rt.spec(), None, out).await?
+                    }
+                    StartFrom::App => {
+                        let code = CodeSource::new(
+                            app,
+                            &rt_app.code,
+                            &config.code_cache(app),
+                            rt.code_disk_mib,
+                        )
+                        .current()?;
+                        let spec = runtime::app_image(rt, &code.path);
+                        let template = AppTemplate {
+                            start: StartSpec::new(app, rt_app, rt),
+                        };
+                        build_one(vmm.as_ref(), &net, &dir, app, &spec, Some(&template), out)
+                            .await?
+                    }
+                }
+            }
+            Upstream::Static(_) => unreachable!("filtered above"),
+        };
+        built.push(snapshot);
     }
     Ok(built)
 }

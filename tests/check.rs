@@ -22,6 +22,26 @@ apps:
     upstream: 127.0.0.1:3000
 ";
 
+/// A valid base config with a runtime app; `/etc` stands in for its code
+/// directory and `/etc/hostname` for its main module.
+const RT_BASE: &str = "\
+apps:
+  web:
+    hosts: [web.localhost]
+    runtime:
+      name: node
+      code: /etc
+      main: hostname
+      env: {GREETING: hi}
+runtimes:
+  node:
+    image:
+      kernel: /bin/sh
+      cmdline: 'snapgate.agent={guest_port}'
+      guest_port: 8081
+    code_disk_mib: 64
+";
+
 fn check(text: &str) -> (bool, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("proxy.yaml");
@@ -89,7 +109,7 @@ fn broken_configs_are_rejected_naming_the_key() {
                 "    upstream: 127.0.0.1:3000",
                 "    upstream: 127.0.0.1:3000\n    image: {kernel: /bin/sh, cmdline: x}",
             ),
-            "apps.other (line 12): has both image",
+            "apps.other (line 12): has image (VM app) and upstream (static app)",
         ),
         (
             "neither image nor upstream",
@@ -178,6 +198,94 @@ fn broken_configs_are_rejected_naming_the_key() {
 }
 
 #[test]
+fn broken_runtime_configs_are_rejected_naming_the_key() {
+    let (ok, stdout, stderr) = check(RT_BASE);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("ok (1 apps)"), "{stdout}");
+    let cases: &[(&str, String, &str)] = &[
+        (
+            "unknown runtime",
+            RT_BASE.replace("name: node", "name: deno"),
+            "apps.web.runtime.name (line 5): no runtime \"deno\" (runtimes: node)",
+        ),
+        (
+            "image and runtime together",
+            RT_BASE.replace(
+                "    hosts: [web.localhost]",
+                "    hosts: [web.localhost]\n    image: {kernel: /bin/sh, cmdline: x}",
+            ),
+            "has image (VM app) and runtime (runtime app); keep one",
+        ),
+        (
+            "missing code",
+            RT_BASE.replace("code: /etc", "code: /nonexistent/app"),
+            "apps.web.runtime.code (line 6): /nonexistent/app",
+        ),
+        (
+            "main outside the code",
+            RT_BASE.replace("main: hostname", "main: ../etc/passwd"),
+            "apps.web.runtime.main (line 7)",
+        ),
+        (
+            "main not in the code",
+            RT_BASE.replace("main: hostname", "main: server.js"),
+            "/etc/server.js is not a file",
+        ),
+        (
+            "PORT in env",
+            RT_BASE.replace("{GREETING: hi}", "{PORT: '9000'}"),
+            "apps.web.runtime.env.PORT: is set by snapgate",
+        ),
+        (
+            "bad env name",
+            RT_BASE.replace("{GREETING: hi}", "{'MY-VAR': x}"),
+            "apps.web.runtime.env.MY-VAR",
+        ),
+        (
+            "unknown snapshot kind",
+            RT_BASE.replace(
+                "      main: hostname",
+                "      main: hostname\n      snapshot: both",
+            ),
+            "apps.web.runtime.snapshot (line 8): unknown variant `both`",
+        ),
+        (
+            "app port is the agent port",
+            RT_BASE.replace(
+                "    code_disk_mib: 64",
+                "    code_disk_mib: 64\n    app_port: 8081",
+            ),
+            "runtimes.node.app_port (line 16): 8081 is also image.guest_port",
+        ),
+        (
+            "zero code disk",
+            RT_BASE.replace("code_disk_mib: 64", "code_disk_mib: 0"),
+            "runtimes.node.code_disk_mib (line 15): 0 is not within 1..=16384",
+        ),
+        (
+            "runtime image file missing",
+            RT_BASE.replace("kernel: /bin/sh", "kernel: /nonexistent/vmlinuz"),
+            "runtimes.node.image.kernel (line 12)",
+        ),
+        (
+            "pool key misspelt on a runtime",
+            RT_BASE.replace("code_disk_mib: 64", "min_wram: 1"),
+            "runtimes.node.min_wram (line 15): unknown field",
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, text, expect) in cases {
+        let (ok, _, stderr) = check(text);
+        if ok {
+            failures.push(format!("{name}: accepted"));
+        } else if !stderr.contains(expect) {
+            failures.push(format!("{name}: wanted {expect:?} in:\n{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
 fn every_problem_is_reported_at_once() {
     let text = BASE
         .replace("min_warm: 1", "min_warm: 3")
@@ -189,16 +297,22 @@ fn every_problem_is_reported_at_once() {
 
 #[test]
 fn the_shipped_proxy_yaml_parses() {
-    // Its image files exist only after scripts/build-guest; everything else
-    // must check out.
+    // Its image files exist only after scripts/build-guest and
+    // scripts/build-node-runtime; everything else must check out.
     let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/proxy.yaml")).unwrap();
     let config = snapgate::config::Config::parse(&text).unwrap_or_else(|p| panic!("{p}"));
     let problems: Vec<String> = config
         .validate()
         .into_iter()
         .filter(|p| {
-            !p.key.starts_with("apps.hello.image.kernel")
-                && !p.key.starts_with("apps.hello.image.initramfs")
+            let built = [
+                "apps.hello.image.kernel",
+                "apps.hello.image.initramfs",
+                "runtimes.node.image.kernel",
+                "runtimes.node.image.initramfs",
+                "runtimes.node.image.disks[0].path",
+            ];
+            !built.contains(&p.key.as_str())
         })
         .map(|p| p.to_string())
         .collect();
@@ -208,4 +322,10 @@ fn the_shipped_proxy_yaml_parses() {
     let pool = config.apps["hello"].pool.clone().unwrap();
     assert_eq!(pool.min_warm, 1);
     assert_eq!(pool.idle_timeout.as_secs(), 30);
+    let node = config.apps["node-hello"].runtime.clone().unwrap();
+    assert_eq!(node.name, "node");
+    assert!(config.apps["node-hello"]
+        .hosts
+        .contains(&"node.localhost".to_owned()));
+    assert_eq!(config.runtimes["node"].min_warm, 1);
 }

@@ -607,48 +607,8 @@ async fn dashboard_queries_run_on_a_real_prometheus_scraping_the_gateway() {
         gw.pool().stats().instances == 1
     })
     .await;
-    let dir = tempfile::tempdir().unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    std::fs::write(
-        dir.path().join("prometheus.yml"),
-        format!(
-            "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\n\
-             scrape_configs:\n  - job_name: snapgate\n    static_configs: [{{ targets: ['{}'] }}]\n",
-            gw.running().admin
-        ),
-    )
-    .unwrap();
-    let _prometheus = tokio::process::Command::new("prometheus")
-        .arg(format!(
-            "--config.file={}",
-            dir.path().join("prometheus.yml").display()
-        ))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("prometheus (Debian package prometheus; scripts/test installs it)");
-    let query = async |expr: &str| -> serde_json::Value {
-        let url = format!("http://127.0.0.1:{port}/api/v1/query");
-        match reqwest::Client::new()
-            .get(url)
-            .query(&[("query", expr)])
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.unwrap_or_default(),
-            Err(_) => serde_json::Value::Null,
-        }
-    };
+    let prometheus = Prometheus::start(gw.running().admin);
+    let query = async |expr: &str| prometheus.query(expr).await;
     // Traffic while Prometheus scrapes: rates need two samples or more.
     wait_for(
         "prometheus to scrape the gateway",
@@ -665,30 +625,11 @@ async fn dashboard_queries_run_on_a_real_prometheus_scraping_the_gateway() {
         let _ = gw.get("/").send().await;
         tokio::time::sleep(Duration::from_millis(150)).await;
     }
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/dashboards/snapgate.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
     let mut checked = 0;
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$app", ".*")
-                .replace("$__rate_interval", "1m");
-            let answer = query(&expr).await;
-            assert_eq!(
-                answer["status"], "success",
-                "{}: {expr}: {answer}",
-                panel["title"]
-            );
-            checked += 1;
-        }
+    for (title, expr) in dashboard_queries() {
+        let answer = query(&expr).await;
+        assert_eq!(answer["status"], "success", "{title}: {expr}: {answer}");
+        checked += 1;
     }
     assert!(checked >= 8);
     // The series the panels draw are there, with the values the pool has.

@@ -138,6 +138,14 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     let gw = Gw::start("sgrt", 1, &apps, &shared_snapshot_dir()).await;
     let runtime_snapshot = current_snapshot(&gw.snapshots, "runtime.node");
     let metrics = gw.running().runtime_metrics.clone();
+    // A real Prometheus scrapes the gateway throughout (checked at the end).
+    let prometheus = Prometheus::start(gw.running().admin);
+    wait_for(
+        "prometheus to scrape",
+        Duration::from_secs(60),
+        async || prometheus.has_series("snapgate_runtime_clones").await,
+    )
+    .await;
     wait_for(
         "a warm runtime clone",
         Duration::from_secs(60),
@@ -196,6 +204,38 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
         .collect();
     assert_eq!(images.len(), 2, "one image per code version: {images:?}");
     assert_eq!(metrics.failures("node"), 0);
+
+    // The dashboard's runtime panels draw these series from Prometheus.
+    let runtime_panels: Vec<(String, String)> = dashboard_queries()
+        .into_iter()
+        .filter(|(_, expr)| expr.contains("snapgate_runtime_"))
+        .collect();
+    assert_eq!(runtime_panels.len(), 3, "{runtime_panels:?}");
+    wait_for(
+        "Prometheus to see the takes",
+        Duration::from_secs(30),
+        async || {
+            let answer = prometheus.query(&runtime_panels[1].1).await;
+            answer["data"]["result"].as_array().is_some_and(|series| {
+                series.iter().any(|s| {
+                    s["metric"]["outcome"] == "warm"
+                        && s["value"][1].as_str().and_then(|v| v.parse::<f64>().ok()) > Some(0.0)
+                })
+            })
+        },
+    )
+    .await;
+    let stock = prometheus.query(&runtime_panels[0].1).await;
+    let warm = stock["data"]["result"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["metric"]["state"] == "warm")
+        .unwrap_or_else(|| panic!("{stock}"));
+    assert_eq!(warm["metric"]["runtime"], "node");
+    assert_eq!(warm["value"][1], "1", "{stock}");
+    let failed = prometheus.query(&runtime_panels[2].1).await;
+    assert_eq!(failed["status"], "success", "{failed}");
     gw.stop(&["alpha", "beta"]).await;
 }
 

@@ -638,6 +638,11 @@ impl Config {
         }
     }
 
+    /// Where the code images of runtime app `app` are cached.
+    pub fn code_cache(&self, app: &str) -> PathBuf {
+        self.state_dir.join("code").join(app)
+    }
+
     /// Where snapshots live.
     pub fn snapshot_dir(&self) -> PathBuf {
         self.snapshot_dir

@@ -15,6 +15,8 @@ struct Scripted {
     delay: Duration,
     /// Outcome of each start in order (true = fail); afterwards, succeed.
     failures: Mutex<VecDeque<bool>>,
+    /// Scripted failures are the app's own (a runtime app that crashed).
+    app_fault: std::sync::atomic::AtomicBool,
     starts: AtomicUsize,
     stops: AtomicUsize,
 }
@@ -25,6 +27,7 @@ impl Scripted {
             state: tempfile::tempdir().unwrap(),
             delay,
             failures: Mutex::new(VecDeque::new()),
+            app_fault: Default::default(),
             starts: AtomicUsize::new(0),
             stops: AtomicUsize::new(0),
         })
@@ -43,6 +46,13 @@ impl Factory for Scripted {
         self.starts.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         if self.failures.lock().unwrap().pop_front() == Some(true) {
+            if self.app_fault.load(Ordering::SeqCst) {
+                return Err(VmmError::App {
+                    app: "app".into(),
+                    reason: format!("scripted crash in {id}"),
+                    output: "Error: boom\n".into(),
+                });
+            }
             return Err(VmmError::Invalid(format!("scripted failure of {id}")));
         }
         let run = make_run_dir(self.state.path(), &id)?;
@@ -174,13 +184,19 @@ async fn failed_restore_fails_its_waiters_then_retries_after_backoff() {
         ClaimError::Unavailable {
             reason,
             retry_after,
+            app_failed,
             ..
         } => {
             assert!(reason.contains("scripted failure of app-1"), "{reason}");
             assert_eq!(*retry_after, BACKOFF_BASE);
+            assert!(!app_failed);
         }
         other => panic!("{other}"),
     }
+    assert_eq!(
+        err.public_message(),
+        "app app: cannot start an instance right now"
+    );
     // During the backoff, new requests are told at once, not held.
     let err = pool.claim().await.unwrap_err();
     assert!(matches!(err, ClaimError::Unavailable { .. }), "{err}");
@@ -305,4 +321,45 @@ async fn close_fails_queued_requests_and_stops_everything() {
     closing.await.unwrap();
     assert_eq!(pool.stats().instances, 0);
     assert_eq!(f.stops(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_app_that_fails_to_start_is_named_as_the_cause() {
+    let f = Scripted::new(Duration::from_millis(10));
+    f.app_fault.store(true, Ordering::SeqCst);
+    f.failures.lock().unwrap().push_back(true);
+    let (pool, _metrics) = pool(cfg(0, 2, 1), &f);
+    let err = pool.claim().await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            ClaimError::Unavailable {
+                app_failed: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // The client hears whose fault it is, not the app's output.
+    assert_eq!(
+        err.public_message(),
+        "app app: the app failed to start; the operator has the details"
+    );
+    // The operator gets the app's output.
+    let kept = pool.last_error().unwrap();
+    assert!(kept.contains("scripted crash in app-1"), "{kept}");
+    assert!(kept.contains("app output:\nError: boom"), "{kept}");
+    // New requests during the backoff are told the same, at once.
+    let again = pool.claim().await.unwrap_err();
+    assert!(
+        matches!(
+            again,
+            ClaimError::Unavailable {
+                app_failed: true,
+                ..
+            }
+        ),
+        "{again}"
+    );
+    assert_eq!(f.starts(), 1);
 }

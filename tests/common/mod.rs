@@ -152,3 +152,98 @@ pub fn cloud_hypervisor_bin() -> Option<PathBuf> {
             .find(|p| p.exists())
     })
 }
+
+/// A real Prometheus (Debian package `prometheus`) scraping `target` every
+/// second; killed on drop.
+pub struct Prometheus {
+    port: u16,
+    _dir: tempfile::TempDir,
+    _child: tokio::process::Child,
+}
+
+impl Prometheus {
+    /// Starts Prometheus on a free loopback port.
+    pub fn start(target: std::net::SocketAddr) -> Prometheus {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            dir.path().join("prometheus.yml"),
+            format!(
+                "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}\n\
+                 scrape_configs:\n  - job_name: snapgate\n    static_configs: [{{ targets: ['{target}'] }}]\n",
+            ),
+        )
+        .unwrap();
+        let child = tokio::process::Command::new("prometheus")
+            .arg(format!(
+                "--config.file={}",
+                dir.path().join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.path().join("data").display()
+            ))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("prometheus (Debian package prometheus; scripts/test installs it)");
+        Prometheus {
+            port,
+            _dir: dir,
+            _child: child,
+        }
+    }
+
+    /// An instant query; `Null` while Prometheus is not up yet.
+    pub async fn query(&self, expr: &str) -> serde_json::Value {
+        let url = format!("http://127.0.0.1:{}/api/v1/query", self.port);
+        match reqwest::Client::new()
+            .get(url)
+            .query(&[("query", expr)])
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        }
+    }
+
+    /// Whether `expr` has at least one series now.
+    pub async fn has_series(&self, expr: &str) -> bool {
+        self.query(expr).await["data"]["result"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    }
+}
+
+/// Every query of the shipped dashboard, as (panel title, expression), with
+/// its variables set to match everything and rates over 1m.
+pub fn dashboard_queries() -> Vec<(String, String)> {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/dashboards/snapgate.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$app", ".*")
+                .replace("$runtime", ".*")
+                .replace("$__rate_interval", "1m");
+            out.push((panel["title"].as_str().unwrap().to_owned(), expr));
+        }
+    }
+    out
+}

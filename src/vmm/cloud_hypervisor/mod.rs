@@ -356,4 +356,42 @@ mod tests {
         assert_eq!(r["memory_restore_mode"], "OnDemand");
         assert_eq!(r["net_fds"][0]["num_fds"], 1);
     }
+
+    #[test]
+    fn each_clone_restores_with_its_own_console_and_code_slot() {
+        let snap = tempfile::tempdir().unwrap();
+        let run = tempfile::tempdir().unwrap();
+        let spec: ImageSpec = serde_yaml_ng::from_str(
+            "kernel: /k\ncmdline: x\ndisks: [{path: /root.img}]\ncode_slot_mib: 8\n",
+        )
+        .unwrap();
+        // The template's config.json, as CH writes it: the template's slot.
+        let template = vm_config(&spec, "x", Path::new("/state/vms/node-template"));
+        std::fs::write(snap.path().join("config.json"), template.to_string()).unwrap();
+        for name in ["state.json", "memory-ranges"] {
+            std::fs::write(snap.path().join(name), b"{}").unwrap();
+        }
+        let origin = Origin {
+            vmm: VmmKind::CloudHypervisor,
+            mode: SnapshotMode::Full,
+            accel: "kvm",
+            spec: &spec,
+            cmdline: "x",
+            net: &NetParams::default(),
+        };
+        let snapshot = Snapshot::write(snap.path(), origin, SNAPSHOT_FILES).unwrap();
+        let console = run.path().join("console.log");
+        let source = clone_source(&snapshot, run.path(), &console).unwrap();
+        let config: Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+                .unwrap();
+        assert_eq!(config["disks"][0]["path"], "/root.img");
+        assert_eq!(
+            config["disks"][1]["path"],
+            json!(run.path().join("code.img")),
+            "{config}"
+        );
+        assert_eq!(config["serial"]["file"], json!(console));
+        assert!(source.join("state.json").exists());
+    }
 }
