@@ -380,7 +380,7 @@ async fn snapshot_build_command_reports_path_size_and_seconds() {
     // A static app has nothing to snapshot: refused by name.
     let out = run("site");
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM app \"site\""));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no VM or runtime app \"site\""));
     assert!(
         std::fs::read_dir(state.path().join("vms"))
             .unwrap()

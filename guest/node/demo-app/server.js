@@ -9,6 +9,11 @@ const startedAt = new Date();
 let served = 0;
 
 http.createServer((req, res) => {
+    if (req.url === '/healthz') {
+        // snapgate's readiness probe (ready_path in proxy.yaml).
+        res.end('ok\n');
+        return;
+    }
     served += 1;
     const body = [
         `Hello from Node.js ${process.version} in a snapgate microVM.`,
