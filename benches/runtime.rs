@@ -36,10 +36,10 @@ fn stats(name: &str, mut v: Vec<f64>) -> String {
     )
 }
 
-fn header() {
+fn header(title: &str) {
     println!(
-        "| {:<52} | {:>8} | {:>8} | {:>8} | {:>4} |",
-        "claim to first byte (ms)", "min", "median", "max", "runs"
+        "| {title:<52} | {:>8} | {:>8} | {:>8} | {:>4} |",
+        "min", "median", "max", "runs"
     );
     println!(
         "|{:-<54}|{:-<10}|{:-<10}|{:-<10}|{:-<6}|",
@@ -179,7 +179,7 @@ async fn main() {
         "snapgate runtime-app benchmark: QEMU {}, Node.js runtime guest (256 MiB, 1 vCPU), 2 host cores",
         vmm.accel()
     );
-    header();
+    header("claim to first byte (ms)");
     for row in rows {
         println!("{row}");
     }

@@ -7,18 +7,30 @@ use std::path::{Path, PathBuf};
 use crate::config::Config;
 use crate::vmm::ImageSpec;
 
-/// The test guest: `$SNAPGATE_GUEST_DIR`, else `target/guest/current`.
-/// Panics, saying how to build it, if it is missing.
-pub fn guest_dir() -> PathBuf {
-    let dir = std::env::var_os("SNAPGATE_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest/current"));
+/// A build output directory: `$<var>`, else `target/guest/<default>`.
+/// Panics, naming the script that builds it, if `file` is not in it.
+fn built(var: &str, default: &str, file: &str, script: &str) -> PathBuf {
+    let dir = std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/guest")
+            .join(default)
+    });
     assert!(
-        dir.join("vmlinuz").exists(),
-        "no test guest in {}: run scripts/build-guest (scripts/test does)",
+        dir.join(file).exists(),
+        "no {file} in {}: run {script} (scripts/test does)",
         dir.display()
     );
     dir
+}
+
+/// The test guest: `$SNAPGATE_GUEST_DIR`, else `target/guest/current`.
+pub fn guest_dir() -> PathBuf {
+    built(
+        "SNAPGATE_GUEST_DIR",
+        "current",
+        "vmlinuz",
+        "scripts/build-guest",
+    )
 }
 
 /// The Linux test guest as an image spec.

@@ -58,6 +58,21 @@ fn check(text: &str) -> (bool, String, String) {
     )
 }
 
+/// Checks each (name, config, expected message) case: rejected, saying
+/// what was expected. Reports every case that was not.
+fn expect_rejections(cases: &[(&str, String, &str)]) {
+    let mut failures = Vec::new();
+    for (name, text, expect) in cases {
+        let (ok, _, stderr) = check(text);
+        if ok {
+            failures.push(format!("{name}: accepted"));
+        } else if !stderr.contains(expect) {
+            failures.push(format!("{name}: wanted {expect:?} in:\n{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
 #[test]
 fn the_base_config_passes() {
     let (ok, stdout, stderr) = check(BASE);
@@ -185,16 +200,7 @@ fn broken_configs_are_rejected_naming_the_key() {
             "apps",
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, text, expect) in cases {
-        let (ok, _, stderr) = check(text);
-        if ok {
-            failures.push(format!("{name}: accepted"));
-        } else if !stderr.contains(expect) {
-            failures.push(format!("{name}: wanted {expect:?} in:\n{stderr}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    expect_rejections(cases);
 }
 
 #[test]
@@ -273,16 +279,7 @@ fn broken_runtime_configs_are_rejected_naming_the_key() {
             "runtimes.node.min_wram (line 15): unknown field",
         ),
     ];
-    let mut failures = Vec::new();
-    for (name, text, expect) in cases {
-        let (ok, _, stderr) = check(text);
-        if ok {
-            failures.push(format!("{name}: accepted"));
-        } else if !stderr.contains(expect) {
-            failures.push(format!("{name}: wanted {expect:?} in:\n{stderr}"));
-        }
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+    expect_rejections(cases);
 }
 
 #[test]
