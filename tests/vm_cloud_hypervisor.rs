@@ -89,7 +89,9 @@ async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
         );
     };
     let state = tempfile::tempdir().unwrap();
-    let spec = halting_spec(state.path());
+    // With a code slot, as a runtime image has.
+    let mut spec = halting_spec(state.path());
+    spec.code_slot_mib = Some(4);
     let net = Network::new(net_params("sgch")).unwrap();
     let ch = CloudHypervisor::new(
         bin,
@@ -110,6 +112,16 @@ async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
     // CH reports the fd it was given; our copy is closed, so the tap lives
     // only through the VMM.
     assert_eq!(nets[0]["fds"].as_array().map(Vec::len), Some(1), "{info}");
+    // The code slot: this VM's own 4 MiB file, read-only.
+    let slot = vm.code_slot().expect("a code slot");
+    assert_eq!(std::fs::metadata(&slot).unwrap().len(), 4 << 20);
+    let disks = info["config"]["disks"].as_array().expect("disks");
+    assert_eq!(
+        disks.last().unwrap()["path"],
+        slot.to_str().unwrap(),
+        "{info}"
+    );
+    assert_eq!(disks.last().unwrap()["readonly"], true, "{info}");
     assert_eq!(
         net.list_taps()
             .await
