@@ -8,8 +8,9 @@
 //!    image as it is now, else boot a template and take one. Runtime apps:
 //!    pack each app's code; ensure the runtime's shared snapshot (and start
 //!    its stock of warm clones) or, for `snapshot: app`, the app's own.
-//! 3. Start each app's pool (which pre-warms `min_warm` instances), bind the
-//!    listener and the admin listener.
+//! 3. Start each app's pool (which pre-warms `min_warm` instances) and
+//!    serve on the listener and the admin listener (bound before step 1, so
+//!    a taken port fails start-up before any VM exists).
 //!
 //! [`Running::shutdown`]: stop accepting, let in-flight requests finish for
 //! `shutdown_grace`, close every pool (failing held requests with 503 and
@@ -68,6 +69,13 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             stale.killed
         )?;
     }
+    // Bound first: a taken port fails start-up before any VM exists.
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: binding {}", config.listen))?;
+    let admin_listener = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("admin: binding {}", config.admin))?;
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
@@ -209,12 +217,6 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Proxy::new(router, targets, proxy_metrics));
 
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen: binding {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("admin: binding {}", config.admin))?;
     let listen = listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);

@@ -1,6 +1,12 @@
 //! Building snapshots: `snapgate snapshot build`, and `snapgate run` for apps
 //! whose snapshot is missing or stale.
 //!
+//! Builds of one app's snapshots take an exclusive lock on
+//! `<snapshot_dir>/<app>/.lock` (flock), held from the staleness check to
+//! the switch of `current`: two gateways, or a gateway and `snapgate
+//! snapshot build`, never build the same snapshot twice at once, and the
+//! second finds the first's result.
+//!
 //! Snapshots go to `<snapshot_dir>/<app>/<unix ms>/`, and the symlink
 //! `<snapshot_dir>/<app>/current` is switched to the new one atomically, so
 //! clones of the previous snapshot keep running from files that stay in
@@ -78,10 +84,41 @@ pub fn current_snapshot(snapshot_dir: &Path, app: &str) -> PathBuf {
     snapshot_dir.join(app).join("current")
 }
 
+/// Takes the build lock of `app`'s snapshots, waiting while another
+/// process holds it (see the module doc).
+async fn lock(snapshot_dir: &Path, app: &str) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    let dir = snapshot_dir.join(app);
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(".lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    tokio::task::spawn_blocking(move || {
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+    })
+    .await?
+}
+
 /// Boots `app`'s template from `spec`, waits until ready, runs `prepare`
 /// if given, snapshots it into a new directory and points `current` at it.
 /// Progress goes to `out`.
 pub async fn build_one(
+    vmm: &dyn Vmm,
+    net: &Network,
+    snapshot_dir: &Path,
+    app: &str,
+    spec: &ImageSpec,
+    prepare: Option<&dyn Prepare>,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<Snapshot> {
+    let _lock = lock(snapshot_dir, app).await?;
+    build_locked(vmm, net, snapshot_dir, app, spec, prepare, out).await
+}
+
+async fn build_locked(
     vmm: &dyn Vmm,
     net: &Network,
     snapshot_dir: &Path,
@@ -161,6 +198,7 @@ pub async fn ensure(
     prepare: Option<&dyn Prepare>,
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Snapshot> {
+    let _lock = lock(snapshot_dir, app).await?;
     let current = current_snapshot(snapshot_dir, app);
     let recorded = match prepare {
         Some(p) => p.prepared_spec(spec),
@@ -178,7 +216,7 @@ pub async fn ensure(
         Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
         Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
     }
-    build_one(vmm, net, snapshot_dir, app, spec, prepare, out).await
+    build_locked(vmm, net, snapshot_dir, app, spec, prepare, out).await
 }
 
 /// `snapgate snapshot build`: builds the snapshots `apps` start from (every

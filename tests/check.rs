@@ -37,7 +37,8 @@ runtimes:
   node:
     image:
       kernel: /bin/sh
-      cmdline: 'snapgate.agent={guest_port}'
+      disks: [{path: /bin/sh}]
+      cmdline: 'snapgate.agent={guest_port} snapgate.exec=/usr/bin/node,/loader.js'
       guest_port: 8081
     code_disk_mib: 64
 ";
@@ -261,12 +262,12 @@ fn broken_runtime_configs_are_rejected_naming_the_key() {
                 "    code_disk_mib: 64",
                 "    code_disk_mib: 64\n    app_port: 8081",
             ),
-            "runtimes.node.app_port (line 16): 8081 is also image.guest_port",
+            "runtimes.node.app_port (line 17): 8081 is also image.guest_port",
         ),
         (
             "zero code disk",
             RT_BASE.replace("code_disk_mib: 64", "code_disk_mib: 0"),
-            "runtimes.node.code_disk_mib (line 15): 0 is not within 1..=16384",
+            "runtimes.node.code_disk_mib (line 16): 0 is not within 1..=16384",
         ),
         (
             "runtime image file missing",
@@ -274,9 +275,37 @@ fn broken_runtime_configs_are_rejected_naming_the_key() {
             "runtimes.node.image.kernel (line 12)",
         ),
         (
+            "no agent on the runtime's cmdline",
+            RT_BASE.replace("snapgate.agent={guest_port} ", ""),
+            "runtimes.node.image.cmdline (line 14): needs snapgate.agent={guest_port}",
+        ),
+        (
+            "agent on another port than guest_port",
+            RT_BASE.replace("snapgate.agent={guest_port}", "snapgate.agent=9000"),
+            "snapgate.agent=9000 is not guest_port (8081)",
+        ),
+        (
+            "no runtime command",
+            RT_BASE.replace(" snapgate.exec=/usr/bin/node,/loader.js", ""),
+            "needs snapgate.exec=",
+        ),
+        (
+            "code disk not where the agent looks",
+            RT_BASE.replace("      disks: [{path: /bin/sh}]\n", ""),
+            "runtimes.node.image.disks: with 0 disk(s) the code disk is not /dev/vdb",
+        ),
+        (
+            "a field snapgate sets",
+            RT_BASE.replace(
+                "      guest_port: 8081",
+                "      guest_port: 8081\n      code_slot_mib: 4",
+            ),
+            "runtimes.node.image.code_slot_mib (line 16): is set by snapgate",
+        ),
+        (
             "pool key misspelt on a runtime",
             RT_BASE.replace("code_disk_mib: 64", "min_wram: 1"),
-            "runtimes.node.min_wram (line 15): unknown field",
+            "runtimes.node.min_wram (line 16): unknown field",
         ),
     ];
     expect_rejections(cases);

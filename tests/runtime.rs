@@ -14,21 +14,36 @@ use snapgate::gateway::{self, Running};
 use snapgate::net::Network;
 use snapgate::testing::{runtime_gateway_config, shared_snapshot_dir};
 
-/// A JS app that answers with its name, version and environment.
+/// A JS app that answers with its name, version and environment. A
+/// CommonJS module that listens only when it is the main module (as Node's
+/// own entry point would run it), or with `esm` an ES module package.
 fn write_app(dir: &Path, name: &str, version: u32) {
+    write_js_app(dir, name, version, false)
+}
+
+fn write_js_app(dir: &Path, name: &str, version: u32, esm: bool) {
     std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(
-        dir.join("server.js"),
+    let handler = format!(
+        "(req, res) => {{\n\
+         \x20 res.setHeader('content-type', 'text/plain');\n\
+         \x20 res.end(`app={name} version={version} greeting=${{process.env.GREETING}} port=${{process.env.PORT}} node=${{process.version}} url=${{req.url}}\\n`);\n\
+         }}"
+    );
+    let js = if esm {
+        std::fs::write(dir.join("package.json"), r#"{ "type": "module" }"#).unwrap();
+        format!(
+            "import http from 'node:http';\n\
+             http.createServer({handler}).listen(Number(process.env.PORT));\n"
+        )
+    } else {
         format!(
             "const http = require('http');\n\
-             const started = Date.now();\n\
-             http.createServer((req, res) => {{\n\
-             \x20 res.setHeader('content-type', 'text/plain');\n\
-             \x20 res.end(`app={name} version={version} greeting=${{process.env.GREETING}} port=${{process.env.PORT}} node=${{process.version}} url=${{req.url}}\\n`);\n\
-             }}).listen(Number(process.env.PORT));\n"
-        ),
-    )
-    .unwrap();
+             if (require.main === module) {{\n\
+             \x20 http.createServer({handler}).listen(Number(process.env.PORT));\n\
+             }}\n"
+        )
+    };
+    std::fs::write(dir.join("server.js"), js).unwrap();
 }
 
 /// An app entry of `apps:` for the `node` runtime.
@@ -131,7 +146,7 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     let code = tempfile::tempdir().unwrap();
     let (alpha, beta) = (code.path().join("alpha"), code.path().join("beta"));
     write_app(&alpha, "alpha", 1);
-    write_app(&beta, "beta", 1);
+    write_js_app(&beta, "beta", 1, true);
     // alpha scales to zero; beta keeps one started instance warm.
     let apps = app_entry(
         "alpha",
@@ -273,12 +288,21 @@ async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
          throw new Error('boom: DATABASE_URL is not set');\n",
     )
     .unwrap();
+    // Asks for a variable Node reads only at its own start.
+    let late = code.path().join("late");
+    write_app(&late, "late", 1);
     // A code "image" that is no file system at all.
     let garbage = code.path().join("garbage.img");
     std::fs::write(&garbage, vec![0x5a; 1 << 20]).unwrap();
     let pool = "{ min_warm: 0, max_instances: 1 }";
     let apps = app_entry("good", &good, "", pool)
         + &app_entry("crash", &crash, "", pool)
+        + &app_entry(
+            "late",
+            &late,
+            ", env: { NODE_OPTIONS: '--max-old-space-size=64' }",
+            pool,
+        )
         + &app_entry("garbage", &garbage, "", pool);
     let gw = Gw::start("sgrf", 1, &apps, &shared_snapshot_dir()).await;
     let metrics = gw.running().runtime_metrics.clone();
@@ -302,6 +326,15 @@ async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
     assert!(err.contains("connecting to the database"), "{err}");
     assert!(
         err.contains("Error: boom: DATABASE_URL is not set"),
+        "{err}"
+    );
+
+    // A per-app NODE_OPTIONS cannot work in a runtime started long ago.
+    let (status, body) = gw.get("late", "/").await;
+    assert_eq!(status, 503, "{body}");
+    let err = gw.pool("late").last_error().expect("an error is kept");
+    assert!(
+        err.contains("NODE_OPTIONS: Node.js reads these only when it starts"),
         "{err}"
     );
 
@@ -330,7 +363,8 @@ async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
     // The failed apps' clones were destroyed, not left running.
     assert_eq!(gw.pool("crash").stats().instances, 0);
     assert_eq!(gw.pool("garbage").stats().instances, 0);
-    gw.stop(&["good", "crash", "garbage"]).await;
+    assert_eq!(gw.pool("late").stats().instances, 0);
+    gw.stop(&["good", "crash", "late", "garbage"]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -355,6 +389,9 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     .unwrap();
     assert_eq!(manifest["spec"]["guest_port"], 8080, "{manifest}");
     assert_eq!(manifest["spec"]["ready_path"], "/");
+    // How the app was started is part of what the snapshot was taken from.
+    let start = manifest["spec"]["app_start"].as_str().unwrap_or_default();
+    assert!(start.contains(r#""GREETING":"frozen""#), "{manifest}");
     assert!(!snapshots.path().join("runtime.node").exists());
     assert!(gw.running().runtimes.is_empty());
 
@@ -366,5 +403,17 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     );
     // It was restored from the app's snapshot: no runtime clone was taken.
     assert_eq!(gw.pool("solo").stats().instances, 1);
+    let first = current_snapshot(snapshots.path(), "solo");
+    gw.stop(&["solo"]).await;
+
+    // New code: the next start of the gateway takes a new snapshot of the
+    // app, which serves the new code.
+    write_app(&solo, "solo", 2);
+    let gw = Gw::start("sgpa", 1, &apps, snapshots.path()).await;
+    let second = current_snapshot(snapshots.path(), "solo");
+    assert_ne!(first, second, "the snapshot was rebuilt");
+    let (status, body) = gw.get("solo", "/").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.starts_with("app=solo version=2"), "{body}");
     gw.stop(&["solo"]).await;
 }

@@ -11,10 +11,14 @@
 //    writes when the gateway claims this instance for an app, e.g.
 //    {"dir":"/app","main":"server.js","port":8080,"env":{"K":"V"}}.
 // 4. Sets the environment (PORT among it), changes into the app directory
-//    and loads the app's main module in this same process. An error while
-//    loading is printed with its stack and ends the process with status 1,
-//    as an uncaught error later does: the agent then stops the VM, and the
-//    gateway reports the output.
+//    and runs the app's main module in this same process as Node's own
+//    entry point (require.main is the app's module; "type": "module"
+//    packages and .mjs files load as ES modules). An error while loading is
+//    printed with its stack and ends the process with status 1, as an
+//    uncaught error later does: the agent then stops the VM, and the
+//    gateway reports the output. Variables Node reads only when it starts
+//    (NODE_OPTIONS, ...) cannot be set per app: the runtime started long
+//    before, in the template; asking for one fails the start, saying so.
 
 const fs = require('fs');
 const path = require('path');
@@ -66,7 +70,10 @@ async function warmUp() {
 warmUp().catch((e) => {
     // A failed warm-up costs speed, not correctness.
     console.error(`snapgate-loader: warm-up failed: ${e && e.stack ? e.stack : e}`);
-}).then(startWhenTold);
+}).then(() => setImmediate(startWhenTold));
+
+const READ_AT_STARTUP = ['NODE_OPTIONS', 'NODE_PATH', 'NODE_EXTRA_CA_CERTS',
+    'NODE_ICU_DATA', 'NODE_PRESERVE_SYMLINKS', 'UV_THREADPOOL_SIZE'];
 
 function startWhenTold() {
     fs.writeSync(1, 'snapgate-loader: loaded\n');
@@ -76,25 +83,23 @@ function startWhenTold() {
         process.exit(1);
     }
     const start = JSON.parse(line);
+    const main = path.resolve(start.dir, start.main);
+    // The gateway reports the app's output from this line on.
+    console.log(`snapgate-loader: starting ${main} on port ${start.port}`);
+    const late = Object.keys(start.env || {}).filter((k) => READ_AT_STARTUP.includes(k));
+    if (late.length > 0) {
+        console.error(`snapgate-loader: ${late.join(', ')}: Node.js reads these only when ` +
+            'it starts, and this runtime started before the snapshot; they cannot be set per app');
+        process.exit(1);
+    }
     for (const [k, v] of Object.entries(start.env || {})) {
         process.env[k] = String(v);
     }
     process.env.PORT = String(start.port);
     process.chdir(start.dir);
-    const main = path.resolve(start.dir, start.main);
     process.argv[1] = main;
-    console.log(`snapgate-loader: starting ${main} on port ${start.port}`);
-    try {
-        if (main.endsWith('.mjs')) {
-            import(main).catch((e) => {
-                console.error(e && e.stack ? e.stack : String(e));
-                process.exit(1);
-            });
-        } else {
-            require(main);
-        }
-    } catch (e) {
-        console.error(e && e.stack ? e.stack : String(e));
-        process.exit(1);
-    }
+    process.argv.length = 2;
+    // Node's own entry point: sets require.main, picks CommonJS or ES
+    // module loading; an error is uncaught, printed, and ends the process.
+    require('module').runMain();
 }

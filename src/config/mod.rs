@@ -500,7 +500,7 @@ impl Config {
                 );
             }
             if let Some(image) = &app.image {
-                for p in image.validate() {
+                for p in image.validate().into_iter().chain(snapgate_fields(image)) {
                     add(format!("{at}.image.{}", p.field), p.message);
                 }
             }
@@ -551,11 +551,11 @@ impl Config {
                 };
                 add(key, p.message);
             }
-            if rt.image.code_slot_mib.is_some() {
-                add(
-                    format!("{at}.image.code_slot_mib"),
-                    "is set from code_disk_mib; remove it".into(),
-                );
+            for p in snapgate_fields(&rt.image)
+                .into_iter()
+                .chain(agent_args(&rt.image))
+            {
+                add(format!("{at}.image.{}", p.field), p.message);
             }
             if rt.app_port == 0 {
                 add(format!("{at}.app_port"), "must not be 0".into());
@@ -649,6 +649,72 @@ impl Config {
             .clone()
             .unwrap_or_else(|| self.state_dir.join("snapshots"))
     }
+}
+
+/// What the guest agent of a runtime image needs on its kernel command line
+/// and from the disk layout (see `guest/init/src/agent.rs`).
+fn agent_args(image: &ImageSpec) -> Vec<crate::FieldError> {
+    let mut out = Vec::new();
+    let value = |key: &str| {
+        image
+            .cmdline
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .map(str::to_owned)
+    };
+    match value("snapgate.agent=") {
+        None => out.push(crate::FieldError::new(
+            "cmdline",
+            "needs snapgate.agent={guest_port}: it starts the guest agent of a runtime",
+        )),
+        Some(v) if v != "{guest_port}" && v != image.guest_port.to_string() => {
+            out.push(crate::FieldError::new(
+                "cmdline",
+                format!(
+                    "snapgate.agent={v} is not guest_port ({}), where snapgate reaches the agent",
+                    image.guest_port
+                ),
+            ))
+        }
+        Some(_) => {}
+    }
+    if value("snapgate.exec=").is_none() {
+        out.push(crate::FieldError::new(
+            "cmdline",
+            "needs snapgate.exec=<runtime command, comma-separated>: what the agent starts",
+        ));
+    }
+    // The agent's defaults: root disk /dev/vda, code disk /dev/vdb.
+    let disks = image.disks.len();
+    if value("snapgate.code=").is_none() && disks != 1 {
+        out.push(crate::FieldError::new(
+            "disks",
+            format!(
+                "with {disks} disk(s) the code disk is not /dev/vdb, where the agent looks: \
+                 give one disk (the runtime's root) or set snapgate.code= (and snapgate.root=) \
+                 in cmdline"
+            ),
+        ));
+    }
+    out
+}
+
+/// Image fields snapgate sets itself, which a config must leave out.
+fn snapgate_fields(image: &ImageSpec) -> Vec<crate::FieldError> {
+    let mut out = Vec::new();
+    if image.code_slot_mib.is_some() {
+        out.push(crate::FieldError::new(
+            "code_slot_mib",
+            "is set by snapgate from a runtime's code_disk_mib; remove it",
+        ));
+    }
+    if image.app_start.is_some() {
+        out.push(crate::FieldError::new(
+            "app_start",
+            "is set by snapgate for per-app snapshots; remove it",
+        ));
+    }
+    out
 }
 
 /// Checks a host pattern: a lowercase DNS name, or `*.` and one, without a

@@ -9,9 +9,14 @@
 //! sizes, modification times, modes) with the last one, so an unchanged
 //! tree costs one walk of `stat` calls, not a read of every file.
 //!
-//! Images are written under a temporary name and renamed, so a crash never
-//! leaves a half image under a final name. The newest [`KEEP`] images of an
-//! app are kept (a per-app snapshot refers to its image by path).
+//! One call at a time packs (a lock per source): concurrent starts of one
+//! app wait for the image rather than build it twice. Images are written
+//! under a temporary name unique to the writer and renamed, so a crash never
+//! leaves a half image under a final name, and another process packing the
+//! same code ends with the same complete file. The newest [`KEEP`] images of
+//! an app are kept, by modification time, which is refreshed whenever an
+//! image is used again (a per-app snapshot refers to its image by path; a
+//! running clone keeps its slot's copy or its open file either way).
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -87,6 +92,8 @@ pub struct CodeSource {
     source: PathBuf,
     cache: PathBuf,
     max_mib: u32,
+    /// The last image and the fingerprint of the source it was made from.
+    /// Held for the whole of [`CodeSource::current`]: one packer at a time.
     last: Mutex<Option<(u64, CodeImage)>>,
 }
 
@@ -111,28 +118,44 @@ impl CodeSource {
     /// The image of the code as it is now, packing it if it changed.
     /// Blocking (file reads, `mke2fs`): call it off the async workers.
     pub fn current(&self) -> Result<CodeImage, CodeError> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let meta = std::fs::metadata(&self.source).map_err(|e| self.read_err(&self.source, e))?;
-        if meta.is_file() {
-            return self.ready_image(meta.len());
-        }
-        let entries = self.walk()?;
+        let entries = if meta.is_file() {
+            vec![Entry {
+                rel: String::new(),
+                meta,
+            }]
+        } else {
+            self.walk()?
+        };
         let fingerprint = fingerprint(&entries);
-        if let Some((fp, image)) = &*self.last.lock().unwrap_or_else(|p| p.into_inner()) {
+        if let Some((fp, image)) = &*last {
             if *fp == fingerprint && image.path.exists() {
                 return Ok(image.clone());
             }
         }
-        let hash = self.hash(&entries)?;
-        let path = self.cache.join(format!("{}.img", &hash[..16]));
-        let image = match std::fs::metadata(&path) {
-            Ok(m) => CodeImage {
-                path,
-                hash,
-                bytes: m.len(),
-            },
-            Err(_) => self.pack(&entries, hash, path)?,
+        let image = if entries.len() == 1 && entries[0].rel.is_empty() {
+            self.ready_image(entries[0].meta.len())?
+        } else {
+            let hash = self.hash(&entries)?;
+            let path = self.cache.join(format!("{}.img", &hash[..16]));
+            match std::fs::metadata(&path) {
+                Ok(m) => {
+                    // Used again: newest for the pruning.
+                    let _ = std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                    CodeImage {
+                        path,
+                        hash,
+                        bytes: m.len(),
+                    }
+                }
+                Err(_) => self.pack(&entries, hash, path)?,
+            }
         };
-        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = Some((fingerprint, image.clone()));
+        *last = Some((fingerprint, image.clone()));
         Ok(image)
     }
 
@@ -257,10 +280,13 @@ impl CodeSource {
             });
         }
         std::fs::create_dir_all(&self.cache).map_err(|e| write_err(&self.cache, e))?;
-        let tmp = self
-            .cache
-            .join(format!(".{}.{}.tmp", &hash[..16], std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
+        // Unique to this writer; removed if packing fails.
+        let tmp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", &hash[..16]))
+            .suffix(".tmp")
+            .tempfile_in(&self.cache)
+            .map_err(|e| write_err(&self.cache, e))?
+            .into_temp_path();
         let inodes = (entries.len() as u64 + 64).to_string();
         let out = Command::new("mke2fs")
             .args(["-q", "-F", "-t", "ext4", "-O", "^has_journal", "-L", "code"])
@@ -285,14 +311,13 @@ impl CodeSource {
                 output: format!("mke2fs: {e} (install e2fsprogs)"),
             })?;
         if !out.status.success() {
-            let _ = std::fs::remove_file(&tmp);
             return Err(CodeError::Mkfs {
                 app: self.app.clone(),
                 status: out.status.to_string(),
                 output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
-        std::fs::rename(&tmp, &path).map_err(|e| write_err(&path, e))?;
+        tmp.persist(&path).map_err(|e| write_err(&path, e.error))?;
         prune(&self.cache, KEEP);
         let bytes = std::fs::metadata(&path)
             .map_err(|e| write_err(&path, e))?
@@ -381,6 +406,33 @@ mod tests {
             debugfs_cat(&changed.path, "lib/a.js"),
             "module.exports = 3\n"
         );
+    }
+
+    #[test]
+    fn concurrent_starts_get_one_complete_image() {
+        let src = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        for i in 0..50 {
+            std::fs::write(src.path().join(format!("m{i}.js")), format!("// {i}\n")).unwrap();
+        }
+        let code = std::sync::Arc::new(CodeSource::new("c", src.path(), cache.path(), 64));
+        let images: Vec<CodeImage> = (0..4)
+            .map(|_| {
+                let code = code.clone();
+                std::thread::spawn(move || code.current().unwrap())
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap())
+            .collect();
+        assert!(images.iter().all(|i| *i == images[0]), "{images:?}");
+        assert_eq!(debugfs_cat(&images[0].path, "m49.js"), "// 49\n");
+        // Only the image: no temporary file left behind.
+        let names: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names.len(), 1, "{names:?}");
     }
 
     #[test]

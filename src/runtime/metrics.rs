@@ -31,7 +31,7 @@ impl RuntimeMetrics {
             failures: IntCounterVec::new(
                 Opts::new(
                     "snapgate_runtime_clone_failures_total",
-                    "Runtime clones that failed to restore or whose VMM died in the stock.",
+                    "Runtime clones that failed: restores (in the background or on demand), VMMs that died in the stock, and clones that failed while an app started in them for reasons not the app's.",
                 ),
                 &["runtime"],
             )?,

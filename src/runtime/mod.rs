@@ -117,11 +117,9 @@ impl StartSpec {
         }
     }
 
-    fn message(&self) -> Bytes {
-        Bytes::from(
-            serde_json::json!({ "main": self.main, "port": self.port, "env": self.env })
-                .to_string(),
-        )
+    /// The start message the agent gets.
+    pub fn message(&self) -> String {
+        serde_json::json!({ "main": self.main, "port": self.port, "env": self.env }).to_string()
     }
 
     fn fail(&self, reason: String, output: String) -> VmmError {
@@ -156,6 +154,12 @@ pub fn app_output(vm: &Vm) -> String {
 /// ready: writes `image` into its code slot (if given; a per-app template
 /// has its code disk already), posts the start message, and waits until
 /// the app answers. Records `attach`, `start` and `ready`.
+///
+/// Failures that are the app's ([`VmmError::App`]): the agent refusing the
+/// start (4xx: the disk does not mount, `main` is missing), the runtime
+/// exiting (the guest powers off), the app not answering in time. Anything
+/// else (the slot cannot be written, the agent cannot be reached or fails,
+/// the VMM dies) is the host's or the VM's and keeps its own error.
 pub async fn start_app(
     vmm: &dyn Vmm,
     vm: &mut Vm,
@@ -165,23 +169,25 @@ pub async fn start_app(
     if let Some(image) = image {
         let t = std::time::Instant::now();
         let slot = vm.code_slot().ok_or_else(|| {
-            start.fail(
-                format!("{} has no code slot (not a runtime image)", vm.id()),
-                String::new(),
-            )
+            VmmError::Invalid(format!("{} has no code slot: not a runtime image", vm.id()))
         })?;
-        let from = image.to_owned();
-        tokio::task::spawn_blocking(move || copy_into(&from, &slot))
+        let (from, to) = (image.to_owned(), slot.clone());
+        tokio::task::spawn_blocking(move || copy_into(&from, &to))
             .await
-            .map_err(|e| start.fail(format!("attaching the code: {e}"), String::new()))?
-            .map_err(|e| start.fail(format!("attaching the code: {e}"), String::new()))?;
+            .map_err(|e| VmmError::Invalid(format!("attaching the code: {e}")))?
+            .map_err(|source| VmmError::Io {
+                what: "cannot write the app's code into",
+                path: slot,
+                source,
+            })?;
         vm.record("attach", t.elapsed());
     }
     let t = std::time::Instant::now();
     let agent = vm.endpoint().clone();
-    match ready::request(&agent, http::Method::POST, "/start", start.message()).await {
+    let message = Bytes::from(start.message());
+    match ready::request(&agent, http::Method::POST, "/start", message).await {
         Ok((200, _)) => {}
-        Ok((status, body)) => {
+        Ok((status, body)) if (400..500).contains(&status) => {
             return Err(start.fail(
                 format!(
                     "the guest agent of {} refused the start (HTTP {status}): {}",
@@ -191,42 +197,48 @@ pub async fn start_app(
                 app_output(vm),
             ))
         }
-        Err(e) => {
-            return Err(start.fail(
-                format!(
-                    "cannot reach the guest agent of {} at {}: {e}",
-                    vm.id(),
-                    agent.addr
+        Ok((status, body)) => {
+            return Err(VmmError::Agent {
+                vm: vm.id().clone(),
+                problem: format!(
+                    "POST /start answered HTTP {status}: {}",
+                    String::from_utf8_lossy(&body).trim()
                 ),
-                app_output(vm),
-            ))
+            })
+        }
+        Err(e) => {
+            return Err(VmmError::Agent {
+                vm: vm.id().clone(),
+                problem: format!("POST /start on {}: {e}", agent.addr),
+            })
         }
     }
     vm.record("start", t.elapsed());
     vm.serve_at(start.port, &start.ready_path, start.ready_timeout);
     match vmm.wait_ready(vm, start.ready_timeout).await {
         Ok(()) => Ok(()),
-        Err(e) => {
-            let reason = match &e {
-                VmmError::Exited { status, .. } => {
-                    format!(
-                        "the app exited while starting in {}; its VM stopped ({status})",
-                        vm.id()
-                    )
-                }
-                VmmError::NotReady {
-                    after, last_error, ..
-                } => format!(
-                    "GET {} on port {} in {} did not answer 200 within {:.1}s: {last_error}",
-                    start.ready_path,
-                    start.port,
-                    vm.id(),
-                    after.as_secs_f64()
-                ),
-                other => crate::display_chain(other),
-            };
-            Err(start.fail(reason, app_output(vm)))
-        }
+        // The guest powered itself off: the agent does that when the
+        // runtime exits.
+        Err(VmmError::Exited { status, .. }) if status == "exit status: 0" => Err(start.fail(
+            format!(
+                "the app exited while starting in {}; its VM stopped",
+                vm.id()
+            ),
+            app_output(vm),
+        )),
+        Err(VmmError::NotReady {
+            after, last_error, ..
+        }) => Err(start.fail(
+            format!(
+                "GET {} on port {} in {} did not answer 200 within {:.1}s: {last_error}",
+                start.ready_path,
+                start.port,
+                vm.id(),
+                after.as_secs_f64()
+            ),
+            app_output(vm),
+        )),
+        Err(other) => Err(other),
     }
 }
 
@@ -370,9 +382,16 @@ impl Runtime {
             warn!(runtime = %self.name, vm = %vm.id(), "warm clone's VMM exited; discarding it");
             self.metrics.failed(&self.name);
         }
-        let vm = self.restore_one().await?;
-        self.metrics.took(&self.name, "restored");
-        Ok(vm)
+        match self.restore_one().await {
+            Ok(vm) => {
+                self.metrics.took(&self.name, "restored");
+                Ok(vm)
+            }
+            Err(e) => {
+                self.metrics.failed(&self.name);
+                Err(e)
+            }
+        }
     }
 
     async fn restore_one(&self) -> Result<Vm, VmmError> {
@@ -574,7 +593,9 @@ pub fn app_image(runtime: &RuntimeConfig, code: &Path) -> ImageSpec {
 #[async_trait]
 impl Prepare for AppTemplate {
     async fn prepare(&self, vmm: &dyn Vmm, vm: &mut Vm) -> Result<(), VmmError> {
-        start_app(vmm, vm, None, &self.start).await
+        start_app(vmm, vm, None, &self.start).await?;
+        vm.set_app_start(self.start.message());
+        Ok(())
     }
 
     fn prepared_spec(&self, boot: &ImageSpec) -> ImageSpec {
@@ -582,6 +603,51 @@ impl Prepare for AppTemplate {
         spec.guest_port = self.start.port;
         spec.ready_path = self.start.ready_path.clone();
         spec.ready_timeout = self.start.ready_timeout;
+        spec.app_start = Some(self.start.message());
         spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(env: &[(&str, &str)]) -> StartSpec {
+        StartSpec {
+            app: "a".into(),
+            main: "server.js".into(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            port: 8080,
+            ready_path: "/healthz".into(),
+            ready_timeout: Duration::from_secs(5),
+        }
+    }
+
+    #[test]
+    fn a_per_app_snapshot_records_how_the_app_was_started() {
+        let boot: ImageSpec = serde_yaml_ng::from_str(
+            "kernel: /k\ncmdline: x\nguest_port: 8081\ndisks: [{path: /root.img}, {path: /code/1.img}]\n",
+        )
+        .unwrap();
+        let spec = AppTemplate {
+            start: start(&[("K", "1")]),
+        }
+        .prepared_spec(&boot);
+        assert_eq!(spec.guest_port, 8080);
+        assert_eq!(spec.ready_path, "/healthz");
+        assert_eq!(
+            spec.app_start.as_deref(),
+            Some(r#"{"env":{"K":"1"},"main":"server.js","port":8080}"#)
+        );
+        // Another env (or main) is another snapshot.
+        let other = AppTemplate {
+            start: start(&[("K", "2")]),
+        }
+        .prepared_spec(&boot);
+        assert_ne!(spec, other);
+        assert_eq!(spec.disks, other.disks);
     }
 }

@@ -253,6 +253,12 @@ impl Vm {
             .map(|_| code_slot_path(self.process.run_dir()))
     }
 
+    /// Records the start message of the app this VM now runs (see
+    /// [`ImageSpec::app_start`]).
+    pub fn set_app_start(&mut self, message: String) {
+        self.spec.app_start = Some(message);
+    }
+
     /// Points the endpoint and the readiness probe at what the guest serves
     /// now: a runtime clone first answers on its agent port, then, once its
     /// app has started, on the app's port and ready path.
@@ -360,9 +366,14 @@ pub enum VmmError {
     /// The image spec or settings cannot be used.
     #[error("invalid VM settings: {0}")]
     Invalid(String),
-    /// A runtime app did not start: its code could not be packed or
-    /// attached, the guest agent refused it, or the app crashed or never
-    /// answered. `output` is what the app printed, from the console.
+    /// The guest agent of a runtime clone could not be reached or failed on
+    /// its side (not because of the app).
+    #[error("guest agent of {vm}: {problem}")]
+    Agent { vm: VmId, problem: String },
+    /// A runtime app did not start: its code could not be packed, the
+    /// guest agent refused it (the disk does not mount, `main` is missing),
+    /// or the app exited or never answered. `output` is what the app
+    /// printed, from the console.
     #[error("app {app}: {reason}{}", output_suffix(.output))]
     App {
         app: String,

@@ -133,6 +133,11 @@ pub struct ImageSpec {
     /// empty and receives an app's code when a clone is claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code_slot_mib: Option<u32>,
+    /// Per-app snapshots of runtime apps only (snapgate sets it): the start
+    /// message the app was started with before the snapshot, so a changed
+    /// `main` or `env` makes the snapshot stale.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_start: Option<String>,
 }
 
 impl ImageSpec {

@@ -21,8 +21,10 @@
 //!      it while it was still the template's empty disk), mounts it
 //!      read-only at `/rt/app`, checks that `main` is there, and hands the
 //!      message (plus `"dir": "/app"`) to the runtime on its stdin. 200 when
-//!      handed over; 409 if already started; 400 for a bad message; 422
-//!      with the reason when the disk does not mount or `main` is missing.
+//!      handed over; 400 for a bad message; 409 if an app was started
+//!      already; 503 while the runtime is still loading; 422 with the reason
+//!      when the disk does not mount or `main` is missing (the disk is then
+//!      unmounted again).
 //! 4. When the runtime exits, its status goes to the console and the VM is
 //!    powered off: the VMM exits and the gateway reports the console
 //!    output, which carries the runtime's own error output.
@@ -92,7 +94,9 @@ fn start_runtime() -> Result<(), String> {
     log(&format!("agent: runtime {argv:?} is pid {}", child.id()));
     let _ = STDIN.set(Mutex::new(child.stdin.take()));
     let stdout = child.stdout.take().expect("piped");
+    let (copied, copied_rx) = std::sync::mpsc::channel::<()>();
     std::thread::spawn(move || {
+        let _copied = copied;
         let mut lines = BufReader::new(stdout);
         let mut line = String::new();
         while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
@@ -110,6 +114,9 @@ fn start_runtime() -> Result<(), String> {
             Ok(status) => status.to_string(),
             Err(e) => format!("wait failed: {e}"),
         };
+        // The runtime's last stdout lines first (the copier ends at the
+        // pipe's end; a child the runtime left holding it gets 2 s).
+        let _ = copied_rx.recv_timeout(std::time::Duration::from_secs(2));
         log(&format!("agent: runtime exited ({status}); powering off"));
         power_off();
     });
@@ -134,10 +141,13 @@ fn flush_cached_blocks(dev: &str) -> Result<(), String> {
 
 fn power_off() -> ! {
     use nix::sys::reboot::{reboot, RebootMode};
+    // Everything written to the console reaches the VMM before it stops.
+    let _ = nix::sys::termios::tcdrain(std::io::stderr());
     nix::unistd::sync();
-    let _ = reboot(RebootMode::RB_POWER_OFF);
-    // Where power-off is not wired, a reset ends the VMM (-no-reboot).
-    let _ = reboot(RebootMode::RB_AUTOBOOT);
+    // Does not return: QEMU (microvm's ACPI GED, pc's ACPI) and Cloud
+    // Hypervisor end the VM; the VMM process exits with status 0.
+    let err = reboot(RebootMode::RB_POWER_OFF).unwrap_err();
+    log(&format!("agent: power-off failed: {err}"));
     loop {
         std::thread::park();
     }
@@ -220,6 +230,7 @@ fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
             .filter(|n| n != "lost+found")
             .collect();
         found.sort();
+        let _ = nix::mount::umount("/rt/app");
         return Err((
             UNUSABLE,
             format!(
