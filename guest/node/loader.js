@@ -65,6 +65,13 @@ async function warmUp() {
         });
     }
     await new Promise((resolve) => server.close(resolve));
+    // The module loaders an app goes through: CommonJS and ES modules.
+    const dir = fs.mkdtempSync('/tmp/snapgate-warm-');
+    fs.writeFileSync(path.join(dir, 'a.js'), "module.exports = require('path').join('a', 'b');\n");
+    fs.writeFileSync(path.join(dir, 'b.mjs'), "import path from 'node:path';\nexport default path.sep;\n");
+    require(path.join(dir, 'a.js'));
+    await import(path.join(dir, 'b.mjs'));
+    fs.rmSync(dir, { recursive: true, force: true });
 }
 
 warmUp().catch((e) => {

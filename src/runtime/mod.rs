@@ -318,16 +318,6 @@ impl Runtime {
         rt
     }
 
-    /// The runtime's name.
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
-    /// The VMM driver.
-    pub fn vmm(&self) -> &Arc<dyn Vmm> {
-        &self.vmm
-    }
-
     /// (warm clones, restores in flight).
     pub fn stock(&self) -> (usize, usize) {
         let st = self.lock();
