@@ -26,7 +26,7 @@ fn write_js_app(dir: &Path, name: &str, version: u32, esm: bool) {
     let handler = format!(
         "(req, res) => {{\n\
          \x20 res.setHeader('content-type', 'text/plain');\n\
-         \x20 res.end(`app={name} version={version} greeting=${{process.env.GREETING}} port=${{process.env.PORT}} node=${{process.version}} url=${{req.url}}\\n`);\n\
+         \x20 res.end(`app={name} version={version} greeting=${{process.env.GREETING}} port=${{process.env.PORT}} node=${{process.version}} url=${{req.url}} now=${{Date.now()}}\\n`);\n\
          }}"
     );
     let js = if esm {
@@ -220,8 +220,23 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     )
     .await;
     let (status, body) = gw.get("alpha", "/").await;
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("app=alpha version=2"), "{body}");
+    // This clone was restored seconds after the snapshot was taken; its
+    // clock was set to the host's when its app started.
+    let guest_now: i64 = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("now="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no now= in {body}"));
+    assert!(
+        (host_now - guest_now).abs() < 1000,
+        "guest clock {guest_now} vs host {host_now}"
+    );
     assert_eq!(
         current_snapshot(&gw.snapshots, "runtime.node"),
         runtime_snapshot

@@ -13,8 +13,9 @@
 //! 3. When an app's pool needs an instance, its [`RuntimeFactory`] takes a
 //!    clone (a warm one, else it restores one), writes the app's code image
 //!    into the clone's code slot and posts the start message to the agent,
-//!    which mounts the disk and starts the app in the already loaded
-//!    runtime. The instance is ready when the app answers its
+//!    which sets the guest's clock to the host's (a clone's clock resumed
+//!    from the snapshot's moment), mounts the disk and starts the app in the
+//!    already loaded runtime. The instance is ready when the app answers its
 //!    `ready_path` with 200 on the runtime's `app_port`.
 //! 4. From then on the instance is the app's, pooled like any VM instance
 //!    (leases, hold queue, idle reaping); it never returns to the runtime.
@@ -117,9 +118,24 @@ impl StartSpec {
         }
     }
 
-    /// The start message the agent gets.
+    /// How the app is started: what the agent gets, less the clock.
     pub fn message(&self) -> String {
-        serde_json::json!({ "main": self.main, "port": self.port, "env": self.env }).to_string()
+        self.message_value().to_string()
+    }
+
+    fn message_value(&self) -> serde_json::Value {
+        serde_json::json!({ "main": self.main, "port": self.port, "env": self.env })
+    }
+
+    /// The body of the agent's `POST /start`: the message and the host's
+    /// time, which the agent sets the guest's clock to.
+    fn request_body(&self) -> Bytes {
+        let mut body = self.message_value();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        body["now_ms"] = serde_json::json!(now.as_millis() as u64);
+        Bytes::from(body.to_string())
     }
 
     fn fail(&self, reason: String, output: String) -> VmmError {
@@ -184,8 +200,7 @@ pub async fn start_app(
     }
     let t = std::time::Instant::now();
     let agent = vm.endpoint().clone();
-    let message = Bytes::from(start.message());
-    match ready::request(&agent, http::Method::POST, "/start", message).await {
+    match ready::request(&agent, http::Method::POST, "/start", start.request_body()).await {
         Ok((200, _)) => {}
         Ok((status, body)) if (400..500).contains(&status) => {
             return Err(start.fail(

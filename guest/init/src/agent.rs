@@ -16,8 +16,10 @@
 //! 3. Control API on the agent port:
 //!    - `GET /healthz`: 200 once the runtime is loaded, 503 before. The
 //!      runtime's base snapshot is taken after the first 200.
-//!    - `POST /start` with `{"main": "server.js", "port": 8080, "env": {..}}`:
-//!      drops the guest's cached blocks of the code disk (the kernel read
+//!    - `POST /start` with `{"main": "server.js", "port": 8080, "env": {..},
+//!      "now_ms": <host time, ms since the epoch>}`: sets the clock (a
+//!      clone's clock resumed from the snapshot's moment), drops the guest's
+//!      cached blocks of the code disk (the kernel read
 //!      it while it was still the template's empty disk), mounts it
 //!      read-only at `/rt/app`, checks that `main` is there, and hands the
 //!      message (plus `"dir": "/app"`) to the runtime on its stdin. 200 when
@@ -238,6 +240,15 @@ fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
                 found.join(", ")
             ),
         ));
+    }
+    // A clone's clock resumed from the snapshot's moment: set it to the
+    // host's before the app reads it (logs, Date headers, TLS validity).
+    if let Some(ms) = msg["now_ms"].as_u64() {
+        let now =
+            nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
+        if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now) {
+            log(&format!("agent: setting the clock: {e}"));
+        }
     }
     msg["dir"] = "/app".into();
     let mut line = msg.to_string();
