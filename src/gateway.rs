@@ -32,7 +32,9 @@ use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{Factory, Pool, PoolMetrics, SnapshotFactory};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
-use crate::runtime::{self, AppTemplate, CodeSource, Runtime, RuntimeFactory, StartSpec};
+use crate::runtime::{
+    self, AppSnapshotFactory, AppTemplate, CodeSource, Runtime, RuntimeFactory, StartSpec,
+};
 use crate::{admin, snapshot_cmd, upstream, vmm};
 
 /// A running gateway.
@@ -178,7 +180,12 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                             )
                             .await
                             .with_context(|| format!("app {name}: preparing its snapshot"))?;
-                            Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot))
+                            Arc::new(AppSnapshotFactory::new(
+                                driver.clone(),
+                                net.clone(),
+                                snapshot,
+                                rt_cfg.image.guest_port,
+                            ))
                         }
                     };
                     writeln!(

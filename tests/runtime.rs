@@ -135,6 +135,25 @@ async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> b
     }
 }
 
+/// Asserts that the `now=` an app answered (its `Date.now()`) is within a
+/// second of the host's clock: a clone's clock resumes from the snapshot's
+/// moment unless snapgate sets it.
+fn assert_clock_is_set(body: &str) {
+    let host_now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let guest_now: i64 = body
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("now="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no now= in {body}"));
+    assert!(
+        (host_now - guest_now).abs() < 1000,
+        "guest clock {guest_now} vs host {host_now}: {body}"
+    );
+}
+
 /// The snapshot directory `current` points at, for `name`.
 fn current_snapshot(snapshots: &Path, name: &str) -> PathBuf {
     std::fs::canonicalize(snapshots.join(name).join("current"))
@@ -220,23 +239,11 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     )
     .await;
     let (status, body) = gw.get("alpha", "/").await;
-    let host_now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("app=alpha version=2"), "{body}");
     // This clone was restored seconds after the snapshot was taken; its
     // clock was set to the host's when its app started.
-    let guest_now: i64 = body
-        .split_whitespace()
-        .find_map(|w| w.strip_prefix("now="))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no now= in {body}"));
-    assert!(
-        (host_now - guest_now).abs() < 1000,
-        "guest clock {guest_now} vs host {host_now}"
-    );
+    assert_clock_is_set(&body);
     assert_eq!(
         current_snapshot(&gw.snapshots, "runtime.node"),
         runtime_snapshot
@@ -412,6 +419,8 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
 
     let (status, body) = gw.get("solo", "/x").await;
     assert_eq!(status, 200, "{body}");
+    // Restored from a snapshot taken seconds ago, its clock set after.
+    assert_clock_is_set(&body);
     assert!(
         body.starts_with("app=solo version=1 greeting=frozen"),
         "{body}"
@@ -430,5 +439,6 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     let (status, body) = gw.get("solo", "/").await;
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("app=solo version=2"), "{body}");
+    assert_clock_is_set(&body);
     gw.stop(&["solo"]).await;
 }

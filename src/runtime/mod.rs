@@ -131,10 +131,7 @@ impl StartSpec {
     /// time, which the agent sets the guest's clock to.
     fn request_body(&self) -> Bytes {
         let mut body = self.message_value();
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        body["now_ms"] = serde_json::json!(now.as_millis() as u64);
+        body["now_ms"] = serde_json::json!(now_ms());
         Bytes::from(body.to_string())
     }
 
@@ -144,6 +141,109 @@ impl StartSpec {
             reason,
             output,
         }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis() as u64
+}
+
+/// Sets the clock of `vm`, a restored clone whose guest agent listens on
+/// `agent_port`, to the host's: its clock resumed from the snapshot's
+/// moment. Records `clock`.
+pub async fn set_clock(vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
+    let t = std::time::Instant::now();
+    let mut agent = vm.endpoint().clone();
+    agent.addr.set_port(agent_port);
+    let body = Bytes::from(serde_json::json!({ "now_ms": now_ms() }).to_string());
+    // The agent answers as soon as the clone runs; a restored clone is
+    // running, but its network may take a moment: retry on refused or
+    // unanswered connections until the image's ready_timeout.
+    let deadline = tokio::time::Instant::now() + vm.spec().ready_timeout;
+    loop {
+        let attempt = tokio::time::timeout(
+            Duration::from_millis(500),
+            ready::request(&agent, http::Method::POST, "/clock", body.clone()),
+        )
+        .await;
+        match attempt {
+            Ok(Ok((200, _))) => break,
+            Ok(Ok((status, text))) => {
+                return Err(VmmError::Agent {
+                    vm: vm.id().clone(),
+                    problem: format!(
+                        "POST /clock answered HTTP {status}: {}",
+                        String::from_utf8_lossy(&text).trim()
+                    ),
+                })
+            }
+            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
+                return Err(VmmError::Agent {
+                    vm: vm.id().clone(),
+                    problem: format!("POST /clock on {}: {e}", agent.addr),
+                })
+            }
+            Err(_) if tokio::time::Instant::now() >= deadline => {
+                return Err(VmmError::Agent {
+                    vm: vm.id().clone(),
+                    problem: format!("POST /clock on {}: no answer", agent.addr),
+                })
+            }
+            _ => {
+                if vm.process_mut().exited().is_some() {
+                    return Err(vm.process_mut().exited_error("setting the clock"));
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+    vm.record("clock", t.elapsed());
+    Ok(())
+}
+
+/// Restores instances of an app from its own snapshot (`snapshot: app`),
+/// each on its own tap, and sets each clone's clock before its readiness
+/// probe.
+pub struct AppSnapshotFactory {
+    vmm: Arc<dyn Vmm>,
+    net: Network,
+    snapshot: Snapshot,
+    agent_port: u16,
+}
+
+impl AppSnapshotFactory {
+    /// Clones of `snapshot`, whose guest agent listens on `agent_port`.
+    pub fn new(
+        vmm: Arc<dyn Vmm>,
+        net: Network,
+        snapshot: Snapshot,
+        agent_port: u16,
+    ) -> AppSnapshotFactory {
+        AppSnapshotFactory {
+            vmm,
+            net,
+            snapshot,
+            agent_port,
+        }
+    }
+}
+
+#[async_trait]
+impl Factory for AppSnapshotFactory {
+    async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
+        let tap = self.net.create_tap().await?;
+        let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
+        set_clock(&mut vm, self.agent_port).await?;
+        let timeout = self.snapshot.manifest().spec.ready_timeout;
+        self.vmm.wait_ready(&mut vm, timeout).await?;
+        Ok(vm)
+    }
+
+    async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
+        self.vmm.destroy(vm).await
     }
 }
 

@@ -27,6 +27,8 @@
 //!      already; 503 while the runtime is still loading; 422 with the reason
 //!      when the disk does not mount or `main` is missing (the disk is then
 //!      unmounted again).
+//!    - `POST /clock` with `{"now_ms": ...}`: sets the clock; snapgate sends
+//!      it to clones of a per-app snapshot, which get no start message.
 //! 4. When the runtime exits, its status goes to the console and the VM is
 //!    powered off: the VMM exits and the gateway reports the console
 //!    output, which carries the runtime's own error output.
@@ -171,8 +173,30 @@ fn control(req: &Request, _peer: &str) -> (String, Vec<u8>) {
                 (status.into(), format!("{msg}\n").into_bytes())
             }
         },
+        ("POST", "/clock") => match clock(&req.body) {
+            Ok(msg) => ("200 OK".into(), msg.into_bytes()),
+            Err((status, msg)) => (status.into(), format!("{msg}\n").into_bytes()),
+        },
         _ => ("404 Not Found".into(), b"not found\n".to_vec()),
     }
+}
+
+fn set_clock(ms: u64) -> Result<(), String> {
+    let now = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
+    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
+        .map_err(|e| format!("setting the clock: {e}"))
+}
+
+/// `POST /clock` with `{"now_ms": ...}`.
+fn clock(body: &[u8]) -> Result<String, (&'static str, String)> {
+    let msg: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ("400 Bad Request", format!("clock message: {e}")))?;
+    let ms = msg["now_ms"].as_u64().ok_or((
+        "400 Bad Request",
+        "clock message: \"now_ms\" must be a number".to_string(),
+    ))?;
+    set_clock(ms).map_err(|e| ("500 Internal Server Error", e))?;
+    Ok("clock set\n".into())
 }
 
 fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
