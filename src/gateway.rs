@@ -32,9 +32,9 @@ use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{Factory, Pool, PoolMetrics, SnapshotFactory};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
-use crate::runtime::{
-    self, AppSnapshotFactory, AppTemplate, CodeSource, Runtime, RuntimeFactory, StartSpec,
-};
+use crate::runtime::{self, AppSnapshotFactory, CodeSource, Runtime, RuntimeFactory, StartSpec};
+use crate::snapshot_cmd::{Builder, Job};
+use crate::vmm::{Snapshot, Vmm};
 use crate::{admin, snapshot_cmd, upstream, vmm};
 
 /// A running gateway.
@@ -83,25 +83,26 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let proxy_metrics = ProxyMetrics::new(&registry)?;
     let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
     let driver = snapshot_cmd::driver(config)?;
-    let mut runtimes: HashMap<String, Arc<Runtime>> = HashMap::new();
+    let mut factories = Factories {
+        config,
+        driver: driver.clone(),
+        net: net.clone(),
+        builder: Builder::new(driver.as_ref(), &net, config.snapshot_dir()),
+        runtime_metrics: runtime_metrics.clone(),
+        runtimes: HashMap::new(),
+    };
 
     let mut targets = HashMap::new();
     let built: anyhow::Result<()> = async {
         for (name, app) in &config.apps {
             let target = match app.upstream() {
-                Upstream::Vm(spec, pool_cfg) => {
-                    let snapshot = snapshot_cmd::ensure(
-                        driver.as_ref(),
-                        &net,
-                        &config.snapshot_dir(),
-                        name,
-                        spec,
-                        None,
-                        out,
-                    )
-                    .await
-                    .with_context(|| format!("app {name}: preparing its snapshot"))?;
-                    let factory = Arc::new(SnapshotFactory::new(driver.clone(), net.clone(), snapshot));
+                Upstream::Static(addr) => Target::Static {
+                    addr,
+                    client: upstream::client(None),
+                    response_timeout: app.response_timeout,
+                },
+                Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => {
+                    let factory = factories.for_app(name, out).await?;
                     writeln!(
                         out,
                         "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
@@ -112,103 +113,13 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                         response_timeout: app.response_timeout,
                     }
                 }
-                Upstream::Runtime(rt_app, pool_cfg) => {
-                    let rt_name = &rt_app.name;
-                    let rt_cfg = &config.runtimes[rt_name];
-                    let start = StartSpec::new(name, rt_app, rt_cfg);
-                    let code = CodeSource::new(
-                        name,
-                        &rt_app.code,
-                        &config.code_cache(name),
-                        rt_cfg.code_disk_mib,
-                    );
-                    // A code source that cannot be packed is reported now.
-                    let image = code
-                        .current()
-                        .with_context(|| format!("app {name}: packing its code"))?;
-                    writeln!(
-                        out,
-                        "{name}: code {} -> {} ({} KiB, sha256 {})",
-                        rt_app.code.display(),
-                        image.path.display(),
-                        image.bytes / 1024,
-                        &image.hash[..16]
-                    )?;
-                    let factory: Arc<dyn Factory> = match rt_app.snapshot {
-                        StartFrom::Runtime => {
-                            let stock = match runtimes.get(rt_name) {
-                                Some(stock) => stock.clone(),
-                                None => {
-                                    let snapshot = snapshot_cmd::ensure(
-                                        driver.as_ref(),
-                                        &net,
-                                        &config.snapshot_dir(),
-                                        &runtime::snapshot_name(rt_name),
-                                        &rt_cfg.spec(),
-                                        None,
-                                        out,
-                                    )
-                                    .await
-                                    .with_context(|| {
-                                        format!("runtime {rt_name}: preparing its snapshot")
-                                    })?;
-                                    writeln!(out, "runtime {rt_name}: min_warm={}", rt_cfg.min_warm)?;
-                                    let stock = Runtime::start(
-                                        rt_name,
-                                        driver.clone(),
-                                        net.clone(),
-                                        snapshot,
-                                        rt_cfg.min_warm,
-                                        runtime_metrics.clone(),
-                                    );
-                                    runtimes.insert(rt_name.clone(), stock.clone());
-                                    stock
-                                }
-                            };
-                            Arc::new(RuntimeFactory::new(stock, code, start))
-                        }
-                        StartFrom::App => {
-                            let spec = runtime::app_image(rt_cfg, &image.path);
-                            let snapshot = snapshot_cmd::ensure(
-                                driver.as_ref(),
-                                &net,
-                                &config.snapshot_dir(),
-                                name,
-                                &spec,
-                                Some(&AppTemplate { start }),
-                                out,
-                            )
-                            .await
-                            .with_context(|| format!("app {name}: preparing its snapshot"))?;
-                            Arc::new(AppSnapshotFactory::new(
-                                driver.clone(),
-                                net.clone(),
-                                snapshot,
-                                rt_cfg.image.guest_port,
-                            ))
-                        }
-                    };
-                    writeln!(
-                        out,
-                        "{name}: runtime {rt_name} ({:?} snapshot), pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
-                        rt_app.snapshot, pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
-                    )?;
-                    Target::Pool {
-                        pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
-                        response_timeout: app.response_timeout,
-                    }
-                }
-                Upstream::Static(addr) => Target::Static {
-                    addr,
-                    client: upstream::client(None),
-                    response_timeout: app.response_timeout,
-                },
             };
             targets.insert(name.clone(), target);
         }
         Ok(())
     }
     .await;
+    let runtimes = factories.runtimes;
     if let Err(e) = built {
         // Nothing half-started stays behind: VMs made so far are destroyed.
         for target in targets.values() {
@@ -251,6 +162,88 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         server,
         admin_task,
     })
+}
+
+/// Makes the instance factory of each VM and runtime app, taking (or
+/// reusing) the snapshots they start from and starting each runtime's stock
+/// once, for all its apps.
+struct Factories<'a> {
+    config: &'a Config,
+    driver: Arc<dyn Vmm>,
+    net: Network,
+    builder: Builder<'a>,
+    runtime_metrics: runtime::RuntimeMetrics,
+    runtimes: HashMap<String, Arc<Runtime>>,
+}
+
+impl Factories<'_> {
+    async fn for_app(
+        &mut self,
+        name: &str,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<Arc<dyn Factory>> {
+        let (driver, net) = (self.driver.clone(), self.net.clone());
+        let rt_app = match self.config.apps[name].upstream() {
+            Upstream::Vm(spec, _) => {
+                let snapshot = self.ensure(&Job::vm_app(name, spec), out).await?;
+                return Ok(Arc::new(SnapshotFactory::new(driver, net, snapshot)));
+            }
+            Upstream::Runtime(rt_app, _) => rt_app,
+            Upstream::Static(_) => unreachable!("static apps have no factory"),
+        };
+        let rt_name = &rt_app.name;
+        let rt_cfg = &self.config.runtimes[rt_name];
+        let code = CodeSource::for_app(self.config, name, rt_app);
+        // A code source that cannot be packed is reported now.
+        let image = code
+            .current()
+            .with_context(|| format!("app {name}: packing its code"))?;
+        writeln!(
+            out,
+            "{name}: runtime {rt_name} ({:?} snapshot), code {} -> {} ({} KiB, sha256 {})",
+            rt_app.snapshot,
+            rt_app.code.display(),
+            image.path.display(),
+            image.bytes / 1024,
+            &image.hash[..16]
+        )?;
+        Ok(match rt_app.snapshot {
+            StartFrom::Runtime => {
+                let stock = match self.runtimes.get(rt_name) {
+                    Some(stock) => stock.clone(),
+                    None => {
+                        let snapshot = self.ensure(&Job::runtime(rt_name, rt_cfg), out).await?;
+                        writeln!(out, "runtime {rt_name}: min_warm={}", rt_cfg.min_warm)?;
+                        let stock = Runtime::start(
+                            rt_name,
+                            driver,
+                            net,
+                            snapshot,
+                            rt_cfg.min_warm,
+                            self.runtime_metrics.clone(),
+                        );
+                        self.runtimes.insert(rt_name.clone(), stock.clone());
+                        stock
+                    }
+                };
+                let start = StartSpec::new(name, rt_app, rt_cfg);
+                Arc::new(RuntimeFactory::new(stock, code, start))
+            }
+            StartFrom::App => {
+                let job = Job::app_in_runtime(name, rt_app, rt_cfg, &image);
+                let snapshot = self.ensure(&job, out).await?;
+                let agent_port = rt_cfg.image.guest_port;
+                Arc::new(AppSnapshotFactory::new(driver, net, snapshot, agent_port))
+            }
+        })
+    }
+
+    async fn ensure(&self, job: &Job, out: &mut (dyn Write + Send)) -> anyhow::Result<Snapshot> {
+        self.builder
+            .ensure(job, out)
+            .await
+            .with_context(|| format!("{}: preparing its snapshot", job.name))
+    }
 }
 
 impl Running {

@@ -21,8 +21,9 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use crate::config::Config;
+use crate::config::{Config, RuntimeAppConfig, RuntimeConfig, StartFrom, Upstream};
 use crate::net::Network;
+use crate::runtime::{self, AppTemplate, CodeImage, CodeSource, StartSpec};
 use crate::vmm::cloud_hypervisor::CloudHypervisor;
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError, VmmKind};
@@ -102,133 +103,207 @@ async fn lock(snapshot_dir: &Path, app: &str) -> anyhow::Result<nix::fcntl::Floc
     .await?
 }
 
-/// Boots `app`'s template from `spec`, waits until ready, runs `prepare`
-/// if given, snapshots it into a new directory and points `current` at it.
-/// Progress goes to `out`.
-pub async fn build_one(
-    vmm: &dyn Vmm,
-    net: &Network,
-    snapshot_dir: &Path,
-    app: &str,
-    spec: &ImageSpec,
-    prepare: Option<&dyn Prepare>,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<Snapshot> {
-    let _lock = lock(snapshot_dir, app).await?;
-    build_locked(vmm, net, snapshot_dir, app, spec, prepare, out).await
+/// One snapshot to take: where it goes (`<snapshot_dir>/<name>/`), what
+/// the template boots, and what runs on the ready template first.
+pub struct Job {
+    /// The directory name under `snapshot_dir`.
+    pub name: String,
+    /// What the template boots.
+    pub spec: ImageSpec,
+    /// What runs on the ready template before the snapshot.
+    pub prepare: Option<Box<dyn Prepare>>,
 }
 
-async fn build_locked(
-    vmm: &dyn Vmm,
-    net: &Network,
-    snapshot_dir: &Path,
-    app: &str,
-    spec: &ImageSpec,
-    prepare: Option<&dyn Prepare>,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<Snapshot> {
-    let started = Instant::now();
-    writeln!(out, "{app}: booting template with {}", vmm.kind())?;
-    let tap = net.create_tap().await?;
-    let mut vm = vmm
-        .boot(VmId::new(format!("{app}-template")), spec, tap)
-        .await?;
-    writeln!(
-        out,
-        "{app}: VMM pid {}; waiting up to {:?} for GET {} on {} via {}",
-        vm.pid(),
-        spec.ready_timeout,
-        spec.ready_path,
-        vm.endpoint().addr,
-        vm.endpoint().tap
-    )?;
-    vmm.wait_ready(&mut vm, spec.ready_timeout).await?;
-    let boot_to_ready = started.elapsed().as_secs_f64();
-    writeln!(
-        out,
-        "{app}: ready after {boot_to_ready:.2}s ({})",
-        vm.timings()
-    )?;
-    if let Some(prepare) = prepare {
-        let t = Instant::now();
-        prepare.prepare(vmm, &mut vm).await?;
+impl Job {
+    /// A VM app's own snapshot.
+    pub fn vm_app(app: &str, spec: &ImageSpec) -> Job {
+        Job {
+            name: app.to_owned(),
+            spec: spec.clone(),
+            prepare: None,
+        }
+    }
+
+    /// A runtime's shared snapshot.
+    pub fn runtime(name: &str, runtime: &RuntimeConfig) -> Job {
+        Job {
+            name: runtime::snapshot_name(name),
+            spec: runtime.spec(),
+            prepare: None,
+        }
+    }
+
+    /// The own snapshot of runtime app `app` (`snapshot: app`), with its
+    /// code packed as `code`.
+    pub fn app_in_runtime(
+        app: &str,
+        cfg: &RuntimeAppConfig,
+        runtime: &RuntimeConfig,
+        code: &CodeImage,
+    ) -> Job {
+        Job {
+            name: app.to_owned(),
+            spec: runtime::app_image(runtime, &code.path),
+            prepare: Some(Box::new(AppTemplate {
+                start: StartSpec::new(app, cfg, runtime),
+            })),
+        }
+    }
+
+    /// The snapshot `app` starts from (packing its code if it needs it), or
+    /// `None` for a static app.
+    pub fn for_app(config: &Config, app: &str) -> anyhow::Result<Option<Job>> {
+        Ok(Some(match config.apps[app].upstream() {
+            Upstream::Static(_) => return Ok(None),
+            Upstream::Vm(spec, _) => Job::vm_app(app, spec),
+            Upstream::Runtime(cfg, _) => {
+                let rt = &config.runtimes[&cfg.name];
+                match cfg.snapshot {
+                    StartFrom::Runtime => Job::runtime(&cfg.name, rt),
+                    StartFrom::App => {
+                        let code = CodeSource::for_app(config, app, cfg).current()?;
+                        Job::app_in_runtime(app, cfg, rt, &code)
+                    }
+                }
+            }
+        }))
+    }
+
+    /// The spec the snapshot records: what `prepare` leaves, or the boot spec.
+    fn recorded_spec(&self) -> ImageSpec {
+        match &self.prepare {
+            Some(p) => p.prepared_spec(&self.spec),
+            None => self.spec.clone(),
+        }
+    }
+}
+
+/// Takes snapshots with one VMM driver, into one `snapshot_dir`.
+pub struct Builder<'a> {
+    vmm: &'a dyn Vmm,
+    net: &'a Network,
+    snapshot_dir: PathBuf,
+}
+
+impl<'a> Builder<'a> {
+    /// Snapshots taken by `vmm` on taps of `net`, kept in `snapshot_dir`.
+    pub fn new(vmm: &'a dyn Vmm, net: &'a Network, snapshot_dir: PathBuf) -> Builder<'a> {
+        Builder {
+            vmm,
+            net,
+            snapshot_dir,
+        }
+    }
+
+    /// Boots the job's template, waits until ready, runs its `prepare`,
+    /// snapshots it into a new directory and points `current` at it.
+    /// Progress goes to `out`.
+    pub async fn build(&self, job: &Job, out: &mut (dyn Write + Send)) -> anyhow::Result<Snapshot> {
+        let _lock = lock(&self.snapshot_dir, &job.name).await?;
+        self.build_locked(job, out).await
+    }
+
+    /// The job's current snapshot if it was taken from the job as it is
+    /// now, else a freshly built one.
+    pub async fn ensure(
+        &self,
+        job: &Job,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<Snapshot> {
+        let name = &job.name;
+        let _lock = lock(&self.snapshot_dir, name).await?;
+        let current = current_snapshot(&self.snapshot_dir, name);
+        let vmm = self.vmm;
+        match Snapshot::open(&current) {
+            Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), &job.recorded_spec(), vmm.net()) => {
+                writeln!(out, "{name}: using snapshot {}", current.display())?;
+                return Ok(s);
+            }
+            Ok(_) => writeln!(
+                out,
+                "{name}: snapshot is stale (image, spec, network, VMM or accelerator changed)"
+            )?,
+            Err(_) if !current.exists() => writeln!(out, "{name}: no snapshot yet")?,
+            Err(e) => writeln!(out, "{name}: snapshot unusable: {e}")?,
+        }
+        self.build_locked(job, out).await
+    }
+
+    async fn build_locked(
+        &self,
+        job: &Job,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<Snapshot> {
+        let (vmm, app, spec) = (self.vmm, &job.name, &job.spec);
+        let started = Instant::now();
+        writeln!(out, "{app}: booting template with {}", vmm.kind())?;
+        let tap = self.net.create_tap().await?;
+        let mut vm = vmm
+            .boot(VmId::new(format!("{app}-template")), spec, tap)
+            .await?;
         writeln!(
             out,
-            "{app}: prepared in {:.2}s; GET {} on {} answers 200",
-            t.elapsed().as_secs_f64(),
-            vm.ready_path(),
-            vm.endpoint().addr
+            "{app}: VMM pid {}; waiting up to {:?} for GET {} on {} via {}",
+            vm.pid(),
+            spec.ready_timeout,
+            spec.ready_path,
+            vm.endpoint().addr,
+            vm.endpoint().tap
         )?;
-    }
-    let app_dir = snapshot_dir.join(app);
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_millis()
-        .to_string();
-    let dest = app_dir.join(&stamp);
-    let t = Instant::now();
-    let snapshot = vmm.snapshot(vm, &dest).await?;
-    let snapshot_secs = t.elapsed().as_secs_f64();
-    // Switch `current` atomically: a new link, renamed over the old.
-    let tmp = app_dir.join(format!(".current.{}.{stamp}", std::process::id()));
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(&stamp, &tmp)?;
-    std::fs::rename(&tmp, current_snapshot(snapshot_dir, app))?;
-    for removed in prune(&app_dir, KEEP) {
-        writeln!(out, "{app}: removed old snapshot {}", removed.display())?;
-    }
-    writeln!(
-        out,
-        "{app}: snapshot {} ({:.1} MiB) in {snapshot_secs:.2}s; {:.2}s in all",
-        dest.display(),
-        snapshot.size_bytes() as f64 / (1024.0 * 1024.0),
-        started.elapsed().as_secs_f64()
-    )?;
-    Ok(snapshot)
-}
-
-/// The current snapshot of `app` if it was taken from `spec` (and
-/// `prepare`) as they are now, else a freshly built one.
-pub async fn ensure(
-    vmm: &dyn Vmm,
-    net: &Network,
-    snapshot_dir: &Path,
-    app: &str,
-    spec: &ImageSpec,
-    prepare: Option<&dyn Prepare>,
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<Snapshot> {
-    let _lock = lock(snapshot_dir, app).await?;
-    let current = current_snapshot(snapshot_dir, app);
-    let recorded = match prepare {
-        Some(p) => p.prepared_spec(spec),
-        None => spec.clone(),
-    };
-    match Snapshot::open(&current) {
-        Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), &recorded, vmm.net()) => {
-            writeln!(out, "{app}: using snapshot {}", current.display())?;
-            return Ok(s);
-        }
-        Ok(_) => writeln!(
+        vmm.wait_ready(&mut vm, spec.ready_timeout).await?;
+        let boot_to_ready = started.elapsed().as_secs_f64();
+        writeln!(
             out,
-            "{app}: snapshot is stale (image, spec, network, VMM or accelerator changed)"
-        )?,
-        Err(_) if !current.exists() => writeln!(out, "{app}: no snapshot yet")?,
-        Err(e) => writeln!(out, "{app}: snapshot unusable: {e}")?,
+            "{app}: ready after {boot_to_ready:.2}s ({})",
+            vm.timings()
+        )?;
+        if let Some(prepare) = &job.prepare {
+            let t = Instant::now();
+            prepare.prepare(vmm, &mut vm).await?;
+            writeln!(
+                out,
+                "{app}: prepared in {:.2}s; GET {} on {} answers 200",
+                t.elapsed().as_secs_f64(),
+                vm.ready_path(),
+                vm.endpoint().addr
+            )?;
+        }
+        let app_dir = self.snapshot_dir.join(app);
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+            .to_string();
+        let dest = app_dir.join(&stamp);
+        let t = Instant::now();
+        let snapshot = vmm.snapshot(vm, &dest).await?;
+        let snapshot_secs = t.elapsed().as_secs_f64();
+        // Switch `current` atomically: a new link, renamed over the old.
+        let tmp = app_dir.join(format!(".current.{}.{stamp}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        std::os::unix::fs::symlink(&stamp, &tmp)?;
+        std::fs::rename(&tmp, current_snapshot(&self.snapshot_dir, app))?;
+        for removed in prune(&app_dir, KEEP) {
+            writeln!(out, "{app}: removed old snapshot {}", removed.display())?;
+        }
+        writeln!(
+            out,
+            "{app}: snapshot {} ({:.1} MiB) in {snapshot_secs:.2}s; {:.2}s in all",
+            dest.display(),
+            snapshot.size_bytes() as f64 / (1024.0 * 1024.0),
+            started.elapsed().as_secs_f64()
+        )?;
+        Ok(snapshot)
     }
-    build_locked(vmm, net, snapshot_dir, app, spec, prepare, out).await
 }
 
 /// `snapgate snapshot build`: builds the snapshots `apps` start from (every
 /// VM and runtime app when empty): a VM app's own; for a runtime app, its
-/// runtime's shared snapshot, or with `snapshot: app` the app's own.
+/// runtime's shared snapshot (once), or with `snapshot: app` the app's own.
 pub async fn build(
     config: &Config,
     apps: &[String],
     out: &mut (dyn Write + Send),
 ) -> anyhow::Result<Vec<Snapshot>> {
-    use crate::config::{StartFrom, Upstream};
-    use crate::runtime::{self, AppTemplate, CodeSource, StartSpec};
     let vm_apps: Vec<&String> = config
         .apps
         .iter()
@@ -251,43 +326,15 @@ pub async fn build(
     };
     let net = Network::new(config.network.clone())?;
     let vmm = driver(config)?;
-    let dir = config.snapshot_dir();
+    let builder = Builder::new(vmm.as_ref(), &net, config.snapshot_dir());
     let mut built = Vec::new();
-    let mut runtimes_built = Vec::new();
+    let mut done = std::collections::HashSet::new();
     for app in selected {
-        let snapshot = match config.apps[app].upstream() {
-            Upstream::Vm(spec, _) => {
-                build_one(vmm.as_ref(), &net, &dir, app, spec, None, out).await?
-            }
-            Upstream::Runtime(rt_app, _) => {
-                let rt = &config.runtimes[&rt_app.name];
-                match rt_app.snapshot {
-                    StartFrom::Runtime if runtimes_built.contains(&rt_app.name) => continue,
-                    StartFrom::Runtime => {
-                        runtimes_built.push(rt_app.name.clone());
-                        let name = runtime::snapshot_name(&rt_app.name);
-                        build_one(vmm.as_ref(), &net, &dir, &name, &rt.spec(), None, out).await?
-                    }
-                    StartFrom::App => {
-                        let code = CodeSource::new(
-                            app,
-                            &rt_app.code,
-                            &config.code_cache(app),
-                            rt.code_disk_mib,
-                        )
-                        .current()?;
-                        let spec = runtime::app_image(rt, &code.path);
-                        let template = AppTemplate {
-                            start: StartSpec::new(app, rt_app, rt),
-                        };
-                        build_one(vmm.as_ref(), &net, &dir, app, &spec, Some(&template), out)
-                            .await?
-                    }
-                }
-            }
-            Upstream::Static(_) => unreachable!("filtered above"),
-        };
-        built.push(snapshot);
+        let job = Job::for_app(config, app)?.expect("static apps were filtered out");
+        // Apps of one runtime share its snapshot: built once.
+        if done.insert(job.name.clone()) {
+            built.push(builder.build(&job, out).await?);
+        }
     }
     Ok(built)
 }

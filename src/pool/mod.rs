@@ -333,7 +333,9 @@ const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const MAINTENANCE_TICK: Duration = Duration::from_millis(500);
 
-fn backoff(failures: u32) -> Duration {
+/// How long to wait after `failures` failed starts in a row: 0.5 s,
+/// doubling, at most 30 s. Runtime stocks back off the same way.
+pub(crate) fn backoff(failures: u32) -> Duration {
     BACKOFF_BASE
         .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
         .min(BACKOFF_MAX)

@@ -115,6 +115,17 @@ impl CodeSource {
         }
     }
 
+    /// The code of runtime app `app`, configured as `cfg`, packed into the
+    /// config's code cache within its runtime's code disk.
+    pub fn for_app(
+        config: &crate::config::Config,
+        app: &str,
+        cfg: &crate::config::RuntimeAppConfig,
+    ) -> CodeSource {
+        let max_mib = config.runtimes[&cfg.name].code_disk_mib;
+        CodeSource::new(app, &cfg.code, &config.code_cache(app), max_mib)
+    }
+
     /// The image of the code as it is now, packing it if it changed.
     /// Blocking (file reads, `mke2fs`): call it off the async workers.
     pub fn current(&self) -> Result<CodeImage, CodeError> {

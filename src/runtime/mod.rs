@@ -52,7 +52,9 @@
 //! # Per-app snapshots (`snapshot: app`)
 //! The app's template boots the runtime image with the app's code image as
 //! its code disk (no slot), the agent starts the app, and the snapshot is
-//! taken once the app answers ([`AppTemplate`]): clones skip the start.
+//! taken once the app answers ([`AppTemplate`]): clones skip the start;
+//! once ready, each gets the host's time from the agent
+//! ([`AppSnapshotFactory`]).
 //! The snapshot's spec names the code image, whose file name is its content
 //! hash, so changed code makes the snapshot stale and the next start
 //! rebuilds it.
@@ -77,7 +79,7 @@ pub use metrics::RuntimeMetrics;
 
 use crate::config::{RuntimeAppConfig, RuntimeConfig};
 use crate::net::Network;
-use crate::pool::Factory;
+use crate::pool::{Factory, SnapshotFactory};
 use crate::snapshot_cmd::Prepare;
 use crate::vmm::spec::DiskSpec;
 use crate::vmm::{ready, ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError};
@@ -153,64 +155,40 @@ fn now_ms() -> u64 {
 
 /// Sets the clock of `vm`, a restored clone whose guest agent listens on
 /// `agent_port`, to the host's: its clock resumed from the snapshot's
-/// moment. Records `clock`.
+/// moment. Call it once the clone is ready (its network is up). Records
+/// `clock`.
 pub async fn set_clock(vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
     let t = std::time::Instant::now();
     let mut agent = vm.endpoint().clone();
     agent.addr.set_port(agent_port);
     let body = Bytes::from(serde_json::json!({ "now_ms": now_ms() }).to_string());
-    // The agent answers as soon as the clone runs; a restored clone is
-    // running, but its network may take a moment: retry on refused or
-    // unanswered connections until the image's ready_timeout.
-    let deadline = tokio::time::Instant::now() + vm.spec().ready_timeout;
-    loop {
-        let attempt = tokio::time::timeout(
-            Duration::from_millis(500),
-            ready::request(&agent, http::Method::POST, "/clock", body.clone()),
-        )
-        .await;
-        match attempt {
-            Ok(Ok((200, _))) => break,
-            Ok(Ok((status, text))) => {
-                return Err(VmmError::Agent {
-                    vm: vm.id().clone(),
-                    problem: format!(
-                        "POST /clock answered HTTP {status}: {}",
-                        String::from_utf8_lossy(&text).trim()
-                    ),
-                })
-            }
-            Ok(Err(e)) if tokio::time::Instant::now() >= deadline => {
-                return Err(VmmError::Agent {
-                    vm: vm.id().clone(),
-                    problem: format!("POST /clock on {}: {e}", agent.addr),
-                })
-            }
-            Err(_) if tokio::time::Instant::now() >= deadline => {
-                return Err(VmmError::Agent {
-                    vm: vm.id().clone(),
-                    problem: format!("POST /clock on {}: no answer", agent.addr),
-                })
-            }
-            _ => {
-                if vm.process_mut().exited().is_some() {
-                    return Err(vm.process_mut().exited_error("setting the clock"));
-                }
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+    let problem = match tokio::time::timeout(
+        Duration::from_secs(5),
+        ready::request(&agent, http::Method::POST, "/clock", body),
+    )
+    .await
+    {
+        Ok(Ok((200, _))) => {
+            vm.record("clock", t.elapsed());
+            return Ok(());
         }
-    }
-    vm.record("clock", t.elapsed());
-    Ok(())
+        Ok(Ok((status, text))) => format!(
+            "POST /clock answered HTTP {status}: {}",
+            String::from_utf8_lossy(&text).trim()
+        ),
+        Ok(Err(e)) => format!("POST /clock on {}: {e}", agent.addr),
+        Err(_) => format!("POST /clock on {}: no answer within 5s", agent.addr),
+    };
+    Err(VmmError::Agent {
+        vm: vm.id().clone(),
+        problem,
+    })
 }
 
-/// Restores instances of an app from its own snapshot (`snapshot: app`),
-/// each on its own tap, and sets each clone's clock before its readiness
-/// probe.
+/// Clones of an app's own snapshot (`snapshot: app`): restored and made
+/// ready as any snapshot's ([`SnapshotFactory`]), then their clock is set.
 pub struct AppSnapshotFactory {
-    vmm: Arc<dyn Vmm>,
-    net: Network,
-    snapshot: Snapshot,
+    inner: SnapshotFactory,
     agent_port: u16,
 }
 
@@ -223,9 +201,7 @@ impl AppSnapshotFactory {
         agent_port: u16,
     ) -> AppSnapshotFactory {
         AppSnapshotFactory {
-            vmm,
-            net,
-            snapshot,
+            inner: SnapshotFactory::new(vmm, net, snapshot),
             agent_port,
         }
     }
@@ -234,16 +210,16 @@ impl AppSnapshotFactory {
 #[async_trait]
 impl Factory for AppSnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
-        let tap = self.net.create_tap().await?;
-        let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
-        set_clock(&mut vm, self.agent_port).await?;
-        let timeout = self.snapshot.manifest().spec.ready_timeout;
-        self.vmm.wait_ready(&mut vm, timeout).await?;
+        let mut vm = self.inner.start(id).await?;
+        if let Err(e) = set_clock(&mut vm, self.agent_port).await {
+            let _ = self.inner.stop(vm).await;
+            return Err(e);
+        }
         Ok(vm)
     }
 
     async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
-        self.vmm.destroy(vm).await
+        self.inner.stop(vm).await
     }
 }
 
@@ -395,8 +371,6 @@ pub struct Runtime {
     metrics: RuntimeMetrics,
 }
 
-const BACKOFF_BASE: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
 const TICK: Duration = Duration::from_millis(500);
 
 impl Runtime {
@@ -594,9 +568,7 @@ async fn restore_into_stock(rt: Arc<Runtime>) {
             }
             Err(e) => {
                 st.failures += 1;
-                let wait = BACKOFF_BASE
-                    .saturating_mul(1u32 << st.failures.saturating_sub(1).min(10))
-                    .min(BACKOFF_MAX);
+                let wait = crate::pool::backoff(st.failures);
                 st.retry_at = Some(Instant::now() + wait);
                 let text = crate::display_chain(&e);
                 error!(runtime = %rt.name, "restoring a runtime clone failed (next try in {wait:?}): {text}");
