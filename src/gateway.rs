@@ -247,6 +247,15 @@ impl Factories<'_> {
 }
 
 impl Running {
+    /// VMM process ids of every VM the gateway has: app instances and warm
+    /// runtime clones.
+    pub fn pids(&self) -> Vec<u32> {
+        let pools = self.proxy.pools().flat_map(|p| p.pids());
+        pools
+            .chain(self.runtimes.values().flat_map(|r| r.pids()))
+            .collect()
+    }
+
     /// Stops accepting, lets in-flight requests finish (at most the grace
     /// period), then closes every pool and destroys every VM.
     pub async fn shutdown(self) {

@@ -80,9 +80,7 @@ impl Gw {
 
     /// Shuts the gateway down and checks that every VM and tap is gone.
     async fn stop(mut self) {
-        let pids = self.pool().pids();
-        self.running.take().unwrap().shutdown().await;
-        assert_all_gone(&self.net, &pids).await;
+        shutdown_and_check(self.running.take().unwrap(), &self.net).await;
     }
 }
 
@@ -93,14 +91,6 @@ impl Drop for Gw {
         if let Some(running) = self.running.take() {
             drop(running);
         }
-    }
-}
-
-async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -7,7 +7,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use snapgate::gateway::{self, Running};
@@ -102,20 +102,9 @@ impl Gw {
         self.running().runtimes["node"].stock()
     }
 
-    /// Every VMM pid the gateway has: app instances and warm runtime clones.
-    fn pids(&self, apps: &[&str]) -> Vec<u32> {
-        let mut pids: Vec<u32> = apps.iter().flat_map(|a| self.pool(a).pids()).collect();
-        for rt in self.running().runtimes.values() {
-            pids.extend(rt.pids());
-        }
-        pids
-    }
-
     /// Shuts the gateway down and checks that every VM and tap is gone.
-    async fn stop(mut self, apps: &[&str]) {
-        let pids = self.pids(apps);
-        self.running.take().unwrap().shutdown().await;
-        assert_all_gone(&self.net, &pids).await;
+    async fn stop(mut self) {
+        shutdown_and_check(self.running.take().unwrap(), &self.net).await;
     }
 }
 
@@ -124,14 +113,6 @@ impl Drop for Gw {
         // A failed test still kills its VMs: dropping the runtime's tasks
         // drops every VM value, and each kills its VMM.
         drop(self.running.take());
-    }
-}
-
-async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -294,7 +275,7 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     .await;
     let failed = prometheus.query(&runtime_panels[2].1).await;
     assert_eq!(failed["status"], "success", "{failed}");
-    gw.stop(&["alpha", "beta"]).await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -386,7 +367,7 @@ async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
     assert_eq!(gw.pool("crash").stats().instances, 0);
     assert_eq!(gw.pool("garbage").stats().instances, 0);
     assert_eq!(gw.pool("late").stats().instances, 0);
-    gw.stop(&["good", "crash", "late", "garbage"]).await;
+    gw.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -428,7 +409,7 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     // It was restored from the app's snapshot: no runtime clone was taken.
     assert_eq!(gw.pool("solo").stats().instances, 1);
     let first = current_snapshot(snapshots.path(), "solo");
-    gw.stop(&["solo"]).await;
+    gw.stop().await;
 
     // New code: the next start of the gateway takes a new snapshot of the
     // app, which serves the new code.
@@ -440,5 +421,5 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     assert_eq!(status, 200, "{body}");
     assert!(body.starts_with("app=solo version=2"), "{body}");
     assert_clock_is_set(&body);
-    gw.stop(&["solo"]).await;
+    gw.stop().await;
 }

@@ -25,13 +25,22 @@ fn halting_spec(dir: &std::path::Path) -> ImageSpec {
     .unwrap()
 }
 
+/// The Cloud Hypervisor binary, or `None` after reporting `test` as
+/// skipped for want of one.
+fn ch_or_skip(test: &str) -> Option<std::path::PathBuf> {
+    let bin = cloud_hypervisor_bin();
+    if bin.is_none() {
+        skip(test, "no cloud-hypervisor binary (set SNAPGATE_CH_BIN)");
+    }
+    bin
+}
+
 #[tokio::test]
 async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
-    let Some(bin) = cloud_hypervisor_bin() else {
-        return skip(
-            "vm_cloud_hypervisor::lifecycle_create_boot_info_pause_resume_shutdown_delete",
-            "no cloud-hypervisor binary (set SNAPGATE_CH_BIN)",
-        );
+    let Some(bin) =
+        ch_or_skip("vm_cloud_hypervisor::lifecycle_create_boot_info_pause_resume_shutdown_delete")
+    else {
+        return;
     };
     let state = tempfile::tempdir().unwrap();
     let spec = halting_spec(state.path());
@@ -82,11 +91,10 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
 
 #[tokio::test]
 async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
-    let Some(bin) = cloud_hypervisor_bin() else {
-        return skip(
-            "vm_cloud_hypervisor::driver_boots_with_the_tap_fd_passed_over_the_api",
-            "no cloud-hypervisor binary (set SNAPGATE_CH_BIN)",
-        );
+    let Some(bin) =
+        ch_or_skip("vm_cloud_hypervisor::driver_boots_with_the_tap_fd_passed_over_the_api")
+    else {
+        return;
     };
     let state = tempfile::tempdir().unwrap();
     // With a code slot, as a runtime image has.
@@ -141,8 +149,8 @@ async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_and_restore_clones_with_distinct_identities() {
     const NAME: &str = "vm_cloud_hypervisor::snapshot_and_restore_clones_with_distinct_identities";
-    let Some(bin) = cloud_hypervisor_bin() else {
-        return skip(NAME, "no cloud-hypervisor binary (set SNAPGATE_CH_BIN)");
+    let Some(bin) = ch_or_skip(NAME) else {
+        return;
     };
     if !hardware_kvm() {
         return skip(

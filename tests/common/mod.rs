@@ -58,6 +58,24 @@ pub async fn assert_all_gone(net: &Network, pids: &[u32]) {
     }
 }
 
+/// Polls the async `cond` every 20 ms until it holds; panics naming `what`
+/// after `within`.
+pub async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Shuts `running` down and checks that every VM it had and every tap of
+/// `net` are gone.
+pub async fn shutdown_and_check(running: snapgate::gateway::Running, net: &Network) {
+    let pids = running.pids();
+    running.shutdown().await;
+    assert_all_gone(net, &pids).await;
+}
+
 /// `GET path` on a guest; returns the body as text. Panics on non-200.
 pub async fn get_text(endpoint: &Endpoint, path: &str) -> String {
     let (status, body) = snapgate::vmm::ready::get(endpoint, path)
