@@ -164,7 +164,9 @@ async fn main() {
             .boot(VmId::new(format!("cold-{i}")), &spec, tap)
             .await
             .unwrap();
-        vmm.wait_ready(&mut vm, spec.ready_timeout).await.unwrap();
+        snapgate::vmm::ready::wait_ready(vmm.as_ref(), &mut vm, spec.ready_timeout)
+            .await
+            .unwrap();
         runtime::start_app(vmm.as_ref(), &mut vm, None, &start)
             .await
             .unwrap();

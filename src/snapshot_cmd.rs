@@ -250,7 +250,7 @@ impl<'a> Builder<'a> {
             vm.endpoint().addr,
             vm.endpoint().tap
         )?;
-        vmm.wait_ready(&mut vm, spec.ready_timeout).await?;
+        crate::vmm::ready::wait_ready(vmm, &mut vm, spec.ready_timeout).await?;
         let boot_to_ready = started.elapsed().as_secs_f64();
         writeln!(
             out,

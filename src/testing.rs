@@ -38,13 +38,31 @@ pub fn linux_spec() -> ImageSpec {
     let g = guest_dir();
     serde_yaml_ng::from_str(&format!(
         "kernel: {}\ninitramfs: {}\n\
-         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
+         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} tsc=reliable cryptomgr.notests \
          ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off snapgate.port={{guest_port}}'\n\
          ready_timeout: 60s\n",
         g.join("vmlinuz").display(),
         g.join("initramfs.cpio.gz").display()
     ))
     .expect("test spec parses")
+}
+
+/// The test guest's resume hook: it serves the resumed message at
+/// `POST /snapgate/resumed` (reseeds its kernel, sets its clock).
+pub fn test_guest_on_restore() -> crate::vmm::resumed::OnRestore {
+    serde_yaml_ng::from_str("path: /snapgate/resumed").expect("hook parses")
+}
+
+/// The test guest on Debian's generic kernel (`generic/` of the build),
+/// which has the VM generation ID driver, on QEMU's `pc` machine, which
+/// gives VMs a `vmgenid` device: no `on_restore`.
+pub fn vmgenid_spec() -> ImageSpec {
+    let g = guest_dir().join("generic");
+    let mut spec = linux_spec();
+    spec.kernel = g.join("vmlinuz");
+    spec.initramfs = Some(g.join("initramfs.cpio.gz"));
+    spec.machine = crate::vmm::Machine::Pc;
+    spec
 }
 
 /// Where tests and benchmarks keep the test guest's snapshots between runs
@@ -54,11 +72,25 @@ pub fn shared_snapshot_dir() -> PathBuf {
 }
 
 /// Writes `<state>/proxy.yaml` for one app, `app` on host `app.test`,
-/// served by the test guest with `pool` (a YAML flow map), on any free
-/// ports, taps named `<tap_prefix>*`, snapshots in `snapshots`, and loads it.
+/// served by the test guest (with its `on_restore` hook) with `pool` (a
+/// YAML flow map), on any free ports, taps named `<tap_prefix>*`, snapshots
+/// in `snapshots`, and loads it.
 pub fn gateway_config(state: &Path, tap_prefix: &str, pool: &str, snapshots: &Path) -> Config {
+    let mut spec = linux_spec();
+    spec.on_restore = Some(test_guest_on_restore());
+    gateway_config_of(&spec, state, tap_prefix, pool, snapshots)
+}
+
+/// [`gateway_config`] with the app's image `spec`.
+pub fn gateway_config_of(
+    spec: &ImageSpec,
+    state: &Path,
+    tap_prefix: &str,
+    pool: &str,
+    snapshots: &Path,
+) -> Config {
     // JSON is YAML: the spec goes in as one flow mapping.
-    let image = serde_json::to_string(&linux_spec()).expect("spec serializes");
+    let image = serde_json::to_string(spec).expect("spec serializes");
     let text = format!(
         "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
          state_dir: {}\nsnapshot_dir: {}\n\
@@ -92,9 +124,9 @@ pub fn node_runtime_spec() -> ImageSpec {
     let g = guest_dir();
     serde_yaml_ng::from_str(&format!(
         "kernel: {}\ninitramfs: {}\ndisks: [{{path: {}}}]\n\
-         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} cryptomgr.notests \
+         cmdline: 'console=ttyS0 quiet panic=-1 tsc_early_khz={{tsc_khz}} tsc=reliable cryptomgr.notests \
          ip={{guest_ip}}::{{host_ip}}:{{netmask}}::eth0:off snapgate.agent={{guest_port}} \
-         snapgate.exec=/usr/bin/node,/opt/snapgate/loader.js'\n\
+         snapgate.exec=/usr/bin/node,--openssl-config=/opt/snapgate/openssl.cnf,/opt/snapgate/loader.js'\n\
          guest_port: 8081\nready_timeout: 120s\n",
         g.join("vmlinuz").display(),
         g.join("initramfs.cpio.gz").display(),

@@ -177,7 +177,7 @@ async fn snapshot_and_restore_clones_with_distinct_identities() {
         )
         .await
         .unwrap();
-    ch.wait_ready(&mut template, spec.ready_timeout)
+    snapgate::vmm::ready::wait_ready(&ch, &mut template, spec.ready_timeout)
         .await
         .unwrap();
     let snap = ch
@@ -196,7 +196,7 @@ async fn snapshot_and_restore_clones_with_distinct_identities() {
             )
             .await
             .unwrap();
-        ch.wait_ready(&mut vm, Duration::from_secs(30))
+        snapgate::vmm::ready::wait_ready(&ch, &mut vm, Duration::from_secs(30))
             .await
             .unwrap();
         pids.push(vm.pid());

@@ -47,8 +47,7 @@ async fn build_snapshot_of(env: &Env, spec: &snapgate::vmm::ImageSpec) -> (Snaps
         .await
         .unwrap();
     let pid = vm.pid();
-    env.qemu
-        .wait_ready(&mut vm, spec.ready_timeout)
+    snapgate::vmm::ready::wait_ready(&env.qemu, &mut vm, spec.ready_timeout)
         .await
         .unwrap();
     let dest = env.state.path().join("snap");
@@ -60,8 +59,7 @@ async fn build_snapshot_of(env: &Env, spec: &snapgate::vmm::ImageSpec) -> (Snaps
 async fn ready_clone(env: &Env, snap: &Snapshot, name: &str) -> snapgate::vmm::Vm {
     let tap = env.net.create_tap().await.unwrap();
     let mut vm = env.qemu.restore(VmId::new(name), snap, tap).await.unwrap();
-    env.qemu
-        .wait_ready(&mut vm, Duration::from_secs(30))
+    snapgate::vmm::ready::wait_ready(&env.qemu, &mut vm, Duration::from_secs(30))
         .await
         .unwrap();
     vm
@@ -238,7 +236,9 @@ async fn guest_that_never_becomes_ready_fails_at_the_deadline_and_leaves_nothing
     }
     let deadline = Duration::from_secs(4);
     let started = Instant::now();
-    let err = env.qemu.wait_ready(&mut vm, deadline).await.unwrap_err();
+    let err = snapgate::vmm::ready::wait_ready(&env.qemu, &mut vm, deadline)
+        .await
+        .unwrap_err();
     assert!(started.elapsed() >= deadline);
     let msg = err.to_string();
     assert!(matches!(err, VmmError::NotReady { .. }), "{msg}");
@@ -264,9 +264,7 @@ async fn vmm_that_dies_during_boot_is_reported_with_its_output() {
     let tap = env.net.create_tap().await.unwrap();
     let mut vm = env.qemu.boot(VmId::new("dies"), &spec, tap).await.unwrap();
     let pid = vm.pid();
-    let err = env
-        .qemu
-        .wait_ready(&mut vm, Duration::from_secs(60))
+    let err = snapgate::vmm::ready::wait_ready(&env.qemu, &mut vm, Duration::from_secs(60))
         .await
         .unwrap_err();
     let msg = err.to_string();

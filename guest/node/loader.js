@@ -1,36 +1,122 @@
 'use strict';
 // The snapgate Node.js runtime loader, run by the guest agent (/init) as
-// `node /opt/snapgate/loader.js` inside the runtime root disk.
+// `node --openssl-config=/opt/snapgate/openssl.cnf /opt/snapgate/loader.js`
+// inside the runtime root disk. Fd 3 is its control channel to the agent
+// (guest/init/src/agent.rs, step 2): one line per message each way.
 //
-// 1. Loads what most HTTP apps need (the runtime itself, http, crypto, ...)
-//    and runs a few requests through a local HTTP server (V8 compiles
-//    functions on first use), so a snapshot taken now carries it warmed.
-// 2. Says `snapgate-loader: loaded` on stdout: the agent then reports the
+// 1. Refuses to load unless OpenSSL draws its random bytes through
+//    snapgate's getrandom provider (openssl.cnf, getrandom-provider.c):
+//    OpenSSL's own generators would otherwise be seeded here, before the
+//    snapshot, and repeat their bytes in every clone.
+// 2. Replaces Math.random (see `random` below) and loads what most HTTP
+//    apps need (http, crypto, ...), runs a few requests through a local
+//    HTTP server (V8 compiles functions on first use), so a snapshot taken
+//    now carries it warmed.
+// 3. Says `loaded` on the control channel: the agent then reports the
 //    runtime ready and the base snapshot can be taken.
-// 3. Blocks reading one JSON line on stdin: the start message the agent
-//    writes when the gateway claims this instance for an app, e.g.
-//    {"dir":"/app","main":"server.js","port":8080,"env":{"K":"V"}}.
-// 4. Sets the environment (PORT among it), changes into the app directory
-//    and runs the app's main module in this same process as Node's own
-//    entry point (require.main is the app's module; "type": "module"
-//    packages and .mjs files load as ES modules). An error while loading is
-//    printed with its stack and ends the process with status 1, as an
-//    uncaught error later does: the agent then stops the VM, and the
-//    gateway reports the output. Variables Node reads only when it starts
-//    (NODE_OPTIONS, ...) cannot be set per app: the runtime started long
-//    before, in the template; asking for one fails the start, saying so.
+// 4. Reads control messages. `{"type":"resumed","token":T}`: the VM was
+//    resumed from a snapshot and its kernel generator reseeded; every
+//    generator state this process holds is dropped (`dropGeneratorState`)
+//    and `resumed T` is answered. `{"type":"start","dir":"/app","main":...,
+//    "port":...,"env":{...}}`: the app starts (step 5). Resumed messages
+//    are also read and answered after the start, while the app runs: the
+//    clones of a per-app snapshot get one before their first request.
+// 5. Drops every generator state, sets the environment (PORT among it),
+//    changes into the app directory and runs the app's main module in this
+//    same process as Node's own entry point (require.main is the app's
+//    module; "type": "module" packages and .mjs files load as ES modules).
+//    An error while loading is printed with its stack and ends the process
+//    with status 1, as an uncaught error later does: the agent then stops
+//    the VM, and the gateway reports the output. Variables Node reads only
+//    when it starts (NODE_OPTIONS, ...) cannot be set per app: the runtime
+//    started long before, in the template; asking for one fails the start,
+//    saying so.
+//
+// What an app gets: crypto (randomBytes, randomUUID, randomInt, keys, TLS)
+// draws from the clone's own reseeded kernel generator; Math.random is
+// fresh in each clone. What remains the snapshot's, shared by every clone:
+// V8's hash seed, the Math.random of realms the app makes itself with the
+// vm module (V8 seeds them from a generator of its own that no JavaScript
+// can reseed), and, with a per-app snapshot, whatever the app computed
+// before the snapshot.
 
 const fs = require('fs');
+const net = require('net');
 const path = require('path');
+const crypto = require('crypto');
+
+const CONTROL = 3;
+
+// Step 1.
+// (The diagnostic report lists the shared objects this process loaded.)
+const loaded = process.report.getReport().sharedObjects;
+if (!loaded.some((so) => so.endsWith('/getrandom-provider.so'))) {
+    console.error('snapgate-loader: OpenSSL in this runtime does not use snapgate\'s getrandom ' +
+        'provider, so every clone would repeat the random bytes of OpenSSL\'s generators as the ' +
+        'snapshot froze them: start node with --openssl-config=/opt/snapgate/openssl.cnf ' +
+        '(snapgate.exec in the runtime\'s cmdline)');
+    process.exit(1);
+}
+
+// Step 2. V8's Math.random keeps its generator state in the heap, seeded
+// when the process started: every clone would return the same sequence,
+// and V8 has no reseed call reachable from JavaScript. This replacement
+// draws 53 random bits per number from OpenSSL (so from the kernel,
+// through the provider), through a small pool that is dropped whenever the
+// VM resumes. Same property attributes, name and length as the built-in.
+const pool = new Uint32Array(128);
+let next = pool.length;
+function random() {
+    if (next >= pool.length) {
+        crypto.randomFillSync(pool);
+        next = 0;
+    }
+    const high = pool[next++] >>> 5; // 27 bits
+    const low = pool[next++] >>> 6; // 26 bits
+    return (high * 67108864 + low) / 9007199254740992; // / 2^53: [0, 1)
+}
+Object.defineProperty(Math, 'random', {
+    value: random, writable: true, enumerable: false, configurable: true,
+});
+
+// Drops every generator state this process holds in its own memory. The
+// kernel's generator was reseeded before this runs, and OpenSSL holds
+// none (step 1).
+function dropGeneratorState() {
+    next = pool.length;
+    // Node caches random bytes in JavaScript for two calls
+    // (lib/internal/crypto/random.js): randomUUID keeps a batch of 128
+    // UUIDs' bytes, refilled when the batch wraps; randomInt a 6 KiB cache
+    // of 6-byte draws, refilled when used up. Neither can be reached from
+    // here, but cycling each through its whole size makes it refill (or
+    // run dry, and refill at its next use) from the reseeded generator.
+    // Both are shared by every way in: webcrypto, URL.createObjectURL.
+    for (let i = 0; i < 128; i++) crypto.randomUUID();
+    for (let i = 0; i < 1024; i++) crypto.randomInt(1);
+}
+
 for (const m of ['http', 'https', 'net', 'events', 'stream', 'url', 'util',
-    'crypto', 'zlib', 'os', 'child_process', 'querystring', 'buffer']) {
+    'zlib', 'os', 'child_process', 'querystring', 'buffer']) {
     require(m);
 }
 
+// Control-channel bytes received and not yet split into lines (bytes, so
+// that a character split across two reads stays whole).
+let pending = Buffer.alloc(0);
+function takeLine() {
+    const i = pending.indexOf(10);
+    if (i < 0) return null;
+    const line = pending.toString('utf8', 0, i);
+    pending = pending.subarray(i + 1);
+    return line;
+}
+
+// Blocking line reads on the control channel, before the app starts.
 function readLine(fd) {
-    const chunks = [];
     const buf = Buffer.alloc(4096);
     for (;;) {
+        const line = takeLine();
+        if (line !== null) return line;
         let n;
         try {
             n = fs.readSync(fd, buf, 0, buf.length, null);
@@ -39,12 +125,7 @@ function readLine(fd) {
             throw e;
         }
         if (n === 0) return null;
-        const i = buf.subarray(0, n).indexOf(10);
-        if (i >= 0) {
-            chunks.push(Buffer.from(buf.subarray(0, i)));
-            return Buffer.concat(chunks).toString('utf8');
-        }
-        chunks.push(Buffer.from(buf.subarray(0, n)));
+        pending = Buffer.concat([pending, buf.subarray(0, n)]);
     }
 }
 
@@ -77,33 +158,87 @@ async function warmUp() {
 warmUp().catch((e) => {
     // A failed warm-up costs speed, not correctness.
     console.error(`snapgate-loader: warm-up failed: ${e && e.stack ? e.stack : e}`);
-}).then(() => setImmediate(startWhenTold));
+}).then(() => setImmediate(serve));
+
+function parse(line) {
+    try {
+        return JSON.parse(line);
+    } catch (e) {
+        console.error(`snapgate-loader: control message is not JSON (${e.message}): ${line}`);
+        return {};
+    }
+}
+
+// Steps 3 and 4.
+function serve() {
+    fs.writeSync(CONTROL, 'loaded\n');
+    for (;;) {
+        const line = readLine(CONTROL);
+        if (line === null) {
+            console.error('snapgate-loader: the control channel closed before a start message');
+            process.exit(1);
+        }
+        const msg = parse(line);
+        if (msg.type === 'resumed') {
+            dropGeneratorState();
+            fs.writeSync(CONTROL, `resumed ${msg.token}\n`);
+        } else if (msg.type === 'start') {
+            start(msg);
+            return;
+        } else {
+            console.error(`snapgate-loader: unknown control message: ${line}`);
+        }
+    }
+}
+
+// Resumed messages while the app runs (step 4).
+function answerResumes() {
+    const channel = new net.Socket({ fd: CONTROL, readable: true, writable: true });
+    // The channel alone does not keep the process alive.
+    channel.unref();
+    const consume = () => {
+        let line;
+        while ((line = takeLine()) !== null) {
+            const msg = parse(line);
+            if (msg.type === 'resumed') {
+                dropGeneratorState();
+                channel.write(`resumed ${msg.token}\n`);
+            } else {
+                console.error(`snapgate-loader: unexpected control message: ${line}`);
+            }
+        }
+    };
+    channel.on('data', (chunk) => {
+        pending = Buffer.concat([pending, chunk]);
+        consume();
+    });
+    channel.on('error', (e) => {
+        console.error(`snapgate-loader: control channel: ${e.message}`);
+    });
+    consume();
+}
 
 const READ_AT_STARTUP = ['NODE_OPTIONS', 'NODE_PATH', 'NODE_EXTRA_CA_CERTS',
-    'NODE_ICU_DATA', 'NODE_PRESERVE_SYMLINKS', 'UV_THREADPOOL_SIZE'];
+    'NODE_ICU_DATA', 'NODE_PRESERVE_SYMLINKS', 'UV_THREADPOOL_SIZE', 'OPENSSL_CONF'];
 
-function startWhenTold() {
-    fs.writeSync(1, 'snapgate-loader: loaded\n');
-    const line = readLine(0);
-    if (line === null) {
-        console.error('snapgate-loader: no start message (stdin closed)');
-        process.exit(1);
-    }
-    const start = JSON.parse(line);
-    const main = path.resolve(start.dir, start.main);
+// Step 5.
+function start(msg) {
+    const main = path.resolve(msg.dir, msg.main);
     // The gateway reports the app's output from this line on.
-    console.log(`snapgate-loader: starting ${main} on port ${start.port}`);
-    const late = Object.keys(start.env || {}).filter((k) => READ_AT_STARTUP.includes(k));
+    console.log(`snapgate-loader: starting ${main} on port ${msg.port}`);
+    const late = Object.keys(msg.env || {}).filter((k) => READ_AT_STARTUP.includes(k));
     if (late.length > 0) {
         console.error(`snapgate-loader: ${late.join(', ')}: Node.js reads these only when ` +
             'it starts, and this runtime started before the snapshot; they cannot be set per app');
         process.exit(1);
     }
-    for (const [k, v] of Object.entries(start.env || {})) {
+    dropGeneratorState();
+    answerResumes();
+    for (const [k, v] of Object.entries(msg.env || {})) {
         process.env[k] = String(v);
     }
-    process.env.PORT = String(start.port);
-    process.chdir(start.dir);
+    process.env.PORT = String(msg.port);
+    process.chdir(msg.dir);
     process.argv[1] = main;
     process.argv.length = 2;
     // Node's own entry point: sets require.main, picks CommonJS or ES

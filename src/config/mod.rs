@@ -557,6 +557,14 @@ impl Config {
             {
                 add(format!("{at}.image.{}", p.field), p.message);
             }
+            if rt.image.on_restore.is_some() {
+                add(
+                    format!("{at}.image.on_restore"),
+                    "the guest agent of a runtime takes the resumed message itself \
+                     (/resumed, and with each start); remove on_restore"
+                        .into(),
+                );
+            }
             if rt.app_port == 0 {
                 add(format!("{at}.app_port"), "must not be 0".into());
             } else if rt.app_port == rt.image.guest_port {

@@ -51,7 +51,7 @@ pub use metrics::PoolMetrics;
 use crate::config::PoolConfig;
 use crate::net::Network;
 use crate::upstream::{self, UpstreamClient};
-use crate::vmm::{Endpoint, Snapshot, Vm, VmId, Vmm, VmmError};
+use crate::vmm::{ready, resumed, Endpoint, Snapshot, Vm, VmId, Vmm, VmmError};
 
 /// Starts and stops an app's instances. The real one restores from a
 /// snapshot onto a fresh tap; tests script their own.
@@ -63,7 +63,10 @@ pub trait Factory: Send + Sync + 'static {
     async fn stop(&self, vm: Vm) -> Result<(), VmmError>;
 }
 
-/// Restores instances from a snapshot, each on its own tap.
+/// Restores instances from a snapshot, each on its own tap, and makes each
+/// its own: after it answers its readiness probe, the image's `on_restore`
+/// hook (if any) gets the resumed message ([`resumed`]) before the instance
+/// joins the pool.
 pub struct SnapshotFactory {
     vmm: Arc<dyn Vmm>,
     net: Network,
@@ -75,6 +78,11 @@ impl SnapshotFactory {
     pub fn new(vmm: Arc<dyn Vmm>, net: Network, snapshot: Snapshot) -> SnapshotFactory {
         SnapshotFactory { vmm, net, snapshot }
     }
+
+    /// The driver the instances run on.
+    pub fn vmm(&self) -> &dyn Vmm {
+        self.vmm.as_ref()
+    }
 }
 
 #[async_trait]
@@ -82,8 +90,11 @@ impl Factory for SnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
         let tap = self.net.create_tap().await?;
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
-        let timeout = self.snapshot.manifest().spec.ready_timeout;
-        self.vmm.wait_ready(&mut vm, timeout).await?;
+        let spec = &self.snapshot.manifest().spec;
+        ready::wait_ready(self.vmm.as_ref(), &mut vm, spec.ready_timeout).await?;
+        if let Some(hook) = &spec.on_restore {
+            resumed::on_restore(self.vmm.as_ref(), &mut vm, hook).await?;
+        }
         Ok(vm)
     }
 

@@ -12,11 +12,17 @@
 //!    loaded, for any app of the runtime to take.
 //! 3. When an app's pool needs an instance, its [`RuntimeFactory`] takes a
 //!    clone (a warm one, else it restores one), writes the app's code image
-//!    into the clone's code slot and posts the start message to the agent,
-//!    which sets the guest's clock to the host's (a clone's clock resumed
-//!    from the snapshot's moment), mounts the disk and starts the app in the
-//!    already loaded runtime. The instance is ready when the app answers its
-//!    `ready_path` with 200 on the runtime's `app_port`.
+//!    into the clone's code slot and posts the start message to the agent.
+//!    The message carries a fresh resumed message
+//!    ([`crate::vmm::resumed`]: the host's time and 32 bytes of host
+//!    entropy), which the agent applies first: it reseeds the guest
+//!    kernel's generator and sets the clock, both as the snapshot froze
+//!    them until then. It then mounts the disk and starts the app in the
+//!    already loaded runtime, which drops whatever generator state it
+//!    holds before the app runs (Math.random's pool, Node's entropy
+//!    caches; OpenSSL in the runtime holds none: see
+//!    `guest/node/getrandom-provider.c`). The instance is ready when the
+//!    app answers its `ready_path` with 200 on the runtime's `app_port`.
 //! 4. From then on the instance is the app's, pooled like any VM instance
 //!    (leases, hold queue, idle reaping); it never returns to the runtime.
 //!
@@ -52,9 +58,12 @@
 //! # Per-app snapshots (`snapshot: app`)
 //! The app's template boots the runtime image with the app's code image as
 //! its code disk (no slot), the agent starts the app, and the snapshot is
-//! taken once the app answers ([`AppTemplate`]): clones skip the start;
-//! once ready, each gets the host's time from the agent
-//! ([`AppSnapshotFactory`]).
+//! taken once the app answers ([`AppTemplate`]): clones skip the start.
+//! Once ready, and before its first request, each clone gets a resumed
+//! message through the agent's `/resumed` ([`AppSnapshotFactory`]): the
+//! agent reseeds the kernel's generator, sets the clock and has the
+//! runtime drop its own generator state, and answers only when all of
+//! that is done.
 //! The snapshot's spec names the code image, whose file name is its content
 //! hash, so changed code makes the snapshot stale and the next start
 //! rebuilds it.
@@ -81,8 +90,9 @@ use crate::config::{RuntimeAppConfig, RuntimeConfig};
 use crate::net::Network;
 use crate::pool::{Factory, SnapshotFactory};
 use crate::snapshot_cmd::Prepare;
+use crate::vmm::resumed::{self, Resumed};
 use crate::vmm::spec::DiskSpec;
-use crate::vmm::{ready, ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError};
+use crate::vmm::{ready, watch, ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError};
 
 /// The directory name of a runtime's snapshots under `snapshot_dir` (app
 /// names cannot contain a dot, so it never clashes with an app's).
@@ -120,7 +130,8 @@ impl StartSpec {
         }
     }
 
-    /// How the app is started: what the agent gets, less the clock.
+    /// How the app is started: what the agent gets, less the resumed
+    /// message (which differs for every clone).
     pub fn message(&self) -> String {
         self.message_value().to_string()
     }
@@ -129,12 +140,12 @@ impl StartSpec {
         serde_json::json!({ "main": self.main, "port": self.port, "env": self.env })
     }
 
-    /// The body of the agent's `POST /start`: the message and the host's
-    /// time, which the agent sets the guest's clock to.
-    fn request_body(&self) -> Bytes {
+    /// The body of the agent's `POST /start`: the message and a fresh
+    /// resumed message, which the agent applies before anything else.
+    fn request_body(&self) -> Result<Bytes, VmmError> {
         let mut body = self.message_value();
-        body["now_ms"] = serde_json::json!(now_ms());
-        Bytes::from(body.to_string())
+        body["resumed"] = Resumed::fresh()?.to_json();
+        Ok(Bytes::from(body.to_string()))
     }
 
     fn fail(&self, reason: String, output: String) -> VmmError {
@@ -146,47 +157,22 @@ impl StartSpec {
     }
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_millis() as u64
-}
+/// How long the guest agent may take to apply a resumed message: reseed,
+/// clock, and the runtime's own answer (which the agent waits for up to
+/// 5 s).
+pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Sets the clock of `vm`, a restored clone whose guest agent listens on
-/// `agent_port`, to the host's: its clock resumed from the snapshot's
-/// moment. Call it once the clone is ready (its network is up). Records
-/// `clock`.
-pub async fn set_clock(vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
-    let t = std::time::Instant::now();
-    let mut agent = vm.endpoint().clone();
-    agent.addr.set_port(agent_port);
-    let body = Bytes::from(serde_json::json!({ "now_ms": now_ms() }).to_string());
-    let problem = match tokio::time::timeout(
-        Duration::from_secs(5),
-        ready::request(&agent, http::Method::POST, "/clock", body),
-    )
-    .await
-    {
-        Ok(Ok((200, _))) => {
-            vm.record("clock", t.elapsed());
-            return Ok(());
-        }
-        Ok(Ok((status, text))) => format!(
-            "POST /clock answered HTTP {status}: {}",
-            String::from_utf8_lossy(&text).trim()
-        ),
-        Ok(Err(e)) => format!("POST /clock on {}: {e}", agent.addr),
-        Err(_) => format!("POST /clock on {}: no answer within 5s", agent.addr),
-    };
-    Err(VmmError::Agent {
-        vm: vm.id().clone(),
-        problem,
-    })
+/// Makes `vm`, a restored clone whose guest agent listens on `agent_port`,
+/// its own: posts a fresh resumed message to the agent's `/resumed` (module
+/// doc, per-app snapshots). Call it once the clone is ready (its network is
+/// up) and before its first request. Records `resumed`.
+pub async fn resume(vmm: &dyn Vmm, vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
+    resumed::post(vmm, vm, agent_port, "/resumed", RESUME_TIMEOUT, "resumed").await
 }
 
 /// Clones of an app's own snapshot (`snapshot: app`): restored and made
-/// ready as any snapshot's ([`SnapshotFactory`]), then their clock is set.
+/// ready as any snapshot's ([`SnapshotFactory`]), then made their own
+/// ([`resume`]).
 pub struct AppSnapshotFactory {
     inner: SnapshotFactory,
     agent_port: u16,
@@ -211,7 +197,7 @@ impl AppSnapshotFactory {
 impl Factory for AppSnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
         let mut vm = self.inner.start(id).await?;
-        if let Err(e) = set_clock(&mut vm, self.agent_port).await {
+        if let Err(e) = resume(self.inner.vmm(), &mut vm, self.agent_port).await {
             let _ = self.inner.stop(vm).await;
             return Err(e);
         }
@@ -276,7 +262,9 @@ pub async fn start_app(
     }
     let t = std::time::Instant::now();
     let agent = vm.endpoint().clone();
-    match ready::request(&agent, http::Method::POST, "/start", start.request_body()).await {
+    let body = start.request_body()?;
+    let call = ready::request(&agent, http::Method::POST, "/start", body);
+    match watch::guarded(vmm, vm, "starting the app", call).await? {
         Ok((200, _)) => {}
         Ok((status, body)) if (400..500).contains(&status) => {
             return Err(start.fail(
@@ -306,7 +294,7 @@ pub async fn start_app(
     }
     vm.record("start", t.elapsed());
     vm.serve_at(start.port, &start.ready_path, start.ready_timeout);
-    match vmm.wait_ready(vm, start.ready_timeout).await {
+    match ready::wait_ready(vmm, vm, start.ready_timeout).await {
         Ok(()) => Ok(()),
         // The guest powered itself off: the agent does that when the
         // runtime exits.
@@ -480,7 +468,7 @@ impl Runtime {
             .restore(self.next_id(), &self.snapshot, tap)
             .await?;
         let timeout = self.snapshot.manifest().spec.ready_timeout;
-        self.vmm.wait_ready(&mut vm, timeout).await?;
+        ready::wait_ready(self.vmm.as_ref(), &mut vm, timeout).await?;
         Ok(vm)
     }
 

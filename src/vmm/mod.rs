@@ -6,7 +6,7 @@
 //!                                                          │
 //!                        restore(snapshot, tap) <──────────┘  (many times)
 //!                               │
-//!                          wait_ready ──> serve ──> destroy
+//!               wait_ready ──> on_restore ──> serve ──> destroy
 //! ```
 //! 1. Every VM runs in its own VMM process, started by the driver with the
 //!    VM's tap fd inherited. The [`Vm`] value owns that process: dropping it
@@ -19,14 +19,24 @@
 //! 4. A [`Snapshot`] is a directory with a `manifest.json` written last; a
 //!    snapshot without one, or whose files differ in size from what the
 //!    manifest recorded, is refused before any VMM is started.
+//! 5. Every wait on a guest ([`ready::wait_ready`], a resumed message) runs
+//!    under [`watch::guarded`]: a VMM that exits or a guest that stops
+//!    (halts, panics) while its VMM runs on ends the wait at once.
+//! 6. Every clone is made its own before it serves (see [`resumed`]):
+//!    where the VMM and machine can, the VM has a VM generation ID device
+//!    that changes at each restore (QEMU `pc`: `vmgenid`; guest kernels
+//!    with a VMGenID driver reseed their generator from it); a VM app's
+//!    [`resumed::OnRestore`] hook gets the host's time and fresh entropy.
 
 pub mod cloud_hypervisor;
 pub mod process;
 pub mod qemu;
 mod qmp;
 pub mod ready;
+pub mod resumed;
 pub mod snapshot;
 pub mod spec;
+pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddrV4;
@@ -337,6 +347,24 @@ pub enum VmmError {
     /// A snapshot file is missing, truncated or unreadable.
     #[error("snapshot file {}: {problem}", .path.display())]
     SnapshotFile { path: PathBuf, problem: String },
+    /// The guest stopped (halted, panicked, shut down) while its VMM ran
+    /// on; `error_line` is the guest's own last error line on its console.
+    #[error("guest of {vm} stopped while {during}: {why}{}{}", error_line_suffix(.error_line), tail_suffix(.console_tail))]
+    GuestStopped {
+        vm: VmId,
+        during: &'static str,
+        why: String,
+        error_line: Option<String>,
+        console_tail: String,
+    },
+    /// A clone did not take its resumed message (its `on_restore` hook, or
+    /// the guest agent's `/resumed`).
+    #[error("{vm} was not made its own: {call} {problem}")]
+    Resume {
+        vm: VmId,
+        call: String,
+        problem: String,
+    },
     /// The guest did not answer its readiness probe in time.
     #[error("{vm} not ready after {:.1}s: GET {path} on {addr} via {tap}: {last_error}{}", .after.as_secs_f64(), tail_suffix(.console_tail))]
     NotReady {
@@ -393,6 +421,13 @@ fn output_suffix(output: &str) -> String {
     }
 }
 
+fn error_line_suffix(line: &Option<String>) -> String {
+    match line {
+        Some(line) => format!("; the guest's last error line: {line:?}"),
+        None => String::new(),
+    }
+}
+
 fn tail_suffix(tail: &str) -> String {
     if tail.trim().is_empty() {
         String::new()
@@ -414,14 +449,14 @@ pub trait Vmm: Send + Sync + 'static {
     fn net(&self) -> &NetParams;
 
     /// Boots a template VM from `spec` on `tap`. Returns once the VMM runs the
-    /// guest, not when the guest is ready.
+    /// guest, not when the guest is ready ([`ready::wait_ready`]).
     async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError>;
 
-    /// Waits until the guest answers its readiness probe with 200, at most
-    /// `timeout`; fails at once if the VMM exits. Records `ready`.
-    async fn wait_ready(&self, vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
-        ready::wait_ready(vm, timeout).await
-    }
+    /// Whether the guest of `vm` has stopped while its VMM runs on, and
+    /// why: it halted every vCPU with interrupts off, panicked, or shut
+    /// down. `None` when it runs, or when the driver cannot tell (see
+    /// [`watch`]). One sample: a caller confirms with a second.
+    async fn guest_stopped(&self, vm: &Vm) -> Option<String>;
 
     /// Snapshots a ready template into the directory `dest` (created, must
     /// not exist) and stops the template for good.

@@ -171,6 +171,20 @@ impl VmProcess {
         self.exit.clone()
     }
 
+    /// Waits until the process exits; its status. Cancel-safe: dropping
+    /// the future loses nothing.
+    pub async fn exit(&mut self) -> String {
+        if let Some(status) = &self.exit {
+            return status.clone();
+        }
+        let status = match self.child.wait().await {
+            Ok(status) => status.to_string(),
+            Err(e) => format!("unknown ({e})"),
+        };
+        self.exit = Some(status.clone());
+        status
+    }
+
     /// After a control-socket error: if the process exits within `grace`,
     /// the exit (with its last output) explains the failure better than the
     /// broken socket does.
@@ -209,6 +223,17 @@ impl VmProcess {
         out
     }
 
+    /// The guest's own last error line on its console, if any: the most
+    /// recent line that tells of a panic, a fatal error, an assertion, an
+    /// error, abort, oops, bug or failure, else of a halt, looking first at
+    /// the last few lines, then at the console's final
+    /// [`ERROR_SCAN_LINES`]. A guest that stops often prints a stack trace
+    /// after the line that explains it, so the last lines alone may miss it.
+    pub fn console_error_line(&self) -> Option<String> {
+        let text = std::fs::read(self.console_path()).ok()?;
+        error_line(&String::from_utf8_lossy(&text))
+    }
+
     /// Waits up to `grace` for the process to exit by itself, then kills it,
     /// and waits until it is gone.
     pub async fn stop(&mut self, grace: Duration) -> Result<(), VmmError> {
@@ -242,6 +267,47 @@ impl Drop for VmProcess {
         let _ = std::fs::remove_file(&self.pid_file);
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// How many console lines, from the end, [`VmProcess::console_error_line`]
+/// looks at.
+pub const ERROR_SCAN_LINES: usize = 200;
+
+/// How many of the last console lines count as "what the guest said last".
+const RECENT_LINES: usize = 10;
+
+/// The line [`VmProcess::console_error_line`] picks from console text
+/// (stack frames, lines that start with an address, never count): the most
+/// recent error line among the last [`RECENT_LINES`]; else the most recent
+/// halt line among them (a guest's own error line comes before the line
+/// that tells of its halt); else the most recent of either kind in the
+/// whole tail.
+fn error_line(console: &str) -> Option<String> {
+    const ERRORS: &[&str] = &[
+        "panic", "fatal", "assert", "error", "abort", "oops", "bug:", "failed",
+    ];
+    const HALTS: &[&str] = &["halt"];
+    let lines: Vec<&str> = console
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("0x"))
+        .collect();
+    let tail = &lines[lines.len().saturating_sub(ERROR_SCAN_LINES)..];
+    let recent = &tail[tail.len().saturating_sub(RECENT_LINES)..];
+    let last = |lines: &[&str], words: &[&str]| {
+        lines
+            .iter()
+            .rev()
+            .find(|l| {
+                let l = l.to_ascii_lowercase();
+                words.iter().any(|w| l.contains(w))
+            })
+            .map(|l| (*l).to_owned())
+    };
+    last(recent, ERRORS)
+        .or_else(|| last(recent, HALTS))
+        .or_else(|| last(tail, ERRORS))
+        .or_else(|| last(tail, HALTS))
 }
 
 /// Field 22 of `/proc/<pid>/stat`: the process start time in clock ticks.
@@ -315,6 +381,33 @@ fn wait_gone(pid: u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_guests_own_error_line_is_found_behind_its_stack_trace() {
+        let osv = "OSv v0.57\nAssertion failed: dentry (fs/procfs/procfs.cc: 42)\n\n[backtrace]\n"
+            .to_owned()
+            + &"0x0000000040223fdc <abort+0>\n".repeat(30);
+        assert_eq!(
+            error_line(&osv).as_deref(),
+            Some("Assertion failed: dentry (fs/procfs/procfs.cc: 42)")
+        );
+        let halted = "booting\nNeither paravirtual clock nor HPET is available. Halting.\n";
+        assert_eq!(
+            error_line(halted).as_deref(),
+            Some("Neither paravirtual clock nor HPET is available. Halting.")
+        );
+        // The guest's own line, not the kernel's halt notice after it.
+        let linux = "[    0.42] PCI: Fatal: No config space access function found\n\
+                     snapgate-guest: fatal: stop; halting\n[    1.53] reboot: System halted\n";
+        assert_eq!(
+            error_line(linux).as_deref(),
+            Some("snapgate-guest: fatal: stop; halting")
+        );
+        // An old error far above the halt is not what the guest said last.
+        let old = "early error\n".to_owned() + &"ok\n".repeat(20) + "Halting.\n";
+        assert_eq!(error_line(&old).as_deref(), Some("Halting."));
+        assert_eq!(error_line("all good\n"), None);
+    }
 
     #[test]
     fn start_time_of_self_is_stable() {

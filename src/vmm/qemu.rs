@@ -24,6 +24,23 @@
 //!
 //! Each VM gets the tap fd as fd 3 (`-netdev tap,fd=3`); the tap dies with
 //! the QEMU process.
+//!
+//! # Every clone its own
+//! VMs on the `pc` machine get a VM generation ID device (`-device
+//! vmgenid,guid=auto`, described to the guest by an ACPI table). Each QEMU
+//! process draws its own random ID; when a clone loads a snapshot, the
+//! device writes the clone's ID into guest memory and raises its ACPI
+//! notification, and a guest kernel with a VMGenID driver (Linux >= 5.18,
+//! `CONFIG_VMGENID`; Windows) reseeds its random generator from it within
+//! milliseconds of the resume. `microvm` has no such device: QEMU builds no
+//! ACPI table for it there, so a guest would never see it.
+//!
+//! # A guest that stops while QEMU runs on
+//! [`Vmm::guest_stopped`] asks QMP: `query-status` (`guest-panicked`,
+//! `internal-error`, `shutdown`, `io-error`), then `info registers -a`: a
+//! guest whose every vCPU is halted (`HLT=1`) with interrupts off (`IF`,
+//! bit 9 of `RFL`/`EFL`, clear) has stopped itself for good: nothing but
+//! an NMI or a reset wakes it. An idle guest halts with interrupts on.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -84,6 +101,8 @@ impl Accel {
 
 /// How long QEMU may take to open its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a check of a running VM ([`Vmm::guest_stopped`]) may take.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long saving or loading a snapshot may take.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Polling interval for migration status (a template clone loads in ~50 ms).
@@ -201,6 +220,10 @@ impl Qemu {
             "-device",
             &rng,
         ]);
+        if spec.machine == Machine::Pc {
+            // A new random ID in every process: see the module doc.
+            push(&["-device", "vmgenid,guid=auto"]);
+        }
         if incoming {
             push(&["-incoming", "defer"]);
         }
@@ -326,6 +349,52 @@ impl Vmm for Qemu {
         // Guest state is disposable: no clean shutdown is needed.
         vm.process_mut().kill().await
     }
+
+    async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
+        let path = vm.process().run_dir().join("qmp.sock");
+        let check = async {
+            let mut qmp = Qmp::attach(vm.id(), &path, CHECK_TIMEOUT).await.ok()?;
+            let status = qmp.execute("query-status", None).await.ok()?;
+            if let Some(s @ ("guest-panicked" | "internal-error" | "shutdown" | "io-error")) =
+                status["status"].as_str()
+            {
+                return Some(format!("QEMU reports the VM {s}"));
+            }
+            let registers = qmp
+                .execute(
+                    "human-monitor-command",
+                    Some(json!({ "command-line": "info registers -a" })),
+                )
+                .await
+                .ok()?;
+            halted_for_good(registers.as_str()?).then(|| {
+                "every vCPU is halted with interrupts off (the guest stopped itself; QEMU runs on)"
+                    .to_owned()
+            })
+        };
+        tokio::time::timeout(CHECK_TIMEOUT, check)
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
+/// Whether every vCPU in `info registers -a` output is halted (`HLT=1`)
+/// with interrupts off (bit 9, IF, of `RFL=` in long mode, `EFL=` else).
+fn halted_for_good(registers: &str) -> bool {
+    let mut cpus = 0;
+    for line in registers.lines().filter(|l| l.contains("HLT=")) {
+        cpus += 1;
+        let field = |name: &str| line.split_whitespace().find_map(|w| w.strip_prefix(name));
+        let halted = field("HLT=") == Some("1");
+        let flags = field("RFL=")
+            .or_else(|| field("EFL="))
+            .and_then(|v| u64::from_str_radix(v, 16).ok());
+        if !halted || flags.is_none_or(|f| f & 0x200 != 0) {
+            return false;
+        }
+    }
+    cpus > 0
 }
 
 impl Qemu {
@@ -514,6 +583,61 @@ mod tests {
         let joined = clone.join(" ");
         assert!(joined.contains("mem-path=/s/memory,share=off"));
         assert!(joined.ends_with("-incoming defer"));
+    }
+
+    #[test]
+    fn halted_means_every_vcpu_halted_with_interrupts_off() {
+        let cpu = |n: u32, flags: &str, hlt: u32| {
+            format!(
+                "CPU#{n}\nRAX=0000000000000000 RBX=0000000000000000\n\
+                 RIP=ffffffff81c3b2cf RFL={flags} [--S--P-] CPL=0 II=0 A20=1 SMM=0 HLT={hlt}\n\
+                 ES =0000 0000000000000000 00000000 00000000\n"
+            )
+        };
+        // `cli; hlt` on both vCPUs: stopped for good.
+        assert!(halted_for_good(
+            &(cpu(0, "00000086", 1) + &cpu(1, "00000046", 1))
+        ));
+        // An idle guest halts with interrupts on.
+        assert!(!halted_for_good(&cpu(0, "00000246", 1)));
+        // One vCPU still running.
+        assert!(!halted_for_good(
+            &(cpu(0, "00000086", 1) + &cpu(1, "00000086", 0))
+        ));
+        // 32-bit mode prints EFL.
+        assert!(halted_for_good(
+            "EIP=0010000f EFL=00000002 [-------] CPL=0 II=0 A20=1 SMM=0 HLT=1\n"
+        ));
+        assert!(!halted_for_good("no registers here\n"));
+    }
+
+    #[test]
+    fn pc_vms_get_a_vm_generation_id_and_microvm_ones_do_not() {
+        let q = Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: "tcg",
+            state_dir: "/s".into(),
+            net: NetParams::default(),
+            tsc_khz: 1,
+        };
+        let mut spec: ImageSpec = serde_yaml_ng::from_str("kernel: /k\ncmdline: x\n").unwrap();
+        let joined = |spec: &ImageSpec| {
+            q.args(
+                &VmId::new("v"),
+                spec,
+                "x",
+                Memory::Ram,
+                Path::new("/r"),
+                true,
+            )
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+        };
+        assert!(!joined(&spec).contains("vmgenid"));
+        spec.machine = Machine::Pc;
+        assert!(joined(&spec).contains("-device vmgenid,guid=auto"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! A minimal QMP client: JSON lines over the VM's Unix socket.
 //!
-//! Hand-written on purpose: snapgate issues six commands and reads their
+//! Hand-written on purpose: snapgate issues a handful of commands and reads their
 //! `return` or `error`; the QMP crates on crates.io generate bindings from
 //! one QEMU schema version, while snapgate must drive both Debian's QEMU 7.2
 //! and newer releases. QMP is one JSON object per line; asynchronous events
@@ -53,15 +53,33 @@ impl Qmp {
                 }
             }
         };
+        let left = deadline.saturating_duration_since(Instant::now());
+        Qmp::handshake(vm, stream, left).await
+    }
+
+    /// Connects to the QMP socket of a VM that runs (one attempt), within
+    /// `within`: for checks made while something else waits on the VM.
+    pub async fn attach(vm: &VmId, path: &Path, within: Duration) -> Result<Qmp, VmmError> {
+        let stream = UnixStream::connect(path)
+            .await
+            .map_err(|source| VmmError::Control {
+                vm: vm.clone(),
+                what: format!("connecting to QMP socket {}", path.display()),
+                source,
+            })?;
+        Qmp::handshake(vm, stream, within).await
+    }
+
+    /// Reads the greeting and enters command mode, within `within`: a QEMU
+    /// that accepts the socket but hangs in its start-up must not hold the
+    /// caller.
+    async fn handshake(vm: &VmId, stream: UnixStream, within: Duration) -> Result<Qmp, VmmError> {
         let (r, w) = stream.into_split();
         let mut qmp = Qmp {
             vm: vm.clone(),
             reader: BufReader::new(r),
             writer: w,
         };
-        // A QEMU that accepts the socket but hangs in its start-up must not
-        // hold the caller past the deadline.
-        let left = deadline.saturating_duration_since(Instant::now());
         let handshake = async {
             let greeting = qmp.read_message().await?;
             if greeting.get("QMP").is_none() {
@@ -69,13 +87,13 @@ impl Qmp {
             }
             qmp.execute("qmp_capabilities", None).await.map(drop)
         };
-        match tokio::time::timeout(left, handshake).await {
+        match tokio::time::timeout(within, handshake).await {
             Ok(Ok(())) => Ok(qmp),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(VmmError::Timeout {
                 vm: vm.clone(),
                 step: "the QMP greeting",
-                after: left,
+                after: within,
             }),
         }
     }

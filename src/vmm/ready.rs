@@ -7,7 +7,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpSocket, TcpStream};
 
-use super::{Endpoint, Vm, VmmError};
+use super::{watch, Endpoint, Vm, Vmm, VmmError};
 
 /// Opens a TCP connection to the guest, bound to its tap (`SO_BINDTODEVICE`):
 /// every clone has the same address, the tap is what tells them apart.
@@ -69,36 +69,43 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between failed attempts (a refused connect returns at once).
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
 
-/// Probes `GET <ready_path>` until it answers 200, the VMM exits, or
-/// `timeout` passes. Records the step `ready`.
-pub async fn wait_ready(vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
+/// Probes `GET <ready_path>` until it answers 200 or `timeout` passes;
+/// fails at once if the VMM exits or the guest stops ([`watch::guarded`]).
+/// Records the step `ready`.
+pub async fn wait_ready(vmm: &dyn Vmm, vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
     let start = Instant::now();
-    let deadline = start + timeout;
     let endpoint = vm.endpoint().clone();
     let path = vm.ready_path().to_owned();
+    let probing = probe(&endpoint, &path, start + timeout);
+    match watch::guarded(vmm, vm, "waiting for readiness", probing).await? {
+        Ok(()) => {
+            vm.record("ready", start.elapsed());
+            Ok(())
+        }
+        Err(last_error) => Err(VmmError::NotReady {
+            vm: vm.id().clone(),
+            after: timeout,
+            path,
+            addr: endpoint.addr,
+            tap: endpoint.tap,
+            last_error,
+            console_tail: vm.process().log_tail(),
+        }),
+    }
+}
+
+/// Asks `GET path` until it answers 200 (`Ok`) or `deadline` passes (the
+/// last failure).
+async fn probe(endpoint: &Endpoint, path: &str, deadline: Instant) -> Result<(), String> {
     let mut last_error = String::from("no attempt made");
     loop {
-        if vm.process_mut().exited().is_some() {
-            return Err(vm.process_mut().exited_error("waiting for readiness"));
-        }
         let now = Instant::now();
         if now >= deadline {
-            return Err(VmmError::NotReady {
-                vm: vm.id().clone(),
-                after: timeout,
-                path,
-                addr: endpoint.addr,
-                tap: endpoint.tap,
-                last_error,
-                console_tail: vm.process().log_tail(),
-            });
+            return Err(last_error);
         }
         let attempt = ATTEMPT_TIMEOUT.min(deadline - now);
-        match tokio::time::timeout(attempt, get(&endpoint, &path)).await {
-            Ok(Ok((200, _))) => {
-                vm.record("ready", start.elapsed());
-                return Ok(());
-            }
+        match tokio::time::timeout(attempt, get(endpoint, path)).await {
+            Ok(Ok((200, _))) => return Ok(()),
             Ok(Ok((status, _))) => last_error = format!("HTTP {status}"),
             Ok(Err(e)) => last_error = e,
             Err(_) => last_error = format!("no answer within {attempt:?}"),

@@ -15,7 +15,10 @@ use super::{ImageSpec, SnapshotMode, VmmError, VmmKind};
 use crate::net::NetParams;
 
 const MANIFEST: &str = "manifest.json";
-const FORMAT: u32 = 1;
+/// The manifest format. 2: VMs on QEMU's `pc` machine have a `vmgenid`
+/// device, so snapshots of format 1 lack a device their clones would have;
+/// they are refused and, at start-up, rebuilt.
+const FORMAT: u32 = 2;
 
 /// One file of a snapshot and its size when the snapshot was taken.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

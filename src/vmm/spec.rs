@@ -11,9 +11,11 @@
 //! cmdline: "console=ttyS0 quiet panic=-1 tsc_early_khz={tsc_khz} ip={guest_ip}::{host_ip}:{netmask}::eth0:off"
 //! machine: microvm
 //!
-//! # OSv guest: its documented boot interface and a read-only root disk.
+//! # OSv guest: its documented boot interface and its whole partitioned
+//! # disk (build/last/usr.img converted to raw: OSv mounts its root from
+//! # the first partition, so the bare rofs.img filesystem does not boot).
 //! kernel: osv/loader-stripped.elf
-//! disks: [{ path: osv/rofs.img }]
+//! disks: [{ path: osv/usr.raw }]
 //! cmdline: "--rootfs=rofs --ip=eth0,{guest_ip},{netmask} --defaultgw={host_ip} /node /app/server.js"
 //! machine: pc
 //! ```
@@ -23,6 +25,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::resumed::OnRestore;
 use crate::net::NetParams;
 use crate::FieldError;
 
@@ -127,6 +130,11 @@ pub struct ImageSpec {
     /// How QEMU snapshots this image.
     #[serde(default = "default_snapshot_mode")]
     pub snapshot_mode: SnapshotMode,
+    /// A path the guest serves that snapgate POSTs the resumed message to
+    /// (the host's time, fresh entropy) once per clone, before the clone's
+    /// first request; see [`OnRestore`]. Off by default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_restore: Option<OnRestore>,
     /// Runtime images only (snapgate sets it from the runtime's
     /// `code_disk_mib`): one more read-only disk after `disks`, of this many
     /// MiB, backed by a file of each VM's own (`Vm::code_slot`) that starts
@@ -182,6 +190,9 @@ impl ImageSpec {
         }
         if self.ready_timeout.is_zero() {
             problems.push(FieldError::new("ready_timeout", "must be above zero"));
+        }
+        if let Some(hook) = &self.on_restore {
+            problems.extend(hook.validate());
         }
         if let Some(mib) = self.code_slot_mib {
             if !(1..=MAX_CODE_DISK_MIB).contains(&mib) {

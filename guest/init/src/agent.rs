@@ -9,43 +9,68 @@
 //! the root disk.
 //!
 //! 1. Mounts the root disk read-only at `/rt`, with `/proc`, `/dev` and a
-//!    `/tmp` tmpfs inside it, and starts the runtime chrooted there: stdin a
-//!    pipe, stdout a pipe read here, stderr the console.
-//! 2. The runtime's first stdout line, `snapgate-loader: loaded`, marks it
-//!    loaded; later lines are copied to the console.
+//!    `/tmp` tmpfs inside it, and starts the runtime chrooted there: stdin
+//!    `/dev/null`, stdout and stderr the console, and as fd 3 one end of a
+//!    Unix stream socket, the runtime's control channel.
+//! 2. The control channel carries one line per message.
+//!    - runtime -> agent: `loaded` once the runtime is loaded (the agent
+//!      reports it healthy from then on); `resumed <token>` once it has
+//!      acted on the resumed message of that token.
+//!    - agent -> runtime: `{"type":"start","dir":"/app","main":...,
+//!      "port":...,"env":{...}}`, once: run the app; `{"type":"resumed",
+//!      "token":"<n>"}` after the agent applied a resumed message: the
+//!      runtime drops every generator state it holds in its own memory
+//!      (the snapshot froze it; see guest/node/loader.js) and answers.
 //! 3. Control API on the agent port:
 //!    - `GET /healthz`: 200 once the runtime is loaded, 503 before. The
 //!      runtime's base snapshot is taken after the first 200.
-//!    - `POST /start` with `{"main": "server.js", "port": 8080, "env": {..},
-//!      "now_ms": <host time, ms since the epoch>}`: sets the clock (a
-//!      clone's clock resumed from the snapshot's moment), drops the guest's
-//!      cached blocks of the code disk (the kernel read
-//!      it while it was still the template's empty disk), mounts it
-//!      read-only at `/rt/app`, checks that `main` is there, and hands the
-//!      message (plus `"dir": "/app"`) to the runtime on its stdin. 200 when
-//!      handed over; 400 for a bad message; 409 if an app was started
-//!      already; 503 while the runtime is still loading; 422 with the reason
-//!      when the disk does not mount or `main` is missing (the disk is then
-//!      unmounted again).
-//!    - `POST /clock` with `{"now_ms": ...}`: sets the clock; snapgate sends
-//!      it to clones of a per-app snapshot, which get no start message.
+//!    - `POST /resumed` with snapgate's resumed message ([`super::resume`]:
+//!      the host's time and 32 bytes of fresh host entropy), which snapgate
+//!      sends to every clone of a per-app snapshot before its first
+//!      request: reseeds the kernel's generator, sets the clock, tells the
+//!      runtime (step 2) and waits for its answer. 200 when all is done;
+//!      400 for a bad message; 500 when the kernel refused; 503 while the
+//!      runtime is loading; 504 when the runtime did not answer within
+//!      [`RUNTIME_ANSWER`].
+//!    - `POST /start` with `{"main": "server.js", "port": 8080, "env":
+//!      {..}, "resumed": {<resumed message>}}`: applies `resumed` first
+//!      (the clone's kernel generator and clock are the snapshot's until
+//!      then), drops the guest's cached blocks of the code disk (the kernel
+//!      read it while it was still the template's empty disk), mounts it
+//!      read-only at `/rt/app`, checks that `main` is there, and sends the
+//!      start message to the runtime (step 2). 200 when sent; 400 for a bad
+//!      message; 409 if an app was started already; 503 while the runtime
+//!      is still loading; 422 with the reason when the disk does not mount
+//!      or `main` is missing (the disk is then unmounted again).
 //! 4. When the runtime exits, its status goes to the console and the VM is
 //!    powered off: the VMM exits and the gateway reports the console
 //!    output, which carries the runtime's own error output.
 
 use std::io::{BufRead, BufReader, Write};
-use std::process::{ChildStdin, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
+use super::resume::{self, Resumed};
 use super::{cmdline_value, log, serve_with, Request};
 
 /// The control port when `snapgate.agent=` carries no number.
 pub const DEFAULT_PORT: u16 = 8081;
+/// How long the runtime may take to answer a resumed message.
+pub const RUNTIME_ANSWER: Duration = Duration::from_secs(5);
 const RT: &str = "/rt";
 
 static LOADED: AtomicBool = AtomicBool::new(false);
-static STDIN: OnceLock<Mutex<Option<ChildStdin>>> = OnceLock::new();
+/// Held while an app is being started, and `true` once one was.
+static STARTED: Mutex<bool> = Mutex::new(false);
+/// The agent's end of the control channel, for writing.
+static CONTROL: OnceLock<Mutex<UnixStream>> = OnceLock::new();
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+/// Tokens the runtime answered, and the condition waiters sleep on.
+static ANSWERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+static ANSWER: Condvar = Condvar::new();
 
 /// Runs the agent; never returns.
 pub fn run(port: u16) -> ! {
@@ -58,6 +83,7 @@ pub fn run(port: u16) -> ! {
 }
 
 fn start_runtime() -> Result<(), String> {
+    use command_fds::{CommandFdExt, FdMapping};
     use nix::mount::{mount, MsFlags};
     let none: Option<&str> = None;
     let root = cmdline_value("snapgate.root=").unwrap_or_else(|| "/dev/vda".into());
@@ -81,50 +107,107 @@ fn start_runtime() -> Result<(), String> {
         mount(Some(src), dst, Some(fs), MsFlags::empty(), none)
             .map_err(|e| format!("mount {dst}: {e}"))?;
     }
+    let (ours, theirs) = UnixStream::pair().map_err(|e| format!("control socket: {e}"))?;
     // busybox chroot: std's Command has no safe chroot.
-    let mut child = Command::new(super::BUSYBOX)
-        .arg("chroot")
+    let mut cmd = Command::new(super::BUSYBOX);
+    cmd.arg("chroot")
         .arg(RT)
         .args(&argv)
         .env_clear()
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("HOME", "/tmp")
         .env("NODE_ENV", "production")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("starting {argv:?}: {e}"))?;
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit());
+    cmd.fd_mappings(vec![FdMapping {
+        parent_fd: theirs.into(),
+        child_fd: 3,
+    }])
+    .map_err(|e| format!("control socket as fd 3: {e}"))?;
+    let mut child = cmd.spawn().map_err(|e| format!("starting {argv:?}: {e}"))?;
+    // The child has its end; ours of it closed when `cmd` let go of it.
+    drop(cmd);
     log(&format!("agent: runtime {argv:?} is pid {}", child.id()));
-    let _ = STDIN.set(Mutex::new(child.stdin.take()));
-    let stdout = child.stdout.take().expect("piped");
-    let (copied, copied_rx) = std::sync::mpsc::channel::<()>();
-    std::thread::spawn(move || {
-        let _copied = copied;
-        let mut lines = BufReader::new(stdout);
-        let mut line = String::new();
-        while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
-            if !LOADED.load(Ordering::SeqCst) && line.trim_end() == "snapgate-loader: loaded" {
-                LOADED.store(true, Ordering::SeqCst);
-                log("agent: runtime loaded");
-            } else {
-                eprint!("{line}");
-            }
-            line.clear();
-        }
-    });
+    let reader = ours
+        .try_clone()
+        .map_err(|e| format!("control socket: {e}"))?;
+    let _ = CONTROL.set(Mutex::new(ours));
+    std::thread::spawn(move || read_control(reader));
     std::thread::spawn(move || {
         let status = match child.wait() {
             Ok(status) => status.to_string(),
             Err(e) => format!("wait failed: {e}"),
         };
-        // The runtime's last stdout lines first (the copier ends at the
-        // pipe's end; a child the runtime left holding it gets 2 s).
-        let _ = copied_rx.recv_timeout(std::time::Duration::from_secs(2));
         log(&format!("agent: runtime exited ({status}); powering off"));
         power_off();
     });
     Ok(())
+}
+
+/// Reads what the runtime says on the control channel (module doc, step 2).
+fn read_control(stream: UnixStream) {
+    let mut lines = BufReader::new(stream);
+    let mut line = String::new();
+    while lines.read_line(&mut line).map(|n| n > 0).unwrap_or(false) {
+        let said = line.trim_end();
+        if said == "loaded" {
+            if !LOADED.swap(true, Ordering::SeqCst) {
+                log("agent: runtime loaded");
+            }
+        } else if let Some(token) = said.strip_prefix("resumed ") {
+            ANSWERED
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(token.to_owned());
+            ANSWER.notify_all();
+        } else {
+            log(&format!(
+                "agent: the runtime said something unknown: {said:?}"
+            ));
+        }
+        line.clear();
+    }
+}
+
+/// Sends one line to the runtime.
+fn tell_runtime(message: &serde_json::Value) -> Result<(), String> {
+    let control = CONTROL.get().ok_or("runtime not started")?;
+    let mut stream = control.lock().unwrap_or_else(|p| p.into_inner());
+    let mut line = message.to_string();
+    line.push('\n');
+    stream
+        .write_all(line.as_bytes())
+        .map_err(|e| format!("writing to the runtime's control channel: {e}"))
+}
+
+/// Tells the runtime that the VM resumed and waits for its answer.
+fn resume_runtime() -> Result<(), (&'static str, String)> {
+    let token = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst).to_string();
+    tell_runtime(&serde_json::json!({ "type": "resumed", "token": token }))
+        .map_err(|e| ("500 Internal Server Error", e))?;
+    let deadline = Instant::now() + RUNTIME_ANSWER;
+    let mut answered = ANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+    loop {
+        if let Some(i) = answered.iter().position(|t| *t == token) {
+            answered.swap_remove(i);
+            return Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err((
+                "504 Gateway Timeout",
+                format!(
+                    "the runtime did not answer the resumed message within {}s",
+                    RUNTIME_ANSWER.as_secs()
+                ),
+            ));
+        }
+        answered = ANSWER
+            .wait_timeout(answered, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
+    }
 }
 
 // BLKFLSBUF from <linux/fs.h>: _IO(0x12, 97).
@@ -157,53 +240,52 @@ fn power_off() -> ! {
     }
 }
 
+type Answer = Result<String, (&'static str, String)>;
+
 fn control(req: &Request, _peer: &str) -> (String, Vec<u8>) {
-    match (req.method(), req.path()) {
-        ("GET", "/healthz") if LOADED.load(Ordering::SeqCst) => {
-            ("200 OK".into(), b"loaded\n".to_vec())
-        }
-        ("GET", "/healthz") => (
-            "503 Service Unavailable".into(),
-            b"runtime loading\n".to_vec(),
-        ),
-        ("POST", "/start") => match start_app(&req.body) {
-            Ok(msg) => ("200 OK".into(), msg.into_bytes()),
-            Err((status, msg)) => {
-                log(&format!("agent: start refused: {msg}"));
-                (status.into(), format!("{msg}\n").into_bytes())
+    let answer: Answer = match (req.method(), req.path()) {
+        ("GET", "/healthz") if LOADED.load(Ordering::SeqCst) => Ok("loaded\n".into()),
+        ("GET", "/healthz") => Err(("503 Service Unavailable", "runtime loading".into())),
+        ("POST", "/start") => start_app(&req.body),
+        ("POST", "/resumed") => resumed(&req.body),
+        _ => Err(("404 Not Found", "not found".into())),
+    };
+    match answer {
+        Ok(msg) => ("200 OK".into(), msg.into_bytes()),
+        Err((status, msg)) => {
+            if !status.starts_with("503") && !status.starts_with("404") {
+                log(&format!("agent: {} refused: {msg}", req.path()));
             }
-        },
-        ("POST", "/clock") => match clock(&req.body) {
-            Ok(msg) => ("200 OK".into(), msg.into_bytes()),
-            Err((status, msg)) => (status.into(), format!("{msg}\n").into_bytes()),
-        },
-        _ => ("404 Not Found".into(), b"not found\n".to_vec()),
+            (status.into(), format!("{msg}\n").into_bytes())
+        }
     }
 }
 
-fn set_clock(ms: u64) -> Result<(), String> {
-    let now = nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
-    nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now)
-        .map_err(|e| format!("setting the clock: {e}"))
+const BAD: &str = "400 Bad Request";
+
+/// Applies a resumed message to the kernel (generator, clock).
+fn apply_resumed(msg: &serde_json::Value) -> Result<(), (&'static str, String)> {
+    let resumed = Resumed::from_json(msg).map_err(|e| (BAD, e))?;
+    resume::apply(&resumed).map_err(|e| ("500 Internal Server Error", e))
 }
 
-/// `POST /clock` with `{"now_ms": ...}`.
-fn clock(body: &[u8]) -> Result<String, (&'static str, String)> {
-    let msg: serde_json::Value = serde_json::from_slice(body)
-        .map_err(|e| ("400 Bad Request", format!("clock message: {e}")))?;
-    let ms = msg["now_ms"].as_u64().ok_or((
-        "400 Bad Request",
-        "clock message: \"now_ms\" must be a number".to_string(),
-    ))?;
-    set_clock(ms).map_err(|e| ("500 Internal Server Error", e))?;
-    Ok("clock set\n".into())
+/// `POST /resumed`.
+fn resumed(body: &[u8]) -> Answer {
+    let msg: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| (BAD, format!("resumed message: {e}")))?;
+    if !LOADED.load(Ordering::SeqCst) {
+        return Err(("503 Service Unavailable", "runtime still loading".into()));
+    }
+    apply_resumed(&msg)?;
+    resume_runtime()?;
+    Ok("resumed\n".into())
 }
 
-fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
+/// `POST /start`.
+fn start_app(body: &[u8]) -> Answer {
     use nix::mount::{mount, MsFlags};
-    const BAD: &str = "400 Bad Request";
     const UNUSABLE: &str = "422 Unprocessable Entity";
-    let mut msg: serde_json::Value =
+    let msg: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| (BAD, format!("start message: {e}")))?;
     let main = msg["main"]
         .as_str()
@@ -216,18 +298,20 @@ fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
     if !msg["port"].is_u64() {
         return Err((BAD, "start message: \"port\" must be a number".into()));
     }
-    let stdin = STDIN
-        .get()
-        .ok_or((UNUSABLE, "runtime not started".to_string()))?;
-    let mut stdin = stdin.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(pipe) = stdin.as_mut() else {
+    let mut started = STARTED.lock().unwrap_or_else(|p| p.into_inner());
+    if *started {
         return Err((
             "409 Conflict",
             "an app was already started in this instance".into(),
         ));
-    };
+    }
     if !LOADED.load(Ordering::SeqCst) {
         return Err(("503 Service Unavailable", "runtime still loading".into()));
+    }
+    // First of all: until now this clone's generator and clock are the
+    // snapshot's, the same in every clone.
+    if !msg["resumed"].is_null() {
+        apply_resumed(&msg["resumed"])?;
     }
     let code = cmdline_value("snapgate.code=").unwrap_or_else(|| "/dev/vdb".into());
     flush_cached_blocks(&code).map_err(|e| (UNUSABLE, format!("code disk {code}: {e}")))?;
@@ -265,26 +349,15 @@ fn start_app(body: &[u8]) -> Result<String, (&'static str, String)> {
             ),
         ));
     }
-    // A clone's clock resumed from the snapshot's moment: set it to the
-    // host's before the app reads it (logs, Date headers, TLS validity).
-    if let Some(ms) = msg["now_ms"].as_u64() {
-        let now =
-            nix::sys::time::TimeSpec::new((ms / 1000) as i64, ((ms % 1000) * 1_000_000) as i64);
-        if let Err(e) = nix::time::clock_settime(nix::time::ClockId::CLOCK_REALTIME, now) {
-            log(&format!("agent: setting the clock: {e}"));
-        }
-    }
-    msg["dir"] = "/app".into();
-    let mut line = msg.to_string();
-    line.push('\n');
-    pipe.write_all(line.as_bytes()).map_err(|e| {
-        (
-            UNUSABLE,
-            format!("handing the start message to the runtime: {e}"),
-        )
-    })?;
-    // Taken: a second start is refused.
-    *stdin = None;
+    let start = serde_json::json!({
+        "type": "start",
+        "dir": "/app",
+        "main": main,
+        "port": msg["port"],
+        "env": msg["env"],
+    });
+    tell_runtime(&start).map_err(|e| (UNUSABLE, format!("handing over the start: {e}")))?;
+    *started = true;
     log(&format!("agent: started {main}"));
     Ok(format!("started {main}\n"))
 }

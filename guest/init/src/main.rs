@@ -12,22 +12,38 @@
 //! 4. Serves HTTP/1.1 on `snapgate.port=` (default 8080):
 //!    - `GET /healthz` answers `ok` and touches nothing else, so readiness
 //!      probes on a template leave no per-instance state behind;
-//!    - any other request answers with the instance identity, the boot id, the
-//!      client's address and port (one per connection), the request line,
-//!      every header and, for requests with a body, the body;
+//!    - `POST /snapgate/resumed` takes snapgate's resumed message (see
+//!      [`resume`]; configure it as the image's `on_restore` path): reseeds
+//!      the kernel's generator with the host's entropy and sets the clock;
+//!    - `/status/<code>` answers with that status (a guest that fails a call);
+//!    - any other request answers with the instance identity, the boot id,
+//!      what the instance drew from the kernel's generator and read from
+//!      its clock at its first request, its request count, the resumed
+//!      messages it got, the client's address and port (one per
+//!      connection), the request line, every header and, for requests with
+//!      a body, the body;
 //!    - `/sleep/<ms>` does the same after `<ms>` milliseconds.
 //!
 //! The instance identity is minted on the first non-probe request from the
 //! virtio-rng device, i.e. from host entropy read after the VM was restored.
 //! Clones of one snapshot share all guest memory, including the kernel's RNG
-//! state and boot id, so only the host can tell them apart.
+//! state and boot id, so only the host can tell them apart (or the resumed
+//! message, which reseeds the kernel's generator).
+//!
+//! For tests of guests that stop without their VMM exiting, as OSv does
+//! after a fatal error: `snapgate.halt=boot` halts the CPU right after
+//! step 3; `snapgate.halt=restore` answers the first `GET /healthz` (the
+//! template's readiness probe) and halts at the next one (a clone's first).
+//! Either prints a `fatal:` line on the console first.
 
 mod agent;
+mod resume;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 const BUSYBOX: &str = "/bin/busybox";
@@ -35,6 +51,9 @@ const BUSYBOX: &str = "/bin/busybox";
 fn main() {
     if let Err(e) = setup() {
         log(&format!("setup failed: {e}"));
+    }
+    if cmdline_value("snapgate.halt=").as_deref() == Some("boot") {
+        halt("snapgate.halt=boot asks this guest to stop at boot");
     }
     if let Some(port) = cmdline_value("snapgate.agent=") {
         let port = port.parse::<u16>().unwrap_or(agent::DEFAULT_PORT);
@@ -49,6 +68,20 @@ fn main() {
 fn log(msg: &str) {
     // The serial console is the only log a guest has.
     eprintln!("snapgate-guest: {msg}");
+}
+
+/// Stops the guest as a fatal error would, without ending the VM: prints
+/// `fatal: <why>` on the console and halts the CPU (`reboot(2)` with
+/// RB_HALT_SYSTEM: the kernel stops every CPU with interrupts off, and the
+/// VMM process runs on).
+fn halt(why: &str) -> ! {
+    log(&format!("fatal: {why}; halting"));
+    let _ = nix::sys::termios::tcdrain(std::io::stderr());
+    let err = nix::sys::reboot::reboot(nix::sys::reboot::RebootMode::RB_HALT_SYSTEM).unwrap_err();
+    log(&format!("halt failed: {err}"));
+    loop {
+        std::thread::park();
+    }
 }
 
 fn setup() -> Result<(), String> {
@@ -287,9 +320,104 @@ fn connection(
     Ok(())
 }
 
+/// Non-probe requests served, this one included.
+static REQUESTS: AtomicU64 = AtomicU64::new(0);
+/// `GET /healthz` requests answered (for `snapgate.halt=restore`).
+static PROBES: AtomicU64 = AtomicU64::new(0);
+
+/// What the instance drew and read at its first non-probe request.
+struct First {
+    random: String,
+    now_ms: u64,
+}
+
+/// The resumed messages this instance took.
+#[derive(Default)]
+struct ResumedLog {
+    calls: u64,
+    /// Non-probe requests served before the first message.
+    requests_before: u64,
+    now_ms: u64,
+    entropy: String,
+}
+
+static RESUMED: Mutex<Option<ResumedLog>> = Mutex::new(None);
+
+fn first() -> &'static First {
+    static FIRST: OnceLock<First> = OnceLock::new();
+    FIRST.get_or_init(|| {
+        let mut buf = [0u8; 16];
+        // getrandom(2): the kernel's generator, as an app would use it.
+        let random = match getrandom::fill(&mut buf) {
+            Ok(()) => resume::hex(&buf),
+            Err(e) => format!("(getrandom failed: {e})"),
+        };
+        First {
+            random,
+            now_ms: resume::now_ms(),
+        }
+    })
+}
+
+/// `POST /snapgate/resumed`.
+fn resumed(req: &Request) -> (String, Vec<u8>) {
+    let msg = serde_json::from_slice::<serde_json::Value>(&req.body)
+        .map_err(|e| format!("resumed message: {e}"))
+        .and_then(|v| resume::Resumed::from_json(&v));
+    let msg = match msg {
+        Ok(m) => m,
+        Err(e) => return ("400 Bad Request".into(), format!("{e}\n").into_bytes()),
+    };
+    if let Err(e) = resume::apply(&msg) {
+        log(&format!("resumed: {e}"));
+        return (
+            "500 Internal Server Error".into(),
+            format!("{e}\n").into_bytes(),
+        );
+    }
+    let mut log = RESUMED.lock().unwrap_or_else(|p| p.into_inner());
+    let entry = log.get_or_insert_with(|| ResumedLog {
+        requests_before: REQUESTS.load(Ordering::SeqCst),
+        ..ResumedLog::default()
+    });
+    entry.calls += 1;
+    entry.now_ms = msg.now_ms;
+    entry.entropy = resume::hex(&msg.entropy);
+    ("200 OK".into(), b"resumed\n".to_vec())
+}
+
 /// The test guest's own answers (see the crate doc).
 fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     let path = req.path();
+    if path == "/healthz" {
+        let answered = PROBES.fetch_add(1, Ordering::SeqCst) + 1;
+        if answered == 2 && cmdline_value("snapgate.halt=").as_deref() == Some("restore") {
+            halt("snapgate.halt=restore asks this guest to stop once restored");
+        }
+        return ("200 OK".into(), b"ok\n".to_vec());
+    }
+    if req.method() == "POST" && path == "/snapgate/resumed" {
+        return resumed(req);
+    }
+    if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        return (
+            format!("{code} As Asked"),
+            format!("status {code}\n").into_bytes(),
+        );
+    }
+    // Read when the request arrives, before any sleep.
+    let served = REQUESTS.fetch_add(1, Ordering::SeqCst) + 1;
+    let first = first();
+    let resumed = match &*RESUMED.lock().unwrap_or_else(|p| p.into_inner()) {
+        Some(r) => format!(
+            "calls={} requests_before={} now_ms={} entropy={}",
+            r.calls, r.requests_before, r.now_ms, r.entropy
+        ),
+        None => "calls=0".into(),
+    };
     if let Some(ms) = path
         .strip_prefix("/sleep/")
         .and_then(|m| m.parse::<u64>().ok())
@@ -298,20 +426,21 @@ fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
         std::thread::sleep(Duration::from_millis(ms));
     }
     let mut payload = Vec::new();
-    if path == "/healthz" {
-        payload.extend_from_slice(b"ok\n");
-    } else {
-        payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
-        payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
-        payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
-        payload.extend_from_slice(format!("request: {}\n", req.line).as_bytes());
-        for h in &req.headers {
-            payload.extend_from_slice(format!("header: {h}\n").as_bytes());
-        }
-        if !req.body.is_empty() {
-            payload.extend_from_slice(format!("body: {} bytes\n", req.body.len()).as_bytes());
-            payload.extend_from_slice(&req.body);
-        }
+    payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
+    payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
+    payload.extend_from_slice(
+        format!("first: random={} now_ms={}\n", first.random, first.now_ms).as_bytes(),
+    );
+    payload.extend_from_slice(format!("requests: {served}\n").as_bytes());
+    payload.extend_from_slice(format!("resumed: {resumed}\n").as_bytes());
+    payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
+    payload.extend_from_slice(format!("request: {}\n", req.line).as_bytes());
+    for h in &req.headers {
+        payload.extend_from_slice(format!("header: {h}\n").as_bytes());
+    }
+    if !req.body.is_empty() {
+        payload.extend_from_slice(format!("body: {} bytes\n", req.body.len()).as_bytes());
+        payload.extend_from_slice(&req.body);
     }
     ("200 OK".into(), payload)
 }

@@ -2,10 +2,14 @@
 // The Node.js demo app of proxy.yaml (node.localhost). It runs in a clone
 // of the Node.js runtime snapshot: snapgate attached this directory, packed
 // as a read-only disk, when the request that woke it arrived.
+const crypto = require('crypto');
 const http = require('http');
 const os = require('os');
 
 const startedAt = new Date();
+// Drawn when the app starts: every instance has its own (snapgate reseeds
+// each clone's generators before its app starts).
+const instance = crypto.randomBytes(4).toString('hex');
 let served = 0;
 
 http.createServer((req, res) => {
@@ -17,7 +21,8 @@ http.createServer((req, res) => {
     served += 1;
     const body = [
         `Hello from Node.js ${process.version} in a snapgate microVM.`,
-        `app started: ${startedAt.toISOString()} (uptime ${process.uptime().toFixed(2)}s)`,
+        `instance ${instance}, app started: ${startedAt.toISOString()} (uptime ${process.uptime().toFixed(2)}s)`,
+        `a random number of its own: ${Math.random()}`,
         `requests served by this instance: ${served}`,
         `greeting from proxy.yaml: ${process.env.GREETING || '(none)'}`,
         `you asked for: ${req.method} ${req.url}`,

@@ -23,6 +23,14 @@
 //! or maps it on demand with userfaultfd (`ondemand`, which needs
 //! `/dev/userfaultfd` or `vm.unprivileged_userfaultfd=1`). Snapshots need
 //! hardware KVM.
+//!
+//! # What a clone gets, and what snapgate can see of its guest
+//! Cloud Hypervisor (v53) has no VM generation ID device: a clone's kernel
+//! learns it was cloned only from the resumed message (a VM app's
+//! `on_restore`, the guest agent of a runtime). [`Vmm::guest_stopped`]
+//! reports a guest whose VM is in the `Shutdown` state while the VMM runs
+//! on; CH offers no view of a halted vCPU, so a guest that halts its CPU
+//! is seen only at the end of its readiness wait.
 
 pub mod api;
 
@@ -323,6 +331,15 @@ impl Vmm for CloudHypervisor {
             });
         }
         Ok(vm)
+    }
+
+    async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
+        let state = tokio::time::timeout(Duration::from_secs(2), Self::client(vm).state())
+            .await
+            .ok()?
+            .ok()?;
+        (state == "Shutdown")
+            .then(|| "Cloud Hypervisor reports the VM Shutdown while it runs on".to_owned())
     }
 
     async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
