@@ -108,9 +108,14 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                         "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
                         pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
                     )?;
+                    let internal_path = match app.upstream() {
+                        Upstream::Vm(spec, _) => spec.on_restore.as_ref().map(|h| h.path.clone()),
+                        _ => None,
+                    };
                     Target::Pool {
                         pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
                         response_timeout: app.response_timeout,
+                        internal_path,
                     }
                 }
             };

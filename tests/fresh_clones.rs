@@ -214,6 +214,26 @@ async fn ten_instances_of_a_vm_app_with_on_restore_are_each_their_own() {
         TEN,
         "{reports:#?}"
     );
+
+    // The hook is snapgate's: a client cannot reach it, however spelled.
+    let http = reqwest::Client::new();
+    for path in [
+        "/snapgate/resumed",
+        "/Snapgate//%72esumed/",
+        "/x/../snapgate/resumed?a=1",
+    ] {
+        let resp = http
+            .post(format!("http://{}{path}", gw.running().listen))
+            .header("host", "app.test")
+            .body(r#"{"now_ms": 0, "entropy": ""}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 404, "{path}");
+    }
+    let (status, body) = gw.get("/").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("resumed: calls=1 "), "{body}");
     gw.stop().await;
 }
 

@@ -7,7 +7,9 @@
 //! `X-Forwarded-For/-Proto/-Host` set, over the instance's kept-alive
 //! connections; stream the answer back, the lease held until its body ends.
 //! An instance that fails the request gives the client a 502 and is
-//! replaced.
+//! replaced. A VM app's `on_restore` path is snapgate's to call, never a
+//! client's: requests for it get a 404 and claim nothing
+//! ([`is_internal_path`]).
 
 mod body;
 mod router;
@@ -51,6 +53,9 @@ pub enum Target {
         pool: Pool,
         /// Longest wait for response headers.
         response_timeout: Duration,
+        /// A path of the guest's that only snapgate calls (the image's
+        /// `on_restore` path); clients asking for it get a 404.
+        internal_path: Option<String>,
     },
     /// A fixed upstream address.
     Static {
@@ -244,9 +249,22 @@ impl Proxy {
             return resp;
         };
         let resp = match &self.targets[&app] {
+            Target::Pool { internal_path, .. }
+                if internal_path
+                    .as_deref()
+                    .is_some_and(|p| is_internal_path(req.uri().path(), p)) =>
+            {
+                debug!(
+                    app,
+                    path = req.uri().path(),
+                    "refused: the guest's internal path"
+                );
+                text(StatusCode::NOT_FOUND, "snapgate: not found\n".into())
+            }
             Target::Pool {
                 pool,
                 response_timeout,
+                ..
             } => match pool.claim().await {
                 Err(e) => {
                     debug!(app, "no instance: {e}");
@@ -299,6 +317,54 @@ fn relay(resp: Response<Incoming>, lease: Option<crate::pool::Lease>) -> Respons
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, LeasedBody::new(body, lease).boxed())
+}
+
+/// Whether a client's request `path` may reach the guest's `internal` path
+/// (both without the query): compared as guests' routers may see them,
+/// percent-decoded, in lower case, with empty and `.` segments dropped,
+/// `..` applied and `;parameters` cut from each segment. So
+/// `/Snapgate//%72esumed/` and `/x/../snapgate/resumed;v=1` match
+/// `/snapgate/resumed`.
+pub fn is_internal_path(path: &str, internal: &str) -> bool {
+    fn normalize(path: &str) -> Vec<Vec<u8>> {
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for raw in path.split('/') {
+            let segment = decode(raw.split(';').next().unwrap_or(""));
+            match segment.as_slice() {
+                b"" | b"." => {}
+                b".." => {
+                    out.pop();
+                }
+                _ => out.push(segment.to_ascii_lowercase()),
+            }
+        }
+        out
+    }
+    fn decode(s: &str) -> Vec<u8> {
+        let b = s.as_bytes();
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0;
+        while i < b.len() {
+            let hex = |c: u8| (c as char).to_digit(16);
+            match (
+                b[i],
+                b.get(i + 1).copied().and_then(hex),
+                b.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                }
+                (c, _, _) => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+        out
+    }
+    normalize(path) == normalize(internal)
 }
 
 /// A short plain-text response.
@@ -459,5 +525,32 @@ mod tests {
         strip_hop_by_hop(&mut h);
         let names: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
         assert_eq!(names, ["x-kept"]);
+    }
+
+    #[test]
+    fn an_internal_path_is_matched_however_a_client_spells_it() {
+        let hook = "/snapgate/resumed";
+        for path in [
+            "/snapgate/resumed",
+            "/snapgate/resumed/",
+            "//snapgate//resumed",
+            "/Snapgate/RESUMED",
+            "/snapgate/%72esumed",
+            "/snapgate/%2e/resumed",
+            "/x/../snapgate/resumed",
+            "/snapgate/resumed;v=1",
+            "/snapgate/resumed?x=1",
+        ] {
+            assert!(is_internal_path(path, hook), "{path}");
+        }
+        for path in [
+            "/",
+            "/snapgate",
+            "/snapgate/resumed/x",
+            "/snapgate/resumedx",
+            "/%zz",
+        ] {
+            assert!(!is_internal_path(path, hook), "{path}");
+        }
     }
 }

@@ -338,8 +338,7 @@ impl Vmm for CloudHypervisor {
             .await
             .ok()?
             .ok()?;
-        (state == "Shutdown")
-            .then(|| "Cloud Hypervisor reports the VM Shutdown while it runs on".to_owned())
+        stop_reason(&state)
     }
 
     async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
@@ -350,9 +349,23 @@ impl Vmm for CloudHypervisor {
     }
 }
 
+/// Why a guest whose VM is in `state` (`vm.info`) has stopped, if it has.
+fn stop_reason(state: &str) -> Option<String> {
+    (state == "Shutdown")
+        .then(|| "Cloud Hypervisor reports the VM Shutdown while it runs on".to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_vm_in_the_shutdown_state_has_stopped() {
+        assert!(stop_reason("Shutdown").unwrap().contains("Shutdown"));
+        for running in ["Created", "Running", "Paused"] {
+            assert_eq!(stop_reason(running), None);
+        }
+    }
 
     #[test]
     fn bodies_follow_the_api_shapes() {
