@@ -64,9 +64,9 @@ pub trait Factory: Send + Sync + 'static {
 }
 
 /// Restores instances from a snapshot, each on its own tap, and makes each
-/// its own: after it answers its readiness probe, the image's `on_restore`
-/// hook (if any) gets the resumed message ([`resumed`]) before the instance
-/// joins the pool.
+/// its own: as soon as it accepts connections, the image's `on_restore`
+/// hook (if any) gets the resumed message ([`resumed`]); then it must
+/// answer its readiness probe before it joins the pool.
 pub struct SnapshotFactory {
     vmm: Arc<dyn Vmm>,
     net: Network,
@@ -78,11 +78,6 @@ impl SnapshotFactory {
     pub fn new(vmm: Arc<dyn Vmm>, net: Network, snapshot: Snapshot) -> SnapshotFactory {
         SnapshotFactory { vmm, net, snapshot }
     }
-
-    /// The driver the instances run on.
-    pub fn vmm(&self) -> &dyn Vmm {
-        self.vmm.as_ref()
-    }
 }
 
 #[async_trait]
@@ -91,10 +86,10 @@ impl Factory for SnapshotFactory {
         let tap = self.net.create_tap().await?;
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
         let spec = &self.snapshot.manifest().spec;
-        ready::wait_ready(self.vmm.as_ref(), &mut vm, spec.ready_timeout).await?;
         if let Some(hook) = &spec.on_restore {
             resumed::on_restore(self.vmm.as_ref(), &mut vm, hook).await?;
         }
+        ready::wait_ready(self.vmm.as_ref(), &mut vm, spec.ready_timeout).await?;
         Ok(vm)
     }
 

@@ -59,11 +59,11 @@
 //! The app's template boots the runtime image with the app's code image as
 //! its code disk (no slot), the agent starts the app, and the snapshot is
 //! taken once the app answers ([`AppTemplate`]): clones skip the start.
-//! Once ready, and before its first request, each clone gets a resumed
-//! message through the agent's `/resumed` ([`AppSnapshotFactory`]): the
-//! agent reseeds the kernel's generator, sets the clock and has the
-//! runtime drop its own generator state, and answers only when all of
-//! that is done.
+//! As soon as a clone is restored, before its readiness probe and its
+//! first request, it gets a resumed message through the agent's
+//! `/resumed` ([`AppSnapshotFactory`]): the agent reseeds the kernel's
+//! generator, sets the clock and has the runtime drop its own generator
+//! state, and answers only when all of that is done.
 //! The snapshot's spec names the code image, whose file name is its content
 //! hash, so changed code makes the snapshot stale and the next start
 //! rebuilds it.
@@ -88,7 +88,7 @@ pub use metrics::RuntimeMetrics;
 
 use crate::config::{RuntimeAppConfig, RuntimeConfig};
 use crate::net::Network;
-use crate::pool::{Factory, SnapshotFactory};
+use crate::pool::Factory;
 use crate::snapshot_cmd::Prepare;
 use crate::vmm::resumed::{self, Resumed};
 use crate::vmm::spec::DiskSpec;
@@ -164,17 +164,20 @@ pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Makes `vm`, a restored clone whose guest agent listens on `agent_port`,
 /// its own: posts a fresh resumed message to the agent's `/resumed` (module
-/// doc, per-app snapshots). Call it once the clone is ready (its network is
-/// up) and before its first request. Records `resumed`.
+/// doc, per-app snapshots) as soon as the agent accepts a connection.
+/// Records `resumed`.
 pub async fn resume(vmm: &dyn Vmm, vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
     resumed::post(vmm, vm, agent_port, "/resumed", RESUME_TIMEOUT, "resumed").await
 }
 
-/// Clones of an app's own snapshot (`snapshot: app`): restored and made
-/// ready as any snapshot's ([`SnapshotFactory`]), then made their own
-/// ([`resume`]).
+/// Clones of an app's own snapshot (`snapshot: app`), each on its own tap:
+/// restored, made their own through the agent ([`resume`]) first, while
+/// the app in them has served nothing, then ready once the app answers its
+/// readiness probe.
 pub struct AppSnapshotFactory {
-    inner: SnapshotFactory,
+    vmm: Arc<dyn Vmm>,
+    net: Network,
+    snapshot: Snapshot,
     agent_port: u16,
 }
 
@@ -187,7 +190,9 @@ impl AppSnapshotFactory {
         agent_port: u16,
     ) -> AppSnapshotFactory {
         AppSnapshotFactory {
-            inner: SnapshotFactory::new(vmm, net, snapshot),
+            vmm,
+            net,
+            snapshot,
             agent_port,
         }
     }
@@ -196,16 +201,16 @@ impl AppSnapshotFactory {
 #[async_trait]
 impl Factory for AppSnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
-        let mut vm = self.inner.start(id).await?;
-        if let Err(e) = resume(self.inner.vmm(), &mut vm, self.agent_port).await {
-            let _ = self.inner.stop(vm).await;
-            return Err(e);
-        }
+        let tap = self.net.create_tap().await?;
+        let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
+        resume(self.vmm.as_ref(), &mut vm, self.agent_port).await?;
+        let timeout = self.snapshot.manifest().spec.ready_timeout;
+        ready::wait_ready(self.vmm.as_ref(), &mut vm, timeout).await?;
         Ok(vm)
     }
 
     async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
-        self.inner.stop(vm).await
+        self.vmm.destroy(vm).await
     }
 }
 

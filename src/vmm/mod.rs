@@ -6,7 +6,7 @@
 //!                                                          │
 //!                        restore(snapshot, tap) <──────────┘  (many times)
 //!                               │
-//!               wait_ready ──> on_restore ──> serve ──> destroy
+//!               on_restore ──> wait_ready ──> serve ──> destroy
 //! ```
 //! 1. Every VM runs in its own VMM process, started by the driver with the
 //!    VM's tap fd inherited. The [`Vm`] value owns that process: dropping it

@@ -34,10 +34,45 @@ pub async fn request(
     let stream = connect(endpoint)
         .await
         .map_err(|e| format!("connect: {e}"))?;
+    request_on(stream, endpoint, method, path, body).await
+}
+
+/// Connects to the guest, trying again while connects are refused or go
+/// unanswered (a guest whose network is not up yet), until `deadline`:
+/// nothing was sent, so a retry repeats nothing. The last failure at the
+/// deadline.
+pub async fn connect_until(endpoint: &Endpoint, deadline: Instant) -> Result<TcpStream, String> {
+    let mut last_error = String::from("connect: no attempt made");
+    loop {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(last_error);
+        }
+        let attempt = ATTEMPT_TIMEOUT.min(deadline - now);
+        match tokio::time::timeout(attempt, connect(endpoint)).await {
+            Ok(Ok(stream)) => return Ok(stream),
+            Ok(Err(e)) => last_error = format!("connect: {e}"),
+            Err(_) => last_error = format!("connect: no answer within {attempt:?}"),
+        }
+        tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
+            .await;
+    }
+}
+
+/// One HTTP/1.1 request on `stream`, a connection to the guest at
+/// `endpoint`; returns the status and body. The connection is closed when
+/// the answer was read, or when the returned future is dropped.
+pub async fn request_on(
+    stream: TcpStream,
+    endpoint: &Endpoint,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<(u16, Bytes), String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;
-    let conn = tokio::spawn(conn);
+    let _conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
     let mut req = http::Request::builder()
         .method(method)
         .uri(path)
@@ -59,7 +94,6 @@ pub async fn request(
         .await
         .map_err(|e| format!("body: {e}"))?
         .to_bytes();
-    conn.abort();
     Ok((status, body))
 }
 

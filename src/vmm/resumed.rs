@@ -82,10 +82,10 @@ fn default_timeout() -> Duration {
 
 /// A VM app's own resume hook (`image.on_restore` in `proxy.yaml`): a path
 /// the guest serves on its `guest_port`. snapgate POSTs the resumed message
-/// (module doc) there once per clone, after the clone answers its
-/// readiness probe and before it takes any request. The guest must answer
-/// 200 within `timeout`; any other answer, or none, fails that clone's
-/// start.
+/// (module doc) there once per clone, as soon as the restored clone accepts
+/// a connection, before its readiness probe and before it takes any
+/// request. The guest must answer 200 within `timeout`; any other answer,
+/// or none, fails that clone's start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnRestore {
@@ -116,9 +116,12 @@ impl OnRestore {
     }
 }
 
-/// POSTs a fresh resumed message to `path` on port `port` of `vm`,
-/// waiting at most `timeout` for a 200 and failing at once if the VMM exits
-/// or the guest stops ([`watch::guarded`]). Records `step`.
+/// POSTs a fresh resumed message to `path` on port `port` of `vm`: connects
+/// (trying again while the guest's network comes back after the restore;
+/// nothing is sent twice), makes the message (so its time is as late as
+/// can be), sends it and waits for a 200, all within `timeout`; fails at
+/// once if the VMM exits or the guest stops ([`watch::guarded`]). Records
+/// `step`.
 pub async fn post(
     vmm: &dyn Vmm,
     vm: &mut Vm,
@@ -128,24 +131,27 @@ pub async fn post(
     step: &'static str,
 ) -> Result<(), VmmError> {
     let started = std::time::Instant::now();
+    let deadline = tokio::time::Instant::now() + timeout;
     let mut target = vm.endpoint().clone();
     target.addr.set_port(port);
-    let body = Resumed::fresh()?.body();
-    let call = tokio::time::timeout(
-        timeout,
-        ready::request(&target, http::Method::POST, path, body),
-    );
+    let call = async {
+        let stream = ready::connect_until(&target, deadline.into_std()).await?;
+        let body = Resumed::fresh().map_err(|e| e.to_string())?.body();
+        let answer = ready::request_on(stream, &target, http::Method::POST, path, body);
+        tokio::time::timeout_at(deadline, answer)
+            .await
+            .map_err(|_| format!("no answer within {:.1}s", timeout.as_secs_f64()))?
+    };
     let problem = match watch::guarded(vmm, vm, step, call).await? {
-        Ok(Ok((200, _))) => {
+        Ok((200, _)) => {
             vm.record(step, started.elapsed());
             return Ok(());
         }
-        Ok(Ok((status, text))) => format!(
+        Ok((status, text)) => format!(
             "answered HTTP {status}: {}",
             String::from_utf8_lossy(&text).trim()
         ),
-        Ok(Err(e)) => e,
-        Err(_) => format!("no answer within {:.1}s", timeout.as_secs_f64()),
+        Err(e) => e,
     };
     Err(VmmError::Resume {
         vm: vm.id().clone(),
