@@ -156,7 +156,7 @@ async fn main() {
         if *mode == SnapshotMode::Template {
             // The same, and the test guest's on_restore hook (reseed the
             // kernel's generator, set the clock) before the first byte.
-            let hook = snapgate::testing::test_guest_on_restore();
+            let hook = snapgate::testing::test_guest_on_restore().hook(8080, "/healthz");
             let mut made_own = Vec::new();
             for i in 0..runs {
                 let t = Instant::now();
@@ -165,12 +165,14 @@ async fn main() {
                     .restore(VmId::new(format!("own-{i}")), snap, tap)
                     .await
                     .expect("restore");
-                snapgate::vmm::ready::wait_ready(&qemu, &mut vm, Duration::from_secs(30))
-                    .await
-                    .expect("ready");
-                snapgate::vmm::resumed::on_restore(&qemu, &mut vm, &hook)
-                    .await
-                    .expect("on_restore");
+                snapgate::vmm::resumed::ready_and_resumed(
+                    &qemu,
+                    &mut vm,
+                    Some(&hook),
+                    Duration::from_secs(30),
+                )
+                .await
+                .expect("ready, then on_restore");
                 made_own.push(t.elapsed().as_secs_f64() * 1e3);
                 qemu.destroy(vm).await.expect("destroy");
             }

@@ -32,7 +32,7 @@ use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{Factory, Pool, PoolMetrics, SnapshotFactory};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
-use crate::runtime::{self, AppSnapshotFactory, CodeSource, Runtime, RuntimeFactory, StartSpec};
+use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
 use crate::snapshot_cmd::{Builder, Job};
 use crate::vmm::{Snapshot, Vmm};
 use crate::{admin, snapshot_cmd, upstream, vmm};
@@ -109,7 +109,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                         pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
                     )?;
                     let internal_path = match app.upstream() {
-                        Upstream::Vm(spec, _) => spec.on_restore.as_ref().map(|h| h.path.clone()),
+                        Upstream::Vm(spec, _) => spec
+                            .on_restore
+                            .as_ref()
+                            .map(|h| crate::proxy::normalize_path(&h.path)),
                         _ => None,
                     };
                     Target::Pool {
@@ -191,7 +194,11 @@ impl Factories<'_> {
         let rt_app = match self.config.apps[name].upstream() {
             Upstream::Vm(spec, _) => {
                 let snapshot = self.ensure(&Job::vm_app(name, spec), out).await?;
-                return Ok(Arc::new(SnapshotFactory::new(driver, net, snapshot)));
+                let hook = spec
+                    .on_restore
+                    .as_ref()
+                    .map(|h| h.hook(spec.guest_port, &spec.ready_path));
+                return Ok(Arc::new(SnapshotFactory::new(driver, net, snapshot, hook)));
             }
             Upstream::Runtime(rt_app, _) => rt_app,
             Upstream::Static(_) => unreachable!("static apps have no factory"),
@@ -238,7 +245,8 @@ impl Factories<'_> {
                 let job = Job::app_in_runtime(name, rt_app, rt_cfg, &image);
                 let snapshot = self.ensure(&job, out).await?;
                 let agent_port = rt_cfg.image.guest_port;
-                Arc::new(AppSnapshotFactory::new(driver, net, snapshot, agent_port))
+                let hook = runtime::agent_hook(agent_port);
+                Arc::new(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
             }
         })
     }

@@ -115,11 +115,15 @@ pub struct Job {
 }
 
 impl Job {
-    /// A VM app's own snapshot.
+    /// A VM app's own snapshot. Its `on_restore` hook is not part of it:
+    /// clones take the hook from the config, so changing it rebuilds
+    /// nothing.
     pub fn vm_app(app: &str, spec: &ImageSpec) -> Job {
+        let mut spec = spec.clone();
+        spec.on_restore = None;
         Job {
             name: app.to_owned(),
-            spec: spec.clone(),
+            spec,
             prepare: None,
         }
     }
@@ -250,7 +254,9 @@ impl<'a> Builder<'a> {
             vm.endpoint().addr,
             vm.endpoint().tap
         )?;
-        crate::vmm::ready::wait_ready(vmm, &mut vm, spec.ready_timeout).await?;
+        if let Err(e) = crate::vmm::ready::wait_ready(vmm, &mut vm, spec.ready_timeout).await {
+            return Err(crate::vmm::discard(vmm, vm, e).await.into());
+        }
         let boot_to_ready = started.elapsed().as_secs_f64();
         writeln!(
             out,
@@ -259,7 +265,9 @@ impl<'a> Builder<'a> {
         )?;
         if let Some(prepare) = &job.prepare {
             let t = Instant::now();
-            prepare.prepare(vmm, &mut vm).await?;
+            if let Err(e) = prepare.prepare(vmm, &mut vm).await {
+                return Err(crate::vmm::discard(vmm, vm, e).await.into());
+            }
             writeln!(
                 out,
                 "{app}: prepared in {:.2}s; GET {} on {} answers 200",

@@ -27,9 +27,18 @@
  * to reseed), locking (none is needed: no state changes after
  * instantiation), the state, strength and max_request parameters, and
  * get_seed/clear_seed so that a DRBG may also use it as its parent.
+ *
+ * The first time OpenSSL instantiates one of its generators with this
+ * algorithm, the provider sets SNAPGATE_OPENSSL_RAND=getrandom in the
+ * process environment: the runtime's loader checks it, since a provider
+ * that is loaded but not selected as the generator would change nothing.
+ * (OpenSSL instantiates its primary generator at its first use, which in
+ * Node.js is a check at start-up, before any other thread runs: setenv is
+ * safe there.)
  */
 
 #include <errno.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
@@ -49,6 +58,9 @@
 typedef struct {
     int state; /* EVP_RAND_STATE_* */
 } generator;
+
+/* Whether SNAPGATE_OPENSSL_RAND was set (see the top of this file). */
+static atomic_flag announced = ATOMIC_FLAG_INIT;
 
 /* Fills out[0..len) from getrandom(2); 0 on failure. */
 static int fill(unsigned char *out, size_t len)
@@ -95,6 +107,8 @@ static int gen_instantiate(void *vctx, unsigned int strength, int prediction_res
     if (strength > STRENGTH)
         return 0;
     g->state = EVP_RAND_STATE_READY;
+    if (!atomic_flag_test_and_set(&announced))
+        setenv("SNAPGATE_OPENSSL_RAND", "getrandom", 1);
     return 1;
 }
 
@@ -114,11 +128,8 @@ static int gen_generate(void *vctx, unsigned char *out, size_t outlen, unsigned 
     (void)adin_len;
     if (g->state != EVP_RAND_STATE_READY || strength > STRENGTH)
         return 0;
-    if (!fill(out, outlen)) {
-        g->state = EVP_RAND_STATE_ERROR;
-        return 0;
-    }
-    return 1;
+    /* A failed call fails alone: nothing is left in a broken state. */
+    return fill(out, outlen);
 }
 
 static int gen_reseed(void *vctx, int prediction_resistance, const unsigned char *ent,

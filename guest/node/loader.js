@@ -7,7 +7,8 @@
 // 1. Refuses to load unless OpenSSL draws its random bytes through
 //    snapgate's getrandom provider (openssl.cnf, getrandom-provider.c):
 //    OpenSSL's own generators would otherwise be seeded here, before the
-//    snapshot, and repeat their bytes in every clone.
+//    snapshot, and repeat their bytes in every clone. Refuses, too, a
+//    Node.js major version whose caches of random bytes were not checked.
 // 2. Replaces Math.random (see `random` below) and loads what most HTTP
 //    apps need (http, crypto, ...), runs a few requests through a local
 //    HTTP server (V8 compiles functions on first use), so a snapshot taken
@@ -47,14 +48,26 @@ const crypto = require('crypto');
 
 const CONTROL = 3;
 
-// Step 1.
-// (The diagnostic report lists the shared objects this process loaded.)
-const loaded = process.report.getReport().sharedObjects;
-if (!loaded.some((so) => so.endsWith('/getrandom-provider.so'))) {
-    console.error('snapgate-loader: OpenSSL in this runtime does not use snapgate\'s getrandom ' +
-        'provider, so every clone would repeat the random bytes of OpenSSL\'s generators as the ' +
-        'snapshot froze them: start node with --openssl-config=/opt/snapgate/openssl.cnf ' +
-        '(snapgate.exec in the runtime\'s cmdline)');
+// Step 1. The provider announces itself in the environment when OpenSSL
+// makes one of its generators with it (getrandom-provider.c); Node.js has
+// made OpenSSL's primary one by now, and this draw makes the public one.
+crypto.randomBytes(1);
+if (process.env.SNAPGATE_OPENSSL_RAND !== 'getrandom') {
+    console.error('snapgate-loader: OpenSSL in this runtime does not draw its random bytes ' +
+        'through snapgate\'s getrandom provider, so every clone would repeat the bytes of ' +
+        'OpenSSL\'s generators as the snapshot froze them: start node with ' +
+        '--openssl-config=/opt/snapgate/openssl.cnf (snapgate.exec in the runtime\'s cmdline), ' +
+        'whose [random] section selects the provider');
+    process.exit(1);
+}
+// dropGeneratorState relies on the sizes of Node's caches of random bytes,
+// read in Node.js 18's lib/internal/crypto/random.js; another major version
+// must be checked before it is trusted.
+const TESTED_NODE_MAJORS = ['18'];
+if (!TESTED_NODE_MAJORS.includes(process.versions.node.split('.')[0])) {
+    console.error(`snapgate-loader: Node.js ${process.version} is not one this loader was ` +
+        `checked with (${TESTED_NODE_MAJORS.join(', ')}): its caches of random bytes may not ` +
+        'be the sizes the loader drops on each resume');
     process.exit(1);
 }
 

@@ -51,7 +51,8 @@ pub use metrics::PoolMetrics;
 use crate::config::PoolConfig;
 use crate::net::Network;
 use crate::upstream::{self, UpstreamClient};
-use crate::vmm::{ready, resumed, Endpoint, Snapshot, Vm, VmId, Vmm, VmmError};
+use crate::vmm::resumed::{self, Hook};
+use crate::vmm::{Endpoint, Snapshot, Vm, VmId, Vmm, VmmError};
 
 /// Starts and stops an app's instances. The real one restores from a
 /// snapshot onto a fresh tap; tests script their own.
@@ -64,19 +65,32 @@ pub trait Factory: Send + Sync + 'static {
 }
 
 /// Restores instances from a snapshot, each on its own tap, and makes each
-/// its own: as soon as it accepts connections, the image's `on_restore`
-/// hook (if any) gets the resumed message ([`resumed`]); then it must
-/// answer its readiness probe before it joins the pool.
+/// its own before it joins the pool: its resume [`Hook`] (if any: a VM
+/// app's `on_restore`, a runtime agent's `/resumed`) gets the resumed
+/// message as soon as the hook's service is ready
+/// ([`resumed::ready_and_resumed`]).
 pub struct SnapshotFactory {
     vmm: Arc<dyn Vmm>,
     net: Network,
     snapshot: Snapshot,
+    hook: Option<Hook>,
 }
 
 impl SnapshotFactory {
-    /// Instances of `snapshot`, restored by `vmm` onto taps from `net`.
-    pub fn new(vmm: Arc<dyn Vmm>, net: Network, snapshot: Snapshot) -> SnapshotFactory {
-        SnapshotFactory { vmm, net, snapshot }
+    /// Instances of `snapshot`, restored by `vmm` onto taps from `net`,
+    /// each sent its resumed message at `hook` first.
+    pub fn new(
+        vmm: Arc<dyn Vmm>,
+        net: Network,
+        snapshot: Snapshot,
+        hook: Option<Hook>,
+    ) -> SnapshotFactory {
+        SnapshotFactory {
+            vmm,
+            net,
+            snapshot,
+            hook,
+        }
     }
 }
 
@@ -85,12 +99,12 @@ impl Factory for SnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
         let tap = self.net.create_tap().await?;
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
-        let spec = &self.snapshot.manifest().spec;
-        if let Some(hook) = &spec.on_restore {
-            resumed::on_restore(self.vmm.as_ref(), &mut vm, hook).await?;
+        let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
+        let vmm = self.vmm.as_ref();
+        match resumed::ready_and_resumed(vmm, &mut vm, self.hook.as_ref(), ready_timeout).await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(crate::vmm::discard(vmm, vm, e).await),
         }
-        ready::wait_ready(self.vmm.as_ref(), &mut vm, spec.ready_timeout).await?;
-        Ok(vm)
     }
 
     async fn stop(&self, vm: Vm) -> Result<(), VmmError> {

@@ -54,8 +54,9 @@ pub enum Target {
         /// Longest wait for response headers.
         response_timeout: Duration,
         /// A path of the guest's that only snapgate calls (the image's
-        /// `on_restore` path); clients asking for it get a 404.
-        internal_path: Option<String>,
+        /// `on_restore` path), as [`normalize_path`] makes it; clients
+        /// asking for it, in any spelling, get a 404.
+        internal_path: Option<Vec<Vec<u8>>>,
     },
     /// A fixed upstream address.
     Static {
@@ -319,52 +320,36 @@ fn relay(resp: Response<Incoming>, lease: Option<crate::pool::Lease>) -> Respons
     Response::from_parts(parts, LeasedBody::new(body, lease).boxed())
 }
 
-/// Whether a client's request `path` may reach the guest's `internal` path
-/// (both without the query): compared as guests' routers may see them,
-/// percent-decoded, in lower case, with empty and `.` segments dropped,
-/// `..` applied and `;parameters` cut from each segment. So
-/// `/Snapgate//%72esumed/` and `/x/../snapgate/resumed;v=1` match
+/// A guest path as routers may take it: percent-decoded (all of it, `%2F`
+/// included, before it is split), in lower case, split on `/` and `\`,
+/// with empty and `.` segments dropped, `..` applied and `;parameters` (and
+/// anything after a NUL) cut from each segment, the query and fragment left
+/// out. Routers differ in each of these steps; taking the widest reading of
+/// each refuses more spellings, never fewer.
+pub fn normalize_path(path: &str) -> Vec<Vec<u8>> {
+    let path = path.split(['?', '#']).next().unwrap_or("");
+    let decoded: Vec<u8> = percent_encoding::percent_decode_str(path).collect();
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for raw in decoded.split(|b| *b == b'/' || *b == b'\\') {
+        // `;parameters` and anything after a NUL (which C code stops at).
+        let segment = raw.split(|b| *b == b';' || *b == 0).next().unwrap_or(&[]);
+        match segment {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            _ => out.push(segment.to_ascii_lowercase()),
+        }
+    }
+    out
+}
+
+/// Whether a client's request for `path` may reach the guest path whose
+/// [`normalize_path`] form is `internal`. So `/Snapgate//%72esumed/`,
+/// `/snapgate%2Fresumed` and `/x/../snapgate/resumed;v=1` all reach
 /// `/snapgate/resumed`.
-pub fn is_internal_path(path: &str, internal: &str) -> bool {
-    fn normalize(path: &str) -> Vec<Vec<u8>> {
-        let path = path.split(['?', '#']).next().unwrap_or("");
-        let mut out: Vec<Vec<u8>> = Vec::new();
-        for raw in path.split('/') {
-            let segment = decode(raw.split(';').next().unwrap_or(""));
-            match segment.as_slice() {
-                b"" | b"." => {}
-                b".." => {
-                    out.pop();
-                }
-                _ => out.push(segment.to_ascii_lowercase()),
-            }
-        }
-        out
-    }
-    fn decode(s: &str) -> Vec<u8> {
-        let b = s.as_bytes();
-        let mut out = Vec::with_capacity(b.len());
-        let mut i = 0;
-        while i < b.len() {
-            let hex = |c: u8| (c as char).to_digit(16);
-            match (
-                b[i],
-                b.get(i + 1).copied().and_then(hex),
-                b.get(i + 2).copied().and_then(hex),
-            ) {
-                (b'%', Some(h), Some(l)) => {
-                    out.push((h * 16 + l) as u8);
-                    i += 3;
-                }
-                (c, _, _) => {
-                    out.push(c);
-                    i += 1;
-                }
-            }
-        }
-        out
-    }
-    normalize(path) == normalize(internal)
+pub fn is_internal_path(path: &str, internal: &[Vec<u8>]) -> bool {
+    normalize_path(path) == internal
 }
 
 /// A short plain-text response.
@@ -529,7 +514,7 @@ mod tests {
 
     #[test]
     fn an_internal_path_is_matched_however_a_client_spells_it() {
-        let hook = "/snapgate/resumed";
+        let hook = normalize_path("/snapgate/resumed");
         for path in [
             "/snapgate/resumed",
             "/snapgate/resumed/",
@@ -537,11 +522,18 @@ mod tests {
             "/Snapgate/RESUMED",
             "/snapgate/%72esumed",
             "/snapgate/%2e/resumed",
+            "/snapgate%2Fresumed",
+            "/snapgate%2fresumed",
+            "/x%2F..%2Fsnapgate/resumed",
+            "/snapgate%5Cresumed",
+            "/snapgate\\resumed",
             "/x/../snapgate/resumed",
             "/snapgate/resumed;v=1",
+            "/snapgate/resumed%00",
+            "/snapgate/resumed%2f",
             "/snapgate/resumed?x=1",
         ] {
-            assert!(is_internal_path(path, hook), "{path}");
+            assert!(is_internal_path(path, &hook), "{path}");
         }
         for path in [
             "/",
@@ -550,7 +542,7 @@ mod tests {
             "/snapgate/resumedx",
             "/%zz",
         ] {
-            assert!(!is_internal_path(path, hook), "{path}");
+            assert!(!is_internal_path(path, &hook), "{path}");
         }
     }
 }

@@ -59,9 +59,10 @@
 //! The app's template boots the runtime image with the app's code image as
 //! its code disk (no slot), the agent starts the app, and the snapshot is
 //! taken once the app answers ([`AppTemplate`]): clones skip the start.
-//! As soon as a clone is restored, before its readiness probe and its
-//! first request, it gets a resumed message through the agent's
-//! `/resumed` ([`AppSnapshotFactory`]): the agent reseeds the kernel's
+//! As soon as a restored clone's agent answers its `/healthz`, before the
+//! app's readiness probe and its first request, the clone gets a resumed
+//! message through the agent's `/resumed` ([`agent_hook`]): no code of the
+//! app runs in between. The agent reseeds the kernel's
 //! generator, sets the clock and has the runtime drop its own generator
 //! state, and answers only when all of that is done.
 //! The snapshot's spec names the code image, whose file name is its content
@@ -90,7 +91,7 @@ use crate::config::{RuntimeAppConfig, RuntimeConfig};
 use crate::net::Network;
 use crate::pool::Factory;
 use crate::snapshot_cmd::Prepare;
-use crate::vmm::resumed::{self, Resumed};
+use crate::vmm::resumed::{Hook, Resumed};
 use crate::vmm::spec::DiskSpec;
 use crate::vmm::{ready, watch, ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError};
 
@@ -162,55 +163,16 @@ impl StartSpec {
 /// 5 s).
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Makes `vm`, a restored clone whose guest agent listens on `agent_port`,
-/// its own: posts a fresh resumed message to the agent's `/resumed` (module
-/// doc, per-app snapshots) as soon as the agent accepts a connection.
-/// Records `resumed`.
-pub async fn resume(vmm: &dyn Vmm, vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
-    resumed::post(vmm, vm, agent_port, "/resumed", RESUME_TIMEOUT, "resumed").await
-}
-
-/// Clones of an app's own snapshot (`snapshot: app`), each on its own tap:
-/// restored, made their own through the agent ([`resume`]) first, while
-/// the app in them has served nothing, then ready once the app answers its
-/// readiness probe.
-pub struct AppSnapshotFactory {
-    vmm: Arc<dyn Vmm>,
-    net: Network,
-    snapshot: Snapshot,
-    agent_port: u16,
-}
-
-impl AppSnapshotFactory {
-    /// Clones of `snapshot`, whose guest agent listens on `agent_port`.
-    pub fn new(
-        vmm: Arc<dyn Vmm>,
-        net: Network,
-        snapshot: Snapshot,
-        agent_port: u16,
-    ) -> AppSnapshotFactory {
-        AppSnapshotFactory {
-            vmm,
-            net,
-            snapshot,
-            agent_port,
-        }
-    }
-}
-
-#[async_trait]
-impl Factory for AppSnapshotFactory {
-    async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
-        let tap = self.net.create_tap().await?;
-        let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
-        resume(self.vmm.as_ref(), &mut vm, self.agent_port).await?;
-        let timeout = self.snapshot.manifest().spec.ready_timeout;
-        ready::wait_ready(self.vmm.as_ref(), &mut vm, timeout).await?;
-        Ok(vm)
-    }
-
-    async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
-        self.vmm.destroy(vm).await
+/// Where a restored clone's guest agent, listening on `agent_port`, takes
+/// its resumed message: `/resumed`, once its `/healthz` answers (module
+/// doc, per-app snapshots). A [`crate::pool::SnapshotFactory`] sends it
+/// there before the app's own readiness probe.
+pub fn agent_hook(agent_port: u16) -> Hook {
+    Hook {
+        port: agent_port,
+        ready_path: "/healthz".into(),
+        path: "/resumed".into(),
+        timeout: RESUME_TIMEOUT,
     }
 }
 
@@ -239,10 +201,11 @@ pub fn app_output(vm: &Vm) -> String {
 /// the app answers. Records `attach`, `start` and `ready`.
 ///
 /// Failures that are the app's ([`VmmError::App`]): the agent refusing the
-/// start (4xx: the disk does not mount, `main` is missing), the runtime
+/// start with 422 (the disk does not mount, `main` is missing), the runtime
 /// exiting (the guest powers off), the app not answering in time. Anything
-/// else (the slot cannot be written, the agent cannot be reached or fails,
-/// the VMM dies) is the host's or the VM's and keeps its own error.
+/// else (the slot cannot be written, the agent cannot be reached, refuses
+/// the message or does not answer within 30 s, the VMM dies) is the
+/// host's or the VM's and keeps its own error.
 pub async fn start_app(
     vmm: &dyn Vmm,
     vm: &mut Vm,
@@ -268,48 +231,56 @@ pub async fn start_app(
     let t = std::time::Instant::now();
     let agent = vm.endpoint().clone();
     let body = start.request_body()?;
-    let call = ready::request(&agent, http::Method::POST, "/start", body);
-    match watch::guarded(vmm, vm, "starting the app", call).await? {
-        Ok((200, _)) => {}
-        Ok((status, body)) if (400..500).contains(&status) => {
+    let call = tokio::time::timeout(
+        START_CALL_TIMEOUT,
+        ready::request(&agent, http::Method::POST, "/start", body),
+    );
+    let answer = match watch::guarded(vmm, vm, "starting the app", call).await {
+        Ok(answer) => answer,
+        Err(e) => return Err(app_exit(start, vm, e)),
+    };
+    let agent_failed = |problem: String| VmmError::Agent {
+        vm: vm.id().clone(),
+        problem,
+    };
+    match answer {
+        Ok(Ok((200, _))) => {}
+        // The agent's one refusal that is the app's: its code disk does not
+        // mount, or main is not on it. Any other is snapgate's or the VM's.
+        Ok(Ok((422, body))) => {
             return Err(start.fail(
                 format!(
-                    "the guest agent of {} refused the start (HTTP {status}): {}",
+                    "the guest agent of {} refused the start (HTTP 422): {}",
                     vm.id(),
                     String::from_utf8_lossy(&body).trim()
                 ),
                 app_output(vm),
             ))
         }
-        Ok((status, body)) => {
-            return Err(VmmError::Agent {
-                vm: vm.id().clone(),
-                problem: format!(
-                    "POST /start answered HTTP {status}: {}",
-                    String::from_utf8_lossy(&body).trim()
-                ),
-            })
+        Ok(Ok((status, body))) => {
+            return Err(agent_failed(format!(
+                "POST /start answered HTTP {status}: {}",
+                String::from_utf8_lossy(&body).trim()
+            )))
         }
-        Err(e) => {
-            return Err(VmmError::Agent {
-                vm: vm.id().clone(),
-                problem: format!("POST /start on {}: {e}", agent.addr),
-            })
+        Ok(Err(e)) => {
+            let err = agent_failed(format!("POST /start on {}: {e}", agent.addr));
+            // A broken connection is often a VMM on its way out.
+            let err = vm.process_mut().explain(err, "starting the app").await;
+            return Err(app_exit(start, vm, err));
+        }
+        Err(_) => {
+            return Err(agent_failed(format!(
+                "POST /start on {}: no answer within {}s",
+                agent.addr,
+                START_CALL_TIMEOUT.as_secs()
+            )))
         }
     }
     vm.record("start", t.elapsed());
     vm.serve_at(start.port, &start.ready_path, start.ready_timeout);
     match ready::wait_ready(vmm, vm, start.ready_timeout).await {
         Ok(()) => Ok(()),
-        // The guest powered itself off: the agent does that when the
-        // runtime exits.
-        Err(VmmError::Exited { status, .. }) if status == "exit status: 0" => Err(start.fail(
-            format!(
-                "the app exited while starting in {}; its VM stopped",
-                vm.id()
-            ),
-            app_output(vm),
-        )),
         Err(VmmError::NotReady {
             after, last_error, ..
         }) => Err(start.fail(
@@ -322,7 +293,27 @@ pub async fn start_app(
             ),
             app_output(vm),
         )),
-        Err(other) => Err(other),
+        Err(other) => Err(app_exit(start, vm, other)),
+    }
+}
+
+/// How long the guest agent may take to answer `POST /start`: reseed,
+/// clock, flush, mount and hand-over take milliseconds.
+const START_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `err`, unless it says the guest powered itself off (the VMM exited with
+/// status 0), which the agent does when the runtime exits: then the app
+/// exited while starting, and the error is the app's, with its output.
+fn app_exit(start: &StartSpec, vm: &Vm, err: VmmError) -> VmmError {
+    match err {
+        VmmError::Exited { status, .. } if status == "exit status: 0" => start.fail(
+            format!(
+                "the app exited while starting in {}; its VM stopped",
+                vm.id()
+            ),
+            app_output(vm),
+        ),
+        other => other,
     }
 }
 
@@ -473,8 +464,10 @@ impl Runtime {
             .restore(self.next_id(), &self.snapshot, tap)
             .await?;
         let timeout = self.snapshot.manifest().spec.ready_timeout;
-        ready::wait_ready(self.vmm.as_ref(), &mut vm, timeout).await?;
-        Ok(vm)
+        match ready::wait_ready(self.vmm.as_ref(), &mut vm, timeout).await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(crate::vmm::discard(self.vmm.as_ref(), vm, e).await),
+        }
     }
 
     /// Stops refilling and destroys the warm clones (and those still being

@@ -6,7 +6,7 @@
 //!                                                          │
 //!                        restore(snapshot, tap) <──────────┘  (many times)
 //!                               │
-//!               on_restore ──> wait_ready ──> serve ──> destroy
+//!               wait_ready ──> on_restore ──> serve ──> destroy
 //! ```
 //! 1. Every VM runs in its own VMM process, started by the driver with the
 //!    VM's tap fd inherited. The [`Vm`] value owns that process: dropping it
@@ -22,11 +22,12 @@
 //! 5. Every wait on a guest ([`ready::wait_ready`], a resumed message) runs
 //!    under [`watch::guarded`]: a VMM that exits or a guest that stops
 //!    (halts, panics) while its VMM runs on ends the wait at once.
-//! 6. Every clone is made its own before it serves (see [`resumed`]):
-//!    where the VMM and machine can, the VM has a VM generation ID device
-//!    that changes at each restore (QEMU `pc`: `vmgenid`; guest kernels
-//!    with a VMGenID driver reseed their generator from it); a VM app's
-//!    [`resumed::OnRestore`] hook gets the host's time and fresh entropy.
+//! 6. A clone with a resume hook ([`resumed::Hook`]: a VM app's
+//!    [`resumed::OnRestore`], a runtime's agent) gets the host's time and
+//!    fresh entropy before it serves ([`resumed`]). Where the VMM and
+//!    machine can, every VM also has a VM generation ID device that changes
+//!    at each restore (QEMU `pc`: `vmgenid`), from which guest kernels with
+//!    a VMGenID driver reseed their generator on their own, asynchronously.
 
 pub mod cloud_hypervisor;
 pub mod process;
@@ -165,6 +166,18 @@ pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<S
     }
     spec.render_cmdline(net, tsc_khz)
         .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))
+}
+
+/// Destroys `vm`, whose start failed with `err`, and returns `err`: when
+/// the failure is reported, the VMM process is gone and its tap with it
+/// (dropping the `Vm` would kill it without waiting). A failure to destroy
+/// is logged; `err` says what matters.
+pub async fn discard(vmm: &dyn Vmm, vm: Vm, err: VmmError) -> VmmError {
+    let id = vm.id().clone();
+    if let Err(e) = vmm.destroy(vm).await {
+        tracing::warn!(vm = %id, "destroying a VM that failed to start: {}", crate::display_chain(&e));
+    }
+    err
 }
 
 /// Where a VM's code slot file lives in its run directory.
@@ -357,13 +370,19 @@ pub enum VmmError {
         error_line: Option<String>,
         console_tail: String,
     },
-    /// A clone did not take its resumed message (its `on_restore` hook, or
-    /// the guest agent's `/resumed`).
+    /// A clone did not take its resumed message ([`resumed::send`]): `call`
+    /// names the request, `problem` what went wrong.
     #[error("{vm} was not made its own: {call} {problem}")]
     Resume {
         vm: VmId,
         call: String,
         problem: String,
+    },
+    /// The host could not draw fresh entropy for a resumed message.
+    #[error("cannot draw fresh entropy from the host's getrandom(2)")]
+    Entropy {
+        #[source]
+        source: std::io::Error,
     },
     /// The guest did not answer its readiness probe in time.
     #[error("{vm} not ready after {:.1}s: GET {path} on {addr} via {tap}: {last_error}{}", .after.as_secs_f64(), tail_suffix(.console_tail))]

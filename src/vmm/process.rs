@@ -172,17 +172,15 @@ impl VmProcess {
     }
 
     /// Waits until the process exits; its status. Cancel-safe: dropping
-    /// the future loses nothing.
-    pub async fn exit(&mut self) -> String {
+    /// the future loses nothing. An error means the process cannot be
+    /// waited on (it is not known to have exited).
+    pub async fn exit(&mut self) -> std::io::Result<String> {
         if let Some(status) = &self.exit {
-            return status.clone();
+            return Ok(status.clone());
         }
-        let status = match self.child.wait().await {
-            Ok(status) => status.to_string(),
-            Err(e) => format!("unknown ({e})"),
-        };
+        let status = self.child.wait().await?.to_string();
         self.exit = Some(status.clone());
-        status
+        Ok(status)
     }
 
     /// After a control-socket error: if the process exits within `grace`,

@@ -36,11 +36,16 @@
 //! ACPI table for it there, so a guest would never see it.
 //!
 //! # A guest that stops while QEMU runs on
-//! [`Vmm::guest_stopped`] asks QMP: `query-status` (`guest-panicked`,
-//! `internal-error`, `shutdown`, `io-error`), then `info registers -a`: a
-//! guest whose every vCPU is halted (`HLT=1`) with interrupts off (`IF`,
-//! bit 9 of `RFL`/`EFL`, clear) has stopped itself for good: nothing but
-//! an NMI or a reset wakes it. An idle guest halts with interrupts on.
+//! [`Vmm::guest_stopped`] asks QMP (which serves one client at a time: a
+//! check finds it busy only while the driver itself uses it, and then
+//! says nothing). First `query-status`: `internal-error` (e.g. KVM could
+//! not emulate an instruction), `io-error`, or `guest-panicked` (only with
+//! a pvpanic device, which snapgate does not add; a Linux guest with
+//! `panic=-1` reboots instead, and `-no-reboot` makes QEMU exit). Then
+//! `info registers -a`: a guest whose every vCPU is halted (`HLT=1`) with
+//! interrupts off (`IF`, bit 9 of `RFL`/`EFL`, clear) has stopped itself
+//! for good: nothing but an NMI or a reset wakes it. An idle guest halts
+//! with interrupts on.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -49,6 +54,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
+use tracing::debug;
 
 use super::process::make_run_dir;
 use super::qmp::Qmp;
@@ -353,29 +359,37 @@ impl Vmm for Qemu {
     async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
         let path = vm.process().run_dir().join("qmp.sock");
         let check = async {
-            let mut qmp = Qmp::attach(vm.id(), &path, CHECK_TIMEOUT).await.ok()?;
-            let status = qmp.execute("query-status", None).await.ok()?;
-            if let Some(s @ ("guest-panicked" | "internal-error" | "shutdown" | "io-error")) =
+            let mut qmp = Qmp::attach(vm.id(), &path, CHECK_TIMEOUT).await?;
+            let status = qmp.execute("query-status", None).await?;
+            if let Some(s @ ("guest-panicked" | "internal-error" | "io-error")) =
                 status["status"].as_str()
             {
-                return Some(format!("QEMU reports the VM {s}"));
+                return Ok(Some(format!("QEMU reports the VM {s}")));
             }
             let registers = qmp
                 .execute(
                     "human-monitor-command",
                     Some(json!({ "command-line": "info registers -a" })),
                 )
-                .await
-                .ok()?;
-            halted_for_good(registers.as_str()?).then(|| {
+                .await?;
+            Ok::<_, VmmError>(halted_for_good(registers.as_str().unwrap_or("")).then(|| {
                 "every vCPU is halted with interrupts off (the guest stopped itself; QEMU runs on)"
                     .to_owned()
-            })
+            }))
         };
-        tokio::time::timeout(CHECK_TIMEOUT, check)
-            .await
-            .ok()
-            .flatten()
+        match tokio::time::timeout(CHECK_TIMEOUT, check).await {
+            Ok(Ok(stopped)) => stopped,
+            // Cannot tell this time (QMP busy, or the VMM on its way out):
+            // the next check, or the process's exit, will.
+            Ok(Err(e)) => {
+                debug!(vm = %vm.id(), "checking the guest: {}", crate::display_chain(&e));
+                None
+            }
+            Err(_) => {
+                debug!(vm = %vm.id(), "checking the guest: no answer within {CHECK_TIMEOUT:?}");
+                None
+            }
+        }
     }
 }
 

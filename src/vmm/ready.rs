@@ -37,28 +37,6 @@ pub async fn request(
     request_on(stream, endpoint, method, path, body).await
 }
 
-/// Connects to the guest, trying again while connects are refused or go
-/// unanswered (a guest whose network is not up yet), until `deadline`:
-/// nothing was sent, so a retry repeats nothing. The last failure at the
-/// deadline.
-pub async fn connect_until(endpoint: &Endpoint, deadline: Instant) -> Result<TcpStream, String> {
-    let mut last_error = String::from("connect: no attempt made");
-    loop {
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(last_error);
-        }
-        let attempt = ATTEMPT_TIMEOUT.min(deadline - now);
-        match tokio::time::timeout(attempt, connect(endpoint)).await {
-            Ok(Ok(stream)) => return Ok(stream),
-            Ok(Err(e)) => last_error = format!("connect: {e}"),
-            Err(_) => last_error = format!("connect: no answer within {attempt:?}"),
-        }
-        tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
-            .await;
-    }
-}
-
 /// One HTTP/1.1 request on `stream`, a connection to the guest at
 /// `endpoint`; returns the status and body. The connection is closed when
 /// the answer was read, or when the returned future is dropped.
@@ -103,14 +81,27 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_millis(500);
 /// Pause between failed attempts (a refused connect returns at once).
 const RETRY_PAUSE: Duration = Duration::from_millis(5);
 
-/// Probes `GET <ready_path>` until it answers 200 or `timeout` passes;
-/// fails at once if the VMM exits or the guest stops ([`watch::guarded`]).
-/// Records the step `ready`.
+/// Probes `GET <ready_path>` on the guest's port until it answers 200 or
+/// `timeout` passes; fails at once if the VMM exits or the guest stops
+/// ([`watch::guarded`]). Records the step `ready`.
 pub async fn wait_ready(vmm: &dyn Vmm, vm: &mut Vm, timeout: Duration) -> Result<(), VmmError> {
+    let (port, path) = (vm.endpoint().addr.port(), vm.ready_path().to_owned());
+    wait_ready_at(vmm, vm, port, &path, timeout).await
+}
+
+/// [`wait_ready`] with `GET path` on `port` of the guest instead (another
+/// service of the guest, such as a runtime's agent).
+pub async fn wait_ready_at(
+    vmm: &dyn Vmm,
+    vm: &mut Vm,
+    port: u16,
+    path: &str,
+    timeout: Duration,
+) -> Result<(), VmmError> {
     let start = Instant::now();
-    let endpoint = vm.endpoint().clone();
-    let path = vm.ready_path().to_owned();
-    let probing = probe(&endpoint, &path, start + timeout);
+    let mut endpoint = vm.endpoint().clone();
+    endpoint.addr.set_port(port);
+    let probing = probe(&endpoint, path, start + timeout);
     match watch::guarded(vmm, vm, "waiting for readiness", probing).await? {
         Ok(()) => {
             vm.record("ready", start.elapsed());
@@ -119,7 +110,7 @@ pub async fn wait_ready(vmm: &dyn Vmm, vm: &mut Vm, timeout: Duration) -> Result
         Err(last_error) => Err(VmmError::NotReady {
             vm: vm.id().clone(),
             after: timeout,
-            path,
+            path: path.to_owned(),
             addr: endpoint.addr,
             tap: endpoint.tap,
             last_error,

@@ -16,10 +16,10 @@
 //!   kernel's generator and makes it reseed at once (on Linux: write them
 //!   to `/dev/urandom`, then the `RNDRESEEDCRNG` ioctl).
 //!
-//! It travels as the body of a POST: to a VM app's `on_restore` path
-//! ([`OnRestore`], this module's [`on_restore`]), or to the guest agent of
-//! a runtime image (its `/resumed`, or inside its start message). The test
-//! guest and the agent apply it in `guest/init/src/resume.rs`.
+//! It travels as the body of a POST to a [`Hook`] of the guest ([`send`]):
+//! a VM app's `on_restore` path ([`OnRestore`]), or a path its caller
+//! names, such as the `/resumed` of a runtime image's guest agent. The
+//! test guest and the agent apply it in `guest/init/src/resume.rs`.
 
 use std::time::Duration;
 
@@ -45,9 +45,7 @@ impl Resumed {
     /// host's `getrandom(2)`. Make it right before sending it.
     pub fn fresh() -> Result<Resumed, VmmError> {
         let mut entropy = [0u8; ENTROPY_BYTES];
-        getrandom::fill(&mut entropy).map_err(|e| VmmError::Io {
-            what: "cannot draw fresh entropy from",
-            path: "getrandom(2)".into(),
+        getrandom::fill(&mut entropy).map_err(|e| VmmError::Entropy {
             source: std::io::Error::from(e),
         })?;
         Ok(Resumed {
@@ -58,8 +56,7 @@ impl Resumed {
 
     /// The message as JSON (module doc).
     pub fn to_json(&self) -> serde_json::Value {
-        let hex: String = self.entropy.iter().map(|b| format!("{b:02x}")).collect();
-        serde_json::json!({ "now_ms": self.now_ms, "entropy": hex })
+        serde_json::json!({ "now_ms": self.now_ms, "entropy": hex::encode(self.entropy) })
     }
 
     /// The message as a request body.
@@ -82,16 +79,15 @@ fn default_timeout() -> Duration {
 
 /// A VM app's own resume hook (`image.on_restore` in `proxy.yaml`): a path
 /// the guest serves on its `guest_port`. snapgate POSTs the resumed message
-/// (module doc) there once per clone, as soon as the restored clone accepts
-/// a connection, before its readiness probe and before it takes any
-/// request. The guest must answer 200 within `timeout`; any other answer,
-/// or none, fails that clone's start.
+/// (module doc) there once per clone, as soon as the clone answers its
+/// readiness probe, before it takes any request. The guest must answer 200
+/// within `timeout`; any other answer, or none, fails that clone's start.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OnRestore {
     /// The path, e.g. `/snapgate/resumed`.
     pub path: String,
-    /// How long the guest may take to answer (default 5s).
+    /// How long the guest may take to answer, once connected (default 5s).
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -100,71 +96,158 @@ impl OnRestore {
     /// Problems with the settings, as (field, message).
     pub fn validate(&self) -> Vec<crate::FieldError> {
         let mut out = Vec::new();
-        if !self.path.starts_with('/') {
+        let path = &self.path;
+        let problem = if !path.starts_with('/') {
+            Some("must start with /")
+        } else if path.contains(['?', '#']) {
+            Some("must be a path alone, without a query or fragment")
+        } else if !path.is_ascii()
+            || path.contains('\\')
+            || path.parse::<http::uri::PathAndQuery>().is_err()
+        {
+            Some("is not a valid request path (RFC 3986: no spaces, control characters, backslashes or non-ASCII; percent-encode them)")
+        } else if path.trim_matches('/').is_empty() {
+            Some("must name a path of its own: clients' requests for it get a 404")
+        } else {
+            None
+        };
+        if let Some(problem) = problem {
             out.push(crate::FieldError::new(
                 "on_restore.path",
-                format!("{:?} must start with /", self.path),
+                format!("{path:?} {problem}"),
             ));
         }
-        if self.timeout.is_zero() {
+        if self.timeout < Duration::from_millis(1) {
             out.push(crate::FieldError::new(
                 "on_restore.timeout",
-                "must be above zero",
+                "must be at least 1ms",
             ));
         }
         out
     }
+
+    /// The hook on a guest serving on `guest_port`, whose readiness probe
+    /// is `GET ready_path` there.
+    pub fn hook(&self, guest_port: u16, ready_path: &str) -> Hook {
+        Hook {
+            port: guest_port,
+            ready_path: ready_path.to_owned(),
+            path: self.path.clone(),
+            timeout: self.timeout,
+        }
+    }
 }
 
-/// POSTs a fresh resumed message to `path` on port `port` of `vm`: connects
-/// (trying again while the guest's network comes back after the restore;
-/// nothing is sent twice), makes the message (so its time is as late as
-/// can be), sends it and waits for a 200, all within `timeout`; fails at
-/// once if the VMM exits or the guest stops ([`watch::guarded`]). Records
-/// `step`.
-pub async fn post(
-    vmm: &dyn Vmm,
-    vm: &mut Vm,
-    port: u16,
-    path: &str,
-    timeout: Duration,
-    step: &'static str,
-) -> Result<(), VmmError> {
+/// Where a clone takes its resumed message: `POST path` on `port` of the
+/// guest's address, once `GET ready_path` there answers 200, answered
+/// within `timeout`.
+///
+/// The message waits for that probe because the probe brings the clone's
+/// network up, and, under software emulation (TCG), has the guest
+/// translate the code that answers requests (a clone starts with none):
+/// sent before it, the message would wait in the guest long enough, on a
+/// busy host, for the clock it carries to be a second late when set.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Hook {
+    /// The guest's port.
+    pub port: u16,
+    /// The readiness path on that port, answered before the message goes.
+    pub ready_path: String,
+    /// The path the message is POSTed to.
+    pub path: String,
+    /// How long the guest may take to answer the message.
+    pub timeout: Duration,
+}
+
+/// What [`send`] is doing, as a watched wait names it.
+const DURING: &str = "taking its resumed message";
+
+/// Sends `vm`, a guest that answered `hook.ready_path`, a fresh resumed
+/// message at `hook`: connects, makes the message (so its time is as late
+/// as can be), sends it and waits for a 200, all within `hook.timeout`;
+/// fails at once if the VMM exits or the guest stops ([`watch::guarded`]).
+/// Records `resumed`.
+///
+/// Errors: [`VmmError::Resume`] naming the call and what went wrong (an
+/// answer other than 200, none in time, a broken connection), or
+/// [`VmmError::Exited`] when a broken call turns out to be a VMM that
+/// exited; [`VmmError::Entropy`] when the host cannot draw the bytes.
+pub async fn send(vmm: &dyn Vmm, vm: &mut Vm, hook: &Hook) -> Result<(), VmmError> {
+    enum Failed {
+        Host(VmmError),
+        Guest(String),
+    }
     let started = std::time::Instant::now();
-    let deadline = tokio::time::Instant::now() + timeout;
     let mut target = vm.endpoint().clone();
-    target.addr.set_port(port);
+    target.addr.set_port(hook.port);
     let call = async {
-        let stream = ready::connect_until(&target, deadline.into_std()).await?;
-        let body = Resumed::fresh().map_err(|e| e.to_string())?.body();
-        let answer = ready::request_on(stream, &target, http::Method::POST, path, body);
-        tokio::time::timeout_at(deadline, answer)
+        let stream = ready::connect(&target)
             .await
-            .map_err(|_| format!("no answer within {:.1}s", timeout.as_secs_f64()))?
+            .map_err(|e| Failed::Guest(format!("connect: {e}")))?;
+        let body = Resumed::fresh().map_err(Failed::Host)?.body();
+        ready::request_on(stream, &target, http::Method::POST, &hook.path, body)
+            .await
+            .map_err(Failed::Guest)
     };
-    let problem = match watch::guarded(vmm, vm, step, call).await? {
+    let call = async {
+        tokio::time::timeout(hook.timeout, call)
+            .await
+            .unwrap_or_else(|_| {
+                Err(Failed::Guest(format!(
+                    "no answer within {:.1}s",
+                    hook.timeout.as_secs_f64()
+                )))
+            })
+    };
+    let call_name = format!("POST {} on {}", hook.path, target.addr);
+    let problem = match watch::guarded(vmm, vm, DURING, call).await? {
         Ok((200, _)) => {
-            vm.record(step, started.elapsed());
+            vm.record("resumed", started.elapsed());
             return Ok(());
         }
         Ok((status, text)) => format!(
             "answered HTTP {status}: {}",
             String::from_utf8_lossy(&text).trim()
         ),
-        Err(e) => e,
+        Err(Failed::Host(e)) => return Err(e),
+        Err(Failed::Guest(problem)) => {
+            let err = VmmError::Resume {
+                vm: vm.id().clone(),
+                call: call_name,
+                problem,
+            };
+            // A broken connection is often a VMM on its way out.
+            return Err(vm.process_mut().explain(err, DURING).await);
+        }
     };
     Err(VmmError::Resume {
         vm: vm.id().clone(),
-        call: format!("POST {path} on {target}", target = target.addr),
+        call: call_name,
         problem,
     })
 }
 
-/// Runs the VM app's [`OnRestore`] hook on a restored clone (module doc).
-/// Records `on_restore`.
-pub async fn on_restore(vmm: &dyn Vmm, vm: &mut Vm, hook: &OnRestore) -> Result<(), VmmError> {
-    let port = vm.endpoint().addr.port();
-    post(vmm, vm, port, &hook.path, hook.timeout, "on_restore").await
+/// Brings a restored clone to serve, made its own ([`Hook`]): with a hook,
+/// its readiness on the hook's port, then the message, then (when the hook
+/// is another service's, such as a runtime's agent) the guest's own
+/// readiness; without one, its readiness alone. `ready_timeout` bounds
+/// each readiness wait.
+pub async fn ready_and_resumed(
+    vmm: &dyn Vmm,
+    vm: &mut Vm,
+    hook: Option<&Hook>,
+    ready_timeout: Duration,
+) -> Result<(), VmmError> {
+    let Some(hook) = hook else {
+        return ready::wait_ready(vmm, vm, ready_timeout).await;
+    };
+    ready::wait_ready_at(vmm, vm, hook.port, &hook.ready_path, ready_timeout).await?;
+    send(vmm, vm, hook).await?;
+    let own = (vm.endpoint().addr.port(), vm.ready_path());
+    if own != (hook.port, hook.ready_path.as_str()) {
+        ready::wait_ready(vmm, vm, ready_timeout).await?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -189,9 +272,26 @@ mod tests {
         let hook: OnRestore = serde_yaml_ng::from_str("path: /r\n").unwrap();
         assert_eq!(hook.timeout, Duration::from_secs(5));
         assert!(hook.validate().is_empty());
+        assert_eq!(hook.hook(8080, "/healthz").port, 8080);
         let bad: OnRestore = serde_yaml_ng::from_str("path: r\ntimeout: 0s\n").unwrap();
         let fields: Vec<String> = bad.validate().into_iter().map(|p| p.field).collect();
         assert_eq!(fields, ["on_restore.path", "on_restore.timeout"]);
+        for path in [
+            "/a b",
+            "/a\r\nX-Evil: y",
+            "/\u{e9}",
+            "/a#x",
+            "/a?x=1",
+            "/a\\b",
+            "/",
+            "//",
+        ] {
+            let hook = OnRestore {
+                path: path.into(),
+                timeout: Duration::from_secs(1),
+            };
+            assert_eq!(hook.validate().len(), 1, "{path:?}");
+        }
         assert!(serde_yaml_ng::from_str::<OnRestore>("path: /r\nretries: 3\n").is_err());
     }
 }

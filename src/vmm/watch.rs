@@ -2,10 +2,12 @@
 //!
 //! A guest can stop without its VMM exiting: OSv halts its CPU after a
 //! fatal error or when it finds no clock it can use, a Linux guest halts
-//! after `reboot(RB_HALT_SYSTEM)` or spins after a panic without
-//! `panic=-1`. Waiting on its readiness probe would then last the whole
-//! `ready_timeout`. So every wait on a guest (its readiness, a resumed
-//! message, an app's start) runs under [`guarded`]:
+//! after `reboot(RB_HALT_SYSTEM)`. Waiting on its readiness probe would
+//! then last the whole `ready_timeout`. So every wait on a guest (its
+//! readiness, a resumed message, an app's start) runs under [`guarded`].
+//! (A Linux guest that panics without `panic=-1` spins with its CPU busy:
+//! no driver can tell that from work, so give Linux guests `panic=-1`: the
+//! kernel then reboots, and QEMU, run with `-no-reboot`, exits.)
 //!
 //! 1. The wait and a watch run side by side; whichever ends first wins, and
 //!    the other is dropped (the wait's futures hold no VM state).
@@ -24,6 +26,8 @@
 use std::future::Future;
 use std::time::Duration;
 
+use tracing::warn;
+
 use super::{Vm, Vmm, VmmError};
 
 /// How often the watch asks whether the guest stopped.
@@ -33,9 +37,18 @@ pub const EVERY: Duration = Duration::from_millis(250);
 /// (module doc); returns the error that says so. Never returns otherwise.
 pub async fn watch(vmm: &dyn Vmm, vm: &mut Vm, during: &'static str) -> VmmError {
     let mut stopped_before = false;
+    let mut can_wait = true;
     loop {
         tokio::select! {
-            _ = vm.process_mut().exit() => return vm.process_mut().exited_error(during),
+            exit = vm.process_mut().exit(), if can_wait => match exit {
+                Ok(_) => return vm.process_mut().exited_error(during),
+                Err(e) => {
+                    // Not expected of a child of ours; the checks below
+                    // still see a VMM whose guest no longer answers.
+                    warn!(vm = %vm.id(), "cannot wait on the VMM process: {e}");
+                    can_wait = false;
+                }
+            },
             _ = tokio::time::sleep(EVERY) => {}
         }
         match vmm.guest_stopped(vm).await {
@@ -66,5 +79,126 @@ pub async fn guarded<T>(
         biased;
         out = wait => Ok(out),
         err = watch(vmm, vm, during) => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::VecDeque;
+    use std::path::Path;
+    use std::sync::Mutex;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::net::{NetParams, Tap};
+    use crate::vmm::{Endpoint, ImageSpec, Snapshot, VmId, VmProcess, VmmKind};
+
+    /// A driver whose guest_stopped answers are scripted (then `None`).
+    struct Scripted {
+        answers: Mutex<VecDeque<Option<String>>>,
+        asked: Mutex<usize>,
+        net: NetParams,
+    }
+
+    #[async_trait]
+    impl Vmm for Scripted {
+        fn kind(&self) -> VmmKind {
+            VmmKind::Qemu
+        }
+        fn accel(&self) -> &str {
+            "tcg"
+        }
+        fn net(&self) -> &NetParams {
+            &self.net
+        }
+        async fn boot(&self, _: VmId, _: &ImageSpec, _: Tap) -> Result<Vm, VmmError> {
+            unreachable!()
+        }
+        async fn guest_stopped(&self, _: &Vm) -> Option<String> {
+            *self.asked.lock().unwrap() += 1;
+            self.answers.lock().unwrap().pop_front().flatten()
+        }
+        async fn snapshot(&self, _: Vm, _: &Path) -> Result<Snapshot, VmmError> {
+            unreachable!()
+        }
+        async fn restore(&self, _: VmId, _: &Snapshot, _: Tap) -> Result<Vm, VmmError> {
+            unreachable!()
+        }
+        async fn destroy(&self, _: Vm) -> Result<(), VmmError> {
+            unreachable!()
+        }
+    }
+
+    fn scripted(answers: &[Option<&str>]) -> Scripted {
+        Scripted {
+            answers: Mutex::new(answers.iter().map(|a| a.map(str::to_owned)).collect()),
+            asked: Mutex::new(0),
+            net: NetParams::default(),
+        }
+    }
+
+    /// A "VM" whose VMM process is `sleep <secs>`.
+    fn sleeping_vm(state: &Path, secs: &str) -> Vm {
+        let id = VmId::new("watched");
+        let run = crate::vmm::process::make_run_dir(state, &id).unwrap();
+        std::fs::write(run.join("console.log"), "booting\nfatal: out of luck\n").unwrap();
+        let process = VmProcess::spawn(
+            &id,
+            Path::new("/bin/sleep"),
+            &[secs.into()],
+            vec![],
+            None,
+            &run,
+            state,
+        )
+        .unwrap();
+        let spec: ImageSpec = serde_yaml_ng::from_str("kernel: /k\ncmdline: x\n").unwrap();
+        let endpoint = Endpoint {
+            tap: "none".into(),
+            addr: "127.0.0.1:1".parse().unwrap(),
+        };
+        Vm::new(id, endpoint, spec, "x".into(), process)
+    }
+
+    #[tokio::test]
+    async fn a_guest_seen_stopped_twice_in_a_row_ends_the_wait() {
+        let state = tempfile::tempdir().unwrap();
+        let mut vm = sleeping_vm(state.path(), "30");
+        // Once stopped, then running again: a passing sample, not a stop.
+        let vmm = scripted(&[Some("halted"), None, Some("halted"), Some("halted")]);
+        let err = guarded(&vmm, &mut vm, "waiting", std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert_eq!(*vmm.asked.lock().unwrap(), 4);
+        match err {
+            VmmError::GuestStopped {
+                why,
+                during,
+                error_line,
+                ..
+            } => {
+                assert_eq!((why.as_str(), during), ("halted", "waiting"));
+                assert_eq!(error_line.as_deref(), Some("fatal: out of luck"));
+            }
+            other => panic!("{other}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn the_wait_wins_when_it_ends_first_and_an_exit_ends_it() {
+        let state = tempfile::tempdir().unwrap();
+        let mut vm = sleeping_vm(state.path(), "30");
+        let vmm = scripted(&[]);
+        let out = guarded(&vmm, &mut vm, "waiting", async { 7 })
+            .await
+            .unwrap();
+        assert_eq!(out, 7);
+
+        let mut quick = sleeping_vm(state.path(), "0");
+        let err = guarded(&vmm, &mut quick, "waiting", std::future::pending::<()>())
+            .await
+            .unwrap_err();
+        assert!(matches!(err, VmmError::Exited { .. }), "{err}");
     }
 }

@@ -11,7 +11,9 @@
 //! 1. Mounts the root disk read-only at `/rt`, with `/proc`, `/dev` and a
 //!    `/tmp` tmpfs inside it, and starts the runtime chrooted there: stdin
 //!    `/dev/null`, stdout and stderr the console, and as fd 3 one end of a
-//!    Unix stream socket, the runtime's control channel.
+//!    Unix stream socket, the runtime's control channel. The fd stays open
+//!    in the runtime (no JavaScript can mark it close-on-exec), so
+//!    processes an app starts inherit it; they must leave it alone.
 //! 2. The control channel carries one line per message.
 //!    - runtime -> agent: `loaded` once the runtime is loaded (the agent
 //!      reports it healthy from then on); `resumed <token>` once it has
@@ -39,9 +41,11 @@
 //!      read it while it was still the template's empty disk), mounts it
 //!      read-only at `/rt/app`, checks that `main` is there, and sends the
 //!      start message to the runtime (step 2). 200 when sent; 400 for a bad
-//!      message; 409 if an app was started already; 503 while the runtime
-//!      is still loading; 422 with the reason when the disk does not mount
-//!      or `main` is missing (the disk is then unmounted again).
+//!      message (a missing or malformed `resumed` among them); 409 if an
+//!      app was started already; 503 while the runtime is still loading;
+//!      500 when the kernel refused the reseed or the clock; 422 with the
+//!      reason when the disk does not mount or `main` is missing (the disk
+//!      is then unmounted again): the one refusal that is the app's.
 //! 4. When the runtime exits, its status goes to the console and the VM is
 //!    powered off: the VMM exits and the gateway reports the console
 //!    output, which carries the runtime's own error output.
@@ -68,9 +72,20 @@ static STARTED: Mutex<bool> = Mutex::new(false);
 /// The agent's end of the control channel, for writing.
 static CONTROL: OnceLock<Mutex<UnixStream>> = OnceLock::new();
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
-/// Tokens the runtime answered, and the condition waiters sleep on.
-static ANSWERED: Mutex<Vec<String>> = Mutex::new(Vec::new());
+/// Resumed messages sent to the runtime and not yet answered, those
+/// answered and not yet taken, and the condition their senders wait on. A
+/// sender that gives up forgets its token, and a late answer to it is
+/// dropped.
+static TOKENS: Mutex<Tokens> = Mutex::new(Tokens {
+    pending: Vec::new(),
+    answered: Vec::new(),
+});
 static ANSWER: Condvar = Condvar::new();
+
+struct Tokens {
+    pending: Vec<String>,
+    answered: Vec<String>,
+}
 
 /// Runs the agent; never returns.
 pub fn run(port: u16) -> ! {
@@ -156,11 +171,13 @@ fn read_control(stream: UnixStream) {
                 log("agent: runtime loaded");
             }
         } else if let Some(token) = said.strip_prefix("resumed ") {
-            ANSWERED
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(token.to_owned());
-            ANSWER.notify_all();
+            let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
+            if tokens.pending.iter().any(|t| t == token) {
+                tokens.answered.push(token.to_owned());
+                ANSWER.notify_all();
+            } else {
+                log(&format!("agent: a late or unknown resumed answer: {token}"));
+            }
         } else {
             log(&format!(
                 "agent: the runtime said something unknown: {said:?}"
@@ -184,17 +201,29 @@ fn tell_runtime(message: &serde_json::Value) -> Result<(), String> {
 /// Tells the runtime that the VM resumed and waits for its answer.
 fn resume_runtime() -> Result<(), (&'static str, String)> {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst).to_string();
-    tell_runtime(&serde_json::json!({ "type": "resumed", "token": token }))
-        .map_err(|e| ("500 Internal Server Error", e))?;
+    let forget = |tokens: &mut Tokens| {
+        tokens.pending.retain(|t| *t != token);
+        tokens.answered.retain(|t| *t != token);
+    };
+    TOKENS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pending
+        .push(token.clone());
+    if let Err(e) = tell_runtime(&serde_json::json!({ "type": "resumed", "token": token })) {
+        forget(&mut TOKENS.lock().unwrap_or_else(|p| p.into_inner()));
+        return Err(("500 Internal Server Error", e));
+    }
     let deadline = Instant::now() + RUNTIME_ANSWER;
-    let mut answered = ANSWERED.lock().unwrap_or_else(|p| p.into_inner());
+    let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
     loop {
-        if let Some(i) = answered.iter().position(|t| *t == token) {
-            answered.swap_remove(i);
+        if tokens.answered.contains(&token) {
+            forget(&mut tokens);
             return Ok(());
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
+            forget(&mut tokens);
             return Err((
                 "504 Gateway Timeout",
                 format!(
@@ -203,8 +232,8 @@ fn resume_runtime() -> Result<(), (&'static str, String)> {
                 ),
             ));
         }
-        answered = ANSWER
-            .wait_timeout(answered, left)
+        tokens = ANSWER
+            .wait_timeout(tokens, left)
             .unwrap_or_else(|p| p.into_inner())
             .0;
     }
@@ -309,10 +338,16 @@ fn start_app(body: &[u8]) -> Answer {
         return Err(("503 Service Unavailable", "runtime still loading".into()));
     }
     // First of all: until now this clone's generator and clock are the
-    // snapshot's, the same in every clone.
-    if !msg["resumed"].is_null() {
-        apply_resumed(&msg["resumed"])?;
+    // snapshot's, the same in every clone. No start without it.
+    if msg["resumed"].is_null() {
+        return Err((
+            BAD,
+            "start message: \"resumed\" is missing: an app never starts in a clone that \
+             was not made its own"
+                .into(),
+        ));
     }
+    apply_resumed(&msg["resumed"])?;
     let code = cmdline_value("snapgate.code=").unwrap_or_else(|| "/dev/vdb".into());
     flush_cached_blocks(&code).map_err(|e| (UNUSABLE, format!("code disk {code}: {e}")))?;
     let none: Option<&str> = None;

@@ -18,10 +18,12 @@
 //!    - `/status/<code>` answers with that status (a guest that fails a call);
 //!    - any other request answers with the instance identity, the boot id,
 //!      what the instance drew from the kernel's generator and read from
-//!      its clock at its first request, its request count, the resumed
-//!      messages it got, the client's address and port (one per
-//!      connection), the request line, every header and, for requests with
-//!      a body, the body;
+//!      its clock at its first request (and whether its kernel had logged a
+//!      reseed for a VM generation ID change by then), its request count,
+//!      the resumed messages it got (with what the kernel's generator gave
+//!      just before the first was applied, and the clock just after), the
+//!      client's address and port (one per connection), the request line,
+//!      every header and, for requests with a body, the body;
 //!    - `/sleep/<ms>` does the same after `<ms>` milliseconds.
 //!
 //! The instance identity is minted on the first non-probe request from the
@@ -32,9 +34,9 @@
 //!
 //! For tests of guests that stop without their VMM exiting, as OSv does
 //! after a fatal error: `snapgate.halt=boot` halts the CPU right after
-//! step 3; `snapgate.halt=restore` answers the first `GET /healthz` (the
-//! template's readiness probe) and halts at the next one (a clone's first).
-//! Either prints a `fatal:` line on the console first.
+//! step 3; `snapgate.halt=restore` halts when a resumed message arrives
+//! (what only a clone gets), before it answers. Either prints a `fatal:`
+//! line on the console first.
 
 mod agent;
 mod resume;
@@ -322,13 +324,13 @@ fn connection(
 
 /// Non-probe requests served, this one included.
 static REQUESTS: AtomicU64 = AtomicU64::new(0);
-/// `GET /healthz` requests answered (for `snapgate.halt=restore`).
-static PROBES: AtomicU64 = AtomicU64::new(0);
 
 /// What the instance drew and read at its first non-probe request.
 struct First {
     random: String,
     now_ms: u64,
+    /// Whether the kernel had logged a reseed for a new VM generation ID.
+    vmfork: bool,
 }
 
 /// The resumed messages this instance took.
@@ -337,7 +339,11 @@ struct ResumedLog {
     calls: u64,
     /// Non-probe requests served before the first message.
     requests_before: u64,
+    /// What getrandom(2) gave right before the first message was applied.
+    before: String,
     now_ms: u64,
+    /// The guest's clock right after the last message set it.
+    set_at: u64,
     entropy: String,
 }
 
@@ -345,22 +351,52 @@ static RESUMED: Mutex<Option<ResumedLog>> = Mutex::new(None);
 
 fn first() -> &'static First {
     static FIRST: OnceLock<First> = OnceLock::new();
-    FIRST.get_or_init(|| {
-        let mut buf = [0u8; 16];
+    FIRST.get_or_init(|| First {
         // getrandom(2): the kernel's generator, as an app would use it.
-        let random = match getrandom::fill(&mut buf) {
-            Ok(()) => resume::hex(&buf),
-            Err(e) => format!("(getrandom failed: {e})"),
-        };
-        First {
-            random,
-            now_ms: resume::now_ms(),
-        }
+        random: draw(),
+        now_ms: resume::now_ms(),
+        vmfork: kernel_logged("crng reseeded due to virtual machine fork"),
     })
+}
+
+/// What getrandom(2) gives now, hex.
+fn draw() -> String {
+    let mut buf = [0u8; 16];
+    match getrandom::fill(&mut buf) {
+        Ok(()) => hex::encode(buf),
+        Err(e) => format!("(getrandom failed: {e})"),
+    }
+}
+
+/// Whether the kernel's log holds a line containing `needle` (read from
+/// /dev/kmsg, one record per read, until no more are ready).
+fn kernel_logged(needle: &str) -> bool {
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut kmsg) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK)
+        .open("/dev/kmsg")
+    else {
+        return false;
+    };
+    let mut record = [0u8; 8192];
+    loop {
+        match kmsg.read(&mut record) {
+            Ok(0) => return false,
+            Ok(n) if String::from_utf8_lossy(&record[..n]).contains(needle) => return true,
+            Ok(_) => {}
+            // EPIPE: records were overwritten while reading; read on.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EPIPE) => {}
+            Err(_) => return false,
+        }
+    }
 }
 
 /// `POST /snapgate/resumed`.
 fn resumed(req: &Request) -> (String, Vec<u8>) {
+    if cmdline_value("snapgate.halt=").as_deref() == Some("restore") {
+        halt("snapgate.halt=restore asks this guest to stop once restored");
+    }
     let msg = serde_json::from_slice::<serde_json::Value>(&req.body)
         .map_err(|e| format!("resumed message: {e}"))
         .and_then(|v| resume::Resumed::from_json(&v));
@@ -368,6 +404,8 @@ fn resumed(req: &Request) -> (String, Vec<u8>) {
         Ok(m) => m,
         Err(e) => return ("400 Bad Request".into(), format!("{e}\n").into_bytes()),
     };
+    let mut record = RESUMED.lock().unwrap_or_else(|p| p.into_inner());
+    let before = draw();
     if let Err(e) = resume::apply(&msg) {
         log(&format!("resumed: {e}"));
         return (
@@ -375,14 +413,15 @@ fn resumed(req: &Request) -> (String, Vec<u8>) {
             format!("{e}\n").into_bytes(),
         );
     }
-    let mut log = RESUMED.lock().unwrap_or_else(|p| p.into_inner());
-    let entry = log.get_or_insert_with(|| ResumedLog {
+    let entry = record.get_or_insert_with(|| ResumedLog {
         requests_before: REQUESTS.load(Ordering::SeqCst),
+        before,
         ..ResumedLog::default()
     });
     entry.calls += 1;
     entry.now_ms = msg.now_ms;
-    entry.entropy = resume::hex(&msg.entropy);
+    entry.set_at = resume::now_ms();
+    entry.entropy = hex::encode(&msg.entropy);
     ("200 OK".into(), b"resumed\n".to_vec())
 }
 
@@ -390,10 +429,6 @@ fn resumed(req: &Request) -> (String, Vec<u8>) {
 fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     let path = req.path();
     if path == "/healthz" {
-        let answered = PROBES.fetch_add(1, Ordering::SeqCst) + 1;
-        if answered == 2 && cmdline_value("snapgate.halt=").as_deref() == Some("restore") {
-            halt("snapgate.halt=restore asks this guest to stop once restored");
-        }
         return ("200 OK".into(), b"ok\n".to_vec());
     }
     if req.method() == "POST" && path == "/snapgate/resumed" {
@@ -413,8 +448,8 @@ fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     let first = first();
     let resumed = match &*RESUMED.lock().unwrap_or_else(|p| p.into_inner()) {
         Some(r) => format!(
-            "calls={} requests_before={} now_ms={} entropy={}",
-            r.calls, r.requests_before, r.now_ms, r.entropy
+            "calls={} requests_before={} before={} now_ms={} set_at={} entropy={}",
+            r.calls, r.requests_before, r.before, r.now_ms, r.set_at, r.entropy
         ),
         None => "calls=0".into(),
     };
@@ -429,9 +464,18 @@ fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     payload.extend_from_slice(format!("instance: {}\n", identity()).as_bytes());
     payload.extend_from_slice(format!("boot_id: {}\n", boot_id()).as_bytes());
     payload.extend_from_slice(
-        format!("first: random={} now_ms={}\n", first.random, first.now_ms).as_bytes(),
+        format!(
+            "first: random={} now_ms={} vmfork={}\n",
+            first.random, first.now_ms, first.vmfork
+        )
+        .as_bytes(),
     );
     payload.extend_from_slice(format!("requests: {served}\n").as_bytes());
+    payload.extend_from_slice(format!("now_ms: {}\n", resume::now_ms()).as_bytes());
+    let clocksource =
+        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
+            .unwrap_or_default();
+    payload.extend_from_slice(format!("clocksource: {}\n", clocksource.trim()).as_bytes());
     payload.extend_from_slice(format!("resumed: {resumed}\n").as_bytes());
     payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
     payload.extend_from_slice(format!("request: {}\n", req.line).as_bytes());

@@ -12,12 +12,13 @@
 //!
 //! `now_ms` is the host's clock (ms since the Unix epoch) when the message
 //! was sent; `entropy` is 32 bytes the host drew from its own kernel for
-//! this clone alone. [`apply`] mixes the bytes into the guest kernel's
-//! input pool, forces the kernel's generator to reseed from it at once
-//! (`RNDRESEEDCRNG`, Linux >= 4.17), then sets the clock. From then on
-//! `getrandom(2)` and `/dev/urandom` differ from every other clone's.
-
-use std::io::Write;
+//! this clone alone. [`apply`] adds the bytes to the guest kernel's input
+//! pool, credited as full entropy (`RNDADDENTROPY`: they come from the
+//! host's generator), forces the kernel's generator to reseed from the pool
+//! at once (`RNDRESEEDCRNG`, Linux >= 4.17; before 5.18 it reseeds only from
+//! a pool credited with enough entropy, hence the credit), then sets the
+//! clock. From then on `getrandom(2)` and `/dev/urandom` differ from every
+//! other clone's.
 
 /// A parsed resumed message.
 pub struct Resumed {
@@ -39,7 +40,7 @@ impl Resumed {
         let hex = v["entropy"]
             .as_str()
             .ok_or("resumed message: \"entropy\" must be a string of hex digits")?;
-        let entropy = decode_hex(hex).ok_or("resumed message: \"entropy\" is not hex")?;
+        let entropy = hex::decode(hex).map_err(|_| "resumed message: \"entropy\" is not hex")?;
         if entropy.len() != ENTROPY_BYTES {
             return Err(format!(
                 "resumed message: \"entropy\" has {} bytes, not {ENTROPY_BYTES}",
@@ -50,39 +51,38 @@ impl Resumed {
     }
 }
 
-fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
-}
-
-/// Lower-case hex of `bytes`.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-// RNDRESEEDCRNG from <linux/random.h>: _IO('R', 0x07).
+// From <linux/random.h>: RNDADDENTROPY is _IOW('R', 0x03, int[2]) and takes
+// a struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; };
+// RNDRESEEDCRNG is _IO('R', 0x07).
+nix::ioctl_write_ptr_bad!(
+    rnd_add_entropy,
+    nix::request_code_write!(b'R', 0x03, std::mem::size_of::<[i32; 2]>()),
+    u8
+);
 nix::ioctl_none!(rnd_reseed_crng, b'R', 0x07);
 
 /// Reseeds the kernel's generator with `entropy` (module doc).
 pub fn reseed_kernel(entropy: &[u8]) -> Result<(), String> {
-    // A write to /dev/urandom mixes the bytes into the input pool (without
-    // crediting them); the ioctl then makes the generator take a new key
-    // from that pool now instead of at its next scheduled reseed.
-    let mut urandom = std::fs::OpenOptions::new()
+    let urandom = std::fs::OpenOptions::new()
         .write(true)
         .open("/dev/urandom")
         .map_err(|e| format!("opening /dev/urandom: {e}"))?;
-    urandom
-        .write_all(entropy)
-        .map_err(|e| format!("writing to /dev/urandom: {e}"))?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&urandom);
+    // struct rand_pool_info, in the kernel's (native) byte order.
+    let bits = i32::try_from(entropy.len() * 8).map_err(|_| "too much entropy")?;
+    let len = i32::try_from(entropy.len()).map_err(|_| "too much entropy")?;
+    let mut info = Vec::with_capacity(8 + entropy.len());
+    info.extend_from_slice(&bits.to_ne_bytes());
+    info.extend_from_slice(&len.to_ne_bytes());
+    info.extend_from_slice(entropy);
+    // SAFETY: `info` is a complete rand_pool_info (a header whose buf_size
+    // is the number of bytes that follow it), alive for the whole call; the
+    // kernel only reads it. The descriptor is valid for the call.
+    unsafe { rnd_add_entropy(fd, info.as_ptr()) }
+        .map_err(|e| format!("RNDADDENTROPY (needs CAP_SYS_ADMIN): {e}"))?;
     // SAFETY: RNDRESEEDCRNG takes no argument and touches no user memory;
     // the descriptor is valid for the duration of the call.
-    unsafe { rnd_reseed_crng(std::os::fd::AsRawFd::as_raw_fd(&urandom)) }
+    unsafe { rnd_reseed_crng(fd) }
         .map(drop)
         .map_err(|e| format!("RNDRESEEDCRNG (needs Linux >= 4.17 and CAP_SYS_ADMIN): {e}"))
 }
@@ -117,7 +117,7 @@ mod tests {
         let ok = serde_json::json!({"now_ms": 5, "entropy": "ab".repeat(32)});
         let m = Resumed::from_json(&ok).unwrap();
         assert_eq!((m.now_ms, m.entropy.len()), (5, 32));
-        assert_eq!(hex(&m.entropy[..2]), "abab");
+        assert_eq!(hex::encode(&m.entropy[..2]), "abab");
         for (bad, why) in [
             (serde_json::json!({"entropy": "ab".repeat(32)}), "now_ms"),
             (

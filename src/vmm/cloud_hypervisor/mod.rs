@@ -27,10 +27,11 @@
 //! # What a clone gets, and what snapgate can see of its guest
 //! Cloud Hypervisor (v53) has no VM generation ID device: a clone's kernel
 //! learns it was cloned only from the resumed message (a VM app's
-//! `on_restore`, the guest agent of a runtime). [`Vmm::guest_stopped`]
-//! reports a guest whose VM is in the `Shutdown` state while the VMM runs
-//! on; CH offers no view of a halted vCPU, so a guest that halts its CPU
-//! is seen only at the end of its readiness wait.
+//! `on_restore`, the guest agent of a runtime). CH offers no view of a
+//! halted vCPU: a guest that halts its CPU is seen only at the end of its
+//! readiness wait. A guest that powers off ends the VMM process, which the
+//! watch sees at once; [`Vmm::guest_stopped`] also reports a VM that CH
+//! shows in the `Shutdown` state while its process runs on.
 
 pub mod api;
 
@@ -42,6 +43,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
+use tracing::debug;
 
 pub use api::ChClient;
 
@@ -334,11 +336,17 @@ impl Vmm for CloudHypervisor {
     }
 
     async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
-        let state = tokio::time::timeout(Duration::from_secs(2), Self::client(vm).state())
-            .await
-            .ok()?
-            .ok()?;
-        stop_reason(&state)
+        match tokio::time::timeout(Duration::from_secs(2), Self::client(vm).state()).await {
+            Ok(Ok(state)) => stop_reason(&state),
+            Ok(Err(e)) => {
+                debug!(vm = %vm.id(), "checking the guest: {}", crate::display_chain(&e));
+                None
+            }
+            Err(_) => {
+                debug!(vm = %vm.id(), "checking the guest: vm.info did not answer within 2s");
+                None
+            }
+        }
     }
 
     async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
