@@ -11,6 +11,9 @@
 //!     SNAPGATE_GUEST_DIR=$(scripts/build-guest) \
 //!     SNAPGATE_NODE_RUNTIME_DIR=$(scripts/build-node-runtime) \
 //!     cargo bench --features vm-tests --bench runtime
+//!
+//! `SNAPGATE_BENCH_RUNS` sets the number of runs (default 12; at least 5);
+//! `SNAPGATE_BENCH_SKIP_COLD=1` leaves out the cold boots.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -23,7 +26,14 @@ use snapgate::runtime::{self, CodeSource, RuntimeFactory, StartSpec};
 use snapgate::testing::{runtime_gateway_config, shared_snapshot_dir};
 use snapgate::vmm::{VmId, Vmm};
 
-const RUNS: usize = 12;
+/// Runs of each measure: `SNAPGATE_BENCH_RUNS` (default 12; at least 5).
+fn runs() -> usize {
+    std::env::var("SNAPGATE_BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(12)
+        .max(5)
+}
 
 fn stats(name: &str, mut v: Vec<f64>) -> String {
     v.sort_by(f64::total_cmp);
@@ -67,6 +77,7 @@ async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
+    let runs = runs();
     let code = tempfile::tempdir().unwrap();
     let app_dir = code.path().join("bench");
     write_app(&app_dir);
@@ -90,7 +101,7 @@ async fn main() {
     ] {
         let pool = gw.proxy.pool(app).unwrap().clone();
         let mut v = Vec::new();
-        for _ in 0..RUNS {
+        for _ in 0..runs {
             wait_until("the app at zero and a warm runtime clone", || {
                 pool.stats().instances + pool.stats().restoring == 0 && stock.stock().0 == 1
             })
@@ -131,7 +142,7 @@ async fn main() {
         .map(|s| (s, Vec::new()))
         .collect();
     let mut whole = Vec::new();
-    for i in 0..RUNS {
+    for i in 0..runs {
         wait_until("a warm runtime clone", || stock.stock().0 == 1).await;
         let t = Instant::now();
         let vm = factory
@@ -149,31 +160,35 @@ async fn main() {
         factory.stop(vm).await.unwrap();
     }
 
-    // Cold boot: the runtime image with the app's code disk, no snapshot.
+    // Cold boot: the runtime image with the app's code disk, no snapshot
+    // (left out with SNAPGATE_BENCH_SKIP_COLD=1: it takes minutes).
+    let skip_cold = std::env::var_os("SNAPGATE_BENCH_SKIP_COLD").is_some_and(|v| v == "1");
     let vmm: Arc<dyn Vmm> = snapgate::snapshot_cmd::driver(&cfg).unwrap();
     let net = Network::new(cfg.network.clone()).unwrap();
     let image = CodeSource::new("cold", &app_dir, &state.path().join("code/cold"), 16)
         .current()
         .unwrap();
     let spec = runtime::app_image(rt_cfg, &image.path);
-    let mut cold = Vec::new();
-    for i in 0..RUNS {
-        let t = Instant::now();
-        let tap = net.create_tap().await.unwrap();
-        let mut vm = vmm
-            .boot(VmId::new(format!("cold-{i}")), &spec, tap)
-            .await
-            .unwrap();
-        snapgate::vmm::ready::wait_ready(vmm.as_ref(), &mut vm, spec.ready_timeout)
-            .await
-            .unwrap();
-        runtime::start_app(vmm.as_ref(), &mut vm, None, &start)
-            .await
-            .unwrap();
-        cold.push(t.elapsed().as_secs_f64() * 1e3);
-        vmm.destroy(vm).await.unwrap();
+    if !skip_cold {
+        let mut cold = Vec::new();
+        for i in 0..runs {
+            let t = Instant::now();
+            let tap = net.create_tap().await.unwrap();
+            let mut vm = vmm
+                .boot(VmId::new(format!("cold-{i}")), &spec, tap)
+                .await
+                .unwrap();
+            snapgate::vmm::ready::wait_ready(vmm.as_ref(), &mut vm, spec.ready_timeout)
+                .await
+                .unwrap();
+            runtime::start_app(vmm.as_ref(), &mut vm, None, &start)
+                .await
+                .unwrap();
+            cold.push(t.elapsed().as_secs_f64() * 1e3);
+            vmm.destroy(vm).await.unwrap();
+        }
+        rows.push(stats("cold boot + runtime load + app start", cold));
     }
-    rows.push(stats("cold boot + runtime load + app start", cold));
     gw.shutdown().await;
 
     println!();

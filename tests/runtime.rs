@@ -557,3 +557,62 @@ async fn ten_clones_of_a_per_app_snapshot_each_draw_their_own_values() {
     assert_eq!(at_load.len(), 1, "{at_load:?}");
     gw.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_app_snapshot_drops_caches_an_es_module_filled_through_named_imports() {
+    // An ES module app fills Node's randomUUID and randomInt caches before
+    // the snapshot through named imports of node:crypto, which are bound
+    // when the module links, not looked up on each call.
+    let code = tempfile::tempdir().unwrap();
+    let app = code.path().join("esm");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("package.json"), r#"{ "type": "module" }"#).unwrap();
+    std::fs::write(
+        app.join("server.js"),
+        r#"import http from 'node:http';
+import { randomUUID, randomInt } from 'node:crypto';
+randomUUID();
+randomInt(10);
+let first = null;
+http.createServer((req, res) => {
+  if (req.url === '/healthz') { res.end('ok\n'); return; }
+  first ??= { uuid: randomUUID(), int: randomInt(2 ** 47) };
+  const hold = Number(new URL(req.url, 'http://app').searchParams.get('hold') || 0);
+  setTimeout(() => res.end(JSON.stringify(first)), hold);
+}).listen(Number(process.env.PORT));
+"#,
+    )
+    .unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    let apps = app_entry(
+        "esm",
+        &app,
+        ", ready_path: /healthz, snapshot: app",
+        "{ min_warm: 3, max_instances: 3, max_concurrency: 1, hold_timeout: 60s }",
+    );
+    let gw = Gw::start("sgre", 0, &apps, snapshots.path()).await;
+    wait_for(
+        "three warm instances",
+        Duration::from_secs(120),
+        async || {
+            let s = gw.pool("esm").stats();
+            s.instances == 3 && s.restoring == 0
+        },
+    )
+    .await;
+    let asks = (0..3).map(|_| gw.get("esm", "/?hold=2000"));
+    let reports: Vec<serde_json::Value> = futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .map(|(status, body)| {
+            assert_eq!(status, 200, "{body}");
+            serde_json::from_str(&body).unwrap()
+        })
+        .collect();
+    for key in ["uuid", "int"] {
+        let values: std::collections::HashSet<String> =
+            reports.iter().map(|r| r[key].to_string()).collect();
+        assert_eq!(values.len(), 3, "{key}: {reports:?}");
+    }
+    gw.stop().await;
+}

@@ -60,9 +60,9 @@ if (process.env.SNAPGATE_OPENSSL_RAND !== 'getrandom') {
         'whose [random] section selects the provider');
     process.exit(1);
 }
-// dropGeneratorState relies on the sizes of Node's caches of random bytes,
-// read in Node.js 18's lib/internal/crypto/random.js; another major version
-// must be checked before it is trusted.
+// dropGeneratorState relies on the sizes of Node's caches of random bytes
+// and on the ways into them, read in Node.js 18's lib/; another major
+// version must be checked before it is trusted.
 const TESTED_NODE_MAJORS = ['18'];
 if (!TESTED_NODE_MAJORS.includes(process.versions.node.split('.')[0])) {
     console.error(`snapgate-loader: Node.js ${process.version} is not one this loader was ` +
@@ -92,20 +92,52 @@ Object.defineProperty(Math, 'random', {
     value: random, writable: true, enumerable: false, configurable: true,
 });
 
+// Node caches random bytes in JavaScript for two calls
+// (lib/internal/crypto/random.js): randomUUID keeps a batch of 128 UUIDs'
+// bytes, refilled when the batch wraps; randomInt a 6 KiB cache of 6-byte
+// draws, refilled when used up. Neither cache can be reached from here.
+// Every way into them is wrapped to note that the app used it since they
+// were last dropped (dropGeneratorState cycles only those, which costs
+// milliseconds under software emulation): crypto.randomUUID, the
+// webcrypto Crypto's randomUUID and URL.createObjectURL share the first,
+// crypto.randomInt alone uses the second (Node 18's lib/ has no other
+// callers). The wrappers keep their originals' names, lengths and
+// property attributes, and ES module imports of node:crypto see them.
+const touched = { uuid: false, int: false };
+function noteUse(owner, name, cache) {
+    const original = owner[name];
+    const wrapper = {
+        [name](...args) {
+            touched[cache] = true;
+            return Reflect.apply(original, this, args);
+        },
+    }[name];
+    Object.defineProperty(wrapper, 'length', { value: original.length });
+    Object.defineProperty(owner, name, {
+        ...Object.getOwnPropertyDescriptor(owner, name), value: wrapper,
+    });
+}
+noteUse(crypto, 'randomUUID', 'uuid');
+noteUse(crypto, 'randomInt', 'int');
+noteUse(Object.getPrototypeOf(crypto.webcrypto), 'randomUUID', 'uuid');
+noteUse(URL, 'createObjectURL', 'uuid');
+require('module').syncBuiltinESMExports();
+
 // Drops every generator state this process holds in its own memory. The
 // kernel's generator was reseeded before this runs, and OpenSSL holds
-// none (step 1).
+// none (step 1). A cache of Node's the app used is cycled through its
+// whole size, which makes it refill (or run dry, and refill at its next
+// use) from the reseeded generator.
 function dropGeneratorState() {
     next = pool.length;
-    // Node caches random bytes in JavaScript for two calls
-    // (lib/internal/crypto/random.js): randomUUID keeps a batch of 128
-    // UUIDs' bytes, refilled when the batch wraps; randomInt a 6 KiB cache
-    // of 6-byte draws, refilled when used up. Neither can be reached from
-    // here, but cycling each through its whole size makes it refill (or
-    // run dry, and refill at its next use) from the reseeded generator.
-    // Both are shared by every way in: webcrypto, URL.createObjectURL.
-    for (let i = 0; i < 128; i++) crypto.randomUUID();
-    for (let i = 0; i < 1024; i++) crypto.randomInt(1);
+    if (touched.uuid) {
+        for (let i = 0; i < 128; i++) crypto.randomUUID();
+    }
+    if (touched.int) {
+        for (let i = 0; i < 1024; i++) crypto.randomInt(1);
+    }
+    touched.uuid = false;
+    touched.int = false;
 }
 
 for (const m of ['http', 'https', 'net', 'events', 'stream', 'url', 'util',

@@ -59,6 +59,8 @@ impl Qmp {
 
     /// Connects to the QMP socket of a VM that runs (one attempt), within
     /// `within`: for checks made while something else waits on the VM.
+    /// QEMU serves one QMP client at a time: while another holds the
+    /// socket, the greeting does not come and this times out.
     pub async fn attach(vm: &VmId, path: &Path, within: Duration) -> Result<Qmp, VmmError> {
         let stream = UnixStream::connect(path)
             .await

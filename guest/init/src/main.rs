@@ -472,10 +472,6 @@ fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     );
     payload.extend_from_slice(format!("requests: {served}\n").as_bytes());
     payload.extend_from_slice(format!("now_ms: {}\n", resume::now_ms()).as_bytes());
-    let clocksource =
-        std::fs::read_to_string("/sys/devices/system/clocksource/clocksource0/current_clocksource")
-            .unwrap_or_default();
-    payload.extend_from_slice(format!("clocksource: {}\n", clocksource.trim()).as_bytes());
     payload.extend_from_slice(format!("resumed: {resumed}\n").as_bytes());
     payload.extend_from_slice(format!("peer: {peer}\n").as_bytes());
     payload.extend_from_slice(format!("request: {}\n", req.line).as_bytes());
