@@ -105,7 +105,9 @@ pub fn skip(test: &str, reason: &str) {
             .append(true)
             .open(log)
         {
-            let _ = writeln!(f, "{line}");
+            // One write of the whole line: parallel tests append to the
+            // same file (O_APPEND keeps each write whole).
+            let _ = f.write_all(format!("{line}\n").as_bytes());
         }
     }
 }
