@@ -112,7 +112,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                         Upstream::Vm(spec, _) => spec
                             .on_restore
                             .as_ref()
-                            .map(|h| crate::proxy::normalize_path(&h.path)),
+                            .map(|h| crate::path::normalize(&h.path)),
                         _ => None,
                     };
                     Target::Pool {
@@ -245,7 +245,7 @@ impl Factories<'_> {
                 let job = Job::app_in_runtime(name, rt_app, rt_cfg, &image);
                 let snapshot = self.ensure(&job, out).await?;
                 let agent_port = rt_cfg.image.guest_port;
-                let hook = runtime::agent_hook(agent_port);
+                let hook = runtime::agent_hook(agent_port, &rt_cfg.image.ready_path);
                 Arc::new(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
             }
         })

@@ -10,6 +10,7 @@
 //! - [`pool`]: per-app pools of VM instances: claim, hold queue, restore, reaper.
 //! - [`runtime`]: runtime apps: a shared runtime snapshot, per-app code disks.
 //! - [`upstream`]: kept-alive HTTP clients per VM instance.
+//! - [`path`]: request paths as guests' routers may read them.
 //! - [`snapshot_cmd`]: the operator's `snapgate snapshot build`.
 
 #![deny(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod config;
 pub mod gateway;
 pub mod net;
+pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod runtime;

@@ -561,8 +561,8 @@ async fn ten_clones_of_a_per_app_snapshot_each_draw_their_own_values() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_per_app_snapshot_drops_caches_an_es_module_filled_through_named_imports() {
     // An ES module app fills Node's randomUUID and randomInt caches before
-    // the snapshot through named imports of node:crypto, which are bound
-    // when the module links, not looked up on each call.
+    // the snapshot through named imports of node:crypto (which the loader's
+    // wrappers must reach too).
     let code = tempfile::tempdir().unwrap();
     let app = code.path().join("esm");
     std::fs::create_dir_all(&app).unwrap();
@@ -613,6 +613,89 @@ http.createServer((req, res) => {
         let values: std::collections::HashSet<String> =
             reports.iter().map(|r| r[key].to_string()).collect();
         assert_eq!(values.len(), 3, "{key}: {reports:?}");
+    }
+    gw.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_per_app_clone_runs_no_timer_of_the_app_before_it_is_made_its_own() {
+    // The app draws on a 5 ms timer from the moment it starts. The template
+    // is frozen before its snapshot: in a clone, the first tick after the
+    // snapshot comes after the clone was made its own, so every draw since
+    // the snapshot is the clone's own. (Without the freeze, ticks between
+    // the restore and the resumed message would draw the snapshot's bytes,
+    // the same in every clone.)
+    let code = tempfile::tempdir().unwrap();
+    let app = code.path().join("ticks");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(
+        app.join("server.js"),
+        r#"const http = require('http');
+const crypto = require('crypto');
+const samples = [];
+setInterval(() => {
+  samples.push({ at: Date.now(), uuid: crypto.randomUUID(), math: Math.random() });
+  if (samples.length > 400) samples.shift();
+}, 5);
+http.createServer((req, res) => {
+  if (req.url === '/healthz') { res.end('ok\n'); return; }
+  const url = new URL(req.url, 'http://app');
+  const since = Number(url.searchParams.get('since'));
+  const mine = samples.filter((s) => s.at >= since);
+  setTimeout(() => res.end(JSON.stringify(mine)), Number(url.searchParams.get('hold') || 0));
+}).listen(Number(process.env.PORT));
+"#,
+    )
+    .unwrap();
+    let snapshots = tempfile::tempdir().unwrap();
+    let apps = app_entry(
+        "ticks",
+        &app,
+        ", ready_path: /healthz, snapshot: app",
+        "{ min_warm: 3, max_instances: 3, max_concurrency: 1, hold_timeout: 60s }",
+    );
+    let gw = Gw::start("sgrt", 0, &apps, snapshots.path()).await;
+    // When the snapshot was taken (its directory is named by the time,
+    // taken once the template was frozen).
+    let taken: u64 = current_snapshot(snapshots.path(), "ticks")
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.parse().ok())
+        .expect("a snapshot named by its time");
+    wait_for(
+        "three warm instances",
+        Duration::from_secs(120),
+        async || {
+            let s = gw.pool("ticks").stats();
+            s.instances == 3 && s.restoring == 0
+        },
+    )
+    .await;
+    let path = format!("/?hold=2000&since={taken}");
+    let asks = (0..3).map(|_| gw.get("ticks", &path));
+    let mut seen = std::collections::HashMap::new();
+    for (clone, (status, body)) in futures::future::join_all(asks)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        assert_eq!(status, 200, "{body}");
+        let samples: Vec<serde_json::Value> = serde_json::from_str(&body).unwrap();
+        assert!(
+            !samples.is_empty(),
+            "clone {clone} drew nothing since the snapshot"
+        );
+        for sample in samples {
+            for key in ["uuid", "math"] {
+                let value = sample[key].to_string();
+                if let Some(other) = seen.insert(value.clone(), clone) {
+                    assert_eq!(
+                        other, clone,
+                        "clones {other} and {clone} drew the same {key} {value} after the snapshot"
+                    );
+                }
+            }
+        }
     }
     gw.stop().await;
 }

@@ -19,9 +19,12 @@
 //    resumed from a snapshot and its kernel generator reseeded; every
 //    generator state this process holds is dropped (`dropGeneratorState`)
 //    and `resumed T` is answered. `{"type":"start","dir":"/app","main":...,
-//    "port":...,"env":{...}}`: the app starts (step 5). Resumed messages
-//    are also read and answered after the start, while the app runs: the
-//    clones of a per-app snapshot get one before their first request.
+//    "port":...,"env":{...}}`: the app starts (step 5). After the start,
+//    while the app runs, resumed messages are answered the same way, and
+//    `{"type":"freeze","token":T}`, which a per-app snapshot's template
+//    gets right before its snapshot, is answered `frozen T`, after which
+//    the thread blocks (no timer or callback of the app runs) until the
+//    next resumed message: a clone's first JavaScript runs after it.
 // 5. Drops every generator state, sets the environment (PORT among it),
 //    changes into the app directory and runs the app's main module in this
 //    same process as Node's own entry point (require.main is the app's
@@ -216,7 +219,7 @@ function parse(line) {
 
 // Steps 3 and 4.
 function serve() {
-    fs.writeSync(CONTROL, 'loaded\n');
+    say('loaded');
     for (;;) {
         const line = readLine(CONTROL);
         if (line === null) {
@@ -226,7 +229,7 @@ function serve() {
         const msg = parse(line);
         if (msg.type === 'resumed') {
             dropGeneratorState();
-            fs.writeSync(CONTROL, `resumed ${msg.token}\n`);
+            say(`resumed ${msg.token}`);
         } else if (msg.type === 'start') {
             start(msg);
             return;
@@ -236,9 +239,65 @@ function serve() {
     }
 }
 
-// Resumed messages while the app runs (step 4).
-function answerResumes() {
-    const channel = new net.Socket({ fd: CONTROL, readable: true, writable: true });
+// A sleep that blocks this thread: no JavaScript runs meanwhile.
+const sleeper = new Int32Array(new SharedArrayBuffer(4));
+function pause(ms) {
+    Atomics.wait(sleeper, 0, 0, ms);
+}
+
+// Writes one line to the control channel, synchronously (the channel is
+// non-blocking once the app runs; the lines are short).
+function say(line) {
+    const bytes = Buffer.from(`${line}\n`);
+    let done = 0;
+    while (done < bytes.length) {
+        try {
+            done += fs.writeSync(CONTROL, bytes, done);
+        } catch (e) {
+            if (e.code !== 'EAGAIN' && e.code !== 'EINTR') throw e;
+            pause(1);
+        }
+    }
+}
+
+// Freeze (step 4): answers, then keeps this thread, and so every timer and
+// callback of the app, from running until a resumed message comes: the
+// snapshot is taken meanwhile, so a clone runs no JavaScript of the app
+// before its kernel generator is reseeded and this process's generator
+// state dropped.
+function freezeUntilResumed(token) {
+    say(`frozen ${token}`);
+    const buf = Buffer.alloc(4096);
+    for (;;) {
+        let line;
+        while ((line = takeLine()) !== null) {
+            const msg = parse(line);
+            if (msg.type === 'resumed') {
+                dropGeneratorState();
+                say(`resumed ${msg.token}`);
+                return;
+            }
+            console.error(`snapgate-loader: unexpected control message while frozen: ${line}`);
+        }
+        let n;
+        try {
+            n = fs.readSync(CONTROL, buf, 0, buf.length, null);
+        } catch (e) {
+            if (e.code !== 'EAGAIN' && e.code !== 'EINTR') throw e;
+            pause(1);
+            continue;
+        }
+        if (n === 0) {
+            console.error('snapgate-loader: the control channel closed while frozen');
+            process.exit(1);
+        }
+        pending = Buffer.concat([pending, buf.subarray(0, n)]);
+    }
+}
+
+// Control messages while the app runs (step 4).
+function answerControl() {
+    const channel = new net.Socket({ fd: CONTROL, readable: true, writable: false });
     // The channel alone does not keep the process alive.
     channel.unref();
     const consume = () => {
@@ -247,7 +306,9 @@ function answerResumes() {
             const msg = parse(line);
             if (msg.type === 'resumed') {
                 dropGeneratorState();
-                channel.write(`resumed ${msg.token}\n`);
+                say(`resumed ${msg.token}`);
+            } else if (msg.type === 'freeze') {
+                freezeUntilResumed(msg.token);
             } else {
                 console.error(`snapgate-loader: unexpected control message: ${line}`);
             }
@@ -278,7 +339,7 @@ function start(msg) {
         process.exit(1);
     }
     dropGeneratorState();
-    answerResumes();
+    answerControl();
     for (const [k, v] of Object.entries(msg.env || {})) {
         process.env[k] = String(v);
     }

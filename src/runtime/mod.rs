@@ -57,12 +57,15 @@
 //!
 //! # Per-app snapshots (`snapshot: app`)
 //! The app's template boots the runtime image with the app's code image as
-//! its code disk (no slot), the agent starts the app, and the snapshot is
-//! taken once the app answers ([`AppTemplate`]): clones skip the start.
+//! its code disk (no slot), the agent starts the app, and once the app
+//! answers, the agent freezes the runtime ([`freeze`]: no JavaScript runs
+//! until the next resumed message) and the snapshot is taken
+//! ([`AppTemplate`]): clones skip the start.
 //! As soon as a restored clone's agent answers its `/healthz`, before the
 //! app's readiness probe and its first request, the clone gets a resumed
-//! message through the agent's `/resumed` ([`agent_hook`]): no code of the
-//! app runs in between. The agent reseeds the kernel's
+//! message through the agent's `/resumed` ([`agent_hook`]); the runtime,
+//! frozen since the template's snapshot, runs no code of the app (no
+//! request, timer or callback) before it. The agent reseeds the kernel's
 //! generator, sets the clock and has the runtime drop its own generator
 //! state, and answers only when all of that is done.
 //! The snapshot's spec names the code image, whose file name is its content
@@ -164,13 +167,14 @@ impl StartSpec {
 pub const RESUME_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a restored clone's guest agent, listening on `agent_port`, takes
-/// its resumed message: `/resumed`, once its `/healthz` answers (module
-/// doc, per-app snapshots). A [`crate::pool::SnapshotFactory`] sends it
-/// there before the app's own readiness probe.
-pub fn agent_hook(agent_port: u16) -> Hook {
+/// its resumed message: `/resumed`, once its `agent_ready_path` (the
+/// runtime image's `ready_path`) answers (module doc, per-app snapshots).
+/// A [`crate::pool::SnapshotFactory`] sends it there before the app's own
+/// readiness probe.
+pub fn agent_hook(agent_port: u16, agent_ready_path: &str) -> Hook {
     Hook {
         port: agent_port,
-        ready_path: "/healthz".into(),
+        ready_path: agent_ready_path.to_owned(),
         path: "/resumed".into(),
         timeout: RESUME_TIMEOUT,
     }
@@ -302,17 +306,25 @@ pub async fn start_app(
 const START_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `err`, unless it says the guest powered itself off (the VMM exited with
-/// status 0), which the agent does when the runtime exits: then the app
-/// exited while starting, and the error is the app's, with its output.
+/// status 0) after its agent logged that the runtime exited, which the
+/// agent does when the runtime ends: then the app exited while starting,
+/// and the error is the app's, with its output. (A guest kernel that
+/// panics with `panic=-1` also ends its VMM with status 0, and stays the
+/// VM's fault.)
 fn app_exit(start: &StartSpec, vm: &Vm, err: VmmError) -> VmmError {
+    let runtime_exited = || {
+        std::fs::read_to_string(vm.process().console_path())
+            .is_ok_and(|console| console.contains("agent: runtime exited"))
+    };
     match err {
-        VmmError::Exited { status, .. } if status == "exit status: 0" => start.fail(
-            format!(
-                "the app exited while starting in {}; its VM stopped",
-                vm.id()
+        VmmError::Exited { status, .. } if status == "exit status: 0" && runtime_exited() => start
+            .fail(
+                format!(
+                    "the app exited while starting in {}; its VM stopped",
+                    vm.id()
+                ),
+                app_output(vm),
             ),
-            app_output(vm),
-        ),
         other => other,
     }
 }
@@ -567,7 +579,11 @@ async fn restore_into_stock(rt: Arc<Runtime>) {
         rejected
     };
     if let Some(vm) = rejected {
-        let _ = rt.vmm.destroy(vm).await;
+        // Restored while the stock closed: not wanted any more.
+        let id = vm.id().clone();
+        if let Err(e) = rt.vmm.destroy(vm).await {
+            error!(runtime = %rt.name, vm = %id, "destroying a clone restored while closing: {}", crate::display_chain(&e));
+        }
     }
     rt.wake.notify_one();
 }
@@ -623,17 +639,49 @@ impl Factory for RuntimeFactory {
         .await
         {
             Ok(()) => Ok(vm),
-            Err(e) => {
-                // The clone is spent: it may hold half-started app state.
-                let _ = self.runtime.vmm.destroy(vm).await;
-                Err(e)
-            }
+            // The clone is spent: it may hold half-started app state.
+            Err(e) => Err(crate::vmm::discard(self.runtime.vmm.as_ref(), vm, e).await),
         }
     }
 
     async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
         self.runtime.vmm.destroy(vm).await
     }
+}
+
+/// Has the runtime of `vm`, whose guest agent listens on `agent_port`, stop
+/// running app code until its next resumed message (the agent's
+/// `/freeze`): the last step of a per-app snapshot's template, so that no
+/// clone runs any of the app's code (its timers, its callbacks) before it
+/// was made its own. Records `freeze`.
+pub async fn freeze(vmm: &dyn Vmm, vm: &mut Vm, agent_port: u16) -> Result<(), VmmError> {
+    let t = std::time::Instant::now();
+    let mut agent = vm.endpoint().clone();
+    agent.addr.set_port(agent_port);
+    let call = tokio::time::timeout(
+        RESUME_TIMEOUT,
+        ready::request(&agent, http::Method::POST, "/freeze", Bytes::new()),
+    );
+    let problem = match watch::guarded(vmm, vm, "freezing the app", call).await? {
+        Ok(Ok((200, _))) => {
+            vm.record("freeze", t.elapsed());
+            return Ok(());
+        }
+        Ok(Ok((status, body))) => format!(
+            "POST /freeze answered HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ),
+        Ok(Err(e)) => format!("POST /freeze on {}: {e}", agent.addr),
+        Err(_) => format!(
+            "POST /freeze on {}: no answer within {}s",
+            agent.addr,
+            RESUME_TIMEOUT.as_secs()
+        ),
+    };
+    Err(VmmError::Agent {
+        vm: vm.id().clone(),
+        problem,
+    })
 }
 
 /// The template step of a per-app snapshot (module doc, last section).
@@ -656,9 +704,11 @@ pub fn app_image(runtime: &RuntimeConfig, code: &Path) -> ImageSpec {
 #[async_trait]
 impl Prepare for AppTemplate {
     async fn prepare(&self, vmm: &dyn Vmm, vm: &mut Vm) -> Result<(), VmmError> {
+        // The agent's port, before the VM serves the app's.
+        let agent_port = vm.endpoint().addr.port();
         start_app(vmm, vm, None, &self.start).await?;
         vm.set_app_start(self.start.message());
-        Ok(())
+        freeze(vmm, vm, agent_port).await
     }
 
     fn prepared_spec(&self, boot: &ImageSpec) -> ImageSpec {

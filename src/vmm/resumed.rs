@@ -13,8 +13,8 @@
 //!   since the Unix epoch; the guest sets its clock to it.
 //! - `entropy`: 32 bytes the host drew from its own kernel (`getrandom(2)`)
 //!   for this clone alone, hex-encoded; the guest mixes them into its
-//!   kernel's generator and makes it reseed at once (on Linux: write them
-//!   to `/dev/urandom`, then the `RNDRESEEDCRNG` ioctl).
+//!   kernel's generator and makes it reseed at once (on Linux: the
+//!   `RNDADDENTROPY` ioctl, credited, then `RNDRESEEDCRNG`).
 //!
 //! It travels as the body of a POST to a [`Hook`] of the guest ([`send`]):
 //! a VM app's `on_restore` path ([`OnRestore`]), or a path its caller
@@ -87,7 +87,8 @@ fn default_timeout() -> Duration {
 pub struct OnRestore {
     /// The path, e.g. `/snapgate/resumed`.
     pub path: String,
-    /// How long the guest may take to answer, once connected (default 5s).
+    /// How long the guest may take to take the connection and answer
+    /// (default 5s).
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
 }
@@ -96,31 +97,38 @@ impl OnRestore {
     /// Problems with the settings, as (field, message).
     pub fn validate(&self) -> Vec<crate::FieldError> {
         let mut out = Vec::new();
-        let path = &self.path;
-        let problem = if !path.starts_with('/') {
-            Some("must start with /")
-        } else if path.contains(['?', '#']) {
-            Some("must be a path alone, without a query or fragment")
-        } else if !path.is_ascii()
-            || path.contains('\\')
-            || path.parse::<http::uri::PathAndQuery>().is_err()
-        {
-            Some("is not a valid request path (RFC 3986: no spaces, control characters, backslashes or non-ASCII; percent-encode them)")
-        } else if path.trim_matches('/').is_empty() {
-            Some("must name a path of its own: clients' requests for it get a 404")
-        } else {
-            None
-        };
-        if let Some(problem) = problem {
+        if !crate::path::is_plain(&self.path) {
             out.push(crate::FieldError::new(
                 "on_restore.path",
-                format!("{path:?} {problem}"),
+                format!(
+                    "{:?} must be a plain path of its own: /-separated segments of \
+                     letters, digits, -, ., _ and ~, none of them . or .. \
+                     (snapgate refuses clients' requests for it, in any spelling)",
+                    self.path
+                ),
             ));
         }
         if self.timeout < Duration::from_millis(1) {
             out.push(crate::FieldError::new(
                 "on_restore.timeout",
                 "must be at least 1ms",
+            ));
+        }
+        out
+    }
+
+    /// Problems with the hook on a guest whose readiness path is
+    /// `ready_path`: they must differ (a guest that answers its probe for
+    /// any method would take the message and apply nothing).
+    pub fn validate_with(&self, ready_path: &str) -> Vec<crate::FieldError> {
+        let mut out = self.validate();
+        if crate::path::normalize(&self.path) == crate::path::normalize(ready_path) {
+            out.push(crate::FieldError::new(
+                "on_restore.path",
+                format!(
+                    "{:?} is also ready_path: give the hook a path of its own",
+                    self.path
+                ),
             ));
         }
         out
@@ -285,6 +293,10 @@ mod tests {
             "/a\\b",
             "/",
             "//",
+            "/.",
+            "/%2F",
+            "/;x",
+            "/a/..",
         ] {
             let hook = OnRestore {
                 path: path.into(),
@@ -292,6 +304,12 @@ mod tests {
             };
             assert_eq!(hook.validate().len(), 1, "{path:?}");
         }
+        let same = OnRestore {
+            path: "/healthz".into(),
+            timeout: Duration::from_secs(1),
+        };
+        assert_eq!(same.validate_with("/HealthZ/").len(), 1);
+        assert!(same.validate_with("/ready").is_empty());
         assert!(serde_yaml_ng::from_str::<OnRestore>("path: /r\nretries: 3\n").is_err());
     }
 }

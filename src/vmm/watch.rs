@@ -167,8 +167,10 @@ mod tests {
         let mut vm = sleeping_vm(state.path(), "30");
         // Once stopped, then running again: a passing sample, not a stop.
         let vmm = scripted(&[Some("halted"), None, Some("halted"), Some("halted")]);
-        let err = guarded(&vmm, &mut vm, "waiting", std::future::pending::<()>())
+        let watched = guarded(&vmm, &mut vm, "waiting", std::future::pending::<()>());
+        let err = tokio::time::timeout(Duration::from_secs(30), watched)
             .await
+            .expect("the watch ends the wait")
             .unwrap_err();
         assert_eq!(*vmm.asked.lock().unwrap(), 4);
         match err {
@@ -196,8 +198,10 @@ mod tests {
         assert_eq!(out, 7);
 
         let mut quick = sleeping_vm(state.path(), "0");
-        let err = guarded(&vmm, &mut quick, "waiting", std::future::pending::<()>())
+        let watched = guarded(&vmm, &mut quick, "waiting", std::future::pending::<()>());
+        let err = tokio::time::timeout(Duration::from_secs(30), watched)
             .await
+            .expect("the exit ends the wait")
             .unwrap_err();
         assert!(matches!(err, VmmError::Exited { .. }), "{err}");
     }

@@ -16,23 +16,33 @@
 //!    processes an app starts inherit it; they must leave it alone.
 //! 2. The control channel carries one line per message.
 //!    - runtime -> agent: `loaded` once the runtime is loaded (the agent
-//!      reports it healthy from then on); `resumed <token>` once it has
-//!      acted on the resumed message of that token.
+//!      reports it healthy from then on); `resumed <token>` and `frozen
+//!      <token>` once it has acted on the message of that token.
 //!    - agent -> runtime: `{"type":"start","dir":"/app","main":...,
-//!      "port":...,"env":{...}}`, once: run the app; `{"type":"resumed",
-//!      "token":"<n>"}` after the agent applied a resumed message: the
-//!      runtime drops every generator state it holds in its own memory
-//!      (the snapshot froze it; see guest/node/loader.js) and answers.
+//!      "port":...,"env":{...}}`, once: run the app; `{"type":"freeze",
+//!      "token":"<n>"}`: the app's template is about to be snapshotted;
+//!      the runtime answers, then stops running app code (JavaScript) until
+//!      its next resumed message, so no clone runs any before it; and
+//!      `{"type":"resumed","token":"<n>"}` after the agent applied a
+//!      resumed message: the runtime drops every generator state it holds
+//!      in its own memory (the snapshot froze it; see
+//!      guest/node/loader.js), answers, and runs app code again.
 //! 3. Control API on the agent port:
 //!    - `GET /healthz`: 200 once the runtime is loaded, 503 before. The
 //!      runtime's base snapshot is taken after the first 200.
+//!    - `POST /freeze`, which snapgate sends to an app's template right
+//!      before its snapshot (`snapshot: app`): tells the runtime (step 2)
+//!      and waits for its answer. 200 when frozen; 409 when no app was
+//!      started; 500 when the runtime cannot be told; 504 when it did not
+//!      answer within [`RUNTIME_ANSWER`].
 //!    - `POST /resumed` with snapgate's resumed message ([`super::resume`]:
 //!      the host's time and 32 bytes of fresh host entropy), which snapgate
-//!      sends to every clone of a per-app snapshot before its first
-//!      request: reseeds the kernel's generator, sets the clock, tells the
-//!      runtime (step 2) and waits for its answer. 200 when all is done;
-//!      400 for a bad message; 500 when the kernel refused; 503 while the
-//!      runtime is loading; 504 when the runtime did not answer within
+//!      sends to every clone of a per-app snapshot as soon as this agent
+//!      answers its `/healthz`: reseeds the kernel's generator, sets the
+//!      clock, tells the runtime (step 2) and waits for its answer. 200
+//!      when all is done; 400 for a bad message; 500 when the kernel
+//!      refused or the runtime cannot be told; 503 while the runtime is
+//!      loading; 504 when the runtime did not answer within
 //!      [`RUNTIME_ANSWER`].
 //!    - `POST /start` with `{"main": "server.js", "port": 8080, "env":
 //!      {..}, "resumed": {<resumed message>}}`: applies `resumed` first
@@ -43,9 +53,11 @@
 //!      start message to the runtime (step 2). 200 when sent; 400 for a bad
 //!      message (a missing or malformed `resumed` among them); 409 if an
 //!      app was started already; 503 while the runtime is still loading;
-//!      500 when the kernel refused the reseed or the clock; 422 with the
-//!      reason when the disk does not mount or `main` is missing (the disk
-//!      is then unmounted again): the one refusal that is the app's.
+//!      500 when the kernel refused the reseed or the clock, the code
+//!      disk's cached blocks cannot be dropped or the runtime cannot be
+//!      told; 422 with the reason when the disk does not mount or `main` is
+//!      missing (the disk is then unmounted again): the one refusal that is
+//!      the app's.
 //! 4. When the runtime exits, its status goes to the console and the VM is
 //!    powered off: the VMM exits and the gateway reports the console
 //!    output, which carries the runtime's own error output.
@@ -170,7 +182,10 @@ fn read_control(stream: UnixStream) {
             if !LOADED.swap(true, Ordering::SeqCst) {
                 log("agent: runtime loaded");
             }
-        } else if let Some(token) = said.strip_prefix("resumed ") {
+        } else if let Some(token) = said
+            .strip_prefix("resumed ")
+            .or_else(|| said.strip_prefix("frozen "))
+        {
             let mut tokens = TOKENS.lock().unwrap_or_else(|p| p.into_inner());
             if tokens.pending.iter().any(|t| t == token) {
                 tokens.answered.push(token.to_owned());
@@ -198,8 +213,9 @@ fn tell_runtime(message: &serde_json::Value) -> Result<(), String> {
         .map_err(|e| format!("writing to the runtime's control channel: {e}"))
 }
 
-/// Tells the runtime that the VM resumed and waits for its answer.
-fn resume_runtime() -> Result<(), (&'static str, String)> {
+/// Sends the runtime a message of `kind` (`resumed`, `freeze`) and waits
+/// for its answer (module doc, step 2).
+fn ask_runtime(kind: &str) -> Result<(), (&'static str, String)> {
     let token = NEXT_TOKEN.fetch_add(1, Ordering::SeqCst).to_string();
     let forget = |tokens: &mut Tokens| {
         tokens.pending.retain(|t| *t != token);
@@ -210,7 +226,7 @@ fn resume_runtime() -> Result<(), (&'static str, String)> {
         .unwrap_or_else(|p| p.into_inner())
         .pending
         .push(token.clone());
-    if let Err(e) = tell_runtime(&serde_json::json!({ "type": "resumed", "token": token })) {
+    if let Err(e) = tell_runtime(&serde_json::json!({ "type": kind, "token": token })) {
         forget(&mut TOKENS.lock().unwrap_or_else(|p| p.into_inner()));
         return Err(("500 Internal Server Error", e));
     }
@@ -227,7 +243,7 @@ fn resume_runtime() -> Result<(), (&'static str, String)> {
             return Err((
                 "504 Gateway Timeout",
                 format!(
-                    "the runtime did not answer the resumed message within {}s",
+                    "the runtime did not answer the {kind} message within {}s",
                     RUNTIME_ANSWER.as_secs()
                 ),
             ));
@@ -277,6 +293,7 @@ fn control(req: &Request, _peer: &str) -> (String, Vec<u8>) {
         ("GET", "/healthz") => Err(("503 Service Unavailable", "runtime loading".into())),
         ("POST", "/start") => start_app(&req.body),
         ("POST", "/resumed") => resumed(&req.body),
+        ("POST", "/freeze") => freeze(),
         _ => Err(("404 Not Found", "not found".into())),
     };
     match answer {
@@ -291,11 +308,12 @@ fn control(req: &Request, _peer: &str) -> (String, Vec<u8>) {
 }
 
 const BAD: &str = "400 Bad Request";
+const FAILED: &str = "500 Internal Server Error";
 
 /// Applies a resumed message to the kernel (generator, clock).
 fn apply_resumed(msg: &serde_json::Value) -> Result<(), (&'static str, String)> {
     let resumed = Resumed::from_json(msg).map_err(|e| (BAD, e))?;
-    resume::apply(&resumed).map_err(|e| ("500 Internal Server Error", e))
+    resume::apply(&resumed).map_err(|e| (FAILED, e))
 }
 
 /// `POST /resumed`.
@@ -306,8 +324,20 @@ fn resumed(body: &[u8]) -> Answer {
         return Err(("503 Service Unavailable", "runtime still loading".into()));
     }
     apply_resumed(&msg)?;
-    resume_runtime()?;
+    ask_runtime("resumed")?;
     Ok("resumed\n".into())
+}
+
+/// `POST /freeze`.
+fn freeze() -> Answer {
+    if !*STARTED.lock().unwrap_or_else(|p| p.into_inner()) {
+        return Err((
+            "409 Conflict",
+            "no app was started: nothing to freeze".into(),
+        ));
+    }
+    ask_runtime("freeze")?;
+    Ok("frozen\n".into())
 }
 
 /// `POST /start`.
@@ -349,7 +379,7 @@ fn start_app(body: &[u8]) -> Answer {
     }
     apply_resumed(&msg["resumed"])?;
     let code = cmdline_value("snapgate.code=").unwrap_or_else(|| "/dev/vdb".into());
-    flush_cached_blocks(&code).map_err(|e| (UNUSABLE, format!("code disk {code}: {e}")))?;
+    flush_cached_blocks(&code).map_err(|e| (FAILED, format!("code disk {code}: {e}")))?;
     let none: Option<&str> = None;
     mount(
         Some(code.as_str()),
@@ -391,7 +421,7 @@ fn start_app(body: &[u8]) -> Answer {
         "port": msg["port"],
         "env": msg["env"],
     });
-    tell_runtime(&start).map_err(|e| (UNUSABLE, format!("handing over the start: {e}")))?;
+    tell_runtime(&start).map_err(|e| (FAILED, format!("handing over the start: {e}")))?;
     *started = true;
     log(&format!("agent: started {main}"));
     Ok(format!("started {main}\n"))

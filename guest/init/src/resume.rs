@@ -15,9 +15,9 @@
 //! this clone alone. [`apply`] adds the bytes to the guest kernel's input
 //! pool, credited as full entropy (`RNDADDENTROPY`: they come from the
 //! host's generator), forces the kernel's generator to reseed from the pool
-//! at once (`RNDRESEEDCRNG`, Linux >= 4.17; before 5.18 it reseeds only from
-//! a pool credited with enough entropy, hence the credit), then sets the
-//! clock. From then on `getrandom(2)` and `/dev/urandom` differ from every
+//! at once (`RNDRESEEDCRNG`: from the input pool since Linux 5.12 and the
+//! stable kernels that took that fix; before 5.18 only from a pool credited
+//! with enough entropy, hence the credit), then sets the clock. From then on `getrandom(2)` and `/dev/urandom` differ from every
 //! other clone's.
 
 /// A parsed resumed message.
@@ -84,7 +84,7 @@ pub fn reseed_kernel(entropy: &[u8]) -> Result<(), String> {
     // the descriptor is valid for the duration of the call.
     unsafe { rnd_reseed_crng(fd) }
         .map(drop)
-        .map_err(|e| format!("RNDRESEEDCRNG (needs Linux >= 4.17 and CAP_SYS_ADMIN): {e}"))
+        .map_err(|e| format!("RNDRESEEDCRNG (needs Linux >= 5.12 and CAP_SYS_ADMIN): {e}"))
 }
 
 /// Sets the realtime clock to `ms` since the Unix epoch.
