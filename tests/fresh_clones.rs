@@ -337,36 +337,30 @@ async fn a_vm_generation_id_reseeds_each_clones_kernel_on_the_pc_machine() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_clone_that_fails_on_restore_is_not_used_and_the_error_says_why() {
-    let snapshots = tempfile::tempdir().unwrap();
-    let mut spec = linux_spec();
-    // The test guest answers /status/503 with a 503.
-    spec.on_restore = Some(serde_yaml_ng::from_str("path: /status/503").unwrap());
     let pool = "{ min_warm: 0, max_instances: 1, hold_timeout: 30s }";
-    let gw = Gw::start("sgff", Some(&spec), pool, snapshots.path()).await;
-    let (status, body) = gw.get("/").await;
-    assert_eq!(status, 503, "{body}");
-    let err = gw.pool().last_error().expect("the failure is kept");
-    assert!(
-        err.contains(
-            "was not made its own: POST /status/503 on 169.254.100.2:8080 answered HTTP 503"
+    for (hook, said) in [
+        // The test guest answers /status/503 with a 503.
+        (
+            "path: /status/503",
+            "was not made its own: POST /status/503 on 169.254.100.2:8080 answered HTTP 503",
         ),
-        "{err}"
-    );
-    assert_eq!(gw.pool().stats().instances, 0, "the clone was not kept");
-    gw.stop().await;
-
-    // A guest that never answers fails at the hook's timeout.
-    let snapshots = tempfile::tempdir().unwrap();
-    spec.on_restore = Some(serde_yaml_ng::from_str("path: /sleep/30000\ntimeout: 1s").unwrap());
-    let gw = Gw::start("sgff", Some(&spec), pool, snapshots.path()).await;
-    let (status, body) = gw.get("/").await;
-    assert_eq!(status, 503, "{body}");
-    let err = gw.pool().last_error().expect("the failure is kept");
-    assert!(
-        err.contains("POST /sleep/30000 on 169.254.100.2:8080 no answer within 1.0s"),
-        "{err}"
-    );
-    gw.stop().await;
+        // A guest that never answers fails at the hook's timeout.
+        (
+            "path: /sleep/30000\ntimeout: 1s",
+            "was not made its own: POST /sleep/30000 on 169.254.100.2:8080 no answer within 1.0s",
+        ),
+    ] {
+        let snapshots = tempfile::tempdir().unwrap();
+        let mut spec = linux_spec();
+        spec.on_restore = Some(serde_yaml_ng::from_str(hook).unwrap());
+        let gw = Gw::start("sgff", Some(&spec), pool, snapshots.path()).await;
+        let (status, body) = gw.get("/").await;
+        assert_eq!(status, 503, "{body}");
+        let err = gw.pool().last_error().expect("the failure is kept");
+        assert!(err.contains(said), "{err}");
+        assert_eq!(gw.pool().stats().instances, 0, "the clone was not kept");
+        gw.stop().await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -98,6 +98,20 @@ impl Gw {
         (resp.status().as_u16(), resp.text().await.unwrap())
     }
 
+    /// Waits, at most `within`, until `app` has `n` instances and no
+    /// restore in flight.
+    async fn wait_warm(&self, app: &str, n: usize, within: Duration) {
+        wait_for(
+            &format!("{n} warm instances of {app}"),
+            within,
+            async || {
+                let s = self.pool(app).stats();
+                s.instances == n && s.restoring == 0
+            },
+        )
+        .await;
+    }
+
     fn runtime_stock(&self) -> (usize, usize) {
         self.running().runtimes["node"].stock()
     }
@@ -474,11 +488,7 @@ http.createServer((req, res) => {
 /// each lands on an instance of its own), and what each instance drew at
 /// its first request, checked to be its own. Returns the reports.
 async fn ten_instances_draw_their_own_values(gw: &Gw, app: &str) -> Vec<serde_json::Value> {
-    wait_for("ten warm instances", Duration::from_secs(240), async || {
-        let s = gw.pool(app).stats();
-        s.instances == 10 && s.restoring == 0
-    })
-    .await;
+    gw.wait_warm(app, 10, Duration::from_secs(240)).await;
     let asks = (0..10).map(|_| async {
         let sent = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -591,15 +601,7 @@ http.createServer((req, res) => {
         "{ min_warm: 3, max_instances: 3, max_concurrency: 1, hold_timeout: 60s }",
     );
     let gw = Gw::start("sgre", 0, &apps, snapshots.path()).await;
-    wait_for(
-        "three warm instances",
-        Duration::from_secs(120),
-        async || {
-            let s = gw.pool("esm").stats();
-            s.instances == 3 && s.restoring == 0
-        },
-    )
-    .await;
+    gw.wait_warm("esm", 3, Duration::from_secs(120)).await;
     let asks = (0..3).map(|_| gw.get("esm", "/?hold=2000"));
     let reports: Vec<serde_json::Value> = futures::future::join_all(asks)
         .await
@@ -662,15 +664,7 @@ http.createServer((req, res) => {
         .and_then(|n| n.to_str())
         .and_then(|n| n.parse().ok())
         .expect("a snapshot named by its time");
-    wait_for(
-        "three warm instances",
-        Duration::from_secs(120),
-        async || {
-            let s = gw.pool("ticks").stats();
-            s.instances == 3 && s.restoring == 0
-        },
-    )
-    .await;
+    gw.wait_warm("ticks", 3, Duration::from_secs(120)).await;
     let path = format!("/?hold=2000&since={taken}");
     let asks = (0..3).map(|_| gw.get("ticks", &path));
     let mut seen = std::collections::HashMap::new();

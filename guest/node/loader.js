@@ -159,22 +159,31 @@ function takeLine() {
     return line;
 }
 
-// Blocking line reads on the control channel, before the app starts.
-function readLine(fd) {
+// A line from the control channel, blocking this thread until one comes
+// (before the app starts, and while frozen, when the channel is
+// non-blocking); null when the channel closed.
+function readLine() {
     const buf = Buffer.alloc(4096);
     for (;;) {
         const line = takeLine();
         if (line !== null) return line;
         let n;
         try {
-            n = fs.readSync(fd, buf, 0, buf.length, null);
+            n = fs.readSync(CONTROL, buf, 0, buf.length, null);
         } catch (e) {
-            if (e.code === 'EAGAIN' || e.code === 'EINTR') continue;
-            throw e;
+            if (e.code !== 'EAGAIN' && e.code !== 'EINTR') throw e;
+            pause(1);
+            continue;
         }
         if (n === 0) return null;
         pending = Buffer.concat([pending, buf.subarray(0, n)]);
     }
+}
+
+// A resumed message: drop every generator state, then answer.
+function answerResumed(msg) {
+    dropGeneratorState();
+    say(`resumed ${msg.token}`);
 }
 
 async function warmUp() {
@@ -221,15 +230,14 @@ function parse(line) {
 function serve() {
     say('loaded');
     for (;;) {
-        const line = readLine(CONTROL);
+        const line = readLine();
         if (line === null) {
             console.error('snapgate-loader: the control channel closed before a start message');
             process.exit(1);
         }
         const msg = parse(line);
         if (msg.type === 'resumed') {
-            dropGeneratorState();
-            say(`resumed ${msg.token}`);
+            answerResumed(msg);
         } else if (msg.type === 'start') {
             start(msg);
             return;
@@ -267,31 +275,18 @@ function say(line) {
 // state dropped.
 function freezeUntilResumed(token) {
     say(`frozen ${token}`);
-    const buf = Buffer.alloc(4096);
     for (;;) {
-        let line;
-        while ((line = takeLine()) !== null) {
-            const msg = parse(line);
-            if (msg.type === 'resumed') {
-                dropGeneratorState();
-                say(`resumed ${msg.token}`);
-                return;
-            }
-            console.error(`snapgate-loader: unexpected control message while frozen: ${line}`);
-        }
-        let n;
-        try {
-            n = fs.readSync(CONTROL, buf, 0, buf.length, null);
-        } catch (e) {
-            if (e.code !== 'EAGAIN' && e.code !== 'EINTR') throw e;
-            pause(1);
-            continue;
-        }
-        if (n === 0) {
+        const line = readLine();
+        if (line === null) {
             console.error('snapgate-loader: the control channel closed while frozen');
             process.exit(1);
         }
-        pending = Buffer.concat([pending, buf.subarray(0, n)]);
+        const msg = parse(line);
+        if (msg.type === 'resumed') {
+            answerResumed(msg);
+            return;
+        }
+        console.error(`snapgate-loader: unexpected control message while frozen: ${line}`);
     }
 }
 
@@ -305,8 +300,7 @@ function answerControl() {
         while ((line = takeLine()) !== null) {
             const msg = parse(line);
             if (msg.type === 'resumed') {
-                dropGeneratorState();
-                say(`resumed ${msg.token}`);
+                answerResumed(msg);
             } else if (msg.type === 'freeze') {
                 freezeUntilResumed(msg.token);
             } else {

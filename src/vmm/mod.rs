@@ -473,9 +473,11 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Whether the guest of `vm` has stopped while its VMM runs on, and
     /// why: it halted every vCPU with interrupts off, panicked, or shut
-    /// down. `None` when it runs, or when the driver cannot tell (see
-    /// [`watch`]). One sample: a caller confirms with a second.
-    async fn guest_stopped(&self, vm: &Vm) -> Option<String>;
+    /// down. `Ok(None)` when it runs, or when the driver cannot tell; an
+    /// error when the VMM could not be asked (the [`watch`] bounds the
+    /// call's time and treats both as "runs"). One sample: a caller
+    /// confirms with a second.
+    async fn guest_stopped(&self, vm: &Vm) -> Result<Option<String>, VmmError>;
 
     /// Snapshots a ready template into the directory `dest` (created, must
     /// not exist) and stops the template for good.

@@ -54,14 +54,13 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use tracing::debug;
 
 use super::process::make_run_dir;
 use super::qmp::Qmp;
 use super::snapshot::{create_dest, move_file, Origin};
 use super::{
-    Endpoint, ImageSpec, Machine, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError,
-    VmmKind,
+    watch, Endpoint, ImageSpec, Machine, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm,
+    VmmError, VmmKind,
 };
 use crate::net::{NetParams, Tap};
 
@@ -107,8 +106,6 @@ impl Accel {
 
 /// How long QEMU may take to open its QMP socket.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a check of a running VM ([`Vmm::guest_stopped`]) may take.
-const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long saving or loading a snapshot may take.
 const MIGRATE_TIMEOUT: Duration = Duration::from_secs(120);
 /// Polling interval for migration status (a template clone loads in ~50 ms).
@@ -356,40 +353,25 @@ impl Vmm for Qemu {
         vm.process_mut().kill().await
     }
 
-    async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
+    async fn guest_stopped(&self, vm: &Vm) -> Result<Option<String>, VmmError> {
         let path = vm.process().run_dir().join("qmp.sock");
-        let check = async {
-            let mut qmp = Qmp::attach(vm.id(), &path, CHECK_TIMEOUT).await?;
-            let status = qmp.execute("query-status", None).await?;
-            if let Some(s @ ("guest-panicked" | "internal-error" | "io-error")) =
-                status["status"].as_str()
-            {
-                return Ok(Some(format!("QEMU reports the VM {s}")));
-            }
-            let registers = qmp
-                .execute(
-                    "human-monitor-command",
-                    Some(json!({ "command-line": "info registers -a" })),
-                )
-                .await?;
-            Ok::<_, VmmError>(halted_for_good(registers.as_str().unwrap_or("")).then(|| {
-                "every vCPU is halted with interrupts off (the guest stopped itself; QEMU runs on)"
-                    .to_owned()
-            }))
-        };
-        match tokio::time::timeout(CHECK_TIMEOUT, check).await {
-            Ok(Ok(stopped)) => stopped,
-            // Cannot tell this time (QMP busy, or the VMM on its way out):
-            // the next check, or the process's exit, will.
-            Ok(Err(e)) => {
-                debug!(vm = %vm.id(), "checking the guest: {}", crate::display_chain(&e));
-                None
-            }
-            Err(_) => {
-                debug!(vm = %vm.id(), "checking the guest: no answer within {CHECK_TIMEOUT:?}");
-                None
-            }
+        let mut qmp = Qmp::attach(vm.id(), &path, watch::CHECK_TIMEOUT).await?;
+        let status = qmp.execute("query-status", None).await?;
+        if let Some(s @ ("guest-panicked" | "internal-error" | "io-error")) =
+            status["status"].as_str()
+        {
+            return Ok(Some(format!("QEMU reports the VM {s}")));
         }
+        let registers = qmp
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": "info registers -a" })),
+            )
+            .await?;
+        Ok(halted_for_good(registers.as_str().unwrap_or("")).then(|| {
+            "every vCPU is halted with interrupts off (the guest stopped itself; QEMU runs on)"
+                .to_owned()
+        }))
     }
 }
 
@@ -548,6 +530,17 @@ async fn ignore_shared(qmp: &mut Qmp) -> Result<(), VmmError> {
 mod tests {
     use super::*;
 
+    /// A driver for building command lines only.
+    fn tcg_driver() -> Qemu {
+        Qemu {
+            binary: "qemu-system-x86_64".into(),
+            accel: "tcg",
+            state_dir: "/s".into(),
+            net: NetParams::default(),
+            tsc_khz: 1,
+        }
+    }
+
     #[test]
     fn accel_tcg_always_resolves() {
         assert_eq!(Accel::Tcg.resolve().unwrap(), "tcg");
@@ -557,13 +550,7 @@ mod tests {
 
     #[test]
     fn command_line_for_template_and_clone() {
-        let q = Qemu {
-            binary: "qemu-system-x86_64".into(),
-            accel: "tcg",
-            state_dir: "/s".into(),
-            net: NetParams::default(),
-            tsc_khz: 1,
-        };
+        let q = tcg_driver();
         let spec: ImageSpec = serde_yaml_ng::from_str(
             "kernel: /k\ninitramfs: /i\ncmdline: x\ndisks: [{path: '/d,1'}]\ncode_slot_mib: 8\n",
         )
@@ -627,13 +614,7 @@ mod tests {
 
     #[test]
     fn pc_vms_get_a_vm_generation_id_and_microvm_ones_do_not() {
-        let q = Qemu {
-            binary: "qemu-system-x86_64".into(),
-            accel: "tcg",
-            state_dir: "/s".into(),
-            net: NetParams::default(),
-            tsc_khz: 1,
-        };
+        let q = tcg_driver();
         let mut spec: ImageSpec = serde_yaml_ng::from_str("kernel: /k\ncmdline: x\n").unwrap();
         let joined = |spec: &ImageSpec| {
             q.args(

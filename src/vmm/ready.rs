@@ -24,7 +24,8 @@ pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), String
 }
 
 /// One HTTP/1.1 request on a fresh connection to the guest; returns the
-/// status and body.
+/// status and body. The connection is closed when the answer was read, or
+/// when the returned future is dropped.
 pub async fn request(
     endpoint: &Endpoint,
     method: http::Method,
@@ -34,19 +35,6 @@ pub async fn request(
     let stream = connect(endpoint)
         .await
         .map_err(|e| format!("connect: {e}"))?;
-    request_on(stream, endpoint, method, path, body).await
-}
-
-/// One HTTP/1.1 request on `stream`, a connection to the guest at
-/// `endpoint`; returns the status and body. The connection is closed when
-/// the answer was read, or when the returned future is dropped.
-pub async fn request_on(
-    stream: TcpStream,
-    endpoint: &Endpoint,
-    method: http::Method,
-    path: &str,
-    body: Bytes,
-) -> Result<(u16, Bytes), String> {
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| format!("handshake: {e}"))?;

@@ -94,8 +94,11 @@ pub struct OnRestore {
 }
 
 impl OnRestore {
-    /// Problems with the settings, as (field, message).
-    pub fn validate(&self) -> Vec<crate::FieldError> {
+    /// Problems with the settings of a hook on a guest whose readiness path
+    /// is `ready_path`, as (field, message). The two must differ: a guest
+    /// that answers its probe for any method would take the message and
+    /// apply nothing.
+    pub fn validate(&self, ready_path: &str) -> Vec<crate::FieldError> {
         let mut out = Vec::new();
         if !crate::path::is_plain(&self.path) {
             out.push(crate::FieldError::new(
@@ -107,28 +110,19 @@ impl OnRestore {
                     self.path
                 ),
             ));
-        }
-        if self.timeout < Duration::from_millis(1) {
-            out.push(crate::FieldError::new(
-                "on_restore.timeout",
-                "must be at least 1ms",
-            ));
-        }
-        out
-    }
-
-    /// Problems with the hook on a guest whose readiness path is
-    /// `ready_path`: they must differ (a guest that answers its probe for
-    /// any method would take the message and apply nothing).
-    pub fn validate_with(&self, ready_path: &str) -> Vec<crate::FieldError> {
-        let mut out = self.validate();
-        if crate::path::normalize(&self.path) == crate::path::normalize(ready_path) {
+        } else if crate::path::normalize(&self.path) == crate::path::normalize(ready_path) {
             out.push(crate::FieldError::new(
                 "on_restore.path",
                 format!(
                     "{:?} is also ready_path: give the hook a path of its own",
                     self.path
                 ),
+            ));
+        }
+        if self.timeout < Duration::from_millis(1) {
+            out.push(crate::FieldError::new(
+                "on_restore.timeout",
+                "must be at least 1ms",
             ));
         }
         out
@@ -171,8 +165,8 @@ pub struct Hook {
 const DURING: &str = "taking its resumed message";
 
 /// Sends `vm`, a guest that answered `hook.ready_path`, a fresh resumed
-/// message at `hook`: connects, makes the message (so its time is as late
-/// as can be), sends it and waits for a 200, all within `hook.timeout`;
+/// message at `hook` (made right before: the guest's network is up and
+/// answers in milliseconds) and waits for a 200, all within `hook.timeout`;
 /// fails at once if the VMM exits or the guest stops ([`watch::guarded`]).
 /// Records `resumed`.
 ///
@@ -181,58 +175,42 @@ const DURING: &str = "taking its resumed message";
 /// [`VmmError::Exited`] when a broken call turns out to be a VMM that
 /// exited; [`VmmError::Entropy`] when the host cannot draw the bytes.
 pub async fn send(vmm: &dyn Vmm, vm: &mut Vm, hook: &Hook) -> Result<(), VmmError> {
-    enum Failed {
-        Host(VmmError),
-        Guest(String),
-    }
     let started = std::time::Instant::now();
     let mut target = vm.endpoint().clone();
     target.addr.set_port(hook.port);
-    let call = async {
-        let stream = ready::connect(&target)
-            .await
-            .map_err(|e| Failed::Guest(format!("connect: {e}")))?;
-        let body = Resumed::fresh().map_err(Failed::Host)?.body();
-        ready::request_on(stream, &target, http::Method::POST, &hook.path, body)
-            .await
-            .map_err(Failed::Guest)
-    };
-    let call = async {
-        tokio::time::timeout(hook.timeout, call)
-            .await
-            .unwrap_or_else(|_| {
-                Err(Failed::Guest(format!(
-                    "no answer within {:.1}s",
-                    hook.timeout.as_secs_f64()
-                )))
-            })
-    };
-    let call_name = format!("POST {} on {}", hook.path, target.addr);
-    let problem = match watch::guarded(vmm, vm, DURING, call).await? {
-        Ok((200, _)) => {
+    let body = Resumed::fresh()?.body();
+    let call = tokio::time::timeout(
+        hook.timeout,
+        ready::request(&target, http::Method::POST, &hook.path, body),
+    );
+    let (problem, broken) = match watch::guarded(vmm, vm, DURING, call).await? {
+        Ok(Ok((200, _))) => {
             vm.record("resumed", started.elapsed());
             return Ok(());
         }
-        Ok((status, text)) => format!(
-            "answered HTTP {status}: {}",
-            String::from_utf8_lossy(&text).trim()
+        Ok(Ok((status, text))) => (
+            format!(
+                "answered HTTP {status}: {}",
+                String::from_utf8_lossy(&text).trim()
+            ),
+            false,
         ),
-        Err(Failed::Host(e)) => return Err(e),
-        Err(Failed::Guest(problem)) => {
-            let err = VmmError::Resume {
-                vm: vm.id().clone(),
-                call: call_name,
-                problem,
-            };
-            // A broken connection is often a VMM on its way out.
-            return Err(vm.process_mut().explain(err, DURING).await);
-        }
+        Ok(Err(e)) => (e, true),
+        Err(_) => (
+            format!("no answer within {:.1}s", hook.timeout.as_secs_f64()),
+            true,
+        ),
     };
-    Err(VmmError::Resume {
+    let err = VmmError::Resume {
         vm: vm.id().clone(),
-        call: call_name,
+        call: format!("POST {} on {}", hook.path, target.addr),
         problem,
-    })
+    };
+    if broken {
+        // A broken or silent call is often a VMM on its way out.
+        return Err(vm.process_mut().explain(err, DURING).await);
+    }
+    Err(err)
 }
 
 /// Brings a restored clone to serve, made its own ([`Hook`]): with a hook,
@@ -279,10 +257,14 @@ mod tests {
     fn on_restore_settings_are_checked() {
         let hook: OnRestore = serde_yaml_ng::from_str("path: /r\n").unwrap();
         assert_eq!(hook.timeout, Duration::from_secs(5));
-        assert!(hook.validate().is_empty());
+        assert!(hook.validate("/healthz").is_empty());
         assert_eq!(hook.hook(8080, "/healthz").port, 8080);
         let bad: OnRestore = serde_yaml_ng::from_str("path: r\ntimeout: 0s\n").unwrap();
-        let fields: Vec<String> = bad.validate().into_iter().map(|p| p.field).collect();
+        let fields: Vec<String> = bad
+            .validate("/healthz")
+            .into_iter()
+            .map(|p| p.field)
+            .collect();
         assert_eq!(fields, ["on_restore.path", "on_restore.timeout"]);
         for path in [
             "/a b",
@@ -302,14 +284,14 @@ mod tests {
                 path: path.into(),
                 timeout: Duration::from_secs(1),
             };
-            assert_eq!(hook.validate().len(), 1, "{path:?}");
+            assert_eq!(hook.validate("/healthz").len(), 1, "{path:?}");
         }
         let same = OnRestore {
             path: "/healthz".into(),
             timeout: Duration::from_secs(1),
         };
-        assert_eq!(same.validate_with("/HealthZ/").len(), 1);
-        assert!(same.validate_with("/ready").is_empty());
+        assert_eq!(same.validate("/HealthZ/").len(), 1);
+        assert!(same.validate("/ready").is_empty());
         assert!(serde_yaml_ng::from_str::<OnRestore>("path: /r\nretries: 3\n").is_err());
     }
 }

@@ -192,7 +192,7 @@ impl ImageSpec {
             problems.push(FieldError::new("ready_timeout", "must be above zero"));
         }
         if let Some(hook) = &self.on_restore {
-            problems.extend(hook.validate_with(&self.ready_path));
+            problems.extend(hook.validate(&self.ready_path));
         }
         if let Some(mib) = self.code_slot_mib {
             if !(1..=MAX_CODE_DISK_MIB).contains(&mib) {

@@ -26,12 +26,14 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::{Vm, Vmm, VmmError};
 
 /// How often the watch asks whether the guest stopped.
 pub const EVERY: Duration = Duration::from_millis(250);
+/// How long one such check may take.
+pub const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Waits until the VMM exits or its guest is seen stopped twice in a row
 /// (module doc); returns the error that says so. Never returns otherwise.
@@ -51,7 +53,20 @@ pub async fn watch(vmm: &dyn Vmm, vm: &mut Vm, during: &'static str) -> VmmError
             },
             _ = tokio::time::sleep(EVERY) => {}
         }
-        match vmm.guest_stopped(vm).await {
+        let stopped = match tokio::time::timeout(CHECK_TIMEOUT, vmm.guest_stopped(vm)).await {
+            Ok(Ok(stopped)) => stopped,
+            // Cannot tell this time (its control socket busy, the VMM on
+            // its way out): the next check, or the process's exit, will.
+            Ok(Err(e)) => {
+                debug!(vm = %vm.id(), "checking the guest: {}", crate::display_chain(&e));
+                None
+            }
+            Err(_) => {
+                debug!(vm = %vm.id(), "checking the guest: no answer within {CHECK_TIMEOUT:?}");
+                None
+            }
+        };
+        match stopped {
             Some(why) if stopped_before => {
                 return VmmError::GuestStopped {
                     vm: vm.id().clone(),
@@ -115,9 +130,9 @@ mod tests {
         async fn boot(&self, _: VmId, _: &ImageSpec, _: Tap) -> Result<Vm, VmmError> {
             unreachable!()
         }
-        async fn guest_stopped(&self, _: &Vm) -> Option<String> {
+        async fn guest_stopped(&self, _: &Vm) -> Result<Option<String>, VmmError> {
             *self.asked.lock().unwrap() += 1;
-            self.answers.lock().unwrap().pop_front().flatten()
+            Ok(self.answers.lock().unwrap().pop_front().flatten())
         }
         async fn snapshot(&self, _: Vm, _: &Path) -> Result<Snapshot, VmmError> {
             unreachable!()

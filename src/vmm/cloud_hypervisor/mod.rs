@@ -43,7 +43,6 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tracing::debug;
 
 pub use api::ChClient;
 
@@ -335,18 +334,8 @@ impl Vmm for CloudHypervisor {
         Ok(vm)
     }
 
-    async fn guest_stopped(&self, vm: &Vm) -> Option<String> {
-        match tokio::time::timeout(Duration::from_secs(2), Self::client(vm).state()).await {
-            Ok(Ok(state)) => stop_reason(&state),
-            Ok(Err(e)) => {
-                debug!(vm = %vm.id(), "checking the guest: {}", crate::display_chain(&e));
-                None
-            }
-            Err(_) => {
-                debug!(vm = %vm.id(), "checking the guest: vm.info did not answer within 2s");
-                None
-            }
-        }
+    async fn guest_stopped(&self, vm: &Vm) -> Result<Option<String>, VmmError> {
+        Ok(stop_reason(&Self::client(vm).state().await?))
     }
 
     async fn destroy(&self, mut vm: Vm) -> Result<(), VmmError> {
