@@ -163,7 +163,7 @@ async fn main() {
     // Cold boot: the runtime image with the app's code disk, no snapshot
     // (left out with SNAPGATE_BENCH_SKIP_COLD=1: it takes minutes).
     let skip_cold = std::env::var_os("SNAPGATE_BENCH_SKIP_COLD").is_some_and(|v| v == "1");
-    let vmm: Arc<dyn Vmm> = snapgate::snapshot_cmd::driver(&cfg).unwrap();
+    let vmm: Arc<dyn Vmm> = snapgate::gateway::driver(&cfg).unwrap();
     let net = Network::new(cfg.network.clone()).unwrap();
     let image = CodeSource::new("cold", &app_dir, &state.path().join("code/cold"), 16)
         .current()

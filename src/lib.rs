@@ -9,9 +9,8 @@
 //! - [`net`]: taps, addressing, clean-up of a crashed run's leftovers.
 //! - [`pool`]: per-app pools of VM instances: claim, hold queue, restore, reaper.
 //! - [`runtime`]: runtime apps: a shared runtime snapshot, per-app code disks.
-//! - [`upstream`]: kept-alive HTTP clients per VM instance.
 //! - [`path`]: request paths as guests' routers may read them.
-//! - [`snapshot_cmd`]: the operator's `snapgate snapshot build`.
+//! - [`snapshot`]: building snapshots: jobs, the per-app lock, pruning.
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -27,10 +26,9 @@ pub mod path;
 pub mod pool;
 pub mod proxy;
 pub mod runtime;
-pub mod snapshot_cmd;
+pub mod snapshot;
 #[cfg(feature = "vm-tests")]
 pub mod testing;
-pub mod upstream;
 pub mod vmm;
 
 /// An error and its `source()` chain on one line: `outer: cause: root`.

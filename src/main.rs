@@ -80,7 +80,7 @@ fn main() -> ExitCode {
             let result = (|| -> anyhow::Result<()> {
                 let config = Config::load(&config)?;
                 let rt = tokio::runtime::Runtime::new()?;
-                rt.block_on(snapgate::snapshot_cmd::build(
+                rt.block_on(snapgate::gateway::build_snapshots(
                     &config,
                     &apps,
                     &mut std::io::stdout(),

@@ -298,9 +298,9 @@ fn broken_runtime_configs_are_rejected_naming_the_key() {
             "a field snapgate sets",
             RT_BASE.replace(
                 "      guest_port: 8081",
-                "      guest_port: 8081\n      code_slot_mib: 4",
+                "      guest_port: 8081\n      extra_disk_mib: 4",
             ),
-            "runtimes.node.image.code_slot_mib (line 16): is set by snapgate",
+            "runtimes.node.image.extra_disk_mib (line 16): is set by snapgate",
         ),
         (
             "pool key misspelt on a runtime",

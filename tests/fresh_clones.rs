@@ -177,12 +177,18 @@ async fn console_line_appears(
     needle: &str,
     within: Duration,
 ) -> Option<Instant> {
-    let console = state.join("run").join(id).join("console.log");
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
-        let text = std::fs::read_to_string(&console).unwrap_or_default();
-        if text.contains(needle) {
-            return Some(Instant::now());
+        // The VM's id is `<prefix><n>`: look in every run dir it may be.
+        let runs = std::fs::read_dir(state.join("run"))
+            .into_iter()
+            .flatten()
+            .flatten();
+        for run in runs.filter(|r| r.file_name().to_string_lossy().starts_with(id)) {
+            let text = std::fs::read_to_string(run.path().join("console.log")).unwrap_or_default();
+            if text.contains(needle) {
+                return Some(Instant::now());
+            }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -373,17 +379,13 @@ async fn a_guest_that_halts_at_boot_fails_within_two_seconds_quoting_its_error_l
     let cfg = gateway_config_of(&spec, state.path(), "sgfh", "{}", snapshots.path());
     let net = Network::new(cfg.network.clone()).unwrap();
     let needle = "fatal: snapgate.halt=boot asks this guest to stop at boot";
+    let template = format!("app-template-{}-", std::process::id());
     let (started, said) = tokio::join!(
         async {
             let result = gateway::start(&cfg, &mut std::io::sink()).await;
             (result, Instant::now())
         },
-        console_line_appears(
-            state.path(),
-            "app-template",
-            needle,
-            Duration::from_secs(120)
-        ),
+        console_line_appears(state.path(), &template, needle, Duration::from_secs(120)),
     );
     let (result, failed_at) = started;
     let err = match result {
@@ -418,12 +420,13 @@ async fn a_clone_that_halts_at_restore_fails_within_two_seconds_quoting_its_erro
     let pool = "{ min_warm: 0, max_instances: 1, hold_timeout: 60s }";
     let gw = Gw::start("sgfr", Some(&spec), pool, snapshots.path()).await;
     let needle = "fatal: snapgate.halt=restore asks this guest to stop once restored";
+    let clone = format!("app-{}-", std::process::id());
     let (answer, said) = tokio::join!(
         async {
             let answer = gw.get("/").await;
             (answer, Instant::now())
         },
-        console_line_appears(gw.state.path(), "app-1", needle, Duration::from_secs(60)),
+        console_line_appears(gw.state.path(), &clone, needle, Duration::from_secs(60)),
     );
     let ((status, body), answered_at) = answer;
     assert_eq!(status, 503, "{body}");

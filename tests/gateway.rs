@@ -622,9 +622,16 @@ async fn dashboard_queries_run_on_a_real_prometheus_scraping_the_gateway() {
         checked += 1;
     }
     assert!(checked >= 8);
-    // The series the panels draw are there, with the values the pool has.
-    let warm = query("sum(snapgate_instances{app=\"app\",state=\"warm\"})").await;
-    assert_eq!(warm["data"]["result"][0]["value"][1], "1", "{warm}");
+    // The series the panels draw are there, with the values the pool has:
+    // once traffic stops, a scrape finds the one instance warm (a scrape
+    // during a request found it leased).
+    let warm_expr = "sum(snapgate_instances{app=\"app\",state=\"warm\"})";
+    wait_for(
+        "prometheus to see the instance warm",
+        Duration::from_secs(60),
+        async || query(warm_expr).await["data"]["result"][0]["value"][1] == "1",
+    )
+    .await;
     let rate = query("sum(rate(snapgate_requests_total{app=\"app\",status=\"200\"}[1m]))").await;
     let rate: f64 = rate["data"]["result"][0]["value"][1]
         .as_str()

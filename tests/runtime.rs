@@ -407,7 +407,7 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     assert_eq!(manifest["spec"]["guest_port"], 8080, "{manifest}");
     assert_eq!(manifest["spec"]["ready_path"], "/");
     // How the app was started is part of what the snapshot was taken from.
-    let start = manifest["spec"]["app_start"].as_str().unwrap_or_default();
+    let start = manifest["spec"]["prepared"].as_str().unwrap_or_default();
     assert!(start.contains(r#""GREETING":"frozen""#), "{manifest}");
     assert!(!snapshots.path().join("runtime.node").exists());
     assert!(gw.running().runtimes.is_empty());

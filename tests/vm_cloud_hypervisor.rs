@@ -81,7 +81,7 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
     client.vmm_shutdown().await.unwrap();
     process.stop(Duration::from_secs(5)).await.unwrap();
     assert!(
-        process.exited().unwrap().contains("exit status: 0"),
+        process.exited().unwrap().success(),
         "{:?}",
         process.exited()
     );
@@ -99,7 +99,7 @@ async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
     let state = tempfile::tempdir().unwrap();
     // With a code slot, as a runtime image has.
     let mut spec = halting_spec(state.path());
-    spec.code_slot_mib = Some(4);
+    spec.extra_disk_mib = Some(4);
     let net = Network::new(net_params("sgch")).unwrap();
     let ch = CloudHypervisor::new(
         bin,
@@ -121,7 +121,7 @@ async fn driver_boots_with_the_tap_fd_passed_over_the_api() {
     // only through the VMM.
     assert_eq!(nets[0]["fds"].as_array().map(Vec::len), Some(1), "{info}");
     // The code slot: this VM's own 4 MiB file, read-only.
-    let slot = vm.code_slot().expect("a code slot");
+    let slot = vm.extra_disk().expect("a code slot");
     assert_eq!(std::fs::metadata(&slot).unwrap().len(), 4 << 20);
     let disks = info["config"]["disks"].as_array().expect("disks");
     assert_eq!(

@@ -114,6 +114,13 @@ fn default_hold_queue() -> usize {
 fn default_hold_timeout() -> Duration {
     Duration::from_secs(10)
 }
+/// The default `start_timeout`: a restore takes well under a second on
+/// KVM and a few seconds under TCG; a runtime app's start adds its own
+/// `ready_timeout` (10 s by default).
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+fn default_start_timeout() -> Duration {
+    DEFAULT_START_TIMEOUT
+}
 
 /// How an app's VMs are pooled.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -138,6 +145,12 @@ pub struct PoolConfig {
     /// Longest a request is held; then it gets 503.
     #[serde(default = "default_hold_timeout", with = "humantime_serde")]
     pub hold_timeout: Duration,
+    /// Longest one instance start may take, everything included (restore,
+    /// readiness, resumed message, a runtime app's start); a start still
+    /// running then is abandoned (its VM destroyed) and counts as a failed
+    /// start. Default 60 s.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
 }
 
 impl Default for PoolConfig {
@@ -149,6 +162,7 @@ impl Default for PoolConfig {
             idle_timeout: default_idle_timeout(),
             hold_queue: default_hold_queue(),
             hold_timeout: default_hold_timeout(),
+            start_timeout: default_start_timeout(),
         }
     }
 }
@@ -180,6 +194,10 @@ pub struct RuntimeConfig {
     /// to take (each app's own `pool.min_warm` keeps started instances).
     #[serde(default)]
     pub min_warm: usize,
+    /// Longest one clone's restore may take, readiness included; a restore
+    /// still running then is abandoned. Default 60 s.
+    #[serde(default = "default_start_timeout", with = "humantime_serde")]
+    pub start_timeout: Duration,
 }
 
 impl RuntimeConfig {
@@ -187,7 +205,7 @@ impl RuntimeConfig {
     /// code slot.
     pub fn spec(&self) -> ImageSpec {
         let mut spec = self.image.clone();
-        spec.code_slot_mib = Some(self.code_disk_mib);
+        spec.extra_disk_mib = Some(self.code_disk_mib);
         spec
     }
 }
@@ -533,6 +551,9 @@ impl Config {
                 if pool.idle_timeout.is_zero() {
                     add(key("idle_timeout"), "must be above zero".into());
                 }
+                if pool.start_timeout.is_zero() {
+                    add(key("start_timeout"), "must be above zero".into());
+                }
             }
         }
         for (name, rt) in &self.runtimes {
@@ -543,8 +564,11 @@ impl Config {
                     "runtime names are 1-32 characters of [a-z0-9-], starting with a letter".into(),
                 );
             }
+            if rt.start_timeout.is_zero() {
+                add(format!("{at}.start_timeout"), "must be above zero".into());
+            }
             for p in rt.spec().validate() {
-                let key = if p.field == "code_slot_mib" {
+                let key = if p.field == "extra_disk_mib" {
                     format!("{at}.code_disk_mib")
                 } else {
                     format!("{at}.image.{}", p.field)
@@ -710,15 +734,15 @@ fn agent_args(image: &ImageSpec) -> Vec<crate::FieldError> {
 /// Image fields snapgate sets itself, which a config must leave out.
 fn snapgate_fields(image: &ImageSpec) -> Vec<crate::FieldError> {
     let mut out = Vec::new();
-    if image.code_slot_mib.is_some() {
+    if image.extra_disk_mib.is_some() {
         out.push(crate::FieldError::new(
-            "code_slot_mib",
+            "extra_disk_mib",
             "is set by snapgate from a runtime's code_disk_mib; remove it",
         ));
     }
-    if image.app_start.is_some() {
+    if image.prepared.is_some() {
         out.push(crate::FieldError::new(
-            "app_start",
+            "prepared",
             "is set by snapgate for per-app snapshots; remove it",
         ));
     }

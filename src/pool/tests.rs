@@ -1,35 +1,93 @@
-//! Pool logic against a scripted factory: its "VMs" are `sleep` processes,
-//! started after a scripted delay or failing on cue. Timers run on paused
-//! time.
+//! The engine, leases and the hold queue against a scripted factory of fake
+//! instances: no processes, paused time, and every wait is on the engine's
+//! stats watch (or a claim's own result), never on sleeps or yields.
 
 use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddrV4};
-use std::sync::atomic::AtomicUsize;
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use super::*;
-use crate::vmm::process::make_run_dir;
-use crate::vmm::{ImageSpec, VmProcess};
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
-struct Scripted {
-    state: tempfile::TempDir,
-    delay: Duration,
-    /// Outcome of each start in order (true = fail); afterwards, succeed.
-    failures: Mutex<VecDeque<bool>>,
-    /// Scripted failures are the app's own (a runtime app that crashed).
-    app_fault: std::sync::atomic::AtomicBool,
-    starts: AtomicUsize,
-    stops: AtomicUsize,
+use super::engine::{backoff, Blame, Engine, ExitEvent, Factory, Instance, Observer, Sizing};
+use super::engine::{StartError, Stats, Tasks};
+use super::hold::ClaimError;
+use crate::vmm::VmId;
+
+/// A fake instance: "dies" when its `exit` token is cancelled. `silent`
+/// deaths are seen only by a check, never by the exit event (a process
+/// that died a moment before its event was handled).
+struct Fake {
+    name: String,
+    exit: CancellationToken,
+    silent: Arc<AtomicBool>,
 }
 
-impl Scripted {
-    fn new(delay: Duration) -> Arc<Scripted> {
-        Arc::new(Scripted {
-            state: tempfile::tempdir().unwrap(),
+impl Instance for Fake {
+    type Address = String;
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn address(&self) -> String {
+        format!("addr-of-{}", self.name)
+    }
+    fn has_exited(&mut self) -> Option<ExitStatus> {
+        let dead = self.exit.is_cancelled() || self.silent.load(Ordering::SeqCst);
+        dead.then(|| ExitStatus::from_raw(9))
+    }
+    fn exited(&self) -> ExitEvent {
+        Box::pin(self.exit.clone().cancelled_owned())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("scripted failure of {id}{}", if *.app { " (the app's)" } else { "" })]
+struct Scripted {
+    id: String,
+    app: bool,
+}
+
+impl StartError for Scripted {
+    fn blame(&self) -> Blame {
+        if self.app {
+            Blame::App
+        } else {
+            Blame::Host
+        }
+    }
+}
+
+/// What one start does.
+#[derive(Clone, Copy)]
+enum Step {
+    Fail,
+    AppFault,
+    Panic,
+    Hang,
+}
+
+struct Script {
+    delay: Duration,
+    /// Steps of the first starts in order; afterwards starts succeed.
+    steps: Mutex<VecDeque<Step>>,
+    starts: AtomicUsize,
+    stops: AtomicUsize,
+    /// (exit token, silent-death flag) of every instance started.
+    made: Mutex<Vec<(String, CancellationToken, Arc<AtomicBool>)>>,
+}
+
+impl Script {
+    fn new(delay: Duration, steps: &[Step]) -> Arc<Script> {
+        Arc::new(Script {
             delay,
-            failures: Mutex::new(VecDeque::new()),
-            app_fault: Default::default(),
+            steps: Mutex::new(steps.iter().copied().collect()),
             starts: AtomicUsize::new(0),
             stops: AtomicUsize::new(0),
+            made: Mutex::new(Vec::new()),
         })
     }
     fn starts(&self) -> usize {
@@ -38,97 +96,136 @@ impl Scripted {
     fn stops(&self) -> usize {
         self.stops.load(Ordering::SeqCst)
     }
+    fn kill(&self, name: &str, silently: bool) {
+        let made = self.made.lock().unwrap();
+        let (_, exit, silent) = made.iter().find(|(n, ..)| n == name).unwrap();
+        if silently {
+            silent.store(true, Ordering::SeqCst);
+        } else {
+            exit.cancel();
+        }
+    }
 }
 
 #[async_trait]
-impl Factory for Scripted {
-    async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
+impl Factory for Arc<Script> {
+    type Instance = Fake;
+    type Error = Scripted;
+
+    async fn start(&self, id: VmId) -> Result<Fake, Scripted> {
         self.starts.fetch_add(1, Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
-        if self.failures.lock().unwrap().pop_front() == Some(true) {
-            if self.app_fault.load(Ordering::SeqCst) {
-                return Err(VmmError::App {
-                    app: "app".into(),
-                    reason: format!("scripted crash in {id}"),
-                    output: "Error: boom\n".into(),
-                });
-            }
-            return Err(VmmError::Invalid(format!("scripted failure of {id}")));
+        let step = self.steps.lock().unwrap().pop_front();
+        let id = id.to_string();
+        match step {
+            Some(Step::Fail) => return Err(Scripted { id, app: false }),
+            Some(Step::AppFault) => return Err(Scripted { id, app: true }),
+            Some(Step::Panic) => panic!("scripted panic in {id}"),
+            Some(Step::Hang) => std::future::pending::<()>().await,
+            None => {}
         }
-        let run = make_run_dir(self.state.path(), &id)?;
-        let process = VmProcess::spawn(
-            &id,
-            std::path::Path::new("/bin/sleep"),
-            &["3600".into()],
-            vec![],
-            None,
-            &run,
-            self.state.path(),
-        )?;
-        let spec: ImageSpec = serde_yaml_ng::from_str("kernel: /fake\ncmdline: x\n").unwrap();
-        let endpoint = Endpoint {
-            tap: "lo".into(),
-            addr: SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9),
-        };
-        Ok(Vm::new(id, endpoint, spec, String::new(), process))
+        let (exit, silent) = (CancellationToken::new(), Arc::new(AtomicBool::new(false)));
+        let made = (id.clone(), exit.clone(), silent.clone());
+        self.made.lock().unwrap().push(made);
+        Ok(Fake {
+            name: id,
+            exit,
+            silent,
+        })
     }
 
-    async fn stop(&self, mut vm: Vm) -> Result<(), VmmError> {
+    async fn stop(&self, _: Fake) -> Result<(), Scripted> {
         self.stops.fetch_add(1, Ordering::SeqCst);
-        vm.process_mut().kill().await
+        Ok(())
     }
 }
 
-fn cfg(min_warm: usize, max_instances: usize, max_concurrency: usize) -> PoolConfig {
-    PoolConfig {
+#[derive(Default)]
+struct Events {
+    restored: AtomicUsize,
+    failed: AtomicUsize,
+    reaped: AtomicUsize,
+    died: AtomicUsize,
+}
+
+impl Observer for Events {
+    fn publish(&self, _: &Stats) {}
+    fn restored(&self, _: Duration) {
+        self.restored.fetch_add(1, Ordering::SeqCst);
+    }
+    fn restore_failed(&self) {
+        self.failed.fetch_add(1, Ordering::SeqCst);
+    }
+    fn reaped(&self) {
+        self.reaped.fetch_add(1, Ordering::SeqCst);
+    }
+    fn instance_failed(&self) {
+        self.died.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+fn sizing(min_warm: usize, max_instances: usize, max_concurrency: usize) -> Sizing {
+    Sizing {
         min_warm,
         max_instances,
         max_concurrency,
-        idle_timeout: Duration::from_secs(30),
+        idle_timeout: Some(Duration::from_secs(30)),
+        start_timeout: Duration::from_secs(60),
         hold_queue: 100,
         hold_timeout: Duration::from_secs(10),
     }
 }
 
-fn pool(cfg: PoolConfig, factory: &Arc<Scripted>) -> (Pool, PoolMetrics) {
-    let metrics = PoolMetrics::new(&prometheus::Registry::new()).unwrap();
-    let pool = Pool::new("app", cfg, factory.clone(), metrics.clone());
-    (pool, metrics)
+type TestEngine = Engine<Arc<Script>>;
+
+fn engine(sizing: Sizing, script: &Arc<Script>) -> (TestEngine, Arc<Events>) {
+    let events = Arc::new(Events::default());
+    let engine = Engine::new(
+        "app",
+        sizing,
+        script.clone(),
+        events.clone(),
+        &Tasks::default(),
+    );
+    (engine, events)
 }
 
-/// Lets spawned tasks run until they wait on timers.
-async fn settle() {
-    for _ in 0..50 {
-        tokio::task::yield_now().await;
+/// Waits (in paused time: at once, or the clock jumps) until the stats
+/// satisfy `cond`; fails after a virtual minute.
+async fn until(engine: &TestEngine, what: &str, cond: impl FnMut(&Stats) -> bool) -> Stats {
+    let mut watch = engine.watch();
+    let waited = tokio::time::timeout(Duration::from_secs(60), watch.wait_for(cond)).await;
+    match waited {
+        Ok(Ok(stats)) => *stats,
+        _ => panic!("{what}: stats stayed {:?}", engine.stats()),
     }
 }
 
 #[tokio::test(start_paused = true)]
 async fn one_restore_per_instance_needed_not_per_request() {
-    let f = Scripted::new(Duration::from_millis(200));
-    let (pool, metrics) = pool(cfg(0, 4, 4), &f);
-    let claims: Vec<_> = (0..6).map(|_| pool.claim()).collect();
+    let s = Script::new(Duration::from_millis(200), &[]);
+    let (engine, _) = engine(sizing(0, 4, 4), &s);
+    let claims: Vec<_> = (0..6).map(|_| engine.claim()).collect();
     let leases = futures::future::join_all(claims).await;
-    assert!(leases.iter().all(Result::is_ok));
     // ceil(6 / 4) = 2 instances needed; 2 restores, not 6.
-    assert_eq!(f.starts(), 2);
-    assert_eq!(metrics.claims("app", "held"), 6);
-    let vms: std::collections::HashSet<_> = leases
+    assert_eq!(s.starts(), 2);
+    assert!(leases.iter().all(|l| matches!(l, Ok((_, true)))));
+    let names: std::collections::HashSet<_> = leases
         .iter()
-        .map(|l| l.as_ref().unwrap().vm().clone())
+        .map(|l| l.as_ref().unwrap().0.instance().to_owned())
         .collect();
-    assert_eq!(vms.len(), 2);
+    assert_eq!(names.len(), 2);
 }
 
 #[tokio::test(start_paused = true)]
-async fn never_more_instances_than_max_and_every_request_served() {
-    let f = Scripted::new(Duration::from_millis(100));
-    let (pool, _) = pool(cfg(0, 2, 1), &f);
+async fn never_more_instances_than_max_and_every_claim_served() {
+    let s = Script::new(Duration::from_millis(100), &[]);
+    let (engine, _) = engine(sizing(0, 2, 1), &s);
     let tasks: Vec<_> = (0..20)
         .map(|_| {
-            let pool = pool.clone();
+            let engine = engine.clone();
             tokio::spawn(async move {
-                let lease = pool.claim().await?;
+                let lease = engine.claim().await?;
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 drop(lease);
                 Ok::<(), ClaimError>(())
@@ -138,58 +235,80 @@ async fn never_more_instances_than_max_and_every_request_served() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(f.starts(), 2);
-    assert_eq!(pool.stats().peak, 2);
+    assert_eq!(s.starts(), 2);
+    assert_eq!(engine.stats().peak, 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn full_queue_and_hold_timeout_answer_at_once_and_at_the_deadline() {
-    let f = Scripted::new(Duration::from_millis(10));
-    let mut c = cfg(0, 1, 1);
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(0, 1, 1);
     c.hold_queue = 1;
     c.hold_timeout = Duration::from_secs(2);
-    let (pool, metrics) = pool(c, &f);
-    let busy = pool.claim().await.unwrap();
+    let (engine, _) = engine(c, &s);
+    let busy = engine.claim().await.unwrap();
     let queued = tokio::spawn({
-        let pool = pool.clone();
+        let engine = engine.clone();
         async move {
             let started = Instant::now();
-            (pool.claim().await, started.elapsed())
+            (engine.claim().await, started.elapsed())
         }
     });
-    settle().await;
-    assert_eq!(pool.stats().queued, 1);
-    let err = pool.claim().await.unwrap_err();
+    until(&engine, "one claim queued", |s| s.queued == 1).await;
+    let err = engine.claim().await.unwrap_err();
     assert!(matches!(err, ClaimError::QueueFull { .. }), "{err}");
     assert_eq!(err.retry_after(), 1);
     let (result, waited) = queued.await.unwrap();
     let err = result.unwrap_err();
     assert!(matches!(err, ClaimError::HoldTimeout { .. }), "{err}");
     assert_eq!(waited, Duration::from_secs(2));
-    assert_eq!(metrics.claims("app", "queue_full"), 1);
-    assert_eq!(metrics.claims("app", "hold_timeout"), 1);
+    assert_eq!(engine.stats().queued, 0);
     // The instance was busy, not broken: once free, it serves again.
     drop(busy);
-    assert!(pool.claim().await.is_ok());
-    assert_eq!(f.starts(), 1);
+    assert!(matches!(engine.claim().await, Ok((_, false))));
+    assert_eq!(s.starts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn held_claims_whose_clients_give_up_leave_the_queue_at_once() {
+    let s = Script::new(Duration::from_secs(5), &[]);
+    let (engine, _) = engine(sizing(0, 1, 1), &s);
+    let claims: Vec<_> = (0..3)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.claim().await.map(drop) })
+        })
+        .collect();
+    until(&engine, "three claims held", |s| s.queued == 3).await;
+    // The clients go away: their request futures are dropped.
+    for claim in &claims {
+        claim.abort();
+    }
+    for claim in claims {
+        assert!(claim.await.unwrap_err().is_cancelled());
+    }
+    // At once: no clock moved, no later claim was needed.
+    assert_eq!(engine.stats().queued, 0);
+    // The restore they asked for still completes, for the next request.
+    until(&engine, "the instance joined", |s| s.instances == 1).await;
+    assert!(matches!(engine.claim().await, Ok((_, false))));
 }
 
 #[tokio::test(start_paused = true)]
 async fn failed_restore_fails_its_waiters_then_retries_after_backoff() {
-    let f = Scripted::new(Duration::from_millis(10));
-    f.failures.lock().unwrap().push_back(true);
-    let (pool, metrics) = pool(cfg(0, 2, 1), &f);
-    let err = pool.claim().await.unwrap_err();
+    let s = Script::new(Duration::from_millis(10), &[Step::Fail]);
+    let (engine, events) = engine(sizing(0, 2, 1), &s);
+    let err = engine.claim().await.unwrap_err();
     match &err {
         ClaimError::Unavailable {
             reason,
             retry_after,
-            app_failed,
+            blame,
             ..
         } => {
-            assert!(reason.contains("scripted failure of app-1"), "{reason}");
-            assert_eq!(*retry_after, BACKOFF_BASE);
-            assert!(!app_failed);
+            assert!(reason.contains("scripted failure of app-"), "{reason}");
+            assert_eq!(*retry_after, backoff(1));
+            assert_eq!(*blame, Blame::Host);
         }
         other => panic!("{other}"),
     }
@@ -197,169 +316,243 @@ async fn failed_restore_fails_its_waiters_then_retries_after_backoff() {
         err.public_message(),
         "app app: cannot start an instance right now"
     );
-    // During the backoff, new requests are told at once, not held.
-    let err = pool.claim().await.unwrap_err();
+    // During the backoff, new claims are told at once, not held.
+    let err = engine.claim().await.unwrap_err();
     assert!(matches!(err, ClaimError::Unavailable { .. }), "{err}");
-    assert_eq!(f.starts(), 1);
-    tokio::time::sleep(BACKOFF_BASE).await;
-    assert!(pool.claim().await.is_ok());
-    assert_eq!(f.starts(), 2);
-    assert_eq!(metrics.claims("app", "unavailable"), 2);
+    assert_eq!(s.starts(), 1);
+    tokio::time::sleep(backoff(1)).await;
+    assert!(engine.claim().await.is_ok());
+    assert_eq!(s.starts(), 2);
+    assert_eq!(events.failed.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_panics_gives_its_capacity_back() {
+    let s = Script::new(Duration::from_millis(10), &[Step::Panic]);
+    let (engine, _) = engine(sizing(0, 1, 1), &s);
+    let err = engine.claim().await.unwrap_err();
+    let ClaimError::Unavailable { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(
+        reason.contains("panicked: scripted panic in app-"),
+        "{reason}"
+    );
+    assert_eq!(engine.stats().restoring, 0, "the slot came back");
+    // With max_instances 1, a lost slot would leave the app at 503 for
+    // good; the next start (after the backoff) serves.
+    tokio::time::sleep(backoff(1)).await;
+    assert!(engine.claim().await.is_ok());
+    assert_eq!(s.starts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_never_ends_fails_at_start_timeout() {
+    let s = Script::new(Duration::from_millis(10), &[Step::Hang]);
+    let mut c = sizing(0, 1, 1);
+    c.start_timeout = Duration::from_secs(3);
+    c.hold_timeout = Duration::from_secs(30);
+    let (engine, _) = engine(c, &s);
+    let started = Instant::now();
+    let err = engine.claim().await.unwrap_err();
+    assert_eq!(started.elapsed(), Duration::from_secs(3));
+    let ClaimError::Unavailable { reason, .. } = &err else {
+        panic!("{err}")
+    };
+    assert!(reason.contains("within 3.0s (start_timeout)"), "{reason}");
+    assert_eq!(engine.stats().restoring, 0);
+    tokio::time::sleep(backoff(1)).await;
+    let (_lease, held) = engine.claim().await.unwrap();
+    assert!(held, "served by a fresh instance");
+    assert_eq!(s.starts(), 2);
 }
 
 #[tokio::test(start_paused = true)]
 async fn idle_instances_are_reaped_from_their_last_completion_down_to_min_warm() {
-    let f = Scripted::new(Duration::from_millis(10));
-    let mut c = cfg(1, 3, 1);
-    c.idle_timeout = Duration::from_secs(10);
-    let (pool, metrics) = pool(c, &f);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(pool.stats().instances, 1, "min_warm pre-warms");
-    let a = pool.claim().await.unwrap();
-    assert_eq!(metrics.claims("app", "warm"), 1);
-    let b = pool.claim().await.unwrap();
-    assert_eq!(pool.stats().instances, 2);
-    // Busy for 20 s: longer than idle_timeout, but leased instances are never reaped.
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(1, 3, 1);
+    c.idle_timeout = Some(Duration::from_secs(10));
+    let (engine, events) = engine(c, &s);
+    until(&engine, "min_warm pre-warms", |s| s.instances == 1).await;
+    let a = engine.claim().await.unwrap();
+    assert!(!a.1, "served warm");
+    let b = engine.claim().await.unwrap();
+    assert_eq!(engine.stats().instances, 2);
+    // Busy for 20 s: longer than idle_timeout, but leased members stay.
     tokio::time::sleep(Duration::from_secs(20)).await;
-    assert_eq!(pool.stats().instances, 2);
+    assert_eq!(engine.stats().instances, 2);
     drop(a);
     drop(b);
+    let freed = Instant::now();
     // The idle clock starts at the last completion.
-    tokio::time::sleep(Duration::from_secs(9)).await;
-    assert_eq!(pool.stats().instances, 2);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    settle().await;
-    assert_eq!(pool.stats().instances, 1, "down to min_warm");
-    assert_eq!(f.stops(), 1);
+    until(&engine, "down to min_warm", |s| s.instances == 1).await;
+    assert_eq!(freed.elapsed(), Duration::from_secs(10));
+    until(&engine, "stopped", |s| s.stopping == 0).await;
+    assert_eq!(s.stops(), 1);
+    assert_eq!(events.reaped.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn scale_to_zero_and_back() {
-    let f = Scripted::new(Duration::from_millis(10));
-    let mut c = cfg(0, 1, 1);
-    c.idle_timeout = Duration::from_secs(5);
-    let (pool, metrics) = pool(c, &f);
-    drop(pool.claim().await.unwrap());
-    tokio::time::sleep(Duration::from_secs(6)).await;
-    settle().await;
-    assert_eq!(pool.stats().instances, 0);
-    assert_eq!(f.stops(), 1);
-    drop(pool.claim().await.unwrap());
-    assert_eq!(metrics.restores("app"), 2);
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(0, 1, 1);
+    c.idle_timeout = Some(Duration::from_secs(5));
+    let (engine, events) = engine(c, &s);
+    drop(engine.claim().await.unwrap());
+    until(&engine, "scaled to zero", Stats::is_empty).await;
+    assert_eq!(s.stops(), 1);
+    drop(engine.claim().await.unwrap());
+    assert_eq!(events.restored.load(Ordering::SeqCst), 2);
 }
 
 #[tokio::test(start_paused = true)]
-async fn dead_vmm_is_replaced_and_broken_instance_is_drained() {
-    let f = Scripted::new(Duration::from_millis(10));
-    let (pool, _) = pool(cfg(1, 2, 2), &f);
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let pid = pool.pids()[0];
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
-    // The kill lands in real time while this test's clock is paused: wait
-    // (really) until the process is a zombie before letting virtual time run.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        if stat.is_empty() || stat[stat.rfind(')').unwrap_or(0)..].starts_with(") Z") {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "SIGKILL did not take");
-        std::thread::sleep(Duration::from_millis(1));
-    }
-    // The maintenance tick notices, removes it and restores a replacement.
-    let mut replaced = false;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let pids = pool.pids();
-        if pids.len() == 1 && pids[0] != pid {
-            replaced = true;
-            break;
-        }
-    }
-    assert!(replaced, "pids now {:?}", pool.pids());
-    // A lease marked broken retires its instance when it ends.
-    let mut lease = pool.claim().await.unwrap();
-    let other = pool.claim().await.unwrap();
-    assert_eq!(lease.vm(), other.vm());
+async fn an_exit_event_replaces_the_instance_and_ends_its_leases() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, events) = engine(sizing(1, 2, 2), &s);
+    until(&engine, "warm", |s| s.instances == 1).await;
+    let (lease, _) = engine.claim().await.unwrap();
+    let dead = lease.instance().to_owned();
+    s.kill(&dead, false);
+    // The exit waiter ends the lease's requests at once...
+    tokio::time::timeout(Duration::from_millis(1), lease.gone().cancelled())
+        .await
+        .expect("gone is cancelled by the exit event");
+    // ...and a replacement restores without any tick.
+    until(&engine, "replaced", |s| s.instances == 2 && s.draining == 1).await;
+    drop(lease);
+    until(&engine, "the dead one stopped", |s| {
+        s.instances == 1 && s.stopping == 0
+    })
+    .await;
+    let (next, _) = engine.claim().await.unwrap();
+    assert_ne!(next.instance(), dead);
+    assert_eq!(events.died.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_instance_found_dead_at_lease_time_is_never_leased() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, _) = engine(sizing(1, 2, 1), &s);
+    until(&engine, "warm", |s| s.instances == 1).await;
+    let first = engine.each(|f| f.name.clone()).remove(0);
+    // Dead, and its exit event not yet handled.
+    s.kill(&first, true);
+    let (lease, held) = engine.claim().await.unwrap();
+    assert!(held, "served by a new instance");
+    assert_ne!(lease.instance(), first);
+    assert_eq!(s.starts(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_lease_drains_its_instance() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, _) = engine(sizing(1, 2, 2), &s);
+    until(&engine, "warm", |s| s.instances == 1).await;
+    let (mut lease, _) = engine.claim().await.unwrap();
+    let (other, _) = engine.claim().await.unwrap();
+    assert_eq!(lease.instance(), other.instance());
     lease.mark_broken();
     drop(lease);
-    assert!(
-        pool.claim().await.is_ok(),
-        "a draining instance takes no leases; a new one does"
+    let (fresh, _) = engine.claim().await.unwrap();
+    assert_ne!(
+        fresh.instance(),
+        other.instance(),
+        "draining takes no leases"
     );
     drop(other);
-    settle().await;
-    assert!(f.stops() >= 2);
+    until(&engine, "the broken one stopped", |s| {
+        s.draining == 0 && s.stopping == 0
+    })
+    .await;
+    assert_eq!(s.stops(), 1);
 }
 
 #[tokio::test(start_paused = true)]
-async fn close_fails_queued_requests_and_stops_everything() {
-    let f = Scripted::new(Duration::from_millis(10));
-    let (pool, _) = pool(cfg(1, 1, 1), &f);
-    let lease = pool.claim().await.unwrap();
+async fn close_fails_the_queue_cancels_restores_and_stops_everything() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, _) = engine(sizing(1, 2, 1), &s);
+    let (lease, _) = engine.claim().await.unwrap();
     let queued = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.claim().await }
+        let engine = engine.clone();
+        async move { engine.claim().await.map(drop) }
     });
-    settle().await;
+    until(&engine, "queued, restoring", |s| {
+        s.queued == 1 && s.restoring == 1
+    })
+    .await;
     let closing = tokio::spawn({
-        let pool = pool.clone();
-        async move { pool.close(Duration::from_secs(5)).await }
+        let engine = engine.clone();
+        async move { engine.close(Duration::from_secs(5)).await }
     });
     let err = queued.await.unwrap().unwrap_err();
     assert!(matches!(err, ClaimError::ShuttingDown { .. }), "{err}");
     assert!(matches!(
-        pool.claim().await,
+        engine.claim().await,
         Err(ClaimError::ShuttingDown { .. })
     ));
-    // The in-flight request finishes; then its instance goes too.
+    until(&engine, "restore cancelled", |s| s.restoring == 0).await;
+    assert_eq!(s.starts(), 2, "the second never finished");
+    // The in-flight lease finishes; then its instance goes too.
     drop(lease);
     closing.await.unwrap();
-    assert_eq!(pool.stats().instances, 0);
-    assert_eq!(f.stops(), 1);
+    assert!(engine.stats().is_empty());
+    assert_eq!(s.stops(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn an_app_that_fails_to_start_is_named_as_the_cause() {
-    let f = Scripted::new(Duration::from_millis(10));
-    f.app_fault.store(true, Ordering::SeqCst);
-    f.failures.lock().unwrap().push_back(true);
-    let (pool, _metrics) = pool(cfg(0, 2, 1), &f);
-    let err = pool.claim().await.unwrap_err();
+    let s = Script::new(Duration::from_millis(10), &[Step::AppFault]);
+    let (engine, _) = engine(sizing(0, 2, 1), &s);
+    let err = engine.claim().await.unwrap_err();
     assert!(
         matches!(
             err,
             ClaimError::Unavailable {
-                app_failed: true,
+                blame: Blame::App,
                 ..
             }
         ),
         "{err}"
     );
-    // The client hears whose fault it is, not the app's output.
+    // The client hears whose fault it is, not the details.
     assert_eq!(
         err.public_message(),
         "app app: the app failed to start; the operator has the details"
     );
-    // The operator gets the app's output.
-    let kept = pool.last_error().unwrap();
-    assert!(kept.contains("scripted crash in app-1"), "{kept}");
-    assert!(kept.contains("app output:\nError: boom"), "{kept}");
-    // New requests during the backoff are told the same, at once.
-    let again = pool.claim().await.unwrap_err();
+    let (kept, blame) = engine.last_error().unwrap();
+    assert!(
+        kept.contains("(the app's)") && kept.contains("scripted failure of app-"),
+        "{kept}"
+    );
+    assert_eq!(blame, Blame::App);
+    let again = engine.claim().await.unwrap_err();
     assert!(
         matches!(
             again,
             ClaimError::Unavailable {
-                app_failed: true,
+                blame: Blame::App,
                 ..
             }
         ),
         "{again}"
     );
-    assert_eq!(f.starts(), 1);
+    assert_eq!(s.starts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_detached_instance_leaves_and_the_engine_refills() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(2, usize::MAX, 1);
+    c.idle_timeout = None;
+    let (engine, _) = engine(c, &s);
+    until(&engine, "stocked", |s| s.instances == 2).await;
+    let (lease, held) = engine.claim().await.unwrap();
+    assert!(!held);
+    let taken = lease.detach().expect("alive");
+    assert_eq!(engine.stats().instances, 1);
+    until(&engine, "refilled", |s| s.instances == 2).await;
+    assert!(!engine.each(|f| f.name.clone()).contains(&taken.name));
+    // A detached instance is the taker's: the engine never stops it.
+    engine.close(Duration::from_secs(1)).await;
+    assert_eq!(s.stops(), 2);
 }

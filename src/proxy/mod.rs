@@ -13,6 +13,7 @@
 
 mod body;
 mod router;
+mod upstream;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -37,7 +38,7 @@ pub use body::LeasedBody;
 pub use router::{host_name, Router};
 
 use crate::pool::Pool;
-use crate::upstream::UpstreamClient;
+pub use upstream::{client as upstream_client, InstanceClients, UpstreamClient};
 
 /// Errors a response body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -51,6 +52,8 @@ pub enum Target {
     Pool {
         /// The pool.
         pool: Pool,
+        /// Clients of the pool's instances.
+        clients: InstanceClients,
         /// Longest wait for response headers.
         response_timeout: Duration,
         /// A path of the guest's that only snapgate calls (the image's
@@ -264,6 +267,7 @@ impl Proxy {
             }
             Target::Pool {
                 pool,
+                clients,
                 response_timeout,
                 ..
             } => match pool.claim().await {
@@ -278,12 +282,13 @@ impl Proxy {
                     resp
                 }
                 Ok(mut lease) => {
-                    let upstream = prepare(req, remote, &host, lease.endpoint().addr.into());
+                    let upstream = prepare(req, remote, &host, lease.address().addr.into());
                     let gone = lease.gone().clone();
-                    match send(lease.client(), upstream, Some(&gone), *response_timeout).await {
+                    let client = clients.for_lease(pool, &lease);
+                    match send(&client, upstream, Some(&gone), *response_timeout).await {
                         Ok(resp) => relay(resp, Some(lease)),
                         Err(failure) => {
-                            warn!(app, vm = %lease.vm(), "request failed: {}", failure.detail());
+                            warn!(app, vm = %lease.instance(), "request failed: {}", failure.detail());
                             if failure.breaks_instance() {
                                 lease.mark_broken();
                             }

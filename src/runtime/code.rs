@@ -337,7 +337,8 @@ impl CodeSource {
     }
 }
 
-/// Removes all but the newest `keep` images in `cache`.
+/// Removes all but the newest `keep` images in `cache`, skipping those a
+/// process pins ([`crate::snapshot::pin`]).
 fn prune(cache: &Path, keep: usize) {
     let mut images: Vec<(std::time::SystemTime, PathBuf)> = std::fs::read_dir(cache)
         .into_iter()
@@ -349,7 +350,9 @@ fn prune(cache: &Path, keep: usize) {
     images.sort();
     let old = images.len().saturating_sub(keep);
     for (_, path) in images.into_iter().take(old) {
-        let _ = std::fs::remove_file(path);
+        // A per-app snapshot a gateway serves opens its image at every
+        // restore: the gateway pins it.
+        crate::snapshot::pin::unless_pinned(&path, || std::fs::remove_file(&path).is_ok());
     }
 }
 

@@ -68,6 +68,16 @@ impl VmId {
         )
     }
 
+    /// A new id unique among every process on this host: `<prefix>-<pid>-<n>`,
+    /// `n` counting from 1 in each process. Run directories and pid files
+    /// are named by id, so two processes (a gateway and a `snapshot build`,
+    /// or a gateway and its predecessor's leftovers) never share one.
+    pub fn unique(prefix: &str) -> VmId {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        VmId::new(format!("{prefix}-{}-{n}", std::process::id()))
+    }
+
     /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -180,25 +190,25 @@ pub async fn discard(vmm: &dyn Vmm, vm: Vm, err: VmmError) -> VmmError {
     err
 }
 
-/// Where a VM's code slot file lives in its run directory.
-pub fn code_slot_path(run_dir: &std::path::Path) -> PathBuf {
-    run_dir.join("code.img")
+/// Where a VM's extra disk file lives in its run directory.
+pub fn extra_disk_path(run_dir: &std::path::Path) -> PathBuf {
+    run_dir.join("extra.img")
 }
 
-/// Creates the empty (sparse) code slot file of `spec` in `run_dir`, if the
-/// spec has one; every VM of a runtime gets its own.
-pub fn create_code_slot(
+/// Creates the empty (sparse) extra disk file of `spec` in `run_dir`, if
+/// the spec has one ([`ImageSpec::extra_disk_mib`]); every VM gets its own.
+pub fn create_extra_disk(
     spec: &ImageSpec,
     run_dir: &std::path::Path,
 ) -> Result<Option<PathBuf>, VmmError> {
-    let Some(mib) = spec.code_slot_mib else {
+    let Some(mib) = spec.extra_disk_mib else {
         return Ok(None);
     };
-    let path = code_slot_path(run_dir);
+    let path = extra_disk_path(run_dir);
     std::fs::File::create(&path)
         .and_then(|f| f.set_len(u64::from(mib) << 20))
         .map_err(|source| VmmError::Io {
-            what: "cannot create code slot",
+            what: "cannot create the extra disk",
             path: path.clone(),
             source,
         })?;
@@ -266,20 +276,20 @@ impl Vm {
         &self.spec.ready_path
     }
 
-    /// The file behind this VM's code disk, for runtime images
-    /// ([`ImageSpec::code_slot_mib`]): empty until an app's code is written
-    /// into it. The VMM reads it through its own descriptor, so writes made
-    /// here before the guest mounts the disk are what the guest sees.
-    pub fn code_slot(&self) -> Option<PathBuf> {
+    /// The file behind this VM's extra disk ([`ImageSpec::extra_disk_mib`]):
+    /// empty until the layer above writes into it. The VMM reads it through
+    /// its own descriptor and the host page cache, so what is written here
+    /// before the guest reads the disk is what the guest sees.
+    pub fn extra_disk(&self) -> Option<PathBuf> {
         self.spec
-            .code_slot_mib
-            .map(|_| code_slot_path(self.process.run_dir()))
+            .extra_disk_mib
+            .map(|_| extra_disk_path(self.process.run_dir()))
     }
 
-    /// Records the start message of the app this VM now runs (see
-    /// [`ImageSpec::app_start`]).
-    pub fn set_app_start(&mut self, message: String) {
-        self.spec.app_start = Some(message);
+    /// Records what ran on this template before its snapshot
+    /// ([`ImageSpec::prepared`]).
+    pub fn set_prepared(&mut self, message: String) {
+        self.spec.prepared = Some(message);
     }
 
     /// Points the endpoint and the readiness probe at what the guest serves
@@ -326,11 +336,12 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The VMM process exited while we still needed it.
-    #[error("VMM of {vm} exited ({status}) while {during}{}", tail_suffix(.log_tail))]
+    /// The VMM process exited while we still needed it; `status` is `None`
+    /// if it was found unusable while still running.
+    #[error("VMM of {vm} exited ({}) while {during}{}", status_text(.status), tail_suffix(.log_tail))]
     Exited {
         vm: VmId,
-        status: String,
+        status: Option<std::process::ExitStatus>,
         during: &'static str,
         log_tail: String,
     },
@@ -413,31 +424,13 @@ pub enum VmmError {
     /// The image spec or settings cannot be used.
     #[error("invalid VM settings: {0}")]
     Invalid(String),
-    /// The guest agent of a runtime clone could not be reached or failed on
-    /// its side (not because of the app).
-    #[error("guest agent of {vm}: {problem}")]
-    Agent { vm: VmId, problem: String },
-    /// A runtime app did not start: its code could not be packed, the
-    /// guest agent refused it (the disk does not mount, `main` is missing),
-    /// or the app exited or never answered. `output` is what the app
-    /// printed, from the console.
-    #[error("app {app}: {reason}{}", output_suffix(.output))]
-    App {
-        app: String,
-        reason: String,
-        output: String,
-    },
     /// Host networking failed.
     #[error(transparent)]
     Net(#[from] NetError),
 }
 
-fn output_suffix(output: &str) -> String {
-    if output.trim().is_empty() {
-        String::new()
-    } else {
-        format!("; app output:\n{}", output.trim_end())
-    }
+fn status_text(status: &Option<std::process::ExitStatus>) -> String {
+    status.map_or_else(|| "still running".into(), |s| s.to_string())
 }
 
 fn error_line_suffix(line: &Option<String>) -> String {

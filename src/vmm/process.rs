@@ -2,9 +2,15 @@
 //!
 //! Each VM gets `<state_dir>/run/<id>/` (control socket, VMM log, serial
 //! console) and `<state_dir>/vms/<id>.pid` holding `<pid> <start time>
-//! [<tap>]`. The
-//! start time (field 22 of `/proc/<pid>/stat`) guards against killing an
-//! unrelated process that reused a recorded pid.
+//! <tap or -> <owner pid> <owner start time>`, the owner being the process
+//! that spawned the VMM. A start time (field 22 of `/proc/<pid>/stat`)
+//! guards against taking an unrelated process that reused a recorded pid
+//! for the VMM or its owner. [`kill_stale`] kills only VMMs whose owner is
+//! gone.
+//!
+//! A VMM's exit is an event: each process has a pidfd (pidfd_open(2)),
+//! readable once it has exited ([`VmProcess::exit_event`]); any number of
+//! waiters can wait on it without reaping or polling.
 //!
 //! VMMs run in their own process group, so a Ctrl-C at the gateway's terminal
 //! reaches only the gateway, which then stops its VMs itself. Each VMM also
@@ -17,10 +23,12 @@ use std::ffi::OsString;
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 use std::time::Duration;
 
 use command_fds::{CommandFdExt, FdMapping};
+use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
 use super::{VmId, VmmError};
@@ -33,7 +41,9 @@ pub struct VmProcess {
     pid: u32,
     run_dir: PathBuf,
     pid_file: PathBuf,
-    exit: Option<String>,
+    exit: Option<ExitStatus>,
+    /// The process's pidfd (pidfd_open(2)): readable once it has exited.
+    pidfd: Option<Arc<AsyncFd<OwnedFd>>>,
 }
 
 /// The run directory of `id` under `state_dir`, emptied and created.
@@ -118,15 +128,18 @@ impl VmProcess {
         // closed when it drops here, so the tap lives only in the child.
         drop(cmd);
         let pid = child.id().unwrap_or(0);
+        let pidfd = exit_fd(pid);
         let pid_dir = state_dir.join("vms");
         let pid_file = pid_dir.join(format!("{id}.pid"));
         let record = std::fs::create_dir_all(&pid_dir).and_then(|()| {
             std::fs::write(
                 &pid_file,
                 format!(
-                    "{pid} {} {}\n",
+                    "{pid} {} {} {} {}\n",
                     start_time(pid).unwrap_or(0),
-                    tap.unwrap_or("")
+                    tap.unwrap_or("-"),
+                    std::process::id(),
+                    start_time(std::process::id()).unwrap_or(0),
                 ),
             )
         });
@@ -137,6 +150,7 @@ impl VmProcess {
             run_dir: run_dir.to_owned(),
             pid_file: pid_file.clone(),
             exit: None,
+            pidfd,
         };
         record.map_err(|source| VmmError::Io {
             what: "cannot record pid in",
@@ -161,25 +175,44 @@ impl VmProcess {
         self.run_dir.join("console.log")
     }
 
-    /// `Some(status)` once the process has exited.
-    pub fn exited(&mut self) -> Option<String> {
+    /// `Some(status)` once the process has exited (a non-blocking check).
+    pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
             if let Ok(Some(status)) = self.child.try_wait() {
-                self.exit = Some(status.to_string());
+                self.exit = Some(status);
             }
         }
-        self.exit.clone()
+        self.exit
+    }
+
+    /// A future that completes when the process exits: it waits on the
+    /// process's pidfd, so any number of them can wait without reaping the
+    /// process or polling. Pends for ever if the kernel gave no pidfd
+    /// (Linux before 5.3), logged once at spawn.
+    pub fn exit_event(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let fd = self.pidfd.clone();
+        async move {
+            match fd {
+                Some(fd) => {
+                    if let Err(e) = fd.readable().await {
+                        tracing::warn!("waiting on a VMM's pidfd: {e}");
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        }
     }
 
     /// Waits until the process exits; its status. Cancel-safe: dropping
     /// the future loses nothing. An error means the process cannot be
     /// waited on (it is not known to have exited).
-    pub async fn exit(&mut self) -> std::io::Result<String> {
-        if let Some(status) = &self.exit {
-            return Ok(status.clone());
+    pub async fn exit(&mut self) -> std::io::Result<ExitStatus> {
+        if let Some(status) = self.exit {
+            return Ok(status);
         }
-        let status = self.child.wait().await?.to_string();
-        self.exit = Some(status.clone());
+        let status = self.child.wait().await?;
+        self.exit = Some(status);
         Ok(status)
     }
 
@@ -187,19 +220,24 @@ impl VmProcess {
     /// the exit (with its last output) explains the failure better than the
     /// broken socket does.
     pub async fn explain(&mut self, err: VmmError, during: &'static str) -> VmmError {
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.child.wait()).await;
-        if self.exited().is_some() {
+        if self.exited_within(Duration::from_secs(1)).await {
             self.exited_error(during)
         } else {
             err
         }
     }
 
+    /// Whether the process exits within `grace` (or has already).
+    pub async fn exited_within(&mut self, grace: Duration) -> bool {
+        let _ = tokio::time::timeout(grace, self.exit()).await;
+        self.exited().is_some()
+    }
+
     /// An error for a VMM that exited `during` a step, with its last output.
     pub fn exited_error(&mut self, during: &'static str) -> VmmError {
         VmmError::Exited {
             vm: self.id.clone(),
-            status: self.exited().unwrap_or_else(|| "still running".into()),
+            status: self.exited(),
             during,
             log_tail: self.log_tail(),
         }
@@ -248,7 +286,7 @@ impl VmProcess {
                 path: PathBuf::from(self.id.as_str()),
                 source,
             })?;
-            self.exit = Some(status.to_string());
+            self.exit = Some(status);
         }
         Ok(())
     }
@@ -308,6 +346,34 @@ fn error_line(console: &str) -> Option<String> {
         .or_else(|| last(tail, HALTS))
 }
 
+/// A pidfd for `pid`, registered with the tokio reactor.
+fn exit_fd(pid: u32) -> Option<Arc<AsyncFd<OwnedFd>>> {
+    let opened = rustix::process::Pid::from_raw(pid as i32)
+        .ok_or_else(|| std::io::Error::other("no pid"))
+        .and_then(|pid| {
+            rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())
+                .map_err(std::io::Error::from)
+        })
+        .and_then(|fd| {
+            #[allow(unsafe_code)]
+            // SAFETY: the pidfd is an OwnedFd moved into the AsyncFd, which
+            // owns it until it is dropped and deregistered: nothing else can
+            // close it while it is registered.
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        });
+    match opened {
+        Ok(fd) => Some(Arc::new(fd)),
+        Err(e) => {
+            tracing::warn!(
+                pid,
+                "no pidfd for the VMM ({e}): its exit is noticed only when checked"
+            );
+            None
+        }
+    }
+}
+
 /// Field 22 of `/proc/<pid>/stat`: the process start time in clock ticks.
 fn start_time(pid: u32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -340,6 +406,14 @@ pub fn kill_stale(state_dir: &Path) -> Stale {
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         let fields: Vec<&str> = text.split_whitespace().collect();
         let number = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+        // The VM of a process that still runs (a `snapshot build` next to
+        // the gateway, or this very process) is not stale.
+        if let (Some(owner), Some(owner_started)) = (number(3), number(4)) {
+            let owner = owner as u32;
+            if owner > 0 && start_time(owner) == Some(owner_started) {
+                continue;
+            }
+        }
         if let (Some(pid), Some(started)) = (number(0), number(1)) {
             let pid = pid as u32;
             if pid > 0 && start_time(pid) == Some(started) {
@@ -350,7 +424,7 @@ pub fn kill_stale(state_dir: &Path) -> Stale {
                 }
             }
         }
-        if let Some(tap) = fields.get(2) {
+        if let Some(tap) = fields.get(2).filter(|t| **t != "-") {
             stale.taps.push((*tap).to_owned());
         }
         let _ = std::fs::remove_file(&path);
@@ -436,12 +510,24 @@ mod tests {
             format!("{} 1\n", std::process::id()),
         )
         .unwrap();
-        // Forget the process as a crashed gateway would (no kill on drop).
+        // While its owner (this process) lives, it is not stale.
+        assert_eq!(kill_stale(state.path()).killed, Vec::<u32>::new());
+        assert!(state.path().join("vms/stale-1.pid").exists());
+        // Its owner "died": rewrite the owner's start time as another's.
+        let file = state.path().join("vms/stale-1.pid");
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut fields: Vec<&str> = text.split_whitespace().collect();
+        fields[4] = "1";
+        std::fs::write(&file, fields.join(" ")).unwrap();
         let stale = kill_stale(state.path());
         assert_eq!(stale.killed, vec![pid]);
         assert_eq!(stale.taps, vec!["sgtest0".to_string()]);
         p.stop(Duration::from_secs(5)).await.unwrap();
-        assert!(p.exited().unwrap().contains("SIGKILL"), "{:?}", p.exited());
+        assert!(
+            p.exited().unwrap().to_string().contains("SIGKILL"),
+            "{:?}",
+            p.exited()
+        );
         assert!(!state.path().join("vms/stale-1.pid").exists());
         assert!(!state.path().join("vms/other.pid").exists());
     }

@@ -206,9 +206,9 @@ impl Qemu {
         push(&["-serial", &serial, "-qmp", &qmp]);
         let nic = format!("virtio-net-{bus},netdev=net0,mac={}", self.net.guest_mac);
         push(&["-netdev", "tap,id=net0,fd=3", "-device", &nic]);
-        let code_slot = spec.code_slot_mib.map(|_| super::code_slot_path(run_dir));
+        let extra_disk = spec.extra_disk_mib.map(|_| super::extra_disk_path(run_dir));
         let disks = spec.disks.iter().map(|d| d.path.as_path());
-        for (i, path) in disks.chain(code_slot.as_deref()).enumerate() {
+        for (i, path) in disks.chain(extra_disk.as_deref()).enumerate() {
             let drive = format!(
                 "id=disk{i},file={},format=raw,if=none,readonly=on",
                 escape(path)
@@ -245,7 +245,7 @@ impl Qemu {
     ) -> Result<(Vm, Qmp), VmmError> {
         let started = Instant::now();
         let run_dir = make_run_dir(&self.state_dir, &id)?;
-        super::create_code_slot(spec, &run_dir)?;
+        super::create_extra_disk(spec, &run_dir)?;
         let args = self.args(&id, spec, &cmdline, memory, &run_dir, incoming);
         let process = VmProcess::spawn(
             &id,
@@ -552,7 +552,7 @@ mod tests {
     fn command_line_for_template_and_clone() {
         let q = tcg_driver();
         let spec: ImageSpec = serde_yaml_ng::from_str(
-            "kernel: /k\ninitramfs: /i\ncmdline: x\ndisks: [{path: '/d,1'}]\ncode_slot_mib: 8\n",
+            "kernel: /k\ninitramfs: /i\ncmdline: x\ndisks: [{path: '/d,1'}]\nextra_disk_mib: 8\n",
         )
         .unwrap();
         let id = VmId::new("t1");
@@ -566,8 +566,8 @@ mod tests {
         assert!(joined.contains("-netdev tap,id=net0,fd=3"));
         assert!(joined.contains("virtio-net-device,netdev=net0,mac=02:73:67:00:00:02"));
         assert!(joined.contains("file=/d,,1,format=raw,if=none,readonly=on"));
-        // The code slot comes after the image's disks, from the VM's run dir.
-        assert!(joined.contains("id=disk1,file=/r/code.img,format=raw,if=none,readonly=on"));
+        // The extra disk comes after the image's disks, from the VM's run dir.
+        assert!(joined.contains("id=disk1,file=/r/extra.img,format=raw,if=none,readonly=on"));
         assert!(!joined.contains("-incoming"));
         let clone: Vec<String> = q
             .args(

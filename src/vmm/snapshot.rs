@@ -16,9 +16,11 @@ use crate::net::NetParams;
 
 const MANIFEST: &str = "manifest.json";
 /// The manifest format. 2: VMs on QEMU's `pc` machine have a `vmgenid`
-/// device, so snapshots of format 1 lack a device their clones would have;
-/// they are refused and, at start-up, rebuilt.
-const FORMAT: u32 = 2;
+/// device, so snapshots of format 1 lack a device their clones would have.
+/// 3: the spec's extra disk and prepared step have their own names
+/// (`extra_disk_mib`, `prepared`). Older formats are refused and, at
+/// start-up, rebuilt.
+const FORMAT: u32 = 3;
 
 /// One file of a snapshot and its size when the snapshot was taken.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

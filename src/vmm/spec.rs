@@ -135,17 +135,19 @@ pub struct ImageSpec {
     /// first request; see [`OnRestore`]. Off by default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_restore: Option<OnRestore>,
-    /// Runtime images only (snapgate sets it from the runtime's
-    /// `code_disk_mib`): one more read-only disk after `disks`, of this many
-    /// MiB, backed by a file of each VM's own (`Vm::code_slot`) that starts
-    /// empty and receives an app's code when a clone is claimed.
+    /// One more read-only disk after `disks`, of this many MiB, backed by
+    /// a file of each VM's own ([`crate::vmm::Vm::extra_disk`]) that starts
+    /// empty (sparse) and that the layer above may fill before the guest
+    /// reads it. Set by snapgate (a runtime's `code_disk_mib`), never in a
+    /// config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code_slot_mib: Option<u32>,
-    /// Per-app snapshots of runtime apps only (snapgate sets it): the start
-    /// message the app was started with before the snapshot, so a changed
-    /// `main` or `env` makes the snapshot stale.
+    pub extra_disk_mib: Option<u32>,
+    /// What ran on the template between its readiness and its snapshot,
+    /// as the layer that ran it describes it (opaque here): recorded so a
+    /// change to it makes the snapshot stale. Set by snapgate, never in a
+    /// config.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub app_start: Option<String>,
+    pub prepared: Option<String>,
 }
 
 impl ImageSpec {
@@ -194,10 +196,10 @@ impl ImageSpec {
         if let Some(hook) = &self.on_restore {
             problems.extend(hook.validate(&self.ready_path));
         }
-        if let Some(mib) = self.code_slot_mib {
+        if let Some(mib) = self.extra_disk_mib {
             if !(1..=MAX_CODE_DISK_MIB).contains(&mib) {
                 problems.push(FieldError::new(
-                    "code_slot_mib",
+                    "extra_disk_mib",
                     format!("{mib} is not within 1..={MAX_CODE_DISK_MIB}"),
                 ));
             }

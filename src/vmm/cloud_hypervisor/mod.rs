@@ -79,7 +79,7 @@ pub struct CloudHypervisor {
 }
 
 /// The VmConfig body of `vm.create` for `spec`, for a VM whose run
-/// directory is `run_dir` (serial console log, code slot).
+/// directory is `run_dir` (serial console log, extra disk).
 pub fn vm_config(spec: &ImageSpec, cmdline: &str, run_dir: &Path) -> Value {
     let console = run_dir.join("console.log");
     let mut payload = json!({
@@ -89,14 +89,14 @@ pub fn vm_config(spec: &ImageSpec, cmdline: &str, run_dir: &Path) -> Value {
     if let Some(initramfs) = &spec.initramfs {
         payload["initramfs"] = json!(initramfs);
     }
-    let code_slot = spec
-        .code_slot_mib
-        .map(|_| crate::vmm::code_slot_path(run_dir));
+    let extra_disk = spec
+        .extra_disk_mib
+        .map(|_| crate::vmm::extra_disk_path(run_dir));
     let disks: Vec<Value> = spec
         .disks
         .iter()
         .map(|d| d.path.as_path())
-        .chain(code_slot.as_deref())
+        .chain(extra_disk.as_deref())
         .map(|path| json!({ "path": path, "readonly": true }))
         .collect();
     let mut config = json!({
@@ -191,7 +191,7 @@ impl CloudHypervisor {
 
 /// Prepares `<run_dir>/source/`: the snapshot's `config.json` with the
 /// serial console pointed at this clone's log and, for runtime images, the
-/// last disk (the code slot) at this clone's own file; links to the rest.
+/// last disk (the extra disk) at this clone's own file; links to the rest.
 pub fn clone_source(
     snapshot: &Snapshot,
     run_dir: &Path,
@@ -212,15 +212,15 @@ pub fn clone_source(
     if config["serial"]["mode"] == "File" {
         config["serial"]["file"] = json!(console);
     }
-    if snapshot.manifest().spec.code_slot_mib.is_some() {
+    if snapshot.manifest().spec.extra_disk_mib.is_some() {
         let slot = config["disks"]
             .as_array_mut()
             .and_then(|disks| disks.last_mut())
             .ok_or_else(|| VmmError::SnapshotFile {
                 path: config_path.clone(),
-                problem: "a runtime snapshot without disks: the code slot is missing".into(),
+                problem: "a snapshot with an extra disk has no disks".into(),
             })?;
-        slot["path"] = json!(crate::vmm::code_slot_path(run_dir));
+        slot["path"] = json!(crate::vmm::extra_disk_path(run_dir));
     }
     let out = dir.join("config.json");
     std::fs::write(&out, config.to_string()).map_err(io("cannot write", &out))?;
@@ -251,7 +251,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
-        crate::vmm::create_code_slot(spec, &run_dir)?;
+        crate::vmm::create_extra_disk(spec, &run_dir)?;
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
         let t = Instant::now();
@@ -311,7 +311,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
-        crate::vmm::create_code_slot(&m.spec, &run_dir)?;
+        crate::vmm::create_extra_disk(&m.spec, &run_dir)?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
@@ -367,12 +367,12 @@ mod tests {
     #[test]
     fn bodies_follow_the_api_shapes() {
         let spec: ImageSpec = serde_yaml_ng::from_str(
-            "kernel: /k\ninitramfs: /i\ncmdline: x\nmemory_mib: 128\nvcpus: 2\ndisks: [{path: /d}]\ncode_slot_mib: 8\n",
+            "kernel: /k\ninitramfs: /i\ncmdline: x\nmemory_mib: 128\nvcpus: 2\ndisks: [{path: /d}]\nextra_disk_mib: 8\n",
         )
         .unwrap();
         let c = vm_config(&spec, "console=ttyS0", Path::new("/run"));
         assert_eq!(c["serial"]["file"], "/run/console.log");
-        assert_eq!(c["disks"][1]["path"], "/run/code.img");
+        assert_eq!(c["disks"][1]["path"], "/run/extra.img");
         assert_eq!(c["disks"][1]["readonly"], true);
         assert_eq!(c["memory"]["size"], 128u64 << 20);
         assert_eq!(c["cpus"]["boot_vcpus"], 2);
@@ -385,11 +385,11 @@ mod tests {
     }
 
     #[test]
-    fn each_clone_restores_with_its_own_console_and_code_slot() {
+    fn each_clone_restores_with_its_own_console_and_extra_disk() {
         let snap = tempfile::tempdir().unwrap();
         let run = tempfile::tempdir().unwrap();
         let spec: ImageSpec = serde_yaml_ng::from_str(
-            "kernel: /k\ncmdline: x\ndisks: [{path: /root.img}]\ncode_slot_mib: 8\n",
+            "kernel: /k\ncmdline: x\ndisks: [{path: /root.img}]\nextra_disk_mib: 8\n",
         )
         .unwrap();
         // The template's config.json, as CH writes it: the template's slot.
@@ -415,7 +415,7 @@ mod tests {
         assert_eq!(config["disks"][0]["path"], "/root.img");
         assert_eq!(
             config["disks"][1]["path"],
-            json!(run.path().join("code.img")),
+            json!(run.path().join("extra.img")),
             "{config}"
         );
         assert_eq!(config["serial"]["file"], json!(console));

@@ -1,20 +1,33 @@
 //! Wiring: from a validated config to a running gateway, and back to
 //! nothing.
 //!
-//! Start-up, in order:
-//! 1. Kill VMMs a previous run left (pid files in `<state_dir>/vms/`), then
-//!    delete the taps recorded with them.
-//! 2. For each VM app, use its snapshot if it was taken from the configured
+//! # Start-up, in order
+//! 1. Take the exclusive lock on `state_dir` ([`StateLock`]): a second
+//!    gateway on the same directory stops here, having touched nothing.
+//! 2. Kill VMMs an earlier gateway left (pid files in `<state_dir>/vms/`
+//!    whose owner process is gone), then delete the taps recorded with
+//!    them. VMs of a live `snapgate snapshot build` are left alone.
+//! 3. Bind the listener and the admin listener: a taken port fails
+//!    start-up before any VM exists.
+//! 4. For each VM app, use its snapshot if it was taken from the configured
 //!    image as it is now, else boot a template and take one. Runtime apps:
 //!    pack each app's code; ensure the runtime's shared snapshot (and start
 //!    its stock of warm clones) or, for `snapshot: app`, the app's own.
-//! 3. Start each app's pool (which pre-warms `min_warm` instances) and
-//!    serve on the listener and the admin listener (bound before step 1, so
-//!    a taken port fails start-up before any VM exists).
+//!    Every snapshot used is opened at its own directory and pinned
+//!    ([`crate::snapshot::pin`]) for the gateway's life, as is the code
+//!    image of a per-app snapshot.
+//! 5. Start each app's pool (which pre-warms `min_warm` instances) and
+//!    serve.
 //!
-//! [`Running::shutdown`]: stop accepting, let in-flight requests finish for
-//! `shutdown_grace`, close every pool (failing held requests with 503 and
-//! destroying every VM, whose taps go with it), then every runtime stock.
+//! # Tasks
+//! Every task (listeners, connections' owner, each engine's maintenance,
+//! restores, stops and exit waiters) runs on one [`Tasks`] tracker under
+//! one cancel token. [`Running::shutdown`]: stop accepting, let in-flight
+//! requests finish for `shutdown_grace`, close every pool (failing held
+//! requests with 503 and destroying every VM, whose taps go with it), then
+//! every runtime stock, then cancel and wait for every task. Dropping
+//! [`Running`] without a shutdown cancels every task: VMs being restored
+//! are dropped (which kills their VMMs); instances die with the process.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -28,14 +41,22 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+mod snapshots;
+mod state;
+
+pub use snapshots::{build as build_snapshots, driver, job_for_app};
+pub use state::{StateLock, StateLockError};
+
+use state::lock as lock_state_dir;
+
 use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
-use crate::pool::{Factory, Pool, PoolMetrics, SnapshotFactory};
+use crate::pool::{AppFactory, ForApp, Pool, PoolMetrics, SnapshotFactory, Tasks};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
 use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
-use crate::snapshot_cmd::{Builder, Job};
+use crate::snapshot::{Builder, Job, Pin};
 use crate::vmm::{Snapshot, Vmm};
-use crate::{admin, snapshot_cmd, upstream, vmm};
+use crate::{admin, vmm};
 
 /// A running gateway.
 pub struct Running {
@@ -49,18 +70,33 @@ pub struct Running {
     pub registry: Registry,
     /// Runtime stocks by runtime name (runtimes whose apps start from the
     /// shared snapshot).
-    pub runtimes: HashMap<String, Arc<Runtime>>,
+    pub runtimes: HashMap<String, Runtime>,
     /// Runtime metrics.
     pub runtime_metrics: runtime::RuntimeMetrics,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    tasks: Tasks,
+    /// The snapshots and code images the gateway restores from.
+    _pins: Vec<Pin>,
+    /// The gateway's exclusive lock on its `state_dir`.
+    _state_lock: StateLock,
+}
+
+impl Drop for Running {
+    /// Dropping the handle without [`Running::shutdown`] still stops
+    /// everything: every task is cancelled (restores in flight drop their
+    /// VMs, which kills their VMMs) and the listeners close.
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.tasks.cancel.cancel();
+    }
 }
 
 /// Starts the gateway described by `config`; progress lines go to `out`.
 pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Result<Running> {
-    std::fs::create_dir_all(&config.state_dir)
-        .with_context(|| format!("creating state_dir {}", config.state_dir.display()))?;
+    // Before anything else: a second gateway touches nothing.
+    let state_lock = lock_state_dir(&config.state_dir)?;
     let net = Network::new(config.network.clone())?;
     let stale = vmm::process::kill_stale(&config.state_dir);
     let removed = net.remove_taps(&stale.taps).await?;
@@ -82,8 +118,11 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
     let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
-    let driver = snapshot_cmd::driver(config)?;
+    let driver = driver(config)?;
+    let tasks = Tasks::default();
     let mut factories = Factories {
+        tasks: tasks.clone(),
+        pins: Vec::new(),
         config,
         driver: driver.clone(),
         net: net.clone(),
@@ -98,7 +137,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             let target = match app.upstream() {
                 Upstream::Static(addr) => Target::Static {
                     addr,
-                    client: upstream::client(None),
+                    client: crate::proxy::upstream_client(None),
                     response_timeout: app.response_timeout,
                 },
                 Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => {
@@ -116,7 +155,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                         _ => None,
                     };
                     Target::Pool {
-                        pool: Pool::new(name.clone(), pool_cfg, factory, pool_metrics.clone()),
+                        clients: Default::default(),
+                        pool: Pool::new(name.clone(), &pool_cfg, factory, pool_metrics.clone(), &tasks),
                         response_timeout: app.response_timeout,
                         internal_path,
                     }
@@ -128,6 +168,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     }
     .await;
     let runtimes = factories.runtimes;
+    let pins = factories.pins;
     if let Err(e) = built {
         // Nothing half-started stays behind: VMs made so far are destroyed.
         for target in targets.values() {
@@ -138,6 +179,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         for runtime in runtimes.values() {
             runtime.close(std::time::Duration::from_secs(5)).await;
         }
+        tasks.cancel.cancel();
         return Err(e);
     }
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
@@ -146,14 +188,16 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let listen = listener.local_addr()?;
     let admin = admin_listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(crate::proxy::serve(
+    let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
         proxy.clone(),
         config.header_read_timeout,
         stop_rx.clone(),
         config.shutdown_grace,
     ));
-    let admin_task = tokio::spawn(admin::serve(admin_listener, registry.clone(), stop_rx));
+    let admin_task = tasks
+        .tracker
+        .spawn(admin::serve(admin_listener, registry.clone(), stop_rx));
     info!(%listen, %admin, "serving");
     writeln!(
         out,
@@ -169,6 +213,9 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         stop,
         server,
         admin_task,
+        tasks,
+        _pins: pins,
+        _state_lock: state_lock,
     })
 }
 
@@ -176,12 +223,14 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
 /// reusing) the snapshots they start from and starting each runtime's stock
 /// once, for all its apps.
 struct Factories<'a> {
+    tasks: Tasks,
+    pins: Vec<Pin>,
     config: &'a Config,
     driver: Arc<dyn Vmm>,
     net: Network,
     builder: Builder<'a>,
     runtime_metrics: runtime::RuntimeMetrics,
-    runtimes: HashMap<String, Arc<Runtime>>,
+    runtimes: HashMap<String, Runtime>,
 }
 
 impl Factories<'_> {
@@ -189,7 +238,7 @@ impl Factories<'_> {
         &mut self,
         name: &str,
         out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<Arc<dyn Factory>> {
+    ) -> anyhow::Result<AppFactory> {
         let (driver, net) = (self.driver.clone(), self.net.clone());
         let rt_app = match self.config.apps[name].upstream() {
             Upstream::Vm(spec, _) => {
@@ -198,7 +247,8 @@ impl Factories<'_> {
                     .on_restore
                     .as_ref()
                     .map(|h| h.hook(spec.guest_port, &spec.ready_path));
-                return Ok(Arc::new(SnapshotFactory::new(driver, net, snapshot, hook)));
+                let factory = SnapshotFactory::new(driver, net, snapshot, hook);
+                return Ok(ForApp::boxed(factory));
             }
             Upstream::Runtime(rt_app, _) => rt_app,
             Upstream::Static(_) => unreachable!("static apps have no factory"),
@@ -224,38 +274,51 @@ impl Factories<'_> {
                 let stock = match self.runtimes.get(rt_name) {
                     Some(stock) => stock.clone(),
                     None => {
-                        let snapshot = self.ensure(&Job::runtime(rt_name, rt_cfg), out).await?;
+                        let job = snapshots::runtime_job(rt_name, rt_cfg);
+                        let snapshot = self.ensure(&job, out).await?;
                         writeln!(out, "runtime {rt_name}: min_warm={}", rt_cfg.min_warm)?;
                         let stock = Runtime::start(
                             rt_name,
-                            driver,
-                            net,
-                            snapshot,
+                            SnapshotFactory::new(driver, net, snapshot, None),
                             rt_cfg.min_warm,
+                            rt_cfg.start_timeout,
                             self.runtime_metrics.clone(),
+                            &self.tasks,
                         );
                         self.runtimes.insert(rt_name.clone(), stock.clone());
                         stock
                     }
                 };
                 let start = StartSpec::new(name, rt_app, rt_cfg);
-                Arc::new(RuntimeFactory::new(stock, code, start))
+                ForApp::boxed(RuntimeFactory::new(stock, code, start))
             }
             StartFrom::App => {
-                let job = Job::app_in_runtime(name, rt_app, rt_cfg, &image);
+                let job = snapshots::app_in_runtime_job(name, rt_app, rt_cfg, &image);
                 let snapshot = self.ensure(&job, out).await?;
+                // Its clones open the code image at every restore.
+                let code_pin = crate::snapshot::pin::pin(&image.path)
+                    .with_context(|| format!("{name}: pinning its code image"))?;
+                self.pins.push(code_pin);
                 let agent_port = rt_cfg.image.guest_port;
                 let hook = runtime::agent_hook(agent_port, &rt_cfg.image.ready_path);
-                Arc::new(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
+                ForApp::boxed(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
             }
         })
     }
 
-    async fn ensure(&self, job: &Job, out: &mut (dyn Write + Send)) -> anyhow::Result<Snapshot> {
-        self.builder
+    /// The job's snapshot, pinned for as long as the gateway runs.
+    async fn ensure(
+        &mut self,
+        job: &Job,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<Snapshot> {
+        let (snapshot, pin) = self
+            .builder
             .ensure(job, out)
             .await
-            .with_context(|| format!("{}: preparing its snapshot", job.name))
+            .with_context(|| format!("{}: preparing its snapshot", job.name))?;
+        self.pins.push(pin);
+        Ok(snapshot)
     }
 }
 
@@ -270,21 +333,25 @@ impl Running {
     }
 
     /// Stops accepting, lets in-flight requests finish (at most the grace
-    /// period), then closes every pool and destroys every VM.
-    pub async fn shutdown(self) {
+    /// period), then closes every pool and destroys every VM; returns once
+    /// every task of the gateway has ended.
+    pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         // Held requests get their 503 now, not after the grace period.
         for pool in self.proxy.pools() {
             pool.begin_close();
         }
-        let _ = self.server.await;
-        let _ = self.admin_task.await;
+        let _ = (&mut self.server).await;
+        let _ = (&mut self.admin_task).await;
         for pool in self.proxy.pools() {
             pool.close(std::time::Duration::from_secs(5)).await;
         }
         for runtime in self.runtimes.values() {
             runtime.close(std::time::Duration::from_secs(5)).await;
         }
+        self.tasks.cancel.cancel();
+        self.tasks.tracker.close();
+        self.tasks.tracker.wait().await;
         info!("stopped");
     }
 }

@@ -16,17 +16,16 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::Context;
 use async_trait::async_trait;
 
-use crate::config::{Config, RuntimeAppConfig, RuntimeConfig, StartFrom, Upstream};
 use crate::net::Network;
-use crate::runtime::{self, AppTemplate, CodeImage, CodeSource, StartSpec};
-use crate::vmm::cloud_hypervisor::CloudHypervisor;
-use crate::vmm::qemu::Qemu;
-use crate::vmm::{ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError, VmmKind};
+use crate::vmm::{ImageSpec, Snapshot, Vm, VmId, Vmm};
+
+/// Why a [`Prepare`] step failed: its own layer's error.
+pub type PrepareError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A step between a template's readiness and its snapshot: a per-app
 /// snapshot of a runtime app starts the app here.
@@ -34,35 +33,22 @@ use crate::vmm::{ImageSpec, Snapshot, Vm, VmId, Vmm, VmmError, VmmKind};
 pub trait Prepare: Send + Sync {
     /// Runs on the ready template; may change what it serves
     /// ([`Vm::serve_at`]): the snapshot records the spec as it is after.
-    async fn prepare(&self, vmm: &dyn Vmm, vm: &mut Vm) -> Result<(), VmmError>;
+    async fn prepare(&self, vmm: &dyn Vmm, vm: &mut Vm) -> Result<(), PrepareError>;
     /// The spec a snapshot prepared from `boot` records.
     fn prepared_spec(&self, boot: &ImageSpec) -> ImageSpec;
 }
 
-/// The VMM driver the config asks for.
-pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
-    let binary = config.vmm.binary();
-    Ok(match config.vmm.kind {
-        VmmKind::Qemu => Arc::new(Qemu::new(
-            binary,
-            config.vmm.accel,
-            &config.state_dir,
-            config.network.clone(),
-        )?),
-        VmmKind::CloudHypervisor => Arc::new(CloudHypervisor::new(
-            binary,
-            &config.state_dir,
-            config.network.clone(),
-            config.vmm.memory_restore_mode,
-        )),
-    })
-}
+pub mod pin;
 
-/// Snapshots kept per app: the current one and the one before it.
+pub use pin::Pin;
+
+/// Snapshots kept per app: the current one and the one before it (and any
+/// older one a gateway still serves: see [`pin`]).
 pub const KEEP: usize = 2;
 
 /// Removes all but the newest `keep` snapshot directories (named by their
-/// creation time in ms) of one app; returns what it removed.
+/// creation time in ms) of one app, skipping those a process pins (its
+/// `manifest.json`: [`pin_snapshot`]); returns what it removed.
 pub fn prune(app_dir: &Path, keep: usize) -> Vec<PathBuf> {
     let mut dirs: Vec<(u128, PathBuf)> = std::fs::read_dir(app_dir)
         .into_iter()
@@ -75,9 +61,31 @@ pub fn prune(app_dir: &Path, keep: usize) -> Vec<PathBuf> {
     let old = dirs.len().saturating_sub(keep);
     dirs.into_iter()
         .take(old)
-        .filter(|(_, dir)| std::fs::remove_dir_all(dir).is_ok())
+        .filter(|(_, dir)| {
+            let manifest = dir.join("manifest.json");
+            if !manifest.exists() {
+                // Unfinished (a build that died): nobody can serve it.
+                return std::fs::remove_dir_all(dir).is_ok();
+            }
+            pin::unless_pinned(&manifest, || std::fs::remove_dir_all(dir).is_ok())
+        })
         .map(|(_, dir)| dir)
         .collect()
+}
+
+/// Pins `snapshot` for this process: no prune removes it while the pin
+/// lives ([`pin`]).
+pub fn pin_snapshot(snapshot: &Snapshot) -> std::io::Result<Pin> {
+    pin::pin(&snapshot.dir().join("manifest.json"))
+}
+
+/// The directory `current` points at, so a gateway keeps restoring from
+/// the snapshot it chose even when a later build switches `current`.
+fn resolve_current(current: &Path) -> PathBuf {
+    match std::fs::read_link(current) {
+        Ok(target) => current.parent().map_or(target.clone(), |p| p.join(target)),
+        Err(_) => current.to_owned(),
+    }
 }
 
 /// The link to the snapshot in use for `app`.
@@ -128,51 +136,6 @@ impl Job {
         }
     }
 
-    /// A runtime's shared snapshot.
-    pub fn runtime(name: &str, runtime: &RuntimeConfig) -> Job {
-        Job {
-            name: runtime::snapshot_name(name),
-            spec: runtime.spec(),
-            prepare: None,
-        }
-    }
-
-    /// The own snapshot of runtime app `app` (`snapshot: app`), with its
-    /// code packed as `code`.
-    pub fn app_in_runtime(
-        app: &str,
-        cfg: &RuntimeAppConfig,
-        runtime: &RuntimeConfig,
-        code: &CodeImage,
-    ) -> Job {
-        Job {
-            name: app.to_owned(),
-            spec: runtime::app_image(runtime, &code.path),
-            prepare: Some(Box::new(AppTemplate {
-                start: StartSpec::new(app, cfg, runtime),
-            })),
-        }
-    }
-
-    /// The snapshot `app` starts from (packing its code if it needs it), or
-    /// `None` for a static app.
-    pub fn for_app(config: &Config, app: &str) -> anyhow::Result<Option<Job>> {
-        Ok(Some(match config.apps[app].upstream() {
-            Upstream::Static(_) => return Ok(None),
-            Upstream::Vm(spec, _) => Job::vm_app(app, spec),
-            Upstream::Runtime(cfg, _) => {
-                let rt = &config.runtimes[&cfg.name];
-                match cfg.snapshot {
-                    StartFrom::Runtime => Job::runtime(&cfg.name, rt),
-                    StartFrom::App => {
-                        let code = CodeSource::for_app(config, app, cfg).current()?;
-                        Job::app_in_runtime(app, cfg, rt, &code)
-                    }
-                }
-            }
-        }))
-    }
-
     /// The spec the snapshot records: what `prepare` leaves, or the boot spec.
     fn recorded_spec(&self) -> ImageSpec {
         match &self.prepare {
@@ -208,29 +171,39 @@ impl<'a> Builder<'a> {
     }
 
     /// The job's current snapshot if it was taken from the job as it is
-    /// now, else a freshly built one.
+    /// now, else a freshly built one; pinned for this process (taken under
+    /// the build lock, so no prune can slip in between), and opened at its
+    /// own directory, not through `current`: a later build that switches
+    /// `current` changes nothing for this process.
     pub async fn ensure(
         &self,
         job: &Job,
         out: &mut (dyn Write + Send),
-    ) -> anyhow::Result<Snapshot> {
+    ) -> anyhow::Result<(Snapshot, Pin)> {
         let name = &job.name;
         let _lock = lock(&self.snapshot_dir, name).await?;
         let current = current_snapshot(&self.snapshot_dir, name);
         let vmm = self.vmm;
-        match Snapshot::open(&current) {
+        let snapshot = match Snapshot::open(&resolve_current(&current)) {
             Ok(s) if s.is_current_for(vmm.kind(), vmm.accel(), &job.recorded_spec(), vmm.net()) => {
-                writeln!(out, "{name}: using snapshot {}", current.display())?;
-                return Ok(s);
+                writeln!(out, "{name}: using snapshot {}", s.dir().display())?;
+                s
             }
-            Ok(_) => writeln!(
-                out,
-                "{name}: snapshot is stale (image, spec, network, VMM or accelerator changed)"
-            )?,
-            Err(_) if !current.exists() => writeln!(out, "{name}: no snapshot yet")?,
-            Err(e) => writeln!(out, "{name}: snapshot unusable: {e}")?,
-        }
-        self.build_locked(job, out).await
+            stale => {
+                match stale {
+                    Ok(_) => writeln!(
+                        out,
+                        "{name}: snapshot is stale (image, spec, network, VMM or accelerator changed)"
+                    )?,
+                    Err(_) if !current.exists() => writeln!(out, "{name}: no snapshot yet")?,
+                    Err(e) => writeln!(out, "{name}: snapshot unusable: {e}")?,
+                }
+                self.build_locked(job, out).await?
+            }
+        };
+        let pin = pin_snapshot(&snapshot)
+            .with_context(|| format!("{name}: pinning {}", snapshot.dir().display()))?;
+        Ok((snapshot, pin))
     }
 
     async fn build_locked(
@@ -243,7 +216,7 @@ impl<'a> Builder<'a> {
         writeln!(out, "{app}: booting template with {}", vmm.kind())?;
         let tap = self.net.create_tap().await?;
         let mut vm = vmm
-            .boot(VmId::new(format!("{app}-template")), spec, tap)
+            .boot(VmId::unique(&format!("{app}-template")), spec, tap)
             .await?;
         writeln!(
             out,
@@ -266,7 +239,11 @@ impl<'a> Builder<'a> {
         if let Some(prepare) = &job.prepare {
             let t = Instant::now();
             if let Err(e) = prepare.prepare(vmm, &mut vm).await {
-                return Err(crate::vmm::discard(vmm, vm, e).await.into());
+                let id = vm.id().clone();
+                if let Err(d) = vmm.destroy(vm).await {
+                    tracing::warn!(vm = %id, "destroying a template that failed: {}", crate::display_chain(&d));
+                }
+                return Err(anyhow::anyhow!("{}", crate::display_chain(&*e)));
             }
             writeln!(
                 out,
@@ -302,49 +279,6 @@ impl<'a> Builder<'a> {
         )?;
         Ok(snapshot)
     }
-}
-
-/// `snapgate snapshot build`: builds the snapshots `apps` start from (every
-/// VM and runtime app when empty): a VM app's own; for a runtime app, its
-/// runtime's shared snapshot (once), or with `snapshot: app` the app's own.
-pub async fn build(
-    config: &Config,
-    apps: &[String],
-    out: &mut (dyn Write + Send),
-) -> anyhow::Result<Vec<Snapshot>> {
-    let vm_apps: Vec<&String> = config
-        .apps
-        .iter()
-        .filter(|(_, a)| !matches!(a.upstream(), Upstream::Static(_)))
-        .map(|(n, _)| n)
-        .collect();
-    for name in apps {
-        if !vm_apps.contains(&name) {
-            let known: Vec<&str> = vm_apps.iter().map(|s| s.as_str()).collect();
-            anyhow::bail!(
-                "no VM or runtime app {name:?} in the config (they are: {})",
-                known.join(", ")
-            );
-        }
-    }
-    let selected: Vec<&String> = if apps.is_empty() {
-        vm_apps
-    } else {
-        apps.iter().collect()
-    };
-    let net = Network::new(config.network.clone())?;
-    let vmm = driver(config)?;
-    let builder = Builder::new(vmm.as_ref(), &net, config.snapshot_dir());
-    let mut built = Vec::new();
-    let mut done = std::collections::HashSet::new();
-    for app in selected {
-        let job = Job::for_app(config, app)?.expect("static apps were filtered out");
-        // Apps of one runtime share its snapshot: built once.
-        if done.insert(job.name.clone()) {
-            built.push(builder.build(&job, out).await?);
-        }
-    }
-    Ok(built)
 }
 
 #[cfg(test)]

@@ -35,3 +35,31 @@ pub fn client(interface: Option<&str>) -> UpstreamClient {
         .timer(TokioTimer::new())
         .build(connector)
 }
+
+/// The clients of one pool's instances, one per instance (its connector
+/// bound to the instance's tap), made on an instance's first lease. The
+/// proxy owns them; a lease only names its instance.
+#[derive(Default)]
+pub struct InstanceClients {
+    clients: dashmap::DashMap<String, UpstreamClient>,
+}
+
+impl InstanceClients {
+    /// The client of the instance `lease` names. Making a new one also
+    /// drops the clients of instances `pool` no longer has.
+    pub fn for_lease(
+        &self,
+        pool: &crate::pool::Pool,
+        lease: &crate::pool::Lease,
+    ) -> UpstreamClient {
+        if let Some(client) = self.clients.get(lease.instance()) {
+            return client.clone();
+        }
+        let made = client(Some(&lease.address().tap));
+        self.clients
+            .insert(lease.instance().to_owned(), made.clone());
+        let live = pool.instance_names();
+        self.clients.retain(|name, _| live.contains(name));
+        made
+    }
+}

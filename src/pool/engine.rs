@@ -1,0 +1,737 @@
+//! The instance engine: one state machine for every set of instances
+//! snapgate keeps (an app's pool, a runtime's stock of clones), generic
+//! over what an instance is ([`Instance`]) and how one starts ([`Factory`]).
+//!
+//! # Protocol
+//! 1. One `std::sync::Mutex` guards an engine's [`State`]: its members, the
+//!    restores in flight, the hold queue (see `hold.rs`) and the backoff. It
+//!    is never held across an `.await`; starts and stops run outside it.
+//!    Every change ends in `publish`, which updates the [`Observer`] and the
+//!    [`Stats`] watch that tests and close wait on.
+//! 2. Restores: `start_restores` starts enough for the hold queue
+//!    (`ceil(queued / max_concurrency)`) and for `min_warm`, minus those in
+//!    flight, within `max_instances`, never during a backoff. Each restore
+//!    is a task on the engine's tracker, owned by a `Restoring` guard that
+//!    takes its slot back on drop, so a panicking or cancelled start never
+//!    loses capacity. A start that does not finish within `start_timeout`
+//!    is dropped (an instance half made is destroyed with it: dropping a
+//!    `Vm` kills its VMM) and counts as a failure. Close cancels restores
+//!    in flight.
+//! 3. A started instance joins as a member and gets one exit waiter: a
+//!    task that waits on the instance's exit event ([`Instance::exited`])
+//!    and, when it fires, cancels the member's `gone` token (requests in
+//!    flight on it end at once), marks it draining and wakes maintenance.
+//!    Leasing also checks, under the lock, that the process still runs
+//!    ([`Instance::has_exited`]), so a VMM that died a moment ago is never
+//!    leased.
+//! 4. A failure (error, timeout, panic) arms a backoff (0.5 s doubling to
+//!    30 s) and, if nothing can serve the queue, fails the queue with it.
+//! 5. Maintenance (one task per engine) wakes on a notification, at the
+//!    next idle deadline or when the backoff ends: it stops draining
+//!    members with nothing in flight, reaps members idle for `idle_timeout`
+//!    down to `min_warm`, and restores up to `min_warm`. Reaping and leasing
+//!    both run under the lock and reaping only takes members with nothing
+//!    in flight, so a lease and the reaper never both win a member.
+//! 6. Stops run as tasks on the tracker, counted in `State::stopping`.
+//! 7. Close: no new leases or restores; the queue fails at once; restores
+//!    in flight are cancelled; idle members stop; busy ones stop as their
+//!    last lease ends. [`Engine::close`] then waits on the stats watch
+//!    until nothing is left (or its deadline), cancels the engine's tasks
+//!    and waits for them on the tracker.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::FutureExt;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{error, info, warn};
+
+use super::hold::Waiter;
+
+/// A future that completes when an instance's process has exited.
+pub type ExitEvent = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
+
+/// What the engine needs of an instance.
+pub trait Instance: Send + 'static {
+    /// Where the instance serves, as the layer above needs it (for a VM:
+    /// its [`crate::vmm::Endpoint`]).
+    type Address: Clone + Send + Sync + 'static;
+    /// Its id, for logs.
+    fn name(&self) -> String;
+    /// Its address.
+    fn address(&self) -> Self::Address;
+    /// Whether its process has exited, and how: a non-blocking check.
+    fn has_exited(&mut self) -> Option<ExitStatus>;
+    /// Completes when its process exits (for a VM, the VMM process's
+    /// pidfd becomes readable): the engine's one waiter per instance.
+    fn exited(&self) -> ExitEvent;
+}
+
+/// Whose fault a failed start was: it decides what a client is told
+/// and how operators read the error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Blame {
+    /// The app itself: its code did not load, it crashed or never
+    /// answered.
+    App,
+    /// The host, the VMM or the guest below the app.
+    Host,
+}
+
+/// An error a [`Factory`] start can fail with.
+pub trait StartError: std::error::Error + Send + Sync + 'static {
+    /// Whose fault it is.
+    fn blame(&self) -> Blame {
+        Blame::Host
+    }
+}
+
+/// Why a start failed, as the engine records it.
+#[derive(Debug, thiserror::Error)]
+pub enum StartFailure {
+    /// The factory returned an error.
+    #[error("{error}")]
+    Failed {
+        /// The factory's error.
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
+        /// Whose fault it was.
+        blame: Blame,
+    },
+    /// The start did not finish within `start_timeout`.
+    #[error("the start did not finish within {:.1}s (start_timeout)", .0.as_secs_f64())]
+    TimedOut(Duration),
+    /// The start panicked; the message is the panic's.
+    #[error("the start panicked: {0}")]
+    Panicked(String),
+}
+
+impl StartFailure {
+    /// Whose fault it is.
+    pub fn blame(&self) -> Blame {
+        match self {
+            StartFailure::Failed { blame, .. } => *blame,
+            _ => Blame::Host,
+        }
+    }
+}
+
+/// Starts and stops instances of one kind.
+#[async_trait]
+pub trait Factory: Send + Sync + 'static {
+    /// What it starts.
+    type Instance: Instance;
+    /// How a start fails.
+    type Error: StartError;
+    /// Starts one instance named `id` and returns it once it can serve.
+    /// Must be cancel-safe: a dropped start leaves nothing running.
+    async fn start(&self, id: crate::vmm::VmId) -> Result<Self::Instance, Self::Error>;
+    /// Stops an instance and waits until it is gone.
+    async fn stop(&self, instance: Self::Instance) -> Result<(), Self::Error>;
+}
+
+/// Events and counts of an engine, for its owner's metrics.
+pub trait Observer: Send + Sync + 'static {
+    /// The counts changed.
+    fn publish(&self, stats: &Stats);
+    /// An instance started in `took`.
+    fn restored(&self, took: Duration);
+    /// A start failed.
+    fn restore_failed(&self);
+    /// An idle instance was reaped.
+    fn reaped(&self);
+    /// An instance's process died or it broke a request.
+    fn instance_failed(&self);
+}
+
+/// How many instances an engine keeps and how it hands them out.
+#[derive(Clone, Debug)]
+pub struct Sizing {
+    /// Members kept started and idle.
+    pub min_warm: usize,
+    /// Most members plus restores at once.
+    pub max_instances: usize,
+    /// Most leases one member holds at once.
+    pub max_concurrency: usize,
+    /// An idle member is reaped after this long (down to `min_warm`);
+    /// `None` never reaps.
+    pub idle_timeout: Option<Duration>,
+    /// Longest one start may take.
+    pub start_timeout: Duration,
+    /// Most claims waiting at once.
+    pub hold_queue: usize,
+    /// Longest a claim waits.
+    pub hold_timeout: Duration,
+}
+
+/// Counts of an engine, published on every change.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Members: ready, serving or draining.
+    pub instances: usize,
+    /// Members serving at least one lease.
+    pub leased: usize,
+    /// Members draining (dead, broken or closing).
+    pub draining: usize,
+    /// Restores in flight.
+    pub restoring: usize,
+    /// Claims waiting in the hold queue.
+    pub queued: usize,
+    /// Stops in flight.
+    pub stopping: usize,
+    /// The most members plus restores there ever were at once.
+    pub peak: usize,
+    /// Whether the engine was closed.
+    pub closed: bool,
+}
+
+impl Stats {
+    /// Nothing left: no member, restore or stop.
+    pub fn is_empty(&self) -> bool {
+        self.instances == 0 && self.restoring == 0 && self.stopping == 0
+    }
+}
+
+/// Where an engine's tasks live: the gateway's tracker and cancel token
+/// (each engine makes a child token of it).
+#[derive(Clone, Default)]
+pub struct Tasks {
+    /// Tracks every task.
+    pub tracker: TaskTracker,
+    /// Cancels every task.
+    pub cancel: CancellationToken,
+}
+
+pub(super) struct Member<I: Instance> {
+    pub(super) instance: I,
+    pub(super) key: u64,
+    pub(super) address: I::Address,
+    pub(super) in_flight: usize,
+    pub(super) idle_since: Instant,
+    pub(super) draining: bool,
+    /// Cancelled when its process dies.
+    pub(super) gone: CancellationToken,
+    /// Cancelled when it leaves the engine: ends its exit waiter.
+    pub(super) left: CancellationToken,
+}
+
+pub(super) struct State<F: Factory> {
+    pub(super) members: Vec<Member<F::Instance>>,
+    pub(super) restoring: usize,
+    pub(super) stopping: usize,
+    pub(super) waiters: VecDeque<Waiter<F>>,
+    pub(super) next_waiter: u64,
+    pub(super) failures: u32,
+    pub(super) retry_at: Option<Instant>,
+    pub(super) last_error: Option<(String, Blame)>,
+    pub(super) closed: bool,
+    pub(super) peak: usize,
+}
+
+pub(super) struct Shared<F: Factory> {
+    pub(super) name: String,
+    pub(super) sizing: Sizing,
+    pub(super) factory: F,
+    pub(super) state: Mutex<State<F>>,
+    pub(super) wake: Notify,
+    pub(super) observer: Arc<dyn Observer>,
+    seq: AtomicU64,
+    pub(super) tracker: TaskTracker,
+    /// Cancels every task of this engine.
+    cancel: CancellationToken,
+    /// Cancels restores in flight (on close).
+    restores: CancellationToken,
+    stats: watch::Sender<Stats>,
+}
+
+/// A set of instances of one factory (module doc). Cheap to clone.
+pub struct Engine<F: Factory> {
+    pub(super) shared: Arc<Shared<F>>,
+}
+
+impl<F: Factory> Clone for Engine<F> {
+    fn clone(&self) -> Self {
+        Engine {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How long to wait after `failures` failed starts in a row: 0.5 s,
+/// doubling, at most 30 s.
+pub fn backoff(failures: u32) -> Duration {
+    BACKOFF_BASE
+        .saturating_mul(1u32 << failures.saturating_sub(1).min(10))
+        .min(BACKOFF_MAX)
+}
+
+impl<F: Factory> Engine<F> {
+    /// An engine named `name` (its instances are `<name>-<n>`), whose
+    /// tasks run on `tasks`; maintenance starts at once and restores
+    /// `min_warm` instances.
+    pub fn new(
+        name: impl Into<String>,
+        sizing: Sizing,
+        factory: F,
+        observer: Arc<dyn Observer>,
+        tasks: &Tasks,
+    ) -> Engine<F> {
+        let cancel = tasks.cancel.child_token();
+        let shared = Arc::new(Shared {
+            name: name.into(),
+            sizing,
+            factory,
+            state: Mutex::new(State {
+                members: Vec::new(),
+                restoring: 0,
+                stopping: 0,
+                waiters: VecDeque::new(),
+                next_waiter: 0,
+                failures: 0,
+                retry_at: None,
+                last_error: None,
+                closed: false,
+                peak: 0,
+            }),
+            wake: Notify::new(),
+            observer,
+            seq: AtomicU64::new(1),
+            tracker: tasks.tracker.clone(),
+            restores: cancel.child_token(),
+            cancel,
+            stats: watch::channel(Stats::default()).0,
+        });
+        shared.publish(&shared.lock());
+        shared.tracker.spawn(maintain(shared.clone()));
+        Engine { shared }
+    }
+
+    /// The factory it starts instances with.
+    pub fn factory(&self) -> &F {
+        &self.shared.factory
+    }
+
+    /// The engine's name.
+    pub fn name(&self) -> &str {
+        &self.shared.name
+    }
+
+    /// Current counts.
+    pub fn stats(&self) -> Stats {
+        *self.shared.stats.borrow()
+    }
+
+    /// A watch of the counts, updated on every change.
+    pub fn watch(&self) -> watch::Receiver<Stats> {
+        self.shared.stats.subscribe()
+    }
+
+    /// The last failed start's error, while starts keep failing, and
+    /// whose fault it was.
+    pub fn last_error(&self) -> Option<(String, Blame)> {
+        self.shared.lock().last_error.clone()
+    }
+
+    /// Applies `f` to every member.
+    pub fn each<T>(&self, mut f: impl FnMut(&F::Instance) -> T) -> Vec<T> {
+        let st = self.shared.lock();
+        st.members.iter().map(|m| f(&m.instance)).collect()
+    }
+
+    /// Starts closing (module doc, step 7).
+    pub fn begin_close(&self) {
+        let shared = &self.shared;
+        let waiters = {
+            let mut st = shared.lock();
+            st.closed = true;
+            let waiters: Vec<Waiter<F>> = st.waiters.drain(..).collect();
+            let (idle, busy): (Vec<_>, Vec<_>) =
+                st.members.drain(..).partition(|m| m.in_flight == 0);
+            st.members = busy;
+            for m in &mut st.members {
+                m.draining = true;
+            }
+            for member in idle {
+                shared.stop(&mut st, member);
+            }
+            shared.publish(&st);
+            waiters
+        };
+        shared.restores.cancel();
+        for w in waiters {
+            w.shutting_down();
+        }
+        shared.wake.notify_one();
+    }
+
+    /// Closes ([`Engine::begin_close`]) and waits, at most `within`, until
+    /// every member, restore and stop is gone; then ends the engine's
+    /// tasks. Members still leased at the deadline are killed when their
+    /// leases end.
+    pub async fn close(&self, within: Duration) {
+        self.begin_close();
+        let mut stats = self.watch();
+        let emptied = tokio::time::timeout(within, stats.wait_for(Stats::is_empty)).await;
+        if emptied.is_err() {
+            warn!(engine = %self.shared.name, stats = ?self.stats(), "instances still running after close");
+        }
+        self.shared.cancel.cancel();
+    }
+}
+
+impl<F: Factory> Shared<F> {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State<F>> {
+        // A panic while holding the lock leaves counts that may be off by
+        // one; serving on is better than poisoning every later request.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes the counts (module doc, step 1).
+    pub(super) fn publish(&self, st: &State<F>) {
+        let stats = Stats {
+            instances: st.members.len(),
+            leased: st
+                .members
+                .iter()
+                .filter(|m| m.in_flight > 0 && !m.draining)
+                .count(),
+            draining: st.members.iter().filter(|m| m.draining).count(),
+            restoring: st.restoring,
+            queued: st.waiters.len(),
+            stopping: st.stopping,
+            peak: st.peak,
+            closed: st.closed,
+        };
+        self.observer.publish(&stats);
+        self.stats.send_replace(stats);
+    }
+
+    /// Starts restores (module doc, step 2); `extra` more than `min_warm`.
+    pub(super) fn start_restores(self: &Arc<Self>, st: &mut State<F>) {
+        if st.closed || st.retry_at.is_some_and(|t| t > Instant::now()) {
+            return;
+        }
+        let sizing = &self.sizing;
+        let for_queue = st.waiters.len().div_ceil(sizing.max_concurrency.max(1));
+        let live = st.members.iter().filter(|m| !m.draining).count();
+        let for_warm = sizing.min_warm.saturating_sub(live);
+        let need = for_queue.max(for_warm).saturating_sub(st.restoring);
+        let room = sizing
+            .max_instances
+            .saturating_sub(st.members.len() + st.restoring);
+        for _ in 0..need.min(room) {
+            st.restoring += 1;
+            st.peak = st.peak.max(st.members.len() + st.restoring);
+            let id = crate::vmm::VmId::unique(&self.name);
+            let guard = Restoring {
+                shared: self.clone(),
+                armed: true,
+            };
+            self.tracker.spawn(restore(guard, id));
+        }
+    }
+
+    /// Stops `member`, just taken out of `st` (which the caller has
+    /// locked), on a tracked task counted in `stopping` from this moment
+    /// (module doc, step 6). Without a tokio runtime (process exit) the
+    /// instance is dropped, which for a VM kills its VMM.
+    pub(super) fn stop(self: &Arc<Self>, st: &mut State<F>, member: Member<F::Instance>) {
+        member.left.cancel();
+        if tokio::runtime::Handle::try_current().is_err() {
+            return;
+        }
+        st.stopping += 1;
+        let guard = Stopping {
+            shared: self.clone(),
+        };
+        self.tracker.spawn(async move {
+            let name = member.instance.name();
+            if let Err(e) = guard.shared.factory.stop(member.instance).await {
+                error!(engine = %guard.shared.name, vm = %name, "stopping instance: {}", crate::display_chain(&e));
+            }
+            drop(guard);
+        });
+    }
+
+    /// Marks the member `key` dead (module doc, step 3).
+    fn on_exit(self: &Arc<Self>, key: u64) {
+        let mut st = self.lock();
+        if let Some(m) = st.members.iter_mut().find(|m| m.key == key) {
+            let status = m.instance.has_exited();
+            self.mark_dead(m, status);
+        }
+        self.publish(&st);
+        drop(st);
+        self.wake.notify_one();
+    }
+
+    /// A member whose process exited: no new leases, leases in flight end.
+    pub(super) fn mark_dead(&self, m: &mut Member<F::Instance>, status: Option<ExitStatus>) {
+        m.gone.cancel();
+        if !m.draining {
+            let status = status.map_or_else(|| "exit event".into(), |s| s.to_string());
+            warn!(engine = %self.name, vm = %m.instance.name(), "VMM exited ({status}); replacing it");
+            self.observer.instance_failed();
+            m.draining = true;
+        }
+    }
+
+    /// Records a failed start (module doc, step 4); returns the waiters to
+    /// fail and the backoff.
+    fn failed(
+        self: &Arc<Self>,
+        st: &mut State<F>,
+        err: &StartFailure,
+    ) -> (Vec<Waiter<F>>, Duration) {
+        st.failures += 1;
+        let wait = backoff(st.failures);
+        st.retry_at = Some(Instant::now() + wait);
+        st.last_error = Some((crate::display_chain(err), err.blame()));
+        let serving = st.members.iter().any(|m| !m.draining);
+        // Nothing else will serve the queue: fail it now, clearly.
+        let failed = if !serving && st.restoring == 0 {
+            st.waiters.drain(..).collect()
+        } else {
+            Vec::new()
+        };
+        (failed, wait)
+    }
+}
+
+/// A restore slot; dropping it (cancelled, panicked) gives the slot back
+/// and wakes maintenance. A restore that ends normally gives it back under
+/// the same lock as its outcome ([`Restoring::settle`]).
+struct Restoring<F: Factory> {
+    shared: Arc<Shared<F>>,
+    armed: bool,
+}
+
+impl<F: Factory> Restoring<F> {
+    /// Gives the slot back in `st`, which the caller has locked.
+    fn settle(mut self, st: &mut State<F>) {
+        st.restoring -= 1;
+        self.armed = false;
+    }
+}
+
+impl<F: Factory> Drop for Restoring<F> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let mut st = self.shared.lock();
+        st.restoring -= 1;
+        self.shared.publish(&st);
+        drop(st);
+        self.shared.wake.notify_one();
+    }
+}
+
+/// A stop in flight, undone on drop.
+struct Stopping<F: Factory> {
+    shared: Arc<Shared<F>>,
+}
+
+impl<F: Factory> Drop for Stopping<F> {
+    fn drop(&mut self) {
+        let mut st = self.shared.lock();
+        st.stopping -= 1;
+        self.shared.publish(&st);
+    }
+}
+
+/// One start, bounded by `start_timeout`, cancelled on close, its panic
+/// caught (module doc, steps 2 to 4).
+async fn start_one<F: Factory>(
+    shared: &Arc<Shared<F>>,
+    id: crate::vmm::VmId,
+) -> Option<Result<F::Instance, StartFailure>> {
+    let timeout = shared.sizing.start_timeout;
+    let start = std::panic::AssertUnwindSafe(shared.factory.start(id)).catch_unwind();
+    tokio::select! {
+        _ = shared.restores.cancelled() => None,
+        r = tokio::time::timeout(timeout, start) => Some(match r {
+            Err(_) => Err(StartFailure::TimedOut(timeout)),
+            Ok(Err(panic)) => Err(StartFailure::Panicked(panic_message(&panic))),
+            Ok(Ok(Err(e))) => {
+                let blame = e.blame();
+                Err(StartFailure::Failed { error: Box::new(e), blame })
+            }
+            Ok(Ok(Ok(instance))) => Ok(instance),
+        }),
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
+    let shared = guard.shared.clone();
+    let started = Instant::now();
+    info!(engine = %shared.name, vm = %id, "restoring");
+    let Some(result) = start_one(&shared, id.clone()).await else {
+        info!(engine = %shared.name, vm = %id, "restore cancelled: closing");
+        return;
+    };
+    match result {
+        Ok(instance) => {
+            let took = started.elapsed();
+            shared.observer.restored(took);
+            info!(engine = %shared.name, vm = %id, "ready after {:.0} ms", took.as_secs_f64() * 1e3);
+            join(&shared, guard, instance);
+        }
+        Err(e) => {
+            shared.observer.restore_failed();
+            error!(engine = %shared.name, vm = %id, "restore failed: {}", crate::display_chain(&e));
+            let (waiters, wait) = {
+                let mut st = shared.lock();
+                // The slot goes back before the queue hears of the failure.
+                guard.settle(&mut st);
+                let failed = shared.failed(&mut st, &e);
+                shared.publish(&st);
+                failed
+            };
+            let reason: Arc<str> = e.to_string().into();
+            for w in waiters {
+                w.unavailable(&reason, e.blame(), wait);
+            }
+            shared.wake.notify_one();
+        }
+    }
+}
+
+/// Adds a started instance as a member, with its exit waiter, and serves
+/// the queue (module doc, step 3).
+fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::Instance) {
+    let key = shared.seq.fetch_add(1, Ordering::Relaxed);
+    let left = shared.cancel.child_token();
+    let exited = instance.exited();
+    let (undelivered, joined) = {
+        let mut st = shared.lock();
+        guard.settle(&mut st);
+        st.failures = 0;
+        st.retry_at = None;
+        st.last_error = None;
+        let member = Member {
+            address: instance.address(),
+            instance,
+            key,
+            in_flight: 0,
+            idle_since: Instant::now(),
+            draining: false,
+            gone: CancellationToken::new(),
+            left: left.clone(),
+        };
+        if st.closed {
+            shared.stop(&mut st, member);
+            shared.publish(&st);
+            (Vec::new(), false)
+        } else {
+            st.members.push(member);
+            let undelivered = shared.dispatch(&mut st);
+            shared.publish(&st);
+            (undelivered, true)
+        }
+    };
+    drop(undelivered);
+    if joined {
+        let waiter = shared.clone();
+        shared.tracker.spawn(async move {
+            tokio::select! {
+                _ = exited => waiter.on_exit(key),
+                _ = left.cancelled() => {}
+            }
+        });
+    }
+    shared.wake.notify_one();
+}
+
+/// The maintenance task (module doc, step 5).
+async fn maintain<F: Factory>(shared: Arc<Shared<F>>) {
+    loop {
+        let next = {
+            let mut st = shared.lock();
+            let now = Instant::now();
+            let mut to_stop = Vec::new();
+            let mut i = 0;
+            while i < st.members.len() {
+                let m = &st.members[i];
+                if m.draining && m.in_flight == 0 {
+                    to_stop.push(st.members.remove(i));
+                } else {
+                    i += 1;
+                }
+            }
+            let next = reap(&shared, &mut st, now, &mut to_stop);
+            for member in to_stop {
+                shared.stop(&mut st, member);
+            }
+            shared.start_restores(&mut st);
+            shared.publish(&st);
+            next
+        };
+        let sleep = async {
+            match next {
+                Some(t) => tokio::time::sleep_until(t).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = sleep => {}
+            _ = shared.wake.notified() => {}
+            _ = shared.cancel.cancelled() => return,
+        }
+    }
+}
+
+/// Reaps members idle for `idle_timeout`, oldest first, down to
+/// `min_warm`; returns when maintenance is next due.
+fn reap<F: Factory>(
+    shared: &Shared<F>,
+    st: &mut State<F>,
+    now: Instant,
+    to_stop: &mut Vec<Member<F::Instance>>,
+) -> Option<Instant> {
+    let mut next = st.retry_at.filter(|t| *t > now);
+    let Some(idle_timeout) = shared.sizing.idle_timeout else {
+        return next;
+    };
+    let mut live = st.members.iter().filter(|m| !m.draining).count();
+    while live > shared.sizing.min_warm && !st.closed {
+        let oldest = st
+            .members
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| !m.draining && m.in_flight == 0)
+            .min_by_key(|(_, m)| m.idle_since);
+        let Some((pos, member)) = oldest else { break };
+        let due = member.idle_since + idle_timeout;
+        if due > now {
+            next = Some(next.map_or(due, |n| n.min(due)));
+            break;
+        }
+        let member = st.members.remove(pos);
+        info!(engine = %shared.name, vm = %member.instance.name(), "reaped after {:.1}s idle", (now - member.idle_since).as_secs_f64());
+        shared.observer.reaped();
+        to_stop.push(member);
+        live -= 1;
+    }
+    next
+}

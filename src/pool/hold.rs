@@ -1,0 +1,409 @@
+//! Leases and the hold queue, on top of the engine's state.
+//!
+//! # Protocol
+//! 1. [`Engine::claim`] takes the lock and leases the busiest member that
+//!    still has room (`in_flight < max_concurrency`) and whose process
+//!    still runs, packing requests so the others can go idle and be
+//!    reaped. With no room anywhere it queues the claim (bounded by
+//!    `hold_queue`) and starts the restores the queue needs; the claim
+//!    then waits at most `hold_timeout`.
+//! 2. A queued claim owns a `Queued` guard: when the claim is dropped (its
+//!    client went away) or times out, the guard takes it off the queue and
+//!    publishes the new depth at once.
+//! 3. A [`Lease`] is a value; dropping it takes the lock, decrements its
+//!    member's `in_flight`, stamps `idle_since` when it reaches zero, and
+//!    hands freed capacity to queued claims in order. A lease marked
+//!    broken drains its member: no new leases, stopped when its last
+//!    lease ends. [`Lease::detach`] takes the member out of the engine
+//!    for good (a runtime clone handed to an app).
+//! 4. Capacity is handed to the queue (`dispatch`) under the lock; leases
+//!    whose claimer went away in the meantime come back and are dropped
+//!    after the lock is released.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
+
+use super::engine::{Blame, Engine, Factory, Instance, Shared, State};
+
+/// Why a claim got no instance. Each maps to a 503 with `Retry-After`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClaimError {
+    /// The hold queue is full.
+    #[error("app {app}: no instance free ({instances} running, {restoring} starting) and {queued} requests already waiting")]
+    QueueFull {
+        /// The app.
+        app: String,
+        /// Instances running.
+        instances: usize,
+        /// Restores in flight.
+        restoring: usize,
+        /// Requests in the hold queue.
+        queued: usize,
+    },
+    /// The request waited `hold_timeout` without getting an instance.
+    #[error("app {app}: no instance became free within {:.1}s", .waited.as_secs_f64())]
+    HoldTimeout {
+        /// The app.
+        app: String,
+        /// How long it waited.
+        waited: Duration,
+    },
+    /// Instances cannot be started right now.
+    #[error("app {app}: cannot start an instance: {reason}")]
+    Unavailable {
+        /// The app.
+        app: String,
+        /// The last start's error.
+        reason: Arc<str>,
+        /// Whose fault the last failed start was.
+        blame: Blame,
+        /// When the next attempt is due.
+        retry_after: Duration,
+    },
+    /// The gateway is shutting down.
+    #[error("app {app}: shutting down")]
+    ShuttingDown {
+        /// The app.
+        app: String,
+    },
+}
+
+impl ClaimError {
+    /// What a client is told: no internals (paths, VMM output), which go
+    /// to the log and [`Engine::last_error`] instead.
+    pub fn public_message(&self) -> String {
+        match self {
+            ClaimError::Unavailable {
+                app,
+                blame: Blame::App,
+                ..
+            } => format!("app {app}: the app failed to start; the operator has the details"),
+            ClaimError::Unavailable { app, .. } => {
+                format!("app {app}: cannot start an instance right now")
+            }
+            other => other.to_string(),
+        }
+    }
+
+    /// The `outcome` label of `snapgate_claims_total`.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            ClaimError::QueueFull { .. } => "queue_full",
+            ClaimError::HoldTimeout { .. } => "hold_timeout",
+            ClaimError::Unavailable { .. } => "unavailable",
+            ClaimError::ShuttingDown { .. } => "shutting_down",
+        }
+    }
+
+    /// Seconds a client should wait before retrying.
+    pub fn retry_after(&self) -> u64 {
+        match self {
+            ClaimError::Unavailable { retry_after, .. } => retry_after.as_secs().max(1),
+            ClaimError::ShuttingDown { .. } => 5,
+            _ => 1,
+        }
+    }
+}
+
+/// A claim waiting in the hold queue.
+pub(super) struct Waiter<F: Factory> {
+    id: u64,
+    app: String,
+    tx: oneshot::Sender<Result<Lease<F>, ClaimError>>,
+}
+
+impl<F: Factory> Waiter<F> {
+    /// Fails the claim: the engine is closing.
+    pub(super) fn shutting_down(self) {
+        let _ = self
+            .tx
+            .send(Err(ClaimError::ShuttingDown { app: self.app }));
+    }
+
+    /// Fails the claim with a start's failure.
+    pub(super) fn unavailable(self, reason: &Arc<str>, blame: Blame, retry_after: Duration) {
+        let _ = self.tx.send(Err(ClaimError::Unavailable {
+            app: self.app,
+            reason: reason.clone(),
+            blame,
+            retry_after,
+        }));
+    }
+}
+
+/// The right to use one member: send it requests (the pool's leases), or
+/// take it for good ([`Lease::detach`]). Dropping it gives the capacity
+/// back (module doc, step 3).
+pub struct Lease<F: Factory> {
+    shared: Arc<Shared<F>>,
+    key: u64,
+    name: String,
+    address: <F::Instance as Instance>::Address,
+    gone: CancellationToken,
+    broken: bool,
+    detached: bool,
+}
+
+impl<F: Factory> std::fmt::Debug for Lease<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("engine", &self.shared.name)
+            .field("instance", &self.name)
+            .finish()
+    }
+}
+
+impl<F: Factory> Lease<F> {
+    /// The instance's name.
+    pub fn instance(&self) -> &str {
+        &self.name
+    }
+
+    /// Where the instance serves.
+    pub fn address(&self) -> &<F::Instance as Instance>::Address {
+        &self.address
+    }
+
+    /// Cancelled if the instance's process dies while leased.
+    pub fn gone(&self) -> &CancellationToken {
+        &self.gone
+    }
+
+    /// Marks the instance as failed (it broke a request): it takes no new
+    /// leases and is stopped when its last lease ends.
+    pub fn mark_broken(&mut self) {
+        self.broken = true;
+    }
+
+    /// Takes the instance out of the engine for good, which then starts
+    /// another if `min_warm` asks for one. `None` if its process has died
+    /// (the engine stops it).
+    pub fn detach(mut self) -> Option<F::Instance> {
+        self.detached = true;
+        let shared = self.shared.clone();
+        let instance = {
+            let mut st = shared.lock();
+            let pos = st.members.iter().position(|m| m.key == self.key)?;
+            let mut member = st.members.remove(pos);
+            member.left.cancel();
+            let instance = match member.instance.has_exited() {
+                None => Some(member.instance),
+                Some(status) => {
+                    shared.mark_dead(&mut member, Some(status));
+                    shared.stop(&mut st, member);
+                    None
+                }
+            };
+            shared.start_restores(&mut st);
+            shared.publish(&st);
+            instance
+        };
+        shared.wake.notify_one();
+        instance
+    }
+}
+
+impl<F: Factory> Drop for Lease<F> {
+    fn drop(&mut self) {
+        if !self.detached {
+            self.shared.release(self.key, self.broken);
+        }
+    }
+}
+
+/// A claim in the queue; dropping it takes the claim off the queue
+/// (module doc, step 2).
+struct Queued<F: Factory> {
+    shared: Arc<Shared<F>>,
+    id: u64,
+}
+
+impl<F: Factory> Queued<F> {
+    /// Takes the claim off the queue; whether it was still there.
+    fn leave(&self) -> bool {
+        let mut st = self.shared.lock();
+        let before = st.waiters.len();
+        st.waiters.retain(|w| w.id != self.id);
+        let removed = st.waiters.len() < before;
+        if removed {
+            self.shared.publish(&st);
+        }
+        removed
+    }
+}
+
+impl<F: Factory> Drop for Queued<F> {
+    fn drop(&mut self) {
+        self.leave();
+    }
+}
+
+impl<F: Factory> Engine<F> {
+    /// Leases a member, holding the claim while none is free (module doc,
+    /// step 1); also whether it had to wait.
+    pub async fn claim(&self) -> Result<(Lease<F>, bool), ClaimError> {
+        let shared = &self.shared;
+        let started = Instant::now();
+        let (queued, mut rx) = {
+            let mut st = shared.lock();
+            if st.closed {
+                return Err(shared.shutting_down());
+            }
+            if let Some(lease) = shared.try_lease(&mut st) {
+                shared.publish(&st);
+                return Ok((lease, false));
+            }
+            if st.waiters.len() >= shared.sizing.hold_queue {
+                return Err(ClaimError::QueueFull {
+                    app: shared.name.clone(),
+                    instances: st.members.len(),
+                    restoring: st.restoring,
+                    queued: st.waiters.len(),
+                });
+            }
+            if let Some(err) = shared.unavailable(&st) {
+                return Err(err);
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = st.next_waiter;
+            st.next_waiter += 1;
+            st.waiters.push_back(Waiter {
+                id,
+                app: shared.name.clone(),
+                tx,
+            });
+            shared.start_restores(&mut st);
+            shared.publish(&st);
+            let queued = Queued {
+                shared: shared.clone(),
+                id,
+            };
+            (queued, rx)
+        };
+        let result = match tokio::time::timeout(shared.sizing.hold_timeout, &mut rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(shared.shutting_down()),
+            Err(_) if queued.leave() => Err(ClaimError::HoldTimeout {
+                app: shared.name.clone(),
+                waited: started.elapsed(),
+            }),
+            // Taken off the queue at the very deadline: its lease (or
+            // error) is on the way, never lost.
+            Err(_) => rx.await.unwrap_or_else(|_| Err(shared.shutting_down())),
+        };
+        drop(queued);
+        result.map(|lease| (lease, true))
+    }
+}
+
+impl<F: Factory> Shared<F> {
+    pub(super) fn shutting_down(&self) -> ClaimError {
+        ClaimError::ShuttingDown {
+            app: self.name.clone(),
+        }
+    }
+
+    /// The error for new claims while starts are failing and nothing can
+    /// serve them.
+    fn unavailable(&self, st: &State<F>) -> Option<ClaimError> {
+        let retry_at = st.retry_at?;
+        let now = Instant::now();
+        let serving = st.members.iter().any(|m| !m.draining);
+        if retry_at > now && !serving && st.restoring == 0 {
+            let (reason, blame) = st
+                .last_error
+                .clone()
+                .unwrap_or((String::new(), Blame::Host));
+            Some(ClaimError::Unavailable {
+                app: self.name.clone(),
+                reason: reason.into(),
+                blame,
+                retry_after: retry_at - now,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Leases the busiest member with room whose process still runs
+    /// (members found dead are marked so and skipped).
+    fn try_lease(self: &Arc<Self>, st: &mut State<F>) -> Option<Lease<F>> {
+        let max = self.sizing.max_concurrency;
+        loop {
+            let m = st
+                .members
+                .iter_mut()
+                .filter(|m| !m.draining && m.in_flight < max)
+                .max_by_key(|m| m.in_flight)?;
+            if let Some(status) = m.instance.has_exited() {
+                self.mark_dead(m, Some(status));
+                self.wake.notify_one();
+                continue;
+            }
+            m.in_flight += 1;
+            return Some(Lease {
+                shared: self.clone(),
+                key: m.key,
+                name: m.instance.name(),
+                address: m.address.clone(),
+                gone: m.gone.clone(),
+                broken: false,
+                detached: false,
+            });
+        }
+    }
+
+    /// Hands free capacity to queued claims, in order (module doc, step
+    /// 4). Returns leases whose claimer went away: the caller drops them
+    /// after unlocking.
+    pub(super) fn dispatch(self: &Arc<Self>, st: &mut State<F>) -> Vec<Lease<F>> {
+        let mut undelivered = Vec::new();
+        while !st.waiters.is_empty() {
+            let Some(lease) = self.try_lease(st) else {
+                break;
+            };
+            let waiter = st.waiters.pop_front().expect("checked non-empty");
+            if let Err(Ok(lease)) = waiter.tx.send(Ok(lease)) {
+                undelivered.push(lease);
+            }
+        }
+        undelivered
+    }
+
+    /// A lease of member `key` ended (module doc, step 3).
+    fn release(self: &Arc<Self>, key: u64, broken: bool) {
+        let undelivered = {
+            let mut st = self.lock();
+            let mut doomed = None;
+            if let Some(pos) = st.members.iter().position(|m| m.key == key) {
+                let m = &mut st.members[pos];
+                m.in_flight -= 1;
+                if broken && !m.draining {
+                    warn!(engine = %self.name, vm = %m.instance.name(), "instance failed a request; replacing it");
+                    m.draining = true;
+                    self.observer.instance_failed();
+                }
+                if m.in_flight == 0 {
+                    m.idle_since = Instant::now();
+                    if m.draining || st.closed {
+                        doomed = Some(st.members.remove(pos));
+                    }
+                }
+            }
+            let undelivered = self.dispatch(&mut st);
+            if let Some(member) = doomed {
+                self.stop(&mut st, member);
+                self.start_restores(&mut st);
+            }
+            self.publish(&st);
+            undelivered
+        };
+        drop(undelivered);
+        self.wake.notify_one();
+    }
+}

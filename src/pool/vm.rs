@@ -1,0 +1,169 @@
+//! VMs as engine instances, and the factory that restores them from a
+//! snapshot.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use super::engine::{Blame, ExitEvent, Factory, Instance, StartError};
+use crate::net::Network;
+use crate::vmm::resumed::{self, Hook};
+use crate::vmm::{Endpoint, Snapshot, Vm, VmId, Vmm, VmmError};
+
+impl Instance for Vm {
+    type Address = Endpoint;
+
+    fn name(&self) -> String {
+        self.id().to_string()
+    }
+
+    fn address(&self) -> Endpoint {
+        self.endpoint().clone()
+    }
+
+    fn has_exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.process_mut().exited()
+    }
+
+    fn exited(&self) -> ExitEvent {
+        Box::pin(self.process().exit_event())
+    }
+}
+
+impl StartError for VmmError {}
+
+/// Why an app's instance did not start: its factory's own error, and
+/// whose fault it was ([`StartError::blame`]).
+#[derive(Debug)]
+pub struct InstanceError(Box<dyn StartError>);
+
+impl InstanceError {
+    /// Wraps a factory's error.
+    pub fn new(e: impl StartError) -> InstanceError {
+        InstanceError(Box::new(e))
+    }
+}
+
+impl std::fmt::Display for InstanceError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for InstanceError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.0.source()
+    }
+}
+
+impl StartError for InstanceError {
+    fn blame(&self) -> Blame {
+        self.0.blame()
+    }
+}
+
+/// Starts and stops an app's VMs, whichever way they start: the
+/// object-safe face of a [`Factory`] of VMs ([`ForApp`]).
+#[async_trait]
+pub trait StartsVms: Send + Sync + 'static {
+    /// [`Factory::start`].
+    async fn start_vm(&self, id: VmId) -> Result<Vm, InstanceError>;
+    /// [`Factory::stop`].
+    async fn stop_vm(&self, vm: Vm) -> Result<(), InstanceError>;
+}
+
+/// The factory of an app's pool.
+#[derive(Clone)]
+pub struct AppFactory(Arc<dyn StartsVms>);
+
+#[async_trait]
+impl Factory for AppFactory {
+    type Instance = Vm;
+    type Error = InstanceError;
+
+    async fn start(&self, id: VmId) -> Result<Vm, InstanceError> {
+        self.0.start_vm(id).await
+    }
+
+    async fn stop(&self, vm: Vm) -> Result<(), InstanceError> {
+        self.0.stop_vm(vm).await
+    }
+}
+
+/// A factory of VMs whose errors become [`InstanceError`]s, for an app's
+/// pool.
+pub struct ForApp<F>(pub F);
+
+impl<F: Factory<Instance = Vm>> ForApp<F> {
+    /// `f`, as an app's factory.
+    pub fn boxed(f: F) -> AppFactory {
+        AppFactory(Arc::new(ForApp(f)))
+    }
+}
+
+#[async_trait]
+impl<F: Factory<Instance = Vm>> StartsVms for ForApp<F> {
+    async fn start_vm(&self, id: VmId) -> Result<Vm, InstanceError> {
+        self.0.start(id).await.map_err(InstanceError::new)
+    }
+
+    async fn stop_vm(&self, vm: Vm) -> Result<(), InstanceError> {
+        self.0.stop(vm).await.map_err(InstanceError::new)
+    }
+}
+
+/// Restores instances from a snapshot, each on its own tap, and makes each
+/// its own before it serves: its resume [`Hook`] (if any: a VM app's
+/// `on_restore`, a runtime agent's `/resumed`) gets the resumed message as
+/// soon as the hook's service is ready ([`resumed::ready_and_resumed`]).
+/// Cancel-safe: a dropped start drops its `Vm`, which kills the VMM.
+pub struct SnapshotFactory {
+    vmm: Arc<dyn Vmm>,
+    net: Network,
+    snapshot: Snapshot,
+    hook: Option<Hook>,
+}
+
+impl SnapshotFactory {
+    /// Instances of `snapshot`, restored by `vmm` onto taps from `net`,
+    /// each sent its resumed message at `hook` first.
+    pub fn new(
+        vmm: Arc<dyn Vmm>,
+        net: Network,
+        snapshot: Snapshot,
+        hook: Option<Hook>,
+    ) -> SnapshotFactory {
+        SnapshotFactory {
+            vmm,
+            net,
+            snapshot,
+            hook,
+        }
+    }
+
+    /// The driver it restores with.
+    pub fn vmm(&self) -> &Arc<dyn Vmm> {
+        &self.vmm
+    }
+}
+
+#[async_trait]
+impl Factory for SnapshotFactory {
+    type Instance = Vm;
+    type Error = VmmError;
+
+    async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
+        let tap = self.net.create_tap().await?;
+        let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
+        let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
+        let vmm = self.vmm.as_ref();
+        match resumed::ready_and_resumed(vmm, &mut vm, self.hook.as_ref(), ready_timeout).await {
+            Ok(()) => Ok(vm),
+            Err(e) => Err(crate::vmm::discard(vmm, vm, e).await),
+        }
+    }
+
+    async fn stop(&self, vm: Vm) -> Result<(), VmmError> {
+        self.vmm.destroy(vm).await
+    }
+}
