@@ -3,17 +3,32 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::warn;
 
-use crate::proxy::{stopped, text, ProxyBody};
+/// An admin page's body.
+type Page = Full<Bytes>;
 
-fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<ProxyBody> {
+/// A plain-text page.
+fn text(status: StatusCode, body: String) -> Response<Page> {
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<Page> {
     match req.uri().path() {
         "/metrics" => {
             let encoder = TextEncoder::new();
@@ -38,8 +53,14 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<ProxyBody> 
     }
 }
 
-/// Serves the admin pages until `stop` turns true.
-pub async fn serve(listener: TcpListener, registry: Registry, mut stop: watch::Receiver<bool>) {
+/// Serves the admin pages until `stop` is cancelled; each connection runs
+/// on `tasks` and ends with it.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(10));
@@ -53,7 +74,7 @@ pub async fn serve(listener: TcpListener, registry: Registry, mut stop: watch::R
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => return,
+            _ = stop.cancelled() => return,
         };
         let registry = registry.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -61,8 +82,12 @@ pub async fn serve(listener: TcpListener, registry: Registry, mut stop: watch::R
             async move { Ok::<_, Infallible>(resp) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
-        tokio::spawn(async move {
-            let _ = conn.await;
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
         });
     }
 }

@@ -693,3 +693,152 @@ http.createServer((req, res) => {
     }
     gw.stop().await;
 }
+
+/// The tap a VMM process holds: the `iff:` line of its tun fd's
+/// `/proc/<pid>/fdinfo` entry.
+fn tap_of(pid: u32) -> Option<String> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fdinfo")).ok()?;
+    fds.flatten().find_map(|fd| {
+        let info = std::fs::read_to_string(fd.path()).ok()?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("iff:"))
+            .map(|name| name.trim().to_owned())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_never_becomes_ready_fails_at_start_timeout_and_the_next_is_fresh() {
+    // The app's main module blocks its thread for ever while it loads,
+    // asleep (not spinning): the guest agent takes the start, but the app
+    // never listens. Its ready_timeout (600 s) and the hold_timeout (60 s)
+    // are far off: only the pool's start_timeout (8 s) ends the start.
+    let code = tempfile::tempdir().unwrap();
+    let app = code.path().join("hang");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(
+        app.join("server.js"),
+        "console.log('loading for ever');\n\
+         Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);\n\
+         require('http').createServer((req, res) => res.end('never\\n')).listen(Number(process.env.PORT));\n",
+    )
+    .unwrap();
+    let start_timeout = Duration::from_secs(8);
+    let apps = app_entry(
+        "hang",
+        &app,
+        ", ready_timeout: 600s",
+        "{ min_warm: 0, max_instances: 1, start_timeout: 8s, hold_timeout: 60s }",
+    );
+    let gw = Gw::start("sgrh", 1, &apps, &shared_snapshot_dir()).await;
+    let stock = &gw.running().runtimes["node"];
+    wait_for(
+        "one warm runtime clone",
+        Duration::from_secs(60),
+        async || gw.runtime_stock() == (1, 0),
+    )
+    .await;
+    // The app's start takes the stock's one warm clone: its VMM and tap.
+    let hung = match stock.pids()[..] {
+        [pid] => pid,
+        ref pids => panic!("one warm clone, pids {pids:?}"),
+    };
+    let tap = tap_of(hung).unwrap_or_else(|| panic!("no tap held by VMM pid {hung}"));
+    assert!(tap.starts_with("sgrh"), "{tap}");
+
+    let t = std::time::Instant::now();
+    let request = async {
+        let resp = gw
+            .http
+            .get(format!("http://{}/", gw.running().listen))
+            .header("host", "hang.test")
+            .send()
+            .await
+            .unwrap();
+        let took = t.elapsed();
+        let retry_after = resp.headers().get("retry-after").cloned();
+        (
+            resp.status().as_u16(),
+            retry_after,
+            resp.text().await.unwrap(),
+            took,
+        )
+    };
+    let starting = async {
+        wait_for(
+            "the app's start in the warm clone",
+            Duration::from_secs(5),
+            async || {
+                let s = gw.pool("hang").stats();
+                s.restoring == 1 && s.queued == 1 && !stock.pids().contains(&hung)
+            },
+        )
+        .await;
+        assert!(alive(hung), "the clone taken runs while the app starts");
+        assert!(gw.pool("hang").pids().is_empty());
+    };
+    let ((status, retry_after, body, took), ()) = tokio::join!(request, starting);
+    eprintln!("the held request was answered {status} after {took:?}: {body}");
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        took >= start_timeout && took < Duration::from_secs(30),
+        "answered after {took:?}, start_timeout {start_timeout:?}, hold_timeout 60s"
+    );
+    assert!(body.contains("app hang"), "{body}");
+    assert!(retry_after.is_some(), "no Retry-After");
+    let err = gw.pool("hang").last_error().expect("an error is kept");
+    assert!(err.contains("start_timeout"), "{err}");
+    // The slot came back before the request heard of the failure.
+    let s = gw.pool("hang").stats();
+    assert_eq!((s.restoring, s.instances, s.queued), (0, 0, 0), "{s:?}");
+    // The clone that hung was destroyed: its VMM and its tap are gone.
+    assert!(
+        eventually(Duration::from_secs(10), || !alive(hung)).await,
+        "VMM pid {hung} of the hung start still runs"
+    );
+    wait_for(
+        &format!("tap {tap} to go"),
+        Duration::from_secs(10),
+        async || {
+            let taps = gw.net.list_taps().await.expect("list taps");
+            !taps.iter().any(|(_, name)| *name == tap)
+        },
+    )
+    .await;
+    eprintln!(
+        "the hung clone (pid {hung}, tap {tap}) is gone after {:?}",
+        t.elapsed()
+    );
+
+    // Good code: once the backoff ends, a fresh instance serves it.
+    write_app(&app, "hang", 2);
+    wait_for("the stock to refill", Duration::from_secs(60), async || {
+        gw.runtime_stock() == (1, 0)
+    })
+    .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let body = loop {
+        let (status, body) = gw.get("hang", "/").await;
+        if status == 200 {
+            break body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no 200 within 60s; last: {body}; last error: {:?}",
+            gw.pool("hang").last_error()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(body.starts_with("app=hang version=2"), "{body}");
+    let fresh = match gw.pool("hang").pids()[..] {
+        [pid] => pid,
+        ref pids => panic!("one instance, pids {pids:?}"),
+    };
+    assert_ne!(fresh, hung);
+    assert!(gw.pool("hang").last_error().is_none());
+    eprintln!(
+        "a fresh instance (pid {fresh}) answered after {:?}",
+        t.elapsed()
+    );
+    gw.stop().await;
+}

@@ -12,6 +12,10 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+mod validate;
+
+pub use validate::check_host_pattern;
+
 use crate::net::NetParams;
 use crate::vmm::cloud_hypervisor::MemoryRestoreMode;
 use crate::vmm::qemu::Accel;
@@ -362,8 +366,10 @@ pub struct Config {
 }
 
 impl Config {
-    /// Reads, parses and validates `path`; every problem is reported at once
-    /// where possible.
+    /// Reads, parses, validates ([`Config::validate`], pure) and
+    /// preflights ([`Config::preflight`], the file checks) `path`; every
+    /// problem is reported at once where possible, with its key and line.
+    /// `snapgate check`, `run` and `snapshot build` all load this way.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let fail = |problems| ConfigError {
             file: path.to_owned(),
@@ -381,6 +387,7 @@ impl Config {
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
         config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
         let mut problems = config.validate();
+        problems.extend(config.preflight());
         for p in &mut problems {
             p.line = locate(&text, &p.key);
         }
@@ -442,234 +449,6 @@ impl Config {
         }
     }
 
-    /// Checks what the types cannot; each problem names its key.
-    pub fn validate(&self) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let mut add = |key: String, message: String| {
-            problems.push(Problem {
-                key,
-                line: None,
-                message,
-            })
-        };
-        if let Err(e) = self.network.validate() {
-            add(format!("network.{}", e.field), e.message);
-        }
-        if self.apps.is_empty() {
-            add("apps".into(), "at least one app is needed".into());
-        }
-        // Port 0 asks for any free port: two of those never clash.
-        if self.listen == self.admin && self.listen.port() != 0 {
-            add(
-                "admin".into(),
-                format!("{} is also the listen address", self.admin),
-            );
-        }
-        let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-        for (name, app) in &self.apps {
-            let at = format!("apps.{name}");
-            if !valid_app_name(name) {
-                add(
-                    at.clone(),
-                    "app names are 1-32 characters of [a-z0-9-], starting with a letter".into(),
-                );
-            }
-            if app.hosts.is_empty() {
-                add(format!("{at}.hosts"), "at least one host is needed".into());
-            }
-            for (i, host) in app.hosts.iter().enumerate() {
-                if let Err(e) = check_host_pattern(host) {
-                    add(format!("{at}.hosts[{i}]"), format!("{host:?}: {e}"));
-                } else if let Some(other) = owners.insert(host, name) {
-                    add(
-                        format!("{at}.hosts[{i}]"),
-                        format!("{host:?} is also a host of app {other}"),
-                    );
-                }
-            }
-            let kinds = [
-                app.image.as_ref().map(|_| "image (VM app)"),
-                app.runtime.as_ref().map(|_| "runtime (runtime app)"),
-                app.upstream.as_ref().map(|_| "upstream (static app)"),
-            ];
-            let kinds: Vec<&str> = kinds.into_iter().flatten().collect();
-            match kinds.len() {
-                0 => add(
-                    at.clone(),
-                    "needs image (a VM app), runtime (a runtime app) or upstream (a static app)"
-                        .into(),
-                ),
-                1 => {}
-                _ => add(at.clone(), format!("has {}; keep one", kinds.join(" and "))),
-            }
-            if app.upstream.is_some() && app.pool.is_some() {
-                add(
-                    format!("{at}.pool"),
-                    "applies to VM and runtime apps only; a static app has no pool".into(),
-                );
-            }
-            if let Some(rt) = &app.runtime {
-                self.validate_runtime_app(&format!("{at}.runtime"), rt, &mut add);
-            }
-            if app.response_timeout.is_zero() {
-                add(
-                    format!("{at}.response_timeout"),
-                    "must be above zero".into(),
-                );
-            }
-            if let Some(image) = &app.image {
-                for p in image.validate().into_iter().chain(snapgate_fields(image)) {
-                    add(format!("{at}.image.{}", p.field), p.message);
-                }
-            }
-            if let Some(pool) = &app.pool {
-                let key = |k: &str| format!("{at}.pool.{k}");
-                if pool.max_instances == 0 {
-                    add(key("max_instances"), "must be at least 1".into());
-                }
-                if pool.min_warm > pool.max_instances {
-                    add(
-                        key("min_warm"),
-                        format!(
-                            "{} is above max_instances ({})",
-                            pool.min_warm, pool.max_instances
-                        ),
-                    );
-                }
-                if pool.max_concurrency == 0 {
-                    add(key("max_concurrency"), "must be at least 1".into());
-                }
-                if pool.hold_queue == 0 {
-                    add(
-                        key("hold_queue"),
-                        "must be at least 1 (a request at zero waits for its instance here)".into(),
-                    );
-                }
-                if pool.hold_timeout.is_zero() {
-                    add(key("hold_timeout"), "must be above zero".into());
-                }
-                if pool.idle_timeout.is_zero() {
-                    add(key("idle_timeout"), "must be above zero".into());
-                }
-                if pool.start_timeout.is_zero() {
-                    add(key("start_timeout"), "must be above zero".into());
-                }
-            }
-        }
-        for (name, rt) in &self.runtimes {
-            let at = format!("runtimes.{name}");
-            if !valid_app_name(name) {
-                add(
-                    at.clone(),
-                    "runtime names are 1-32 characters of [a-z0-9-], starting with a letter".into(),
-                );
-            }
-            if rt.start_timeout.is_zero() {
-                add(format!("{at}.start_timeout"), "must be above zero".into());
-            }
-            for p in rt.spec().validate() {
-                let key = if p.field == "extra_disk_mib" {
-                    format!("{at}.code_disk_mib")
-                } else {
-                    format!("{at}.image.{}", p.field)
-                };
-                add(key, p.message);
-            }
-            for p in snapgate_fields(&rt.image)
-                .into_iter()
-                .chain(agent_args(&rt.image))
-            {
-                add(format!("{at}.image.{}", p.field), p.message);
-            }
-            if rt.image.on_restore.is_some() {
-                add(
-                    format!("{at}.image.on_restore"),
-                    "the guest agent of a runtime takes the resumed message itself \
-                     (/resumed, and with each start); remove on_restore"
-                        .into(),
-                );
-            }
-            if rt.app_port == 0 {
-                add(format!("{at}.app_port"), "must not be 0".into());
-            } else if rt.app_port == rt.image.guest_port {
-                add(
-                    format!("{at}.app_port"),
-                    format!(
-                        "{} is also image.guest_port, the guest agent's port",
-                        rt.app_port
-                    ),
-                );
-            }
-        }
-        problems
-    }
-
-    fn validate_runtime_app(
-        &self,
-        at: &str,
-        rt: &RuntimeAppConfig,
-        add: &mut impl FnMut(String, String),
-    ) {
-        if !self.runtimes.contains_key(&rt.name) {
-            let known: Vec<&str> = self.runtimes.keys().map(String::as_str).collect();
-            add(
-                format!("{at}.name"),
-                if known.is_empty() {
-                    format!(
-                        "no runtime {:?}: the config has no runtimes section",
-                        rt.name
-                    )
-                } else {
-                    format!("no runtime {:?} (runtimes: {})", rt.name, known.join(", "))
-                },
-            );
-        }
-        match std::fs::metadata(&rt.code) {
-            Ok(m) if m.is_dir() || m.is_file() => {}
-            Ok(_) => add(
-                format!("{at}.code"),
-                format!("{} is neither a directory nor a file", rt.code.display()),
-            ),
-            Err(e) => add(format!("{at}.code"), format!("{}: {e}", rt.code.display())),
-        }
-        if rt.main.is_empty() || rt.main.starts_with('/') || rt.main.split('/').any(|c| c == "..") {
-            add(
-                format!("{at}.main"),
-                format!("{:?} must be a relative path inside the code", rt.main),
-            );
-        } else if rt.code.is_dir() && !rt.code.join(&rt.main).is_file() {
-            add(
-                format!("{at}.main"),
-                format!("{} is not a file", rt.code.join(&rt.main).display()),
-            );
-        }
-        for key in rt.env.keys() {
-            let ok = !key.is_empty()
-                && !key.starts_with(|c: char| c.is_ascii_digit())
-                && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            if !ok {
-                add(
-                    format!("{at}.env.{key}"),
-                    "variable names are [A-Za-z0-9_], not starting with a digit".into(),
-                );
-            } else if key == "PORT" {
-                add(
-                    format!("{at}.env.PORT"),
-                    "is set by snapgate to the runtime's app_port".into(),
-                );
-            }
-        }
-        if !rt.ready_path.starts_with('/') {
-            add(
-                format!("{at}.ready_path"),
-                format!("{:?} must start with /", rt.ready_path),
-            );
-        }
-        if rt.ready_timeout.is_zero() {
-            add(format!("{at}.ready_timeout"), "must be above zero".into());
-        }
-    }
-
     /// Where the code images of runtime app `app` are cached.
     pub fn code_cache(&self, app: &str) -> PathBuf {
         self.state_dir.join("code").join(app)
@@ -685,100 +464,6 @@ impl Config {
 
 /// What the guest agent of a runtime image needs on its kernel command line
 /// and from the disk layout (see `guest/init/src/agent.rs`).
-fn agent_args(image: &ImageSpec) -> Vec<crate::FieldError> {
-    let mut out = Vec::new();
-    let value = |key: &str| {
-        image
-            .cmdline
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(key))
-            .map(str::to_owned)
-    };
-    match value("snapgate.agent=") {
-        None => out.push(crate::FieldError::new(
-            "cmdline",
-            "needs snapgate.agent={guest_port}: it starts the guest agent of a runtime",
-        )),
-        Some(v) if v != "{guest_port}" && v != image.guest_port.to_string() => {
-            out.push(crate::FieldError::new(
-                "cmdline",
-                format!(
-                    "snapgate.agent={v} is not guest_port ({}), where snapgate reaches the agent",
-                    image.guest_port
-                ),
-            ))
-        }
-        Some(_) => {}
-    }
-    if value("snapgate.exec=").is_none() {
-        out.push(crate::FieldError::new(
-            "cmdline",
-            "needs snapgate.exec=<runtime command, comma-separated>: what the agent starts",
-        ));
-    }
-    // The agent's defaults: root disk /dev/vda, code disk /dev/vdb.
-    let disks = image.disks.len();
-    if value("snapgate.code=").is_none() && disks != 1 {
-        out.push(crate::FieldError::new(
-            "disks",
-            format!(
-                "with {disks} disk(s) the code disk is not /dev/vdb, where the agent looks: \
-                 give one disk (the runtime's root) or set snapgate.code= (and snapgate.root=) \
-                 in cmdline"
-            ),
-        ));
-    }
-    out
-}
-
-/// Image fields snapgate sets itself, which a config must leave out.
-fn snapgate_fields(image: &ImageSpec) -> Vec<crate::FieldError> {
-    let mut out = Vec::new();
-    if image.extra_disk_mib.is_some() {
-        out.push(crate::FieldError::new(
-            "extra_disk_mib",
-            "is set by snapgate from a runtime's code_disk_mib; remove it",
-        ));
-    }
-    if image.prepared.is_some() {
-        out.push(crate::FieldError::new(
-            "prepared",
-            "is set by snapgate for per-app snapshots; remove it",
-        ));
-    }
-    out
-}
-
-/// Checks a host pattern: a lowercase DNS name, or `*.` and one, without a
-/// port.
-pub fn check_host_pattern(pattern: &str) -> Result<(), String> {
-    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
-    if name.contains('*') {
-        return Err("a wildcard may only be a leading \"*.\"".into());
-    }
-    if name.contains(':') {
-        return Err("hosts match without a port; remove \":port\"".into());
-    }
-    if name.is_empty() || name.len() > 253 {
-        return Err("not a host name".into());
-    }
-    for label in name.split('.') {
-        let ok = !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !ok {
-            return Err(format!(
-                "label {label:?} is not 1-63 of [a-z0-9-] (lowercase, no leading or trailing '-')"
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// The 1-based line of a dotted key path in YAML text, found by walking the
 /// path's segments down the indentation; `None` if not found.
 pub fn locate(text: &str, key: &str) -> Option<usize> {
@@ -801,14 +486,6 @@ pub fn locate(text: &str, key: &str) -> Option<usize> {
         min_indent = found.1.len() - found.1.trim_start().len() + 1;
     }
     Some(line_no + 1)
-}
-
-fn valid_app_name(name: &str) -> bool {
-    (1..=32).contains(&name.len())
-        && name.starts_with(|c: char| c.is_ascii_lowercase())
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 /// serde_yaml appends "at line N column M"; the line is reported separately.
@@ -865,7 +542,8 @@ mod tests {
     fn validation_names_keys() {
         let text = "network:\n  prefix_len: 31\napps:\n  Hello:\n    hosts: [a.test]\n    image:\n      kernel: /nonexistent/k\n      cmdline: '{nope}'\n";
         let c = Config::parse(text).unwrap();
-        let keys: Vec<String> = c.validate().into_iter().map(|p| p.key).collect();
+        let problems = c.validate().into_iter().chain(c.preflight());
+        let keys: Vec<String> = problems.map(|p| p.key).collect();
         assert!(keys.contains(&"network.prefix_len".to_string()), "{keys:?}");
         assert!(keys.contains(&"apps.Hello".to_string()), "{keys:?}");
         assert!(

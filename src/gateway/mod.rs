@@ -76,6 +76,7 @@ pub struct Running {
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     admin_task: JoinHandle<()>,
+    admin_stop: tokio_util::sync::CancellationToken,
     tasks: Tasks,
     /// The snapshots and code images the gateway restores from.
     _pins: Vec<Pin>,
@@ -192,12 +193,16 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         listener,
         proxy.clone(),
         config.header_read_timeout,
-        stop_rx.clone(),
+        stop_rx,
         config.shutdown_grace,
     ));
-    let admin_task = tasks
-        .tracker
-        .spawn(admin::serve(admin_listener, registry.clone(), stop_rx));
+    let admin_stop = tasks.cancel.child_token();
+    let admin_task = tasks.tracker.spawn(admin::serve(
+        admin_listener,
+        registry.clone(),
+        admin_stop.clone(),
+        tasks.tracker.clone(),
+    ));
     info!(%listen, %admin, "serving");
     writeln!(
         out,
@@ -213,6 +218,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         stop,
         server,
         admin_task,
+        admin_stop,
         tasks,
         _pins: pins,
         _state_lock: state_lock,
@@ -342,6 +348,7 @@ impl Running {
             pool.begin_close();
         }
         let _ = (&mut self.server).await;
+        self.admin_stop.cancel();
         let _ = (&mut self.admin_task).await;
         for pool in self.proxy.pools() {
             pool.close(std::time::Duration::from_secs(5)).await;

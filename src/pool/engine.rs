@@ -40,14 +40,11 @@
 //!    and waits for them on the tracker.
 
 use std::collections::VecDeque;
-use std::future::Future;
-use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use async_trait::async_trait;
 use futures::FutureExt;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
@@ -56,160 +53,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::hold::Waiter;
-
-/// A future that completes when an instance's process has exited.
-pub type ExitEvent = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
-
-/// What the engine needs of an instance.
-pub trait Instance: Send + 'static {
-    /// Where the instance serves, as the layer above needs it (for a VM:
-    /// its [`crate::vmm::Endpoint`]).
-    type Address: Clone + Send + Sync + 'static;
-    /// Its id, for logs.
-    fn name(&self) -> String;
-    /// Its address.
-    fn address(&self) -> Self::Address;
-    /// Whether its process has exited, and how: a non-blocking check.
-    fn has_exited(&mut self) -> Option<ExitStatus>;
-    /// Completes when its process exits (for a VM, the VMM process's
-    /// pidfd becomes readable): the engine's one waiter per instance.
-    fn exited(&self) -> ExitEvent;
-}
-
-/// Whose fault a failed start was: it decides what a client is told
-/// and how operators read the error.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Blame {
-    /// The app itself: its code did not load, it crashed or never
-    /// answered.
-    App,
-    /// The host, the VMM or the guest below the app.
-    Host,
-}
-
-/// An error a [`Factory`] start can fail with.
-pub trait StartError: std::error::Error + Send + Sync + 'static {
-    /// Whose fault it is.
-    fn blame(&self) -> Blame {
-        Blame::Host
-    }
-}
-
-/// Why a start failed, as the engine records it.
-#[derive(Debug, thiserror::Error)]
-pub enum StartFailure {
-    /// The factory returned an error.
-    #[error("{error}")]
-    Failed {
-        /// The factory's error.
-        #[source]
-        error: Box<dyn std::error::Error + Send + Sync>,
-        /// Whose fault it was.
-        blame: Blame,
-    },
-    /// The start did not finish within `start_timeout`.
-    #[error("the start did not finish within {:.1}s (start_timeout)", .0.as_secs_f64())]
-    TimedOut(Duration),
-    /// The start panicked; the message is the panic's.
-    #[error("the start panicked: {0}")]
-    Panicked(String),
-}
-
-impl StartFailure {
-    /// Whose fault it is.
-    pub fn blame(&self) -> Blame {
-        match self {
-            StartFailure::Failed { blame, .. } => *blame,
-            _ => Blame::Host,
-        }
-    }
-}
-
-/// Starts and stops instances of one kind.
-#[async_trait]
-pub trait Factory: Send + Sync + 'static {
-    /// What it starts.
-    type Instance: Instance;
-    /// How a start fails.
-    type Error: StartError;
-    /// Starts one instance named `id` and returns it once it can serve.
-    /// Must be cancel-safe: a dropped start leaves nothing running.
-    async fn start(&self, id: crate::vmm::VmId) -> Result<Self::Instance, Self::Error>;
-    /// Stops an instance and waits until it is gone.
-    async fn stop(&self, instance: Self::Instance) -> Result<(), Self::Error>;
-}
-
-/// Events and counts of an engine, for its owner's metrics.
-pub trait Observer: Send + Sync + 'static {
-    /// The counts changed.
-    fn publish(&self, stats: &Stats);
-    /// An instance started in `took`.
-    fn restored(&self, took: Duration);
-    /// A start failed.
-    fn restore_failed(&self);
-    /// An idle instance was reaped.
-    fn reaped(&self);
-    /// An instance's process died or it broke a request.
-    fn instance_failed(&self);
-}
-
-/// How many instances an engine keeps and how it hands them out.
-#[derive(Clone, Debug)]
-pub struct Sizing {
-    /// Members kept started and idle.
-    pub min_warm: usize,
-    /// Most members plus restores at once.
-    pub max_instances: usize,
-    /// Most leases one member holds at once.
-    pub max_concurrency: usize,
-    /// An idle member is reaped after this long (down to `min_warm`);
-    /// `None` never reaps.
-    pub idle_timeout: Option<Duration>,
-    /// Longest one start may take.
-    pub start_timeout: Duration,
-    /// Most claims waiting at once.
-    pub hold_queue: usize,
-    /// Longest a claim waits.
-    pub hold_timeout: Duration,
-}
-
-/// Counts of an engine, published on every change.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Stats {
-    /// Members: ready, serving or draining.
-    pub instances: usize,
-    /// Members serving at least one lease.
-    pub leased: usize,
-    /// Members draining (dead, broken or closing).
-    pub draining: usize,
-    /// Restores in flight.
-    pub restoring: usize,
-    /// Claims waiting in the hold queue.
-    pub queued: usize,
-    /// Stops in flight.
-    pub stopping: usize,
-    /// The most members plus restores there ever were at once.
-    pub peak: usize,
-    /// Whether the engine was closed.
-    pub closed: bool,
-}
-
-impl Stats {
-    /// Nothing left: no member, restore or stop.
-    pub fn is_empty(&self) -> bool {
-        self.instances == 0 && self.restoring == 0 && self.stopping == 0
-    }
-}
-
-/// Where an engine's tasks live: the gateway's tracker and cancel token
-/// (each engine makes a child token of it).
-#[derive(Clone, Default)]
-pub struct Tasks {
-    /// Tracks every task.
-    pub tracker: TaskTracker,
-    /// Cancels every task.
-    pub cancel: CancellationToken,
-}
+pub use super::traits::{
+    Blame, ExitEvent, Factory, Instance, Observer, Sizing, StartError, StartFailure, Stats, Tasks,
+};
 
 pub(super) struct Member<I: Instance> {
     pub(super) instance: I,

@@ -16,6 +16,7 @@
 pub mod engine;
 pub mod hold;
 mod metrics;
+mod traits;
 pub mod vm;
 
 use std::sync::Arc;

@@ -169,7 +169,8 @@ impl Endpoint {
 /// Checks `spec` and renders its kernel command line: what every driver
 /// does before it boots a template.
 pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<String, VmmError> {
-    let problems = spec.validate();
+    let mut problems = spec.validate();
+    problems.extend(spec.check_files());
     if !problems.is_empty() {
         let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         return Err(VmmError::Invalid(problems.join("; ")));
