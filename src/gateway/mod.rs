@@ -99,15 +99,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // Before anything else: a second gateway touches nothing.
     let state_lock = lock_state_dir(&config.state_dir)?;
     let net = Network::new(config.network.clone())?;
-    let stale = vmm::process::kill_stale(&config.state_dir);
-    let removed = net.remove_taps(&stale.taps).await?;
-    if !stale.killed.is_empty() || !removed.is_empty() {
-        writeln!(
-            out,
-            "cleaned up after an earlier run: killed VMMs {:?}, removed taps {removed:?}",
-            stale.killed
-        )?;
-    }
+    clean_up_stale(config, &net, out).await?;
     // Bound first: a taken port fails start-up before any VM exists.
     let listener = TcpListener::bind(config.listen)
         .await
@@ -134,35 +126,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
 
     let mut targets = HashMap::new();
     let built: anyhow::Result<()> = async {
-        for (name, app) in &config.apps {
-            let target = match app.upstream() {
-                Upstream::Static(addr) => Target::Static {
-                    addr,
-                    client: crate::proxy::upstream_client(None),
-                    response_timeout: app.response_timeout,
-                },
-                Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => {
-                    let factory = factories.for_app(name, out).await?;
-                    writeln!(
-                        out,
-                        "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?}",
-                        pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout
-                    )?;
-                    let internal_path = match app.upstream() {
-                        Upstream::Vm(spec, _) => spec
-                            .on_restore
-                            .as_ref()
-                            .map(|h| crate::path::normalize(&h.path)),
-                        _ => None,
-                    };
-                    Target::Pool {
-                        clients: Default::default(),
-                        pool: Pool::new(name.clone(), &pool_cfg, factory, pool_metrics.clone(), &tasks),
-                        response_timeout: app.response_timeout,
-                        internal_path,
-                    }
-                }
-            };
+        for name in config.apps.keys() {
+            let target = factories.target(name, &pool_metrics, out).await?;
             targets.insert(name.clone(), target);
         }
         Ok(())
@@ -225,6 +190,25 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     })
 }
 
+/// Kills VMMs an earlier gateway left and removes their taps (module doc,
+/// step 2).
+async fn clean_up_stale(
+    config: &Config,
+    net: &Network,
+    out: &mut (dyn Write + Send),
+) -> anyhow::Result<()> {
+    let stale = vmm::process::kill_stale(&config.state_dir);
+    let removed = net.remove_taps(&stale.taps).await?;
+    if !stale.killed.is_empty() || !removed.is_empty() {
+        writeln!(
+            out,
+            "cleaned up after an earlier run: killed VMMs {:?}, removed taps {removed:?}",
+            stale.killed
+        )?;
+    }
+    Ok(())
+}
+
 /// Makes the instance factory of each VM and runtime app, taking (or
 /// reusing) the snapshots they start from and starting each runtime's stock
 /// once, for all its apps.
@@ -240,6 +224,47 @@ struct Factories<'a> {
 }
 
 impl Factories<'_> {
+    /// Where the requests of app `name` go: its pool (started here) or
+    /// its static upstream.
+    async fn target(
+        &mut self,
+        name: &str,
+        pool_metrics: &PoolMetrics,
+        out: &mut (dyn Write + Send),
+    ) -> anyhow::Result<Target> {
+        let app = &self.config.apps[name];
+        let pool_cfg = match app.upstream() {
+            Upstream::Static(addr) => {
+                return Ok(Target::Static {
+                    addr,
+                    client: crate::proxy::upstream_client(None),
+                    response_timeout: app.response_timeout,
+                })
+            }
+            Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => pool_cfg,
+        };
+        let factory = self.for_app(name, out).await?;
+        writeln!(
+            out,
+            "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?} start_timeout={:?}",
+            pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout, pool_cfg.start_timeout
+        )?;
+        let internal_path = match app.upstream() {
+            Upstream::Vm(spec, _) => spec
+                .on_restore
+                .as_ref()
+                .map(|h| crate::path::normalize(&h.path)),
+            _ => None,
+        };
+        let pool = Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks);
+        Ok(Target::Pool {
+            clients: Default::default(),
+            pool,
+            response_timeout: app.response_timeout,
+            internal_path,
+        })
+    }
+
     async fn for_app(
         &mut self,
         name: &str,

@@ -137,55 +137,7 @@ pub async fn start_app(
         vm.record("attach", t.elapsed());
     }
     let t = std::time::Instant::now();
-    let agent = vm.endpoint().clone();
-    let body = start.request_body()?;
-    let call = tokio::time::timeout(
-        START_CALL_TIMEOUT,
-        ready::request(&agent, http::Method::POST, "/start", body),
-    );
-    let answer = match watch::guarded(vmm, vm, "starting the app", call).await {
-        Ok(answer) => answer,
-        Err(e) => return Err(app_exit(start, vm, e)),
-    };
-    let vm_id = vm.id().clone();
-    let agent_failed = |problem: String| RuntimeError::Agent { vm: vm_id, problem };
-    match answer {
-        Ok(Ok((200, _))) => {}
-        // The agent's one refusal that is the app's: its code disk does not
-        // mount, or main is not on it. Any other is snapgate's or the VM's.
-        Ok(Ok((422, body))) => {
-            return Err(start.fail(
-                format!(
-                    "the guest agent of {} refused the start (HTTP 422): {}",
-                    vm.id(),
-                    String::from_utf8_lossy(&body).trim()
-                ),
-                app_output(vm),
-            ))
-        }
-        Ok(Ok((status, body))) => {
-            return Err(agent_failed(format!(
-                "POST /start answered HTTP {status}: {}",
-                String::from_utf8_lossy(&body).trim()
-            )))
-        }
-        Ok(Err(e)) => {
-            // A broken connection is often a VMM on its way out.
-            let exited = vm.process_mut().exited_within(EXIT_GRACE).await;
-            if exited {
-                let err = vm_exited(vm, "starting the app");
-                return Err(app_exit(start, vm, err));
-            }
-            return Err(agent_failed(format!("POST /start on {}: {e}", agent.addr)));
-        }
-        Err(_) => {
-            return Err(agent_failed(format!(
-                "POST /start on {}: no answer within {}s",
-                agent.addr,
-                START_CALL_TIMEOUT.as_secs()
-            )))
-        }
-    }
+    post_start(vmm, vm, start).await?;
     vm.record("start", t.elapsed());
     vm.serve_at(start.port, &start.ready_path, start.ready_timeout);
     match ready::wait_ready(vmm, vm, start.ready_timeout).await {
@@ -203,6 +155,53 @@ pub async fn start_app(
             app_output(vm),
         )),
         Err(other) => Err(app_exit(start, vm, other)),
+    }
+}
+
+/// The agent's `POST /start`, bounded by [`START_CALL_TIMEOUT`], and what
+/// its answer means (see [`start_app`]).
+async fn post_start(vmm: &dyn Vmm, vm: &mut Vm, start: &StartSpec) -> Result<(), RuntimeError> {
+    let agent = vm.endpoint().clone();
+    let body = start.request_body()?;
+    let call = tokio::time::timeout(
+        START_CALL_TIMEOUT,
+        ready::request(&agent, http::Method::POST, "/start", body),
+    );
+    let answer = match watch::guarded(vmm, vm, "starting the app", call).await {
+        Ok(answer) => answer,
+        Err(e) => return Err(app_exit(start, vm, e)),
+    };
+    let vm_id = vm.id().clone();
+    let agent_failed = |problem: String| RuntimeError::Agent { vm: vm_id, problem };
+    match answer {
+        Ok(Ok((200, _))) => Ok(()),
+        // The agent's one refusal that is the app's: its code disk does not
+        // mount, or main is not on it. Any other is snapgate's or the VM's.
+        Ok(Ok((422, body))) => Err(start.fail(
+            format!(
+                "the guest agent of {} refused the start (HTTP 422): {}",
+                vm.id(),
+                String::from_utf8_lossy(&body).trim()
+            ),
+            app_output(vm),
+        )),
+        Ok(Ok((status, body))) => Err(agent_failed(format!(
+            "POST /start answered HTTP {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ))),
+        Ok(Err(e)) => {
+            // A broken connection is often a VMM on its way out.
+            if vm.process_mut().exited_within(EXIT_GRACE).await {
+                let err = vm_exited(vm, "starting the app");
+                return Err(app_exit(start, vm, err));
+            }
+            Err(agent_failed(format!("POST /start on {}: {e}", agent.addr)))
+        }
+        Err(_) => Err(agent_failed(format!(
+            "POST /start on {}: no answer within {}s",
+            agent.addr,
+            START_CALL_TIMEOUT.as_secs()
+        ))),
     }
 }
 

@@ -78,17 +78,7 @@ impl VmProcess {
         run_dir: &Path,
         state_dir: &Path,
     ) -> Result<VmProcess, VmmError> {
-        let log_path = run_dir.join("vmm.log");
-        let log = File::create(&log_path).map_err(|source| VmmError::Io {
-            what: "cannot create",
-            path: log_path.clone(),
-            source,
-        })?;
-        let log2 = log.try_clone().map_err(|source| VmmError::Io {
-            what: "cannot duplicate",
-            path: log_path.clone(),
-            source,
-        })?;
+        let (log, log2) = open_log(run_dir)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -129,20 +119,8 @@ impl VmProcess {
         drop(cmd);
         let pid = child.id().unwrap_or(0);
         let pidfd = exit_fd(pid);
-        let pid_dir = state_dir.join("vms");
-        let pid_file = pid_dir.join(format!("{id}.pid"));
-        let record = std::fs::create_dir_all(&pid_dir).and_then(|()| {
-            std::fs::write(
-                &pid_file,
-                format!(
-                    "{pid} {} {} {} {}\n",
-                    start_time(pid).unwrap_or(0),
-                    tap.unwrap_or("-"),
-                    std::process::id(),
-                    start_time(std::process::id()).unwrap_or(0),
-                ),
-            )
-        });
+        let pid_file = state_dir.join("vms").join(format!("{id}.pid"));
+        let record = record_pid(&pid_file, pid, tap);
         let process = VmProcess {
             id: id.clone(),
             child,
@@ -344,6 +322,35 @@ fn error_line(console: &str) -> Option<String> {
         .or_else(|| last(recent, HALTS))
         .or_else(|| last(tail, ERRORS))
         .or_else(|| last(tail, HALTS))
+}
+
+/// `<run_dir>/vmm.log`, twice (the VMM's stdout and stderr).
+fn open_log(run_dir: &Path) -> Result<(File, File), VmmError> {
+    let path = run_dir.join("vmm.log");
+    let io = |what| {
+        let path = path.clone();
+        move |source| VmmError::Io { what, path, source }
+    };
+    let log = File::create(&path).map_err(io("cannot create"))?;
+    let log2 = log.try_clone().map_err(io("cannot duplicate"))?;
+    Ok((log, log2))
+}
+
+/// Writes the pid file of VMM `pid` (module doc).
+fn record_pid(pid_file: &Path, pid: u32, tap: Option<&str>) -> std::io::Result<()> {
+    if let Some(dir) = pid_file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let me = std::process::id();
+    std::fs::write(
+        pid_file,
+        format!(
+            "{pid} {} {} {me} {}\n",
+            start_time(pid).unwrap_or(0),
+            tap.unwrap_or("-"),
+            start_time(me).unwrap_or(0),
+        ),
+    )
 }
 
 /// A pidfd for `pid`, registered with the tokio reactor.

@@ -340,10 +340,10 @@ fn freeze() -> Answer {
     Ok("frozen\n".into())
 }
 
+const UNUSABLE: &str = "422 Unprocessable Entity";
+
 /// `POST /start`.
 fn start_app(body: &[u8]) -> Answer {
-    use nix::mount::{mount, MsFlags};
-    const UNUSABLE: &str = "422 Unprocessable Entity";
     let msg: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| (BAD, format!("start message: {e}")))?;
     let main = msg["main"]
@@ -378,6 +378,25 @@ fn start_app(body: &[u8]) -> Answer {
         ));
     }
     apply_resumed(&msg["resumed"])?;
+    mount_code(&main)?;
+    let start = serde_json::json!({
+        "type": "start",
+        "dir": "/app",
+        "main": main,
+        "port": msg["port"],
+        "env": msg["env"],
+    });
+    tell_runtime(&start).map_err(|e| (FAILED, format!("handing over the start: {e}")))?;
+    *started = true;
+    log(&format!("agent: started {main}"));
+    Ok(format!("started {main}\n"))
+}
+
+/// Mounts the code disk on `/rt/app` (its cached blocks dropped first)
+/// and checks that `main` is a file on it; 422 when the disk is not one
+/// snapgate packed or `main` is missing.
+fn mount_code(main: &str) -> Result<(), (&'static str, String)> {
+    use nix::mount::{mount, MsFlags};
     let code = cmdline_value("snapgate.code=").unwrap_or_else(|| "/dev/vdb".into());
     flush_cached_blocks(&code).map_err(|e| (FAILED, format!("code disk {code}: {e}")))?;
     let none: Option<&str> = None;
@@ -396,7 +415,7 @@ fn start_app(body: &[u8]) -> Answer {
             ),
         )
     })?;
-    if !std::path::Path::new("/rt/app").join(&main).is_file() {
+    if !std::path::Path::new("/rt/app").join(main).is_file() {
         let mut found: Vec<String> = std::fs::read_dir("/rt/app")
             .into_iter()
             .flatten()
@@ -414,15 +433,5 @@ fn start_app(body: &[u8]) -> Answer {
             ),
         ));
     }
-    let start = serde_json::json!({
-        "type": "start",
-        "dir": "/app",
-        "main": main,
-        "port": msg["port"],
-        "env": msg["env"],
-    });
-    tell_runtime(&start).map_err(|e| (FAILED, format!("handing over the start: {e}")))?;
-    *started = true;
-    log(&format!("agent: started {main}"));
-    Ok(format!("started {main}\n"))
+    Ok(())
 }
