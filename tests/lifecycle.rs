@@ -365,6 +365,10 @@ fn exited(pid: u32) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_vmm_killed_between_checks_is_never_leased() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init(); // DEBUG-TMP
     let state = tempfile::tempdir().unwrap();
     let cfg = gateway_config(
         state.path(),
@@ -381,6 +385,11 @@ async fn a_vmm_killed_between_checks_is_never_leased() {
     let pids = gw.pool().pids();
     // The last member is the one a lease takes first among idle ones.
     let victim = *pids.last().unwrap();
+    eprintln!(
+        "DEBUG-TMP names {:?} pids {:?}",
+        gw.pool().instance_names(),
+        pids
+    );
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(victim as i32),
         nix::sys::signal::Signal::SIGKILL,
@@ -395,10 +404,12 @@ async fn a_vmm_killed_between_checks_is_never_leased() {
     let mut statuses = Vec::new();
     for i in 0..10 {
         let resp = gw.get(&format!("/?n={i}")).send().await.unwrap();
-        statuses.push(resp.status().as_u16());
+        let status = resp.status().as_u16();
+        let body = resp.text().await.unwrap();
+        statuses.push((status, body.lines().next().unwrap_or_default().to_owned()));
     }
     assert!(
-        statuses.iter().all(|s| *s == 200),
+        statuses.iter().all(|(s, _)| *s == 200),
         "after VMM {victim} of {pids:?} was killed: {statuses:?}"
     );
     wait_for(

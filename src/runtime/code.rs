@@ -68,11 +68,18 @@ pub enum CodeError {
         need_mib: u64,
         max_mib: u32,
     },
-    /// `mke2fs` failed.
+    /// `mke2fs` could not be started.
+    #[error("code of app {app}: cannot run mke2fs (install e2fsprogs)")]
+    MkfsMissing {
+        app: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// `mke2fs` failed; `output` is its stderr.
     #[error("code of app {app}: mke2fs failed ({status}): {output}")]
     Mkfs {
         app: String,
-        status: String,
+        status: std::process::ExitStatus,
         output: String,
     },
     /// Writing the image failed.
@@ -316,15 +323,14 @@ impl CodeSource {
             .arg(&tmp)
             .arg(format!("{need_mib}M"))
             .output()
-            .map_err(|e| CodeError::Mkfs {
+            .map_err(|source| CodeError::MkfsMissing {
                 app: self.app.clone(),
-                status: "not started".into(),
-                output: format!("mke2fs: {e} (install e2fsprogs)"),
+                source,
             })?;
         if !out.status.success() {
             return Err(CodeError::Mkfs {
                 app: self.app.clone(),
-                status: out.status.to_string(),
+                status: out.status,
                 output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }

@@ -172,11 +172,10 @@ pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<S
     let mut problems = spec.validate();
     problems.extend(spec.check_files());
     if !problems.is_empty() {
-        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
-        return Err(VmmError::Invalid(problems.join("; ")));
+        return Err(VmmError::InvalidSpec { problems });
     }
     spec.render_cmdline(net, tsc_khz)
-        .map_err(|e| VmmError::Invalid(format!("cmdline: {e}")))
+        .map_err(|problem| VmmError::Cmdline { problem })
 }
 
 /// Destroys `vm`, whose start failed with `err`, and returns `err`: when
@@ -404,7 +403,7 @@ pub enum VmmError {
         path: String,
         addr: SocketAddrV4,
         tap: String,
-        last_error: String,
+        last_error: ready::GuestHttpError,
         console_tail: String,
     },
     /// A step did not finish in time.
@@ -422,12 +421,36 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
-    /// The image spec or settings cannot be used.
-    #[error("invalid VM settings: {0}")]
-    Invalid(String),
+    /// The image spec cannot be used: every problem, each naming its field.
+    #[error("invalid image spec: {}", join_problems(.problems))]
+    InvalidSpec { problems: Vec<crate::FieldError> },
+    /// The kernel command line's placeholders cannot be filled in.
+    #[error("kernel command line: {problem}")]
+    Cmdline { problem: String },
+    /// `accel: kvm` on a host without hardware KVM.
+    #[error("accel: kvm needs /dev/kvm and a CPU with vmx or svm; use tcg or auto")]
+    NoKvm,
+    /// A snapshot taken by another VMM, or under another accelerator,
+    /// than the driver asked to restore it.
+    #[error("snapshot {} was taken {taken}, this driver runs {runs}", .dir.display())]
+    ForeignSnapshot {
+        dir: PathBuf,
+        /// What took it (`by qemu`, `under tcg`).
+        taken: String,
+        /// What this driver is.
+        runs: String,
+    },
+    /// The VMM's inherited file descriptors cannot be arranged.
+    #[error("passing file descriptors to the VMM: {problem}")]
+    FdMapping { problem: String },
     /// Host networking failed.
     #[error(transparent)]
     Net(#[from] NetError),
+}
+
+fn join_problems(problems: &[crate::FieldError]) -> String {
+    let texts: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    texts.join("; ")
 }
 
 fn status_text(status: &Option<std::process::ExitStatus>) -> String {

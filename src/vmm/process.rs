@@ -94,8 +94,9 @@ impl VmProcess {
                 child_fd,
             })
             .collect();
-        cmd.fd_mappings(mappings)
-            .map_err(|e| VmmError::Invalid(format!("fd mapping: {e}")))?;
+        cmd.fd_mappings(mappings).map_err(|e| VmmError::FdMapping {
+            problem: e.to_string(),
+        })?;
         let parent = std::process::id();
         #[allow(unsafe_code)]
         // SAFETY: runs in the forked child before exec and only makes

@@ -95,9 +95,7 @@ impl Accel {
         match self {
             Accel::Tcg => Ok("tcg"),
             Accel::Kvm if hardware_kvm() => Ok("kvm"),
-            Accel::Kvm => Err(VmmError::Invalid(
-                "accel: kvm needs /dev/kvm and a CPU with vmx or svm; use tcg or auto".into(),
-            )),
+            Accel::Kvm => Err(VmmError::NoKvm),
             Accel::Auto if hardware_kvm() => Ok("kvm"),
             Accel::Auto => Ok("tcg"),
         }
@@ -320,19 +318,18 @@ impl Vmm for Qemu {
         snapshot.verify()?;
         let m = snapshot.manifest();
         if m.vmm != VmmKind::Qemu {
-            return Err(VmmError::Invalid(format!(
-                "snapshot {} was taken by {}, not qemu",
-                snapshot.dir().display(),
-                m.vmm
-            )));
+            return Err(VmmError::ForeignSnapshot {
+                dir: snapshot.dir().to_owned(),
+                taken: format!("by {}", m.vmm),
+                runs: "qemu".into(),
+            });
         }
         if m.accel != self.accel {
-            return Err(VmmError::Invalid(format!(
-                "snapshot {} was taken under {}, this driver runs {}",
-                snapshot.dir().display(),
-                m.accel,
-                self.accel
-            )));
+            return Err(VmmError::ForeignSnapshot {
+                dir: snapshot.dir().to_owned(),
+                taken: format!("under {}", m.accel),
+                runs: self.accel.to_owned(),
+            });
         }
         let mode = m.mode;
         let memory = match mode {

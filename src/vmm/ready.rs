@@ -9,6 +9,36 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::{watch, Endpoint, Vm, Vmm, VmmError};
 
+/// Why one HTTP exchange with a guest failed, or why a readiness probe
+/// did not see 200.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestHttpError {
+    /// The TCP connection failed.
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    /// The HTTP/1.1 handshake, the request or the answer's body failed.
+    #[error("{step}: {source}")]
+    Http {
+        /// `handshake`, `request` or `body`.
+        step: &'static str,
+        /// hyper's error.
+        #[source]
+        source: hyper::Error,
+    },
+    /// The request could not be built (a path that is not a valid URI).
+    #[error("request: {0}")]
+    Build(#[source] http::Error),
+    /// The guest answered, with another status than 200 (probes only).
+    #[error("HTTP {0}")]
+    Status(u16),
+    /// The guest did not answer within the attempt's time.
+    #[error("no answer within {0:?}")]
+    NoAnswer(Duration),
+    /// The probe's deadline passed before any attempt.
+    #[error("no attempt made")]
+    NoAttempt,
+}
+
 /// Opens a TCP connection to the guest, bound to its tap (`SO_BINDTODEVICE`):
 /// every clone has the same address, the tap is what tells them apart.
 pub async fn connect(endpoint: &Endpoint) -> std::io::Result<TcpStream> {
@@ -19,7 +49,7 @@ pub async fn connect(endpoint: &Endpoint) -> std::io::Result<TcpStream> {
 }
 
 /// One HTTP/1.1 GET of `path` on the guest; returns the status and body.
-pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), String> {
+pub async fn get(endpoint: &Endpoint, path: &str) -> Result<(u16, Bytes), GuestHttpError> {
     request(endpoint, http::Method::GET, path, Bytes::new()).await
 }
 
@@ -31,13 +61,12 @@ pub async fn request(
     method: http::Method,
     path: &str,
     body: Bytes,
-) -> Result<(u16, Bytes), String> {
-    let stream = connect(endpoint)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
+) -> Result<(u16, Bytes), GuestHttpError> {
+    let http = |step| move |source| GuestHttpError::Http { step, source };
+    let stream = connect(endpoint).await.map_err(GuestHttpError::Connect)?;
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(http("handshake"))?;
     let _conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
     let mut req = http::Request::builder()
         .method(method)
@@ -46,19 +75,14 @@ pub async fn request(
     if !body.is_empty() {
         req = req.header(http::header::CONTENT_TYPE, "application/json");
     }
-    let req = req
-        .body(Full::new(body))
-        .map_err(|e| format!("request: {e}"))?;
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| format!("request: {e}"))?;
+    let req = req.body(Full::new(body)).map_err(GuestHttpError::Build)?;
+    let resp = sender.send_request(req).await.map_err(http("request"))?;
     let status = resp.status().as_u16();
     let body = resp
         .into_body()
         .collect()
         .await
-        .map_err(|e| format!("body: {e}"))?
+        .map_err(http("body"))?
         .to_bytes();
     Ok((status, body))
 }
@@ -109,8 +133,8 @@ pub async fn wait_ready_at(
 
 /// Asks `GET path` until it answers 200 (`Ok`) or `deadline` passes (the
 /// last failure).
-async fn probe(endpoint: &Endpoint, path: &str, deadline: Instant) -> Result<(), String> {
-    let mut last_error = String::from("no attempt made");
+async fn probe(endpoint: &Endpoint, path: &str, deadline: Instant) -> Result<(), GuestHttpError> {
+    let mut last_error = GuestHttpError::NoAttempt;
     loop {
         let now = Instant::now();
         if now >= deadline {
@@ -119,9 +143,9 @@ async fn probe(endpoint: &Endpoint, path: &str, deadline: Instant) -> Result<(),
         let attempt = ATTEMPT_TIMEOUT.min(deadline - now);
         match tokio::time::timeout(attempt, get(endpoint, path)).await {
             Ok(Ok((200, _))) => return Ok(()),
-            Ok(Ok((status, _))) => last_error = format!("HTTP {status}"),
+            Ok(Ok((status, _))) => last_error = GuestHttpError::Status(status),
             Ok(Err(e)) => last_error = e,
-            Err(_) => last_error = format!("no answer within {attempt:?}"),
+            Err(_) => last_error = GuestHttpError::NoAnswer(attempt),
         }
         tokio::time::sleep(RETRY_PAUSE.min(deadline.saturating_duration_since(Instant::now())))
             .await;

@@ -195,7 +195,7 @@ pub async fn send(vmm: &dyn Vmm, vm: &mut Vm, hook: &Hook) -> Result<(), VmmErro
             ),
             false,
         ),
-        Ok(Err(e)) => (e, true),
+        Ok(Err(e)) => (e.to_string(), true),
         Err(_) => (
             format!("no answer within {:.1}s", hook.timeout.as_secs_f64()),
             true,

@@ -301,11 +301,11 @@ impl Vmm for CloudHypervisor {
         snapshot.verify()?;
         let m = snapshot.manifest();
         if m.vmm != VmmKind::CloudHypervisor {
-            return Err(VmmError::Invalid(format!(
-                "snapshot {} was taken by {}, not cloud-hypervisor",
-                snapshot.dir().display(),
-                m.vmm
-            )));
+            return Err(VmmError::ForeignSnapshot {
+                dir: snapshot.dir().to_owned(),
+                taken: format!("by {}", m.vmm),
+                runs: "cloud-hypervisor".into(),
+            });
         }
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
