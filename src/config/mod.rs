@@ -17,8 +17,7 @@ mod validate;
 pub use validate::check_host_pattern;
 
 use crate::net::NetParams;
-use crate::vmm::cloud_hypervisor::MemoryRestoreMode;
-use crate::vmm::qemu::Accel;
+use crate::vmm::spec::{Accel, MemoryRestoreMode};
 use crate::vmm::{ImageSpec, VmmKind};
 
 /// A config problem: where, and what is wrong.

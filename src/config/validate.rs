@@ -151,6 +151,14 @@ impl Config {
             for p in image.validate().into_iter().chain(snapgate_fields(image)) {
                 add(format!("{at}.image.{}", p.field), p.message);
             }
+            // The VMM layer's own check of the path comes first.
+            let basic_ok = !image
+                .validate()
+                .iter()
+                .any(|p| p.field == "on_restore.path");
+            if let Some(problem) = on_restore_routing(image).filter(|_| basic_ok) {
+                add(format!("{at}.image.on_restore.path"), problem);
+            }
         }
         if let Some(pool) = &app.pool {
             validate_pool(&at, pool, add);
@@ -295,6 +303,28 @@ impl Config {
     }
 }
 
+/// What the proxy needs of a VM app's `on_restore` path, beyond what the
+/// VMM layer checks: a plain path of its own, so that clients' requests
+/// for it can be refused in any spelling a guest's router may read
+/// ([`crate::path`]), and not `ready_path` in any such spelling.
+fn on_restore_routing(image: &ImageSpec) -> Option<String> {
+    let hook = image.on_restore.as_ref()?;
+    let path = &hook.path;
+    if !crate::path::is_plain(path) {
+        Some(format!(
+            "{path:?} must be a plain path of its own: /-separated segments of \
+             letters, digits, -, ., _ and ~, none of them . or .. \
+             (snapgate refuses clients' requests for it, in any spelling)"
+        ))
+    } else if crate::path::normalize(path) == crate::path::normalize(&image.ready_path) {
+        Some(format!(
+            "{path:?} is also ready_path: give the hook a path of its own"
+        ))
+    } else {
+        None
+    }
+}
+
 /// A runtime app's `main`: a relative path that stays inside the code.
 fn valid_main(main: &str) -> bool {
     !(main.is_empty() || main.starts_with('/') || main.split('/').any(|c| c == ".."))
@@ -400,4 +430,34 @@ fn valid_app_name(name: &str) -> bool {
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(path: &str) -> ImageSpec {
+        serde_yaml_ng::from_str(&format!(
+            "kernel: /k\ncmdline: x\nready_path: /healthz\non_restore: {{path: '{path}'}}\n"
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_on_restore_path_must_be_plain_and_not_ready_path_in_any_spelling() {
+        for path in [
+            "/a?x=1",
+            "/a\\b",
+            "/",
+            "//",
+            "/.",
+            "/%2F",
+            "/;x",
+            "/a/..",
+            "/HealthZ/",
+        ] {
+            assert!(on_restore_routing(&image(path)).is_some(), "{path:?}");
+        }
+        assert_eq!(on_restore_routing(&image("/snapgate/resumed")), None);
+    }
 }

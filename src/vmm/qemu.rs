@@ -52,30 +52,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::process::make_run_dir;
 use super::qmp::Qmp;
 use super::snapshot::{create_dest, move_file, Origin};
+pub use super::spec::Accel;
 use super::{
     watch, Endpoint, ImageSpec, Machine, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm,
     VmmError, VmmKind,
 };
 use crate::net::{NetParams, Tap};
-
-/// Which accelerator QEMU uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Accel {
-    /// KVM where the CPU has hardware virtualization, else TCG.
-    #[default]
-    Auto,
-    /// Hardware virtualization through /dev/kvm.
-    Kvm,
-    /// Software emulation.
-    Tcg,
-}
 
 /// Whether this host can run ordinary guests under KVM.
 pub fn hardware_kvm() -> bool {

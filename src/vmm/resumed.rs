@@ -95,22 +95,25 @@ pub struct OnRestore {
 
 impl OnRestore {
     /// Problems with the settings of a hook on a guest whose readiness path
-    /// is `ready_path`, as (field, message). The two must differ: a guest
+    /// is `ready_path`, as (field, message): the path must be an absolute
+    /// path that fits an HTTP request line (RFC 9112 section 3.2: no
+    /// spaces, controls or fragment) and differ from `ready_path` (a guest
     /// that answers its probe for any method would take the message and
-    /// apply nothing.
+    /// apply nothing). The layer that routes clients' requests adds its own
+    /// rules.
     pub fn validate(&self, ready_path: &str) -> Vec<crate::FieldError> {
         let mut out = Vec::new();
-        if !crate::path::is_plain(&self.path) {
+        let fits = self.path.starts_with('/')
+            && self.path.bytes().all(|b| b.is_ascii_graphic() && b != b'#');
+        if !fits {
             out.push(crate::FieldError::new(
                 "on_restore.path",
                 format!(
-                    "{:?} must be a plain path of its own: /-separated segments of \
-                     letters, digits, -, ., _ and ~, none of them . or .. \
-                     (snapgate refuses clients' requests for it, in any spelling)",
+                    "{:?} must start with / and hold only printable ASCII, no #",
                     self.path
                 ),
             ));
-        } else if crate::path::normalize(&self.path) == crate::path::normalize(ready_path) {
+        } else if self.path == ready_path {
             out.push(crate::FieldError::new(
                 "on_restore.path",
                 format!(
@@ -266,20 +269,7 @@ mod tests {
             .map(|p| p.field)
             .collect();
         assert_eq!(fields, ["on_restore.path", "on_restore.timeout"]);
-        for path in [
-            "/a b",
-            "/a\r\nX-Evil: y",
-            "/\u{e9}",
-            "/a#x",
-            "/a?x=1",
-            "/a\\b",
-            "/",
-            "//",
-            "/.",
-            "/%2F",
-            "/;x",
-            "/a/..",
-        ] {
+        for path in ["/a b", "/a\r\nX-Evil: y", "/\u{e9}", "/a#x", "r"] {
             let hook = OnRestore {
                 path: path.into(),
                 timeout: Duration::from_secs(1),
@@ -290,7 +280,7 @@ mod tests {
             path: "/healthz".into(),
             timeout: Duration::from_secs(1),
         };
-        assert_eq!(same.validate("/HealthZ/").len(), 1);
+        assert_eq!(same.validate("/healthz").len(), 1);
         assert!(same.validate("/ready").is_empty());
         assert!(serde_yaml_ng::from_str::<OnRestore>("path: /r\nretries: 3\n").is_err());
     }

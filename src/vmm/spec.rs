@@ -288,6 +288,30 @@ pub fn host_tsc_khz() -> u64 {
         .unwrap_or(1_000_000)
 }
 
+/// Which accelerator QEMU uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM where the CPU has hardware virtualization, else TCG.
+    #[default]
+    Auto,
+    /// Hardware virtualization through /dev/kvm.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+/// How CH brings snapshot memory into a clone.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemoryRestoreMode {
+    /// Read the whole memory file into the clone before it runs.
+    #[default]
+    Copy,
+    /// Fault pages in on first touch (userfaultfd).
+    OnDemand,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

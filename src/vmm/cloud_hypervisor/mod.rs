@@ -41,7 +41,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 pub use api::ChClient;
@@ -53,16 +52,7 @@ use super::{
 };
 use crate::net::{NetParams, Tap};
 
-/// How CH brings snapshot memory into a clone.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum MemoryRestoreMode {
-    /// Read the whole memory file into the clone before it runs.
-    #[default]
-    Copy,
-    /// Fault pages in on first touch (userfaultfd).
-    OnDemand,
-}
+pub use crate::vmm::spec::MemoryRestoreMode;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshot files CH writes.
