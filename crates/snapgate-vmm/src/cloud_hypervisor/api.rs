@@ -16,7 +16,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 
-use crate::vmm::{VmId, VmProcess, VmmError};
+use crate::{VmId, VmProcess, VmmError};
 
 /// How long one API call may take before the VMM is deemed hung.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);

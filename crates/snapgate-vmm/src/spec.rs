@@ -136,7 +136,7 @@ pub struct ImageSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_restore: Option<OnRestore>,
     /// One more read-only disk after `disks`, of this many MiB, backed by
-    /// a file of each VM's own ([`crate::vmm::Vm::extra_disk`]) that starts
+    /// a file of each VM's own ([`crate::Vm::extra_disk`]) that starts
     /// empty (sparse) and that the layer above may fill before the guest
     /// reads it. Set by snapgate (a runtime's `code_disk_mib`), never in a
     /// config.

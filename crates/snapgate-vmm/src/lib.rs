@@ -1,4 +1,12 @@
-//! The VMM layer: one [`Vmm`] trait, two drivers (QEMU, Cloud Hypervisor).
+//! snapgate's VMM layer: one [`Vmm`] trait, two drivers (QEMU, Cloud
+//! Hypervisor), snapshots on disk, and the taps VMs sit behind ([`net`]).
+//!
+//! A crate of its own so that it cannot reach anything above it: it knows
+//! nothing of pools, runtimes, agents, apps or HTTP routing. What a layer
+//! above needs of a VM it asks through generic means: an extra disk of
+//! each VM's own ([`ImageSpec::extra_disk_mib`], [`Vm::extra_disk`]), a
+//! record of what ran on a template before its snapshot
+//! ([`ImageSpec::prepared`]), a resume hook ([`resumed::Hook`]).
 //!
 //! # Lifecycle
 //! ```text
@@ -29,7 +37,14 @@
 //!    at each restore (QEMU `pc`: `vmgenid`), from which guest kernels with
 //!    a VMGenID driver reseed their generator on their own, asynchronously.
 
+#![deny(unsafe_code)]
+#![warn(missing_docs)]
+// Errors here carry context (paths, log tails) and are returned on cold
+// paths next to VM starts that take milliseconds; boxing them buys nothing.
+#![allow(clippy::result_large_err)]
+
 pub mod cloud_hypervisor;
+pub mod net;
 pub mod process;
 pub mod qemu;
 mod qmp;
@@ -506,4 +521,46 @@ pub trait Vmm: Send + Sync + 'static {
 
     /// Stops the VM and waits until its VMM process is gone.
     async fn destroy(&self, vm: Vm) -> Result<(), VmmError>;
+}
+
+/// An error and its `source()` chain on one line: `outer: cause: root`.
+pub fn display_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // Some errors repeat their source in their own message.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
+}
+
+/// A setting that cannot be used: which field, and why. Validators return
+/// these; a config layer puts its own key path in front of `field`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// The field, relative to the struct checked (`disks[0].path`).
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl FieldError {
+    /// A problem with `field`.
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.field, self.message)
+    }
 }

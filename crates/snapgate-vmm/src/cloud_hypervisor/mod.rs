@@ -52,7 +52,7 @@ use super::{
 };
 use crate::net::{NetParams, Tap};
 
-pub use crate::vmm::spec::MemoryRestoreMode;
+pub use crate::spec::MemoryRestoreMode;
 
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Snapshot files CH writes.
@@ -79,9 +79,7 @@ pub fn vm_config(spec: &ImageSpec, cmdline: &str, run_dir: &Path) -> Value {
     if let Some(initramfs) = &spec.initramfs {
         payload["initramfs"] = json!(initramfs);
     }
-    let extra_disk = spec
-        .extra_disk_mib
-        .map(|_| crate::vmm::extra_disk_path(run_dir));
+    let extra_disk = spec.extra_disk_mib.map(|_| crate::extra_disk_path(run_dir));
     let disks: Vec<Value> = spec
         .disks
         .iter()
@@ -210,7 +208,7 @@ pub fn clone_source(
                 path: config_path.clone(),
                 problem: "a snapshot with an extra disk has no disks".into(),
             })?;
-        slot["path"] = json!(crate::vmm::extra_disk_path(run_dir));
+        slot["path"] = json!(crate::extra_disk_path(run_dir));
     }
     let out = dir.join("config.json");
     std::fs::write(&out, config.to_string()).map_err(io("cannot write", &out))?;
@@ -236,12 +234,12 @@ impl Vmm for CloudHypervisor {
     }
 
     async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
-        let cmdline = crate::vmm::boot_cmdline(spec, &self.net, self.tsc_khz)?;
+        let cmdline = crate::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
-        crate::vmm::create_extra_disk(spec, &run_dir)?;
+        crate::create_extra_disk(spec, &run_dir)?;
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
         let t = Instant::now();
@@ -301,7 +299,7 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
-        crate::vmm::create_extra_disk(&m.spec, &run_dir)?;
+        crate::create_extra_disk(&m.spec, &run_dir)?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());

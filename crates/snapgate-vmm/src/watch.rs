@@ -107,7 +107,7 @@ mod tests {
 
     use super::*;
     use crate::net::{NetParams, Tap};
-    use crate::vmm::{Endpoint, ImageSpec, Snapshot, VmId, VmProcess, VmmKind};
+    use crate::{Endpoint, ImageSpec, Snapshot, VmId, VmProcess, VmmKind};
 
     /// A driver whose guest_stopped answers are scripted (then `None`).
     struct Scripted {
@@ -156,7 +156,7 @@ mod tests {
     /// A "VM" whose VMM process is `sleep <secs>`.
     fn sleeping_vm(state: &Path, secs: &str) -> Vm {
         let id = VmId::new("watched");
-        let run = crate::vmm::process::make_run_dir(state, &id).unwrap();
+        let run = crate::process::make_run_dir(state, &id).unwrap();
         std::fs::write(run.join("console.log"), "booting\nfatal: out of luck\n").unwrap();
         let process = VmProcess::spawn(
             &id,
