@@ -217,15 +217,19 @@ pub struct Network {
     params: Arc<NetParams>,
     handle: rtnetlink::Handle,
     next: Arc<AtomicU64>,
+    /// The netlink connection's driver: ends when the last clone of this
+    /// `Network` is dropped.
+    _conn: Arc<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
 impl Network {
     /// Opens a netlink connection (its driver runs on the current tokio
-    /// runtime) for taps named `<tap_prefix><n>`.
+    /// runtime, owned by the returned value and its clones) for taps named
+    /// `<tap_prefix><n>`.
     pub fn new(params: NetParams) -> Result<Self, NetError> {
         params.validate().map_err(NetError::Invalid)?;
         let (conn, handle, _) = rtnetlink::new_connection().map_err(NetError::Netlink)?;
-        tokio::spawn(conn);
+        let conn = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(conn));
         // Number taps from a pid-derived base so two gateways (or two test
         // processes) sharing a prefix are unlikely to race for a name; a
         // clash is still caught by TUNSETIFF's EBUSY and retried with the
@@ -235,6 +239,7 @@ impl Network {
             params: Arc::new(params),
             handle,
             next: Arc::new(AtomicU64::new(seed)),
+            _conn: Arc::new(conn),
         })
     }
 
