@@ -30,12 +30,10 @@ async fn main() {
         "{ min_warm: 0, max_instances: 2, max_concurrency: 16, idle_timeout: 1s, hold_timeout: 60s }",
             &shared_snapshot_dir(),
     );
-    let gw = snapgate::gateway::start(&cfg, &mut std::io::sink())
-        .await
-        .unwrap();
-    let pool = gw.proxy.pool("app").unwrap().clone();
+    let gw = snapgate::testing::TestGateway::start(state, &cfg).await;
+    let pool = gw.pool("app").clone();
     let http = reqwest::Client::new();
-    let url = format!("http://{}/", gw.listen);
+    let url = format!("http://{}/", gw.running().listen);
     let get = || http.get(&url).header("host", "app.test").send();
     let mut rows = Vec::new();
 
@@ -95,7 +93,7 @@ async fn main() {
     futures::future::join_all(clients).await;
     let rps = 960.0 / t.elapsed().as_secs_f64();
     let peak = pool.stats().peak;
-    gw.shutdown().await;
+    gw.stop().await;
 
     println!();
     println!("snapgate gateway benchmark: QEMU, test guest, 2 host cores");

@@ -89,17 +89,16 @@ async fn main() {
         d = app_dir.display()
     );
     let cfg = runtime_gateway_config(state.path(), "sgbr", 1, &apps, &shared_snapshot_dir());
-    let gw = snapgate::gateway::start(&cfg, &mut std::io::sink())
-        .await
-        .unwrap();
-    let stock = gw.runtimes["node"].clone();
+    let state_path = state.path().to_owned();
+    let gw = snapgate::testing::TestGateway::start(state, &cfg).await;
+    let stock = gw.running().runtimes["node"].clone();
     let mut rows = Vec::new();
 
     for (app, label) in [
         ("shared", "warm runtime clone + code attach + app start"),
         ("solo", "per-app snapshot clone"),
     ] {
-        let pool = gw.proxy.pool(app).unwrap().clone();
+        let pool = gw.pool(app).clone();
         let mut v = Vec::new();
         for _ in 0..runs {
             wait_until("the app at zero and a warm runtime clone", || {
@@ -110,7 +109,7 @@ async fn main() {
             let client = reqwest::Client::new();
             let t = Instant::now();
             let resp = client
-                .get(format!("http://{}/", gw.listen))
+                .get(format!("http://{}/", gw.running().listen))
                 .header("host", format!("{app}.test"))
                 .send()
                 .await
@@ -132,7 +131,7 @@ async fn main() {
         CodeSource::new(
             "shared",
             &app_dir,
-            &state.path().join("code/bench-direct"),
+            &state_path.join("code/bench-direct"),
             16,
         ),
         start.clone(),
@@ -165,7 +164,7 @@ async fn main() {
     let skip_cold = std::env::var_os("SNAPGATE_BENCH_SKIP_COLD").is_some_and(|v| v == "1");
     let vmm: Arc<dyn Vmm> = snapgate::gateway::driver(&cfg).unwrap();
     let net = Network::new(cfg.network.clone()).unwrap();
-    let image = CodeSource::new("cold", &app_dir, &state.path().join("code/cold"), 16)
+    let image = CodeSource::new("cold", &app_dir, &state_path.join("code/cold"), 16)
         .current()
         .unwrap();
     let spec = runtime::app_image(rt_cfg, &image.path);
@@ -189,7 +188,7 @@ async fn main() {
         }
         rows.push(stats("cold boot + runtime load + app start", cold));
     }
-    gw.shutdown().await;
+    gw.stop().await;
 
     println!();
     println!(

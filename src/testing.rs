@@ -160,3 +160,146 @@ pub fn runtime_gateway_config(
     std::fs::write(&file, text).expect("write proxy.yaml");
     Config::load(&file).unwrap_or_else(|e| panic!("{e}"))
 }
+
+/// A gateway started for a test or a benchmark, with its state directory:
+/// the one end-to-end harness both use. Dropping it (a test that failed)
+/// still kills every VM: dropping the gateway cancels its tasks and drops
+/// every VM value, and each kills its VMM. [`TestGateway::stop`] shuts it
+/// down and checks that every VM and tap is gone.
+pub struct TestGateway {
+    /// The gateway's `state_dir` (removed on drop).
+    pub state: tempfile::TempDir,
+    /// A handle on the gateway's taps, for the final check.
+    pub net: crate::net::Network,
+    running: Option<crate::gateway::Running>,
+    http: reqwest::Client,
+}
+
+impl TestGateway {
+    /// Starts the gateway of `cfg`, whose `state_dir` is `state`; its
+    /// progress lines go to stderr. Panics with the whole error chain.
+    pub async fn start(state: tempfile::TempDir, cfg: &Config) -> TestGateway {
+        let net = crate::net::Network::new(cfg.network.clone()).expect("netlink");
+        let running = crate::gateway::start(cfg, &mut std::io::stderr())
+            .await
+            .unwrap_or_else(|e| panic!("gateway start: {}", crate::display_chain(e.as_ref())));
+        TestGateway {
+            state,
+            net,
+            running: Some(running),
+            http: reqwest::Client::new(),
+        }
+    }
+
+    /// The running gateway.
+    pub fn running(&self) -> &crate::gateway::Running {
+        self.running.as_ref().expect("running until stopped")
+    }
+
+    /// The pool of `app`.
+    pub fn pool(&self, app: &str) -> &crate::pool::Pool {
+        self.running().proxy.pool(app).expect("a VM or runtime app")
+    }
+
+    /// The test's HTTP client (keeps its connections alive).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// A request for `path` on `host`, through the gateway, on a client
+    /// that keeps its connections alive.
+    pub fn request(&self, host: &str, path: &str) -> reqwest::RequestBuilder {
+        self.http
+            .get(format!("http://{}{path}", self.running().listen))
+            .header("host", host)
+    }
+
+    /// `GET path` on `host`: the status and the body.
+    pub async fn get(&self, host: &str, path: &str) -> (u16, String) {
+        let resp = self
+            .request(host, path)
+            .send()
+            .await
+            .expect("the gateway answers");
+        (resp.status().as_u16(), resp.text().await.expect("a body"))
+    }
+
+    /// The admin listener's `/metrics` text.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.running().admin);
+        let resp = reqwest::get(url).await.expect("the admin listener answers");
+        resp.text().await.expect("a body")
+    }
+
+    /// The value of one sample line (`name{labels}`), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
+            .map_or(0.0, |v| v.parse().expect("a number"))
+    }
+
+    /// Waits until `app`'s pool stats satisfy `cond` (on the pool's stats
+    /// watch); panics naming `what` after `within`.
+    pub async fn until(
+        &self,
+        app: &str,
+        what: &str,
+        within: std::time::Duration,
+        cond: impl FnMut(&crate::pool::Stats) -> bool,
+    ) -> crate::pool::Stats {
+        let mut watch = self.pool(app).watch();
+        let waited = tokio::time::timeout(within, watch.wait_for(cond)).await;
+        match waited {
+            Ok(Ok(stats)) => *stats,
+            _ => panic!("{app}: {what}: stats stayed {:?}", self.pool(app).stats()),
+        }
+    }
+
+    /// Shuts the gateway down and checks that every VM it had and every
+    /// tap of its prefix are gone.
+    pub async fn stop(mut self) {
+        let running = self.running.take().expect("running until stopped");
+        let pids = running.pids();
+        running.shutdown().await;
+        assert_all_gone(&self.net, &pids).await;
+    }
+}
+
+impl Drop for TestGateway {
+    fn drop(&mut self) {
+        drop(self.running.take());
+    }
+}
+
+/// Whether a process with this pid still runs (zombies count as gone).
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"),
+        Err(_) => false,
+    }
+}
+
+/// Asserts that none of `pids` runs and no tap of `net`'s prefix remains,
+/// waiting up to 10 s for exits to finish. Process exits and tap removals
+/// have no event a test can wait on from here, so this polls, with a
+/// deadline.
+pub async fn assert_all_gone(net: &crate::net::Network, pids: &[u32]) {
+    use std::time::{Duration, Instant};
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for &pid in pids {
+        while alive(pid) {
+            assert!(Instant::now() < deadline, "VMM pid {pid} still runs");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    loop {
+        let taps = net.list_taps().await.expect("list taps");
+        if taps.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "taps left behind: {taps:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
-use snapgate::gateway::{self, Running};
+use snapgate::gateway;
 use snapgate::net::Network;
 use snapgate::testing::{
     gateway_config, gateway_config_of, linux_spec, shared_snapshot_dir, test_guest_on_restore,
@@ -25,10 +25,14 @@ const TEN: usize = 10;
 const TEN_POOL: &str =
     "{ min_warm: 10, max_instances: 10, max_concurrency: 1, hold_timeout: 60s, idle_timeout: 10m }";
 
-struct Gw {
-    state: tempfile::TempDir,
-    running: Option<Running>,
-    net: Network,
+/// The shared harness ([`TestGateway`]) for the one app `app` on `app.test`.
+struct Gw(TestGateway);
+
+impl std::ops::Deref for Gw {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.0
+    }
 }
 
 impl Gw {
@@ -41,43 +45,19 @@ impl Gw {
             Some(spec) => gateway_config_of(spec, state.path(), prefix, pool, snapshots),
             None => gateway_config(state.path(), prefix, pool, snapshots),
         };
-        let net = Network::new(cfg.network.clone()).unwrap();
-        let running = gateway::start(&cfg, &mut std::io::sink())
-            .await
-            .unwrap_or_else(|e| panic!("gateway start: {}", snapgate::display_chain(e.as_ref())));
-        Gw {
-            state,
-            running: Some(running),
-            net,
-        }
-    }
-
-    fn running(&self) -> &Running {
-        self.running.as_ref().unwrap()
+        Gw(TestGateway::start(state, &cfg).await)
     }
 
     fn pool(&self) -> &snapgate::pool::Pool {
-        self.running().proxy.pool("app").unwrap()
+        self.0.pool("app")
     }
 
     async fn get(&self, path: &str) -> (u16, String) {
-        let resp = reqwest::Client::new()
-            .get(format!("http://{}{path}", self.running().listen))
-            .header("host", "app.test")
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
+        self.0.get("app.test", path).await
     }
 
-    async fn stop(mut self) {
-        shutdown_and_check(self.running.take().unwrap(), &self.net).await;
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        drop(self.running.take());
+    async fn stop(self) {
+        self.0.stop().await;
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use snapgate::config::Config;
-use snapgate::gateway::{self, Running};
+
 use snapgate::net::Network;
 use snapgate::testing::{gateway_config, shared_snapshot_dir};
 
@@ -21,11 +21,14 @@ fn config(state: &Path, prefix: &str, pool: &str) -> Config {
     gateway_config(state, prefix, pool, &shared_snapshot_dir())
 }
 
-struct Gw {
-    _state: tempfile::TempDir,
-    running: Option<Running>,
-    net: Network,
-    http: reqwest::Client,
+/// The shared harness ([`TestGateway`]) for the one app `app` on `app.test`.
+struct Gw(TestGateway);
+
+impl std::ops::Deref for Gw {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.0
+    }
 }
 
 impl Gw {
@@ -36,61 +39,20 @@ impl Gw {
     }
 
     async fn start_with(state: tempfile::TempDir, cfg: Config) -> Gw {
-        let net = Network::new(cfg.network.clone()).unwrap();
-        let running = gateway::start(&cfg, &mut std::io::sink()).await.unwrap();
-        Gw {
-            _state: state,
-            running: Some(running),
-            net,
-            http: reqwest::Client::new(),
-        }
-    }
-
-    fn running(&self) -> &Running {
-        self.running.as_ref().unwrap()
+        Gw(TestGateway::start(state, &cfg).await)
     }
 
     fn pool(&self) -> &snapgate::pool::Pool {
-        self.running().proxy.pool("app").unwrap()
+        self.0.pool("app")
     }
 
     fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .get(format!("http://{}{path}", self.running().listen))
-            .header("host", "app.test")
-    }
-
-    async fn metrics(&self) -> String {
-        reqwest::get(format!("http://{}/metrics", self.running().admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
-    /// The value of one sample line, 0 when absent.
-    async fn metric(&self, sample: &str) -> f64 {
-        self.metrics()
-            .await
-            .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().unwrap())
+        self.0.request("app.test", path)
     }
 
     /// Shuts the gateway down and checks that every VM and tap is gone.
-    async fn stop(mut self) {
-        shutdown_and_check(self.running.take().unwrap(), &self.net).await;
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        // A failed test still kills its VMs: dropping the runtime's tasks
-        // drops every VM value, and each kills its VMM.
-        if let Some(running) = self.running.take() {
-            drop(running);
-        }
+    async fn stop(self) {
+        self.0.stop().await;
     }
 }
 
@@ -132,7 +94,7 @@ async fn request_at_zero_is_held_and_served_by_a_fresh_restore() {
     // Bodies stream both ways: 1 MiB up, echoed back.
     let upload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let resp = gw
-        .http
+        .http()
         .post(format!("http://{}/upload", gw.running().listen))
         .header("host", "app.test")
         .body(upload.clone())
@@ -161,7 +123,7 @@ async fn request_at_zero_is_held_and_served_by_a_fresh_restore() {
 
     // Unknown host: 404 with a short body.
     let resp = gw
-        .http
+        .http()
         .get(format!("http://{}/", gw.running().listen))
         .header("host", "nope.test")
         .send()
@@ -387,7 +349,7 @@ async fn metrics_pass_promtool_check() {
     let gw = Gw::start("sggm", "{ min_warm: 0, max_instances: 1 }").await;
     assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
     let _ = gw
-        .http
+        .http()
         .get(format!("http://{}/", gw.running().listen))
         .header("host", "x.test")
         .send()

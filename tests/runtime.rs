@@ -10,8 +10,6 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::*;
-use snapgate::gateway::{self, Running};
-use snapgate::net::Network;
 use snapgate::testing::{runtime_gateway_config, shared_snapshot_dir};
 
 /// A JS app that answers with its name, version and environment. A
@@ -54,62 +52,40 @@ fn app_entry(name: &str, code: &Path, extra: &str, pool: &str) -> String {
     )
 }
 
+/// The shared harness ([`TestGateway`]) with the Node.js runtime `node`;
+/// apps are on `<app>.test`.
 struct Gw {
-    state: tempfile::TempDir,
+    gw: TestGateway,
     snapshots: PathBuf,
-    running: Option<Running>,
-    net: Network,
-    http: reqwest::Client,
+}
+
+impl std::ops::Deref for Gw {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.gw
+    }
 }
 
 impl Gw {
     async fn start(prefix: &str, runtime_min_warm: usize, apps: &str, snapshots: &Path) -> Gw {
         let state = tempfile::tempdir().unwrap();
         let cfg = runtime_gateway_config(state.path(), prefix, runtime_min_warm, apps, snapshots);
-        let net = Network::new(cfg.network.clone()).unwrap();
-        let running = gateway::start(&cfg, &mut std::io::stderr())
-            .await
-            .unwrap_or_else(|e| panic!("gateway start: {}", snapgate::display_chain(e.as_ref())));
         Gw {
-            state,
+            gw: TestGateway::start(state, &cfg).await,
             snapshots: snapshots.to_owned(),
-            running: Some(running),
-            net,
-            http: reqwest::Client::new(),
         }
     }
 
-    fn running(&self) -> &Running {
-        self.running.as_ref().unwrap()
-    }
-
-    fn pool(&self, app: &str) -> &snapgate::pool::Pool {
-        self.running().proxy.pool(app).unwrap()
-    }
-
     async fn get(&self, app: &str, path: &str) -> (u16, String) {
-        let resp = self
-            .http
-            .get(format!("http://{}{path}", self.running().listen))
-            .header("host", format!("{app}.test"))
-            .send()
-            .await
-            .unwrap();
-        (resp.status().as_u16(), resp.text().await.unwrap())
+        self.gw.get(&format!("{app}.test"), path).await
     }
 
     /// Waits, at most `within`, until `app` has `n` instances and no
     /// restore in flight.
     async fn wait_warm(&self, app: &str, n: usize, within: Duration) {
-        wait_for(
-            &format!("{n} warm instances of {app}"),
-            within,
-            async || {
-                let s = self.pool(app).stats();
-                s.instances == n && s.restoring == 0
-            },
-        )
-        .await;
+        let what = format!("{n} warm instances");
+        self.until(app, &what, within, |s| s.instances == n && s.restoring == 0)
+            .await;
     }
 
     fn runtime_stock(&self) -> (usize, usize) {
@@ -117,16 +93,8 @@ impl Gw {
     }
 
     /// Shuts the gateway down and checks that every VM and tap is gone.
-    async fn stop(mut self) {
-        shutdown_and_check(self.running.take().unwrap(), &self.net).await;
-    }
-}
-
-impl Drop for Gw {
-    fn drop(&mut self) {
-        // A failed test still kills its VMs: dropping the runtime's tasks
-        // drops every VM value, and each kills its VMM.
-        drop(self.running.take());
+    async fn stop(self) {
+        self.gw.stop().await;
     }
 }
 
@@ -748,7 +716,7 @@ async fn a_start_that_never_becomes_ready_fails_at_start_timeout_and_the_next_is
     let t = std::time::Instant::now();
     let request = async {
         let resp = gw
-            .http
+            .http()
             .get(format!("http://{}/", gw.running().listen))
             .header("host", "hang.test")
             .send()

@@ -30,33 +30,8 @@ pub async fn eventually(within: Duration, mut cond: impl FnMut() -> bool) -> boo
     }
 }
 
-/// Whether a process with this pid still runs (zombies count as gone).
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"),
-        Err(_) => false,
-    }
-}
-
-/// Asserts that no tap with the network's prefix and none of `pids` remain
-/// (waiting up to 10 s for exits to finish).
-pub async fn assert_all_gone(net: &Network, pids: &[u32]) {
-    for &pid in pids {
-        assert!(
-            eventually(Duration::from_secs(10), || !alive(pid)).await,
-            "VMM pid {pid} still runs"
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let taps = net.list_taps().await.expect("list taps");
-        if taps.is_empty() {
-            break;
-        }
-        assert!(Instant::now() < deadline, "taps left behind: {taps:?}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
+#[allow(unused_imports)]
+pub use snapgate::testing::{alive, assert_all_gone, TestGateway};
 
 /// Polls the async `cond` every 20 ms until it holds; panics naming `what`
 /// after `within`.
@@ -66,14 +41,6 @@ pub async fn wait_for(what: &str, within: Duration, mut cond: impl AsyncFnMut() 
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-}
-
-/// Shuts `running` down and checks that every VM it had and every tap of
-/// `net` are gone.
-pub async fn shutdown_and_check(running: snapgate::gateway::Running, net: &Network) {
-    let pids = running.pids();
-    running.shutdown().await;
-    assert_all_gone(net, &pids).await;
 }
 
 /// `GET path` on a guest; returns the body as text. Panics on non-200.
@@ -266,4 +233,12 @@ pub fn dashboard_queries() -> Vec<(String, String)> {
         }
     }
     out
+}
+
+/// Shuts `running` down and checks that every VM it had and every tap of
+/// `net` are gone.
+pub async fn shutdown_and_check(running: snapgate::gateway::Running, net: &Network) {
+    let pids = running.pids();
+    running.shutdown().await;
+    assert_all_gone(net, &pids).await;
 }
