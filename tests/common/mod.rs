@@ -1,6 +1,8 @@
 //! Helpers for tests that boot real VMs on real taps.
 #![allow(dead_code)]
 
+pub mod runtime;
+
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
