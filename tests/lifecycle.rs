@@ -219,7 +219,8 @@ async fn a_second_gateway_on_one_state_dir_refuses_and_touches_nothing() {
 }
 
 /// The snapshot directory (its name under `app_dir`) that VMM `pid` was
-/// restored from, read from its command line.
+/// restored from, read from its command line (through `current` if that is
+/// what it names: no build runs between a restore and this check).
 fn restored_from(pid: u32, app_dir: &Path) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_else(|e| panic!("cmdline of VMM {pid}: {e}"));
@@ -228,11 +229,14 @@ fn restored_from(pid: u32, app_dir: &Path) -> String {
     let at = cmdline
         .find(&prefix)
         .unwrap_or_else(|| panic!("VMM {pid} names no snapshot under {prefix}: {cmdline}"));
-    cmdline[at + prefix.len()..]
+    let dir = cmdline[at + prefix.len()..]
         .split(['/', ' ', ','])
         .next()
-        .unwrap()
-        .to_owned()
+        .unwrap();
+    match dir {
+        "current" => current(app_dir),
+        dir => dir.to_owned(),
+    }
 }
 
 /// The snapshot directory `<app_dir>/current` points at.
@@ -319,8 +323,9 @@ async fn snapshot_builds_next_to_a_serving_gateway_change_nothing_until_restart(
     );
     let file = state.path().join("proxy.yaml");
     let app_dir = snapshot_dir.join("app");
-    let gw = Gw::start(&cfg).await;
+    build(&file, state.path()).await;
     let d0 = current(&app_dir);
+    let gw = Gw::start(&cfg).await;
     assert_eq!(serve_one(&gw, &app_dir).await, d0);
     scaled_to_zero(&gw).await;
 
@@ -476,13 +481,17 @@ async fn held_requests_whose_clients_give_up_leave_the_queue_at_once() {
     let stats = loop {
         let stats = gw.pool().stats();
         let depth = gw.metric(queue).await;
-        seen.push((stats.queued, depth));
+        // (queued, depth, how many polls in a row saw them)
+        match seen.last_mut() {
+            Some((q, d, n)) if (*q, *d) == (stats.queued, depth) => *n += 1,
+            _ => seen.push((stats.queued, depth, 1)),
+        }
         if stats.queued == 0 && depth == 0.0 {
             break stats;
         }
         assert!(
             gave_up.elapsed() < Duration::from_secs(1),
-            "(queued, {queue}) over 1 s after the clients gave up: {seen:?}; now {stats:?}"
+            "(queued, {queue}, polls) over 1 s after the clients gave up: {seen:?}; now {stats:?}"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
@@ -490,7 +499,7 @@ async fn held_requests_whose_clients_give_up_leave_the_queue_at_once() {
     assert_eq!(
         stats.instances, 0,
         "the queue emptied only once an instance joined: {stats:?}, \
-         {emptied:?} after the requests; (queued, depth) seen: {seen:?}"
+         {emptied:?} after the requests; (queued, depth, polls) seen: {seen:?}"
     );
     // The restore the queue started ends (joins, or is cancelled).
     wait_for("the restore to end", Duration::from_secs(60), async || {
