@@ -167,8 +167,9 @@ pub fn runtime_gateway_config(
 /// every VM value, and each kills its VMM. [`TestGateway::stop`] shuts it
 /// down and checks that every VM and tap is gone.
 pub struct TestGateway {
-    /// The gateway's `state_dir` (removed on drop).
-    pub state: tempfile::TempDir,
+    /// The gateway's `state_dir`, removed on drop if the harness owns it.
+    state: Option<tempfile::TempDir>,
+    state_dir: PathBuf,
     /// A handle on the gateway's taps, for the final check.
     pub net: crate::net::Network,
     running: Option<crate::gateway::Running>,
@@ -176,19 +177,34 @@ pub struct TestGateway {
 }
 
 impl TestGateway {
-    /// Starts the gateway of `cfg`, whose `state_dir` is `state`; its
-    /// progress lines go to stderr. Panics with the whole error chain.
+    /// Starts the gateway of `cfg`, whose `state_dir` is `state` (removed
+    /// when the harness is dropped); its progress lines go to stderr.
+    /// Panics with the whole error chain.
     pub async fn start(state: tempfile::TempDir, cfg: &Config) -> TestGateway {
+        let mut gw = TestGateway::start_in(cfg).await;
+        gw.state = Some(state);
+        gw
+    }
+
+    /// [`TestGateway::start`] in a `state_dir` the caller keeps (a test
+    /// that starts gateways one after another on one directory).
+    pub async fn start_in(cfg: &Config) -> TestGateway {
         let net = crate::net::Network::new(cfg.network.clone()).expect("netlink");
         let running = crate::gateway::start(cfg, &mut std::io::stderr())
             .await
             .unwrap_or_else(|e| panic!("gateway start: {}", crate::display_chain(e.as_ref())));
         TestGateway {
-            state,
+            state: None,
+            state_dir: cfg.state_dir.clone(),
             net,
             running: Some(running),
             http: reqwest::Client::new(),
         }
+    }
+
+    /// The gateway's `state_dir`.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
     }
 
     /// The running gateway.
@@ -269,16 +285,16 @@ impl TestGateway {
 
 impl Drop for TestGateway {
     fn drop(&mut self) {
+        // The gateway first (its VMs die with it), then its directory.
         drop(self.running.take());
+        drop(self.state.take());
     }
 }
 
-/// Whether a process with this pid still runs (zombies count as gone).
+/// Whether a process with this pid still runs or is still dying (a
+/// zombie whose other threads have not exited yet still holds its fds).
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !s[s.rfind(')').unwrap_or(0)..].starts_with(") Z"),
-        Err(_) => false,
-    }
+    crate::vmm::process::liveness(pid) != crate::vmm::process::Liveness::Gone
 }
 
 /// Asserts that none of `pids` runs and no tap of `net`'s prefix remains,

@@ -406,7 +406,7 @@ async fn a_clone_that_halts_at_restore_fails_within_two_seconds_quoting_its_erro
             let answer = gw.get("/").await;
             (answer, Instant::now())
         },
-        console_line_appears(gw.state.path(), &clone, needle, Duration::from_secs(60)),
+        console_line_appears(gw.state_dir(), &clone, needle, Duration::from_secs(60)),
     );
     let ((status, body), answered_at) = answer;
     assert_eq!(status, 503, "{body}");

@@ -100,7 +100,7 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
         current_snapshot(&gw.snapshots, "runtime.node"),
         runtime_snapshot
     );
-    let images: Vec<_> = std::fs::read_dir(gw.state.path().join("code/alpha"))
+    let images: Vec<_> = std::fs::read_dir(gw.state_dir().join("code/alpha"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name())

@@ -22,7 +22,7 @@
 //!    and, when it fires, cancels the member's `gone` token (requests in
 //!    flight on it end at once), marks it draining and wakes maintenance.
 //!    Leasing also checks, under the lock, that the process still runs
-//!    ([`Instance::has_exited`]), so a VMM that died a moment ago is never
+//!    ([`Instance::is_exiting`]), so a VMM that died a moment ago is never
 //!    leased.
 //! 4. A failure (error, timeout, panic) arms a backoff (0.5 s doubling to
 //!    30 s) and, if nothing can serve the queue, fails the queue with it.

@@ -340,8 +340,9 @@ impl<F: Factory> Shared<F> {
                 .iter_mut()
                 .filter(|m| !m.draining && m.in_flight < max)
                 .max_by_key(|m| m.in_flight)?;
-            if let Some(status) = m.instance.has_exited() {
-                self.mark_dead(m, Some(status));
+            if m.instance.is_exiting() {
+                let status = m.instance.has_exited();
+                self.mark_dead(m, status);
                 self.wake.notify_one();
                 continue;
             }

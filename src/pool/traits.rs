@@ -25,6 +25,11 @@ pub trait Instance: Send + 'static {
     fn address(&self) -> Self::Address;
     /// Whether its process has exited, and how: a non-blocking check.
     fn has_exited(&mut self) -> Option<ExitStatus>;
+    /// Whether its process is exiting or has exited: the check made at
+    /// every lease. By default [`Instance::has_exited`].
+    fn is_exiting(&mut self) -> bool {
+        self.has_exited().is_some()
+    }
     /// Completes when its process exits (for a VM, the VMM process's
     /// pidfd becomes readable): the engine's one waiter per instance.
     fn exited(&self) -> ExitEvent;

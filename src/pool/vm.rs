@@ -25,6 +25,10 @@ impl Instance for Vm {
         self.process_mut().exited()
     }
 
+    fn is_exiting(&mut self) -> bool {
+        self.process_mut().is_exiting()
+    }
+
     fn exited(&self) -> ExitEvent {
         Box::pin(self.process().exit_event())
     }

@@ -6,7 +6,7 @@ pub mod runtime;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use snapgate::net::{NetParams, Network};
+use snapgate::net::NetParams;
 use snapgate::vmm::Endpoint;
 
 /// Network parameters with a tap prefix of the test's own, so parallel tests
@@ -235,12 +235,4 @@ pub fn dashboard_queries() -> Vec<(String, String)> {
         }
     }
     out
-}
-
-/// Shuts `running` down and checks that every VM it had and every tap of
-/// `net` are gone.
-pub async fn shutdown_and_check(running: snapgate::gateway::Running, net: &Network) {
-    let pids = running.pids();
-    running.shutdown().await;
-    assert_all_gone(net, &pids).await;
 }

@@ -154,6 +154,14 @@ impl VmProcess {
         self.run_dir.join("console.log")
     }
 
+    /// Whether the process is exiting or has exited: [`VmProcess::exited`],
+    /// or its main thread is a zombie while other threads still wind down
+    /// (a VMM killed a moment ago cannot be waited on until the last of its
+    /// threads is gone). One read of `/proc/<pid>/status`.
+    pub fn is_exiting(&mut self) -> bool {
+        self.exited().is_some() || liveness(self.pid) != Liveness::Running
+    }
+
     /// `Some(status)` once the process has exited (a non-blocking check).
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.exit.is_none() {
@@ -443,18 +451,45 @@ pub fn kill_stale(state_dir: &Path) -> Stale {
     stale
 }
 
-/// Waits (up to 5 s) until `pid` has exited, so its fds (and taps) are gone.
-/// The process is not our child, so it cannot be waited on; its /proc entry
-/// disappears once its parent (init, after a crash) reaps it.
+/// How far `pid` is from gone, from `/proc/<pid>/status`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Liveness {
+    /// Running (or sleeping, stopped...).
+    Running,
+    /// Its main thread has exited (a zombie) but other threads have not
+    /// yet: it is dying, and still holds its fds (threads share one fd
+    /// table, released with the last of them).
+    Dying,
+    /// Gone, or a zombie alone: its fds (and taps) are closed.
+    Gone,
+}
+
+/// Whether `pid` runs, is dying or is gone (see [`Liveness`]).
+pub fn liveness(pid: u32) -> Liveness {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return Liveness::Gone;
+    };
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or("")
+    };
+    match (field("State:").starts_with('Z'), field("Threads:")) {
+        (false, _) => Liveness::Running,
+        (true, "1") => Liveness::Gone,
+        (true, _) => Liveness::Dying,
+    }
+}
+
+/// Waits (up to 5 s) until `pid` is gone, so its fds (and taps) are closed.
+/// The process is not our child, so it cannot be waited on; nor has it an
+/// exit event here; this polls its /proc entry with a deadline.
 fn wait_gone(pid: u32) {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while std::time::Instant::now() < deadline {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-            Err(_) => return,
-            // A zombie has closed its fds already.
-            Ok(s) if s[s.rfind(')').unwrap_or(0)..].starts_with(") Z") => return,
-            Ok(_) => std::thread::sleep(Duration::from_millis(10)),
-        }
+    while std::time::Instant::now() < deadline && liveness(pid) != Liveness::Gone {
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
