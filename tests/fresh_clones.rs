@@ -418,7 +418,8 @@ async fn a_clone_that_halts_at_restore_fails_within_two_seconds_quoting_its_erro
     );
     let err = gw.pool().last_error().expect("the failure is kept");
     assert!(
-        err.contains("guest of app-1 stopped while taking its resumed message"),
+        err.contains(&format!("guest of {clone}"))
+            && err.contains("stopped while taking its resumed message"),
         "{err}"
     );
     assert!(

@@ -284,8 +284,15 @@ async fn leftovers_of_a_crashed_run_are_removed_at_start_up() {
         .await
         .unwrap();
     let pid = vm.pid();
-    // A crashed gateway runs no destructors: its VMM and tap live on.
+    // A crashed gateway runs no destructors: its VMM and tap live on...
     std::mem::forget(vm);
+    // ...and it is gone: its pid file names an owner that no longer runs
+    // (this process, with another start time).
+    let pid_file = env.state.path().join("vms/orphan.pid");
+    let text = std::fs::read_to_string(&pid_file).unwrap();
+    let mut fields: Vec<&str> = text.split_whitespace().collect();
+    fields[4] = "1";
+    std::fs::write(&pid_file, fields.join(" ")).unwrap();
     assert_eq!(env.net.list_taps().await.unwrap().len(), 1);
     // A tap of the same prefix that no pid file names (another gateway's)
     // must survive the clean-up.
