@@ -461,8 +461,6 @@ impl Config {
     }
 }
 
-/// What the guest agent of a runtime image needs on its kernel command line
-/// and from the disk layout (see `guest/init/src/agent.rs`).
 /// The 1-based line of a dotted key path in YAML text, found by walking the
 /// path's segments down the indentation; `None` if not found.
 pub fn locate(text: &str, key: &str) -> Option<usize> {

@@ -330,6 +330,8 @@ fn valid_main(main: &str) -> bool {
     !(main.is_empty() || main.starts_with('/') || main.split('/').any(|c| c == ".."))
 }
 
+/// What the guest agent of a runtime image needs on its kernel command line
+/// and from the disk layout (see `guest/init/src/agent.rs`).
 fn agent_args(image: &ImageSpec) -> Vec<crate::FieldError> {
     let mut out = Vec::new();
     let value = |key: &str| {

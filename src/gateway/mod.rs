@@ -20,9 +20,13 @@
 //!    serve.
 //!
 //! # Tasks
-//! Every task (listeners, connections' owner, each engine's maintenance,
+//! Every task the gateway starts (the listeners with the connections they
+//! own, the admin listener's connections, each engine's maintenance,
 //! restores, stops and exit waiters) runs on one [`Tasks`] tracker under
-//! one cancel token. [`Running::shutdown`]: stop accepting, let in-flight
+//! one cancel token. Tasks of HTTP client connections belong to their
+//! clients (hyper's pools, dropped with the proxy; a guest probe's
+//! connection, aborted with its request), and the netlink connection to
+//! its `Network`. [`Running::shutdown`]: stop accepting, let in-flight
 //! requests finish for `shutdown_grace`, close every pool (failing held
 //! requests with 503 and destroying every VM, whose taps go with it), then
 //! every runtime stock, then cancel and wait for every task. Dropping
@@ -107,12 +111,16 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let admin_listener = TcpListener::bind(config.admin)
         .await
         .with_context(|| format!("admin: binding {}", config.admin))?;
+    let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
     let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
     let driver = driver(config)?;
     let tasks = Tasks::default();
+    // A start-up dropped part-way (a signal while a snapshot builds) ends
+    // every task it started.
+    let unfinished = tasks.cancel.clone().drop_guard();
     let mut factories = Factories {
         tasks: tasks.clone(),
         pins: Vec::new(),
@@ -125,34 +133,19 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
 
     let mut targets = HashMap::new();
-    let built: anyhow::Result<()> = async {
-        for name in config.apps.keys() {
-            let target = factories.target(name, &pool_metrics, out).await?;
-            targets.insert(name.clone(), target);
-        }
-        Ok(())
-    }
-    .await;
-    let runtimes = factories.runtimes;
-    let pins = factories.pins;
-    if let Err(e) = built {
-        // Nothing half-started stays behind: VMs made so far are destroyed.
-        for target in targets.values() {
-            if let Target::Pool { pool, .. } = target {
-                pool.close(std::time::Duration::from_secs(5)).await;
+    for name in config.apps.keys() {
+        match factories.target(name, &pool_metrics, out).await {
+            Ok(target) => targets.insert(name.clone(), target),
+            Err(e) => {
+                abandon(&targets, &factories.runtimes, &tasks).await;
+                return Err(e);
             }
-        }
-        for runtime in runtimes.values() {
-            runtime.close(std::time::Duration::from_secs(5)).await;
-        }
-        tasks.cancel.cancel();
-        return Err(e);
+        };
     }
+    let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Proxy::new(router, targets, proxy_metrics));
 
-    let listen = listener.local_addr()?;
-    let admin = admin_listener.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
@@ -168,11 +161,14 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         admin_stop.clone(),
         tasks.tracker.clone(),
     ));
+    unfinished.disarm();
     info!(%listen, %admin, "serving");
-    writeln!(
+    // Serving has begun: a progress line that cannot be written (a closed
+    // pipe) must not end it.
+    let _ = writeln!(
         out,
         "serving on http://{listen}, metrics on http://{admin}/metrics"
-    )?;
+    );
     Ok(Running {
         listen,
         admin,
@@ -188,6 +184,27 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         _pins: pins,
         _state_lock: state_lock,
     })
+}
+
+/// Undoes a start-up that failed part-way: the pools and runtime stocks
+/// made so far close (destroying their VMs), and every task they started
+/// ends before the error is returned.
+async fn abandon(
+    targets: &HashMap<String, Target>,
+    runtimes: &HashMap<String, Runtime>,
+    tasks: &Tasks,
+) {
+    for target in targets.values() {
+        if let Target::Pool { pool, .. } = target {
+            pool.close(std::time::Duration::from_secs(5)).await;
+        }
+    }
+    for runtime in runtimes.values() {
+        runtime.close(std::time::Duration::from_secs(5)).await;
+    }
+    tasks.cancel.cancel();
+    tasks.tracker.close();
+    tasks.tracker.wait().await;
 }
 
 /// Kills VMMs an earlier gateway left and removes their taps (module doc,

@@ -61,6 +61,9 @@ pub fn lock(state_dir: &Path) -> Result<StateLock, StateLockError> {
         .map_err(io)?;
     let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => lock,
+        Err((_, errno)) if errno != nix::errno::Errno::EWOULDBLOCK => {
+            return Err(io(std::io::Error::from(errno)));
+        }
         Err((mut file, _)) => {
             let mut holder = String::new();
             let _ = file.read_to_string(&mut holder);

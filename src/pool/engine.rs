@@ -3,11 +3,16 @@
 //! over what an instance is ([`Instance`]) and how one starts ([`Factory`]).
 //!
 //! # Protocol
-//! 1. One `std::sync::Mutex` guards an engine's [`State`]: its members, the
+//! 1. One `std::sync::Mutex` guards an engine's `State`: its members, the
 //!    restores in flight, the hold queue (see `hold.rs`) and the backoff. It
 //!    is never held across an `.await`; starts and stops run outside it.
-//!    Every change ends in `publish`, which updates the [`Observer`] and the
-//!    [`Stats`] watch that tests and close wait on.
+//!    Every change ends in `Shared::settle`: it publishes the counts (to
+//!    the [`Observer`] and the [`Stats`] watch that tests and close wait
+//!    on), releases the lock, and only then spawns the restores and stops
+//!    decided under it (a task spawned onto a runtime that is shutting
+//!    down is dropped at once, and its guard takes the lock). Tasks are
+//!    spawned on the runtime the engine was made on, whichever thread
+//!    decides them (a lease may end on any thread).
 //! 2. Restores: `start_restores` starts enough for the hold queue
 //!    (`ceil(queued / max_concurrency)`) and for `min_warm`, minus those in
 //!    flight, within `max_instances`, never during a backoff. Each restore
@@ -32,12 +37,17 @@
 //!    down to `min_warm`, and restores up to `min_warm`. Reaping and leasing
 //!    both run under the lock and reaping only takes members with nothing
 //!    in flight, so a lease and the reaper never both win a member.
-//! 6. Stops run as tasks on the tracker, counted in `State::stopping`.
+//! 6. Stops run as tasks on the tracker, counted in `State::stopping` from
+//!    the moment the member leaves (so `Stats::is_empty` never sees a gap).
+//!    A set that never reaps (a runtime's stock: `idle_timeout: None`)
+//!    stops a started instance at once when no claim waits for it and
+//!    `min_warm` is met: its claimer gave up while it started.
 //! 7. Close: no new leases or restores; the queue fails at once; restores
 //!    in flight are cancelled; idle members stop; busy ones stop as their
 //!    last lease ends. [`Engine::close`] then waits on the stats watch
-//!    until nothing is left (or its deadline), cancels the engine's tasks
-//!    and waits for them on the tracker.
+//!    until nothing is left (or its deadline) and cancels the engine's
+//!    tasks (maintenance, exit waiters); the owner of the tracker (the
+//!    gateway) waits for every task on it.
 
 use std::collections::VecDeque;
 use std::process::ExitStatus;
@@ -81,6 +91,26 @@ pub(super) struct State<F: Factory> {
     pub(super) last_error: Option<(String, Blame)>,
     pub(super) closed: bool,
     pub(super) peak: usize,
+    /// Starts and stops decided under the lock, spawned once it is
+    /// released ([`Shared::settle`]).
+    pub(super) work: Work<F>,
+}
+
+/// Tasks to spawn once the lock is released: a task spawned onto a
+/// runtime that is shutting down is dropped inside `spawn`, and its guard
+/// then takes the lock (module doc, step 1).
+pub(super) struct Work<F: Factory> {
+    restores: Vec<(Restoring<F>, crate::vmm::VmId)>,
+    stops: Vec<(Stopping<F>, Member<F::Instance>)>,
+}
+
+impl<F: Factory> Default for Work<F> {
+    fn default() -> Self {
+        Work {
+            restores: Vec::new(),
+            stops: Vec::new(),
+        }
+    }
 }
 
 pub(super) struct Shared<F: Factory> {
@@ -92,6 +122,8 @@ pub(super) struct Shared<F: Factory> {
     pub(super) observer: Arc<dyn Observer>,
     seq: AtomicU64,
     pub(super) tracker: TaskTracker,
+    /// The runtime tasks are spawned on, whichever thread decides them.
+    runtime: tokio::runtime::Handle,
     /// Cancels every task of this engine.
     cancel: CancellationToken,
     /// Cancels restores in flight (on close).
@@ -150,17 +182,21 @@ impl<F: Factory> Engine<F> {
                 last_error: None,
                 closed: false,
                 peak: 0,
+                work: Work::default(),
             }),
             wake: Notify::new(),
             observer,
             seq: AtomicU64::new(1),
             tracker: tasks.tracker.clone(),
+            runtime: tokio::runtime::Handle::current(),
             restores: cancel.child_token(),
             cancel,
             stats: watch::channel(Stats::default()).0,
         });
         shared.publish(&shared.lock());
-        shared.tracker.spawn(maintain(shared.clone()));
+        shared
+            .tracker
+            .spawn_on(maintain(shared.clone()), &shared.runtime);
         Engine { shared }
     }
 
@@ -212,7 +248,7 @@ impl<F: Factory> Engine<F> {
             for member in idle {
                 shared.stop(&mut st, member);
             }
-            shared.publish(&st);
+            shared.settle(st);
             waiters
         };
         shared.restores.cancel();
@@ -223,9 +259,9 @@ impl<F: Factory> Engine<F> {
     }
 
     /// Closes ([`Engine::begin_close`]) and waits, at most `within`, until
-    /// every member, restore and stop is gone; then ends the engine's
-    /// tasks. Members still leased at the deadline are killed when their
-    /// leases end.
+    /// every member, restore and stop is gone; then cancels the engine's
+    /// tasks (module doc, step 7). Members still leased at the deadline
+    /// are stopped when their leases end.
     pub async fn close(&self, within: Duration) {
         self.begin_close();
         let mut stats = self.watch();
@@ -285,30 +321,41 @@ impl<F: Factory> Shared<F> {
                 shared: self.clone(),
                 armed: true,
             };
-            self.tracker.spawn(restore(guard, id));
+            st.work.restores.push((guard, id));
         }
     }
 
     /// Stops `member`, just taken out of `st` (which the caller has
     /// locked), on a tracked task counted in `stopping` from this moment
-    /// (module doc, step 6). Without a tokio runtime (process exit) the
-    /// instance is dropped, which for a VM kills its VMM.
+    /// and spawned by [`Shared::settle`] (module doc, step 6).
     pub(super) fn stop(self: &Arc<Self>, st: &mut State<F>, member: Member<F::Instance>) {
         member.left.cancel();
-        if tokio::runtime::Handle::try_current().is_err() {
-            return;
-        }
         st.stopping += 1;
         let guard = Stopping {
             shared: self.clone(),
         };
-        self.tracker.spawn(async move {
-            let name = member.instance.name();
-            if let Err(e) = guard.shared.factory.stop(member.instance).await {
-                error!(engine = %guard.shared.name, vm = %name, "stopping instance: {}", crate::display_chain(&e));
-            }
-            drop(guard);
-        });
+        st.work.stops.push((guard, member));
+    }
+
+    /// Publishes `st`, releases the lock, then spawns the work decided
+    /// under it. Every change of the state ends here.
+    pub(super) fn settle(self: &Arc<Self>, mut st: MutexGuard<'_, State<F>>) {
+        self.publish(&st);
+        let work = std::mem::take(&mut st.work);
+        drop(st);
+        for (guard, id) in work.restores {
+            self.tracker.spawn_on(restore(guard, id), &self.runtime);
+        }
+        for (guard, member) in work.stops {
+            let task = async move {
+                let name = member.instance.name();
+                if let Err(e) = guard.shared.factory.stop(member.instance).await {
+                    error!(engine = %guard.shared.name, vm = %name, "stopping instance: {}", crate::display_chain(&e));
+                }
+                drop(guard);
+            };
+            self.tracker.spawn_on(task, &self.runtime);
+        }
     }
 
     /// Marks the member `key` dead (module doc, step 3).
@@ -318,8 +365,7 @@ impl<F: Factory> Shared<F> {
             let status = m.instance.has_exited();
             self.mark_dead(m, status);
         }
-        self.publish(&st);
-        drop(st);
+        self.settle(st);
         self.wake.notify_one();
     }
 
@@ -451,10 +497,10 @@ async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
                 // The slot goes back before the queue hears of the failure.
                 guard.settle(&mut st);
                 let failed = shared.failed(&mut st, &e);
-                shared.publish(&st);
+                shared.settle(st);
                 failed
             };
-            let reason: Arc<str> = e.to_string().into();
+            let reason: Arc<str> = crate::display_chain(&e).into();
             for w in waiters {
                 w.unavailable(&reason, e.blame(), wait);
             }
@@ -485,26 +531,33 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
             gone: CancellationToken::new(),
             left: left.clone(),
         };
-        if st.closed {
+        // A set that never reaps (a runtime's stock) keeps no instance
+        // nobody waits for beyond min_warm: its taker gave up meanwhile.
+        let live = st.members.iter().filter(|m| !m.draining).count();
+        let surplus = shared.sizing.idle_timeout.is_none()
+            && st.waiters.is_empty()
+            && live >= shared.sizing.min_warm;
+        if st.closed || surplus {
             shared.stop(&mut st, member);
-            shared.publish(&st);
+            shared.settle(st);
             (Vec::new(), false)
         } else {
             st.members.push(member);
             let undelivered = shared.dispatch(&mut st);
-            shared.publish(&st);
+            shared.settle(st);
             (undelivered, true)
         }
     };
     drop(undelivered);
     if joined {
         let waiter = shared.clone();
-        shared.tracker.spawn(async move {
+        let watch = async move {
             tokio::select! {
                 _ = exited => waiter.on_exit(key),
                 _ = left.cancelled() => {}
             }
-        });
+        };
+        shared.tracker.spawn_on(watch, &shared.runtime);
     }
     shared.wake.notify_one();
 }
@@ -530,7 +583,7 @@ async fn maintain<F: Factory>(shared: Arc<Shared<F>>) {
                 shared.stop(&mut st, member);
             }
             shared.start_restores(&mut st);
-            shared.publish(&st);
+            shared.settle(st);
             next
         };
         let sleep = async {

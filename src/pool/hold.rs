@@ -6,7 +6,8 @@
 //!    still runs, packing requests so the others can go idle and be
 //!    reaped. With no room anywhere it queues the claim (bounded by
 //!    `hold_queue`) and starts the restores the queue needs; the claim
-//!    then waits at most `hold_timeout`.
+//!    then waits at most `hold_timeout`. During a backoff with nothing
+//!    serving and nothing starting, a claim fails at once (`Unavailable`).
 //! 2. A queued claim owns a `Queued` guard: when the claim is dropped (its
 //!    client went away) or times out, the guard takes it off the queue and
 //!    publishes the new depth at once.
@@ -181,28 +182,30 @@ impl<F: Factory> Lease<F> {
     }
 
     /// Takes the instance out of the engine for good, which then starts
-    /// another if `min_warm` asks for one. `None` if its process has died
-    /// (the engine stops it).
+    /// another if `min_warm` asks for one. `None` if its process is exiting
+    /// (the engine stops it), or if other leases share the member (then
+    /// this lease just ends): only a sole lease can take its instance.
     pub fn detach(mut self) -> Option<F::Instance> {
-        self.detached = true;
         let shared = self.shared.clone();
-        let instance = {
-            let mut st = shared.lock();
-            let pos = st.members.iter().position(|m| m.key == self.key)?;
-            let mut member = st.members.remove(pos);
-            member.left.cancel();
-            let instance = match member.instance.has_exited() {
-                None => Some(member.instance),
-                Some(status) => {
-                    shared.mark_dead(&mut member, Some(status));
-                    shared.stop(&mut st, member);
-                    None
-                }
-            };
-            shared.start_restores(&mut st);
-            shared.publish(&st);
-            instance
+        let mut st = shared.lock();
+        let pos = st.members.iter().position(|m| m.key == self.key)?;
+        if st.members[pos].in_flight > 1 {
+            drop(st);
+            return None;
+        }
+        self.detached = true;
+        let mut member = st.members.remove(pos);
+        member.left.cancel();
+        let instance = if member.instance.is_exiting() {
+            let status = member.instance.has_exited();
+            shared.mark_dead(&mut member, status);
+            shared.stop(&mut st, member);
+            None
+        } else {
+            Some(member.instance)
         };
+        shared.start_restores(&mut st);
+        shared.settle(st);
         shared.wake.notify_one();
         instance
     }
@@ -278,7 +281,7 @@ impl<F: Factory> Engine<F> {
                 tx,
             });
             shared.start_restores(&mut st);
-            shared.publish(&st);
+            shared.settle(st);
             let queued = Queued {
                 shared: shared.clone(),
                 id,
@@ -401,7 +404,7 @@ impl<F: Factory> Shared<F> {
                 self.stop(&mut st, member);
                 self.start_restores(&mut st);
             }
-            self.publish(&st);
+            self.settle(st);
             undelivered
         };
         drop(undelivered);

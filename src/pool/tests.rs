@@ -556,3 +556,50 @@ async fn a_detached_instance_leaves_and_the_engine_refills() {
     engine.close(Duration::from_secs(1)).await;
     assert_eq!(s.stops(), 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_can_end_on_a_thread_without_a_runtime() {
+    let s = Script::new(Duration::from_millis(1), &[]);
+    let (engine, _) = engine(sizing(0, 2, 1), &s);
+    let (mut lease, _) = engine.claim().await.unwrap();
+    // Broken: its end stops the member and starts a replacement, both
+    // spawned from a thread that has no runtime of its own.
+    lease.mark_broken();
+    let ended = std::thread::spawn(move || drop(lease));
+    let joined = tokio::task::spawn_blocking(move || ended.join());
+    tokio::time::timeout(Duration::from_secs(10), joined)
+        .await
+        .expect("the lease's end does not hang")
+        .unwrap()
+        .unwrap();
+    let mut watch = engine.watch();
+    let stopped = watch.wait_for(|s| s.instances == 0 && s.stopping == 0);
+    tokio::time::timeout(Duration::from_secs(10), stopped)
+        .await
+        .expect("the broken member stops")
+        .unwrap();
+    assert_eq!(s.stops(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stock_keeps_no_instance_whose_claimer_gave_up() {
+    let s = Script::new(Duration::from_secs(5), &[]);
+    let mut c = sizing(0, usize::MAX, 1);
+    c.idle_timeout = None;
+    let (engine, _) = engine(c, &s);
+    let claims: Vec<_> = (0..3)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.claim().await.map(drop) })
+        })
+        .collect();
+    until(&engine, "three restoring", |s| s.restoring == 3).await;
+    for claim in &claims {
+        claim.abort();
+    }
+    until(&engine, "all started and stopped", |s| {
+        s.restoring == 0 && s.instances == 0 && s.stopping == 0
+    })
+    .await;
+    assert_eq!((s.starts(), s.stops()), (3, 3));
+}

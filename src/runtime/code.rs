@@ -14,9 +14,9 @@
 //! under a temporary name unique to the writer and renamed, so a crash never
 //! leaves a half image under a final name, and another process packing the
 //! same code ends with the same complete file. The newest [`KEEP`] images of
-//! an app are kept, by modification time, which is refreshed whenever an
-//! image is used again (a per-app snapshot refers to its image by path; a
-//! running clone keeps its slot's copy or its open file either way).
+//! an app (by packing time) are kept, and any image a gateway pins
+//! ([`crate::snapshot::pin`]): a per-app snapshot's clones open their image
+//! at every restore; a runtime clone has its own copy in its extra disk.
 
 use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -158,18 +158,15 @@ impl CodeSource {
             let hash = self.hash(&entries)?;
             let path = self.cache.join(format!("{}.img", &hash[..16]));
             match std::fs::metadata(&path) {
-                Ok(m) => {
-                    // Used again: newest for the pruning.
-                    let _ = std::fs::File::options()
-                        .write(true)
-                        .open(&path)
-                        .and_then(|f| f.set_modified(std::time::SystemTime::now()));
-                    CodeImage {
-                        path,
-                        hash,
-                        bytes: m.len(),
-                    }
-                }
+                // Used again: left as it is. A per-app snapshot records its
+                // image's modification time, so touching it would make the
+                // snapshot stale at every start; an image a gateway uses is
+                // pinned, not kept by recency.
+                Ok(m) => CodeImage {
+                    path,
+                    hash,
+                    bytes: m.len(),
+                },
                 Err(_) => self.pack(&entries, hash, path)?,
             }
         };
@@ -414,9 +411,15 @@ mod tests {
             std::fs::metadata(&again.path).unwrap().modified().unwrap(),
             mtime
         );
-        // A fresh source object over the same tree finds the cached image.
+        // A fresh source object over the same tree (a restarted gateway)
+        // finds the cached image and leaves it as it is: a per-app
+        // snapshot records its image's modification time.
         let other = CodeSource::new("a", src.path(), cache.path(), 64);
         assert_eq!(other.current().unwrap().path, first.path);
+        assert_eq!(
+            std::fs::metadata(&first.path).unwrap().modified().unwrap(),
+            mtime
+        );
         // Changed content: a new hash and a new image with the new content.
         std::fs::write(src.path().join("lib/a.js"), "module.exports = 3\n").unwrap();
         let changed = code.current().unwrap();

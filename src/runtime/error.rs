@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use super::CodeError;
 use crate::pool::{Blame, ClaimError, StartError};
 use crate::vmm::{VmId, VmmError};
 
@@ -57,7 +58,14 @@ pub enum RuntimeError {
 impl StartError for RuntimeError {
     fn blame(&self) -> Blame {
         match self {
-            RuntimeError::App { .. } | RuntimeError::Code { .. } => Blame::App,
+            RuntimeError::App { .. } => Blame::App,
+            // What the app's code holds is the app's; a missing mke2fs or
+            // a full disk is the host's.
+            RuntimeError::Code {
+                source:
+                    CodeError::Read { .. } | CodeError::Unsupported { .. } | CodeError::TooLarge { .. },
+                ..
+            } => Blame::App,
             _ => Blame::Host,
         }
     }

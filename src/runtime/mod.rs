@@ -28,7 +28,7 @@
 //!
 //! # How the code disk reaches a restored clone
 //! Every VM of a runtime image has one more read-only disk after the
-//! image's own: its code slot ([`ImageSpec::extra_disk_mib`]), a sparse file
+//! image's own: its code slot ([`crate::vmm::ImageSpec::extra_disk_mib`]), a sparse file
 //! of `code_disk_mib` in the VM's run directory, created empty before the
 //! VMM starts.
 //! - QEMU: the template and every clone have the same `-drive`/virtio-blk

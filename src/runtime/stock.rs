@@ -64,7 +64,8 @@ impl Runtime {
         let sizing = Sizing {
             min_warm,
             // Clones leave the stock when taken; restores for takers are
-            // bounded by the takers waiting.
+            // bounded by the takers waiting, and a clone whose taker gave up
+            // is stopped as it joins (engine doc, step 6).
             max_instances: usize::MAX,
             max_concurrency: 1,
             idle_timeout: None,
@@ -116,13 +117,15 @@ impl Runtime {
     /// there is one, else the next one restored.
     pub async fn take(&self) -> Result<Vm, RuntimeError> {
         loop {
-            let (lease, held) = self.engine.claim().await.map_err(|source| {
-                self.metrics.failed(&self.name);
-                RuntimeError::Stock {
-                    runtime: self.name.clone(),
-                    source,
-                }
-            })?;
+            // A failed restore is counted once, by the stock's observer.
+            let (lease, held) =
+                self.engine
+                    .claim()
+                    .await
+                    .map_err(|source| RuntimeError::Stock {
+                        runtime: self.name.clone(),
+                        source,
+                    })?;
             // A clone whose VMM died in the stock is stopped; take the next.
             if let Some(vm) = lease.detach() {
                 let outcome = if held { "restored" } else { "warm" };

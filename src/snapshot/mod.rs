@@ -8,11 +8,11 @@
 //! second finds the first's result.
 //!
 //! Snapshots go to `<snapshot_dir>/<app>/<unix ms>/`, and the symlink
-//! `<snapshot_dir>/<app>/current` is switched to the new one atomically, so
-//! clones of the previous snapshot keep running from files that stay in
-//! place. The newest [`KEEP`] snapshots of an app are kept; older ones are
-//! removed after a build (a clone still mapping a removed memory file keeps
-//! its pages: Linux frees the file when the last mapping goes).
+//! `<snapshot_dir>/<app>/current` is switched to the new one atomically.
+//! A gateway opens the snapshot `current` names at its own directory and
+//! pins it ([`pin`]) for as long as it runs, so a later build changes
+//! nothing for it. After a build the newest [`KEEP`] snapshots of the app
+//! are kept, and any older one a gateway pins; the rest are removed.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};

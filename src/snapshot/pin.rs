@@ -27,6 +27,7 @@ impl Pin {
 /// Pins `path` for this process. Errors: the file cannot be opened, or is
 /// being removed right now (a prune holds its exclusive lock).
 pub fn pin(path: &Path) -> std::io::Result<Pin> {
+    use std::os::unix::fs::MetadataExt;
     let file = File::open(path)?;
     let lock = Flock::lock(file, FlockArg::LockSharedNonblock).map_err(|(_, errno)| {
         std::io::Error::new(
@@ -34,6 +35,15 @@ pub fn pin(path: &Path) -> std::io::Result<Pin> {
             format!("pinning {}: {errno}", path.display()),
         )
     })?;
+    // A prune may have removed the file between the open and the lock:
+    // the pin holds only if `path` still names the file locked.
+    let (locked, named) = (lock.metadata()?, std::fs::metadata(path)?);
+    if (locked.dev(), locked.ino()) != (named.dev(), named.ino()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("pinning {}: removed while it was pinned", path.display()),
+        ));
+    }
     Ok(Pin {
         path: path.to_owned(),
         _lock: lock,

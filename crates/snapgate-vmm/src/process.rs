@@ -159,7 +159,9 @@ impl VmProcess {
     /// (a VMM killed a moment ago cannot be waited on until the last of its
     /// threads is gone). One read of `/proc/<pid>/status`.
     pub fn is_exiting(&mut self) -> bool {
-        self.exited().is_some() || liveness(self.pid) != Liveness::Running
+        // Our child is in /proc until reaped: an unreadable entry says
+        // nothing about it, so only a zombie main thread counts.
+        self.exited().is_some() || liveness(self.pid) == Liveness::Dying
     }
 
     /// `Some(status)` once the process has exited (a non-blocking check).
@@ -175,7 +177,7 @@ impl VmProcess {
     /// A future that completes when the process exits: it waits on the
     /// process's pidfd, so any number of them can wait without reaping the
     /// process or polling. Pends for ever if the kernel gave no pidfd
-    /// (Linux before 5.3), logged once at spawn.
+    /// (Linux before 5.3; logged at spawn).
     pub fn exit_event(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
         let fd = self.pidfd.clone();
         async move {
