@@ -105,12 +105,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let net = Network::new(config.network.clone())?;
     clean_up_stale(config, &net, out).await?;
     // Bound first: a taken port fails start-up before any VM exists.
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("listen: binding {}", config.listen))?;
-    let admin_listener = TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("admin: binding {}", config.admin))?;
+    let (listener, admin_listener) = bind(config).await?;
     let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
@@ -184,6 +179,17 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         _pins: pins,
         _state_lock: state_lock,
     })
+}
+
+/// The listener and the admin listener.
+async fn bind(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("listen: binding {}", config.listen))?;
+    let admin = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("admin: binding {}", config.admin))?;
+    Ok((listener, admin))
 }
 
 /// Undoes a start-up that failed part-way: the pools and runtime stocks
