@@ -3,6 +3,7 @@
 //! are now). Each problem names its key path.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use super::{AppConfig, Config, PoolConfig, Problem, RuntimeAppConfig, RuntimeConfig};
 use crate::vmm::ImageSpec;
@@ -68,6 +69,17 @@ impl Config {
         };
         if let Err(e) = self.network.validate() {
             add(format!("network.{}", e.field), e.message);
+        }
+        for (key, d) in self.durations() {
+            if d > MAX_DURATION {
+                add(
+                    key,
+                    format!(
+                        "{d:?} is above the {}-day maximum",
+                        MAX_DURATION.as_secs() / 86400
+                    ),
+                );
+            }
         }
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
@@ -303,6 +315,51 @@ impl Config {
     }
 }
 
+/// The longest duration any setting takes: deadlines are instants in the
+/// future, and one past the end of time would panic.
+pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
+
+impl Config {
+    /// Every duration setting, with its key.
+    fn durations(&self) -> Vec<(String, Duration)> {
+        let mut out = vec![
+            ("header_read_timeout".to_owned(), self.header_read_timeout),
+            ("shutdown_grace".to_owned(), self.shutdown_grace),
+        ];
+        let image = |out: &mut Vec<(String, Duration)>, at: &str, image: &ImageSpec| {
+            out.push((format!("{at}.ready_timeout"), image.ready_timeout));
+            if let Some(hook) = &image.on_restore {
+                out.push((format!("{at}.on_restore.timeout"), hook.timeout));
+            }
+        };
+        for (name, app) in &self.apps {
+            let at = format!("apps.{name}");
+            out.push((format!("{at}.response_timeout"), app.response_timeout));
+            if let Some(spec) = &app.image {
+                image(&mut out, &format!("{at}.image"), spec);
+            }
+            if let Some(rt) = &app.runtime {
+                out.push((format!("{at}.runtime.ready_timeout"), rt.ready_timeout));
+            }
+            if let Some(pool) = &app.pool {
+                for (key, d) in [
+                    ("idle_timeout", pool.idle_timeout),
+                    ("hold_timeout", pool.hold_timeout),
+                    ("start_timeout", pool.start_timeout),
+                ] {
+                    out.push((format!("{at}.pool.{key}"), d));
+                }
+            }
+        }
+        for (name, rt) in &self.runtimes {
+            let at = format!("runtimes.{name}");
+            out.push((format!("{at}.start_timeout"), rt.start_timeout));
+            image(&mut out, &format!("{at}.image"), &rt.image);
+        }
+        out
+    }
+}
+
 /// What the proxy needs of a VM app's `on_restore` path, beyond what the
 /// VMM layer checks: a plain path of its own, so that clients' requests
 /// for it can be refused in any spelling a guest's router may read
@@ -443,6 +500,14 @@ mod tests {
             "kernel: /k\ncmdline: x\nready_path: /healthz\non_restore: {{path: '{path}'}}\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn durations_past_a_year_are_refused_with_their_key() {
+        let text = "header_read_timeout: 18446744073709551615s\napps:\n  a:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n    response_timeout: 400d\n";
+        let c = Config::parse(text).unwrap();
+        let keys: Vec<String> = c.validate().into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, ["header_read_timeout", "apps.a.response_timeout"]);
     }
 
     #[test]

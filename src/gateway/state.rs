@@ -32,6 +32,15 @@ pub enum StateLockError {
         /// The holder's pid, as it wrote it (`unknown` if unreadable).
         holder: String,
     },
+    /// `state_dir` cannot be created (it is a file, or not writable).
+    #[error("state_dir {}: cannot create it", .state_dir.display())]
+    StateDir {
+        /// The state directory.
+        state_dir: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The lock file cannot be opened or written.
     #[error("cannot use the lock {}", .lock.display())]
     Io {
@@ -51,7 +60,10 @@ pub fn lock(state_dir: &Path) -> Result<StateLock, StateLockError> {
         lock: path.clone(),
         source,
     };
-    std::fs::create_dir_all(state_dir).map_err(io)?;
+    std::fs::create_dir_all(state_dir).map_err(|source| StateLockError::StateDir {
+        state_dir: state_dir.to_owned(),
+        source,
+    })?;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
@@ -65,8 +77,19 @@ pub fn lock(state_dir: &Path) -> Result<StateLock, StateLockError> {
             return Err(io(std::io::Error::from(errno)));
         }
         Err((mut file, _)) => {
+            // The holder writes its pid right after it locks: read again a
+            // few times if it is not there yet.
             let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
+            for _ in 0..10 {
+                holder.clear();
+                let _ = file
+                    .rewind()
+                    .and_then(|()| file.read_to_string(&mut holder));
+                if !holder.trim().is_empty() {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
             let holder = holder.trim();
             return Err(StateLockError::Held {
                 state_dir: state_dir.to_owned(),

@@ -30,7 +30,9 @@
 //!    ([`Instance::is_exiting`]), so a VMM that died a moment ago is never
 //!    leased.
 //! 4. A failure (error, timeout, panic) arms a backoff (0.5 s doubling to
-//!    30 s) and, if nothing can serve the queue, fails the queue with it.
+//!    30 s; failures while a backoff runs, such as the other restores of
+//!    the same round, do not double it) and, if nothing can serve the
+//!    queue, fails the queue with it.
 //! 5. Maintenance (one task per engine) wakes on a notification, at the
 //!    next idle deadline or when the backoff ends: it stops draining
 //!    members with nothing in flight, reaps members idle for `idle_timeout`
@@ -387,9 +389,19 @@ impl<F: Factory> Shared<F> {
         st: &mut State<F>,
         err: &StartFailure,
     ) -> (Vec<Waiter<F>>, Duration) {
-        st.failures += 1;
-        let wait = backoff(st.failures);
-        st.retry_at = Some(Instant::now() + wait);
+        // One round of restores that fail together (eight started for
+        // eight requests) is one failure: only a failure after the backoff
+        // ran out doubles it.
+        let now = Instant::now();
+        let retry_at = match st.retry_at {
+            Some(t) if t > now => t,
+            _ => {
+                st.failures += 1;
+                now + backoff(st.failures)
+            }
+        };
+        st.retry_at = Some(retry_at);
+        let wait = retry_at - now;
         st.last_error = Some((crate::display_chain(err), err.blame()));
         let serving = st.members.iter().any(|m| !m.draining);
         // Nothing else will serve the queue: fail it now, clearly.
@@ -621,7 +633,11 @@ fn reap<F: Factory>(
             .filter(|(_, m)| !m.draining && m.in_flight == 0)
             .min_by_key(|(_, m)| m.idle_since);
         let Some((pos, member)) = oldest else { break };
-        let due = member.idle_since + idle_timeout;
+        // Bounded by validation; saturate all the same rather than panic.
+        let due = member
+            .idle_since
+            .checked_add(idle_timeout)
+            .unwrap_or_else(|| now + Duration::from_secs(86400 * 365));
         if due > now {
             next = Some(next.map_or(due, |n| n.min(due)));
             break;

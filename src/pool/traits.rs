@@ -67,7 +67,7 @@ pub enum StartFailure {
         blame: Blame,
     },
     /// The start did not finish within `start_timeout`.
-    #[error("the start did not finish within {:.1}s (start_timeout)", .0.as_secs_f64())]
+    #[error("the start did not finish within {0:?} (start_timeout)")]
     TimedOut(Duration),
     /// The start panicked; the message is the panic's.
     #[error("the start panicked: {0}")]

@@ -104,12 +104,24 @@ async fn lock(snapshot_dir: &Path, app: &str) -> anyhow::Result<nix::fcntl::Floc
         .truncate(false)
         .write(true)
         .open(&path)?;
-    tokio::task::spawn_blocking(move || {
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
-    })
-    .await?
+    // flock(2) gives no event to await, and a blocking wait on a thread
+    // would keep the process alive past a signal: try without blocking,
+    // pausing between tries, so dropping this future ends the wait.
+    let mut file = file;
+    loop {
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => return Ok(lock),
+            Err((back, nix::errno::Errno::EWOULDBLOCK)) => {
+                file = back;
+                tokio::time::sleep(LOCK_RETRY).await;
+            }
+            Err((_, e)) => anyhow::bail!("locking {}: {e}", path.display()),
+        }
+    }
 }
+
+/// How often a build waiting for another's lock tries again.
+const LOCK_RETRY: std::time::Duration = std::time::Duration::from_millis(50);
 
 /// One snapshot to take: where it goes (`<snapshot_dir>/<name>/`), what
 /// the template boots, and what runs on the ready template first.

@@ -435,11 +435,15 @@ pub fn kill_stale(state_dir: &Path) -> Stale {
         if let (Some(pid), Some(started)) = (number(0), number(1)) {
             let pid = pid as u32;
             if pid > 0 && start_time(pid) == Some(started) {
+                // One already dying (killed with its gateway) is not
+                // counted as killed here, but waited for all the same.
                 let target = nix::unistd::Pid::from_raw(pid as i32);
-                if nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                if liveness(pid) == Liveness::Running
+                    && nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL).is_ok()
+                {
                     stale.killed.push(pid);
-                    wait_gone(pid);
                 }
+                wait_gone(pid);
             }
         }
         if let Some(tap) = fields.get(2).filter(|t| **t != "-") {
@@ -458,9 +462,11 @@ pub fn kill_stale(state_dir: &Path) -> Stale {
 pub enum Liveness {
     /// Running (or sleeping, stopped...).
     Running,
-    /// Its main thread has exited (a zombie) but other threads have not
-    /// yet: it is dying, and still holds its fds (threads share one fd
-    /// table, released with the last of them).
+    /// A SIGKILL is pending for it, or its main thread has exited (a
+    /// zombie) but other threads have not yet: it is dying, and still
+    /// holds its fds (threads share one fd table, released with the last
+    /// of them). A killed QEMU tears its memory down for tens of
+    /// milliseconds before its main thread becomes a zombie.
     Dying,
     /// Gone, or a zombie alone: its fds (and taps) are closed.
     Gone,
@@ -478,10 +484,15 @@ pub fn liveness(pid: u32) -> Liveness {
             .map(str::trim)
             .unwrap_or("")
     };
+    // Pending signals, shared (ShdPnd) and the main thread's (SigPnd): a
+    // hex mask, bit n-1 for signal n (proc(5)).
+    let sigkill = 1u64 << (nix::sys::signal::Signal::SIGKILL as u64 - 1);
+    let pending = |name: &str| u64::from_str_radix(field(name), 16).unwrap_or(0) & sigkill != 0;
     match (field("State:").starts_with('Z'), field("Threads:")) {
-        (false, _) => Liveness::Running,
         (true, "1") => Liveness::Gone,
         (true, _) => Liveness::Dying,
+        _ if pending("ShdPnd:") || pending("SigPnd:") => Liveness::Dying,
+        (false, _) => Liveness::Running,
     }
 }
 
