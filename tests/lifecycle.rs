@@ -457,6 +457,9 @@ async fn held_requests_whose_clients_give_up_leave_the_queue_at_once() {
         "the queue emptied only once an instance joined: {stats:?}, \
          {emptied:?} after the requests; (queued, depth, polls) seen: {seen:?}"
     );
+    // Each counts as an abandoned claim.
+    let abandoned = "snapgate_claims_total{app=\"app\",outcome=\"abandoned\"}";
+    assert_eq!(gw.metric(abandoned).await, 3.0);
     // The restore the queue started ends (joins, or is cancelled).
     wait_for("the restore to end", Duration::from_secs(60), async || {
         gw.pool().stats().restoring == 0

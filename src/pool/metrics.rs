@@ -38,7 +38,7 @@ impl PoolMetrics {
             claims: IntCounterVec::new(
                 Opts::new(
                     "snapgate_claims_total",
-                    "Instance claims by outcome: warm (an instance was free), held (waited for one), queue_full, hold_timeout, unavailable, shutting_down.",
+                    "Instance claims by outcome: warm (an instance was free), held (waited for one), queue_full, hold_timeout, unavailable, shutting_down, abandoned (the client went away while held).",
                 ),
                 &["app", "outcome"],
             )?,
@@ -92,7 +92,14 @@ impl PoolMetrics {
         ] {
             counter.with_label_values(&[app]);
         }
-        for outcome in ["warm", "held", "queue_full", "hold_timeout", "unavailable"] {
+        for outcome in [
+            "warm",
+            "held",
+            "queue_full",
+            "hold_timeout",
+            "unavailable",
+            "abandoned",
+        ] {
             self.claims.with_label_values(&[app, outcome]);
         }
         self.hold.with_label_values(&[app]);

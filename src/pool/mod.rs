@@ -150,10 +150,17 @@ impl Pool {
 
     /// Leases an instance, holding the request while none is free
     /// ([`hold`]); records the claim's outcome and how long it was held.
+    /// A claim dropped before it ends (its client went away while held)
+    /// counts as `abandoned`.
     pub async fn claim(&self) -> Result<Lease, ClaimError> {
         let app = self.app();
         let started = Instant::now();
+        let mut abandoned = Abandoned {
+            pool: self,
+            armed: true,
+        };
         let result = self.engine.claim().await;
+        abandoned.armed = false;
         let outcome = match &result {
             Ok((_, false)) => "warm",
             Ok((_, true)) => {
@@ -174,6 +181,21 @@ impl Pool {
     /// Closes and waits at most `within` ([`Engine::close`]).
     pub async fn close(&self, within: Duration) {
         self.engine.close(within).await;
+    }
+}
+
+/// Counts a claim dropped before it ended (its client went away while it
+/// was held) as `abandoned` in `snapgate_claims_total`.
+struct Abandoned<'a> {
+    pool: &'a Pool,
+    armed: bool,
+}
+
+impl Drop for Abandoned<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.pool.metrics.claim(self.pool.app(), "abandoned");
+        }
     }
 }
 
