@@ -25,17 +25,9 @@ const TEN: usize = 10;
 const TEN_POOL: &str =
     "{ min_warm: 10, max_instances: 10, max_concurrency: 1, hold_timeout: 60s, idle_timeout: 10m }";
 
-/// The shared harness ([`TestGateway`]) for the one app `app` on `app.test`.
-struct Gw(TestGateway);
+type Gw = AppGw;
 
-impl std::ops::Deref for Gw {
-    type Target = TestGateway;
-    fn deref(&self) -> &TestGateway {
-        &self.0
-    }
-}
-
-impl Gw {
+impl AppGw {
     /// A gateway serving `app` on `app.test` from `spec`, snapshots in
     /// `snapshots` (the shared cache, or a directory of the test's own for
     /// a spec no other test uses).
@@ -45,19 +37,7 @@ impl Gw {
             Some(spec) => gateway_config_of(spec, state.path(), prefix, pool, snapshots),
             None => gateway_config(state.path(), prefix, pool, snapshots),
         };
-        Gw(TestGateway::start(state, &cfg).await)
-    }
-
-    fn pool(&self) -> &snapgate::pool::Pool {
-        self.0.pool("app")
-    }
-
-    async fn get(&self, path: &str) -> (u16, String) {
-        self.0.get("app.test", path).await
-    }
-
-    async fn stop(self) {
-        self.0.stop().await;
+        Gw::with_state(state, &cfg).await
     }
 }
 
@@ -128,7 +108,7 @@ async fn ten_first_requests(gw: &Gw) -> Vec<Report> {
     .await;
     let asks = (0..TEN).map(|_| async {
         let sent_ms = host_ms();
-        let (status, body) = gw.get("/sleep/2000").await;
+        let (status, body) = gw.text("/sleep/2000").await;
         assert_eq!(status, 200, "{body}");
         parse(&body, sent_ms)
     });
@@ -237,7 +217,7 @@ async fn ten_instances_of_a_vm_app_with_on_restore_are_each_their_own() {
             .unwrap();
         assert_eq!(resp.status(), 404, "{path}");
     }
-    let (status, body) = gw.get("/").await;
+    let (status, body) = gw.text("/").await;
     assert_eq!(status, 200);
     assert!(body.contains("resumed: calls=1 "), "{body}");
     gw.stop().await;
@@ -277,7 +257,7 @@ async fn without_on_restore_a_microvm_clone_keeps_the_snapshots_generator_and_cl
     .await;
     let asks = (0..3).map(|_| async {
         let sent_ms = host_ms();
-        let (status, body) = gw.get("/sleep/1500").await;
+        let (status, body) = gw.text("/sleep/1500").await;
         assert_eq!(status, 200, "{body}");
         parse(&body, sent_ms)
     });
@@ -340,7 +320,7 @@ async fn a_clone_that_fails_on_restore_is_not_used_and_the_error_says_why() {
         let mut spec = linux_spec();
         spec.on_restore = Some(serde_yaml_ng::from_str(hook).unwrap());
         let gw = Gw::start("sgff", Some(&spec), pool, snapshots.path()).await;
-        let (status, body) = gw.get("/").await;
+        let (status, body) = gw.text("/").await;
         assert_eq!(status, 503, "{body}");
         let err = gw.pool().last_error().expect("the failure is kept");
         assert!(err.contains(said), "{err}");
@@ -403,7 +383,7 @@ async fn a_clone_that_halts_at_restore_fails_within_two_seconds_quoting_its_erro
     let clone = format!("app-{}-", std::process::id());
     let (answer, said) = tokio::join!(
         async {
-            let answer = gw.get("/").await;
+            let answer = gw.text("/").await;
             (answer, Instant::now())
         },
         console_line_appears(gw.state_dir(), &clone, needle, Duration::from_secs(60)),

@@ -21,38 +21,13 @@ fn config(state: &Path, prefix: &str, pool: &str) -> Config {
     gateway_config(state, prefix, pool, &shared_snapshot_dir())
 }
 
-/// The shared harness ([`TestGateway`]) for the one app `app` on `app.test`.
-struct Gw(TestGateway);
+type Gw = AppGw;
 
-impl std::ops::Deref for Gw {
-    type Target = TestGateway;
-    fn deref(&self) -> &TestGateway {
-        &self.0
-    }
-}
-
-impl Gw {
+impl AppGw {
     async fn start(prefix: &str, pool: &str) -> Gw {
         let state = tempfile::tempdir().unwrap();
         let cfg = config(state.path(), prefix, pool);
-        Gw::start_with(state, cfg).await
-    }
-
-    async fn start_with(state: tempfile::TempDir, cfg: Config) -> Gw {
-        Gw(TestGateway::start(state, &cfg).await)
-    }
-
-    fn pool(&self) -> &snapgate::pool::Pool {
-        self.0.pool("app")
-    }
-
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.0.request("app.test", path)
-    }
-
-    /// Shuts the gateway down and checks that every VM and tap is gone.
-    async fn stop(self) {
-        self.0.stop().await;
+        Gw::with_state(state, &cfg).await
     }
 }
 
@@ -405,7 +380,7 @@ async fn failed_restores_answer_503_naming_the_problem_and_recover_after_backoff
         "{ min_warm: 0, max_instances: 1, idle_timeout: 1s }",
         &snapshots,
     );
-    let gw = Gw::start_with(state, cfg).await;
+    let gw = Gw::with_state(state, &cfg).await;
     let state_file = snapshots.join("app/current/state");
     let good = std::fs::read(&state_file).unwrap();
     // Damage it the way a full disk would: same name, half the bytes.

@@ -17,42 +17,20 @@ use snapgate::net::Network;
 use snapgate::testing::{gateway_config, shared_snapshot_dir};
 use snapgate::vmm::process::{liveness, Liveness};
 
-/// The shared harness ([`TestGateway`]) on a `state_dir` the test keeps,
-/// for the one app `app` on `app.test`.
-struct Gw(TestGateway);
+type Gw = AppGw;
 
-impl std::ops::Deref for Gw {
-    type Target = TestGateway;
-    fn deref(&self) -> &TestGateway {
-        &self.0
-    }
-}
-
-impl Gw {
+impl AppGw {
     async fn start(cfg: &Config) -> Gw {
-        Gw(TestGateway::start_in(cfg).await)
-    }
-
-    fn pool(&self) -> &snapgate::pool::Pool {
-        self.0.pool("app")
+        Gw::in_dir(cfg).await
     }
 
     fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.running().listen)
     }
 
-    fn get(&self, path: &str) -> reqwest::RequestBuilder {
-        self.0.request("app.test", path)
-    }
-
     /// The status of `GET path`.
     async fn status(&self, path: &str) -> u16 {
         self.get(path).send().await.unwrap().status().as_u16()
-    }
-
-    /// Shuts the gateway down and checks that every VM and tap is gone.
-    async fn stop(self) {
-        self.0.stop().await;
     }
 }
 
@@ -129,8 +107,7 @@ async fn a_second_gateway_on_one_state_dir_refuses_and_touches_nothing() {
         &shared_snapshot_dir(),
     );
     let a = Gw::start(&cfg).await;
-    wait_for("A's warm instance", Duration::from_secs(60), async || {
-        let s = a.pool().stats();
+    a.until("app", "A's warm instance", Duration::from_secs(60), |s| {
         s.instances == 1 && s.restoring == 0
     })
     .await;
@@ -231,10 +208,11 @@ fn snapshots(app_dir: &Path) -> BTreeSet<String> {
 /// snapshot that instance was restored from; checks the answer is 200.
 async fn serve_one(gw: &Gw, app_dir: &Path) -> String {
     let slow = tokio::spawn(gw.get("/sleep/1500").send());
-    wait_for(
+    gw.until(
+        "app",
         "the request to be served",
         Duration::from_secs(60),
-        async || gw.pool().stats().leased == 1,
+        |s| s.leased == 1,
     )
     .await;
     let pids = gw.pool().pids();
@@ -248,13 +226,11 @@ async fn serve_one(gw: &Gw, app_dir: &Path) -> String {
 }
 
 async fn scaled_to_zero(gw: &Gw) {
-    wait_for(
+    gw.until(
+        "app",
         "the pool to scale to zero",
         Duration::from_secs(30),
-        async || {
-            let s = gw.pool().stats();
-            s.instances == 0 && s.restoring == 0 && s.stopping == 0
-        },
+        |s| s.instances == 0 && s.restoring == 0 && s.stopping == 0,
     )
     .await;
 }
@@ -342,8 +318,7 @@ async fn a_vmm_killed_between_checks_is_never_leased() {
         &shared_snapshot_dir(),
     );
     let gw = Gw::start(&cfg).await;
-    wait_for("2 warm instances", Duration::from_secs(120), async || {
-        let s = gw.pool().stats();
+    gw.until("app", "2 warm instances", Duration::from_secs(120), |s| {
         s.instances == 2 && s.restoring == 0
     })
     .await;
@@ -461,8 +436,8 @@ async fn held_requests_whose_clients_give_up_leave_the_queue_at_once() {
     let abandoned = "snapgate_claims_total{app=\"app\",outcome=\"abandoned\"}";
     assert_eq!(gw.metric(abandoned).await, 3.0);
     // The restore the queue started ends (joins, or is cancelled).
-    wait_for("the restore to end", Duration::from_secs(60), async || {
-        gw.pool().stats().restoring == 0
+    gw.until("app", "the restore to end", Duration::from_secs(60), |s| {
+        s.restoring == 0
     })
     .await;
     eprintln!(

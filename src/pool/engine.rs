@@ -72,7 +72,8 @@ pub use super::traits::{
 pub(super) struct Member<I: Instance> {
     pub(super) instance: I,
     pub(super) key: u64,
-    pub(super) address: I::Address,
+    /// The instance's name, made once: every lease carries it.
+    pub(super) name: Arc<str>,
     pub(super) in_flight: usize,
     pub(super) idle_since: Instant,
     pub(super) draining: bool,
@@ -350,7 +351,7 @@ impl<F: Factory> Shared<F> {
         }
         for (guard, member) in work.stops {
             let task = async move {
-                let name = member.instance.name();
+                let name = member.name.clone();
                 if let Err(e) = guard.shared.factory.stop(member.instance).await {
                     error!(engine = %guard.shared.name, vm = %name, "stopping instance: {}", crate::display_chain(&e));
                 }
@@ -376,7 +377,7 @@ impl<F: Factory> Shared<F> {
         m.gone.cancel();
         if !m.draining {
             let status = status.map_or_else(|| "exit event".into(), |s| s.to_string());
-            warn!(engine = %self.name, vm = %m.instance.name(), "VMM exited ({status}); replacing it");
+            warn!(engine = %self.name, vm = %m.name, "VMM exited ({status}); replacing it");
             self.observer.instance_failed();
             m.draining = true;
         }
@@ -534,7 +535,7 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
         st.retry_at = None;
         st.last_error = None;
         let member = Member {
-            address: instance.address(),
+            name: instance.name().into(),
             instance,
             key,
             in_flight: 0,
@@ -643,7 +644,7 @@ fn reap<F: Factory>(
             break;
         }
         let member = st.members.remove(pos);
-        info!(engine = %shared.name, vm = %member.instance.name(), "reaped after {:.1}s idle", (now - member.idle_since).as_secs_f64());
+        info!(engine = %shared.name, vm = %member.name, "reaped after {:.1}s idle", (now - member.idle_since).as_secs_f64());
         shared.observer.reaped();
         to_stop.push(member);
         live -= 1;

@@ -143,7 +143,7 @@ impl<F: Factory> Waiter<F> {
 pub struct Lease<F: Factory> {
     shared: Arc<Shared<F>>,
     key: u64,
-    name: String,
+    name: Arc<str>,
     address: <F::Instance as Instance>::Address,
     gone: CancellationToken,
     broken: bool,
@@ -353,8 +353,8 @@ impl<F: Factory> Shared<F> {
             return Some(Lease {
                 shared: self.clone(),
                 key: m.key,
-                name: m.instance.name(),
-                address: m.address.clone(),
+                name: m.name.clone(),
+                address: m.instance.address(),
                 gone: m.gone.clone(),
                 broken: false,
                 detached: false,
@@ -388,7 +388,7 @@ impl<F: Factory> Shared<F> {
                 let m = &mut st.members[pos];
                 m.in_flight -= 1;
                 if broken && !m.draining {
-                    warn!(engine = %self.name, vm = %m.instance.name(), "instance failed a request; replacing it");
+                    warn!(engine = %self.name, vm = %m.name, "instance failed a request; replacing it");
                     m.draining = true;
                     self.observer.instance_failed();
                 }

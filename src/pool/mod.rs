@@ -76,7 +76,7 @@ impl engine::Observer for AppObserver {
 }
 
 /// An app's sizing from its config.
-pub fn sizing(cfg: &PoolConfig) -> Sizing {
+fn sizing(cfg: &PoolConfig) -> Sizing {
     Sizing {
         min_warm: cfg.min_warm,
         max_instances: cfg.max_instances,
@@ -111,11 +111,6 @@ impl Pool {
     /// The app's name.
     pub fn app(&self) -> &str {
         self.engine.name()
-    }
-
-    /// The engine under the pool.
-    pub fn engine(&self) -> &Engine<AppFactory> {
-        &self.engine
     }
 
     /// Current counts.

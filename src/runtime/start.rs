@@ -192,7 +192,7 @@ async fn post_start(vmm: &dyn Vmm, vm: &mut Vm, start: &StartSpec) -> Result<(),
         Ok(Err(e)) => {
             // A broken connection is often a VMM on its way out.
             if vm.process_mut().exited_within(EXIT_GRACE).await {
-                let err = vm_exited(vm, "starting the app");
+                let err = vm.process_mut().exited_error("starting the app");
                 return Err(app_exit(start, vm, err));
             }
             Err(agent_failed(format!("POST /start on {}: {e}", agent.addr)))
@@ -208,10 +208,6 @@ async fn post_start(vmm: &dyn Vmm, vm: &mut Vm, start: &StartSpec) -> Result<(),
 /// How long a VMM whose agent broke a connection may take to exit, when
 /// its exit explains the break better.
 const EXIT_GRACE: Duration = Duration::from_secs(1);
-
-fn vm_exited(vm: &mut Vm, during: &'static str) -> VmmError {
-    vm.process_mut().exited_error(during)
-}
 
 /// How long the guest agent may take to answer `POST /start`: reseed,
 /// clock, flush, mount and hand-over take milliseconds.

@@ -87,11 +87,6 @@ impl Runtime {
         }
     }
 
-    /// The engine under the stock.
-    pub fn engine(&self) -> &Engine<SnapshotFactory> {
-        &self.engine
-    }
-
     /// (warm clones, restores in flight).
     pub fn stock(&self) -> (usize, usize) {
         let s = self.engine.stats();
@@ -174,13 +169,7 @@ impl Factory for RuntimeFactory {
         match super::start_app(vmm, &mut vm, Some(&image.path), &self.start).await {
             Ok(()) => Ok(vm),
             // The clone is spent: it may hold half-started app state.
-            Err(e) => {
-                let id = vm.id().clone();
-                if let Err(d) = vmm.destroy(vm).await {
-                    tracing::warn!(vm = %id, "destroying a clone whose app failed to start: {}", crate::display_chain(&d));
-                }
-                Err(e)
-            }
+            Err(e) => Err(crate::vmm::discard(vmm, vm, e).await),
         }
     }
 

@@ -251,10 +251,7 @@ impl<'a> Builder<'a> {
         if let Some(prepare) = &job.prepare {
             let t = Instant::now();
             if let Err(e) = prepare.prepare(vmm, &mut vm).await {
-                let id = vm.id().clone();
-                if let Err(d) = vmm.destroy(vm).await {
-                    tracing::warn!(vm = %id, "destroying a template that failed: {}", crate::display_chain(&d));
-                }
+                let e = crate::vmm::discard(vmm, vm, e).await;
                 return Err(anyhow::anyhow!("{}", crate::display_chain(&*e)));
             }
             writeln!(

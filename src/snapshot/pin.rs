@@ -6,22 +6,14 @@
 //! with the last descriptor).
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use nix::fcntl::{Flock, FlockArg};
 
 /// A pin on one file; dropping it unpins.
 #[derive(Debug)]
 pub struct Pin {
-    path: PathBuf,
     _lock: Flock<File>,
-}
-
-impl Pin {
-    /// The pinned file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
 }
 
 /// Pins `path` for this process. Errors: the file cannot be opened, or is
@@ -44,10 +36,7 @@ pub fn pin(path: &Path) -> std::io::Result<Pin> {
             format!("pinning {}: removed while it was pinned", path.display()),
         ));
     }
-    Ok(Pin {
-        path: path.to_owned(),
-        _lock: lock,
-    })
+    Ok(Pin { _lock: lock })
 }
 
 /// Runs `remove` on `path` unless some process pins it; while `remove`

@@ -236,3 +236,46 @@ pub fn dashboard_queries() -> Vec<(String, String)> {
     }
     out
 }
+
+/// The shared harness ([`TestGateway`]) for a gateway whose one app is
+/// `app` on `app.test`.
+pub struct AppGw(pub TestGateway);
+
+impl std::ops::Deref for AppGw {
+    type Target = TestGateway;
+    fn deref(&self) -> &TestGateway {
+        &self.0
+    }
+}
+
+impl AppGw {
+    /// Starts `cfg`, whose `state_dir` is `state` (removed on drop).
+    pub async fn with_state(state: tempfile::TempDir, cfg: &snapgate::config::Config) -> AppGw {
+        AppGw(TestGateway::start(state, cfg).await)
+    }
+
+    /// Starts `cfg` in a `state_dir` the test keeps.
+    pub async fn in_dir(cfg: &snapgate::config::Config) -> AppGw {
+        AppGw(TestGateway::start_in(cfg).await)
+    }
+
+    /// The app's pool.
+    pub fn pool(&self) -> &snapgate::pool::Pool {
+        self.0.pool("app")
+    }
+
+    /// `GET path` for the app, to send.
+    pub fn get(&self, path: &str) -> reqwest::RequestBuilder {
+        self.0.request("app.test", path)
+    }
+
+    /// `GET path` for the app: the status and the body.
+    pub async fn text(&self, path: &str) -> (u16, String) {
+        self.0.get("app.test", path).await
+    }
+
+    /// Shuts the gateway down and checks that every VM and tap is gone.
+    pub async fn stop(self) {
+        self.0.stop().await;
+    }
+}

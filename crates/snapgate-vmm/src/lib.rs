@@ -196,8 +196,8 @@ pub fn boot_cmdline(spec: &ImageSpec, net: &NetParams, tsc_khz: u64) -> Result<S
 /// Destroys `vm`, whose start failed with `err`, and returns `err`: when
 /// the failure is reported, the VMM process is gone and its tap with it
 /// (dropping the `Vm` would kill it without waiting). A failure to destroy
-/// is logged; `err` says what matters.
-pub async fn discard(vmm: &dyn Vmm, vm: Vm, err: VmmError) -> VmmError {
+/// is logged; `err` (of whichever layer) says what matters.
+pub async fn discard<E>(vmm: &dyn Vmm, vm: Vm, err: E) -> E {
     let id = vm.id().clone();
     if let Err(e) = vmm.destroy(vm).await {
         tracing::warn!(vm = %id, "destroying a VM that failed to start: {}", crate::display_chain(&e));
