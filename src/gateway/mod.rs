@@ -55,7 +55,7 @@ use state::lock as lock_state_dir;
 
 use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
-use crate::pool::{AppFactory, ForApp, Pool, PoolMetrics, SnapshotFactory, Tasks};
+use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, Tasks};
 use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
 use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
 use crate::snapshot::{Builder, Job, Pin};
@@ -302,7 +302,7 @@ impl Factories<'_> {
                     .as_ref()
                     .map(|h| h.hook(spec.guest_port, &spec.ready_path));
                 let factory = SnapshotFactory::new(driver, net, snapshot, hook);
-                return Ok(ForApp::boxed(factory));
+                return Ok(AppFactory::new(factory));
             }
             Upstream::Runtime(rt_app, _) => rt_app,
             Upstream::Static(_) => unreachable!("static apps have no factory"),
@@ -344,7 +344,7 @@ impl Factories<'_> {
                     }
                 };
                 let start = StartSpec::new(name, rt_app, rt_cfg);
-                ForApp::boxed(RuntimeFactory::new(stock, code, start))
+                AppFactory::new(RuntimeFactory::new(stock, code, start))
             }
             StartFrom::App => {
                 let job = snapshots::app_in_runtime_job(name, rt_app, rt_cfg, &image);
@@ -355,7 +355,7 @@ impl Factories<'_> {
                 self.pins.push(code_pin);
                 let agent_port = rt_cfg.image.guest_port;
                 let hook = runtime::agent_hook(agent_port, &rt_cfg.image.ready_path);
-                ForApp::boxed(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
+                AppFactory::new(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
             }
         })
     }

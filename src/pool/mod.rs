@@ -27,7 +27,7 @@ use tokio::time::Instant;
 pub use engine::{Blame, Engine, Factory, Instance, Sizing, StartError, Stats, Tasks};
 pub use hold::ClaimError;
 pub use metrics::PoolMetrics;
-pub use vm::{AppFactory, ForApp, InstanceError, SnapshotFactory, StartsVms};
+pub use vm::{AppFactory, InstanceError, SnapshotFactory, StartsVms};
 
 use crate::config::PoolConfig;
 

@@ -67,7 +67,7 @@ impl StartError for InstanceError {
 }
 
 /// Starts and stops an app's VMs, whichever way they start: the
-/// object-safe face of a [`Factory`] of VMs ([`ForApp`]).
+/// object-safe face of every [`Factory`] of VMs.
 #[async_trait]
 pub trait StartsVms: Send + Sync + 'static {
     /// [`Factory::start`].
@@ -76,9 +76,17 @@ pub trait StartsVms: Send + Sync + 'static {
     async fn stop_vm(&self, vm: Vm) -> Result<(), InstanceError>;
 }
 
-/// The factory of an app's pool.
+/// The factory of an app's pool: any [`Factory`] of VMs, its errors
+/// made [`InstanceError`]s.
 #[derive(Clone)]
 pub struct AppFactory(Arc<dyn StartsVms>);
+
+impl AppFactory {
+    /// `f`, as an app's factory.
+    pub fn new(f: impl Factory<Instance = Vm>) -> AppFactory {
+        AppFactory(Arc::new(f))
+    }
+}
 
 #[async_trait]
 impl Factory for AppFactory {
@@ -94,25 +102,14 @@ impl Factory for AppFactory {
     }
 }
 
-/// A factory of VMs whose errors become [`InstanceError`]s, for an app's
-/// pool.
-pub struct ForApp<F>(pub F);
-
-impl<F: Factory<Instance = Vm>> ForApp<F> {
-    /// `f`, as an app's factory.
-    pub fn boxed(f: F) -> AppFactory {
-        AppFactory(Arc::new(ForApp(f)))
-    }
-}
-
 #[async_trait]
-impl<F: Factory<Instance = Vm>> StartsVms for ForApp<F> {
+impl<F: Factory<Instance = Vm>> StartsVms for F {
     async fn start_vm(&self, id: VmId) -> Result<Vm, InstanceError> {
-        self.0.start(id).await.map_err(InstanceError::new)
+        self.start(id).await.map_err(InstanceError::new)
     }
 
     async fn stop_vm(&self, vm: Vm) -> Result<(), InstanceError> {
-        self.0.stop(vm).await.map_err(InstanceError::new)
+        self.stop(vm).await.map_err(InstanceError::new)
     }
 }
 
