@@ -10,6 +10,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bytesize::ByteSize;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 mod validate;
@@ -284,10 +286,89 @@ pub struct AppConfig {
     /// Longest the upstream may take to send response headers; then 504.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
+    /// Largest request body the app takes; a larger one gets 413 (at once
+    /// when `Content-Length` says so, else when the body grows past it
+    /// before the app answers). Default 10 MiB.
+    #[serde(default = "default_max_body_size")]
+    pub max_body_size: ByteSize,
+    /// A kept-alive connection to the app unused this long is closed.
+    /// Default 4 s: below common app servers' own keep-alive (Node.js's is
+    /// 5 s), so snapgate closes first; an app's `Keep-Alive: timeout=N`
+    /// response header lowers it for that connection.
+    #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
+    pub upstream_idle_timeout: Duration,
+    /// Longest wait between two reads of the app's response body; then
+    /// the response to the client is cut off. Default 60 s.
+    #[serde(default = "default_upstream_read_timeout", with = "humantime_serde")]
+    pub upstream_read_timeout: Duration,
 }
 
 fn default_response_timeout() -> Duration {
     Duration::from_secs(60)
+}
+fn default_max_body_size() -> ByteSize {
+    ByteSize::mib(10)
+}
+fn default_upstream_idle_timeout() -> Duration {
+    Duration::from_secs(4)
+}
+fn default_upstream_read_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_max_connections_per_client() -> usize {
+    256
+}
+fn default_max_requests_in_flight() -> usize {
+    10_000
+}
+fn default_max_header_bytes() -> ByteSize {
+    ByteSize::kib(64)
+}
+fn default_max_headers() -> usize {
+    100
+}
+
+/// The front door's caps. A connection over a connection cap gets `503`
+/// with `Retry-After` and is closed; a request over the in-flight cap gets
+/// `503` with `Retry-After` (load shedding); each is counted in
+/// `snapgate_load_shed_total{reason}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Open client connections. Default 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open connections from one client IP address (the TCP peer).
+    /// Default 256.
+    #[serde(default = "default_max_connections_per_client")]
+    pub max_connections_per_client: usize,
+    /// Requests being served at once, over every app, response bodies
+    /// included. Default 10000.
+    #[serde(default = "default_max_requests_in_flight")]
+    pub max_requests_in_flight: usize,
+    /// Largest request head (request line and header fields); a larger
+    /// one gets 431 (RFC 6585 section 5). At least 8 KiB; default 64 KiB.
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: ByteSize,
+    /// Most header field lines in a request; more get 431. Default 100.
+    #[serde(default = "default_max_headers")]
+    pub max_headers: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: default_max_connections(),
+            max_connections_per_client: default_max_connections_per_client(),
+            max_requests_in_flight: default_max_requests_in_flight(),
+            max_header_bytes: default_max_header_bytes(),
+            max_headers: default_max_headers(),
+        }
+    }
 }
 
 /// What serves an app, once validated.
@@ -328,6 +409,30 @@ fn default_header_read_timeout() -> Duration {
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(10)
 }
+fn default_body_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// CIDRs (`10.0.0.0/8`), or single addresses (`10.0.0.1`, as a /32 or
+/// /128).
+fn nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
+    let texts = Vec::<String>::deserialize(d)?;
+    texts
+        .iter()
+        .map(|t| {
+            t.parse::<IpNet>()
+                .or_else(|_| t.parse::<std::net::IpAddr>().map(IpNet::from))
+                .map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "{t:?} is not a CIDR (10.0.0.0/8, fd00::/8) or an IP address"
+                    ))
+                })
+        })
+        .collect()
+}
 
 /// The whole file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,6 +447,23 @@ pub struct Config {
     /// Longest a client may take to send request headers.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
+    /// Longest wait between two reads of a client's request body; then the
+    /// request ends with 408 (if no response has begun) and its instance
+    /// is free for others. Default 10 s.
+    #[serde(default = "default_body_read_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A write to a client that stays blocked this long (the client stopped
+    /// reading) ends the connection. Default 30 s.
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
+    /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`,
+    /// `X-Real-IP`) are believed and extended, as CIDRs; every other
+    /// peer's are replaced by what snapgate saw. Default none.
+    #[serde(default, deserialize_with = "nets")]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Connection and request caps.
+    #[serde(default)]
+    pub limits: Limits,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -551,6 +673,22 @@ mod tests {
             keys.contains(&"apps.Hello.image.cmdline".to_string()),
             "{keys:?}"
         );
+    }
+
+    #[test]
+    fn front_door_settings_parse_sizes_and_addresses() {
+        let c = Config::parse(
+            "trusted_proxies: [10.0.0.0/8, 192.0.2.7, '::1']\nlimits: {max_header_bytes: 16KiB}\n\
+             apps:\n  a:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n    max_body_size: 2 MiB\n",
+        )
+        .unwrap();
+        let nets: Vec<String> = c.trusted_proxies.iter().map(|n| n.to_string()).collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.0.2.7/32", "::1/128"]);
+        assert_eq!(c.limits.max_header_bytes.as_u64(), 16 * 1024);
+        assert_eq!(c.limits.max_headers, 100, "a default");
+        assert_eq!(c.apps["a"].max_body_size.as_u64(), 2 * 1024 * 1024);
+        assert_eq!(c.apps["a"].upstream_idle_timeout, Duration::from_secs(4));
+        assert!(c.validate().is_empty(), "{:?}", c.validate());
     }
 
     #[test]

@@ -84,6 +84,7 @@ impl Config {
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
         }
+        self.validate_limits(&mut add);
         // Port 0 asks for any free port: two of those never clash.
         if self.listen == self.admin && self.listen.port() != 0 {
             add(
@@ -153,11 +154,13 @@ impl Config {
         if let Some(rt) = &app.runtime {
             self.validate_runtime_app(&format!("{at}.runtime"), rt, add);
         }
-        if app.response_timeout.is_zero() {
-            add(
-                format!("{at}.response_timeout"),
-                "must be above zero".into(),
-            );
+        for (key, d) in [
+            ("response_timeout", app.response_timeout),
+            ("upstream_read_timeout", app.upstream_read_timeout),
+        ] {
+            if d.is_zero() {
+                add(format!("{at}.{key}"), "must be above zero".into());
+            }
         }
         if let Some(image) = &app.image {
             for p in image.validate().into_iter().chain(snapgate_fields(image)) {
@@ -315,6 +318,42 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The front door's timeouts and caps: each above zero, the header
+    /// size at least hyper's smallest read buffer.
+    fn validate_limits(&self, add: &mut impl FnMut(String, String)) {
+        for (key, d) in [
+            ("header_read_timeout", self.header_read_timeout),
+            ("body_read_timeout", self.body_read_timeout),
+            ("send_timeout", self.send_timeout),
+        ] {
+            if d.is_zero() {
+                add(key.into(), "must be above zero".into());
+            }
+        }
+        let l = &self.limits;
+        for (key, n) in [
+            ("max_connections", l.max_connections),
+            ("max_connections_per_client", l.max_connections_per_client),
+            ("max_requests_in_flight", l.max_requests_in_flight),
+            ("max_headers", l.max_headers),
+        ] {
+            if n == 0 {
+                add(format!("limits.{key}"), "must be above zero".into());
+            }
+        }
+        if l.max_header_bytes.as_u64() < MIN_HEADER_BYTES {
+            add(
+                "limits.max_header_bytes".into(),
+                format!("{} is below the 8 KiB minimum", l.max_header_bytes),
+            );
+        }
+    }
+}
+
+/// The smallest `limits.max_header_bytes`: hyper's smallest read buffer.
+pub const MIN_HEADER_BYTES: u64 = 8192;
+
 /// The longest duration any setting takes: deadlines are instants in the
 /// future, and one past the end of time would panic.
 pub const MAX_DURATION: Duration = Duration::from_secs(365 * 86400);
@@ -325,6 +364,8 @@ impl Config {
         let mut out = vec![
             ("header_read_timeout".to_owned(), self.header_read_timeout),
             ("shutdown_grace".to_owned(), self.shutdown_grace),
+            ("body_read_timeout".to_owned(), self.body_read_timeout),
+            ("send_timeout".to_owned(), self.send_timeout),
         ];
         let image = |out: &mut Vec<(String, Duration)>, at: &str, image: &ImageSpec| {
             out.push((format!("{at}.ready_timeout"), image.ready_timeout));
@@ -335,6 +376,14 @@ impl Config {
         for (name, app) in &self.apps {
             let at = format!("apps.{name}");
             out.push((format!("{at}.response_timeout"), app.response_timeout));
+            out.push((
+                format!("{at}.upstream_idle_timeout"),
+                app.upstream_idle_timeout,
+            ));
+            out.push((
+                format!("{at}.upstream_read_timeout"),
+                app.upstream_read_timeout,
+            ));
             if let Some(spec) = &app.image {
                 image(&mut out, &format!("{at}.image"), spec);
             }

@@ -23,10 +23,10 @@
 //! Every task the gateway starts (the listeners with the connections they
 //! own, the admin listener's connections, each engine's maintenance,
 //! restores, stops and exit waiters) runs on one [`Tasks`] tracker under
-//! one cancel token. Tasks of HTTP client connections belong to their
-//! clients (hyper's pools, dropped with the proxy; a guest probe's
-//! connection, aborted with its request), and the netlink connection to
-//! its `Network`. [`Running::shutdown`]: stop accepting, let in-flight
+//! one cancel token. Tasks of upstream connections end with their
+//! connections (closed by the app, or dropped by snapgate: see
+//! `src/proxy/upstream.rs`), a guest probe's connection is aborted with
+//! its request, and the netlink connection belongs to its `Network`. [`Running::shutdown`]: stop accepting, let in-flight
 //! requests finish for `shutdown_grace`, close every pool (failing held
 //! requests with 503 and destroying every VM, whose taps go with it), then
 //! every runtime stock, then cancel and wait for every task. Dropping
@@ -56,7 +56,7 @@ use state::lock as lock_state_dir;
 use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, Tasks};
-use crate::proxy::{Proxy, ProxyMetrics, Router, Target};
+use crate::proxy::{AppLimits, Apps, ProxyMetrics, Router, Target};
 use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
 use crate::snapshot::{Builder, Job, Pin};
 use crate::vmm::{Snapshot, Vmm};
@@ -69,7 +69,7 @@ pub struct Running {
     /// Where it serves `/metrics`.
     pub admin: SocketAddr,
     /// The proxy (pools, for tests and admin use).
-    pub proxy: Arc<Proxy>,
+    pub proxy: Arc<Apps>,
     /// The metrics registry.
     pub registry: Registry,
     /// Runtime stocks by runtime name (runtimes whose apps start from the
@@ -139,15 +139,35 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     }
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
-    let proxy = Arc::new(Proxy::new(router, targets, proxy_metrics));
+    let proxy = Arc::new(Apps::new(router, targets, proxy_metrics.clone()));
+    let stack = crate::proxy::stack::build(
+        proxy.clone(),
+        &crate::proxy::StackConfig {
+            body_read_timeout: config.body_read_timeout,
+            max_requests_in_flight: config.limits.max_requests_in_flight,
+            trusted_proxies: config.trusted_proxies.clone(),
+            proto: "http",
+        },
+        proxy_metrics.clone(),
+    );
+    let listening = crate::proxy::Listening {
+        header_read_timeout: config.header_read_timeout,
+        send_timeout: config.send_timeout,
+        max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
+            .unwrap_or(usize::MAX),
+        max_headers: config.limits.max_headers,
+        max_connections: config.limits.max_connections,
+        max_connections_per_client: config.limits.max_connections_per_client,
+        grace: config.shutdown_grace,
+    };
 
     let (stop, stop_rx) = watch::channel(false);
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
-        proxy.clone(),
-        config.header_read_timeout,
+        stack,
+        listening,
+        proxy_metrics,
         stop_rx,
-        config.shutdown_grace,
     ));
     let admin_stop = tasks.cancel.child_token();
     let admin_task = tasks.tracker.spawn(admin::serve(
@@ -256,12 +276,16 @@ impl Factories<'_> {
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<Target> {
         let app = &self.config.apps[name];
+        let limits = AppLimits {
+            response_timeout: app.response_timeout,
+            read_timeout: app.upstream_read_timeout,
+            max_body_size: app.max_body_size.as_u64(),
+        };
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {
                 return Ok(Target::Static {
-                    addr,
-                    client: crate::proxy::upstream_client(None),
-                    response_timeout: app.response_timeout,
+                    upstream: crate::proxy::Upstream::new(addr, None, app.upstream_idle_timeout),
+                    limits,
                 })
             }
             Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => pool_cfg,
@@ -281,9 +305,9 @@ impl Factories<'_> {
         };
         let pool = Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks);
         Ok(Target::Pool {
-            clients: Default::default(),
+            upstreams: crate::proxy::InstanceUpstreams::new(app.upstream_idle_timeout),
             pool,
-            response_timeout: app.response_timeout,
+            limits,
             internal_path,
         })
     }

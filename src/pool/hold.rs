@@ -75,10 +75,17 @@ pub enum ClaimError {
 }
 
 impl ClaimError {
-    /// What a client is told: no internals (paths, VMM output), which go
-    /// to the log and [`Engine::last_error`] instead.
+    /// What a client is told: no internals (instance, restore and queue
+    /// counts, paths, VMM output), which go to the log and
+    /// [`Engine::last_error`] instead.
     pub fn public_message(&self) -> String {
         match self {
+            ClaimError::QueueFull { app, .. } => {
+                format!("app {app}: no instance free and too many requests waiting")
+            }
+            ClaimError::HoldTimeout { app, .. } => {
+                format!("app {app}: no instance became free in time")
+            }
             ClaimError::Unavailable {
                 app,
                 blame: Blame::App,
@@ -87,7 +94,7 @@ impl ClaimError {
             ClaimError::Unavailable { app, .. } => {
                 format!("app {app}: cannot start an instance right now")
             }
-            other => other.to_string(),
+            ClaimError::ShuttingDown { .. } => self.to_string(),
         }
     }
 

@@ -1,47 +1,121 @@
-//! A response body that holds the lease of the instance producing it.
+//! The bodies on both sides of a forwarded exchange.
 //!
-//! The lease ends when the body has been streamed to its end or dropped (the
-//! client went away), never earlier: a streaming response keeps its instance
-//! leased, so the reaper cannot cut it, and the idle clock starts at the
-//! real completion.
+//! [`RequestBody`] is the client's body on its way to the app: bounded in
+//! size (413) and in the wait between two reads (408), and, when it is
+//! dropped unread (an early answer: 404, 413, 503, an app that answered
+//! before reading), drained in the background for a bounded time so the
+//! client sees the answer rather than a reset (lingering close).
+//!
+//! [`ResponseBody`] is the app's body on its way to the client: it holds
+//! the instance's lease and the upstream connection until its end, bounds
+//! the wait between two reads, and returns the connection to its pool only
+//! once the body has been read to its end.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
+use super::upstream::Checkin;
 use super::BoxError;
 use crate::pool::Lease;
 
-/// An upstream body and, for VM apps, the lease behind it.
-pub struct LeasedBody {
-    inner: Incoming,
-    lease: Option<Lease>,
-    /// Fires if the instance's VMM dies mid-body.
-    gone: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+/// Longest a dropped, unread request body is drained (nginx's
+/// `lingering_time` default).
+const LINGER_TIME: Duration = Duration::from_secs(30);
+/// Longest wait for more of it while draining (nginx's
+/// `lingering_timeout` default).
+const LINGER_IDLE: Duration = Duration::from_secs(5);
+
+/// How a client's request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestBodyError {
+    /// No data arrived for the `body_read_timeout`.
+    #[error("no request body data for {0:?}")]
+    Timeout(Duration),
+    /// The body grew past the app's `max_body_size`, in bytes.
+    #[error("the request body is over {0} bytes")]
+    TooLarge(u64),
+    /// The client's connection failed or sent a malformed body.
+    #[error("reading the request body")]
+    Read(#[source] hyper::Error),
 }
 
-impl LeasedBody {
-    /// Wraps `inner`, releasing `lease` at its end.
-    pub fn new(inner: Incoming, lease: Option<Lease>) -> LeasedBody {
-        let gone = lease
-            .as_ref()
-            .map(|l| Box::pin(l.gone().clone().cancelled_owned()));
-        LeasedBody { inner, lease, gone }
+/// A restartable idle timer: armed when a read would wait, cleared when
+/// data arrives.
+struct Idle {
+    limit: Duration,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Idle {
+    fn new(limit: Duration) -> Idle {
+        Idle { limit, timer: None }
     }
 
-    fn broken(&mut self) {
-        if let Some(mut lease) = self.lease.take() {
-            lease.mark_broken();
+    /// Data arrived: the next wait starts afresh.
+    fn reset(&mut self) {
+        self.timer = None;
+    }
+
+    /// A read is waiting: ready once it has waited `limit`.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let limit = self.limit;
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        timer.as_mut().poll(cx)
+    }
+}
+
+/// The client's request body, as the app is sent it.
+pub struct RequestBody {
+    /// `None` once finished, failed in a way that ends the connection, or
+    /// for a made-up empty body.
+    inner: Option<Incoming>,
+    idle: Idle,
+    limit: Option<u64>,
+    received: u64,
+}
+
+impl RequestBody {
+    /// Wraps a client's body; a wait for data over `read_timeout` fails it.
+    pub fn new(inner: Incoming, read_timeout: Duration) -> RequestBody {
+        RequestBody {
+            inner: Some(inner),
+            idle: Idle::new(read_timeout),
+            limit: None,
+            received: 0,
         }
-        self.gone = None;
+    }
+
+    /// An empty body (a replayed request that had none).
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            idle: Idle::new(Duration::MAX),
+            limit: None,
+            received: 0,
+        }
+    }
+
+    /// Fails the body once more than `max` bytes have arrived.
+    pub fn set_limit(&mut self, max: u64) {
+        self.limit = Some(max);
+    }
+
+    /// Whether the body is known to be empty (no data will arrive).
+    pub fn is_empty(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
     }
 }
 
-impl Body for LeasedBody {
+impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
@@ -49,26 +123,177 @@ impl Body for LeasedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if let Some(gone) = self.gone.as_mut() {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.reset();
+                if let Some(data) = frame.data_ref() {
+                    this.received += data.remaining() as u64;
+                    if let Some(max) = this.limit.filter(|&max| this.received > max) {
+                        // Kept: dropped, it is drained, so the client
+                        // reads its 413.
+                        return Poll::Ready(Some(Err(RequestBodyError::TooLarge(max).into())));
+                    }
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.inner = None;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.inner = None;
+                Poll::Ready(Some(Err(RequestBodyError::Read(e).into())))
+            }
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                Poll::Ready(()) => {
+                    // A client that stalls is not waited for again.
+                    this.inner = None;
+                    let limit = this.idle.limit;
+                    Poll::Ready(Some(Err(RequestBodyError::Timeout(limit).into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_empty()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Some(b) => b.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for RequestBody {
+    /// A body dropped before its end is drained in the background (if a
+    /// runtime is there to do it), for at most [`LINGER_TIME`] and
+    /// [`LINGER_IDLE`] between reads: closing a socket with unread data
+    /// makes the kernel send a reset, which can destroy the answer before
+    /// the client reads it (RFC 9112 section 9.6).
+    fn drop(&mut self) {
+        let Some(inner) = self.inner.take().filter(|b| !b.is_end_stream()) else {
+            return;
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(drain(inner));
+        }
+    }
+}
+
+/// Reads and discards `body` until its end, an error, or the linger
+/// bounds.
+async fn drain(mut body: Incoming) {
+    use http_body_util::BodyExt;
+    let deadline = Instant::now() + LINGER_TIME;
+    loop {
+        let next =
+            tokio::time::timeout_at(deadline.min(Instant::now() + LINGER_IDLE), body.frame());
+        match next.await {
+            Ok(Some(Ok(_))) => continue,
+            _ => return,
+        }
+    }
+}
+
+/// An app's response body on its way to the client, holding what it
+/// needs until its end: the instance's lease (so the reaper cannot cut a
+/// streaming response, and the idle clock starts at the real completion)
+/// and the upstream connection (returned to its pool only after a clean
+/// end; dropped, and so closed, otherwise).
+pub struct ResponseBody {
+    inner: Incoming,
+    checkin: Option<Checkin>,
+    lease: Option<Lease>,
+    /// Fires if the instance's VMM dies mid-body.
+    gone: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+    idle: Idle,
+}
+
+impl ResponseBody {
+    /// Wraps `inner`; a wait for data over `read_timeout` cuts it off.
+    pub fn new(
+        inner: Incoming,
+        checkin: Checkin,
+        lease: Option<Lease>,
+        read_timeout: Duration,
+    ) -> ResponseBody {
+        let gone = lease
+            .as_ref()
+            .map(|l| Box::pin(l.gone().clone().cancelled_owned()));
+        ResponseBody {
+            inner,
+            checkin: Some(checkin),
+            lease,
+            gone,
+            idle: Idle::new(read_timeout),
+        }
+    }
+
+    /// The exchange failed mid-body: the connection is closed, the lease
+    /// returned (an instance is broken only by its VMM's exit: see the
+    /// module doc of [`super`]).
+    fn fail(&mut self) {
+        self.checkin = None;
+        self.lease = None;
+        self.gone = None;
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(gone) = this.gone.as_mut() {
             if gone.as_mut().poll(cx).is_ready() {
-                self.broken();
+                if let Some(lease) = this.lease.as_mut() {
+                    lease.mark_broken();
+                }
+                this.fail();
                 let vm_gone = std::io::Error::other("the instance's VMM exited mid-response");
                 return Poll::Ready(Some(Err(vm_gone.into())));
             }
         }
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                self.lease = None;
-                self.gone = None;
+                if let Some(checkin) = this.checkin.take() {
+                    checkin.put_back();
+                }
+                this.lease = None;
+                this.gone = None;
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
-                // The instance broke off mid-body.
-                self.broken();
+                this.fail();
                 Poll::Ready(Some(Err(e.into())))
             }
-            Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(frame))),
-            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(frame))) => {
+                this.idle.reset();
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => match this.idle.poll_expired(cx) {
+                Poll::Ready(()) => {
+                    this.fail();
+                    let stalled = std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the app sent no response data for {:?}", this.idle.limit),
+                    );
+                    Poll::Ready(Some(Err(stalled.into())))
+                }
+                Poll::Pending => Poll::Pending,
+            },
         }
     }
 
@@ -78,5 +303,18 @@ impl Body for LeasedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    /// hyper stops polling a body once [`Body::is_end_stream`] says it is
+    /// done (a sized body read whole, an empty one never polled): the
+    /// connection goes back to its pool if the app's body did end.
+    fn drop(&mut self) {
+        if let Some(checkin) = self.checkin.take() {
+            if self.inner.is_end_stream() {
+                checkin.put_back();
+            }
+        }
     }
 }

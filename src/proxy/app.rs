@@ -1,0 +1,340 @@
+//! The innermost service: route, claim, forward.
+//!
+//! Steps for one request (its [`Authority`] set by the stack):
+//! 1. Route the authority's name to an app (404 if none).
+//! 2. A VM app's `on_restore` path is snapgate's to call, never a client's:
+//!    a request that could reach it under any reading a guest's router may
+//!    give it ([`crate::path`]) gets a 404 and claims nothing.
+//! 3. A body whose `Content-Length` is over the app's `max_body_size` gets
+//!    413 at once; any other body is cut off there as it streams.
+//! 4. Claim a lease from the app's pool (held while none is free; 503 with
+//!    `Retry-After` when the queue is full, the hold times out or no
+//!    instance can start). A static app has one fixed upstream.
+//! 5. Forward with [`Upstream::send`], waiting at most `response_timeout`
+//!    for response headers (504) and giving up if the instance's VMM dies.
+//!    A request of which no byte was written (the connection could not be
+//!    made) is sent once more: on another instance for a VM app (the
+//!    failed one is marked broken), on a fresh connection for a static one.
+//! 6. The answer streams back in a [`ResponseBody`], which holds the lease
+//!    and the upstream connection until its end.
+//!
+//! One rule breaks an instance: its VMM exited, or it refused a
+//! connection. A reset or a timeout of one exchange, before or during the
+//! body, fails only that request: the next one gets a fresh connection.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Body;
+use tracing::{debug, warn};
+
+use super::authority::Authority;
+use super::body::{RequestBody, ResponseBody};
+use super::error::{ErrorKind, ProxyError};
+use super::forwarded::strip_hop_by_hop;
+use super::router::Router;
+use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
+use super::{ProxyBody, ProxyMetrics};
+use crate::pool::{Lease, Pool};
+
+/// What an app's requests need besides its upstreams.
+#[derive(Clone, Debug)]
+pub struct AppLimits {
+    /// Longest wait for response headers (504 after).
+    pub response_timeout: Duration,
+    /// Longest wait between two reads of the response body.
+    pub read_timeout: Duration,
+    /// Largest request body, in bytes (413 over it).
+    pub max_body_size: u64,
+}
+
+/// Where an app's requests go.
+pub enum Target {
+    /// Instances from the app's pool.
+    Pool {
+        /// The pool.
+        pool: Pool,
+        /// The upstreams of the pool's instances.
+        upstreams: InstanceUpstreams,
+        /// A path of the guest's that only snapgate calls (the image's
+        /// `on_restore` path), as [`crate::path::normalize`] makes it.
+        internal_path: Option<Vec<Vec<u8>>>,
+        /// Timeouts and size limits.
+        limits: AppLimits,
+    },
+    /// A fixed upstream address.
+    Static {
+        /// The upstream.
+        upstream: Arc<Upstream>,
+        /// Timeouts and size limits.
+        limits: AppLimits,
+    },
+}
+
+impl Target {
+    fn limits(&self) -> &AppLimits {
+        match self {
+            Target::Pool { limits, .. } | Target::Static { limits, .. } => limits,
+        }
+    }
+}
+
+/// The app whose answer a response is: a response extension the metrics
+/// read.
+#[derive(Clone, Debug)]
+pub struct RoutedTo(pub Arc<str>);
+
+/// Every app's target, and the router to them.
+pub struct Apps {
+    router: Router,
+    targets: HashMap<Arc<str>, Target>,
+    metrics: ProxyMetrics,
+}
+
+impl Apps {
+    /// The apps of `targets`, routed by `router`.
+    pub fn new(router: Router, targets: HashMap<String, Target>, metrics: ProxyMetrics) -> Apps {
+        Apps {
+            router,
+            targets: targets
+                .into_iter()
+                .map(|(k, v)| (Arc::from(k), v))
+                .collect(),
+            metrics,
+        }
+    }
+
+    /// The pool of `app`, if it is a VM or runtime app.
+    pub fn pool(&self, app: &str) -> Option<&Pool> {
+        match self.targets.get(app) {
+            Some(Target::Pool { pool, .. }) => Some(pool),
+            _ => None,
+        }
+    }
+
+    /// Every pool.
+    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
+        self.targets.values().filter_map(|t| match t {
+            Target::Pool { pool, .. } => Some(pool),
+            Target::Static { .. } => None,
+        })
+    }
+
+    /// The module doc's steps for one request.
+    async fn serve(
+        &self,
+        mut req: Request<RequestBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let Some(authority) = req.extensions().get::<Authority>().cloned() else {
+            return Err(ProxyError::new(ErrorKind::BadRequest(
+                "the request names no host",
+            )));
+        };
+        // Step 1.
+        let Some((app, target)) = self
+            .router
+            .route(&authority.name)
+            .and_then(|app| self.targets.get_key_value(app))
+        else {
+            return Err(ProxyError::new(ErrorKind::UnknownHost(authority.name)));
+        };
+        // Step 3.
+        let limits = target.limits();
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_size) {
+            return Err(ErrorKind::BodyTooLarge(limits.max_body_size).of(app));
+        }
+        req.body_mut().set_limit(limits.max_body_size);
+        let req = to_origin(req, &authority);
+        let mut resp = match target {
+            Target::Pool {
+                internal_path: Some(internal),
+                ..
+            } if crate::path::reaches(req.uri().path(), internal) => {
+                // Step 2.
+                debug!(%app, path = req.uri().path(), "refused: the guest's internal path");
+                return Err(ErrorKind::InternalPath.of(app));
+            }
+            Target::Pool {
+                pool,
+                upstreams,
+                limits,
+                ..
+            } => self.via_pool(app, pool, upstreams, limits, req).await?,
+            Target::Static { upstream, limits } => {
+                let mut sent = exchange(upstream, req, None, limits.response_timeout).await;
+                if let Err(Retry::NotSent { req, cause }) = sent {
+                    debug!(%app, "connect failed ({cause}); trying a fresh connection");
+                    self.metrics.retried(app, "connect");
+                    sent = exchange(upstream, *req, None, limits.response_timeout).await;
+                }
+                let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
+                if checkin.replayed {
+                    self.metrics.retried(app, "closed");
+                }
+                relay(resp, checkin, None, limits.read_timeout)
+            }
+        };
+        resp.extensions_mut().insert(RoutedTo(app.clone()));
+        Ok(resp)
+    }
+
+    /// Steps 4 to 6 for a pool's instance, with step 5's one retry on
+    /// another instance.
+    async fn via_pool(
+        &self,
+        app: &Arc<str>,
+        pool: &Pool,
+        upstreams: &InstanceUpstreams,
+        limits: &AppLimits,
+        req: Request<RequestBody>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let mut req = req;
+        for attempt in 0..2 {
+            let mut lease = pool
+                .claim()
+                .await
+                .map_err(|e| ErrorKind::NoInstance(e).of(app))?;
+            let upstream = upstreams.for_lease(pool, &lease);
+            let gone = lease.gone().clone();
+            match exchange(&upstream, req, Some(&gone), limits.response_timeout).await {
+                Ok((resp, checkin)) => {
+                    return Ok(relay(resp, checkin, Some(lease), limits.read_timeout))
+                }
+                Err(Retry::NotSent { req: unsent, cause }) => {
+                    warn!(%app, vm = %lease.instance(), "instance refused a connection: {cause}");
+                    lease.mark_broken();
+                    if attempt == 1 {
+                        return Err(ErrorKind::Upstream(cause.to_string()).of(app));
+                    }
+                    self.metrics.retried(app, "connect");
+                    req = *unsent;
+                }
+                Err(Retry::Failed(kind)) => {
+                    if matches!(kind, ErrorKind::VmGone) {
+                        lease.mark_broken();
+                    }
+                    warn!(%app, vm = %lease.instance(), "request failed: {kind}");
+                    return Err(kind.of(app));
+                }
+            }
+        }
+        unreachable!("the loop returns on its second attempt")
+    }
+}
+
+/// How one exchange failed.
+enum Retry {
+    /// Nothing was written; the request is back.
+    NotSent {
+        req: Box<Request<RequestBody>>,
+        cause: std::io::Error,
+    },
+    /// It failed for good.
+    Failed(ErrorKind),
+}
+
+impl Retry {
+    fn into_error(self, app: &Arc<str>) -> ProxyError {
+        match self {
+            Retry::NotSent { cause, .. } => ErrorKind::Upstream(cause.to_string()).of(app),
+            Retry::Failed(kind) => kind.of(app),
+        }
+    }
+}
+
+/// One exchange with `upstream`: response headers within `timeout`, or
+/// how it failed; `gone` fires if the instance's VMM dies.
+async fn exchange(
+    upstream: &Arc<Upstream>,
+    req: Request<RequestBody>,
+    gone: Option<&tokio_util::sync::CancellationToken>,
+    timeout: Duration,
+) -> Result<(Response<hyper::body::Incoming>, Checkin), Retry> {
+    let vm_gone = async {
+        match gone {
+            Some(token) => token.cancelled().await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        sent = upstream.send(req) => sent.map_err(|e| match e {
+            SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
+            SendError::Failed(e) => Retry::Failed(
+                ErrorKind::from_body_error(&e)
+                    .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(&e))),
+            ),
+        }),
+        _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
+        _ = tokio::time::sleep(timeout) => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
+    }
+}
+
+/// The request as the app is sent it: an origin-form target (`*` kept for
+/// `OPTIONS *`), HTTP/1.1, `Host` the routed authority, and
+/// `Transfer-Encoding: chunked` for a body of unknown length, so the body
+/// reaches the app as framed whatever the method (RFC 9112 section 6).
+fn to_origin(req: Request<RequestBody>, authority: &Authority) -> Request<RequestBody> {
+    let (mut parts, body) = req.into_parts();
+    let target = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |p| p.as_str())
+        .to_owned();
+    parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.version = Version::HTTP_11;
+    parts.headers.insert(header::HOST, authority.value.clone());
+    if !body.is_empty() && body.size_hint().exact().is_none() {
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
+    Request::from_parts(parts, body)
+}
+
+/// The app's answer for the client: hop-by-hop headers removed, snapgate's
+/// own HTTP version (RFC 9110 section 6.2: an intermediary sends its own),
+/// the body streamed in a [`ResponseBody`].
+fn relay(
+    resp: Response<hyper::body::Incoming>,
+    checkin: Checkin,
+    lease: Option<Lease>,
+    read_timeout: Duration,
+) -> Response<ProxyBody> {
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let body = ResponseBody::new(body, checkin, lease, read_timeout);
+    Response::from_parts(parts, body.boxed())
+}
+
+/// [`Apps`] as a tower service: the stack's innermost.
+#[derive(Clone)]
+pub struct AppService(pub Arc<Apps>);
+
+impl tower::Service<Request<RequestBody>> for AppService {
+    type Response = Response<ProxyBody>;
+    type Error = tower::BoxError;
+    type Future = BoxFuture<'static, Result<Response<ProxyBody>, tower::BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), tower::BoxError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
+        let apps = self.0.clone();
+        Box::pin(async move { apps.serve(req).await.map_err(Into::into) })
+    }
+}

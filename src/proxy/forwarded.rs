@@ -1,0 +1,368 @@
+//! The headers snapgate sends the app about the hop it made: hop-by-hop
+//! headers removed (RFC 9110 section 7.6.1), then the forwarding headers
+//! set by one policy.
+//!
+//! Policy:
+//! 1. Hop-by-hop fields go: `Connection`, the fields it names, and the
+//!    standard ones (`Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
+//!    `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization`,
+//!    `Proxy-Authenticate`). `Connection` cannot name away `Host` or
+//!    `Content-Length` (they frame and route the message), nor the fields
+//!    snapgate sets, which are set after this step.
+//! 2. From a peer outside `trusted_proxies`, every forwarding field the
+//!    client sent is removed: `X-Forwarded-For`, `-Proto`, `-Host`, `-Port`,
+//!    `-Prefix`, `X-Real-IP`, `Forwarded`. `X-Original-URL` and
+//!    `X-Rewrite-URL` (which some frameworks route by) are removed from
+//!    every peer: routing is snapgate's.
+//! 3. From a trusted peer, the chains are kept (several `X-Forwarded-For`
+//!    or `Forwarded` lines joined into one, in order), and so are the
+//!    `-Proto`, `-Host`, `-Port`, `-Prefix` it sent.
+//! 4. Then snapgate appends the peer to `X-Forwarded-For` and a
+//!    `for=..;host=..;proto=..` element to `Forwarded` (RFC 7239), and sets
+//!    those of `X-Forwarded-Proto`, `X-Forwarded-Host` and
+//!    `X-Forwarded-Port` not kept by step 3, and `X-Real-IP`.
+//! 5. The client address (for `X-Real-IP` and the log) is the peer, or,
+//!    from a trusted peer, the rightmost `X-Forwarded-For` entry that is not
+//!    a trusted proxy (as nginx's `real_ip_recursive`).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::Request;
+use ipnet::IpNet;
+
+use super::authority::Authority;
+
+/// The connection a request came on: set by the listener.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    /// The client's (or the nearest proxy's) address.
+    pub addr: SocketAddr,
+    /// The listener's address.
+    pub local: SocketAddr,
+}
+
+/// The client's address by the policy's step 5: a request extension.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientAddr(pub IpAddr);
+
+/// Headers that describe one connection, not the message (RFC 9110
+/// section 7.6.1).
+const HOP_BY_HOP: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+/// Fields `Connection` may not name away (policy step 1).
+const FRAMING: &[HeaderName] = &[header::HOST, header::CONTENT_LENGTH];
+
+const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
+const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
+const XF_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+const XF_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+/// Removed from every peer (policy step 2).
+const REWRITES: &[&str] = &["x-original-url", "x-rewrite-url"];
+
+/// Removes hop-by-hop headers, including those named by `Connection`,
+/// except [`FRAMING`] fields.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .filter(|n| !FRAMING.contains(n))
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in HOP_BY_HOP {
+        headers.remove(*name);
+    }
+}
+
+/// The forwarding policy of the module doc, for one listener.
+#[derive(Clone, Debug, Default)]
+pub struct Forwarding {
+    trusted: Arc<[IpNet]>,
+    /// `http` or `https`: the listener's scheme.
+    proto: &'static str,
+}
+
+impl Forwarding {
+    /// The policy trusting `trusted` peers, for a listener of `proto`.
+    pub fn new(trusted: &[IpNet], proto: &'static str) -> Forwarding {
+        Forwarding {
+            trusted: trusted.into(),
+            proto,
+        }
+    }
+
+    fn trusts(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client address (policy step 5).
+    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+        if !self.trusts(peer) {
+            return peer;
+        }
+        let chain: Vec<IpAddr> = joined(headers, &XFF)
+            .as_deref()
+            .unwrap_or("")
+            .split(',')
+            .filter_map(|e| parse_ip(e.trim()))
+            .collect();
+        chain
+            .into_iter()
+            .rev()
+            .find(|ip| !self.trusts(*ip))
+            .unwrap_or(peer)
+    }
+
+    /// Applies the policy to `req`, which carries its [`Peer`] and
+    /// [`Authority`]; sets its [`ClientAddr`].
+    pub fn apply<B>(&self, mut req: Request<B>) -> Request<B> {
+        let peer = req.extensions().get::<Peer>().copied();
+        let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
+        let h = req.headers_mut();
+        strip_hop_by_hop(h);
+        for name in REWRITES {
+            h.remove(*name);
+        }
+        let Some(peer) = peer else {
+            return req;
+        };
+        let ip = peer.addr.ip().to_canonical();
+        let trusted = self.trusts(ip);
+        let client = self.client(ip, h);
+        let (prior_xff, prior_fwd) = if trusted {
+            (joined(h, &XFF), joined(h, &FORWARDED))
+        } else {
+            for name in [&XFP, &XFH, &XF_PORT, &XF_PREFIX] {
+                h.remove(name);
+            }
+            (None, None)
+        };
+        h.remove(&X_REAL_IP);
+        let xff = match prior_xff {
+            Some(prior) => format!("{prior}, {ip}"),
+            None => ip.to_string(),
+        };
+        let node = match ip {
+            IpAddr::V4(v4) => v4.to_string(),
+            IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        let mut element = format!("for={node};proto={}", self.proto);
+        if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
+            element = format!(
+                "for={node};host={};proto={}",
+                token_or_quoted(host),
+                self.proto
+            );
+        }
+        let fwd = match prior_fwd {
+            Some(prior) => format!("{prior}, {element}"),
+            None => element,
+        };
+        set(h, XFF, &xff);
+        set(h, FORWARDED, &fwd);
+        set(h, X_REAL_IP, &client.to_string());
+        if !h.contains_key(&XFP) {
+            h.insert(XFP, HeaderValue::from_static(self.proto));
+        }
+        if let Some(host) = host {
+            if !h.contains_key(&XFH) {
+                h.insert(XFH, host);
+            }
+        }
+        if !h.contains_key(&XF_PORT) {
+            h.insert(XF_PORT, HeaderValue::from(peer.local.port()));
+        }
+        req.extensions_mut().insert(ClientAddr(client));
+        req
+    }
+}
+
+/// `v` as an RFC 7239 value: a token as is, else a quoted string (a host
+/// with a port has a `:`, which is no token character, RFC 9110 section
+/// 5.6.2).
+fn token_or_quoted(v: &str) -> String {
+    let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    if !v.is_empty() && v.bytes().all(tchar) {
+        v.to_owned()
+    } else {
+        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+    }
+}
+
+/// Every line of `name`, joined with ", " (RFC 9110 section 5.3).
+fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+    let parts: Vec<&str> = h
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+fn set(h: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        h.insert(name, v);
+    }
+}
+
+/// An address as `X-Forwarded-For` entries write it: `1.2.3.4`, `::1`,
+/// `[::1]`, with or without a port.
+fn parse_ip(entry: &str) -> Option<IpAddr> {
+    if let Ok(ip) = entry.parse::<IpAddr>() {
+        return Some(ip.to_canonical());
+    }
+    entry
+        .parse::<SocketAddr>()
+        .ok()
+        .map(|a| a.ip().to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(peer: &str, headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut r = b.body(()).unwrap();
+        r.extensions_mut().insert(Peer {
+            addr: peer.parse().unwrap(),
+            local: "127.0.0.1:8080".parse().unwrap(),
+        });
+        r.extensions_mut().insert(Authority {
+            name: "a.test".into(),
+            value: HeaderValue::from_static("a.test"),
+        });
+        r
+    }
+
+    fn all(r: &Request<()>, name: &str) -> Vec<String> {
+        r.headers()
+            .get_all(name)
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect()
+    }
+
+    const SPOOFED: &[(&str, &str)] = &[
+        ("x-forwarded-for", "6.6.6.6"),
+        ("x-forwarded-for", "7.7.7.7"),
+        ("x-real-ip", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6"),
+        ("x-forwarded-port", "1"),
+        ("x-forwarded-prefix", "/admin"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.test"),
+        ("x-original-url", "/snapgate/resumed"),
+    ];
+
+    #[test]
+    fn an_untrusted_peers_forwarding_headers_are_replaced() {
+        let policy = Forwarding::new(&[], "http");
+        let r = policy.apply(request("10.0.0.9:5555", SPOOFED));
+        assert_eq!(all(&r, "x-forwarded-for"), ["10.0.0.9"]);
+        assert_eq!(all(&r, "x-real-ip"), ["10.0.0.9"]);
+        assert_eq!(
+            all(&r, "forwarded"),
+            ["for=10.0.0.9;host=a.test;proto=http"]
+        );
+        assert_eq!(all(&r, "x-forwarded-proto"), ["http"]);
+        assert_eq!(all(&r, "x-forwarded-host"), ["a.test"]);
+        assert_eq!(all(&r, "x-forwarded-port"), ["8080"]);
+        assert!(all(&r, "x-forwarded-prefix").is_empty());
+        assert!(all(&r, "x-original-url").is_empty());
+        assert_eq!(
+            r.extensions().get::<ClientAddr>(),
+            Some(&ClientAddr("10.0.0.9".parse().unwrap()))
+        );
+    }
+
+    #[test]
+    fn a_trusted_peers_chain_is_kept_and_extended() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let policy = Forwarding::new(&trusted, "http");
+        let r = policy.apply(request(
+            "10.0.0.9:5555",
+            &[
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2, 10.1.1.1"),
+                ("forwarded", "for=1.1.1.1"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-prefix", "/app"),
+            ],
+        ));
+        assert_eq!(
+            all(&r, "x-forwarded-for"),
+            ["1.1.1.1, 2.2.2.2, 10.1.1.1, 10.0.0.9"]
+        );
+        assert_eq!(
+            all(&r, "forwarded"),
+            ["for=1.1.1.1, for=10.0.0.9;host=a.test;proto=http"]
+        );
+        // 10.1.1.1 is a trusted proxy: the client is the entry before it.
+        assert_eq!(all(&r, "x-real-ip"), ["2.2.2.2"]);
+        assert_eq!(all(&r, "x-forwarded-proto"), ["https"]);
+        assert_eq!(all(&r, "x-forwarded-prefix"), ["/app"]);
+    }
+
+    #[test]
+    fn ipv6_peers_are_quoted_in_forwarded() {
+        let policy = Forwarding::new(&[], "http");
+        let r = policy.apply(request("[::1]:5555", &[]));
+        assert_eq!(
+            all(&r, "forwarded"),
+            ["for=\"[::1]\";host=a.test;proto=http"]
+        );
+        assert_eq!(all(&r, "x-forwarded-for"), ["::1"]);
+    }
+
+    #[test]
+    fn connection_cannot_name_away_framing_or_what_snapgate_sets() {
+        let policy = Forwarding::new(&[], "http");
+        let r = policy.apply(request(
+            "10.0.0.9:5555",
+            &[
+                ("host", "a.test"),
+                ("content-length", "3"),
+                (
+                    "connection",
+                    "host, content-length, x-forwarded-for, forwarded, x-private",
+                ),
+                ("x-private", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+            ],
+        ));
+        assert_eq!(all(&r, "host"), ["a.test"]);
+        assert_eq!(all(&r, "content-length"), ["3"]);
+        assert_eq!(all(&r, "x-forwarded-for"), ["10.0.0.9"]);
+        assert!(r.headers().get("forwarded").is_some());
+        for gone in ["connection", "x-private", "keep-alive", "te"] {
+            assert!(r.headers().get(gone).is_none(), "{gone}");
+        }
+    }
+}

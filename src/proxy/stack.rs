@@ -1,0 +1,339 @@
+//! The request path as a tower stack: each policy one layer.
+//!
+//! ```text
+//! boxed response body
+//!   trace + metrics      one span per request; requests_total, duration
+//!   client body          body_read_timeout, and lingering drain when unread
+//!   errors               a ProxyError or a shed request becomes its response
+//!   load shed            over max_requests_in_flight: 503 + Retry-After at once
+//!   concurrency limit    max_requests_in_flight permits, held to the headers
+//!   framing              a transfer coding besides chunked: 501
+//!   authority            Host / absolute-form -> one authority, or 400/405
+//!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
+//!   app                  route, claim, forward (retry once if nothing was sent)
+//! ```
+//!
+//! The request reaching the stack carries its [`Peer`] (set per
+//! connection by the listener).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Request, Response};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use ipnet::IpNet;
+use tower::util::BoxCloneService;
+use tower::ServiceBuilder;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
+use tracing::{field, info_span, Level, Span};
+
+use super::app::{AppService, Apps, RoutedTo};
+use super::body::RequestBody;
+use super::error::{ErrorKind, ProxyError};
+use super::forwarded::{ClientAddr, Forwarding, Peer};
+use super::{authority, framing};
+use super::{ProxyBody, ProxyMetrics};
+
+/// The whole request path, per request. It never fails: every error has
+/// become a response in the error layer.
+pub type Stack = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+
+/// What the stack's policies are set from.
+#[derive(Clone, Debug)]
+pub struct StackConfig {
+    /// Longest wait between two reads of a request body.
+    pub body_read_timeout: Duration,
+    /// Requests served at once before shedding.
+    pub max_requests_in_flight: usize,
+    /// Peers whose forwarding headers are believed.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The listener's scheme: `http` or `https`.
+    pub proto: &'static str,
+}
+
+/// Builds the stack of the module doc over `apps`.
+pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics) -> Stack {
+    let body_timeout = cfg.body_read_timeout;
+    let on_response_metrics = metrics.clone();
+    let stack = ServiceBuilder::new()
+        .map_response(|r: Response<TracedBody>| r.map(BodyExt::boxed))
+        // Trace and metrics: a span per request, observed at its answer.
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|req: &Request<Incoming>| {
+                    let peer = req.extensions().get::<Peer>().map(|p| p.addr);
+                    info_span!("request", method = %req.method(), uri = %req.uri(), peer = ?peer, client = field::Empty)
+                })
+                .on_request(())
+                .on_response(move |resp: &Response<ProxyBody>, took: Duration, _: &Span| {
+                    let app = resp.extensions().get::<RoutedTo>().map_or("", |a| &a.0);
+                    on_response_metrics.observe(app, resp.status(), took);
+                })
+                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+        )
+        // Client body: the read timeout, and a drain if left unread.
+        .map_request(move |req: Request<Incoming>| req.map(|b| RequestBody::new(b, body_timeout)))
+        .service(policies(AppService(apps), cfg, metrics));
+    BoxCloneService::new(stack)
+}
+
+/// The body the trace layer wraps responses in.
+type TracedBody = tower_http::trace::ResponseBody<
+    ProxyBody,
+    tower_http::classify::NeverClassifyEos<tower_http::classify::ServerErrorsFailureClass>,
+    tower_http::trace::DefaultOnBodyChunk,
+    tower_http::trace::DefaultOnEos,
+    DefaultOnFailure,
+>;
+
+/// The policy layers of the module doc, from errors to forwarding, over
+/// `inner` (the app service; a mock in tests).
+pub fn policies<S, B>(
+    inner: S,
+    cfg: &StackConfig,
+    metrics: ProxyMetrics,
+) -> BoxCloneService<Request<B>, Response<ProxyBody>, Infallible>
+where
+    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: Send + 'static,
+{
+    let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
+    let stack = ServiceBuilder::new()
+        // Errors: a ProxyError (or a shed request) becomes its response.
+        .layer(ErrorLayer { metrics })
+        // Load shedding: no waiting for a permit, a 503 at once.
+        .load_shed()
+        // Global cap on requests in flight, to their response headers.
+        .concurrency_limit(cfg.max_requests_in_flight)
+        // Framing: nothing ambiguous or not understood is passed on.
+        .filter(framing::check::<B>)
+        // Authority: one Host, or the absolute-form target's (400 else).
+        .filter(authority::normalize::<B>)
+        // Forwarding headers, by the trusted_proxies policy.
+        .map_request(move |req: Request<B>| {
+            let req = forwarding.apply(req);
+            if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
+                Span::current().record("client", field::display(ip));
+            }
+            req
+        })
+        .service(inner);
+    BoxCloneService::new(stack)
+}
+
+/// The error layer: the response for `r`'s error.
+fn answer(
+    r: Result<Response<ProxyBody>, tower::BoxError>,
+    metrics: &ProxyMetrics,
+) -> Response<ProxyBody> {
+    let e = match r {
+        Ok(resp) => return resp,
+        Err(e) => e,
+    };
+    let e = match e.downcast::<ProxyError>() {
+        Ok(e) => *e,
+        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => {
+            metrics.shed("max_requests_in_flight");
+            ProxyError::new(ErrorKind::Overloaded)
+        }
+        Err(other) => {
+            tracing::error!(
+                "request failed inside snapgate: {}",
+                crate::display_chain(other.as_ref())
+            );
+            ProxyError::new(ErrorKind::Internal)
+        }
+    };
+    tracing::debug!(status = %e.kind.status(), "answered by snapgate: {e}");
+    let mut resp = e.response();
+    if let Some(app) = e.app {
+        resp.extensions_mut().insert(RoutedTo(app));
+    }
+    resp
+}
+
+/// The error layer: every error of the layers below becomes its response.
+#[derive(Clone)]
+struct ErrorLayer {
+    metrics: ProxyMetrics,
+}
+
+impl<S> tower::Layer<S> for ErrorLayer {
+    type Service = Answering<S>;
+
+    fn layer(&self, inner: S) -> Answering<S> {
+        Answering {
+            inner,
+            metrics: self.metrics.clone(),
+            not_ready: None,
+        }
+    }
+}
+
+/// The service [`ErrorLayer`] makes.
+#[derive(Clone)]
+struct Answering<S> {
+    inner: S,
+    metrics: ProxyMetrics,
+    /// A readiness error, answered by the next call.
+    not_ready: Option<Arc<tower::BoxError>>,
+}
+
+impl<S, B> tower::Service<Request<B>> for Answering<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        match self.inner.poll_ready(cx) {
+            Poll::Ready(Err(e)) => {
+                self.not_ready = Some(Arc::new(e));
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let metrics = self.metrics.clone();
+        if let Some(e) = self.not_ready.take() {
+            tracing::error!("request path not ready: {e}");
+            let resp = answer(Err(ProxyError::new(ErrorKind::Internal).into()), &metrics);
+            return Box::pin(std::future::ready(Ok(resp)));
+        }
+        let fut = self.inner.call(req);
+        Box::pin(async move { Ok(answer(fut.await, &metrics)) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::authority::Authority;
+    use crate::proxy::error::text;
+    use http::StatusCode;
+    use tower::{Service, ServiceExt};
+    use tower_test::mock;
+
+    type Mock = mock::Mock<Request<()>, Response<ProxyBody>>;
+    type Handle = mock::Handle<Request<()>, Response<ProxyBody>>;
+
+    fn stack(
+        max_in_flight: usize,
+    ) -> (
+        BoxCloneService<Request<()>, Response<ProxyBody>, Infallible>,
+        Handle,
+        ProxyMetrics,
+    ) {
+        let (inner, handle): (Mock, Handle) = mock::pair();
+        let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
+        let cfg = StackConfig {
+            body_read_timeout: Duration::from_secs(1),
+            max_requests_in_flight: max_in_flight,
+            trusted_proxies: Vec::new(),
+            proto: "http",
+        };
+        (policies(inner, &cfg, metrics.clone()), handle, metrics)
+    }
+
+    fn request(headers: &[(&str, &str)]) -> Request<()> {
+        let mut b = Request::builder().uri("/p");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let mut r = b.body(()).unwrap();
+        r.extensions_mut().insert(Peer {
+            addr: "192.0.2.1:4000".parse().unwrap(),
+            local: "127.0.0.1:80".parse().unwrap(),
+        });
+        r
+    }
+
+    #[tokio::test]
+    async fn a_request_reaches_the_app_with_its_authority_and_forwarding_headers() {
+        let (mut svc, mut handle, _) = stack(10);
+        let call = svc.ready().await.unwrap().call(request(&[
+            ("host", "A.Test"),
+            ("x-forwarded-for", "6.6.6.6"),
+            ("connection", "host"),
+        ]));
+        let serve = async {
+            let (req, send) = handle.next_request().await.unwrap();
+            assert_eq!(req.headers()["host"], "A.Test");
+            assert_eq!(req.extensions().get::<Authority>().unwrap().name, "a.test");
+            assert_eq!(req.headers()["x-forwarded-for"], "192.0.2.1");
+            send.send_response(text(StatusCode::OK, "hi".into()));
+        };
+        let (resp, ()) = tokio::join!(call, serve);
+        assert_eq!(resp.unwrap().status(), 200);
+    }
+
+    #[tokio::test]
+    async fn a_bad_host_is_answered_400_without_reaching_the_app() {
+        let (svc, mut handle, _) = stack(10);
+        let resp = svc
+            .oneshot(request(&[("host", "a.test"), ("host", "b.test")]))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let reached = tokio::time::timeout(Duration::from_millis(50), handle.next_request()).await;
+        assert!(!matches!(reached, Ok(Some(_))), "the app saw the request");
+    }
+
+    #[tokio::test]
+    async fn an_apps_error_becomes_its_response_naming_the_app_for_metrics() {
+        let (svc, mut handle, _) = stack(10);
+        let call = svc.oneshot(request(&[("host", "a.test")]));
+        let serve = async {
+            let (_, send) = handle.next_request().await.unwrap();
+            let app: Arc<str> = Arc::from("a");
+            send.send_error(ErrorKind::ResponseTimeout(Duration::from_secs(2)).of(&app));
+        };
+        let (resp, ()) = tokio::join!(call, serve);
+        let resp = resp.unwrap();
+        assert_eq!(resp.status(), 504);
+        assert_eq!(&*resp.extensions().get::<RoutedTo>().unwrap().0, "a");
+    }
+
+    #[tokio::test]
+    async fn over_max_requests_in_flight_is_shed_at_once_with_retry_after() {
+        let (svc, mut handle, metrics) = stack(1);
+        let first = tokio::spawn(svc.clone().oneshot(request(&[("host", "a.test")])));
+        let (_, send) = handle.next_request().await.unwrap();
+        let second = svc
+            .clone()
+            .oneshot(request(&[("host", "a.test")]))
+            .await
+            .unwrap();
+        assert_eq!(second.status(), 503);
+        assert_eq!(second.headers()["retry-after"], "1");
+        assert_eq!(
+            metrics
+                .shed
+                .with_label_values(&["max_requests_in_flight"])
+                .get(),
+            1
+        );
+        send.send_response(text(StatusCode::OK, "done".into()));
+        assert_eq!(first.await.unwrap().unwrap().status(), 200);
+        // The permit is back: the next request is served.
+        let third = tokio::spawn(svc.oneshot(request(&[("host", "a.test")])));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(text(StatusCode::OK, "again".into()));
+        assert_eq!(third.await.unwrap().unwrap().status(), 200);
+    }
+}
