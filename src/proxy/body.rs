@@ -174,8 +174,8 @@ impl Body for RequestBody {
 
 impl Drop for RequestBody {
     /// A body dropped before its end is drained in the background (if a
-    /// runtime is there to do it), for at most [`LINGER_TIME`] and
-    /// [`LINGER_IDLE`] between reads: closing a socket with unread data
+    /// runtime is there to do it), for at most 30 s in all and 5 s
+    /// between reads (nginx's lingering defaults): closing a socket with unread data
     /// makes the kernel send a reset, which can destroy the answer before
     /// the client reads it (RFC 9112 section 9.6).
     fn drop(&mut self) {

@@ -75,7 +75,7 @@ const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const REWRITES: &[&str] = &["x-original-url", "x-rewrite-url"];
 
 /// Removes hop-by-hop headers, including those named by `Connection`,
-/// except [`FRAMING`] fields.
+/// except `Host` and `Content-Length`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

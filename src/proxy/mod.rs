@@ -2,7 +2,7 @@
 //! ([`stack`]) -> app -> lease -> forward.
 //!
 //! Protocol for a connection:
-//! 1. The accept loop takes a [`limits::Slot`] for it (503 and close when
+//! 1. The accept loop takes a connection slot for it (503 and close when
 //!    over `max_connections` or `max_connections_per_client`).
 //! 2. hyper serves it (HTTP/1.1, keep-alive) with `header_read_timeout`,
 //!    `max_header_bytes` and `max_headers` (431 over either); a write to
