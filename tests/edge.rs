@@ -574,6 +574,32 @@ async fn serve_raw(
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
+        if path.starts_with("/switch") {
+            let _ = w
+                .stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
+                .await;
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            return;
+        }
+        if path.starts_with("/both-framings") {
+            let _ = w
+                .stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n")
+                .await;
+            last = Instant::now();
+            continue;
+        }
+        if path.starts_with("/then-close") {
+            // Answered; then the app closes the connection a moment later
+            // without reading what arrived meanwhile (the kernel resets it).
+            let _ = w
+                .stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            return;
+        }
         if path.starts_with("/big") {
             let head = format!("HTTP/1.1 200 OK\r\nContent-Length: {BIG}\r\n\r\n");
             if w.stream.write_all(head.as_bytes()).await.is_err() {
@@ -1314,11 +1340,18 @@ async fn an_untrusted_peers_forwarding_headers_are_replaced() {
           X-Forwarded-Proto: https\r\nX-Forwarded-Host: evil.test\r\n\
           X-Forwarded-Port: 1\r\nX-Forwarded-Prefix: /evil\r\nX-Real-IP: 6.6.6.6\r\n\
           Forwarded: for=6.6.6.6;host=evil.test;proto=https\r\n\
-          X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n\r\n",
+          X-Original-URL: /admin\r\nX-Rewrite-URL: /admin\r\n\
+          X_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nX-Forwarded-Ssl: on\r\n\
+          True-Client-IP: 6.6.6.6\r\nX-Client-IP: 6.6.6.6\r\n\r\n",
     )
     .await;
     assert_eq!(r.status, 200, "{r:?}");
     let seen = up.only("/fwd");
+    assert!(
+        !seen.head.contains("6.6.6.6") && !seen.head.to_lowercase().contains("x-forwarded-ssl"),
+        "a client-chosen forwarding value reached the app:\n{}",
+        seen.head
+    );
     let port = gw.listen.port().to_string();
     let want: &[(&str, &[&str])] = &[
         ("x-forwarded-for", &["127.0.0.1"]),
@@ -1936,5 +1969,173 @@ async fn a_reset_exchange_fails_only_that_request() {
         r.assert_snapgate(502, "a reset exchange");
         let r = once(gw.listen, &get(&format!("/ok/{round}"), "a.test")).await;
         assert_eq!(r.status, 200, "after a reset: {r:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Found by trying to break the front door.
+// ---------------------------------------------------------------------------
+
+/// An app that answers an upload early and keeps the connection holds no
+/// other request up: that connection is busy until the upload ends, so it
+/// is not put back for the next request, which gets a connection of its
+/// own, and the upload goes on reaching the app undisturbed.
+#[tokio::test]
+async fn an_early_answer_to_a_slow_upload_blocks_no_other_request() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Bytes of the upload the app has read after its early answer.
+    let (uploaded, mut uploaded_rx) = watch::channel(0usize);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let uploaded = uploaded.clone();
+            tokio::spawn(async move {
+                let mut w = Wire::new(stream);
+                while let Ok(Some(head)) = w.head().await {
+                    if head.starts_with(b"POST") {
+                        let _ = w
+                            .stream
+                            .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
+                            .await;
+                        uploaded.send_modify(|n| *n += w.buf.len());
+                        let mut sink = vec![0u8; 65536];
+                        while let Ok(n @ 1..) = w.stream.read(&mut sink).await {
+                            uploaded.send_modify(|u| *u += n);
+                        }
+                        return;
+                    }
+                    let _ = w
+                        .stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    // A pooled connection still busy with the upload would hold the GET
+    // until it gave up on it: past this response_timeout.
+    let gw = gateway(
+        "",
+        &[format!(
+            "  a:\n    hosts: [a.test]\n    upstream: {addr}\n    response_timeout: 500ms\n"
+        )],
+    )
+    .await;
+    let mut uploader = Wire::connect(gw.listen).await;
+    uploader
+        .stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: a.test\r\nContent-Length: 1000000\r\n\r\n")
+        .await
+        .unwrap();
+    uploader.stream.write_all(&[b'x'; 100]).await.unwrap();
+    let early = within(
+        Duration::from_secs(3),
+        "the early 401",
+        read_response(&mut uploader, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(early.status, 401);
+    // Another client asks while the upload goes on, slowly.
+    let r = once(gw.listen, &get("/", "a.test")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
+    for _ in 0..15 {
+        uploader.stream.write_all(&[b'x'; 10]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every byte sent reaches the app: its connection was never taken
+    // from under the upload (and closed) for the GET.
+    within(
+        Duration::from_secs(5),
+        "the whole upload so far at the app",
+        uploaded_rx.wait_for(|n| *n >= 250),
+    )
+    .await
+    .unwrap();
+}
+
+/// An app that answers a response framed both ways (Content-Length and
+/// chunked) gets its body to the client whole, as chunked said (RFC 9112
+/// section 6.3), not cut at the Content-Length; the connection goes on.
+#[tokio::test]
+async fn a_response_framed_both_ways_reaches_the_client_as_chunked_says() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let mut c = Wire::connect(gw.listen).await;
+    let r = exchange(&mut c, &get("/both-framings", "a.test")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    let next = exchange(&mut c, &get("/next", "a.test")).await;
+    assert_eq!(next.text(), "GET /next");
+}
+
+/// A GET sent on a kept-alive connection that the app then resets (it
+/// closed with the request unread) is sent once more on a fresh one.
+#[tokio::test]
+async fn a_get_on_a_connection_the_app_resets_is_replayed() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("site", "a.test", up.addr, &[])]).await;
+    let mut c = Wire::connect(gw.listen).await;
+    let first = exchange(&mut c, &get("/then-close", "a.test")).await;
+    assert_eq!(first.status, 200);
+    // Sent while the app's connection still looks open; the app closes it
+    // unread moments later.
+    let second = exchange(&mut c, &get("/after", "a.test")).await;
+    assert_eq!(
+        (second.status, second.text().as_str()),
+        (200, "GET /after"),
+        "{second:?}"
+    );
+    // The first try went out on the kept-alive connection, which the app
+    // reset unread; the replay is the one it read.
+    assert_eq!(up.log().conns, 2, "a fresh connection for the replay");
+    assert_eq!(up.only("/after").nth, 1, "read on the fresh connection");
+    assert_eq!(
+        metric(
+            &gw,
+            "snapgate_upstream_retries_total",
+            &[("app", "site"), ("reason", "closed")]
+        )
+        .await,
+        1.0,
+        "the replay is counted"
+    );
+}
+
+/// An app that switches protocols when nobody asked gives the client a
+/// 502, not a bare 101.
+#[tokio::test]
+async fn an_unasked_switch_of_protocols_is_a_502() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    once(gw.listen, &get("/switch", "a.test"))
+        .await
+        .assert_snapgate(502, "an unasked 101");
+}
+
+/// Absolute-form targets keep their query when their path is empty; the
+/// asterisk-form is for OPTIONS only; an empty port is no port; empty
+/// labels are a 400.
+#[tokio::test]
+async fn odd_targets_and_hosts_are_read_as_the_rfcs_say() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let r = once(
+        gw.listen,
+        b"GET http://a.test?token=abc HTTP/1.1\r\nHost: a.test\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.text(), "GET /?token=abc");
+    once(gw.listen, b"GET * HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .assert_snapgate(400, "GET *");
+    let r = once(gw.listen, b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert_eq!(r.text(), "OPTIONS *");
+    let r = once(gw.listen, b"GET /p HTTP/1.1\r\nHost: a.test:\r\n\r\n").await;
+    assert_eq!(r.text(), "GET /p");
+    for host in ["a.test..", "x..a.test", "."] {
+        let req = format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n");
+        once(gw.listen, req.as_bytes())
+            .await
+            .assert_snapgate(400, host);
     }
 }

@@ -346,15 +346,16 @@ pub struct Limits {
     /// Default 256.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
-    /// Requests being served at once, over every app, response bodies
-    /// included. Default 10000.
+    /// Requests being served at once, over every app, until their
+    /// response headers. Default 10000.
     #[serde(default = "default_max_requests_in_flight")]
     pub max_requests_in_flight: usize,
     /// Largest request head (request line and header fields); a larger
-    /// one gets 431 (RFC 6585 section 5). At least 8 KiB; default 64 KiB.
+    /// one gets 431 (RFC 6585 section 5). 8 KiB to 16 MiB; default 64 KiB.
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: ByteSize,
-    /// Most header field lines in a request; more get 431. Default 100.
+    /// Most header field lines in a request; more get 431. At most
+    /// 10000; default 100.
     #[serde(default = "default_max_headers")]
     pub max_headers: usize,
 }

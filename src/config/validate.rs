@@ -332,20 +332,36 @@ impl Config {
             }
         }
         let l = &self.limits;
-        for (key, n) in [
-            ("max_connections", l.max_connections),
-            ("max_connections_per_client", l.max_connections_per_client),
-            ("max_requests_in_flight", l.max_requests_in_flight),
-            ("max_headers", l.max_headers),
+        for (key, n, max) in [
+            ("max_connections", l.max_connections, MAX_COUNT),
+            (
+                "max_connections_per_client",
+                l.max_connections_per_client,
+                MAX_COUNT,
+            ),
+            (
+                "max_requests_in_flight",
+                l.max_requests_in_flight,
+                MAX_COUNT,
+            ),
+            ("max_headers", l.max_headers, MAX_HEADERS),
         ] {
             if n == 0 {
                 add(format!("limits.{key}"), "must be above zero".into());
+            } else if n > max {
+                add(
+                    format!("limits.{key}"),
+                    format!("{n} is above the {max} maximum"),
+                );
             }
         }
-        if l.max_header_bytes.as_u64() < MIN_HEADER_BYTES {
+        let head = l.max_header_bytes.as_u64();
+        if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&head) {
             add(
                 "limits.max_header_bytes".into(),
-                format!("{} is below the 8 KiB minimum", l.max_header_bytes),
+                format!(
+                    "{head} bytes is outside {MIN_HEADER_BYTES} (8 KiB) to {MAX_HEADER_BYTES} (16 MiB)"
+                ),
             );
         }
     }
@@ -353,6 +369,14 @@ impl Config {
 
 /// The smallest `limits.max_header_bytes`: hyper's smallest read buffer.
 pub const MIN_HEADER_BYTES: u64 = 8192;
+/// The largest `limits.max_header_bytes`.
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// The largest connection and request caps (tokio's semaphores take no
+/// more than `usize::MAX >> 3` permits; no host serves this many).
+pub const MAX_COUNT: usize = 10_000_000;
+/// The largest `limits.max_headers` (hyper reserves a slot for each on
+/// every request it parses).
+pub const MAX_HEADERS: usize = 10_000;
 
 /// The longest duration any setting takes: deadlines are instants in the
 /// future, and one past the end of time would panic.

@@ -129,7 +129,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
 
     let mut targets = HashMap::new();
     for name in config.apps.keys() {
-        match factories.target(name, &pool_metrics, out).await {
+        match factories
+            .target(name, &pool_metrics, &proxy_metrics, out)
+            .await
+        {
             Ok(target) => targets.insert(name.clone(), target),
             Err(e) => {
                 abandon(&targets, &factories.runtimes, &tasks).await;
@@ -145,6 +148,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         &crate::proxy::StackConfig {
             body_read_timeout: config.body_read_timeout,
             max_requests_in_flight: config.limits.max_requests_in_flight,
+            max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
+                .unwrap_or(usize::MAX),
             trusted_proxies: config.trusted_proxies.clone(),
             proto: "http",
         },
@@ -273,6 +278,7 @@ impl Factories<'_> {
         &mut self,
         name: &str,
         pool_metrics: &PoolMetrics,
+        proxy_metrics: &ProxyMetrics,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<Target> {
         let app = &self.config.apps[name];
@@ -284,7 +290,12 @@ impl Factories<'_> {
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {
                 return Ok(Target::Static {
-                    upstream: crate::proxy::Upstream::new(addr, None, app.upstream_idle_timeout),
+                    upstream: crate::proxy::Upstream::new(
+                        addr,
+                        None,
+                        app.upstream_idle_timeout,
+                        proxy_metrics.replays(name),
+                    ),
                     limits,
                 })
             }
@@ -305,7 +316,10 @@ impl Factories<'_> {
         };
         let pool = Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks);
         Ok(Target::Pool {
-            upstreams: crate::proxy::InstanceUpstreams::new(app.upstream_idle_timeout),
+            upstreams: crate::proxy::InstanceUpstreams::new(
+                app.upstream_idle_timeout,
+                proxy_metrics.replays(name),
+            ),
             pool,
             limits,
             internal_path,

@@ -179,9 +179,6 @@ impl Apps {
                     sent = exchange(upstream, *req, None, limits.response_timeout).await;
                 }
                 let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
-                if checkin.replayed {
-                    self.metrics.retried(app, "closed");
-                }
                 relay(resp, checkin, None, limits.read_timeout)
             }
         };
@@ -267,7 +264,7 @@ async fn exchange(
             None => std::future::pending().await,
         }
     };
-    tokio::select! {
+    let sent = tokio::select! {
         sent = upstream.send(req) => sent.map_err(|e| match e {
             SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
             SendError::Failed(e) => Retry::Failed(
@@ -277,20 +274,32 @@ async fn exchange(
         }),
         _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
         _ = tokio::time::sleep(timeout) => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
+    };
+    match sent {
+        // Nothing asked to switch protocols: the connection is not HTTP any
+        // more (dropped with its checkin), and the client gets a 502.
+        Ok((resp, _)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            Err(Retry::Failed(ErrorKind::Upstream(
+                "the app switched protocols unasked".into(),
+            )))
+        }
+        other => other,
     }
 }
 
 /// The request as the app is sent it: an origin-form target (`*` kept for
-/// `OPTIONS *`), HTTP/1.1, `Host` the routed authority, and
+/// `OPTIONS *`; an absolute-form target's empty path sent as `/`, its
+/// query kept), HTTP/1.1, `Host` the routed authority, and
 /// `Transfer-Encoding: chunked` for a body of unknown length, so the body
 /// reaches the app as framed whatever the method (RFC 9112 section 6).
 fn to_origin(req: Request<RequestBody>, authority: &Authority) -> Request<RequestBody> {
     let (mut parts, body) = req.into_parts();
-    let target = parts
-        .uri
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_owned();
+    let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
+        Some(t) if t.starts_with('/') || t == "*" => t.to_owned(),
+        // `http://a.test?q`: the path is empty.
+        Some(t) => format!("/{t}"),
+        None => "/".into(),
+    };
     parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
     parts.version = Version::HTTP_11;
     parts.headers.insert(header::HOST, authority.value.clone());
@@ -314,6 +323,11 @@ fn relay(
     read_timeout: Duration,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
+    // hyper read a body framed both ways as chunked (RFC 9112 section 6.3):
+    // its Content-Length is not the client's framing.
+    if parts.headers.contains_key(header::TRANSFER_ENCODING) {
+        parts.headers.remove(header::CONTENT_LENGTH);
+    }
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let body = ResponseBody::new(body, checkin, lease, read_timeout);

@@ -10,9 +10,12 @@
 //! 4. Otherwise the `Host` field names it; a request with neither is a 400
 //!    (an HTTP/1.0 request without `Host` cannot be routed).
 //! 5. The authority must be `host[:port]`: a DNS name or IPv4 address of
-//!    `[A-Za-z0-9.-_]`, or a bracketed IPv6 address, and a port of at most
-//!    five digits that fits 16 bits. User info, other characters and bad
-//!    ports are a 400.
+//!    `[A-Za-z0-9.-_]` with no empty label (one trailing dot allowed), or a
+//!    bracketed IPv6 address, and a port of at most five digits that fits
+//!    16 bits, or empty (RFC 3986 section 3.2.3). User info, other
+//!    characters and bad ports are a 400.
+//! 6. The asterisk-form target (`*`) is for `OPTIONS` only (RFC 9112
+//!    section 3.2.4); with any other method it is a 400.
 //!
 //! The result is the request's [`Authority`] extension, and its `Host` field
 //! set to that authority: routing and the `Host` the app receives come from
@@ -44,6 +47,9 @@ pub fn normalize<B>(mut req: Request<B>) -> Result<Request<B>, ProxyError> {
         return Err(ProxyError::new(ErrorKind::MethodNotAllowed(
             Method::CONNECT,
         )));
+    }
+    if req.uri().path() == "*" && req.method() != Method::OPTIONS {
+        return bad("the asterisk-form target is for OPTIONS only");
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next().cloned();
@@ -93,19 +99,20 @@ fn host_name(authority: &str) -> Option<String> {
             None => (authority, None),
         }
     };
-    if let Some(port) = port {
-        let digits =
-            !port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
+    if let Some(port) = port.filter(|p| !p.is_empty()) {
+        let digits = port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit());
         if !digits || port.parse::<u16>().is_err() {
             return None;
         }
     }
+    let labels = host.strip_suffix('.').unwrap_or(host);
     let name_ok = host.starts_with('[')
-        || (!host.is_empty()
-            && host
+        || (!labels.is_empty()
+            && labels.split('.').all(|l| !l.is_empty())
+            && labels
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_')));
-    name_ok.then(|| host.trim_end_matches('.').to_ascii_lowercase())
+    name_ok.then(|| labels.to_ascii_lowercase())
 }
 
 #[cfg(test)]
@@ -157,8 +164,11 @@ mod tests {
         for bad in [
             "a.example:notaport",
             "a.example:99999",
-            "a.example:",
             "user@a.example",
+            "a.example..",
+            "x..a.example",
+            ".a.example",
+            ".",
             "a example",
             "a/b",
             "[::zz]",
@@ -179,6 +189,23 @@ mod tests {
             routed(normalize(req(Version::HTTP_11, "/", &["[::1]:80"]))),
             ("[::1]".into(), "[::1]:80".into())
         );
+    }
+
+    #[test]
+    fn an_empty_port_is_no_port_and_asterisk_is_for_options() {
+        assert_eq!(
+            routed(normalize(req(Version::HTTP_11, "/", &["a.test:"]))),
+            ("a.test".into(), "a.test:".into())
+        );
+        let star = |m: Method| {
+            let r = Request::builder()
+                .method(m)
+                .uri("*")
+                .header("host", "a.test");
+            normalize(r.body(()).unwrap())
+        };
+        assert!(star(Method::OPTIONS).is_ok());
+        assert_eq!(status(star(Method::GET)), 400);
     }
 
     #[test]

@@ -13,6 +13,8 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -81,12 +83,15 @@ pub struct RequestBody {
     idle: Idle,
     limit: Option<u64>,
     received: u64,
+    /// Set once the body has been read to its end (at once if empty).
+    sent: Arc<AtomicBool>,
 }
 
 impl RequestBody {
     /// Wraps a client's body; a wait for data over `read_timeout` fails it.
     pub fn new(inner: Incoming, read_timeout: Duration) -> RequestBody {
         RequestBody {
+            sent: Arc::new(AtomicBool::new(inner.is_end_stream())),
             inner: Some(inner),
             idle: Idle::new(read_timeout),
             limit: None,
@@ -101,7 +106,14 @@ impl RequestBody {
             idle: Idle::new(Duration::MAX),
             limit: None,
             received: 0,
+            sent: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// A flag set once the body has been read to its end: its connection
+    /// may then carry another request.
+    pub fn sent_flag(&self) -> Arc<AtomicBool> {
+        self.sent.clone()
     }
 
     /// Fails the body once more than `max` bytes have arrived.
@@ -138,10 +150,15 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge(max).into())));
                     }
                 }
+                // A sized body's last frame: hyper polls no further.
+                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                    this.sent.store(true, Ordering::Release);
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 this.inner = None;
+                this.sent.store(true, Ordering::Release);
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {

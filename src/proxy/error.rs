@@ -35,6 +35,9 @@ pub enum ErrorKind {
     /// The request is malformed: its `Host`, target or framing (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request head is over `max_header_bytes` (431).
+    #[error("the request head is too large")]
+    HeadTooLarge,
     /// Something of the request snapgate does not implement (501).
     #[error("not implemented: {0}")]
     NotImplemented(&'static str),
@@ -109,6 +112,7 @@ impl ErrorKind {
             ErrorKind::BadRequest(_) | ErrorKind::ClientBody(_) => StatusCode::BAD_REQUEST,
             ErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::UnknownHost(_) | ErrorKind::InternalPath => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -126,6 +130,7 @@ impl ErrorKind {
             ErrorKind::BadRequest(why) => format!("bad request: {why}"),
             ErrorKind::MethodNotAllowed(m) => format!("method {m} is not served"),
             ErrorKind::NotImplemented(what) => format!("not implemented: {what}"),
+            ErrorKind::HeadTooLarge => "the request head is too large".into(),
             ErrorKind::UnknownHost(host) => format!("no app serves host {host:?}"),
             ErrorKind::InternalPath => "not found".into(),
             ErrorKind::BodyTooLarge(max) => format!("the request body is over {max} bytes"),
@@ -137,7 +142,7 @@ impl ErrorKind {
                 format!("app {app}: the upstream failed the request")
             }
             ErrorKind::ResponseTimeout(t) => {
-                format!("app {app}: no response within {}s", t.as_secs())
+                format!("app {app}: no response within {t:?}")
             }
             ErrorKind::Internal => "internal error".into(),
         }

@@ -10,10 +10,12 @@
 //!    `Content-Length` (they frame and route the message), nor the fields
 //!    snapgate sets, which are set after this step.
 //! 2. From a peer outside `trusted_proxies`, every forwarding field the
-//!    client sent is removed: `X-Forwarded-For`, `-Proto`, `-Host`, `-Port`,
-//!    `-Prefix`, `X-Real-IP`, `Forwarded`. `X-Original-URL` and
-//!    `X-Rewrite-URL` (which some frameworks route by) are removed from
-//!    every peer: routing is snapgate's.
+//!    client sent is removed: `Forwarded`, every `X-Forwarded-*`,
+//!    `X-Real-IP`, `True-Client-IP`, `X-Client-IP`, `X-Cluster-Client-IP`.
+//!    From every peer: `X-Original-URL` and `X-Rewrite-URL` (which some
+//!    frameworks route by: routing is snapgate's), and any of these names
+//!    spelt with underscores (`X_Forwarded_For`), which CGI-style servers
+//!    merge with the dashed name (nginx drops such names for this reason).
 //! 3. From a trusted peer, the chains are kept (several `X-Forwarded-For`
 //!    or `Forwarded` lines joined into one, in order), and so are the
 //!    `-Proto`, `-Host`, `-Port`, `-Prefix` it sent.
@@ -68,11 +70,27 @@ const XFF: HeaderName = HeaderName::from_static("x-forwarded-for");
 const XFP: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const XFH: HeaderName = HeaderName::from_static("x-forwarded-host");
 const XF_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
-const XF_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 /// Removed from every peer (policy step 2).
 const REWRITES: &[&str] = &["x-original-url", "x-rewrite-url"];
+/// Client-address fields besides the `X-Forwarded-*` family (step 2).
+const CLIENT_IP: &[&str] = &[
+    "forwarded",
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+];
+
+/// Whether `name`, underscores read as dashes, is a forwarding field of
+/// step 2 or a rewrite field.
+fn forwarding_field(name: &str) -> bool {
+    let dashed = name.replace('_', "-");
+    dashed.starts_with("x-forwarded-")
+        || CLIENT_IP.contains(&dashed.as_str())
+        || REWRITES.contains(&dashed.as_str())
+}
 
 /// Removes hop-by-hop headers, including those named by `Connection`,
 /// except `Host` and `Content-Length`.
@@ -140,23 +158,24 @@ impl Forwarding {
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
         let h = req.headers_mut();
         strip_hop_by_hop(h);
-        for name in REWRITES {
-            h.remove(*name);
+        let trusted = peer.is_some_and(|p| self.trusts(p.addr.ip()));
+        let drop: Vec<HeaderName> = h
+            .keys()
+            .filter(|n| {
+                forwarding_field(n.as_str())
+                    && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()))
+            })
+            .cloned()
+            .collect();
+        for name in drop {
+            h.remove(name);
         }
         let Some(peer) = peer else {
             return req;
         };
         let ip = peer.addr.ip().to_canonical();
-        let trusted = self.trusts(ip);
         let client = self.client(ip, h);
-        let (prior_xff, prior_fwd) = if trusted {
-            (joined(h, &XFF), joined(h, &FORWARDED))
-        } else {
-            for name in [&XFP, &XFH, &XF_PORT, &XF_PREFIX] {
-                h.remove(name);
-            }
-            (None, None)
-        };
+        let (prior_xff, prior_fwd) = (joined(h, &XFF), joined(h, &FORWARDED));
         h.remove(&X_REAL_IP);
         let xff = match prior_xff {
             Some(prior) => format!("{prior}, {ip}"),
@@ -278,6 +297,10 @@ mod tests {
         ("x-forwarded-proto", "https"),
         ("x-forwarded-host", "evil.test"),
         ("x-original-url", "/snapgate/resumed"),
+        ("x_forwarded_for", "6.6.6.6"),
+        ("x_real_ip", "6.6.6.6"),
+        ("x-forwarded-ssl", "on"),
+        ("true-client-ip", "6.6.6.6"),
     ];
 
     #[test]
@@ -293,8 +316,16 @@ mod tests {
         assert_eq!(all(&r, "x-forwarded-proto"), ["http"]);
         assert_eq!(all(&r, "x-forwarded-host"), ["a.test"]);
         assert_eq!(all(&r, "x-forwarded-port"), ["8080"]);
-        assert!(all(&r, "x-forwarded-prefix").is_empty());
-        assert!(all(&r, "x-original-url").is_empty());
+        for gone in [
+            "x-forwarded-prefix",
+            "x-original-url",
+            "x_forwarded_for",
+            "x_real_ip",
+            "x-forwarded-ssl",
+            "true-client-ip",
+        ] {
+            assert!(all(&r, gone).is_empty(), "{gone}");
+        }
         assert_eq!(
             r.extensions().get::<ClientAddr>(),
             Some(&ClientAddr("10.0.0.9".parse().unwrap()))
@@ -313,8 +344,10 @@ mod tests {
                 ("forwarded", "for=1.1.1.1"),
                 ("x-forwarded-proto", "https"),
                 ("x-forwarded-prefix", "/app"),
+                ("x_forwarded_for", "6.6.6.6"),
             ],
         ));
+        assert!(all(&r, "x_forwarded_for").is_empty());
         assert_eq!(
             all(&r, "x-forwarded-for"),
             ["1.1.1.1, 2.2.2.2, 10.1.1.1, 10.0.0.9"]

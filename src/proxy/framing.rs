@@ -8,15 +8,24 @@
 //! 1. A transfer coding besides `chunked` (`gzip, chunked`): 501 (section
 //!    6.1: a coding the server does not understand). snapgate forwards a
 //!    body of unknown length chunked, and would otherwise drop the other
-//!    coding.
+//!    coding. `chunked` twice: 400 (section 6.1: a sender "MUST NOT apply
+//!    the chunked transfer coding more than once").
+//! 2. A request head (request line and field lines) over `max_header_bytes`:
+//!    431 (RFC 6585 section 5). hyper's own check bounds its read buffer,
+//!    which a head sent in one burst can pass by a read's worth; this one
+//!    counts the head itself.
 
 use http::header;
 use http::Request;
 
 use super::error::{ErrorKind, ProxyError};
 
-/// Applies the module's rules: `req` back, or the answer it gets.
-pub fn check<B>(req: Request<B>) -> Result<Request<B>, ProxyError> {
+/// Applies the module's rules, with heads up to `max_head` bytes: `req`
+/// back, or the answer it gets.
+pub fn check<B>(req: Request<B>, max_head: usize) -> Result<Request<B>, ProxyError> {
+    if head_size(&req) > max_head {
+        return Err(ProxyError::new(ErrorKind::HeadTooLarge));
+    }
     let h = req.headers();
     let codings: Vec<&[u8]> = h
         .get_all(header::TRANSFER_ENCODING)
@@ -25,13 +34,29 @@ pub fn check<B>(req: Request<B>) -> Result<Request<B>, ProxyError> {
         .map(|c| c.trim_ascii())
         .filter(|c| !c.is_empty())
         .collect();
+    let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
     match codings[..] {
         [] => Ok(req),
-        [only] if only.eq_ignore_ascii_case(b"chunked") => Ok(req),
+        [only] if chunked(only) => Ok(req),
+        _ if codings.iter().all(|c| chunked(c)) => Err(ProxyError::new(ErrorKind::BadRequest(
+            "chunked applied more than once",
+        ))),
         _ => Err(ProxyError::new(ErrorKind::NotImplemented(
             "a transfer coding other than chunked",
         ))),
     }
+}
+
+/// The bytes of `req`'s head as sent: request line and field lines, each
+/// with its CRLF.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    let fields: usize = req
+        .headers()
+        .iter()
+        .map(|(n, v)| n.as_str().len() + v.len() + 4)
+        .sum();
+    line + fields + 2
 }
 
 #[cfg(test)]
@@ -43,7 +68,7 @@ mod tests {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        match check(b.body(()).unwrap()) {
+        match check(b.body(()).unwrap(), 8192) {
             Ok(_) => 200,
             Err(e) => e.kind.status().as_u16(),
         }
@@ -55,6 +80,10 @@ mod tests {
         assert_eq!(status(&[("content-length", "3")]), 200);
         assert_eq!(status(&[("transfer-encoding", "Chunked")]), 200);
         assert_eq!(status(&[("transfer-encoding", "gzip, chunked")]), 501);
+        assert_eq!(status(&[("transfer-encoding", "chunked, chunked")]), 400);
+        let big = "x".repeat(8192);
+        assert_eq!(status(&[("x-big", &big)]), 431);
+        assert_eq!(status(&[("x-big", &big[..8000])]), 200);
         assert_eq!(
             status(&[
                 ("transfer-encoding", "gzip"),

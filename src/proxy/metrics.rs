@@ -83,6 +83,12 @@ impl ProxyMetrics {
         self.retries.with_label_values(&[app, reason]).inc();
     }
 
+    /// The counter of `app`'s replays on a fresh connection (reason
+    /// `closed`), for its upstreams.
+    pub fn replays(&self, app: &str) -> prometheus::IntCounter {
+        self.retries.with_label_values(&[app, "closed"])
+    }
+
     /// The open client connections gauge.
     pub fn connections(&self) -> &IntGauge {
         &self.connections

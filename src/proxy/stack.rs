@@ -7,7 +7,7 @@
 //!   errors               a ProxyError or a shed request becomes its response
 //!   load shed            over max_requests_in_flight: 503 + Retry-After at once
 //!   concurrency limit    max_requests_in_flight permits, held to the headers
-//!   framing              a transfer coding besides chunked: 501
+//!   framing              a head over max_header_bytes: 431; codings: 400/501
 //!   authority            Host / absolute-form -> one authority, or 400/405
 //!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
 //!   app                  route, claim, forward (retry once if nothing was sent)
@@ -50,6 +50,8 @@ pub struct StackConfig {
     pub body_read_timeout: Duration,
     /// Requests served at once before shedding.
     pub max_requests_in_flight: usize,
+    /// Largest request head, in bytes.
+    pub max_header_bytes: usize,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// The listener's scheme: `http` or `https`.
@@ -107,6 +109,7 @@ where
     B: Send + 'static,
 {
     let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
+    let max_head = cfg.max_header_bytes;
     let stack = ServiceBuilder::new()
         // Errors: a ProxyError (or a shed request) becomes its response.
         .layer(ErrorLayer { metrics })
@@ -115,7 +118,7 @@ where
         // Global cap on requests in flight, to their response headers.
         .concurrency_limit(cfg.max_requests_in_flight)
         // Framing: nothing ambiguous or not understood is passed on.
-        .filter(framing::check::<B>)
+        .filter(move |req: Request<B>| framing::check(req, max_head))
         // Authority: one Host, or the absolute-form target's (400 else).
         .filter(authority::normalize::<B>)
         // Forwarding headers, by the trusted_proxies policy.
@@ -244,6 +247,7 @@ mod tests {
         let cfg = StackConfig {
             body_read_timeout: Duration::from_secs(1),
             max_requests_in_flight: max_in_flight,
+            max_header_bytes: 65536,
             trusted_proxies: Vec::new(),
             proto: "http",
         };

@@ -18,15 +18,19 @@
 //!    back when its connection turned out closed before a byte of it was
 //!    written: it is then sent on the next connection, as many times as
 //!    that happens (nothing was sent).
-//! 3. A request that failed on a reused connection before any byte of a
-//!    response, and that is idempotent with an empty body (RFC 9110 section
-//!    9.2.2), is sent once more on a fresh connection: the app closed the
-//!    idle connection as the request went out. Nothing else is replayed; a
-//!    request with a body (a POST) never is once its bytes went out.
+//! 3. A request that failed on a reused connection before its response
+//!    headers arrived (the app closed or reset it, as the request went
+//!    out), and that is idempotent with an empty body (RFC 9110 section
+//!    9.2.2), is sent once more on a fresh connection, and counted. Nothing
+//!    else is replayed; a request with a body (a POST) never is once its
+//!    bytes went out.
 //! 4. A connection goes back to the pool ([`Checkin::put_back`]) only
-//!    when its response body was read to its end; one dropped earlier is
-//!    closed. A connect failure hands the request back to the caller
-//!    ([`SendError::NotSent`]), which may try another instance.
+//!    when both messages are done: its response body was read to its end
+//!    and its request body was sent whole (an app may answer before it has
+//!    read an upload, and the connection is busy until the upload ends).
+//!    One dropped earlier is closed. A connect failure hands the request
+//!    back to the caller ([`SendError::NotSent`]), which may try another
+//!    instance.
 //! 5. Each connection's task ends with its connection: when the app
 //!    closes it, or when snapgate drops its sender. A sweeper task per
 //!    upstream drops idle connections past their deadline every half
@@ -35,6 +39,7 @@
 //!    of instances gone, or the proxy itself).
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -42,6 +47,7 @@ use http::{header, HeaderMap, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use prometheus::IntCounter;
 use tokio::net::TcpSocket;
 use tokio::time::Instant;
 use tracing::debug;
@@ -50,6 +56,9 @@ use super::body::RequestBody;
 
 /// Connect timeout: upstreams are local (a tap or a nearby host).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a pooled connection to turn idle (it should be at
+/// once: both its messages ended); past it, the connection is not used.
+const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much earlier than an app's `Keep-Alive: timeout=N` snapgate stops
 /// using a connection.
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(500);
@@ -74,6 +83,8 @@ pub struct Upstream {
     interface: Option<String>,
     idle_timeout: Duration,
     idle: Mutex<Vec<Idle>>,
+    /// Counts the replays of step 3.
+    replays: IntCounter,
 }
 
 struct Idle {
@@ -87,8 +98,8 @@ pub struct Checkin {
     sender: SendRequest<RequestBody>,
     upstream: Arc<Upstream>,
     idle_for: Duration,
-    /// Whether the request was sent a second time (step 3).
-    pub replayed: bool,
+    /// Set once the request body was sent whole.
+    request_sent: Arc<AtomicBool>,
 }
 
 impl std::fmt::Debug for Checkin {
@@ -103,6 +114,10 @@ impl Checkin {
     /// The response was read to its end: the connection may serve another
     /// request, until its idle deadline.
     pub fn put_back(self) {
+        if !self.request_sent.load(Ordering::Acquire) {
+            // Step 4: still busy with the upload; dropped, it closes.
+            return;
+        }
         let expires = Instant::now() + self.idle_for;
         let mut idle = self.upstream.idle.lock().unwrap_or_else(|p| p.into_inner());
         if !self.idle_for.is_zero() {
@@ -117,14 +132,21 @@ impl Checkin {
 impl Upstream {
     /// An upstream at `addr`, through `interface` (or the routing table
     /// when `None`), whose idle connections close after `idle_timeout`.
-    /// Must be called within a tokio runtime: a task closes expired idle
-    /// connections (module doc, step 5) until the upstream is dropped.
-    pub fn new(addr: SocketAddr, interface: Option<String>, idle_timeout: Duration) -> Arc<Self> {
+    /// `replays` counts the replays of step 3. Must be called within a
+    /// tokio runtime: a task closes expired idle connections (module doc,
+    /// step 5) until the upstream is dropped.
+    pub fn new(
+        addr: SocketAddr,
+        interface: Option<String>,
+        idle_timeout: Duration,
+        replays: IntCounter,
+    ) -> Arc<Self> {
         let upstream = Arc::new(Upstream {
             addr,
             interface,
             idle_timeout,
             idle: Mutex::new(Vec::new()),
+            replays,
         });
         let weak = Arc::downgrade(&upstream);
         let period = (idle_timeout / 2).max(Duration::from_millis(100));
@@ -206,29 +228,26 @@ impl Upstream {
         let mut req = req;
         // Step 2: idle connections, then a fresh one.
         while let Some(mut sender) = self.checkout() {
-            // Put back as its body ended, it may not be idle yet: wait for
-            // that (an error: it closed meanwhile).
-            if sender.ready().await.is_err() {
-                continue;
+            // Put back as its messages ended, it may not be idle yet: wait
+            // for that, briefly (an error: it closed meanwhile).
+            match tokio::time::timeout(READY_TIMEOUT, sender.ready()).await {
+                Ok(Ok(())) => {}
+                _ => continue,
             }
+            let request_sent = req.body().sent_flag();
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.answered(resp, sender)),
+                Ok(resp) => return Ok(self.answered(resp, sender, request_sent)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
                         let error = e.into_error();
                         // Step 3: the app closed it as the request went out.
-                        match &replay {
-                            Some(head) if error.is_incomplete_message() => {
-                                debug!(addr = %self.addr, "reused connection closed; sending once more");
-                                let mut sent = self.fresh(rebuild(head)).await;
-                                if let Ok((_, checkin)) = &mut sent {
-                                    checkin.replayed = true;
-                                }
-                                return sent;
-                            }
-                            _ => return Err(SendError::Failed(error)),
-                        }
+                        let Some(head) = &replay else {
+                            return Err(SendError::Failed(error));
+                        };
+                        debug!(addr = %self.addr, "reused connection failed ({error}); sending once more");
+                        self.replays.inc();
+                        return self.fresh(rebuild(head)).await;
                     }
                 },
             }
@@ -250,8 +269,9 @@ impl Upstream {
                 })
             }
         };
+        let request_sent = req.body().sent_flag();
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.answered(resp, sender)),
+            Ok(resp) => Ok(self.answered(resp, sender, request_sent)),
             Err(e) => Err(SendError::Failed(e)),
         }
     }
@@ -260,6 +280,7 @@ impl Upstream {
         self: &Arc<Self>,
         resp: Response<Incoming>,
         sender: SendRequest<RequestBody>,
+        request_sent: Arc<AtomicBool>,
     ) -> (Response<Incoming>, Checkin) {
         let idle_for = match keep_alive_timeout(resp.headers()) {
             Some(t) => self.idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
@@ -269,7 +290,7 @@ impl Upstream {
             sender,
             upstream: self.clone(),
             idle_for,
-            replayed: false,
+            request_sent,
         };
         (resp, checkin)
     }
@@ -327,14 +348,17 @@ pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// only names its instance.
 pub struct InstanceUpstreams {
     idle_timeout: Duration,
+    replays: IntCounter,
     upstreams: dashmap::DashMap<Arc<str>, Arc<Upstream>>,
 }
 
 impl InstanceUpstreams {
-    /// Upstreams whose idle connections close after `idle_timeout`.
-    pub fn new(idle_timeout: Duration) -> Self {
+    /// Upstreams whose idle connections close after `idle_timeout`;
+    /// `replays` counts their replays.
+    pub fn new(idle_timeout: Duration, replays: IntCounter) -> Self {
         InstanceUpstreams {
             idle_timeout,
+            replays,
             upstreams: Default::default(),
         }
     }
@@ -350,6 +374,7 @@ impl InstanceUpstreams {
             address.addr.into(),
             Some(address.tap.clone()),
             self.idle_timeout,
+            self.replays.clone(),
         );
         self.upstreams
             .insert(Arc::from(lease.instance()), made.clone());
