@@ -1976,19 +1976,19 @@ async fn a_reset_exchange_fails_only_that_request() {
 // Found by trying to break the front door.
 // ---------------------------------------------------------------------------
 
-/// An app that answers an upload early and keeps the connection holds no
-/// other request up: that connection is busy until the upload ends, so it
-/// is not put back for the next request, which gets a connection of its
-/// own, and the upload goes on reaching the app undisturbed.
+/// An app that answers an upload early, in full, gets no more of it: the
+/// rest is not forwarded and the app's connection is closed (so an upload
+/// cannot go on into an instance whose lease has ended), and no other
+/// request waits on that connection.
 #[tokio::test]
-async fn an_early_answer_to_a_slow_upload_blocks_no_other_request() {
+async fn an_early_answer_to_a_slow_upload_ends_its_forwarding() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    // Bytes of the upload the app has read after its early answer.
-    let (uploaded, mut uploaded_rx) = watch::channel(0usize);
+    // Set when the app sees its upload connection end.
+    let (closed, mut closed_rx) = watch::channel(false);
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let uploaded = uploaded.clone();
+            let closed = closed.clone();
             tokio::spawn(async move {
                 let mut w = Wire::new(stream);
                 while let Ok(Some(head)) = w.head().await {
@@ -1997,11 +1997,10 @@ async fn an_early_answer_to_a_slow_upload_blocks_no_other_request() {
                             .stream
                             .write_all(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 2\r\n\r\nno")
                             .await;
-                        uploaded.send_modify(|n| *n += w.buf.len());
+                        // Reads what comes, never answering again.
                         let mut sink = vec![0u8; 65536];
-                        while let Ok(n @ 1..) = w.stream.read(&mut sink).await {
-                            uploaded.send_modify(|u| *u += n);
-                        }
+                        while let Ok(1..) = w.stream.read(&mut sink).await {}
+                        closed.send_replace(true);
                         return;
                     }
                     let _ = w
@@ -2036,22 +2035,17 @@ async fn an_early_answer_to_a_slow_upload_blocks_no_other_request() {
     .await
     .unwrap();
     assert_eq!(early.status, 401);
-    // Another client asks while the upload goes on, slowly.
-    let r = once(gw.listen, &get("/", "a.test")).await;
-    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
-    for _ in 0..15 {
-        uploader.stream.write_all(&[b'x'; 10]).await.unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    // Every byte sent reaches the app: its connection was never taken
-    // from under the upload (and closed) for the GET.
+    // The client goes on uploading; none of it goes on to the app.
+    uploader.stream.write_all(&[b'x'; 10]).await.unwrap();
     within(
         Duration::from_secs(5),
-        "the whole upload so far at the app",
-        uploaded_rx.wait_for(|n| *n >= 250),
+        "the app's upload connection closed",
+        closed_rx.wait_for(|c| *c),
     )
     .await
     .unwrap();
+    let r = once(gw.listen, &get("/", "a.test")).await;
+    assert_eq!((r.status, r.text().as_str()), (200, "ok"), "{r:?}");
 }
 
 /// An app that answers a response framed both ways (Content-Length and
@@ -2138,4 +2132,86 @@ async fn odd_targets_and_hosts_are_read_as_the_rfcs_say() {
             .await
             .assert_snapgate(400, host);
     }
+}
+
+/// The wait for the app's answer (`response_timeout`) starts once the
+/// request is sent whole: a slow but steady upload is not a 504.
+#[tokio::test]
+async fn response_timeout_does_not_count_a_slow_upload() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway(
+        "",
+        &[format!(
+            "  a:\n    hosts: [a.test]\n    upstream: {}\n    response_timeout: 1s\n",
+            up.addr
+        )],
+    )
+    .await;
+    let mut c = Wire::connect(gw.listen).await;
+    c.stream
+        .write_all(b"POST /slow HTTP/1.1\r\nHost: a.test\r\nContent-Length: 6\r\n\r\n")
+        .await
+        .unwrap();
+    // 6 bytes over ~2.5 s: longer than response_timeout, each read well
+    // within body_read_timeout.
+    for b in b"abcdef" {
+        c.stream.write_all(&[*b]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let r = within(
+        Duration::from_secs(5),
+        "the answer",
+        read_response(&mut c, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "POST /slow"), "{r:?}");
+    assert_eq!(up.only("/slow").body, b"abcdef");
+}
+
+/// A client that sent `Expect: 100-continue` and was answered without a
+/// `100 Continue` has sent no body: snapgate does not wait for one (RFC
+/// 9110 section 10.1.1); the connection closes after the answer instead of
+/// reading the client's next request as body bytes.
+#[tokio::test]
+async fn an_expect_100_continue_answered_early_is_not_drained() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &["max_body_size: 10"])]).await;
+    let mut c = Wire::connect(gw.listen).await;
+    let r = exchange(
+        &mut c,
+        b"POST / HTTP/1.1\r\nHost: a.test\r\nContent-Length: 100\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .await;
+    r.assert_snapgate(413, "an Expect: 100-continue over max_body_size");
+    let after = within(
+        Duration::from_secs(2),
+        "the connection's close",
+        read_response(&mut c, false),
+    )
+    .await;
+    assert!(after.is_err(), "more on the connection: {after:?}");
+    assert!(up.log().heads.is_empty());
+}
+
+/// The app is told of the hop (RFC 9110 section 7.6.3: a gateway sends
+/// `Via` on inbound requests), after any `Via` the client's own proxies
+/// added; TRACE is not served.
+#[tokio::test]
+async fn via_is_added_and_trace_is_refused() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let r = once(
+        gw.listen,
+        b"GET /via HTTP/1.1\r\nHost: a.test\r\nVia: 1.0 corp-proxy\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        up.only("/via").values("via"),
+        ["1.0 corp-proxy, 1.1 snapgate"]
+    );
+    once(gw.listen, b"TRACE / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await
+        .assert_snapgate(405, "TRACE");
 }

@@ -283,7 +283,8 @@ pub struct AppConfig {
     /// Static app: a fixed upstream address, no VMs.
     #[serde(default)]
     pub upstream: Option<SocketAddr>,
-    /// Longest the upstream may take to send response headers; then 504.
+    /// Longest the upstream may take to send response headers, from the
+    /// end of the request; then 504.
     #[serde(default = "default_response_timeout", with = "humantime_serde")]
     pub response_timeout: Duration,
     /// Largest request body the app takes; a larger one gets 413 (at once
@@ -294,11 +295,13 @@ pub struct AppConfig {
     /// A kept-alive connection to the app unused this long is closed.
     /// Default 4 s: below common app servers' own keep-alive (Node.js's is
     /// 5 s), so snapgate closes first; an app's `Keep-Alive: timeout=N`
-    /// response header lowers it for that connection.
+    /// response header lowers it for that connection. 0: connections are
+    /// not reused.
     #[serde(default = "default_upstream_idle_timeout", with = "humantime_serde")]
     pub upstream_idle_timeout: Duration,
-    /// Longest wait between two reads of the app's response body; then
-    /// the response to the client is cut off. Default 60 s.
+    /// Longest wait between two reads of the app's response body, or for
+    /// a blocked write of the request to it (the app stopped reading); then
+    /// the exchange is cut off. Default 60 s.
     #[serde(default = "default_upstream_read_timeout", with = "humantime_serde")]
     pub upstream_read_timeout: Duration,
 }
@@ -342,7 +345,8 @@ pub struct Limits {
     /// Open client connections. Default 10000.
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
-    /// Open connections from one client IP address (the TCP peer).
+    /// Open connections from one client: the TCP peer's IPv4 address or
+    /// IPv6 /64 (a peer in `trusted_proxies` counts in the total only).
     /// Default 256.
     #[serde(default = "default_max_connections_per_client")]
     pub max_connections_per_client: usize,
@@ -445,7 +449,8 @@ pub struct Config {
     /// Address of the admin listener (`/metrics`, `/healthz`).
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
-    /// Longest a client may take to send request headers.
+    /// Longest a client may take to send request headers; also how long
+    /// an idle kept-alive connection waits for its next request.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Longest wait between two reads of a client's request body; then the

@@ -154,6 +154,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             proto: "http",
         },
         proxy_metrics.clone(),
+        tasks.clone(),
     );
     let listening = crate::proxy::Listening {
         header_read_timeout: config.header_read_timeout,
@@ -163,6 +164,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         max_headers: config.limits.max_headers,
         max_connections: config.limits.max_connections,
         max_connections_per_client: config.limits.max_connections_per_client,
+        trusted_proxies: config.trusted_proxies.clone(),
         grace: config.shutdown_grace,
     };
 
@@ -284,18 +286,19 @@ impl Factories<'_> {
         let app = &self.config.apps[name];
         let limits = AppLimits {
             response_timeout: app.response_timeout,
-            read_timeout: app.upstream_read_timeout,
+            upstream_read_timeout: app.upstream_read_timeout,
             max_body_size: app.max_body_size.as_u64(),
+        };
+        let upstream_config = crate::proxy::UpstreamConfig {
+            idle_timeout: app.upstream_idle_timeout,
+            write_timeout: app.upstream_read_timeout,
+            replays: proxy_metrics.replays(name),
+            tasks: self.tasks.clone(),
         };
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {
                 return Ok(Target::Static {
-                    upstream: crate::proxy::Upstream::new(
-                        addr,
-                        None,
-                        app.upstream_idle_timeout,
-                        proxy_metrics.replays(name),
-                    ),
+                    upstream: crate::proxy::Upstream::new(addr, None, upstream_config),
                     limits,
                 })
             }
@@ -316,10 +319,7 @@ impl Factories<'_> {
         };
         let pool = Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks);
         Ok(Target::Pool {
-            upstreams: crate::proxy::InstanceUpstreams::new(
-                app.upstream_idle_timeout,
-                proxy_metrics.replays(name),
-            ),
+            upstreams: crate::proxy::InstanceUpstreams::new(upstream_config),
             pool,
             limits,
             internal_path,

@@ -48,8 +48,9 @@ use crate::pool::{Lease, Pool};
 pub struct AppLimits {
     /// Longest wait for response headers (504 after).
     pub response_timeout: Duration,
-    /// Longest wait between two reads of the response body.
-    pub read_timeout: Duration,
+    /// Longest wait between two reads of the response body (and for a
+    /// blocked write of the request to the app).
+    pub upstream_read_timeout: Duration,
     /// Largest request body, in bytes (413 over it).
     pub max_body_size: u64,
 }
@@ -155,7 +156,7 @@ impl Apps {
             return Err(ErrorKind::BodyTooLarge(limits.max_body_size).of(app));
         }
         req.body_mut().set_limit(limits.max_body_size);
-        let req = to_origin(req, &authority);
+        let req = to_origin(req, &authority).map_err(|k| k.of(app))?;
         let mut resp = match target {
             Target::Pool {
                 internal_path: Some(internal),
@@ -179,7 +180,7 @@ impl Apps {
                     sent = exchange(upstream, *req, None, limits.response_timeout).await;
                 }
                 let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
-                relay(resp, checkin, None, limits.read_timeout)
+                relay(resp, checkin, None, limits.upstream_read_timeout)
             }
         };
         resp.extensions_mut().insert(RoutedTo(app.clone()));
@@ -206,11 +207,18 @@ impl Apps {
             let gone = lease.gone().clone();
             match exchange(&upstream, req, Some(&gone), limits.response_timeout).await {
                 Ok((resp, checkin)) => {
-                    return Ok(relay(resp, checkin, Some(lease), limits.read_timeout))
+                    return Ok(relay(
+                        resp,
+                        checkin,
+                        Some(lease),
+                        limits.upstream_read_timeout,
+                    ))
                 }
                 Err(Retry::NotSent { req: unsent, cause }) => {
-                    warn!(%app, vm = %lease.instance(), "instance refused a connection: {cause}");
-                    lease.mark_broken();
+                    warn!(%app, vm = %lease.instance(), "no connection to the instance: {cause}");
+                    if unreachable(&cause) {
+                        lease.mark_broken();
+                    }
                     if attempt == 1 {
                         return Err(ErrorKind::Upstream(cause.to_string()).of(app));
                     }
@@ -228,6 +236,18 @@ impl Apps {
         }
         unreachable!("the loop returns on its second attempt")
     }
+}
+
+/// Whether a connect error says the instance cannot take connections at
+/// all (the module doc's rule): refused, unreachable, or its tap gone. A
+/// connect timeout may be a full backlog under load, and breaks nothing.
+fn unreachable(e: &std::io::Error) -> bool {
+    use nix::errno::Errno;
+    e.kind() == std::io::ErrorKind::ConnectionRefused
+        || matches!(
+            e.raw_os_error().map(Errno::from_raw),
+            Some(Errno::EHOSTUNREACH | Errno::ENETUNREACH | Errno::ENODEV)
+        )
 }
 
 /// How one exchange failed.
@@ -250,8 +270,9 @@ impl Retry {
     }
 }
 
-/// One exchange with `upstream`: response headers within `timeout`, or
-/// how it failed; `gone` fires if the instance's VMM dies.
+/// One exchange with `upstream`: response headers within `timeout` of
+/// the request's end, or how it failed; `gone` fires if the instance's VMM
+/// dies.
 async fn exchange(
     upstream: &Arc<Upstream>,
     req: Request<RequestBody>,
@@ -264,16 +285,23 @@ async fn exchange(
             None => std::future::pending().await,
         }
     };
+    // The wait for the answer starts once the request is sent whole: an
+    // upload's own pace is bounded by body_read_timeout, not this.
+    let sent_whole = req.body().sent();
+    let answer_overdue = async {
+        sent_whole.cancelled().await;
+        tokio::time::sleep(timeout).await
+    };
     let sent = tokio::select! {
         sent = upstream.send(req) => sent.map_err(|e| match e {
             SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
             SendError::Failed(e) => Retry::Failed(
-                ErrorKind::from_body_error(&e)
-                    .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(&e))),
+                ErrorKind::from_body_error(e.as_ref())
+                    .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(e.as_ref()))),
             ),
         }),
         _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
-        _ = tokio::time::sleep(timeout) => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
+        _ = answer_overdue => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
     };
     match sent {
         // Nothing asked to switch protocols: the connection is not HTTP any
@@ -292,7 +320,10 @@ async fn exchange(
 /// query kept), HTTP/1.1, `Host` the routed authority, and
 /// `Transfer-Encoding: chunked` for a body of unknown length, so the body
 /// reaches the app as framed whatever the method (RFC 9112 section 6).
-fn to_origin(req: Request<RequestBody>, authority: &Authority) -> Request<RequestBody> {
+fn to_origin(
+    req: Request<RequestBody>,
+    authority: &Authority,
+) -> Result<Request<RequestBody>, ErrorKind> {
     let (mut parts, body) = req.into_parts();
     let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
         Some(t) if t.starts_with('/') || t == "*" => t.to_owned(),
@@ -300,9 +331,19 @@ fn to_origin(req: Request<RequestBody>, authority: &Authority) -> Request<Reques
         Some(t) => format!("/{t}"),
         None => "/".into(),
     };
-    parts.uri = Uri::try_from(target).unwrap_or_else(|_| Uri::from_static("/"));
+    parts.uri = Uri::try_from(target)
+        .map_err(|_| ErrorKind::BadRequest("the request target is malformed"))?;
     parts.version = Version::HTTP_11;
     parts.headers.insert(header::HOST, authority.value.clone());
+    // A gateway "MUST send an appropriate Via header field in each inbound
+    // request message" (RFC 9110 section 7.6.3).
+    let via = match super::forwarded::joined(&parts.headers, &header::VIA) {
+        Some(prior) => format!("{prior}, 1.1 snapgate"),
+        None => "1.1 snapgate".into(),
+    };
+    if let Ok(v) = HeaderValue::from_str(&via) {
+        parts.headers.insert(header::VIA, v);
+    }
     if !body.is_empty() && body.size_hint().exact().is_none() {
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.insert(
@@ -310,7 +351,7 @@ fn to_origin(req: Request<RequestBody>, authority: &Authority) -> Request<Reques
             HeaderValue::from_static("chunked"),
         );
     }
-    Request::from_parts(parts, body)
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The app's answer for the client: hop-by-hop headers removed, snapgate's

@@ -1,12 +1,16 @@
 //! The one authority a request is for (RFC 9112 section 3.2).
 //!
 //! Rules, in order:
-//! 1. `CONNECT` is not served (405): snapgate is no forward proxy.
+//! 1. `CONNECT` is not served (405): snapgate is no forward proxy. Nor is
+//!    `TRACE` (405, as nginx does): it would echo the client's headers
+//!    back through the app, cookies included.
 //! 2. More than one `Host` field line is a 400; so is an HTTP/1.1 request
 //!    without one (section 3.2: "MUST respond with a 400").
 //! 3. An absolute-form target (`GET http://b.example/ HTTP/1.1`) names the
-//!    authority; the `Host` field is ignored and replaced (section 3.2.2).
-//!    Only `http` and `https` targets are taken.
+//!    authority; the `Host` field is not used for routing and is replaced
+//!    (section 3.2.2), but must still be well-formed (section 3.2: "a Host
+//!    header field with an invalid field value" is a 400). Only `http` and
+//!    `https` targets are taken.
 //! 4. Otherwise the `Host` field names it; a request with neither is a 400
 //!    (an HTTP/1.0 request without `Host` cannot be routed).
 //! 5. The authority must be `host[:port]`: a DNS name or IPv4 address of
@@ -43,9 +47,9 @@ pub struct Authority {
 /// extension and as its `Host` field, or the 400/405 it gets.
 pub fn normalize<B>(mut req: Request<B>) -> Result<Request<B>, ProxyError> {
     let bad = |why| Err(ProxyError::new(ErrorKind::BadRequest(why)));
-    if req.method() == Method::CONNECT {
+    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
         return Err(ProxyError::new(ErrorKind::MethodNotAllowed(
-            Method::CONNECT,
+            req.method().clone(),
         )));
     }
     if req.uri().path() == "*" && req.method() != Method::OPTIONS {
@@ -58,6 +62,12 @@ pub fn normalize<B>(mut req: Request<B>) -> Result<Request<B>, ProxyError> {
     }
     if host.is_none() && req.version() == Version::HTTP_11 {
         return bad("an HTTP/1.1 request needs a Host field");
+    }
+    if host
+        .as_ref()
+        .is_some_and(|h| h.to_str().ok().and_then(host_name).is_none())
+    {
+        return bad("the host is malformed");
     }
     let value = match req.uri().authority() {
         Some(target) => {
@@ -151,6 +161,8 @@ mod tests {
             status(normalize(req(Version::HTTP_11, "ftp://b.example/", &["a"]))),
             400
         );
+        let bad_host = req(Version::HTTP_11, "http://b.example/", &["a b"]);
+        assert_eq!(status(normalize(bad_host)), 400);
     }
 
     #[test]
@@ -209,11 +221,18 @@ mod tests {
     }
 
     #[test]
-    fn connect_is_not_served() {
+    fn connect_and_trace_are_not_served() {
         let r = Request::builder()
             .method(Method::CONNECT)
             .uri("a.test:443")
             .header("host", "a.test:443")
+            .body(())
+            .unwrap();
+        assert_eq!(status(normalize(r)), 405);
+        let r = Request::builder()
+            .method(Method::TRACE)
+            .uri("/")
+            .header("host", "a.test")
             .body(())
             .unwrap();
         assert_eq!(status(normalize(r)), 405);

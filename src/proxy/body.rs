@@ -1,10 +1,15 @@
 //! The bodies on both sides of a forwarded exchange.
 //!
 //! [`RequestBody`] is the client's body on its way to the app: bounded in
-//! size (413) and in the wait between two reads (408), and, when it is
-//! dropped unread (an early answer: 404, 413, 503, an app that answered
-//! before reading), drained in the background for a bounded time so the
-//! client sees the answer rather than a reset (lingering close).
+//! size (413) and in the wait between two reads (408); cut off once the
+//! app has answered in full without reading it all (what is left is not
+//! forwarded, so an upload cannot go on into an instance whose lease has
+//! ended); and, when it is dropped unread (an early answer: 404, 413, 503,
+//! an app that answered before reading), drained in the background within
+//! bounds of time and size so the client sees the answer rather than a
+//! reset (lingering close). A body the client held back for `Expect:
+//! 100-continue` and that was never asked for is not drained: the client
+//! sends nothing, and hyper closes the connection after the answer.
 //!
 //! [`ResponseBody`] is the app's body on its way to the client: it holds
 //! the instance's lease and the upstream connection until its end, bounds
@@ -13,19 +18,17 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
-use tokio_util::sync::WaitForCancellationFutureOwned;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::upstream::Checkin;
 use super::BoxError;
-use crate::pool::Lease;
+use crate::pool::{Lease, Tasks};
 
 /// Longest a dropped, unread request body is drained (nginx's
 /// `lingering_time` default).
@@ -33,6 +36,8 @@ const LINGER_TIME: Duration = Duration::from_secs(30);
 /// Longest wait for more of it while draining (nginx's
 /// `lingering_timeout` default).
 const LINGER_IDLE: Duration = Duration::from_secs(5);
+/// Most bytes drained from one body; the connection closes after.
+const LINGER_BYTES: u64 = 64 << 20;
 
 /// How a client's request body failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +51,9 @@ pub enum RequestBodyError {
     /// The client's connection failed or sent a malformed body.
     #[error("reading the request body")]
     Read(#[source] hyper::Error),
+    /// The app answered in full without reading the rest.
+    #[error("the app answered before reading the whole request body")]
+    Cut,
 }
 
 /// A restartable idle timer: armed when a read would wait, cleared when
@@ -83,37 +91,70 @@ pub struct RequestBody {
     idle: Idle,
     limit: Option<u64>,
     received: u64,
-    /// Set once the body has been read to its end (at once if empty).
-    sent: Arc<AtomicBool>,
+    /// Cancelled once the body has been read to its end (at once if empty).
+    sent: CancellationToken,
+    /// Cancelled to cut the body off (the app answered in full).
+    cut: CancellationToken,
+    cut_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Whether the client sent `Expect: 100-continue`.
+    expects_continue: bool,
+    /// Whether the body was ever asked for (hyper sends the `100
+    /// Continue` then).
+    polled: bool,
+    /// Where a drain runs, and what ends it early (shutdown).
+    tasks: Option<Tasks>,
 }
 
 impl RequestBody {
-    /// Wraps a client's body; a wait for data over `read_timeout` fails it.
-    pub fn new(inner: Incoming, read_timeout: Duration) -> RequestBody {
-        RequestBody {
-            sent: Arc::new(AtomicBool::new(inner.is_end_stream())),
-            inner: Some(inner),
-            idle: Idle::new(read_timeout),
-            limit: None,
-            received: 0,
+    /// Wraps a client's body; a wait for data over `read_timeout` fails
+    /// it. `expects_continue`: the request had `Expect: 100-continue`. A
+    /// drain runs on `tasks` and ends with their cancellation.
+    pub fn new(
+        inner: Incoming,
+        read_timeout: Duration,
+        expects_continue: bool,
+        tasks: Tasks,
+    ) -> RequestBody {
+        let mut body = RequestBody::empty();
+        if !inner.is_end_stream() {
+            body.sent = CancellationToken::new();
         }
+        body.inner = Some(inner);
+        body.idle = Idle::new(read_timeout);
+        body.expects_continue = expects_continue;
+        body.tasks = Some(tasks);
+        body
     }
 
     /// An empty body (a replayed request that had none).
     pub fn empty() -> RequestBody {
+        let sent = CancellationToken::new();
+        sent.cancel();
+        let cut = CancellationToken::new();
         RequestBody {
             inner: None,
             idle: Idle::new(Duration::MAX),
             limit: None,
             received: 0,
-            sent: Arc::new(AtomicBool::new(true)),
+            sent,
+            cut_wait: Box::pin(cut.clone().cancelled_owned()),
+            cut,
+            expects_continue: false,
+            polled: false,
+            tasks: None,
         }
     }
 
-    /// A flag set once the body has been read to its end: its connection
-    /// may then carry another request.
-    pub fn sent_flag(&self) -> Arc<AtomicBool> {
+    /// Cancelled once the body has been read to its end: its connection
+    /// may then carry another request, and the wait for the answer begins.
+    pub fn sent(&self) -> CancellationToken {
         self.sent.clone()
+    }
+
+    /// Cancelling it cuts the body off: the next read fails with
+    /// [`RequestBodyError::Cut`].
+    pub fn cut(&self) -> CancellationToken {
+        self.cut.clone()
     }
 
     /// Fails the body once more than `max` bytes have arrived.
@@ -139,6 +180,11 @@ impl Body for RequestBody {
         let Some(inner) = this.inner.as_mut() else {
             return Poll::Ready(None);
         };
+        this.polled = true;
+        if this.cut_wait.as_mut().poll(cx).is_ready() {
+            // Kept: dropped, it is drained.
+            return Poll::Ready(Some(Err(RequestBodyError::Cut.into())));
+        }
         match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.reset();
@@ -152,13 +198,13 @@ impl Body for RequestBody {
                 }
                 // A sized body's last frame: hyper polls no further.
                 if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.sent.store(true, Ordering::Release);
+                    this.sent.cancel();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 this.inner = None;
-                this.sent.store(true, Ordering::Release);
+                this.sent.cancel();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -190,17 +236,28 @@ impl Body for RequestBody {
 }
 
 impl Drop for RequestBody {
-    /// A body dropped before its end is drained in the background (if a
-    /// runtime is there to do it), for at most 30 s in all and 5 s
-    /// between reads (nginx's lingering defaults): closing a socket with unread data
-    /// makes the kernel send a reset, which can destroy the answer before
-    /// the client reads it (RFC 9112 section 9.6).
+    /// A body dropped before its end is drained in the background, for at
+    /// most 30 s in all and 5 s between reads (nginx's lingering defaults)
+    /// and 64 MiB: closing a socket with unread data makes the kernel send
+    /// a reset, which can destroy the answer before the client reads it
+    /// (RFC 9112 section 9.6). Not a body held back for `Expect:
+    /// 100-continue` and never asked for (RFC 9110 section 10.1.1: the
+    /// client sends none; hyper closes the connection after the answer).
     fn drop(&mut self) {
         let Some(inner) = self.inner.take().filter(|b| !b.is_end_stream()) else {
             return;
         };
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(drain(inner));
+        if self.expects_continue && !self.polled {
+            return;
+        }
+        if let Some(tasks) = &self.tasks {
+            let cancel = tasks.cancel.clone();
+            tasks.tracker.spawn(async move {
+                tokio::select! {
+                    _ = drain(inner) => {}
+                    _ = cancel.cancelled() => {}
+                }
+            });
         }
     }
 }
@@ -210,11 +267,14 @@ impl Drop for RequestBody {
 async fn drain(mut body: Incoming) {
     use http_body_util::BodyExt;
     let deadline = Instant::now() + LINGER_TIME;
-    loop {
+    let mut drained = 0u64;
+    while drained <= LINGER_BYTES {
         let next =
             tokio::time::timeout_at(deadline.min(Instant::now() + LINGER_IDLE), body.frame());
         match next.await {
-            Ok(Some(Ok(_))) => continue,
+            Ok(Some(Ok(frame))) => {
+                drained += frame.data_ref().map_or(0, |d| d.remaining() as u64);
+            }
             _ => return,
         }
     }
@@ -256,7 +316,7 @@ impl ResponseBody {
 
     /// The exchange failed mid-body: the connection is closed, the lease
     /// returned (an instance is broken only by its VMM's exit: see the
-    /// module doc of [`super`]).
+    /// module doc of `proxy::app`).
     fn fail(&mut self) {
         self.checkin = None;
         self.lease = None;

@@ -99,6 +99,8 @@ impl ErrorKind {
                     RequestBodyError::Timeout(t) => ErrorKind::BodyTimeout(*t),
                     RequestBodyError::TooLarge(max) => ErrorKind::BodyTooLarge(*max),
                     RequestBodyError::Read(e) => ErrorKind::ClientBody(e.to_string()),
+                    // Only after a whole answer, which the client has.
+                    RequestBodyError::Cut => ErrorKind::Upstream(b.to_string()),
                 });
             }
             source = cause.source();
@@ -141,9 +143,7 @@ impl ErrorKind {
             ErrorKind::Upstream(_) | ErrorKind::VmGone => {
                 format!("app {app}: the upstream failed the request")
             }
-            ErrorKind::ResponseTimeout(t) => {
-                format!("app {app}: no response within {t:?}")
-            }
+            ErrorKind::ResponseTimeout(_) => format!("app {app}: no response in time"),
             ErrorKind::Internal => "internal error".into(),
         }
     }

@@ -3,10 +3,12 @@
 //! set by one policy.
 //!
 //! Policy:
-//! 1. Hop-by-hop fields go: `Connection`, the fields it names, and the
-//!    standard ones (`Keep-Alive`, `Proxy-Connection`, `TE`, `Trailer`,
-//!    `Transfer-Encoding`, `Upgrade`, `Proxy-Authorization`,
-//!    `Proxy-Authenticate`). `Connection` cannot name away `Host` or
+//! 1. Hop-by-hop fields go: `Connection` and the fields it names (RFC 9110
+//!    section 7.6.1), those that section lists (`Proxy-Connection`,
+//!    `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`), and, as RFC 2616
+//!    section 13.5.1 listed them, `Trailer`, `Proxy-Authorization` and
+//!    `Proxy-Authenticate` (snapgate forwards no trailers, and proxy
+//!    credentials are for a proxy, not an app). `Connection` cannot name away `Host` or
 //!    `Content-Length` (they frame and route the message), nor the fields
 //!    snapgate sets, which are set after this step.
 //! 2. From a peer outside `trusted_proxies`, every forwarding field the
@@ -25,7 +27,8 @@
 //!    `X-Forwarded-Port` not kept by step 3, and `X-Real-IP`.
 //! 5. The client address (for `X-Real-IP` and the log) is the peer, or,
 //!    from a trusted peer, the rightmost `X-Forwarded-For` entry that is not
-//!    a trusted proxy (as nginx's `real_ip_recursive`).
+//!    a trusted proxy, or the leftmost if every entry is one (as nginx's
+//!    `real_ip_recursive`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -49,8 +52,7 @@ pub struct Peer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
-/// Headers that describe one connection, not the message (RFC 9110
-/// section 7.6.1).
+/// Headers that describe one connection, not the message (policy step 1).
 const HOP_BY_HOP: &[&str] = &[
     "connection",
     "keep-alive",
@@ -144,10 +146,12 @@ impl Forwarding {
             .split(',')
             .filter_map(|e| parse_ip(e.trim()))
             .collect();
+        let leftmost = chain.first().copied();
         chain
             .into_iter()
             .rev()
             .find(|ip| !self.trusts(*ip))
+            .or(leftmost)
             .unwrap_or(peer)
     }
 
@@ -229,7 +233,7 @@ fn token_or_quoted(v: &str) -> String {
 }
 
 /// Every line of `name`, joined with ", " (RFC 9110 section 5.3).
-fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
+pub(super) fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
     let parts: Vec<&str> = h
         .get_all(name)
         .iter()

@@ -39,16 +39,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-pub use app::{AppLimits, Apps, Target};
-pub use authority::Authority;
-pub use body::{RequestBody, RequestBodyError, ResponseBody};
-pub use error::{text, ErrorKind, ProxyError};
-pub use forwarded::{strip_hop_by_hop, ClientAddr, Forwarding, Peer};
-pub use limits::ConnectionSlots;
+use limits::ConnectionSlots;
+
+pub use app::{AppLimits, Apps, RoutedTo, Target};
+pub use error::{ErrorKind, ProxyError};
+pub use forwarded::{ClientAddr, Peer};
 pub use metrics::ProxyMetrics;
-pub use router::{host_name, Router};
+pub use router::Router;
 pub use stack::{Stack, StackConfig};
-pub use upstream::{InstanceUpstreams, Upstream};
+pub use upstream::{InstanceUpstreams, Upstream, UpstreamConfig};
 
 /// Errors a response body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -69,8 +68,10 @@ pub struct Listening {
     pub max_headers: usize,
     /// Open connections in all.
     pub max_connections: usize,
-    /// Open connections per client address.
+    /// Open connections per client (an IPv4 address or IPv6 /64).
     pub max_connections_per_client: usize,
+    /// Peers exempt from the per-client cap (they carry many clients).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long open connections may finish after stop.
     pub grace: Duration,
 }
@@ -97,6 +98,7 @@ pub async fn serve(
         listening.max_connections,
         listening.max_connections_per_client,
     );
+    let refusing = std::sync::Arc::new(tokio::sync::Semaphore::new(limits::MAX_REFUSING));
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -122,12 +124,22 @@ pub async fn serve(
             },
             _ = stopped(&mut stop) => break,
         };
-        let slot = match slots.take(remote.ip().to_canonical()) {
+        let ip = remote.ip().to_canonical();
+        let slot = match slots.take(
+            ip,
+            listening.trusted_proxies.iter().any(|n| n.contains(&ip)),
+        ) {
             Ok(slot) => slot,
             Err(over) => {
                 metrics.shed(over.key());
                 debug!(%remote, "connection refused: over {}", over.key());
-                connections.spawn(limits::refuse(stream, over));
+                // Protocol step 2 of `limits`: a bounded number of answers.
+                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                    connections.spawn(async move {
+                        limits::refuse(stream, over).await;
+                        drop(permit);
+                    });
+                }
                 continue;
             }
         };

@@ -29,11 +29,9 @@ impl Router {
         r
     }
 
-    /// The app for a `Host` value (any port and trailing dot ignored, case
-    /// folded).
+    /// The app for a host name as [`super::Authority::name`] has it
+    /// (lowercase, no port, no trailing dot).
     pub fn route(&self, host: &str) -> Option<&str> {
-        let host = host_name(host).to_ascii_lowercase();
-        let host = host.trim_end_matches('.');
         if let Some(app) = self.exact.get(host) {
             return Some(app);
         }
@@ -42,15 +40,6 @@ impl Router {
             .find(|(suffix, _)| host.len() > suffix.len() && host.ends_with(suffix.as_str()))
             .map(|(_, app)| app.as_str())
     }
-}
-
-/// The name part of a `Host` header value: without the port, IPv6 brackets
-/// kept.
-pub fn host_name(host: &str) -> &str {
-    if host.starts_with('[') {
-        return host.split_inclusive(']').next().unwrap_or(host);
-    }
-    host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
 #[cfg(test)]
@@ -64,8 +53,7 @@ mod tests {
         let c = ["*.deep.example.com".to_string()];
         let r = Router::new([("a", &a[..]), ("b", &b[..]), ("c", &c[..])]);
         assert_eq!(r.route("a.example.com"), Some("a"));
-        assert_eq!(r.route("A.Example.COM:8080"), Some("a"));
-        assert_eq!(r.route("x.example.com."), Some("b"));
+        assert_eq!(r.route("x.example.com"), Some("b"));
         assert_eq!(r.route("x.deep.example.com"), Some("c"));
         assert_eq!(
             r.route("example.com"),
@@ -73,6 +61,5 @@ mod tests {
             "a wildcard needs a label before it"
         );
         assert_eq!(r.route("other.org"), None);
-        assert_eq!(host_name("[::1]:80"), "[::1]");
     }
 }

@@ -3,7 +3,7 @@
 //! ```text
 //! boxed response body
 //!   trace + metrics      one span per request; requests_total, duration
-//!   client body          body_read_timeout, and lingering drain when unread
+//!   client body          timeouts: body_read_timeout (408); a bounded drain if unread
 //!   errors               a ProxyError or a shed request becomes its response
 //!   load shed            over max_requests_in_flight: 503 + Retry-After at once
 //!   concurrency limit    max_requests_in_flight permits, held to the headers
@@ -38,6 +38,7 @@ use super::error::{ErrorKind, ProxyError};
 use super::forwarded::{ClientAddr, Forwarding, Peer};
 use super::{authority, framing};
 use super::{ProxyBody, ProxyMetrics};
+use crate::pool::Tasks;
 
 /// The whole request path, per request. It never fails: every error has
 /// become a response in the error layer.
@@ -58,8 +59,9 @@ pub struct StackConfig {
     pub proto: &'static str,
 }
 
-/// Builds the stack of the module doc over `apps`.
-pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics) -> Stack {
+/// Builds the stack of the module doc over `apps`; lingering drains run
+/// on `tasks`.
+pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics, tasks: Tasks) -> Stack {
     let body_timeout = cfg.body_read_timeout;
     let on_response_metrics = metrics.clone();
     let stack = ServiceBuilder::new()
@@ -79,7 +81,14 @@ pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics) -> Stack
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
         // Client body: the read timeout, and a drain if left unread.
-        .map_request(move |req: Request<Incoming>| req.map(|b| RequestBody::new(b, body_timeout)))
+        .map_request(move |req: Request<Incoming>| {
+            let expects_continue = req
+                .headers()
+                .get(http::header::EXPECT)
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+            let tasks = tasks.clone();
+            req.map(|b| RequestBody::new(b, body_timeout, expects_continue, tasks))
+        })
         .service(policies(AppService(apps), cfg, metrics));
     BoxCloneService::new(stack)
 }

@@ -16,30 +16,35 @@
 //! 2. [`Upstream::send`] takes the newest idle connection that has not
 //!    expired and is not closed, else connects afresh. hyper hands a request
 //!    back when its connection turned out closed before a byte of it was
-//!    written: it is then sent on the next connection, as many times as
-//!    that happens (nothing was sent).
+//!    written: it then goes to the next connection (nothing was sent, so
+//!    this is no resend).
 //! 3. A request that failed on a reused connection before its response
-//!    headers arrived (the app closed or reset it, as the request went
-//!    out), and that is idempotent with an empty body (RFC 9110 section
-//!    9.2.2), is sent once more on a fresh connection, and counted. Nothing
-//!    else is replayed; a request with a body (a POST) never is once its
+//!    headers arrived (the app closed or reset it as the request went out,
+//!    the race every keep-alive client has), and that is idempotent with an
+//!    empty body (RFC 9110 section 9.2.2: such a request may be repeated),
+//!    is sent once more on a fresh connection, and counted. That is its one
+//!    resend: if the fresh connection fails too, the request fails. Nothing
+//!    else is resent; a request with a body (a POST) never is once its
 //!    bytes went out.
 //! 4. A connection goes back to the pool ([`Checkin::put_back`]) only
 //!    when both messages are done: its response body was read to its end
-//!    and its request body was sent whole (an app may answer before it has
-//!    read an upload, and the connection is busy until the upload ends).
-//!    One dropped earlier is closed. A connect failure hands the request
-//!    back to the caller ([`SendError::NotSent`]), which may try another
+//!    and its request body was sent whole. An app that answered in full
+//!    before reading all of an upload gets no more of it: the request body
+//!    is cut off and the connection closed, so an upload never goes on
+//!    into an instance whose lease has ended. One dropped earlier is
+//!    closed. A connect failure before any resend hands the request back
+//!    to the caller ([`SendError::NotSent`]), which may try another
 //!    instance.
 //! 5. Each connection's task ends with its connection: when the app
-//!    closes it, or when snapgate drops its sender. A sweeper task per
-//!    upstream drops idle connections past their deadline every half
-//!    `upstream_idle_timeout` (so connections to a destroyed VM do not
-//!    linger), and ends once the upstream is dropped (the proxy's pruning
-//!    of instances gone, or the proxy itself).
+//!    closes it, when snapgate drops its sender, when a write to the app
+//!    stays blocked for the app's `upstream_read_timeout` (the app stopped
+//!    reading), or at shutdown. A sweeper task per upstream drops idle
+//!    connections past their deadline every half `upstream_idle_timeout`
+//!    (so connections to a destroyed VM do not linger), and ends once the
+//!    upstream is dropped (the proxy's pruning of instances gone, or the
+//!    proxy itself) or at shutdown. Both run on the gateway's task tracker.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -50,9 +55,11 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::net::TcpSocket;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 use super::body::RequestBody;
+use crate::pool::Tasks;
 
 /// Connect timeout: upstreams are local (a tap or a nearby host).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,18 +80,30 @@ pub enum SendError {
         /// Why (the connect error).
         cause: std::io::Error,
     },
-    /// The exchange failed after the request (or part of it) went out.
-    Failed(hyper::Error),
+    /// The exchange failed after the request (or part of it) went out, or
+    /// its one resend could not connect.
+    Failed(Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What every upstream of an app shares.
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    /// Idle connections close after this (0: connections are not reused).
+    pub idle_timeout: Duration,
+    /// A write to the app blocked this long ends the connection.
+    pub write_timeout: Duration,
+    /// Counts the resends of step 3.
+    pub replays: IntCounter,
+    /// Where connection and sweeper tasks run; their cancellation ends them.
+    pub tasks: Tasks,
 }
 
 /// One upstream address and its idle connections.
 pub struct Upstream {
     addr: SocketAddr,
     interface: Option<String>,
-    idle_timeout: Duration,
+    config: UpstreamConfig,
     idle: Mutex<Vec<Idle>>,
-    /// Counts the replays of step 3.
-    replays: IntCounter,
 }
 
 struct Idle {
@@ -93,13 +112,16 @@ struct Idle {
 }
 
 /// A connection whose response is being read; [`Checkin::put_back`]
-/// returns it to its pool.
+/// returns it to its pool. Dropped otherwise, it closes, and cuts off a
+/// request body still being sent (step 4).
 pub struct Checkin {
-    sender: SendRequest<RequestBody>,
+    sender: Option<SendRequest<RequestBody>>,
     upstream: Arc<Upstream>,
     idle_for: Duration,
-    /// Set once the request body was sent whole.
-    request_sent: Arc<AtomicBool>,
+    /// Cancelled once the request body was sent whole.
+    sent: CancellationToken,
+    /// Cancelling it cuts the request body off.
+    cut: CancellationToken,
 }
 
 impl std::fmt::Debug for Checkin {
@@ -112,47 +134,52 @@ impl std::fmt::Debug for Checkin {
 
 impl Checkin {
     /// The response was read to its end: the connection may serve another
-    /// request, until its idle deadline.
-    pub fn put_back(self) {
-        if !self.request_sent.load(Ordering::Acquire) {
-            // Step 4: still busy with the upload; dropped, it closes.
+    /// request, until its idle deadline, if its request was sent whole.
+    pub fn put_back(mut self) {
+        if !self.sent.is_cancelled() || self.idle_for.is_zero() {
             return;
         }
-        let expires = Instant::now() + self.idle_for;
-        let mut idle = self.upstream.idle.lock().unwrap_or_else(|p| p.into_inner());
-        if !self.idle_for.is_zero() {
-            idle.push(Idle {
-                sender: self.sender,
-                expires,
-            });
+        if let Some(sender) = self.sender.take() {
+            let expires = Instant::now() + self.idle_for;
+            let mut idle = self.upstream.idle.lock().unwrap_or_else(|p| p.into_inner());
+            idle.push(Idle { sender, expires });
+        }
+    }
+}
+
+impl Drop for Checkin {
+    fn drop(&mut self) {
+        if !self.sent.is_cancelled() {
+            self.cut.cancel();
         }
     }
 }
 
 impl Upstream {
     /// An upstream at `addr`, through `interface` (or the routing table
-    /// when `None`), whose idle connections close after `idle_timeout`.
-    /// `replays` counts the replays of step 3. Must be called within a
-    /// tokio runtime: a task closes expired idle connections (module doc,
-    /// step 5) until the upstream is dropped.
-    pub fn new(
-        addr: SocketAddr,
-        interface: Option<String>,
-        idle_timeout: Duration,
-        replays: IntCounter,
-    ) -> Arc<Self> {
+    /// when `None`). Must be called within a tokio runtime: a task closes
+    /// expired idle connections (module doc, step 5) until the upstream is
+    /// dropped.
+    pub fn new(addr: SocketAddr, interface: Option<String>, config: UpstreamConfig) -> Arc<Self> {
         let upstream = Arc::new(Upstream {
             addr,
             interface,
-            idle_timeout,
+            config,
             idle: Mutex::new(Vec::new()),
-            replays,
         });
+        let idle_timeout = upstream.config.idle_timeout;
+        if idle_timeout.is_zero() {
+            return upstream;
+        }
         let weak = Arc::downgrade(&upstream);
         let period = (idle_timeout / 2).max(Duration::from_millis(100));
-        tokio::spawn(async move {
+        let tasks = upstream.config.tasks.clone();
+        tasks.tracker.spawn(async move {
             loop {
-                tokio::time::sleep(period).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(period) => {}
+                    _ = tasks.cancel.cancelled() => return,
+                }
                 match weak.upgrade() {
                     Some(upstream) => upstream.sweep(),
                     None => return,
@@ -168,11 +195,6 @@ impl Upstream {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
         idle.retain(|c| c.expires > now && !c.sender.is_closed());
-    }
-
-    /// The address.
-    pub fn addr(&self) -> SocketAddr {
-        self.addr
     }
 
     /// The newest idle connection that has not expired, if any.
@@ -205,14 +227,20 @@ impl Upstream {
                     format!("connect timed out after {CONNECT_TIMEOUT:?}"),
                 )
             })??;
+        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+        io.set_write_timeout(Some(self.config.write_timeout));
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(stream))
+            .handshake(TokioIo::new(Box::pin(io)))
             .await
             .map_err(std::io::Error::other)?;
         let addr = self.addr;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                debug!(%addr, "upstream connection: {e}");
+        let cancel = self.config.tasks.cancel.clone();
+        self.config.tasks.tracker.spawn(async move {
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    debug!(%addr, "upstream connection: {e}");
+                },
+                _ = cancel.cancelled() => {}
             }
         });
         Ok(sender)
@@ -234,20 +262,26 @@ impl Upstream {
                 Ok(Ok(())) => {}
                 _ => continue,
             }
-            let request_sent = req.body().sent_flag();
+            let tokens = (req.body().sent(), req.body().cut());
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.answered(resp, sender, request_sent)),
+                Ok(resp) => return Ok(self.answered(resp, sender, tokens)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
                         let error = e.into_error();
                         // Step 3: the app closed it as the request went out.
                         let Some(head) = &replay else {
-                            return Err(SendError::Failed(error));
+                            return Err(SendError::Failed(Box::new(error)));
                         };
                         debug!(addr = %self.addr, "reused connection failed ({error}); sending once more");
-                        self.replays.inc();
-                        return self.fresh(rebuild(head)).await;
+                        self.config.replays.inc();
+                        // The one resend: a connect failure now fails it.
+                        return match self.fresh(rebuild(head)).await {
+                            Err(SendError::NotSent { cause, .. }) => {
+                                Err(SendError::Failed(Box::new(cause)))
+                            }
+                            other => other,
+                        };
                     }
                 },
             }
@@ -269,10 +303,10 @@ impl Upstream {
                 })
             }
         };
-        let request_sent = req.body().sent_flag();
+        let tokens = (req.body().sent(), req.body().cut());
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.answered(resp, sender, request_sent)),
-            Err(e) => Err(SendError::Failed(e)),
+            Ok(resp) => Ok(self.answered(resp, sender, tokens)),
+            Err(e) => Err(SendError::Failed(Box::new(e))),
         }
     }
 
@@ -280,17 +314,19 @@ impl Upstream {
         self: &Arc<Self>,
         resp: Response<Incoming>,
         sender: SendRequest<RequestBody>,
-        request_sent: Arc<AtomicBool>,
+        (sent, cut): (CancellationToken, CancellationToken),
     ) -> (Response<Incoming>, Checkin) {
+        let idle_timeout = self.config.idle_timeout;
         let idle_for = match keep_alive_timeout(resp.headers()) {
-            Some(t) => self.idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
-            None => self.idle_timeout,
+            Some(t) => idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
+            None => idle_timeout,
         };
         let checkin = Checkin {
-            sender,
+            sender: Some(sender),
             upstream: self.clone(),
             idle_for,
-            request_sent,
+            sent,
+            cut,
         };
         (resp, checkin)
     }
@@ -301,7 +337,7 @@ impl Upstream {
 fn replayable(req: &Request<RequestBody>) -> bool {
     let idempotent = matches!(
         *req.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     idempotent && req.body().is_empty()
 }
@@ -347,18 +383,15 @@ pub fn keep_alive_timeout(headers: &HeaderMap) -> Option<Duration> {
 /// tap), made on an instance's first lease. The proxy owns them; a lease
 /// only names its instance.
 pub struct InstanceUpstreams {
-    idle_timeout: Duration,
-    replays: IntCounter,
+    config: UpstreamConfig,
     upstreams: dashmap::DashMap<Arc<str>, Arc<Upstream>>,
 }
 
 impl InstanceUpstreams {
-    /// Upstreams whose idle connections close after `idle_timeout`;
-    /// `replays` counts their replays.
-    pub fn new(idle_timeout: Duration, replays: IntCounter) -> Self {
+    /// Upstreams made with `config`.
+    pub fn new(config: UpstreamConfig) -> Self {
         InstanceUpstreams {
-            idle_timeout,
-            replays,
+            config,
             upstreams: Default::default(),
         }
     }
@@ -369,15 +402,18 @@ impl InstanceUpstreams {
         if let Some(u) = self.upstreams.get(lease.instance()) {
             return u.clone();
         }
-        let address = lease.address();
-        let made = Upstream::new(
-            address.addr.into(),
-            Some(address.tap.clone()),
-            self.idle_timeout,
-            self.replays.clone(),
-        );
-        self.upstreams
-            .insert(Arc::from(lease.instance()), made.clone());
+        let made = self
+            .upstreams
+            .entry(Arc::from(lease.instance()))
+            .or_insert_with(|| {
+                let address = lease.address();
+                Upstream::new(
+                    address.addr.into(),
+                    Some(address.tap.clone()),
+                    self.config.clone(),
+                )
+            })
+            .clone();
         let live = pool.instance_names();
         self.upstreams
             .retain(|name, _| live.iter().any(|l| **l == **name));
