@@ -29,7 +29,7 @@ impl Router {
         r
     }
 
-    /// The app for a host name as [`super::Authority::name`] has it
+    /// The app for a host name as the request's authority has it
     /// (lowercase, no port, no trailing dot).
     pub fn route(&self, host: &str) -> Option<&str> {
         if let Some(app) = self.exact.get(host) {
