@@ -426,6 +426,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_idempotent_requests_without_a_body_are_replayable() {
+        let req = |m: Method| {
+            let mut r = Request::new(RequestBody::empty());
+            *r.method_mut() = m;
+            r
+        };
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(replayable(&req(m.clone())), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::TRACE, Method::CONNECT] {
+            assert!(!replayable(&req(m.clone())), "{m}");
+        }
+    }
+
+    #[test]
     fn keep_alive_timeout_is_read_from_any_parameter_position() {
         let mut h = HeaderMap::new();
         h.insert("keep-alive", "max=100, timeout=5".parse().unwrap());
