@@ -582,6 +582,14 @@ async fn serve_raw(
             tokio::time::sleep(Duration::from_secs(30)).await;
             return;
         }
+        if path.starts_with("/trailers") {
+            let _ = w
+                .stream
+                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n")
+                .await;
+            last = Instant::now();
+            continue;
+        }
         if path.starts_with("/both-framings") {
             let _ = w
                 .stream
@@ -2217,4 +2225,38 @@ async fn via_is_added_and_trace_is_refused() {
     once(gw.listen, b"TRACE / HTTP/1.1\r\nHost: a.test\r\n\r\n")
         .await
         .assert_snapgate(405, "TRACE");
+}
+
+/// Trailers end a chunked body like its last chunk: a request whose body
+/// ends with trailers still gets its 504 at response_timeout (the wait
+/// starts once it is sent whole), and a response ending with trailers
+/// gives its connection back for the next request.
+#[tokio::test]
+async fn trailers_end_a_body_on_either_side() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let r = within(
+        Duration::from_secs(8),
+        "an answer to a request with trailers",
+        async {
+            once(
+                gw.listen,
+                b"POST /hold HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-Check: y\r\n\r\n",
+            )
+            .await
+        },
+    )
+    .await;
+    r.assert_snapgate(504, "an unanswered request whose body ended with trailers");
+    let conns_before = up.log().conns;
+    let mut c = Wire::connect(gw.listen).await;
+    for _ in 0..3 {
+        let r = exchange(&mut c, &get("/trailers", "a.test")).await;
+        assert_eq!((r.status, r.text().as_str()), (200, "ok"));
+    }
+    assert_eq!(
+        up.log().conns - conns_before,
+        1,
+        "one upstream connection for the three answers with trailers"
+    );
 }

@@ -333,17 +333,22 @@ fn to_origin(
     };
     parts.uri = Uri::try_from(target)
         .map_err(|_| ErrorKind::BadRequest("the request target is malformed"))?;
-    parts.version = Version::HTTP_11;
     parts.headers.insert(header::HOST, authority.value.clone());
     // A gateway "MUST send an appropriate Via header field in each inbound
     // request message" (RFC 9110 section 7.6.3).
+    // The version is the one received (section 7.6.3).
+    let received = match parts.version {
+        Version::HTTP_10 => "1.0",
+        _ => "1.1",
+    };
     let via = match super::forwarded::joined(&parts.headers, &header::VIA) {
-        Some(prior) => format!("{prior}, 1.1 snapgate"),
-        None => "1.1 snapgate".into(),
+        Some(prior) => format!("{prior}, {received} snapgate"),
+        None => format!("{received} snapgate"),
     };
     if let Ok(v) = HeaderValue::from_str(&via) {
         parts.headers.insert(header::VIA, v);
     }
+    parts.version = Version::HTTP_11;
     if !body.is_empty() && body.size_hint().exact().is_none() {
         parts.headers.remove(header::CONTENT_LENGTH);
         parts.headers.insert(

@@ -196,8 +196,9 @@ impl Body for RequestBody {
                         return Poll::Ready(Some(Err(RequestBodyError::TooLarge(max).into())));
                     }
                 }
-                // A sized body's last frame: hyper polls no further.
-                if this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
+                // The last frame, after which hyper polls no further: a
+                // sized body's last data, or trailers (always last).
+                if frame.is_trailers() || this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
                     this.sent.cancel();
                 }
                 Poll::Ready(Some(Ok(frame)))
@@ -314,6 +315,16 @@ impl ResponseBody {
         }
     }
 
+    /// The app's body ended: the connection goes back to its pool, the
+    /// lease is returned.
+    fn ended(&mut self) {
+        if let Some(checkin) = self.checkin.take() {
+            checkin.put_back();
+        }
+        self.lease = None;
+        self.gone = None;
+    }
+
     /// The exchange failed mid-body: the connection is closed, the lease
     /// returned (an instance is broken only by its VMM's exit: see the
     /// module doc of `proxy::app`).
@@ -345,11 +356,7 @@ impl Body for ResponseBody {
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(None) => {
-                if let Some(checkin) = this.checkin.take() {
-                    checkin.put_back();
-                }
-                this.lease = None;
-                this.gone = None;
+                this.ended();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -358,6 +365,10 @@ impl Body for ResponseBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 this.idle.reset();
+                if frame.is_trailers() {
+                    // Always the last frame; hyper polls no further.
+                    this.ended();
+                }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Pending => match this.idle.poll_expired(cx) {
