@@ -420,8 +420,7 @@ const BIG: usize = 64 << 20;
 /// - `/drop*`: the connection is closed unanswered;
 /// - `/reset*`: the connection is reset unanswered;
 /// - `/hold*`: answered once `release` turns true;
-/// - `/stall-chunked*`: a chunked 200 with one chunk `hello`, then silence;
-/// - `/stall-length*`: `Content-Length: 100` and `hello`, then silence;
+/// - a prefix of [`CANNED`]: its answer, then what it says;
 /// - `/big*`: a 200 of [`BIG`] zero bytes;
 /// - `/empty-answer*`: 200 with an empty body;
 /// - else: 200 with body `<method> <target>` (chunked in
@@ -481,6 +480,50 @@ impl Upstream {
         seen[0].clone()
     }
 }
+
+/// What a canned answer's connection does next.
+enum Then {
+    /// Serves its next request.
+    Next,
+    /// Sends nothing more for 30 s, then closes.
+    Stall,
+    /// Closes 300 ms later, unread.
+    CloseSoon,
+}
+
+/// Answers written as they are, by path prefix (see [`Upstream`]).
+const CANNED: &[(&str, &[u8], Then)] = &[
+    (
+        "/stall-chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+        Then::Stall,
+    ),
+    (
+        "/stall-length",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello",
+        Then::Stall,
+    ),
+    (
+        "/switch",
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n",
+        Then::Stall,
+    ),
+    (
+        "/trailers",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n",
+        Then::Next,
+    ),
+    (
+        "/both-framings",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n",
+        Then::Next,
+    ),
+    (
+        "/then-close",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        Then::CloseSoon,
+    ),
+];
 
 async fn serve_raw(
     mut w: Wire,
@@ -558,54 +601,18 @@ async fn serve_raw(
             let mut rx = release.subscribe();
             let _ = rx.wait_for(|r| *r).await;
         }
-        if path.starts_with("/stall-chunked") {
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
-                .await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            return;
-        }
-        if path.starts_with("/stall-length") {
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhello")
-                .await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            return;
-        }
-        if path.starts_with("/switch") {
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n")
-                .await;
-            tokio::time::sleep(Duration::from_secs(30)).await;
-            return;
-        }
-        if path.starts_with("/trailers") {
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Sum\r\n\r\n2\r\nok\r\n0\r\nX-Sum: 1\r\n\r\n")
-                .await;
-            last = Instant::now();
-            continue;
-        }
-        if path.starts_with("/both-framings") {
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\na\r\n0123456789\r\n0\r\n\r\n")
-                .await;
-            last = Instant::now();
-            continue;
-        }
-        if path.starts_with("/then-close") {
-            // Answered; then the app closes the connection a moment later
-            // without reading what arrived meanwhile (the kernel resets it).
-            let _ = w
-                .stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-                .await;
-            tokio::time::sleep(Duration::from_millis(300)).await;
+        if let Some((_, answer, then)) = CANNED.iter().find(|(p, ..)| path.starts_with(p)) {
+            let _ = w.stream.write_all(answer).await;
+            match then {
+                Then::Next => {
+                    last = Instant::now();
+                    continue;
+                }
+                Then::Stall => tokio::time::sleep(Duration::from_secs(30)).await,
+                // The app closes a moment later without reading what
+                // arrived meanwhile (the kernel resets the connection).
+                Then::CloseSoon => tokio::time::sleep(Duration::from_millis(300)).await,
+            }
             return;
         }
         if path.starts_with("/big") {
@@ -792,6 +799,14 @@ fn app(name: &str, host: &str, upstream: SocketAddr, extra: &[&str]) -> String {
         s += &format!("    {e}\n");
     }
     s
+}
+
+/// A default [`Upstream`] and a gateway (top-level keys `top`) whose one
+/// static app `a` on `a.test` it serves (more keys of the app: `extra`).
+async fn app_a(top: &str, extra: &[&str]) -> (Upstream, Gw) {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway(top, &[app("a", "a.test", up.addr, extra)]).await;
+    (up, gw)
 }
 
 /// The sum of the series of metric `name` that have all of `labels`.
@@ -1110,8 +1125,7 @@ async fn an_absolute_form_target_routes_by_its_authority() {
 /// unknown hosts are a 404.
 #[tokio::test]
 async fn the_app_gets_the_clients_authority_as_host() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     for (request, target, host) in [
         (
             &b"GET /h1 HTTP/1.1\r\nHost: a.test\r\n\r\n"[..],
@@ -1191,8 +1205,7 @@ async fn a_missing_repeated_or_malformed_host_is_a_400() {
 /// Content-Length, on one kept-alive client connection.
 #[tokio::test]
 async fn request_bodies_reach_the_app_as_sent_for_every_method() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let body = pattern(70_000);
     let mut c = Wire::connect(gw.listen).await;
     let mut paths = Vec::new();
@@ -1269,8 +1282,7 @@ fn te_and_cl_requests() -> [(&'static str, Vec<u8>); 2] {
 /// chunked body and no Content-Length.
 #[tokio::test]
 async fn transfer_encoding_with_content_length_smuggles_nothing() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     for (target, req) in te_and_cl_requests() {
         let mut c = Wire::connect(gw.listen).await;
         let r = exchange(&mut c, &req).await;
@@ -1306,8 +1318,7 @@ async fn transfer_encoding_with_content_length_smuggles_nothing() {
 /// An empty body stays empty; a GET without one gets no body framing.
 #[tokio::test]
 async fn an_empty_body_stays_empty() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let mut c = Wire::connect(gw.listen).await;
     for req in [
         &b"GET /e1 HTTP/1.1\r\nHost: a.test\r\n\r\n"[..],
@@ -1339,8 +1350,7 @@ async fn an_empty_body_stays_empty() {
 /// snapgate sets exactly one of each header from what it saw.
 #[tokio::test]
 async fn an_untrusted_peers_forwarding_headers_are_replaced() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let r = once(
         gw.listen,
         b"GET /fwd HTTP/1.1\r\nHost: a.test\r\n\
@@ -1444,8 +1454,7 @@ const MIB: usize = 1 << 20;
 /// 404, not a broken pipe.
 #[tokio::test]
 async fn a_client_still_uploading_gets_the_404() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     let got = python_posts(gw.listen, "nobody.test", "/", &[2 * MIB, 8 * MIB]).await;
     assert_eq!(got, ["404", "404"]);
 }
@@ -1453,8 +1462,7 @@ async fn a_client_still_uploading_gets_the_404() {
 /// ... and the 413 over max_body_size.
 #[tokio::test]
 async fn a_client_still_uploading_gets_the_413() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &["max_body_size: 1MiB"])]).await;
+    let (up, gw) = app_a("", &["max_body_size: 1MiB"]).await;
     let got = python_posts(gw.listen, "a.test", "/up", &[2 * MIB, 8 * MIB]).await;
     assert_eq!(got, ["413", "413"]);
     assert!(up.log().seen.is_empty(), "{:?}", up.log().heads);
@@ -1463,12 +1471,7 @@ async fn a_client_still_uploading_gets_the_413() {
 /// ... and the 503 over max_requests_in_flight.
 #[tokio::test]
 async fn a_client_still_uploading_gets_the_503() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "limits: { max_requests_in_flight: 1 }\n",
-        &[app("a", "a.test", up.addr, &[])],
-    )
-    .await;
+    let (up, gw) = app_a("limits: { max_requests_in_flight: 1 }\n", &[]).await;
     let held = tokio::spawn(
         http()
             .get(format!("http://{}/hold", gw.listen))
@@ -1494,10 +1497,9 @@ async fn a_client_still_uploading_gets_the_503() {
 /// slot is freed and the upstream exchange ended.
 #[tokio::test]
 async fn a_stalled_request_body_gets_408_and_frees_its_slot() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
+    let (up, gw) = app_a(
         "body_read_timeout: 1s\nlimits: { max_requests_in_flight: 1 }\n",
-        &[app("a", "a.test", up.addr, &[])],
+        &[],
     )
     .await;
     let started = Instant::now();
@@ -1531,10 +1533,9 @@ async fn a_stalled_request_body_gets_408_and_frees_its_slot() {
 /// what it got is short of the whole.
 #[tokio::test]
 async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
+    let (up, gw) = app_a(
         "send_timeout: 1s\nlimits: { max_requests_in_flight: 1 }\n",
-        &[app("a", "a.test", up.addr, &[])],
+        &[],
     )
     .await;
     let mut c = Wire::connect(gw.listen).await;
@@ -1571,12 +1572,7 @@ async fn a_client_that_stops_reading_is_cut_off_after_send_timeout() {
 /// cut after upstream_read_timeout (an unfinished body, then the close).
 #[tokio::test]
 async fn a_stalled_response_body_is_cut_off_after_upstream_read_timeout() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "",
-        &[app("a", "a.test", up.addr, &["upstream_read_timeout: 1s"])],
-    )
-    .await;
+    let (_up, gw) = app_a("", &["upstream_read_timeout: 1s"]).await;
     for path in ["/stall-chunked", "/stall-length"] {
         let mut c = Wire::connect(gw.listen).await;
         let started = Instant::now();
@@ -1642,8 +1638,7 @@ async fn heads_over_max_header_bytes_or_max_headers_get_431() {
 /// are a 431; a 50 KB header and 90 lines are served.
 #[tokio::test]
 async fn the_default_limits_refuse_a_200_kb_head_and_150_header_lines() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     for (what, req, status) in [
         ("a 50 KB header", padded("/50k", 1, 50_000), 200),
         ("a 200 KB header", padded("/200k", 1, 200_000), 431),
@@ -1659,12 +1654,7 @@ async fn the_default_limits_refuse_a_200_kb_head_and_150_header_lines() {
 /// byte of body), or when a chunked body grows past it; at the limit: 200.
 #[tokio::test]
 async fn a_body_over_max_body_size_gets_413() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "body_read_timeout: 5s\n",
-        &[app("a", "a.test", up.addr, &["max_body_size: 1KiB"])],
-    )
-    .await;
+    let (up, gw) = app_a("body_read_timeout: 5s\n", &["max_body_size: 1KiB"]).await;
     // Only the head: the answer must not wait for the body.
     let started = Instant::now();
     let r = once(
@@ -1710,12 +1700,7 @@ async fn a_body_over_max_body_size_gets_413() {
 /// served again.
 #[tokio::test]
 async fn requests_over_max_requests_in_flight_are_shed() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "limits: { max_requests_in_flight: 7 }\n",
-        &[app("a", "a.test", up.addr, &[])],
-    )
-    .await;
+    let (up, gw) = app_a("limits: { max_requests_in_flight: 7 }\n", &[]).await;
     let client = http();
     let held: Vec<_> = (0..7)
         .map(|i| {
@@ -1793,12 +1778,7 @@ async fn assert_refused_connection(c: &mut Wire, what: &str) {
 /// once a connection closes, a new one is served.
 #[tokio::test]
 async fn connections_over_max_connections_get_503_and_are_closed() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "limits: { max_connections: 2 }\n",
-        &[app("a", "a.test", up.addr, &[])],
-    )
-    .await;
+    let (up, gw) = app_a("limits: { max_connections: 2 }\n", &[]).await;
     let mut c1 = Wire::connect(gw.listen).await;
     let mut c2 = Wire::connect(gw.listen).await;
     assert_eq!(exchange(&mut c1, &get("/1", "a.test")).await.status, 200);
@@ -1829,12 +1809,7 @@ async fn connections_over_max_connections_get_503_and_are_closed() {
 /// from 127.0.0.1 is refused, one from 127.0.0.2 is served.
 #[tokio::test]
 async fn connections_over_max_connections_per_client_get_503() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway(
-        "limits: { max_connections_per_client: 2 }\n",
-        &[app("a", "a.test", up.addr, &[])],
-    )
-    .await;
+    let (up, gw) = app_a("limits: { max_connections_per_client: 2 }\n", &[]).await;
     let mut c1 = Wire::connect(gw.listen).await;
     let mut c2 = Wire::connect(gw.listen).await;
     assert_eq!(exchange(&mut c1, &get("/1", "a.test")).await.status, 200);
@@ -1875,8 +1850,7 @@ async fn connections_over_max_connections_per_client_get_503() {
 /// `Connection` names are not forwarded.
 #[tokio::test]
 async fn a_clients_connection_header_strips_nothing_snapgate_needs() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let mut c = Wire::connect(gw.listen).await;
     let requests: &[(&str, &[u8])] = &[
         ("/c1", b"POST /c1 HTTP/1.1\r\nHost: a.test\r\nConnection: host\r\nContent-Length: 5\r\n\r\nhello"),
@@ -1973,8 +1947,7 @@ async fn an_http_1_0_app_still_gives_the_client_a_kept_alive_http_1_1_connection
 /// ones are served.
 #[tokio::test]
 async fn a_reset_exchange_fails_only_that_request() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     for round in 0..2 {
         let r = once(gw.listen, &get("/reset", "a.test")).await;
         r.assert_snapgate(502, "a reset exchange");
@@ -2064,8 +2037,7 @@ async fn an_early_answer_to_a_slow_upload_ends_its_forwarding() {
 /// section 6.3), not cut at the Content-Length; the connection goes on.
 #[tokio::test]
 async fn a_response_framed_both_ways_reaches_the_client_as_chunked_says() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     let mut c = Wire::connect(gw.listen).await;
     let r = exchange(&mut c, &get("/both-framings", "a.test")).await;
     assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
@@ -2110,8 +2082,7 @@ async fn a_get_on_a_connection_the_app_resets_is_replayed() {
 /// 502, not a bare 101.
 #[tokio::test]
 async fn an_unasked_switch_of_protocols_is_a_502() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     once(gw.listen, &get("/switch", "a.test"))
         .await
         .assert_snapgate(502, "an unasked 101");
@@ -2122,8 +2093,7 @@ async fn an_unasked_switch_of_protocols_is_a_502() {
 /// labels are a 400.
 #[tokio::test]
 async fn odd_targets_and_hosts_are_read_as_the_rfcs_say() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (_up, gw) = app_a("", &[]).await;
     let r = once(
         gw.listen,
         b"GET http://a.test?token=abc HTTP/1.1\r\nHost: a.test\r\n\r\n",
@@ -2186,8 +2156,7 @@ async fn response_timeout_does_not_count_a_slow_upload() {
 /// reading the client's next request as body bytes.
 #[tokio::test]
 async fn an_expect_100_continue_answered_early_is_not_drained() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &["max_body_size: 10"])]).await;
+    let (up, gw) = app_a("", &["max_body_size: 10"]).await;
     let mut c = Wire::connect(gw.listen).await;
     let r = exchange(
         &mut c,
@@ -2210,8 +2179,7 @@ async fn an_expect_100_continue_answered_early_is_not_drained() {
 /// added; TRACE is not served.
 #[tokio::test]
 async fn via_is_added_and_trace_is_refused() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let r = once(
         gw.listen,
         b"GET /via HTTP/1.1\r\nHost: a.test\r\nVia: 1.0 corp-proxy\r\n\r\n",
@@ -2233,8 +2201,7 @@ async fn via_is_added_and_trace_is_refused() {
 /// gives its connection back for the next request.
 #[tokio::test]
 async fn trailers_end_a_body_on_either_side() {
-    let up = Upstream::start(Mode::default()).await;
-    let gw = gateway("", &[app("a", "a.test", up.addr, &[])]).await;
+    let (up, gw) = app_a("", &[]).await;
     let r = within(
         Duration::from_secs(8),
         "an answer to a request with trailers",
