@@ -11,16 +11,21 @@
 //!    `Retry-After` when the queue is full, the hold times out or no
 //!    instance can start). A static app has one fixed upstream.
 //! 5. Forward with [`Upstream::send`], waiting at most `response_timeout`
-//!    for response headers (504) and giving up if the instance's VMM dies.
-//!    A request of which no byte was written (the connection could not be
-//!    made) is sent once more: on another instance for a VM app (the
-//!    failed one is marked broken), on a fresh connection for a static one.
+//!    for response headers once the request is sent whole (504), and
+//!    giving up if the instance's VMM dies. A request of which no byte was
+//!    written (the connection could not be made) is sent once more: on
+//!    another instance for a VM app (the failed one marked broken if it
+//!    refused the connection), on a fresh connection for a static one.
+//!    With the upstream's own resend (its step 3), a request is sent at
+//!    most twice.
 //! 6. The answer streams back in a [`ResponseBody`], which holds the lease
 //!    and the upstream connection until its end.
 //!
 //! One rule breaks an instance: its VMM exited, or it refused a
-//! connection. A reset or a timeout of one exchange, before or during the
-//! body, fails only that request: the next one gets a fresh connection.
+//! connection (refused, unreachable, its tap gone; not a connect timeout,
+//! which a full backlog gives). A reset or a timeout of one exchange,
+//! before or during the body, fails only that request: the next one gets
+//! a fresh connection.
 
 use std::collections::HashMap;
 use std::sync::Arc;
