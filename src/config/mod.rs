@@ -421,6 +421,33 @@ fn default_send_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
+/// One certificate of the TLS listener and the hosts it serves.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// Exact names and `*.example.com` wildcards this certificate serves.
+    pub hosts: Vec<String>,
+    /// PEM file: the certificate, then its chain.
+    pub cert: PathBuf,
+    /// PEM file: its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// The TLS listener (see `src/proxy/tls.rs` for how a certificate is
+/// chosen).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// Address of the HTTPS listener.
+    pub listen: SocketAddr,
+    /// Certificates by host.
+    pub certificates: Vec<CertificateConfig>,
+    /// A host of one of `certificates` whose certificate answers a client
+    /// naming no listed host (or none); without it, such a handshake fails.
+    #[serde(default)]
+    pub default_host: Option<String>,
+}
+
 /// CIDRs (`10.0.0.0/8`), or single addresses (`10.0.0.1`, as a /32 or
 /// /128).
 fn nets<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<IpNet>, D::Error> {
@@ -470,6 +497,9 @@ pub struct Config {
     /// Connection and request caps.
     #[serde(default)]
     pub limits: Limits,
+    /// The HTTPS listener; none by default.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -559,6 +589,10 @@ impl Config {
         abs(&mut self.state_dir);
         if let Some(dir) = &mut self.snapshot_dir {
             abs(dir);
+        }
+        for c in self.tls.iter_mut().flat_map(|t| t.certificates.iter_mut()) {
+            abs(&mut c.cert);
+            abs(&mut c.key);
         }
         for rt in self.apps.values_mut().filter_map(|a| a.runtime.as_mut()) {
             abs(&mut rt.code);
@@ -695,6 +729,35 @@ mod tests {
         assert_eq!(c.apps["a"].max_body_size.as_u64(), 2 * 1024 * 1024);
         assert_eq!(c.apps["a"].upstream_idle_timeout, Duration::from_secs(4));
         assert!(c.validate().is_empty(), "{:?}", c.validate());
+    }
+
+    #[test]
+    fn tls_settings_are_checked_with_their_keys() {
+        let c = Config::parse(
+            "tls:\n  listen: 127.0.0.1:8443\n  default_host: nowhere.test\n  certificates:\n\
+             \x20   - { hosts: [a.test, 'Bad..name'], cert: /nonexistent/a.pem, key: /nonexistent/a.key }\n\
+             \x20   - { hosts: [a.test], cert: /nonexistent/b.pem, key: /nonexistent/b.key }\n\
+             apps:\n  a:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n",
+        )
+        .unwrap();
+        let problems: Vec<String> = c
+            .validate()
+            .into_iter()
+            .chain(c.preflight())
+            .map(|p| p.key)
+            .collect();
+        for key in [
+            "tls.certificates[0].hosts[1]",
+            "tls.certificates[1].hosts[0]",
+            "tls.default_host",
+            "tls.certificates[0].cert",
+            "tls.certificates[1].key",
+        ] {
+            assert!(
+                problems.iter().any(|p| p == key),
+                "{key} not in {problems:?}"
+            );
+        }
     }
 
     #[test]

@@ -22,6 +22,21 @@ impl Config {
                 message,
             })
         };
+        for (i, c) in self
+            .tls
+            .iter()
+            .flat_map(|t| t.certificates.iter())
+            .enumerate()
+        {
+            for (field, path) in [("cert", &c.cert), ("key", &c.key)] {
+                if let Err(e) = std::fs::File::open(path) {
+                    add(
+                        format!("tls.certificates[{i}].{field}"),
+                        format!("{}: {e}", path.display()),
+                    );
+                }
+            }
+        }
         for (name, app) in &self.apps {
             let at = format!("apps.{name}");
             if let Some(image) = &app.image {
@@ -85,6 +100,7 @@ impl Config {
             add("apps".into(), "at least one app is needed".into());
         }
         self.validate_limits(&mut add);
+        self.validate_tls(&mut add);
         // Port 0 asks for any free port: two of those never clash.
         if self.listen == self.admin && self.listen.port() != 0 {
             add(
@@ -363,6 +379,56 @@ impl Config {
                     "{head} bytes is outside {MIN_HEADER_BYTES} (8 KiB) to {MAX_HEADER_BYTES} (16 MiB)"
                 ),
             );
+        }
+    }
+}
+
+impl Config {
+    /// The TLS listener's own checks: hosts well-formed and listed once,
+    /// the default host among them, its address apart from the others.
+    fn validate_tls(&self, add: &mut impl FnMut(String, String)) {
+        let Some(tls) = &self.tls else { return };
+        if tls.certificates.is_empty() {
+            add(
+                "tls.certificates".into(),
+                "at least one certificate is needed".into(),
+            );
+        }
+        let shared = tls.listen == self.listen || tls.listen == self.admin;
+        // Port 0 asks for any free port: two of those never clash.
+        if shared && tls.listen.port() != 0 {
+            add(
+                "tls.listen".into(),
+                format!("{} is also another listener's address", tls.listen),
+            );
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for (i, c) in tls.certificates.iter().enumerate() {
+            if c.hosts.is_empty() {
+                add(
+                    format!("tls.certificates[{i}].hosts"),
+                    "at least one host is needed".into(),
+                );
+            }
+            for (j, host) in c.hosts.iter().enumerate() {
+                let key = format!("tls.certificates[{i}].hosts[{j}]");
+                if let Err(e) = check_host_pattern(host) {
+                    add(key, format!("{host:?}: {e}"));
+                } else if !seen.insert(host.as_str()) {
+                    add(
+                        key,
+                        format!("{host:?} is listed with another certificate too"),
+                    );
+                }
+            }
+        }
+        if let Some(default) = &tls.default_host {
+            if !seen.contains(default.as_str()) {
+                add(
+                    "tls.default_host".into(),
+                    format!("{default:?} is not a host of any certificate"),
+                );
+            }
         }
     }
 }

@@ -68,6 +68,8 @@ pub struct Running {
     pub listen: SocketAddr,
     /// Where it serves `/metrics`.
     pub admin: SocketAddr,
+    /// Where it serves HTTPS, if `tls` is configured.
+    pub tls: Option<SocketAddr>,
     /// The proxy (pools, for tests and admin use).
     pub proxy: Arc<Apps>,
     /// The metrics registry.
@@ -79,6 +81,7 @@ pub struct Running {
     pub runtime_metrics: runtime::RuntimeMetrics,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
+    tls_server: Option<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     admin_stop: tokio_util::sync::CancellationToken,
     tasks: Tasks,
@@ -107,6 +110,18 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // Bound first: a taken port fails start-up before any VM exists.
     let (listener, admin_listener) = bind(config).await?;
     let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
+    // Certificates load before any VM starts: a bad file fails start-up.
+    let tls = match &config.tls {
+        Some(tls) => {
+            let store = crate::proxy::tls::CertStore::load(tls)?;
+            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config()?);
+            let listener = TcpListener::bind(tls.listen)
+                .await
+                .with_context(|| format!("tls.listen: binding {}", tls.listen))?;
+            Some((listener, acceptor))
+        }
+        None => None,
+    };
     let registry = Registry::new();
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
@@ -143,19 +158,21 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Apps::new(router, targets, proxy_metrics.clone()));
-    let stack = crate::proxy::stack::build(
-        proxy.clone(),
-        &crate::proxy::StackConfig {
-            body_read_timeout: config.body_read_timeout,
-            max_requests_in_flight: config.limits.max_requests_in_flight,
-            max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
-                .unwrap_or(usize::MAX),
-            trusted_proxies: config.trusted_proxies.clone(),
-            proto: "http",
-        },
-        proxy_metrics.clone(),
-        tasks.clone(),
-    );
+    let stack_for = |proto| {
+        crate::proxy::stack::build(
+            proxy.clone(),
+            &crate::proxy::StackConfig {
+                body_read_timeout: config.body_read_timeout,
+                max_requests_in_flight: config.limits.max_requests_in_flight,
+                max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
+                    .unwrap_or(usize::MAX),
+                trusted_proxies: config.trusted_proxies.clone(),
+                proto,
+            },
+            proxy_metrics.clone(),
+            tasks.clone(),
+        )
+    };
     let listening = crate::proxy::Listening {
         header_read_timeout: config.header_read_timeout,
         send_timeout: config.send_timeout,
@@ -169,11 +186,26 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
 
     let (stop, stop_rx) = watch::channel(false);
+    let (tls_listen, tls_server) = match tls {
+        Some((tls_listener, acceptor)) => (
+            Some(tls_listener.local_addr()?),
+            Some(tasks.tracker.spawn(crate::proxy::serve(
+                tls_listener,
+                stack_for("https"),
+                listening.clone(),
+                proxy_metrics.clone(),
+                Some(acceptor),
+                stop_rx.clone(),
+            ))),
+        ),
+        None => (None, None),
+    };
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
-        stack,
+        stack_for("http"),
         listening,
         proxy_metrics,
+        None,
         stop_rx,
     ));
     let admin_stop = tasks.cancel.child_token();
@@ -187,19 +219,22 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     info!(%listen, %admin, "serving");
     // Serving has begun: a progress line that cannot be written (a closed
     // pipe) must not end it.
+    let https = tls_listen.map_or(String::new(), |a| format!(", https://{a}"));
     let _ = writeln!(
         out,
-        "serving on http://{listen}, metrics on http://{admin}/metrics"
+        "serving on http://{listen}{https}, metrics on http://{admin}/metrics"
     );
     Ok(Running {
         listen,
         admin,
+        tls: tls_listen,
         proxy,
         registry,
         runtimes,
         runtime_metrics,
         stop,
         server,
+        tls_server,
         admin_task,
         admin_stop,
         tasks,
@@ -434,6 +469,9 @@ impl Running {
             pool.begin_close();
         }
         let _ = (&mut self.server).await;
+        if let Some(tls_server) = &mut self.tls_server {
+            let _ = tls_server.await;
+        }
         self.admin_stop.cancel();
         let _ = (&mut self.admin_task).await;
         for pool in self.proxy.pools() {

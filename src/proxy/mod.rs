@@ -24,6 +24,7 @@ mod limits;
 mod metrics;
 mod router;
 pub mod stack;
+pub mod tls;
 mod upstream;
 
 use std::time::Duration;
@@ -82,14 +83,16 @@ pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }
 
-/// Accepts connections on `listener` until `stop` turns true, serving each
-/// request with `stack`; then lets open connections finish for at most
-/// `listening.grace`.
+/// Accepts connections on `listener` until `stop` turns true (over TLS
+/// with `tls`, its handshake bounded by `header_read_timeout`), serving
+/// each request with `stack`; then lets open connections finish for at
+/// most `listening.grace`.
 pub async fn serve(
     listener: TcpListener,
     stack: Stack,
     listening: Listening,
     metrics: ProxyMetrics,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     mut stop: watch::Receiver<bool>,
 ) {
     let graceful = GracefulShutdown::new();
@@ -144,8 +147,6 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let mut io = tokio_io_timeout::TimeoutStream::new(stream);
-        io.set_write_timeout(Some(listening.send_timeout));
         let peer = Peer {
             addr: remote,
             local,
@@ -156,14 +157,35 @@ pub async fn serve(
                 req
             })
             .service(stack.clone());
-        let conn = graceful.watch(http.serve_connection(
-            TokioIo::new(Box::pin(io)),
-            TowerToHyperService::new(service),
-        ));
+        let service = TowerToHyperService::new(service);
+        let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+        let (send_timeout, handshake_timeout) =
+            (listening.send_timeout, listening.header_read_timeout);
         let gauge = metrics.connections().clone();
         connections.spawn(async move {
             gauge.inc();
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => {
+                    let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+                    io.set_write_timeout(Some(send_timeout));
+                    let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service);
+                    watcher.watch(conn).await.map_err(BoxError::from)
+                }
+                // The handshake is bounded like a request head.
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
+                            io.set_write_timeout(Some(send_timeout));
+                            let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service);
+                            watcher.watch(conn).await.map_err(BoxError::from)
+                        }
+                        Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
+                        Err(_) => Err("TLS handshake: timed out".into()),
+                    }
+                }
+            };
+            if let Err(e) = served {
                 debug!(%remote, "connection: {e}");
             }
             gauge.dec();

@@ -1,0 +1,156 @@
+//! TLS on the front door (rustls): certificates per host, from PEM files
+//! named in `proxy.yaml`, chosen by the client's SNI.
+//!
+//! Rules:
+//! 1. TLS 1.3 and 1.2 only (rustls implements nothing older), with
+//!    rustls's cipher suites on ring: AEAD ciphers with forward secrecy.
+//! 2. ALPN offers `http/1.1`.
+//! 3. A certificate serves the hosts listed with it: exact names first,
+//!    then the longest matching `*.` wildcard (one label, as RFC 6125
+//!    section 6.4.3 reads wildcards). SNI is matched case-folded, without a
+//!    trailing dot.
+//! 4. A client whose SNI names no listed host, or that sends none, gets the
+//!    certificate of `tls.default_host` if the config names one; otherwise
+//!    the handshake fails (rustls sends an alert): snapgate never shows a
+//!    certificate for a host it was not asked for.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+
+use crate::config::TlsConfig;
+
+/// Why the TLS settings could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate file could not be read or holds no certificate.
+    #[error("tls.certificates[{index}].cert: {path}: {why}")]
+    Cert {
+        /// Its index under `tls.certificates`.
+        index: usize,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// A key file could not be read, holds no key, or a key rustls cannot
+    /// sign with.
+    #[error("tls.certificates[{index}].key: {path}: {why}")]
+    Key {
+        /// Its index under `tls.certificates`.
+        index: usize,
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// rustls refused the configuration.
+    #[error("tls: {0}")]
+    Rustls(#[from] rustls::Error),
+}
+
+/// The certificates by host (rule 3) and the default (rule 4).
+#[derive(Debug, Default)]
+pub struct CertStore {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// (suffix with its leading dot, certificate), longest first.
+    wildcards: Vec<(String, Arc<CertifiedKey>)>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl CertStore {
+    /// Loads every certificate and key `config` names.
+    pub fn load(config: &TlsConfig) -> Result<CertStore, TlsError> {
+        let mut store = CertStore::default();
+        for (index, c) in config.certificates.iter().enumerate() {
+            let key = Arc::new(certified_key(index, &c.cert, &c.key)?);
+            for host in &c.hosts {
+                match host.strip_prefix('*') {
+                    Some(suffix) => store.wildcards.push((suffix.to_owned(), key.clone())),
+                    None => {
+                        store.exact.insert(host.clone(), key.clone());
+                    }
+                }
+            }
+        }
+        store
+            .wildcards
+            .sort_by_key(|w| std::cmp::Reverse(w.0.len()));
+        store.default = config
+            .default_host
+            .as_deref()
+            .and_then(|h| store.for_name(h));
+        Ok(store)
+    }
+
+    /// The certificate for `name` by rule 3.
+    fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if let Some(key) = self.exact.get(&name) {
+            return Some(key.clone());
+        }
+        self.wildcards
+            .iter()
+            .find(|(suffix, _)| {
+                name.ends_with(suffix.as_str())
+                    && name.len() > suffix.len()
+                    && !name[..name.len() - suffix.len()].contains('.')
+            })
+            .map(|(_, key)| key.clone())
+    }
+
+    /// The rustls server config serving this store (rules 1 and 2).
+    pub fn server_config(self) -> Result<Arc<ServerConfig>, TlsError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_no_client_auth()
+            .with_cert_resolver(Arc::new(self));
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        hello
+            .server_name()
+            .and_then(|name| self.for_name(name))
+            .or_else(|| self.default.clone())
+    }
+}
+
+/// The certificate chain of `cert` with the key of `key`.
+fn certified_key(index: usize, cert: &Path, key: &Path) -> Result<CertifiedKey, TlsError> {
+    let cert_error = |why: String| TlsError::Cert {
+        index,
+        path: cert.display().to_string(),
+        why,
+    };
+    let key_error = |why: String| TlsError::Key {
+        index,
+        path: key.display().to_string(),
+        why,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| cert_error(e.to_string()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| cert_error(e.to_string()))?;
+    if chain.is_empty() {
+        return Err(cert_error("no PEM certificate in it".into()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| key_error(e.to_string()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&der)
+        .map_err(|e| key_error(e.to_string()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| key_error(format!("does not match the certificate: {e}")))?;
+    Ok(certified)
+}

@@ -1,0 +1,266 @@
+//! The TLS listener against real TLS clients (curl, openssl s_client)
+//! and certificates made by `openssl` for the test: a test CA, one
+//! certificate for `a.test` and one for `*.b.test`. Only loopback traffic.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA in `dir` (`ca.pem`, `ca.key`) and, for each `(name, san)`, a
+/// certificate `<name>.pem` with key `<name>.key` that it signed.
+fn pki(dir: &Path, leaves: &[(&str, &str)]) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=snapgate test CA",
+        ],
+    );
+    for (name, san) in leaves {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("subjectAltName=DNS:{san}\n"),
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+/// An upstream answering `<Host> <X-Forwarded-Proto>`.
+async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let h = |n: &str| {
+                        req.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let body = format!("{} {}", h("host"), h("x-forwarded-proto"));
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// A gateway with a TLS listener serving the two test certificates (and
+/// `default_host`, if given) in front of one static app.
+async fn gateway(dir: &Path, default_host: Option<&str>) -> snapgate::gateway::Running {
+    let up = upstream().await;
+    let default = default_host.map_or(String::new(), |h| format!("  default_host: {h}\n"));
+    let file = dir.join("proxy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
+             network: {{ tap_prefix: sgtl }}\n\
+             tls:\n  listen: 127.0.0.1:0\n{default}  certificates:\n\
+             \x20   - {{ hosts: [a.test], cert: a.pem, key: a.key }}\n\
+             \x20   - {{ hosts: ['*.b.test'], cert: b.pem, key: b.key }}\n\
+             apps:\n  site:\n    hosts: [a.test, '*.b.test', c.test]\n    upstream: {up}\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    snapgate::gateway::start(&config, &mut std::io::sink())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `curl` to `https://<host>:<port>/` resolved to `tls`, verifying against
+/// the test CA: its exit code and output.
+async fn curl(dir: &Path, tls: SocketAddr, host: &str, extra: &[&str]) -> (i32, String) {
+    let port = tls.port();
+    let out = tokio::process::Command::new("curl")
+        .current_dir(dir)
+        .args(["-sS", "--max-time", "10", "--cacert", "ca.pem", "--resolve"])
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(extra)
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .await
+        .expect("curl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The subject of the certificate `tls` shows a client naming `sni`, or
+/// `None` if the handshake fails.
+async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<String> {
+    let out = tokio::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            sni,
+            "-brief",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Peer certificate: "))
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn two_hosts_two_certificates_verified_by_a_real_client() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let gw = gateway(dir.path(), None).await;
+    let tls = gw.tls.expect("a TLS listener");
+    let (code, out) = curl(dir.path(), tls, "a.test", &[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("a.test:{} https", tls.port()).as_str())
+    );
+    let (code, out) = curl(dir.path(), tls, "x.b.test", &[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("x.b.test:{} https", tls.port()).as_str())
+    );
+    assert_eq!(
+        certificate_for(dir.path(), tls, "a.test").await.as_deref(),
+        Some("CN = a")
+    );
+    assert_eq!(
+        certificate_for(dir.path(), tls, "x.b.test")
+            .await
+            .as_deref(),
+        Some("CN = b")
+    );
+    // A wildcard covers one label only.
+    assert_eq!(certificate_for(dir.path(), tls, "y.x.b.test").await, None);
+    // The plain listener still says http.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/", gw.listen))
+        .header("host", "a.test")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(plain, "a.test http");
+    // Nothing older than TLS 1.2 is spoken.
+    let (code, out) = curl(
+        dir.path(),
+        tls,
+        "a.test",
+        &["--tlsv1.0", "--tls-max", "1.1"],
+    )
+    .await;
+    assert_ne!(code, 0, "a TLS 1.1 handshake succeeded: {out}");
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let gw = gateway(dir.path(), None).await;
+    let tls = gw.tls.unwrap();
+    assert_eq!(certificate_for(dir.path(), tls, "c.test").await, None);
+    let (code, out) = curl(dir.path(), tls, "c.test", &["-k"]).await;
+    assert_eq!(code, 35, "curl: {out}");
+    gw.shutdown().await;
+
+    let gw = gateway(dir.path(), Some("a.test")).await;
+    let tls = gw.tls.unwrap();
+    assert_eq!(
+        certificate_for(dir.path(), tls, "c.test").await.as_deref(),
+        Some("CN = a")
+    );
+    // The certificate is a.test's, so a verifying client refuses it for
+    // c.test; one that does not verify is served.
+    let (code, _) = curl(dir.path(), tls, "c.test", &[]).await;
+    assert_eq!(code, 60, "the a.test certificate verified for c.test");
+    let (code, out) = curl(dir.path(), tls, "c.test", &["-k"]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("c.test:{} https", tls.port()).as_str())
+    );
+    gw.shutdown().await;
+}
