@@ -264,3 +264,68 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
     );
     gw.shutdown().await;
 }
+
+/// testssl.sh (Debian's, installed by `scripts/test`, hence gated with the
+/// VM tests) against the TLS listener: no protocol, cipher or
+/// vulnerability finding of medium severity or worse. The test CA is added
+/// to its trust store; findings about the certificate itself (a one-day
+/// test certificate with no revocation service) are the test's, not the
+/// listener's, and are left out, as are the HTTP security headers of the
+/// answer (HSTS and the like), which are the app's.
+#[cfg(feature = "vm-tests")]
+#[tokio::test]
+async fn testssl_finds_no_weak_protocol_or_cipher() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let gw = gateway(dir.path(), None).await;
+    let tls = gw.tls.unwrap();
+    let out = tokio::process::Command::new("testssl")
+        .current_dir(dir.path())
+        .args([
+            "--quiet",
+            "--color",
+            "0",
+            "--warnings",
+            "off",
+            "--add-ca",
+            "ca.pem",
+        ])
+        .args(["--jsonfile", "testssl.json", "--ip", "127.0.0.1"])
+        .arg(format!("https://a.test:{}/", tls.port()))
+        .output()
+        .await
+        .expect("testssl runs (scripts/test installs it)");
+    let report = String::from_utf8_lossy(&out.stdout).into_owned();
+    let json = std::fs::read_to_string(dir.path().join("testssl.json"))
+        .unwrap_or_else(|e| panic!("no testssl.json ({e}); it printed:\n{report}"));
+    let findings: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let bad: Vec<String> = findings
+        .iter()
+        .filter(|f| {
+            let id = f["id"].as_str().unwrap_or("");
+            let severity = f["severity"].as_str().unwrap_or("");
+            matches!(severity, "MEDIUM" | "HIGH" | "CRITICAL")
+                && !id.starts_with("cert")
+                && !id.starts_with("intermediate_cert")
+                && !matches!(id, "OCSP_stapling" | "DNS_CAArecord" | "security_headers")
+        })
+        .map(|f| format!("{} {}: {}", f["severity"], f["id"], f["finding"]))
+        .collect();
+    let offered: Vec<String> = findings
+        .iter()
+        .filter(|f| {
+            let id = f["id"].as_str().unwrap_or("");
+            ["SSLv2", "SSLv3", "TLS1", "TLS1_1", "TLS1_2", "TLS1_3"].contains(&id)
+        })
+        .map(|f| format!("{}: {}", f["id"], f["finding"]))
+        .collect();
+    eprintln!("testssl.sh protocols: {offered:?}");
+    eprintln!("{report}");
+    assert!(bad.is_empty(), "testssl.sh findings:\n{}", bad.join("\n"));
+    assert_eq!(
+        offered.len(),
+        6,
+        "testssl.sh tested every protocol: {offered:?}"
+    );
+    gw.shutdown().await;
+}

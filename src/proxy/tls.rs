@@ -3,7 +3,8 @@
 //!
 //! Rules:
 //! 1. TLS 1.3 and 1.2 only (rustls implements nothing older), with
-//!    rustls's cipher suites on ring: AEAD ciphers with forward secrecy.
+//!    rustls's cipher suites on ring: AEAD ciphers with forward secrecy, in
+//!    the server's order of preference, not the client's.
 //! 2. ALPN offers `http/1.1`.
 //! 3. A certificate serves the hosts listed with it: exact names first,
 //!    then the longest matching `*.` wildcard (one label, as RFC 6125
@@ -113,6 +114,8 @@ impl CertStore {
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(self));
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // The server's order (strongest first), not the client's.
+        config.ignore_client_order = true;
         Ok(Arc::new(config))
     }
 }
