@@ -119,11 +119,12 @@ async fn upstream() -> SocketAddr {
     addr
 }
 
-/// A gateway with a TLS listener serving the two test certificates (and
-/// `default_host`, if given) in front of one static app.
-async fn gateway(dir: &Path, default_host: Option<&str>) -> snapgate::gateway::Running {
+/// A gateway with a TLS listener serving the two test certificates (more
+/// keys of `tls:` in `tls_extra`, each line indented by two spaces) in
+/// front of one static app.
+async fn gateway(dir: &Path, tls_extra: &str) -> snapgate::gateway::Running {
     let up = upstream().await;
-    let default = default_host.map_or(String::new(), |h| format!("  default_host: {h}\n"));
+    let default = tls_extra;
     let file = dir.join("proxy.yaml");
     std::fs::write(
         &file,
@@ -189,7 +190,7 @@ async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<Strin
 async fn two_hosts_two_certificates_verified_by_a_real_client() {
     let dir = tempfile::tempdir().unwrap();
     pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), None).await;
+    let gw = gateway(dir.path(), "").await;
     let tls = gw.tls.expect("a TLS listener");
     let (code, out) = curl(dir.path(), tls, "a.test", &[]).await;
     assert_eq!(
@@ -240,14 +241,14 @@ async fn two_hosts_two_certificates_verified_by_a_real_client() {
 async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
     let dir = tempfile::tempdir().unwrap();
     pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), None).await;
+    let gw = gateway(dir.path(), "").await;
     let tls = gw.tls.unwrap();
     assert_eq!(certificate_for(dir.path(), tls, "c.test").await, None);
     let (code, out) = curl(dir.path(), tls, "c.test", &["-k"]).await;
     assert_eq!(code, 35, "curl: {out}");
     gw.shutdown().await;
 
-    let gw = gateway(dir.path(), Some("a.test")).await;
+    let gw = gateway(dir.path(), "  default_host: a.test\n").await;
     let tls = gw.tls.unwrap();
     assert_eq!(
         certificate_for(dir.path(), tls, "c.test").await.as_deref(),
@@ -265,6 +266,50 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
     gw.shutdown().await;
 }
 
+/// With `redirect_http`, the plain listener sends hosts that have a
+/// certificate to HTTPS (308, the target kept); other hosts are served.
+#[tokio::test]
+async fn redirect_http_sends_hosts_with_a_certificate_to_https() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let gw = gateway(dir.path(), "  redirect_http: true\n").await;
+    let tls = gw.tls.unwrap();
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let get = |host: &'static str| {
+        http.get(format!("http://{}/p?q=1", gw.listen))
+            .header("host", host)
+            .send()
+    };
+    let resp = get("A.test").await.unwrap();
+    assert_eq!(resp.status(), 308);
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://a.test:{}/p?q=1", tls.port()).as_str()
+    );
+    let resp = get("x.b.test").await.unwrap();
+    assert_eq!(
+        resp.headers()["location"],
+        format!("https://x.b.test:{}/p?q=1", tls.port()).as_str()
+    );
+    let resp = get("c.test").await.unwrap();
+    assert_eq!(
+        resp.status(),
+        200,
+        "c.test has no certificate: served over http"
+    );
+    assert_eq!(resp.text().await.unwrap(), "c.test http");
+    // And the redirect's target answers.
+    let (code, out) = curl(dir.path(), tls, "a.test", &[]).await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("a.test:{} https", tls.port()).as_str())
+    );
+    gw.shutdown().await;
+}
+
 /// testssl.sh (Debian's, installed by `scripts/test`, hence gated with the
 /// VM tests) against the TLS listener: no protocol, cipher or
 /// vulnerability finding of medium severity or worse. The test CA is added
@@ -277,7 +322,7 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
 async fn testssl_finds_no_weak_protocol_or_cipher() {
     let dir = tempfile::tempdir().unwrap();
     pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), None).await;
+    let gw = gateway(dir.path(), "").await;
     let tls = gw.tls.unwrap();
     let out = tokio::process::Command::new("testssl")
         .current_dir(dir.path())

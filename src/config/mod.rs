@@ -446,6 +446,11 @@ pub struct TlsConfig {
     /// naming no listed host (or none); without it, such a handshake fails.
     #[serde(default)]
     pub default_host: Option<String>,
+    /// The plain listener answers requests for a host with a certificate
+    /// here with `308 Permanent Redirect` to the same URL over HTTPS (on
+    /// this listener's port, left out when 443). Default false.
+    #[serde(default)]
+    pub redirect_http: bool,
 }
 
 /// CIDRs (`10.0.0.0/8`), or single addresses (`10.0.0.1`, as a /32 or

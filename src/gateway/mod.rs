@@ -158,7 +158,17 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Apps::new(router, targets, proxy_metrics.clone()));
-    let stack_for = |proto| {
+    // A router over the certificates' hosts tells which hosts to redirect.
+    let redirect = match (&config.tls, &tls) {
+        (Some(cfg), Some((listener, _))) if cfg.redirect_http => Some(crate::proxy::Redirect {
+            hosts: Arc::new(Router::new(
+                cfg.certificates.iter().map(|c| ("https", &c.hosts[..])),
+            )),
+            port: listener.local_addr()?.port(),
+        }),
+        _ => None,
+    };
+    let stack_for = |proto, redirect| {
         crate::proxy::stack::build(
             proxy.clone(),
             &crate::proxy::StackConfig {
@@ -168,6 +178,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                     .unwrap_or(usize::MAX),
                 trusted_proxies: config.trusted_proxies.clone(),
                 proto,
+                redirect,
             },
             proxy_metrics.clone(),
             tasks.clone(),
@@ -191,7 +202,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             Some(tls_listener.local_addr()?),
             Some(tasks.tracker.spawn(crate::proxy::serve(
                 tls_listener,
-                stack_for("https"),
+                stack_for("https", None),
                 listening.clone(),
                 proxy_metrics.clone(),
                 Some(acceptor),
@@ -202,7 +213,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
-        stack_for("http"),
+        stack_for("http", redirect),
         listening,
         proxy_metrics,
         None,

@@ -35,6 +35,10 @@ pub enum ErrorKind {
     /// The request is malformed: its `Host`, target or framing (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The host is served over HTTPS: `308 Permanent Redirect` to this
+    /// URL (RFC 9110 section 15.4.9).
+    #[error("redirected to {0}")]
+    Redirect(String),
     /// The request head is over `max_header_bytes` (431).
     #[error("the request head is too large")]
     HeadTooLarge,
@@ -115,6 +119,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ErrorKind::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
             ErrorKind::UnknownHost(_) | ErrorKind::InternalPath => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -133,6 +138,7 @@ impl ErrorKind {
             ErrorKind::MethodNotAllowed(m) => format!("method {m} is not served"),
             ErrorKind::NotImplemented(what) => format!("not implemented: {what}"),
             ErrorKind::HeadTooLarge => "the request head is too large".into(),
+            ErrorKind::Redirect(to) => format!("moved to {to}"),
             ErrorKind::UnknownHost(host) => format!("no app serves host {host:?}"),
             ErrorKind::InternalPath => "not found".into(),
             ErrorKind::BodyTooLarge(max) => format!("the request body is over {max} bytes"),
@@ -177,6 +183,11 @@ impl ProxyError {
         if let Some(secs) = self.kind.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ErrorKind::Redirect(to) = &self.kind {
+            if let Ok(v) = HeaderValue::from_str(to) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
         }
         resp
     }

@@ -47,7 +47,7 @@ pub use error::{ErrorKind, ProxyError};
 pub use forwarded::{ClientAddr, Peer};
 pub use metrics::ProxyMetrics;
 pub use router::Router;
-pub use stack::{Stack, StackConfig};
+pub use stack::{Redirect, Stack, StackConfig};
 pub use upstream::{InstanceUpstreams, Upstream, UpstreamConfig};
 
 /// Errors a response body may end with.

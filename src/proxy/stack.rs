@@ -9,6 +9,7 @@
 //!   concurrency limit    max_requests_in_flight permits, held to the headers
 //!   framing              a head over max_header_bytes: 431; codings: 400/501
 //!   authority            Host / absolute-form -> one authority, or 400/405
+//!   redirect             plain listener, host with a certificate: 308 to https
 //!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
 //!   app                  route, claim, forward (retry once if nothing was sent)
 //! ```
@@ -57,6 +58,37 @@ pub struct StackConfig {
     pub trusted_proxies: Vec<IpNet>,
     /// The listener's scheme: `http` or `https`.
     pub proto: &'static str,
+    /// Hosts this (plain) listener sends to HTTPS instead.
+    pub redirect: Option<Redirect>,
+}
+
+/// The plain listener's redirect to HTTPS (`tls.redirect_http`).
+#[derive(Clone, Debug)]
+pub struct Redirect {
+    /// The hosts with a certificate (their patterns, as a router over them).
+    pub hosts: Arc<super::Router>,
+    /// The TLS listener's port.
+    pub port: u16,
+}
+
+impl Redirect {
+    /// The HTTPS URL for a request to `authority`, if its host is one to
+    /// send there.
+    fn location<B>(&self, req: &Request<B>) -> Option<String> {
+        let name = &req.extensions().get::<super::authority::Authority>()?.name;
+        self.hosts.route(name)?;
+        let port = match self.port {
+            443 => String::new(),
+            p => format!(":{p}"),
+        };
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let target = if target.starts_with('/') {
+            target.to_owned()
+        } else {
+            format!("/{target}")
+        };
+        Some(format!("https://{name}{port}{target}"))
+    }
 }
 
 /// Builds the stack of the module doc over `apps`; lingering drains run
@@ -119,6 +151,7 @@ where
 {
     let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
     let max_head = cfg.max_header_bytes;
+    let redirect = cfg.redirect.clone();
     let stack = ServiceBuilder::new()
         // Errors: a ProxyError (or a shed request) becomes its response.
         .layer(ErrorLayer { metrics })
@@ -130,6 +163,13 @@ where
         .filter(move |req: Request<B>| framing::check(req, max_head))
         // Authority: one Host, or the absolute-form target's (400 else).
         .filter(authority::normalize::<B>)
+        // Redirect: hosts with a certificate go to HTTPS (tls.redirect_http).
+        .filter(
+            move |req: Request<B>| match redirect.as_ref().and_then(|r| r.location(&req)) {
+                Some(to) => Err(ProxyError::new(ErrorKind::Redirect(to))),
+                None => Ok(req),
+            },
+        )
         // Forwarding headers, by the trusted_proxies policy.
         .map_request(move |req: Request<B>| {
             let req = forwarding.apply(req);
@@ -257,6 +297,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(1),
             max_requests_in_flight: max_in_flight,
             max_header_bytes: 65536,
+            redirect: None,
             trusted_proxies: Vec::new(),
             proto: "http",
         };
