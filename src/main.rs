@@ -66,6 +66,16 @@ fn main() -> ExitCode {
         },
         Command::Check { file } => match Config::load(&file) {
             Ok(config) => {
+                // The certificates are loaded as `run` loads them: a key
+                // that does not match, or a file that is no PEM, fails here.
+                if let Some(Err(e)) = config
+                    .tls
+                    .as_ref()
+                    .map(snapgate::proxy::tls::CertStore::load)
+                {
+                    eprintln!("{}: {e}", file.display());
+                    return ExitCode::FAILURE;
+                }
                 println!("{}: ok ({} apps)", file.display(), config.apps.len());
                 ExitCode::SUCCESS
             }

@@ -134,7 +134,7 @@ async fn gateway(dir: &Path, tls_extra: &str) -> snapgate::gateway::Running {
              tls:\n  listen: 127.0.0.1:0\n{default}  certificates:\n\
              \x20   - {{ hosts: [a.test], cert: a.pem, key: a.key }}\n\
              \x20   - {{ hosts: ['*.b.test'], cert: b.pem, key: b.key }}\n\
-             apps:\n  site:\n    hosts: [a.test, '*.b.test', c.test]\n    upstream: {up}\n",
+             apps:\n  site:\n    hosts: [a.test, '*.b.test', '*.x.b.test', c.test]\n    upstream: {up}\n",
             dir.join("state").display()
         ),
     )
@@ -225,15 +225,48 @@ async fn two_hosts_two_certificates_verified_by_a_real_client() {
         .await
         .unwrap();
     assert_eq!(plain, "a.test http");
-    // Nothing older than TLS 1.2 is spoken.
+    // Nothing older than TLS 1.2 is spoken: a client that offers only
+    // TLS 1.1 (its own security level lowered so that it would) is refused.
+    let out = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            "a.test",
+        ])
+        .args(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stderr).into_owned() + &String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a TLS 1.1 handshake succeeded: {text}"
+    );
+    assert!(
+        text.contains("alert handshake failure") || text.contains("alert protocol version"),
+        "no alert from the server: {text}"
+    );
+    // A request on a.test's connection for another host of the app is
+    // misdirected (the certificate was not chosen for it).
     let (code, out) = curl(
         dir.path(),
         tls,
         "a.test",
-        &["--tlsv1.0", "--tls-max", "1.1"],
+        &[
+            "-H",
+            "Host: c.test",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ],
     )
     .await;
-    assert_ne!(code, 0, "a TLS 1.1 handshake succeeded: {out}");
+    assert_eq!((code, out.as_str()), (0, "421"));
     gw.shutdown().await;
 }
 
@@ -373,4 +406,97 @@ async fn testssl_finds_no_weak_protocol_or_cipher() {
         "testssl.sh tested every protocol: {offered:?}"
     );
     gw.shutdown().await;
+}
+
+/// The connection caps are one for both listeners: a TLS connection
+/// counts against the same per-client cap as a plain one.
+#[tokio::test]
+async fn both_listeners_share_the_connection_caps() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    // The cap goes in at the top level of the file the helper writes.
+    let gw = gateway(dir.path(), "").await;
+    gw.shutdown().await;
+    let file = dir.path().join("proxy.yaml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        format!("limits: {{ max_connections_per_client: 1 }}\n{text}"),
+    )
+    .unwrap();
+    let config = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    let gw = snapgate::gateway::start(&config, &mut std::io::sink())
+        .await
+        .unwrap();
+    let tls = gw.tls.unwrap();
+    // A TLS connection held open (the handshake done, no request yet).
+    let mut held = tokio::process::Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            "a.test",
+            "-quiet",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // Wait until the gateway counts it.
+    let metrics = format!("http://{}/metrics", gw.admin);
+    let mut counted = false;
+    for _ in 0..100 {
+        let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+        if text.lines().any(|l| l == "snapgate_client_connections 1") {
+            counted = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(counted, "the TLS connection was never counted");
+    // Refused connections are answered at once, before any request.
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut plain = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let _ = plain
+        .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+        .await;
+    let mut answer = Vec::new();
+    let _ = plain.read_to_end(&mut answer).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(
+        answer.starts_with("HTTP/1.1 503"),
+        "a plain connection beside the TLS one: {answer}"
+    );
+    held.kill().await.unwrap();
+    gw.shutdown().await;
+}
+
+/// `snapgate check` loads the certificates as `run` does: a key that is
+/// not the certificate's is an error naming its key path.
+#[tokio::test]
+async fn check_refuses_a_key_that_is_not_the_certificates() {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let file = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &file,
+        "tls:\n  listen: 127.0.0.1:0\n  certificates:\n\
+         \x20   - { hosts: [a.test], cert: a.pem, key: b.key }\n\
+         apps:\n  site:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_snapgate"))
+        .arg("check")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "check passed a mismatched key");
+    assert!(
+        err.contains("tls.certificates[0].key") && err.contains("does not match"),
+        "{err}"
+    );
 }

@@ -451,6 +451,10 @@ pub struct TlsConfig {
     /// this listener's port, left out when 443). Default false.
     #[serde(default)]
     pub redirect_http: bool,
+    /// The port redirects name, when clients reach the TLS listener on
+    /// another port than it binds (a port forward); default its own.
+    #[serde(default)]
+    pub redirect_port: Option<u16>,
 }
 
 /// CIDRs (`10.0.0.0/8`), or single addresses (`10.0.0.1`, as a /32 or

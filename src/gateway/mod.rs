@@ -113,12 +113,12 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // Certificates load before any VM starts: a bad file fails start-up.
     let tls = match &config.tls {
         Some(tls) => {
-            let store = crate::proxy::tls::CertStore::load(tls)?;
+            let store = Arc::new(crate::proxy::tls::CertStore::load(tls)?);
             let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config()?);
             let listener = TcpListener::bind(tls.listen)
                 .await
                 .with_context(|| format!("tls.listen: binding {}", tls.listen))?;
-            Some((listener, acceptor))
+            Some((listener, acceptor, store))
         }
         None => None,
     };
@@ -158,27 +158,35 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Apps::new(router, targets, proxy_metrics.clone()));
-    // A router over the certificates' hosts tells which hosts to redirect.
     let redirect = match (&config.tls, &tls) {
-        (Some(cfg), Some((listener, _))) if cfg.redirect_http => Some(crate::proxy::Redirect {
-            hosts: Arc::new(Router::new(
-                cfg.certificates.iter().map(|c| ("https", &c.hosts[..])),
-            )),
-            port: listener.local_addr()?.port(),
-        }),
+        (Some(cfg), Some((listener, _, certs))) if cfg.redirect_http => {
+            Some(crate::proxy::Redirect {
+                certs: certs.clone(),
+                port: match cfg.redirect_port {
+                    Some(port) => port,
+                    None => listener.local_addr()?.port(),
+                },
+                trusted: config.trusted_proxies.clone().into(),
+            })
+        }
         _ => None,
     };
-    let stack_for = |proto, redirect| {
+    // One in-flight cap and one set of connection counts for both listeners.
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        config.limits.max_requests_in_flight,
+    ));
+    let stack_for = |proto, redirect, certs| {
         crate::proxy::stack::build(
             proxy.clone(),
             &crate::proxy::StackConfig {
                 body_read_timeout: config.body_read_timeout,
-                max_requests_in_flight: config.limits.max_requests_in_flight,
+                in_flight: in_flight.clone(),
                 max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
                     .unwrap_or(usize::MAX),
                 trusted_proxies: config.trusted_proxies.clone(),
                 proto,
                 redirect,
+                certs,
             },
             proxy_metrics.clone(),
             tasks.clone(),
@@ -190,19 +198,21 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
             .unwrap_or(usize::MAX),
         max_headers: config.limits.max_headers,
-        max_connections: config.limits.max_connections,
-        max_connections_per_client: config.limits.max_connections_per_client,
+        slots: crate::proxy::ConnectionSlots::new(
+            config.limits.max_connections,
+            config.limits.max_connections_per_client,
+        ),
         trusted_proxies: config.trusted_proxies.clone(),
         grace: config.shutdown_grace,
     };
 
     let (stop, stop_rx) = watch::channel(false);
     let (tls_listen, tls_server) = match tls {
-        Some((tls_listener, acceptor)) => (
+        Some((tls_listener, acceptor, certs)) => (
             Some(tls_listener.local_addr()?),
             Some(tasks.tracker.spawn(crate::proxy::serve(
                 tls_listener,
-                stack_for("https", None),
+                stack_for("https", None, Some(certs)),
                 listening.clone(),
                 proxy_metrics.clone(),
                 Some(acceptor),
@@ -213,7 +223,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
-        stack_for("http", redirect),
+        stack_for("http", redirect, None),
         listening,
         proxy_metrics,
         None,

@@ -35,6 +35,10 @@ pub enum ErrorKind {
     /// The request is malformed: its `Host`, target or framing (400).
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request's host is not one the TLS connection's certificate was
+    /// chosen for (421, RFC 9110 section 15.5.20).
+    #[error("the connection's certificate is not this host's")]
+    Misdirected,
     /// The host is served over HTTPS: `308 Permanent Redirect` to this
     /// URL (RFC 9110 section 15.4.9).
     #[error("redirected to {0}")]
@@ -120,6 +124,7 @@ impl ErrorKind {
             ErrorKind::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
+            ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UnknownHost(_) | ErrorKind::InternalPath => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
@@ -139,6 +144,7 @@ impl ErrorKind {
             ErrorKind::NotImplemented(what) => format!("not implemented: {what}"),
             ErrorKind::HeadTooLarge => "the request head is too large".into(),
             ErrorKind::Redirect(to) => format!("moved to {to}"),
+            ErrorKind::Misdirected => "this connection is not for that host".into(),
             ErrorKind::UnknownHost(host) => format!("no app serves host {host:?}"),
             ErrorKind::InternalPath => "not found".into(),
             ErrorKind::BodyTooLarge(max) => format!("the request body is over {max} bytes"),

@@ -9,8 +9,10 @@
 //!    `trusted_proxies` carries many clients and counts in the total only.
 //! 2. Over either cap, no slot is taken and the connection gets a 503 with
 //!    `Retry-After` and `Connection: close` ([`refuse`]), while fewer than
-//!    [`MAX_REFUSING`] refusals are under way; beyond that it is closed at
-//!    once (a flood must not hold a file descriptor per refusal).
+//!    [`MAX_REFUSING`] refusals are under way; beyond that, or on a TLS
+//!    listener (where plain bytes would only break the handshake), it is
+//!    closed at once (a flood must not hold a file descriptor per refusal).
+//!    The counts and the refusal budget are one for all listeners.
 //! 3. The [`Slot`] lives as long as the connection's task; dropping it
 //!    uncounts the connection and removes the address's entry at zero.
 
@@ -42,10 +44,12 @@ impl Over {
     }
 }
 
-/// The connection counts.
+/// The connection counts, shared by every listener.
 #[derive(Clone)]
 pub struct ConnectionSlots {
     inner: Arc<Counts>,
+    /// Refusals being written (protocol step 2).
+    pub refusing: Arc<tokio::sync::Semaphore>,
 }
 
 struct Counts {
@@ -77,6 +81,7 @@ impl ConnectionSlots {
     /// Caps of `max_total` connections and `max_per_client` per address.
     pub fn new(max_total: usize, max_per_client: usize) -> Self {
         ConnectionSlots {
+            refusing: Arc::new(tokio::sync::Semaphore::new(MAX_REFUSING)),
             inner: Arc::new(Counts {
                 total: AtomicUsize::new(0),
                 per_client: DashMap::new(),

@@ -4,7 +4,9 @@
 //! Protocol for a connection:
 //! 1. The accept loop takes a connection slot for it (503 and close when
 //!    over `max_connections` or `max_connections_per_client`).
-//! 2. hyper serves it (HTTP/1.1, keep-alive) with `header_read_timeout`,
+//! 2. On the TLS listener, the handshake comes first, bounded by
+//!    `header_read_timeout` (its SNI goes with each request).
+//!    hyper serves it (HTTP/1.1, keep-alive) with `header_read_timeout`,
 //!    `max_header_bytes` and `max_headers` (431 over either); a write to
 //!    the client blocked for `send_timeout` ends it (the client stopped
 //!    reading).
@@ -40,11 +42,10 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-use limits::ConnectionSlots;
-
 pub use app::{AppLimits, Apps, RoutedTo, Target};
 pub use error::{ErrorKind, ProxyError};
 pub use forwarded::{ClientAddr, Peer};
+pub use limits::ConnectionSlots;
 pub use metrics::ProxyMetrics;
 pub use router::Router;
 pub use stack::{Redirect, Stack, StackConfig};
@@ -57,7 +58,7 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
 
 /// How the listener serves connections (protocol steps 1 and 2).
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Listening {
     /// Longest a client may take to send a request head.
     pub header_read_timeout: Duration,
@@ -67,10 +68,8 @@ pub struct Listening {
     pub max_header_bytes: usize,
     /// Most header lines (431 over it).
     pub max_headers: usize,
-    /// Open connections in all.
-    pub max_connections: usize,
-    /// Open connections per client (an IPv4 address or IPv6 /64).
-    pub max_connections_per_client: usize,
+    /// The connection counts and caps, shared with the other listener.
+    pub slots: ConnectionSlots,
     /// Peers exempt from the per-client cap (they carry many clients).
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long open connections may finish after stop.
@@ -97,11 +96,7 @@ pub async fn serve(
 ) {
     let graceful = GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
-    let slots = ConnectionSlots::new(
-        listening.max_connections,
-        listening.max_connections_per_client,
-    );
-    let refusing = std::sync::Arc::new(tokio::sync::Semaphore::new(limits::MAX_REFUSING));
+    let slots = listening.slots.clone();
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
@@ -136,8 +131,9 @@ pub async fn serve(
             Err(over) => {
                 metrics.shed(over.key());
                 debug!(%remote, "connection refused: over {}", over.key());
-                // Protocol step 2 of `limits`: a bounded number of answers.
-                if let Ok(permit) = refusing.clone().try_acquire_owned() {
+                // Protocol step 2 of `limits`: a bounded number of answers,
+                // none on TLS.
+                if let (None, Ok(permit)) = (&tls, slots.refusing.clone().try_acquire_owned()) {
                     connections.spawn(async move {
                         limits::refuse(stream, over).await;
                         drop(permit);
@@ -151,33 +147,46 @@ pub async fn serve(
             addr: remote,
             local,
         };
-        let service = tower::ServiceBuilder::new()
-            .map_request(move |mut req: Request<Incoming>| {
-                req.extensions_mut().insert(peer);
-                req
-            })
-            .service(stack.clone());
-        let service = TowerToHyperService::new(service);
+        let stack = stack.clone();
+        let service = move |sni: Option<std::sync::Arc<str>>| {
+            let service = tower::ServiceBuilder::new()
+                .map_request(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(peer);
+                    req.extensions_mut().insert(stack::Sni(sni.clone()));
+                    req
+                })
+                .service(stack.clone());
+            TowerToHyperService::new(service)
+        };
         let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
         let (send_timeout, handshake_timeout) =
             (listening.send_timeout, listening.header_read_timeout);
         let gauge = metrics.connections().clone();
         connections.spawn(async move {
+            // Uncounted however the task ends (an abort at the end of the
+            // grace period included).
             gauge.inc();
+            let _counted = scopeguard(move || {
+                gauge.dec();
+                drop(slot);
+            });
             let served = match tls {
                 None => {
                     let mut io = tokio_io_timeout::TimeoutStream::new(stream);
                     io.set_write_timeout(Some(send_timeout));
-                    let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service);
+                    let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service(None));
                     watcher.watch(conn).await.map_err(BoxError::from)
                 }
-                // The handshake is bounded like a request head.
+                // The handshake is bounded by header_read_timeout, and the
+                // request head after it by the same again.
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
+                            let sni = stream.get_ref().1.server_name().map(std::sync::Arc::from);
                             let mut io = tokio_io_timeout::TimeoutStream::new(stream);
                             io.set_write_timeout(Some(send_timeout));
-                            let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service);
+                            let conn =
+                                http.serve_connection(TokioIo::new(Box::pin(io)), service(sni));
                             watcher.watch(conn).await.map_err(BoxError::from)
                         }
                         Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
@@ -188,8 +197,6 @@ pub async fn serve(
             if let Err(e) = served {
                 debug!(%remote, "connection: {e}");
             }
-            gauge.dec();
-            drop(slot);
         });
     }
     drop(listener);
@@ -204,4 +211,17 @@ pub async fn serve(
         connections.abort_all();
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Runs `f` when dropped.
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -6,9 +6,10 @@
 //!   client body          timeouts: body_read_timeout (408); a bounded drain if unread
 //!   errors               a ProxyError or a shed request becomes its response
 //!   load shed            over max_requests_in_flight: 503 + Retry-After at once
-//!   concurrency limit    max_requests_in_flight permits, held to the headers
+//!   concurrency limit    max_requests_in_flight permits (shared by the listeners), held to the headers
 //!   framing              a head over max_header_bytes: 431; codings: 400/501
 //!   authority            Host / absolute-form -> one authority, or 400/405
+//!   certificate          TLS listener: a host its connection's certificate is not for: 421
 //!   redirect             plain listener, host with a certificate: 308 to https
 //!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
 //!   app                  route, claim, forward (retry once if nothing was sent)
@@ -50,8 +51,9 @@ pub type Stack = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infalli
 pub struct StackConfig {
     /// Longest wait between two reads of a request body.
     pub body_read_timeout: Duration,
-    /// Requests served at once before shedding.
-    pub max_requests_in_flight: usize,
+    /// Permits for requests served at once (shared by every listener);
+    /// without one, requests are shed.
+    pub in_flight: Arc<tokio::sync::Semaphore>,
     /// Largest request head, in bytes.
     pub max_header_bytes: usize,
     /// Peers whose forwarding headers are believed.
@@ -60,23 +62,54 @@ pub struct StackConfig {
     pub proto: &'static str,
     /// Hosts this (plain) listener sends to HTTPS instead.
     pub redirect: Option<Redirect>,
+    /// The certificates of this (TLS) listener: a request must be for a
+    /// host its connection's certificate was chosen for.
+    pub certs: Option<Arc<super::tls::CertStore>>,
 }
 
-/// The plain listener's redirect to HTTPS (`tls.redirect_http`).
+/// The SNI a TLS connection was opened with: a request extension.
 #[derive(Clone, Debug)]
+pub struct Sni(pub Option<Arc<str>>);
+
+/// The plain listener's redirect to HTTPS (`tls.redirect_http`).
+#[derive(Clone)]
 pub struct Redirect {
-    /// The hosts with a certificate (their patterns, as a router over them).
-    pub hosts: Arc<super::Router>,
-    /// The TLS listener's port.
+    /// The TLS listener's certificates: hosts they cover are redirected.
+    pub certs: Arc<super::tls::CertStore>,
+    /// The port in the `Location`: `tls.redirect_port`, else the TLS
+    /// listener's (left out when 443).
     pub port: u16,
+    /// Peers whose `X-Forwarded-Proto: https` says the client already came
+    /// over TLS (a TLS-terminating proxy in front): not redirected again.
+    pub trusted: Arc<[IpNet]>,
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("port", &self.port)
+            .finish()
+    }
 }
 
 impl Redirect {
-    /// The HTTPS URL for a request to `authority`, if its host is one to
-    /// send there.
+    /// The HTTPS URL for `req`, if its host has a certificate and it did
+    /// not come over TLS already; never for the asterisk form.
     fn location<B>(&self, req: &Request<B>) -> Option<String> {
         let name = &req.extensions().get::<super::authority::Authority>()?.name;
-        self.hosts.route(name)?;
+        if !self.certs.covers(name) || req.uri().path() == "*" {
+            return None;
+        }
+        let peer = req.extensions().get::<Peer>()?;
+        let ip = peer.addr.ip().to_canonical();
+        let via_tls = self.trusted.iter().any(|n| n.contains(&ip))
+            && req
+                .headers()
+                .get("x-forwarded-proto")
+                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+        if via_tls {
+            return None;
+        }
         let port = match self.port {
             443 => String::new(),
             p => format!(":{p}"),
@@ -88,6 +121,25 @@ impl Redirect {
             format!("/{target}")
         };
         Some(format!("https://{name}{port}{target}"))
+    }
+}
+
+/// Rule 5 of [`super::tls`]: `req`, or 421 if its host selects another
+/// certificate than its connection's.
+fn same_certificate<B>(
+    certs: &super::tls::CertStore,
+    req: Request<B>,
+) -> Result<Request<B>, ProxyError> {
+    let sni = req.extensions().get::<Sni>().and_then(|s| s.0.clone());
+    let name = req
+        .extensions()
+        .get::<super::authority::Authority>()
+        .map(|a| a.name.clone());
+    let served = certs.served_for(sni.as_deref());
+    let wanted = certs.served_for(name.as_deref());
+    match (served, wanted) {
+        (Some(a), Some(b)) if Arc::ptr_eq(&a, &b) => Ok(req),
+        _ => Err(ProxyError::new(ErrorKind::Misdirected)),
     }
 }
 
@@ -152,17 +204,25 @@ where
     let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
     let max_head = cfg.max_header_bytes;
     let redirect = cfg.redirect.clone();
+    let certs = cfg.certs.clone();
     let stack = ServiceBuilder::new()
         // Errors: a ProxyError (or a shed request) becomes its response.
         .layer(ErrorLayer { metrics })
         // Load shedding: no waiting for a permit, a 503 at once.
         .load_shed()
         // Global cap on requests in flight, to their response headers.
-        .concurrency_limit(cfg.max_requests_in_flight)
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+            cfg.in_flight.clone(),
+        ))
         // Framing: nothing ambiguous or not understood is passed on.
         .filter(move |req: Request<B>| framing::check(req, max_head))
         // Authority: one Host, or the absolute-form target's (400 else).
         .filter(authority::normalize::<B>)
+        // TLS: the host must be one the connection's certificate is for (421).
+        .filter(move |req: Request<B>| match &certs {
+            Some(certs) => same_certificate(certs, req),
+            None => Ok(req),
+        })
         // Redirect: hosts with a certificate go to HTTPS (tls.redirect_http).
         .filter(
             move |req: Request<B>| match redirect.as_ref().and_then(|r| r.location(&req)) {
@@ -295,9 +355,10 @@ mod tests {
         let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
         let cfg = StackConfig {
             body_read_timeout: Duration::from_secs(1),
-            max_requests_in_flight: max_in_flight,
+            in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_header_bytes: 65536,
             redirect: None,
+            certs: None,
             trusted_proxies: Vec::new(),
             proto: "http",
         };

@@ -14,6 +14,10 @@
 //!    certificate of `tls.default_host` if the config names one; otherwise
 //!    the handshake fails (rustls sends an alert): snapgate never shows a
 //!    certificate for a host it was not asked for.
+//! 5. A request on a TLS connection must be for a host that selects the
+//!    certificate the connection was served with (421 Misdirected Request
+//!    otherwise, RFC 9110 section 15.5.20): one host's certificate opens no
+//!    other host's app.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -90,6 +94,17 @@ impl CertStore {
         Ok(store)
     }
 
+    /// The certificate a client naming `name` gets (rules 3 and 4).
+    pub fn served_for(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        name.and_then(|n| self.for_name(n))
+            .or_else(|| self.default.clone())
+    }
+
+    /// Whether a certificate lists `name` (rule 3; not the default).
+    pub fn covers(&self, name: &str) -> bool {
+        self.for_name(name).is_some()
+    }
+
     /// The certificate for `name` by rule 3.
     fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
@@ -107,12 +122,12 @@ impl CertStore {
     }
 
     /// The rustls server config serving this store (rules 1 and 2).
-    pub fn server_config(self) -> Result<Arc<ServerConfig>, TlsError> {
+    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(self));
+            .with_cert_resolver(self.clone());
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
         // The server's order (strongest first), not the client's.
         config.ignore_client_order = true;
@@ -122,10 +137,7 @@ impl CertStore {
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        hello
-            .server_name()
-            .and_then(|name| self.for_name(name))
-            .or_else(|| self.default.clone())
+        self.served_for(hello.server_name())
     }
 }
 
@@ -156,4 +168,47 @@ fn certified_key(index: usize, cert: &Path, key: &Path) -> Result<CertifiedKey, 
         .keys_match()
         .map_err(|e| key_error(format!("does not match the certificate: {e}")))?;
     Ok(certified)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> Arc<CertifiedKey> {
+        // Any signing key will do: only the Arc's identity matters here.
+        let der = rustls_pki_types::PrivatePkcs8KeyDer::from(rcgen_free_p256_pkcs8().to_vec());
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der.into()).unwrap();
+        Arc::new(CertifiedKey::new(vec![], signing))
+    }
+
+    /// A P-256 PKCS#8 key made by ring for the test.
+    fn rcgen_free_p256_pkcs8() -> Vec<u8> {
+        let rng = ring::rand::SystemRandom::new();
+        ring::signature::EcdsaKeyPair::generate_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+            &rng,
+        )
+        .unwrap()
+        .as_ref()
+        .to_vec()
+    }
+
+    #[test]
+    fn exact_names_then_one_label_wildcards_then_the_default() {
+        let (a, b, d) = (key(), key(), key());
+        let store = CertStore {
+            exact: [("a.test".to_owned(), a.clone())].into(),
+            wildcards: vec![(".b.test".to_owned(), b.clone())],
+            default: Some(d.clone()),
+        };
+        let is = |name: Option<&str>, k: &Arc<CertifiedKey>| {
+            Arc::ptr_eq(&store.served_for(name).unwrap(), k)
+        };
+        assert!(is(Some("A.Test."), &a));
+        assert!(is(Some("x.b.test"), &b));
+        assert!(is(Some("y.x.b.test"), &d), "a wildcard covers one label");
+        assert!(is(Some("b.test"), &d));
+        assert!(is(None, &d));
+        assert!(store.covers("x.b.test") && !store.covers("y.x.b.test"));
+    }
 }
