@@ -809,6 +809,24 @@ async fn app_a(top: &str, extra: &[&str]) -> (Upstream, Gw) {
     (up, gw)
 }
 
+/// Two default [`Upstream`]s and a gateway with static apps `a` (on
+/// `a.test`) and `b` (on `b.test`) on them.
+async fn apps_a_and_b() -> (Upstream, Upstream, Gw) {
+    let (a, b) = (
+        Upstream::start(Mode::default()).await,
+        Upstream::start(Mode::default()).await,
+    );
+    let gw = gateway(
+        "",
+        &[
+            app("a", "a.test", a.addr, &[]),
+            app("b", "b.test", b.addr, &[]),
+        ],
+    )
+    .await;
+    (a, b, gw)
+}
+
 /// The sum of the series of metric `name` that have all of `labels`.
 fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     let mut sum = 0.0;
@@ -1088,18 +1106,7 @@ async fn a_connection_idle_past_its_timeout_is_not_reused() {
 /// the app gets `Host:` = that authority and an origin-form target.
 #[tokio::test]
 async fn an_absolute_form_target_routes_by_its_authority() {
-    let (a, b) = (
-        Upstream::start(Mode::default()).await,
-        Upstream::start(Mode::default()).await,
-    );
-    let gw = gateway(
-        "",
-        &[
-            app("a", "a.test", a.addr, &[]),
-            app("b", "b.test", b.addr, &[]),
-        ],
-    )
-    .await;
+    let (a, b, gw) = apps_a_and_b().await;
     let r = once(
         gw.listen,
         b"GET http://b.test/x?y=1 HTTP/1.1\r\nHost: a.test\r\n\r\n",
@@ -1152,18 +1159,7 @@ async fn the_app_gets_the_clients_authority_as_host() {
 /// and nothing reaches an app.
 #[tokio::test]
 async fn a_missing_repeated_or_malformed_host_is_a_400() {
-    let (a, b) = (
-        Upstream::start(Mode::default()).await,
-        Upstream::start(Mode::default()).await,
-    );
-    let gw = gateway(
-        "",
-        &[
-            app("a", "a.test", a.addr, &[]),
-            app("b", "b.test", b.addr, &[]),
-        ],
-    )
-    .await;
+    let (a, b, gw) = apps_a_and_b().await;
     let cases: &[&str] = &[
         "GET / HTTP/1.1\r\n\r\n",
         "GET / HTTP/1.0\r\n\r\n",

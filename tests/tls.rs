@@ -89,6 +89,14 @@ fn pki(dir: &Path, leaves: &[(&str, &str)]) {
     }
 }
 
+/// A temporary directory with the test CA and the certificates for
+/// `a.test` (`a.pem`) and `*.b.test` (`b.pem`).
+fn test_pki() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    dir
+}
+
 /// An upstream answering `<Host> <X-Forwarded-Proto>`.
 async fn upstream() -> SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -121,15 +129,15 @@ async fn upstream() -> SocketAddr {
 
 /// A gateway with a TLS listener serving the two test certificates (more
 /// keys of `tls:` in `tls_extra`, each line indented by two spaces) in
-/// front of one static app.
-async fn gateway(dir: &Path, tls_extra: &str) -> snapgate::gateway::Running {
+/// front of one static app; `top`: more top-level keys.
+async fn gateway(dir: &Path, top: &str, tls_extra: &str) -> snapgate::gateway::Running {
     let up = upstream().await;
     let default = tls_extra;
     let file = dir.join("proxy.yaml");
     std::fs::write(
         &file,
         format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
+            "{top}listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
              network: {{ tap_prefix: sgtl }}\n\
              tls:\n  listen: 127.0.0.1:0\n{default}  certificates:\n\
              \x20   - {{ hosts: [a.test], cert: a.pem, key: a.key }}\n\
@@ -188,9 +196,8 @@ async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<Strin
 
 #[tokio::test]
 async fn two_hosts_two_certificates_verified_by_a_real_client() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), "").await;
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "").await;
     let tls = gw.tls.expect("a TLS listener");
     let (code, out) = curl(dir.path(), tls, "a.test", &[]).await;
     assert_eq!(
@@ -272,16 +279,15 @@ async fn two_hosts_two_certificates_verified_by_a_real_client() {
 
 #[tokio::test]
 async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), "").await;
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "").await;
     let tls = gw.tls.unwrap();
     assert_eq!(certificate_for(dir.path(), tls, "c.test").await, None);
     let (code, out) = curl(dir.path(), tls, "c.test", &["-k"]).await;
     assert_eq!(code, 35, "curl: {out}");
     gw.shutdown().await;
 
-    let gw = gateway(dir.path(), "  default_host: a.test\n").await;
+    let gw = gateway(dir.path(), "", "  default_host: a.test\n").await;
     let tls = gw.tls.unwrap();
     assert_eq!(
         certificate_for(dir.path(), tls, "c.test").await.as_deref(),
@@ -303,9 +309,8 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
 /// certificate to HTTPS (308, the target kept); other hosts are served.
 #[tokio::test]
 async fn redirect_http_sends_hosts_with_a_certificate_to_https() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), "  redirect_http: true\n").await;
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "  redirect_http: true\n").await;
     let tls = gw.tls.unwrap();
     let http = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -353,9 +358,8 @@ async fn redirect_http_sends_hosts_with_a_certificate_to_https() {
 #[cfg(feature = "vm-tests")]
 #[tokio::test]
 async fn testssl_finds_no_weak_protocol_or_cipher() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    let gw = gateway(dir.path(), "").await;
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "").await;
     let tls = gw.tls.unwrap();
     let out = tokio::process::Command::new("testssl")
         .current_dir(dir.path())
@@ -412,22 +416,13 @@ async fn testssl_finds_no_weak_protocol_or_cipher() {
 /// counts against the same per-client cap as a plain one.
 #[tokio::test]
 async fn both_listeners_share_the_connection_caps() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
-    // The cap goes in at the top level of the file the helper writes.
-    let gw = gateway(dir.path(), "").await;
-    gw.shutdown().await;
-    let file = dir.path().join("proxy.yaml");
-    let text = std::fs::read_to_string(&file).unwrap();
-    std::fs::write(
-        &file,
-        format!("limits: {{ max_connections_per_client: 1 }}\n{text}"),
+    let dir = test_pki();
+    let gw = gateway(
+        dir.path(),
+        "limits: { max_connections_per_client: 1 }\n",
+        "",
     )
-    .unwrap();
-    let config = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
-    let gw = snapgate::gateway::start(&config, &mut std::io::sink())
-        .await
-        .unwrap();
+    .await;
     let tls = gw.tls.unwrap();
     // A TLS connection held open (the handshake done, no request yet).
     let mut held = tokio::process::Command::new("openssl")
@@ -478,8 +473,7 @@ async fn both_listeners_share_the_connection_caps() {
 /// not the certificate's is an error naming its key path.
 #[tokio::test]
 async fn check_refuses_a_key_that_is_not_the_certificates() {
-    let dir = tempfile::tempdir().unwrap();
-    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    let dir = test_pki();
     let file = dir.path().join("proxy.yaml");
     std::fs::write(
         &file,

@@ -171,6 +171,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         }
         _ => None,
     };
+    let max_header_bytes =
+        usize::try_from(config.limits.max_header_bytes.as_u64()).unwrap_or(usize::MAX);
     // One in-flight cap and one set of connection counts for both listeners.
     let in_flight = Arc::new(tokio::sync::Semaphore::new(
         config.limits.max_requests_in_flight,
@@ -181,8 +183,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             &crate::proxy::StackConfig {
                 body_read_timeout: config.body_read_timeout,
                 in_flight: in_flight.clone(),
-                max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
-                    .unwrap_or(usize::MAX),
+                max_header_bytes,
                 trusted_proxies: config.trusted_proxies.clone(),
                 proto,
                 redirect,
@@ -195,8 +196,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let listening = crate::proxy::Listening {
         header_read_timeout: config.header_read_timeout,
         send_timeout: config.send_timeout,
-        max_header_bytes: usize::try_from(config.limits.max_header_bytes.as_u64())
-            .unwrap_or(usize::MAX),
+        max_header_bytes,
         max_headers: config.limits.max_headers,
         slots: crate::proxy::ConnectionSlots::new(
             config.limits.max_connections,

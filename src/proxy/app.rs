@@ -330,14 +330,18 @@ fn to_origin(
     authority: &Authority,
 ) -> Result<Request<RequestBody>, ErrorKind> {
     let (mut parts, body) = req.into_parts();
-    let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
-        Some(t) if t.starts_with('/') || t == "*" => t.to_owned(),
-        // `http://a.test?q`: the path is empty.
-        Some(t) => format!("/{t}"),
-        None => "/".into(),
-    };
-    parts.uri = Uri::try_from(target)
-        .map_err(|_| ErrorKind::BadRequest("the request target is malformed"))?;
+    // An origin-form or asterisk-form target goes as it came; only an
+    // absolute-form one is rewritten.
+    if parts.uri.authority().is_some() {
+        let target = match parts.uri.path_and_query().map(|p| p.as_str()) {
+            Some(t) if t.starts_with('/') => t.to_owned(),
+            // `http://a.test?q`: the path is empty.
+            Some(t) => format!("/{t}"),
+            None => "/".into(),
+        };
+        parts.uri = Uri::try_from(target)
+            .map_err(|_| ErrorKind::BadRequest("the request target is malformed"))?;
+    }
     parts.headers.insert(header::HOST, authority.value.clone());
     // A gateway "MUST send an appropriate Via header field in each inbound
     // request message" (RFC 9110 section 7.6.3).
@@ -347,10 +351,11 @@ fn to_origin(
         _ => "1.1",
     };
     let via = match super::forwarded::joined(&parts.headers, &header::VIA) {
-        Some(prior) => format!("{prior}, {received} snapgate"),
-        None => format!("{received} snapgate"),
+        Some(prior) => HeaderValue::from_str(&format!("{prior}, {received} snapgate")).ok(),
+        None if received == "1.0" => Some(HeaderValue::from_static("1.0 snapgate")),
+        None => Some(HeaderValue::from_static("1.1 snapgate")),
     };
-    if let Ok(v) = HeaderValue::from_str(&via) {
+    if let Some(v) = via {
         parts.headers.insert(header::VIA, v);
     }
     parts.version = Version::HTTP_11;

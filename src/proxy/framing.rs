@@ -50,7 +50,12 @@ pub fn check<B>(req: Request<B>, max_head: usize) -> Result<Request<B>, ProxyErr
 /// The bytes of `req`'s head as sent: request line and field lines, each
 /// with its CRLF.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 12;
+    // Counted from the target's parts: no copy on the request path.
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 12;
     let fields: usize = req
         .headers()
         .iter()

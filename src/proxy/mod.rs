@@ -133,7 +133,11 @@ pub async fn serve(
                 debug!(%remote, "connection refused: over {}", over.key());
                 // Protocol step 2 of `limits`: a bounded number of answers,
                 // none on TLS.
-                if let (None, Ok(permit)) = (&tls, slots.refusing.clone().try_acquire_owned()) {
+                let permit = match tls {
+                    None => slots.refusing.clone().try_acquire_owned().ok(),
+                    Some(_) => None,
+                };
+                if let Some(permit) = permit {
                     connections.spawn(async move {
                         limits::refuse(stream, over).await;
                         drop(permit);

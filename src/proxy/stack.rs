@@ -29,6 +29,7 @@ use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
+use tower::filter::FilterLayer;
 use tower::util::BoxCloneService;
 use tower::ServiceBuilder;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
@@ -205,40 +206,40 @@ where
     let max_head = cfg.max_header_bytes;
     let redirect = cfg.redirect.clone();
     let certs = cfg.certs.clone();
-    let stack = ServiceBuilder::new()
-        // Errors: a ProxyError (or a shed request) becomes its response.
-        .layer(ErrorLayer { metrics })
-        // Load shedding: no waiting for a permit, a 503 at once.
-        .load_shed()
-        // Global cap on requests in flight, to their response headers.
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-            cfg.in_flight.clone(),
-        ))
-        // Framing: nothing ambiguous or not understood is passed on.
-        .filter(move |req: Request<B>| framing::check(req, max_head))
-        // Authority: one Host, or the absolute-form target's (400 else).
-        .filter(authority::normalize::<B>)
-        // TLS: the host must be one the connection's certificate is for (421).
-        .filter(move |req: Request<B>| match &certs {
-            Some(certs) => same_certificate(certs, req),
-            None => Ok(req),
-        })
-        // Redirect: hosts with a certificate go to HTTPS (tls.redirect_http).
-        .filter(
-            move |req: Request<B>| match redirect.as_ref().and_then(|r| r.location(&req)) {
-                Some(to) => Err(ProxyError::new(ErrorKind::Redirect(to))),
-                None => Ok(req),
-            },
-        )
-        // Forwarding headers, by the trusted_proxies policy.
-        .map_request(move |req: Request<B>| {
-            let req = forwarding.apply(req);
-            if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
-                Span::current().record("client", field::display(ip));
-            }
-            req
-        })
-        .service(inner);
+    let stack =
+        ServiceBuilder::new()
+            // Errors: a ProxyError (or a shed request) becomes its response.
+            .layer(ErrorLayer { metrics })
+            // Load shedding: no waiting for a permit, a 503 at once.
+            .load_shed()
+            // Global cap on requests in flight, to their response headers.
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
+                cfg.in_flight.clone(),
+            ))
+            // Framing: nothing ambiguous or not understood is passed on.
+            .filter(move |req: Request<B>| framing::check(req, max_head))
+            // Authority: one Host, or the absolute-form target's (400 else).
+            .filter(authority::normalize::<B>)
+            // TLS listener: the host must be one the connection's certificate is for (421).
+            .option_layer(certs.map(|certs| {
+                FilterLayer::new(move |req: Request<B>| same_certificate(&certs, req))
+            }))
+            // Plain listener, tls.redirect_http: hosts with a certificate go to HTTPS.
+            .option_layer(redirect.map(|redirect| {
+                FilterLayer::new(move |req: Request<B>| match redirect.location(&req) {
+                    Some(to) => Err(ProxyError::new(ErrorKind::Redirect(to))),
+                    None => Ok(req),
+                })
+            }))
+            // Forwarding headers, by the trusted_proxies policy.
+            .map_request(move |req: Request<B>| {
+                let req = forwarding.apply(req);
+                if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
+                    Span::current().record("client", field::display(ip));
+                }
+                req
+            })
+            .service(inner);
     BoxCloneService::new(stack)
 }
 

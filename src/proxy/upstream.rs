@@ -252,15 +252,22 @@ impl Upstream {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
-        let replay = replayable(&req).then(|| head_of(&req));
+        // What a resend is made from: only needed on a reused connection.
+        let mut replay = None;
         let mut req = req;
         // Step 2: idle connections, then a fresh one.
         while let Some(mut sender) = self.checkout() {
             // Put back as its messages ended, it may not be idle yet: wait
-            // for that, briefly (an error: it closed meanwhile).
-            match tokio::time::timeout(READY_TIMEOUT, sender.ready()).await {
-                Ok(Ok(())) => {}
-                _ => continue,
+            // for that, briefly (an error: it closed meanwhile). No timer
+            // when it is (the usual case).
+            if !sender.is_ready() {
+                match tokio::time::timeout(READY_TIMEOUT, sender.ready()).await {
+                    Ok(Ok(())) => {}
+                    _ => continue,
+                }
+            }
+            if replay.is_none() && replayable(&req) {
+                replay = Some(head_of(&req));
             }
             let tokens = (req.body().sent(), req.body().cut());
             match sender.try_send_request(req).await {
