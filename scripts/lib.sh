@@ -19,3 +19,20 @@ ensure_packages() {
 repo_root() {
     cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd
 }
+
+# ensure_node_modules SRC DEST: the npm packages SRC/package-lock.json pins,
+# installed in DEST/node_modules (`npm ci`, install scripts off). Cached: does
+# nothing while DEST was installed from the same lock file. Prints DEST.
+ensure_node_modules() {
+    local src=$1 dest=$2 hash
+    hash=$(cat "$src/package.json" "$src/package-lock.json" | sha256sum | cut -d' ' -f1)
+    if [ "$(cat "$dest/.installed" 2>/dev/null)" != "$hash" ]; then
+        echo "==> npm ci in $dest" >&2
+        rm -rf "$dest"
+        mkdir -p "$dest"
+        cp "$src/package.json" "$src/package-lock.json" "$dest/"
+        (cd "$dest" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >&2)
+        echo "$hash" >"$dest/.installed"
+    fi
+    echo "$dest"
+}

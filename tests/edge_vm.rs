@@ -33,6 +33,16 @@ fn edge_code() -> PathBuf {
 /// of the edge code, `app` on `<app>.test`, with `pool`; `top` is YAML
 /// text of extra top-level keys.
 async fn start(prefix: &str, app: &str, pool: &str, top: &str) -> TestGateway {
+    let gw = launch(prefix, app, pool, top).await;
+    gw.until(app, "one warm instance", WARM, |s| {
+        s.instances == 1 && s.restoring == 0
+    })
+    .await;
+    gw
+}
+
+/// [`start`] without waiting for an instance.
+async fn launch(prefix: &str, app: &str, pool: &str, top: &str) -> TestGateway {
     let state = tempfile::tempdir().unwrap();
     let apps = app_entry(app, &edge_code(), "", pool);
     // The harness writes and loads the config; the extra top-level keys go
@@ -42,12 +52,7 @@ async fn start(prefix: &str, app: &str, pool: &str, top: &str) -> TestGateway {
     let text = std::fs::read_to_string(&file).unwrap();
     std::fs::write(&file, format!("{top}{text}")).unwrap();
     let cfg = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
-    let gw = TestGateway::start(state, &cfg).await;
-    gw.until(app, "one warm instance", WARM, |s| {
-        s.instances == 1 && s.restoring == 0
-    })
-    .await;
-    gw
+    TestGateway::start(state, &cfg).await
 }
 
 /// What the edge app answered, by key (`method`, `len`, `sha256`, ...).
@@ -566,5 +571,94 @@ async fn stalled_bodies_get_408_and_free_their_slots_for_a_held_request() {
         assert_eq!(field(&text, "instance"), instance, "{text}");
     }
     drop(stalled);
+    gw.stop().await;
+}
+
+/// The value of the series `name{app="<app>"}` on the gateway's registry.
+fn app_metric(gw: &TestGateway, name: &str, app: &str) -> f64 {
+    let text = prometheus::TextEncoder::new()
+        .encode_to_string(&gw.running().registry.gather())
+        .unwrap();
+    let series = format!("{name}{{app=\"{app}\"");
+    text.lines()
+        .filter(|l| l.starts_with(&series))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// Item 4 of the front door: a WebSocket echo (the edge app's) through
+/// the gateway to an app at zero with `idle_timeout: 2s`. The handshake
+/// wakes an instance; the connection stays open and echoes across three
+/// idle timeouts, the instance is not reaped meanwhile, and the upgraded
+/// connection shows in the metrics; once closed, the instance is reaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_to_a_vm_app_outlives_its_idle_timeout_and_holds_its_instance() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
+
+    let app = "edgews";
+    let gw = launch(
+        "sgevw",
+        app,
+        "{ min_warm: 0, max_instances: 1, idle_timeout: 2s }",
+        "",
+    )
+    .await;
+    let mut request = format!("ws://{}/chat", gw.running().listen)
+        .into_client_request()
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", format!("{app}.test").parse().unwrap());
+    let (mut ws, resp) = tokio::time::timeout(WARM, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("the handshake within the cold start")
+        .expect("the WebSocket handshake through the gateway");
+    assert_eq!(resp.status(), 101);
+    let instance = resp.headers()["x-instance"].to_str().unwrap().to_owned();
+    assert_eq!(app_metric(&gw, "snapgate_upgraded_connections", app), 1.0);
+    assert_eq!(app_metric(&gw, "snapgate_upgrades_total", app), 1.0);
+
+    for round in 0..4 {
+        if round > 0 {
+            // Quiet for longer than the pool's idle_timeout (2 s).
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            let s = gw.pool(app).stats();
+            assert_eq!(
+                (s.instances, s.leased, s.stopping),
+                (1, 1, 0),
+                "round {round}: the instance with an open WebSocket was not kept: {s:?}"
+            );
+        }
+        let text = format!("hello {round} {}", "x".repeat(200 * round));
+        ws.send(Message::text(text.clone())).await.unwrap();
+        let echoed = tokio::time::timeout(ANSWER, ws.next())
+            .await
+            .expect("the echo in time")
+            .expect("the connection open")
+            .expect("a message");
+        assert_eq!(echoed, Message::text(text), "round {round}");
+    }
+    ws.send(Message::Binary(vec![0u8, 159, 255, 10, 13].into()))
+        .await
+        .unwrap();
+    let echoed = ws.next().await.unwrap().unwrap();
+    assert_eq!(echoed, Message::Binary(vec![0u8, 159, 255, 10, 13].into()));
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+
+    wait_for("the tunnel to end", ANSWER, async || {
+        app_metric(&gw, "snapgate_upgraded_connections", app) == 0.0
+    })
+    .await;
+    // Nothing holds the instance now: the reaper takes it.
+    gw.until(
+        app,
+        "the instance reaped once the WebSocket closed",
+        ANSWER,
+        |s| s.instances == 0 && s.stopping == 0,
+    )
+    .await;
+    assert!(!instance.is_empty());
     gw.stop().await;
 }

@@ -301,9 +301,76 @@ pub struct AppConfig {
     pub upstream_idle_timeout: Duration,
     /// Longest wait between two reads of the app's response body, or for
     /// a blocked write of the request to it (the app stopped reading); then
-    /// the exchange is cut off. Default 60 s.
+    /// the exchange is cut off. Also how long an upgraded connection (a
+    /// WebSocket) may carry no byte either way before it is closed.
+    /// Default 60 s.
     #[serde(default = "default_upstream_read_timeout", with = "humantime_serde")]
     pub upstream_read_timeout: Duration,
+    /// How snapgate speaks to the app: `http1` (HTTP/1.1, kept-alive
+    /// connections; the default) or `h2c` (HTTP/2 over cleartext with
+    /// prior knowledge, RFC 9113 section 3.3: one multiplexed connection,
+    /// what gRPC servers speak).
+    #[serde(default)]
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+/// The protocol of an app's upstream connections.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (RFC 9112).
+    #[default]
+    Http1,
+    /// HTTP/2 over cleartext TCP with prior knowledge (RFC 9113 section 3.3).
+    H2c,
+}
+
+/// HTTP/2 from clients (RFC 9113): over TLS by ALPN `h2`, and on the plain
+/// listener with prior knowledge (h2c). Its header list is bounded by
+/// `limits.max_header_bytes` (SETTINGS_MAX_HEADER_LIST_SIZE).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http2Config {
+    /// Whether clients may speak HTTP/2. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Streams a client may have open at once on one connection
+    /// (SETTINGS_MAX_CONCURRENT_STREAMS, RFC 9113 section 6.5.2); 1 to
+    /// 10000, default 100 (the section's recommended floor).
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
+    /// How often a PING is sent on a connection to check its client is
+    /// there (RFC 9113 section 6.7); 0 turns pings off. Default 20 s.
+    #[serde(default = "default_h2_keep_alive_interval", with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// How long a PING may go unanswered before the connection is closed.
+    /// Default 20 s.
+    #[serde(default = "default_h2_keep_alive_timeout", with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
+}
+
+impl Default for Http2Config {
+    fn default() -> Self {
+        Http2Config {
+            enabled: true,
+            max_concurrent_streams: default_max_concurrent_streams(),
+            keep_alive_interval: default_h2_keep_alive_interval(),
+            keep_alive_timeout: default_h2_keep_alive_timeout(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_max_concurrent_streams() -> u32 {
+    100
+}
+fn default_h2_keep_alive_interval() -> Duration {
+    Duration::from_secs(20)
+}
+fn default_h2_keep_alive_timeout() -> Duration {
+    Duration::from_secs(20)
 }
 
 fn default_response_timeout() -> Duration {
@@ -509,6 +576,9 @@ pub struct Config {
     /// The HTTPS listener; none by default.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// HTTP/2 from clients.
+    #[serde(default)]
+    pub http2: Http2Config,
     /// On SIGINT/SIGTERM, how long in-flight requests may take to finish.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,

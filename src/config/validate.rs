@@ -371,6 +371,19 @@ impl Config {
                 );
             }
         }
+        let h2 = &self.http2;
+        if !(1..=10_000).contains(&h2.max_concurrent_streams) {
+            add(
+                "http2.max_concurrent_streams".into(),
+                format!("{} is outside 1 to 10000", h2.max_concurrent_streams),
+            );
+        }
+        if !h2.keep_alive_interval.is_zero() && h2.keep_alive_timeout.is_zero() {
+            add(
+                "http2.keep_alive_timeout".into(),
+                "must be above zero when keep_alive_interval is".into(),
+            );
+        }
         let head = l.max_header_bytes.as_u64();
         if !(MIN_HEADER_BYTES..=MAX_HEADER_BYTES).contains(&head) {
             add(
@@ -456,6 +469,14 @@ impl Config {
             ("shutdown_grace".to_owned(), self.shutdown_grace),
             ("body_read_timeout".to_owned(), self.body_read_timeout),
             ("send_timeout".to_owned(), self.send_timeout),
+            (
+                "http2.keep_alive_interval".to_owned(),
+                self.http2.keep_alive_interval,
+            ),
+            (
+                "http2.keep_alive_timeout".to_owned(),
+                self.http2.keep_alive_timeout,
+            ),
         ];
         let image = |out: &mut Vec<(String, Duration)>, at: &str, image: &ImageSpec| {
             out.push((format!("{at}.ready_timeout"), image.ready_timeout));

@@ -114,7 +114,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let tls = match &config.tls {
         Some(tls) => {
             let store = Arc::new(crate::proxy::tls::CertStore::load(tls)?);
-            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config()?);
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(store.server_config(config.http2.enabled)?);
             let listener = TcpListener::bind(tls.listen)
                 .await
                 .with_context(|| format!("tls.listen: binding {}", tls.listen))?;
@@ -157,7 +158,12 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     }
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
-    let proxy = Arc::new(Apps::new(router, targets, proxy_metrics.clone()));
+    let proxy = Arc::new(Apps::new(
+        router,
+        targets,
+        proxy_metrics.clone(),
+        tasks.clone(),
+    ));
     let redirect = match (&config.tls, &tls) {
         (Some(cfg), Some((listener, _, certs))) if cfg.redirect_http => {
             Some(crate::proxy::Redirect {
@@ -204,6 +210,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         ),
         trusted_proxies: config.trusted_proxies.clone(),
         grace: config.shutdown_grace,
+        http2: config.http2.enabled.then(|| config.http2.clone()),
+        tasks: tasks.clone(),
     };
 
     let (stop, stop_rx) = watch::channel(false);
@@ -350,6 +358,7 @@ impl Factories<'_> {
             write_timeout: app.upstream_read_timeout,
             replays: proxy_metrics.replays(name),
             tasks: self.tasks.clone(),
+            h2c: app.upstream_protocol == crate::config::UpstreamProtocol::H2c,
         };
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {

@@ -20,6 +20,10 @@
 //!    most twice.
 //! 6. The answer streams back in a [`ResponseBody`], which holds the lease
 //!    and the upstream connection until its end.
+//! 7. A request that asks to upgrade (a WebSocket handshake) goes with its
+//!    `Upgrade`; the app's `101` starts a tunnel that holds the lease for
+//!    the connection's life ([`super::tunnel`]). A `101` nobody asked for
+//!    is a 502.
 //!
 //! One rule breaks an instance: its VMM exited, or it refused a
 //! connection (refused, unreachable, its tap gone; not a connect timeout,
@@ -34,19 +38,20 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use http::header::{self, HeaderValue};
-use http::{Request, Response, Uri, Version};
+use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Body;
+use hyper::upgrade::OnUpgrade;
 use tracing::{debug, warn};
 
 use super::authority::Authority;
 use super::body::{RequestBody, ResponseBody};
 use super::error::{ErrorKind, ProxyError};
-use super::forwarded::strip_hop_by_hop;
+use super::forwarded::{strip_hop_by_hop, Hop};
 use super::router::Router;
 use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
 use super::{ProxyBody, ProxyMetrics};
-use crate::pool::{Lease, Pool};
+use crate::pool::{Lease, Pool, Tasks};
 
 /// What an app's requests need besides its upstreams.
 #[derive(Clone, Debug)]
@@ -101,12 +106,20 @@ pub struct Apps {
     router: Router,
     targets: HashMap<Arc<str>, Target>,
     metrics: ProxyMetrics,
+    tasks: Tasks,
 }
 
 impl Apps {
-    /// The apps of `targets`, routed by `router`.
-    pub fn new(router: Router, targets: HashMap<String, Target>, metrics: ProxyMetrics) -> Apps {
+    /// The apps of `targets`, routed by `router`; upgraded connections'
+    /// tunnels run on `tasks`.
+    pub fn new(
+        router: Router,
+        targets: HashMap<String, Target>,
+        metrics: ProxyMetrics,
+        tasks: Tasks,
+    ) -> Apps {
         Apps {
+            tasks,
             router,
             targets: targets
                 .into_iter()
@@ -161,6 +174,13 @@ impl Apps {
             return Err(ErrorKind::BodyTooLarge(limits.max_body_size).of(app));
         }
         req.body_mut().set_limit(limits.max_body_size);
+        // Step 7: the client's side of an upgrade, taken before the
+        // request goes on.
+        let upgrade = req
+            .extensions()
+            .get::<Hop>()
+            .and_then(|h| h.upgrade.clone())
+            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let req = to_origin(req, &authority).map_err(|k| k.of(app))?;
         let mut resp = match target {
             Target::Pool {
@@ -176,23 +196,79 @@ impl Apps {
                 upstreams,
                 limits,
                 ..
-            } => self.via_pool(app, pool, upstreams, limits, req).await?,
+            } => {
+                let (resp, checkin, lease) =
+                    self.via_pool(app, pool, upstreams, limits, req).await?;
+                self.answer(app, resp, checkin, Some(lease), limits, upgrade)
+            }
             Target::Static { upstream, limits } => {
-                let mut sent = exchange(upstream, req, None, limits.response_timeout).await;
+                let asked = upgrade.is_some();
+                let timeout = limits.response_timeout;
+                let mut sent = exchange(upstream, req, None, timeout, asked).await;
                 if let Err(Retry::NotSent { req, cause }) = sent {
                     debug!(%app, "connect failed ({cause}); trying a fresh connection");
                     self.metrics.retried(app, "connect");
-                    sent = exchange(upstream, *req, None, limits.response_timeout).await;
+                    sent = exchange(upstream, *req, None, timeout, asked).await;
                 }
                 let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
-                relay(resp, checkin, None, limits.upstream_read_timeout)
+                self.answer(app, resp, checkin, None, limits, upgrade)
             }
         };
         resp.extensions_mut().insert(RoutedTo(app.clone()));
         Ok(resp)
     }
 
-    /// Steps 4 to 6 for a pool's instance, with step 5's one retry on
+    /// Step 6, or step 7 for a `101` to an upgrade.
+    fn answer(
+        &self,
+        app: &Arc<str>,
+        resp: Response<hyper::body::Incoming>,
+        checkin: Checkin,
+        lease: Option<Lease>,
+        limits: &AppLimits,
+        upgrade: Option<(HeaderValue, OnUpgrade)>,
+    ) -> Response<ProxyBody> {
+        let Some((protocol, client)) =
+            upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        else {
+            return relay(resp, checkin, lease, limits.upstream_read_timeout);
+        };
+        let (mut parts, body) = resp.into_parts();
+        let upstream = parts
+            .extensions
+            .remove::<OnUpgrade>()
+            .unwrap_or_else(|| hyper::upgrade::on(Response::new(())));
+        // The app's own Upgrade (what it switched to) and Connection go
+        // to the client; other hop-by-hop fields do not.
+        let switched = parts
+            .headers
+            .get(header::UPGRADE)
+            .cloned()
+            .unwrap_or(protocol);
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.insert(header::UPGRADE, switched.clone());
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        let counted = self
+            .metrics
+            .upgraded(app, switched.to_str().unwrap_or("other"));
+        debug!(%app, protocol = ?switched, "switching protocols");
+        let held = (lease, checkin, body, counted);
+        self.tasks.tracker.spawn(super::tunnel::run(
+            client,
+            upstream,
+            limits.upstream_read_timeout,
+            self.tasks.cancel.clone(),
+            held,
+        ));
+        Response::from_parts(
+            parts,
+            http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
+        )
+    }
+
+    /// Steps 4 and 5 for a pool's instance, with step 5's one retry on
     /// another instance.
     async fn via_pool(
         &self,
@@ -201,7 +277,8 @@ impl Apps {
         upstreams: &InstanceUpstreams,
         limits: &AppLimits,
         req: Request<RequestBody>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ) -> Result<(Response<hyper::body::Incoming>, Checkin, Lease), ProxyError> {
+        let asked = req.headers().contains_key(header::UPGRADE);
         let mut req = req;
         for attempt in 0..2 {
             let mut lease = pool
@@ -210,15 +287,8 @@ impl Apps {
                 .map_err(|e| ErrorKind::NoInstance(e).of(app))?;
             let upstream = upstreams.for_lease(pool, &lease);
             let gone = lease.gone().clone();
-            match exchange(&upstream, req, Some(&gone), limits.response_timeout).await {
-                Ok((resp, checkin)) => {
-                    return Ok(relay(
-                        resp,
-                        checkin,
-                        Some(lease),
-                        limits.upstream_read_timeout,
-                    ))
-                }
+            match exchange(&upstream, req, Some(&gone), limits.response_timeout, asked).await {
+                Ok((resp, checkin)) => return Ok((resp, checkin, lease)),
                 Err(Retry::NotSent { req: unsent, cause }) => {
                     warn!(%app, vm = %lease.instance(), "no connection to the instance: {cause}");
                     if unreachable(&cause) {
@@ -277,12 +347,13 @@ impl Retry {
 
 /// One exchange with `upstream`: response headers within `timeout` of
 /// the request's end, or how it failed; `gone` fires if the instance's VMM
-/// dies.
+/// dies. A `101` is an answer only when the request `asked` to upgrade.
 async fn exchange(
     upstream: &Arc<Upstream>,
     req: Request<RequestBody>,
     gone: Option<&tokio_util::sync::CancellationToken>,
     timeout: Duration,
+    asked: bool,
 ) -> Result<(Response<hyper::body::Incoming>, Checkin), Retry> {
     let vm_gone = async {
         match gone {
@@ -311,7 +382,7 @@ async fn exchange(
     match sent {
         // Nothing asked to switch protocols: the connection is not HTTP any
         // more (dropped with its checkin), and the client gets a 502.
-        Ok((resp, _)) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+        Ok((resp, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked => {
             Err(Retry::Failed(ErrorKind::Upstream(
                 "the app switched protocols unasked".into(),
             )))
@@ -343,17 +414,32 @@ fn to_origin(
             .map_err(|_| ErrorKind::BadRequest("the request target is malformed"))?;
     }
     parts.headers.insert(header::HOST, authority.value.clone());
+    // Step 7: an upgrade asked for goes on (forwarding removed the fields).
+    if let Some(protocol) = parts
+        .extensions
+        .get::<Hop>()
+        .and_then(|h| h.upgrade.clone())
+    {
+        parts.headers.insert(header::UPGRADE, protocol);
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
     // A gateway "MUST send an appropriate Via header field in each inbound
     // request message" (RFC 9110 section 7.6.3).
     // The version is the one received (section 7.6.3).
     let received = match parts.version {
         Version::HTTP_10 => "1.0",
+        Version::HTTP_2 => "2",
         _ => "1.1",
     };
     let via = match super::forwarded::joined(&parts.headers, &header::VIA) {
         Some(prior) => HeaderValue::from_str(&format!("{prior}, {received} snapgate")).ok(),
-        None if received == "1.0" => Some(HeaderValue::from_static("1.0 snapgate")),
-        None => Some(HeaderValue::from_static("1.1 snapgate")),
+        None => Some(HeaderValue::from_static(match received {
+            "1.0" => "1.0 snapgate",
+            "2" => "2 snapgate",
+            _ => "1.1 snapgate",
+        })),
     };
     if let Some(v) = via {
         parts.headers.insert(header::VIA, v);

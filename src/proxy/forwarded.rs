@@ -117,6 +117,44 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// What of a request's hop-by-hop fields the next hop still needs: a
+/// request extension set before they are removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Hop {
+    /// The client accepts trailers (`TE: trailers`, RFC 9110 section
+    /// 10.1.4): what gRPC needs, sent on to an HTTP/2 app (RFC 9113
+    /// section 8.2.2 allows exactly this value).
+    pub te_trailers: bool,
+    /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`,
+    /// with `upgrade` in `Connection`; RFC 9110 section 7.8).
+    pub upgrade: Option<HeaderValue>,
+}
+
+impl Hop {
+    fn of<B>(req: &Request<B>) -> Hop {
+        let tokens = |name: HeaderName| {
+            req.headers()
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .map(|t| t.trim().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        };
+        let te_trailers = tokens(header::TE).iter().any(|t| t == "trailers");
+        let upgrade = match req.version() {
+            http::Version::HTTP_11 if tokens(header::CONNECTION).iter().any(|t| t == "upgrade") => {
+                req.headers().get(header::UPGRADE).cloned()
+            }
+            _ => None,
+        };
+        Hop {
+            te_trailers,
+            upgrade,
+        }
+    }
+}
+
 /// The forwarding policy of the module doc, for one listener.
 #[derive(Clone, Debug, Default)]
 pub struct Forwarding {
@@ -164,6 +202,8 @@ impl Forwarding {
     pub fn apply<B>(&self, mut req: Request<B>) -> Request<B> {
         let peer = req.extensions().get::<Peer>().copied();
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
+        let hop = Hop::of(&req);
+        req.extensions_mut().insert(hop);
         let h = req.headers_mut();
         strip_hop_by_hop(h);
         let trusted = peer.is_some_and(|p| self.trusts(p.addr.ip()));

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use http::StatusCode;
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 /// The request path's metric families.
 #[derive(Clone)]
@@ -13,6 +15,8 @@ pub struct ProxyMetrics {
     pub(super) shed: IntCounterVec,
     retries: IntCounterVec,
     connections: IntGauge,
+    upgraded: IntGaugeVec,
+    upgrades: IntCounterVec,
 }
 
 impl ProxyMetrics {
@@ -54,12 +58,28 @@ impl ProxyMetrics {
                 "snapgate_client_connections",
                 "Client connections open on the listener.",
             )?,
+            upgraded: IntGaugeVec::new(
+                Opts::new(
+                    "snapgate_upgraded_connections",
+                    "Connections switched to another protocol (WebSocket and other upgrades) open now, by app; each holds its instance.",
+                ),
+                &["app"],
+            )?,
+            upgrades: IntCounterVec::new(
+                Opts::new(
+                    "snapgate_upgrades_total",
+                    "Connections switched to another protocol, by app and protocol (the Upgrade token, lowercased).",
+                ),
+                &["app", "protocol"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.shed.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.upgraded.clone()))?;
+        registry.register(Box::new(m.upgrades.clone()))?;
         Ok(m)
     }
 
@@ -87,6 +107,21 @@ impl ProxyMetrics {
     /// `closed`), for its upstreams.
     pub fn replays(&self, app: &str) -> prometheus::IntCounter {
         self.retries.with_label_values(&[app, "closed"])
+    }
+
+    /// One connection of `app` upgraded to `protocol`: counted, and open
+    /// in the gauge until the returned guard drops.
+    pub fn upgraded(&self, app: &str, protocol: &str) -> impl Drop + Send {
+        let protocol = protocol.to_ascii_lowercase();
+        // Tokens are free text: only a few known ones become label values.
+        let protocol = match protocol.as_str() {
+            "websocket" | "h2c" | "tls/1.0" => protocol.as_str(),
+            _ => "other",
+        };
+        self.upgrades.with_label_values(&[app, protocol]).inc();
+        let gauge = self.upgraded.with_label_values(&[app]);
+        gauge.inc();
+        super::scopeguard(move || gauge.dec())
     }
 
     /// The open client connections gauge.

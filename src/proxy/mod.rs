@@ -5,16 +5,22 @@
 //! 1. The accept loop takes a connection slot for it (503 and close when
 //!    over `max_connections` or `max_connections_per_client`).
 //! 2. On the TLS listener, the handshake comes first, bounded by
-//!    `header_read_timeout` (its SNI goes with each request).
-//!    hyper serves it (HTTP/1.1, keep-alive) with `header_read_timeout`,
-//!    `max_header_bytes` and `max_headers` (431 over either); a write to
-//!    the client blocked for `send_timeout` ends it (the client stopped
-//!    reading).
+//!    `header_read_timeout` (its SNI goes with each request); ALPN picks
+//!    HTTP/2 (`h2`) or HTTP/1.1. On the plain listener, a connection that
+//!    opens with the HTTP/2 preface is HTTP/2 (h2c with prior knowledge,
+//!    RFC 9113 section 3.3), any other HTTP/1.1. hyper serves it:
+//!    HTTP/1.1 with keep-alive, `header_read_timeout`, `max_header_bytes`
+//!    and `max_headers` (431 over either) and upgrades; HTTP/2 with
+//!    `http2.max_concurrent_streams`, a header list of at most
+//!    `max_header_bytes`, and PINGs every `http2.keep_alive_interval`. A
+//!    write to the client blocked for `send_timeout` ends the connection
+//!    (the client stopped reading).
 //! 3. Each request gets the connection's [`Peer`] and goes through the
 //!    stack, whose layers are listed in [`stack`].
 //! 4. On stop, the listener closes and open connections get `grace` to
-//!    finish (in-flight requests complete; idle kept-alive connections are
-//!    closed), then are aborted.
+//!    finish: in-flight requests complete with `Connection: close`
+//!    (HTTP/1.1) or after a GOAWAY (HTTP/2), idle kept-alive connections
+//!    are closed; then what is left is aborted.
 
 mod app;
 mod authority;
@@ -27,6 +33,7 @@ mod metrics;
 mod router;
 pub mod stack;
 pub mod tls;
+mod tunnel;
 mod upstream;
 
 use std::time::Duration;
@@ -36,6 +43,7 @@ use http::Request;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder as AutoBuilder;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
@@ -74,6 +82,10 @@ pub struct Listening {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// How long open connections may finish after stop.
     pub grace: Duration,
+    /// HTTP/2 settings; `None`: HTTP/1.1 only.
+    pub http2: Option<crate::config::Http2Config>,
+    /// Where HTTP/2 stream tasks run.
+    pub tasks: crate::pool::Tasks,
 }
 
 /// Resolves once `stop` turns true (or its sender is gone).
@@ -100,13 +112,7 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let mut http = hyper::server::conn::http1::Builder::new();
-    // The timer is what makes header_read_timeout work at all.
-    http.timer(TokioTimer::new())
-        .header_read_timeout(listening.header_read_timeout)
-        .max_buf_size(listening.max_header_bytes)
-        .max_headers(listening.max_headers)
-        .keep_alive(true);
+    let http = builder(&listening);
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
@@ -162,7 +168,7 @@ pub async fn serve(
                 .service(stack.clone());
             TowerToHyperService::new(service)
         };
-        let (http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
+        let (mut http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
         let (send_timeout, handshake_timeout) =
             (listening.send_timeout, listening.header_read_timeout);
         let gauge = metrics.connections().clone();
@@ -178,20 +184,27 @@ pub async fn serve(
                 None => {
                     let mut io = tokio_io_timeout::TimeoutStream::new(stream);
                     io.set_write_timeout(Some(send_timeout));
-                    let conn = http.serve_connection(TokioIo::new(Box::pin(io)), service(None));
-                    watcher.watch(conn).await.map_err(BoxError::from)
+                    let io = TokioIo::new(Box::pin(io));
+                    let conn = http.serve_connection_with_upgrades(io, service(None));
+                    watcher.watch(conn.into_owned()).await
                 }
                 // The handshake is bounded by header_read_timeout, and the
                 // request head after it by the same again.
                 Some(acceptor) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
-                            let sni = stream.get_ref().1.server_name().map(std::sync::Arc::from);
+                            let tls = stream.get_ref().1;
+                            let sni = tls.server_name().map(std::sync::Arc::from);
+                            // ALPN chose the protocol (step 2).
+                            http = match tls.alpn_protocol() {
+                                Some(b"h2") => http.http2_only(),
+                                _ => http.http1_only(),
+                            };
                             let mut io = tokio_io_timeout::TimeoutStream::new(stream);
                             io.set_write_timeout(Some(send_timeout));
-                            let conn =
-                                http.serve_connection(TokioIo::new(Box::pin(io)), service(sni));
-                            watcher.watch(conn).await.map_err(BoxError::from)
+                            let io = TokioIo::new(Box::pin(io));
+                            let conn = http.serve_connection_with_upgrades(io, service(sni));
+                            watcher.watch(conn.into_owned()).await
                         }
                         Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
                         Err(_) => Err("TLS handshake: timed out".into()),
@@ -217,8 +230,54 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// The connection builder of protocol step 2: HTTP/1.1 always, HTTP/2
+/// when `listening.http2` allows it.
+fn builder(listening: &Listening) -> AutoBuilder<TrackedExecutor> {
+    let mut http = AutoBuilder::new(TrackedExecutor(listening.tasks.clone()));
+    // The timer is what makes header_read_timeout work at all.
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listening.header_read_timeout)
+        .max_buf_size(listening.max_header_bytes)
+        .max_headers(listening.max_headers)
+        .keep_alive(true);
+    let Some(h2) = &listening.http2 else {
+        return http.http1_only();
+    };
+    let list_size = u32::try_from(listening.max_header_bytes).unwrap_or(u32::MAX);
+    let interval = (!h2.keep_alive_interval.is_zero()).then_some(h2.keep_alive_interval);
+    http.http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .max_header_list_size(list_size)
+        .keep_alive_interval(interval)
+        .keep_alive_timeout(h2.keep_alive_timeout);
+    http
+}
+
+/// Spawns HTTP/2 stream tasks on the gateway's task tracker, so they are
+/// waited for (and cancelled) with every other task.
+#[derive(Clone)]
+pub struct TrackedExecutor(pub crate::pool::Tasks);
+
+impl<F> hyper::rt::Executor<F> for TrackedExecutor
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        let cancel = self.0.cancel.clone();
+        self.0.tracker.spawn(async move {
+            tokio::select! {
+                _ = fut => {}
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+}
+
 /// Runs `f` when dropped.
-fn scopeguard(f: impl FnOnce()) -> impl Drop {
+pub(crate) fn scopeguard(f: impl FnOnce()) -> impl Drop {
     struct Guard<F: FnOnce()>(Option<F>);
     impl<F: FnOnce()> Drop for Guard<F> {
         fn drop(&mut self) {

@@ -122,13 +122,17 @@ impl CertStore {
     }
 
     /// The rustls server config serving this store (rules 1 and 2).
-    pub fn server_config(self: &Arc<Self>) -> Result<Arc<ServerConfig>, TlsError> {
+    pub fn server_config(self: &Arc<Self>, h2: bool) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // ALPN (RFC 7301): HTTP/2 first where enabled (RFC 9113 section 3.2).
+        config.alpn_protocols = match h2 {
+            true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
+            false => vec![b"http/1.1".to_vec()],
+        };
         // The server's order (strongest first), not the client's.
         config.ignore_client_order = true;
         Ok(Arc::new(config))

@@ -43,6 +43,14 @@
 //!    (so connections to a destroyed VM do not linger), and ends once the
 //!    upstream is dropped (the proxy's pruning of instances gone, or the
 //!    proxy itself) or at shutdown. Both run on the gateway's task tracker.
+//! 6. An app with `upstream_protocol: h2c` gets one HTTP/2 connection per
+//!    upstream (prior knowledge, RFC 9113 section 3.3), shared by every
+//!    request as concurrent streams; it is made on first use and again
+//!    once it closes. A request the connection refused before sending it
+//!    (closed, or past a GOAWAY's last stream) goes on the next connection;
+//!    a request that failed after goes once more on a fresh connection
+//!    under step 3's rule. Nothing goes back to a pool: a stream ends with
+//!    its response body, and an unfinished upload is cut off as in step 4.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -51,6 +59,7 @@ use std::time::Duration;
 use http::{header, HeaderMap, Method, Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http2;
 use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::net::TcpSocket;
@@ -69,6 +78,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(1);
 /// How much earlier than an app's `Keep-Alive: timeout=N` snapgate stops
 /// using a connection.
 const KEEP_ALIVE_MARGIN: Duration = Duration::from_millis(500);
+
+type TimeoutIo = tokio_io_timeout::TimeoutStream<tokio::net::TcpStream>;
 
 /// How sending a request failed.
 pub enum SendError {
@@ -96,6 +107,8 @@ pub struct UpstreamConfig {
     pub replays: IntCounter,
     /// Where connection and sweeper tasks run; their cancellation ends them.
     pub tasks: Tasks,
+    /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1 (step 6).
+    pub h2c: bool,
 }
 
 /// One upstream address and its idle connections.
@@ -104,6 +117,8 @@ pub struct Upstream {
     interface: Option<String>,
     config: UpstreamConfig,
     idle: Mutex<Vec<Idle>>,
+    /// The h2c connection, shared by every request (step 6).
+    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 struct Idle {
@@ -166,6 +181,7 @@ impl Upstream {
             interface,
             config,
             idle: Mutex::new(Vec::new()),
+            h2: tokio::sync::Mutex::new(None),
         });
         let idle_timeout = upstream.config.idle_timeout;
         if idle_timeout.is_zero() {
@@ -209,8 +225,52 @@ impl Upstream {
         None
     }
 
-    /// A new connection, its task spawned.
+    /// A new HTTP/1.1 connection, its task spawned.
     async fn connect(&self) -> std::io::Result<SendRequest<RequestBody>> {
+        let io = self.dial().await?;
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(io)
+            .await
+            .map_err(std::io::Error::other)?;
+        self.run(conn.with_upgrades());
+        Ok(sender)
+    }
+
+    /// A new h2c connection (prior knowledge: the preface at once), its
+    /// task spawned.
+    async fn connect_h2(&self) -> std::io::Result<http2::SendRequest<RequestBody>> {
+        let io = self.dial().await?;
+        let executor = super::TrackedExecutor(self.config.tasks.clone());
+        let (sender, conn) = http2::Builder::new(executor)
+            .timer(hyper_util::rt::TokioTimer::new())
+            .handshake(io)
+            .await
+            .map_err(std::io::Error::other)?;
+        self.run(conn);
+        Ok(sender)
+    }
+
+    /// Drives a connection on the tracker until it ends or shutdown.
+    fn run<C, E>(&self, conn: C)
+    where
+        C: std::future::Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let addr = self.addr;
+        let cancel = self.config.tasks.cancel.clone();
+        self.config.tasks.tracker.spawn(async move {
+            tokio::select! {
+                ended = conn => if let Err(e) = ended {
+                    debug!(%addr, "upstream connection: {e}");
+                },
+                _ = cancel.cancelled() => {}
+            }
+        });
+    }
+
+    /// A TCP connection to the upstream (through its tap), with the write
+    /// timeout of step 5.
+    async fn dial(&self) -> std::io::Result<TokioIo<std::pin::Pin<Box<TimeoutIo>>>> {
         let socket = match self.addr {
             SocketAddr::V4(_) => TcpSocket::new_v4()?,
             SocketAddr::V6(_) => TcpSocket::new_v6()?,
@@ -229,21 +289,7 @@ impl Upstream {
             })??;
         let mut io = tokio_io_timeout::TimeoutStream::new(stream);
         io.set_write_timeout(Some(self.config.write_timeout));
-        let (sender, conn) = hyper::client::conn::http1::Builder::new()
-            .handshake(TokioIo::new(Box::pin(io)))
-            .await
-            .map_err(std::io::Error::other)?;
-        let addr = self.addr;
-        let cancel = self.config.tasks.cancel.clone();
-        self.config.tasks.tracker.spawn(async move {
-            tokio::select! {
-                ended = conn => if let Err(e) = ended {
-                    debug!(%addr, "upstream connection: {e}");
-                },
-                _ = cancel.cancelled() => {}
-            }
-        });
-        Ok(sender)
+        Ok(TokioIo::new(Box::pin(io)))
     }
 
     /// Sends `req` (origin-form target, `Host` set) and waits for the
@@ -252,6 +298,9 @@ impl Upstream {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
+        if self.config.h2c {
+            return self.send_h2(req).await;
+        }
         // What a resend is made from: only needed on a reused connection.
         let mut replay = None;
         let mut req = req;
@@ -294,6 +343,80 @@ impl Upstream {
             }
         }
         self.fresh(req).await
+    }
+
+    /// Step 6: `req` as an HTTP/2 request on the shared connection (made
+    /// if there is none, or it closed).
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Checkin), SendError> {
+        let mut req = to_h2(req);
+        let mut replay = replayable(&req).then(|| head_of(&req));
+        let mut fresh = false;
+        loop {
+            let shared = {
+                let mut slot = self.h2.lock().await;
+                match slot.as_ref().filter(|s| !s.is_closed()) {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = match self.connect_h2().await {
+                            Ok(s) => s,
+                            Err(cause) if !fresh => {
+                                return Err(SendError::NotSent {
+                                    req: Box::new(req),
+                                    cause,
+                                })
+                            }
+                            Err(cause) => return Err(SendError::Failed(Box::new(cause))),
+                        };
+                        fresh = true;
+                        *slot = Some(s.clone());
+                        s
+                    }
+                }
+            };
+            let mut sender = shared;
+            if sender.ready().await.is_err() {
+                // Closed meanwhile: nothing was sent.
+                self.h2.lock().await.take();
+                continue;
+            }
+            let tokens = (req.body().sent(), req.body().cut());
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    let checkin = Checkin {
+                        sender: None,
+                        upstream: self.clone(),
+                        idle_for: Duration::ZERO,
+                        sent: tokens.0,
+                        cut: tokens.1,
+                    };
+                    return Ok((resp, checkin));
+                }
+                Err(mut e) => match e.take_message() {
+                    // Refused before it went out (the connection closed,
+                    // or GOAWAY named it unprocessed): no resend.
+                    Some(unsent) => {
+                        req = unsent;
+                        self.h2.lock().await.take();
+                    }
+                    None => {
+                        let error = e.into_error();
+                        match replay.take() {
+                            // Step 3, once, on a fresh connection.
+                            Some(head) if !fresh => {
+                                debug!(addr = %self.addr, "h2c request failed ({error}); sending once more");
+                                self.config.replays.inc();
+                                self.h2.lock().await.take();
+                                req = rebuild(&head);
+                            }
+                            _ => return Err(SendError::Failed(Box::new(error))),
+                        }
+                    }
+                },
+            }
+        }
     }
 
     /// Sends `req` on a new connection.
@@ -347,6 +470,43 @@ fn replayable(req: &Request<RequestBody>) -> bool {
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE
     );
     idempotent && req.body().is_empty()
+}
+
+/// `req` (origin-form, `Host` set, as [`super::app`] makes it) as an
+/// HTTP/2 request: the target absolute (`:scheme` and `:authority` from
+/// `Host`, RFC 9113 section 8.3.1), no connection-specific fields
+/// (section 8.2.2), `TE: trailers` kept when the client sent it.
+fn to_h2(req: Request<RequestBody>) -> Request<RequestBody> {
+    let (mut parts, body) = req.into_parts();
+    let authority = parts
+        .headers
+        .remove(header::HOST)
+        .and_then(|h| http::uri::Authority::try_from(h.as_bytes()).ok());
+    let mut uri = http::uri::Parts::from(std::mem::take(&mut parts.uri));
+    uri.scheme = Some(http::uri::Scheme::HTTP);
+    uri.authority = authority.or_else(|| Some(http::uri::Authority::from_static("localhost")));
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    if let Ok(u) = http::Uri::from_parts(uri) {
+        parts.uri = u;
+    }
+    for name in [
+        header::CONNECTION,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ] {
+        parts.headers.remove(name);
+    }
+    let hop = parts.extensions.get::<super::forwarded::Hop>();
+    if hop.is_some_and(|h| h.te_trailers) {
+        parts
+            .headers
+            .insert(header::TE, header::HeaderValue::from_static("trailers"));
+    }
+    parts.version = http::Version::HTTP_2;
+    Request::from_parts(parts, body)
 }
 
 /// What a bodiless request is rebuilt from.

@@ -60,6 +60,78 @@ server.on('connection', (socket) => {
     socket.edgeId = connections;
     socket.edgeRequests = 0;
 });
+// WebSocket (RFC 6455) echo on any path: each text or binary message comes
+// back as it was sent; a ping gets its pong; a close is answered and the
+// connection ends. Written out here because Node.js has no WebSocket server
+// built in, and the app's code disk carries no packages.
+server.on('upgrade', (req, socket) => {
+    const key = req.headers['sec-websocket-key'];
+    if ((req.headers.upgrade || '').toLowerCase() !== 'websocket' || !key) {
+        socket.end('HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n');
+        return;
+    }
+    const accept = crypto
+        .createHash('sha1')
+        .update(key + '258EAFA5-E914-47DA-95CA-C5AB0DC85B11')
+        .digest('base64');
+    socket.write(
+        'HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n' +
+            `sec-websocket-accept: ${accept}\r\nx-instance: ${instance}\r\n\r\n`,
+    );
+    let buf = Buffer.alloc(0);
+    socket.on('error', () => {});
+    socket.on('data', (chunk) => {
+        buf = Buffer.concat([buf, chunk]);
+        for (;;) {
+            if (buf.length < 2) return;
+            const opcode = buf[0] & 0x0f;
+            let len = buf[1] & 0x7f;
+            let at = 2;
+            if (len === 126) {
+                if (buf.length < 4) return;
+                len = buf.readUInt16BE(2);
+                at = 4;
+            } else if (len === 127) {
+                if (buf.length < 10) return;
+                len = Number(buf.readBigUInt64BE(2));
+                at = 10;
+            }
+            const masked = (buf[1] & 0x80) !== 0;
+            const mask = masked ? buf.subarray(at, at + 4) : null;
+            if (masked) at += 4;
+            if (buf.length < at + len) return;
+            const payload = Buffer.from(buf.subarray(at, at + len));
+            buf = buf.subarray(at + len);
+            if (mask) for (let i = 0; i < payload.length; i++) payload[i] ^= mask[i % 4];
+            if (opcode === 0x8) {
+                socket.end(frame(0x8, payload.subarray(0, 2)));
+                return;
+            }
+            if (opcode === 0x9) socket.write(frame(0xa, payload));
+            else if (opcode === 0x1 || opcode === 0x2) socket.write(frame(opcode, payload));
+        }
+    });
+});
+
+// One unmasked, final frame (servers do not mask, RFC 6455 section 5.1).
+function frame(opcode, payload) {
+    let head;
+    if (payload.length < 126) {
+        head = Buffer.from([0x80 | opcode, payload.length]);
+    } else if (payload.length < 65536) {
+        head = Buffer.alloc(4);
+        head[0] = 0x80 | opcode;
+        head[1] = 126;
+        head.writeUInt16BE(payload.length, 2);
+    } else {
+        head = Buffer.alloc(10);
+        head[0] = 0x80 | opcode;
+        head[1] = 127;
+        head.writeBigUInt64BE(BigInt(payload.length), 2);
+    }
+    return Buffer.concat([head, payload]);
+}
+
 server.keepAliveTimeout = 1000;
 server.listen(Number(process.env.PORT), () => {
     console.log(`edge app listening on ${process.env.PORT}`);

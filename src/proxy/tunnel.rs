@@ -1,0 +1,147 @@
+//! Upgraded connections (WebSocket and any other HTTP/1.1 `Upgrade`, RFC
+//! 9110 section 7.8): bytes both ways between the client and the instance.
+//!
+//! Protocol:
+//! 1. A request that asks to upgrade (`Upgrade`, and `upgrade` in
+//!    `Connection`) is forwarded with both fields. The app's `101
+//!    Switching Protocols` goes to the client with its `Upgrade` and
+//!    `Connection`; any other answer is an ordinary response.
+//! 2. After the 101, a task on the gateway's tracker waits for both sides
+//!    to hand over their connections, then copies bytes both ways. It
+//!    holds the request's lease all along: the instance counts the
+//!    connection as in flight, so its pool never reaps it while open.
+//!    The connection shows in `snapgate_upgraded_connections{app}`.
+//! 3. The tunnel ends when either side closes (the other is shut down
+//!    after it), when no byte has moved either way for the app's
+//!    `upstream_read_timeout`, or at shutdown (the tracker's cancel); its
+//!    lease ends with it.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
+use tracing::debug;
+
+/// Step 2 and 3: waits for both upgrades, then copies until one side
+/// closes, `idle` passes with no byte moved, or `cancel` fires. Holds
+/// `held` (the lease and the metrics guard) until then.
+pub async fn run<H: Send>(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    idle: Duration,
+    cancel: tokio_util::sync::CancellationToken,
+    held: H,
+) {
+    let (client, upstream) = match tokio::join!(client, upstream) {
+        (Ok(c), Ok(u)) => (c, u),
+        (c, u) => {
+            debug!(client = ?c.err(), upstream = ?u.err(), "upgrade not completed");
+            return;
+        }
+    };
+    let start = Instant::now();
+    let last = Arc::new(AtomicU64::new(0));
+    let mut client = Active::new(TokioIo::new(client), start, last.clone());
+    let mut upstream = Active::new(TokioIo::new(upstream), start, last.clone());
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::select! {
+        copied = copy => match copied {
+            Ok((up, down)) => debug!(up, down, "tunnel closed"),
+            Err(e) => debug!("tunnel ended: {e}"),
+        },
+        () = quiet_for(idle, start, &last) => debug!(?idle, "tunnel idle: closed"),
+        () = cancel.cancelled() => {}
+    }
+    drop(held);
+}
+
+/// Resolves once no byte has moved for `idle` (step 3).
+async fn quiet_for(idle: Duration, start: Instant, last: &AtomicU64) {
+    loop {
+        let moved = start + Duration::from_millis(last.load(Ordering::Relaxed));
+        let deadline = moved + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+/// An IO that notes when bytes last moved through it, in milliseconds
+/// since `start` (tokio's copy has no activity hook, hence this wrapper).
+struct Active<T> {
+    inner: T,
+    start: Instant,
+    last: Arc<AtomicU64>,
+}
+
+impl<T> Active<T> {
+    fn new(inner: T, start: Instant, last: Arc<AtomicU64>) -> Self {
+        Active { inner, start, last }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last.store(ms, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Active<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.touch();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Active<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn quiet_for_waits_from_the_last_byte() {
+        let start = Instant::now();
+        let last = AtomicU64::new(0);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        last.store(3000, Ordering::Relaxed);
+        let waited = Instant::now();
+        quiet_for(Duration::from_secs(5), start, &last).await;
+        assert_eq!(waited.elapsed(), Duration::from_secs(5));
+    }
+}

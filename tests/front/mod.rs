@@ -1,0 +1,211 @@
+//! What the front door's tests share: a test PKI made by `openssl` (a test
+//! CA, certificates for `a.test` and `*.b.test`), an HTTP/1.1 upstream, a
+//! gateway with a TLS listener in front of it, and real TLS clients.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `openssl` with `args` in `dir`; panics with its stderr on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A test CA in `dir` (`ca.pem`, `ca.key`) and, for each `(name, san)`, a
+/// certificate `<name>.pem` with key `<name>.key` that it signed.
+pub fn pki(dir: &Path, leaves: &[(&str, &str)]) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=snapgate test CA",
+        ],
+    );
+    for (name, san) in leaves {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-keyout",
+                &format!("{name}.key"),
+                "-out",
+                &format!("{name}.csr"),
+                "-subj",
+                &format!("/CN={name}"),
+            ],
+        );
+        std::fs::write(
+            dir.join(format!("{name}.ext")),
+            format!("subjectAltName=DNS:{san}\n"),
+        )
+        .unwrap();
+        openssl(
+            dir,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &format!("{name}.csr"),
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-days",
+                "1",
+                "-out",
+                &format!("{name}.pem"),
+                "-extfile",
+                &format!("{name}.ext"),
+            ],
+        );
+    }
+}
+
+/// A temporary directory with the test CA and the certificates for
+/// `a.test` (`a.pem`) and `*.b.test` (`b.pem`).
+pub fn test_pki() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    pki(dir.path(), &[("a", "a.test"), ("b", "*.b.test")]);
+    dir
+}
+
+/// An HTTP/1.1 upstream answering `<Host> <X-Forwarded-Proto>`, or, for
+/// `/via`, `<HTTP version> <Via>`.
+pub async fn upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = hyper::service::service_fn(
+                |req: http::Request<hyper::body::Incoming>| async move {
+                    let h = |n: &str| {
+                        req.headers()
+                            .get(n)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("-")
+                            .to_owned()
+                    };
+                    let body = match req.uri().path() {
+                        "/via" => format!("{:?} {}", req.version(), h("via")),
+                        _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
+                    };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                },
+            );
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// A gateway with a TLS listener serving the two test certificates (more
+/// keys of `tls:` in `tls_extra`, each line indented by two spaces) in
+/// front of one static app; `top`: more top-level keys.
+pub async fn gateway(dir: &Path, top: &str, tls_extra: &str) -> snapgate::gateway::Running {
+    gateway_with(dir, top, tls_extra, "").await
+}
+
+/// [`gateway`] with more apps: `apps_extra`, each line indented by two
+/// spaces.
+pub async fn gateway_with(
+    dir: &Path,
+    top: &str,
+    tls_extra: &str,
+    apps_extra: &str,
+) -> snapgate::gateway::Running {
+    let up = upstream().await;
+    let default = tls_extra;
+    let file = dir.join("proxy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "{top}listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
+             network: {{ tap_prefix: sgtl }}\n\
+             tls:\n  listen: 127.0.0.1:0\n{default}  certificates:\n\
+             \x20   - {{ hosts: [a.test], cert: a.pem, key: a.key }}\n\
+             \x20   - {{ hosts: ['*.b.test'], cert: b.pem, key: b.key }}\n\
+             apps:\n  site:\n    hosts: [a.test, '*.b.test', '*.x.b.test', c.test]\n    upstream: {up}\n{apps_extra}",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    let config = snapgate::config::Config::load(&file).unwrap_or_else(|e| panic!("{e}"));
+    snapgate::gateway::start(&config, &mut std::io::sink())
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// `curl` to `https://<host>:<port>/` resolved to `tls`, verifying against
+/// the test CA: its exit code and output.
+pub async fn curl(dir: &Path, tls: SocketAddr, host: &str, extra: &[&str]) -> (i32, String) {
+    let port = tls.port();
+    let out = tokio::process::Command::new("curl")
+        .current_dir(dir)
+        .args(["-sS", "--max-time", "10", "--cacert", "ca.pem", "--resolve"])
+        .arg(format!("{host}:{port}:127.0.0.1"))
+        .args(extra)
+        .arg(format!("https://{host}:{port}/"))
+        .output()
+        .await
+        .expect("curl runs");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
+}
+
+/// The subject of the certificate `tls` shows a client naming `sni`, or
+/// `None` if the handshake fails.
+pub async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<String> {
+    let out = tokio::process::Command::new("openssl")
+        .current_dir(dir)
+        .args([
+            "s_client",
+            "-connect",
+            &tls.to_string(),
+            "-servername",
+            sni,
+            "-brief",
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .expect("openssl runs");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    text.lines()
+        .find_map(|l| l.strip_prefix("Peer certificate: "))
+        .map(str::to_owned)
+}
