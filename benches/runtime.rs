@@ -91,7 +91,7 @@ async fn main() {
     let cfg = runtime_gateway_config(state.path(), "sgbr", 1, &apps, &shared_snapshot_dir());
     let state_path = state.path().to_owned();
     let gw = snapgate::testing::TestGateway::start(state, &cfg).await;
-    let stock = gw.running().runtimes["node"].clone();
+    let stock = gw.running().runtime("node").unwrap();
     let mut rows = Vec::new();
 
     for (app, label) in [

@@ -1,4 +1,6 @@
-//! The admin listener: `/metrics` (Prometheus text format) and `/healthz`.
+//! The admin listener: `/metrics` (Prometheus text format), `/healthz`,
+//! and `POST /reload` (reload `proxy.yaml`, as SIGHUP does; the answer
+//! says what changed, or why the file was rejected).
 
 use std::convert::Infallible;
 use std::time::Duration;
@@ -28,8 +30,57 @@ fn text(status: StatusCode, body: String) -> Response<Page> {
     resp
 }
 
-fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<Page> {
+/// What the admin pages serve.
+#[derive(Clone)]
+pub struct Admin {
+    /// The metrics registry.
+    pub registry: Registry,
+    /// Where reloads are asked for (the process running the gateway loads
+    /// the file and answers).
+    pub reloads: tokio::sync::mpsc::Sender<crate::gateway::ReloadAsk>,
+}
+
+/// `POST /reload`: 200 with the summary, 422 with the reason the file was
+/// rejected (the running config stays), 503 if nothing takes reloads.
+async fn reload(admin: &Admin) -> Response<Page> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    if admin
+        .reloads
+        .send(crate::gateway::ReloadAsk { reply })
+        .await
+        .is_err()
+    {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "reloads are not taken by this process\n".into(),
+        );
+    }
+    match answer.await {
+        Ok(Ok(summary)) => text(StatusCode::OK, format!("reloaded: {summary}\n")),
+        Ok(Err(why)) => text(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("rejected, the running config stays: {why}\n"),
+        ),
+        Err(_) => text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the reload was dropped (shutting down)\n".into(),
+        ),
+    }
+}
+
+async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
+    let registry = &admin.registry;
     match req.uri().path() {
+        "/reload" if req.method() == http::Method::POST => reload(admin).await,
+        "/reload" => {
+            let mut resp = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "POST /reload reloads the config\n".into(),
+            );
+            resp.headers_mut()
+                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
+            resp
+        }
         "/metrics" => {
             let encoder = TextEncoder::new();
             let mut buf = Vec::new();
@@ -48,7 +99,7 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<Page> {
         "/healthz" => text(StatusCode::OK, "ok\n".into()),
         other => text(
             StatusCode::NOT_FOUND,
-            format!("no admin page {other}; try /metrics or /healthz\n"),
+            format!("no admin page {other}; try /metrics, /healthz or POST /reload\n"),
         ),
     }
 }
@@ -57,7 +108,7 @@ fn respond(registry: &Registry, req: &Request<Incoming>) -> Response<Page> {
 /// on `tasks` and ends with it.
 pub async fn serve(
     listener: TcpListener,
-    registry: Registry,
+    admin: Admin,
     stop: CancellationToken,
     tasks: TaskTracker,
 ) {
@@ -76,10 +127,10 @@ pub async fn serve(
             },
             _ = stop.cancelled() => return,
         };
-        let registry = registry.clone();
+        let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-            let resp = respond(&registry, &req);
-            async move { Ok::<_, Infallible>(resp) }
+            let admin = admin.clone();
+            async move { Ok::<_, Infallible>(respond(&admin, &req).await) }
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let stop = stop.clone();

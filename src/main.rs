@@ -15,7 +15,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the gateway until SIGINT or SIGTERM.
+    /// Run the gateway until SIGINT or SIGTERM; SIGHUP (or `POST /reload`
+    /// on the admin listener) reloads the config file.
     Run {
         /// The config file.
         #[arg(long)]
@@ -108,7 +109,8 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the config, starts the gateway, and on SIGINT or SIGTERM drains it.
+/// Loads the config, starts the gateway, reloads the config on SIGHUP or
+/// an admin `POST /reload`, and on SIGINT or SIGTERM drains it.
 fn run(file: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::load(file)?;
@@ -117,17 +119,40 @@ fn run(file: &std::path::Path) -> anyhow::Result<()> {
         // Signals are caught before anything starts, so none is missed.
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
+        let mut hup = signal(SignalKind::hangup())?;
         // A signal while starting (say, during a snapshot build) stops it: the
         // dropped start-up kills the VMs it made.
         let mut out = std::io::stdout();
-        let gateway = tokio::select! {
+        let mut gateway = tokio::select! {
             started = snapgate::gateway::start(&config, &mut out) => started?,
             _ = int.recv() => return Ok(()),
             _ = term.recv() => return Ok(()),
         };
-        let name = tokio::select! {
-            _ = int.recv() => "SIGINT",
-            _ = term.recv() => "SIGTERM",
+        let mut asks = gateway.reload_requests().expect("taken once, here");
+        let name = loop {
+            let reply = tokio::select! {
+                _ = int.recv() => break "SIGINT",
+                _ = term.recv() => break "SIGTERM",
+                _ = hup.recv() => None,
+                Some(ask) = asks.recv() => Some(ask.reply),
+            };
+            // The file as it is now, checked whole before anything changes.
+            let outcome = match Config::load(file) {
+                Ok(new) => gateway.reload(new).await.map_err(|e| e.to_string()),
+                Err(e) => {
+                    let e = e.to_string();
+                    tracing::warn!("config reload rejected, the running config stays: {e}");
+                    gateway.reload_rejected();
+                    Err(e)
+                }
+            };
+            match (&outcome, reply) {
+                (_, Some(reply)) => {
+                    let _ = reply.send(outcome);
+                }
+                (Ok(summary), None) => println!("SIGHUP: reloaded: {summary}"),
+                (Err(e), None) => println!("SIGHUP: rejected, the running config stays: {e}"),
+            }
         };
         println!("{name}: draining (grace {:?})", config.shutdown_grace);
         gateway.shutdown().await;

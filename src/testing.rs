@@ -213,7 +213,7 @@ impl TestGateway {
     }
 
     /// The pool of `app`.
-    pub fn pool(&self, app: &str) -> &crate::pool::Pool {
+    pub fn pool(&self, app: &str) -> crate::pool::Pool {
         self.running().proxy.pool(app).expect("a VM or runtime app")
     }
 

@@ -8,12 +8,9 @@
 mod front;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::path::Path;
 
 use front::*;
-use tokio::io::{AsyncBufReadExt, BufReader};
 
 /// `curl` with `args` (its last one the URL): its exit code and output.
 async fn curl_raw(dir: &Path, args: &[&str]) -> (i32, String) {
@@ -180,106 +177,114 @@ async fn an_h2c_app_is_reached_over_http2_from_http1_and_http2_clients() {
     gw.shutdown().await;
 }
 
-/// Where `scripts/test` installed the gRPC packages.
+/// gRPC with the `@grpc/grpc-js` packages `scripts/test` installs: run
+/// with the suite's other tests of installed tools (`vm-tests`).
 #[cfg(feature = "vm-tests")]
-fn grpc_modules() -> PathBuf {
-    std::env::var_os("SNAPGATE_GRPC_MODULES")
-        .map(PathBuf::from)
-        .expect("SNAPGATE_GRPC_MODULES (scripts/test installs the gRPC packages and sets it)")
-}
+mod grpc {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::process::Stdio;
+    use std::time::Duration;
 
-#[cfg(feature = "vm-tests")]
-fn grpc_app(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/apps/grpc")
-        .join(file)
-}
+    use super::front::*;
+    use tokio::io::{AsyncBufReadExt, BufReader};
 
-/// The gRPC Echo server on a free loopback port: the child (killed on
-/// drop) and its address.
-#[cfg(feature = "vm-tests")]
-async fn grpc_server(modules: &Path) -> (tokio::process::Child, SocketAddr) {
-    let mut child = tokio::process::Command::new("node")
-        .arg(grpc_app("server.js"))
-        .arg("0")
-        .env("NODE_PATH", modules)
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node runs");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("the gRPC server binds in time")
-        .unwrap()
-        .expect("the gRPC server says where it listens");
-    let port: u16 = line
-        .strip_prefix("listening ")
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-    (child, SocketAddr::from(([127, 0, 0, 1], port)))
-}
-
-/// One unary and one server-streaming call through `target` for
-/// `authority` (over TLS with the test CA when `ca` is given): the
-/// client's JSON line.
-#[cfg(feature = "vm-tests")]
-async fn grpc_calls(
-    modules: &Path,
-    target: SocketAddr,
-    authority: &str,
-    ca: Option<&Path>,
-) -> String {
-    let mut cmd = tokio::process::Command::new("node");
-    cmd.arg(grpc_app("client.js"))
-        .arg(target.to_string())
-        .arg(authority)
-        .env("NODE_PATH", modules);
-    if let Some(ca) = ca {
-        cmd.arg(ca);
+    /// Where `scripts/test` installed the gRPC packages.
+    fn grpc_modules() -> PathBuf {
+        std::env::var_os("SNAPGATE_GRPC_MODULES")
+            .map(PathBuf::from)
+            .expect("SNAPGATE_GRPC_MODULES (scripts/test installs the gRPC packages and sets it)")
     }
-    let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
-        .await
-        .expect("the gRPC client finishes")
-        .expect("node runs");
-    String::from_utf8_lossy(&out.stdout).trim().to_owned() + &String::from_utf8_lossy(&out.stderr)
-}
 
-/// Runs with the suite's other tests of installed tools (`vm-tests`).
-#[cfg(feature = "vm-tests")]
-#[tokio::test]
-async fn grpc_unary_and_server_streaming_calls_pass_over_h2c_and_tls() {
-    let modules = grpc_modules();
-    let dir = test_pki();
-    let (_server, up) = grpc_server(&modules).await;
-    let gw = gateway_with(
-        dir.path(),
-        "",
-        "",
-        &format!(
-            "  grpc:\n    hosts: [grpc.b.test]\n    upstream: {up}\n    upstream_protocol: h2c\n"
-        ),
-    )
-    .await;
-    let count = r#""count":["n 1","n 2","n 3","n 4","n 5"]"#;
-    // h2c with prior knowledge on the plain listener.
-    let out = grpc_calls(&modules, gw.listen, "grpc.b.test", None).await;
-    assert_eq!(
-        out,
-        format!(r#"{{"say":{{"text":"hello","authority":"grpc.b.test"}},{count}}}"#)
-    );
-    // HTTP/2 over TLS, the certificate verified for the host.
-    let tls = gw.tls.unwrap();
-    let out = grpc_calls(
-        &modules,
-        tls,
-        "grpc.b.test",
-        Some(&dir.path().join("ca.pem")),
-    )
-    .await;
-    assert_eq!(
-        out,
-        format!(r#"{{"say":{{"text":"hello","authority":"grpc.b.test"}},{count}}}"#)
-    );
-    gw.shutdown().await;
+    fn grpc_app(file: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/apps/grpc")
+            .join(file)
+    }
+
+    /// The gRPC Echo server on a free loopback port: the child (killed on
+    /// drop) and its address.
+    async fn grpc_server(modules: &Path) -> (tokio::process::Child, SocketAddr) {
+        let mut child = tokio::process::Command::new("node")
+            .arg(grpc_app("server.js"))
+            .arg("0")
+            .env("NODE_PATH", modules)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("node runs");
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+            .await
+            .expect("the gRPC server binds in time")
+            .unwrap()
+            .expect("the gRPC server says where it listens");
+        let port: u16 = line
+            .strip_prefix("listening ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        (child, SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// One unary and one server-streaming call through `target` for
+    /// `authority` (over TLS with the test CA when `ca` is given): the
+    /// client's JSON line.
+    async fn grpc_calls(
+        modules: &Path,
+        target: SocketAddr,
+        authority: &str,
+        ca: Option<&Path>,
+    ) -> String {
+        let mut cmd = tokio::process::Command::new("node");
+        cmd.arg(grpc_app("client.js"))
+            .arg(target.to_string())
+            .arg(authority)
+            .env("NODE_PATH", modules);
+        if let Some(ca) = ca {
+            cmd.arg(ca);
+        }
+        let out = tokio::time::timeout(Duration::from_secs(60), cmd.output())
+            .await
+            .expect("the gRPC client finishes")
+            .expect("node runs");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+            + &String::from_utf8_lossy(&out.stderr)
+    }
+
+    #[tokio::test]
+    async fn grpc_unary_and_server_streaming_calls_pass_over_h2c_and_tls() {
+        let modules = grpc_modules();
+        let dir = test_pki();
+        let (_server, up) = grpc_server(&modules).await;
+        let gw = gateway_with(
+            dir.path(),
+            "",
+            "",
+            &format!(
+                "  grpc:\n    hosts: [grpc.b.test]\n    upstream: {up}\n    upstream_protocol: h2c\n"
+            ),
+        )
+        .await;
+        let count = r#""count":["n 1","n 2","n 3","n 4","n 5"]"#;
+        // h2c with prior knowledge on the plain listener.
+        let out = grpc_calls(&modules, gw.listen, "grpc.b.test", None).await;
+        assert_eq!(
+            out,
+            format!(r#"{{"say":{{"text":"hello","authority":"grpc.b.test"}},{count}}}"#)
+        );
+        // HTTP/2 over TLS, the certificate verified for the host.
+        let tls = gw.tls.unwrap();
+        let out = grpc_calls(
+            &modules,
+            tls,
+            "grpc.b.test",
+            Some(&dir.path().join("ca.pem")),
+        )
+        .await;
+        assert_eq!(
+            out,
+            format!(r#"{{"say":{{"text":"hello","authority":"grpc.b.test"}},{count}}}"#)
+        );
+        gw.shutdown().await;
+    }
 }

@@ -233,7 +233,7 @@ async fn apps_that_fail_to_start_get_clear_errors_and_spare_the_runtime() {
     })
     .await;
     assert_eq!(metrics.failures("node"), 0);
-    assert!(gw.running().runtimes["node"].last_error().is_none());
+    assert!(gw.running().runtime("node").unwrap().last_error().is_none());
     // The failed apps' clones were destroyed, not left running.
     assert_eq!(gw.pool("crash").stats().instances, 0);
     assert_eq!(gw.pool("garbage").stats().instances, 0);
@@ -267,7 +267,7 @@ async fn an_app_can_have_its_own_snapshot_taken_after_it_started() {
     let start = manifest["spec"]["prepared"].as_str().unwrap_or_default();
     assert!(start.contains(r#""GREETING":"frozen""#), "{manifest}");
     assert!(!snapshots.path().join("runtime.node").exists());
-    assert!(gw.running().runtimes.is_empty());
+    assert!(gw.running().runtime_names().is_empty());
 
     let (status, body) = gw.get("solo", "/x").await;
     assert_eq!(status, 200, "{body}");
@@ -331,7 +331,7 @@ async fn a_start_that_never_becomes_ready_fails_at_start_timeout_and_the_next_is
         "{ min_warm: 0, max_instances: 1, start_timeout: 8s, hold_timeout: 60s }",
     );
     let gw = Gw::start("sgrh", 1, &apps, &shared_snapshot_dir()).await;
-    let stock = &gw.running().runtimes["node"];
+    let stock = gw.running().runtime("node").unwrap();
     wait_for(
         "one warm runtime clone",
         Duration::from_secs(60),

@@ -17,7 +17,7 @@
 //!    ([`crate::snapshot::pin`]) for the gateway's life, as is the code
 //!    image of a per-app snapshot.
 //! 5. Start each app's pool (which pre-warms `min_warm` instances) and
-//!    serve.
+//!    serve. A reload later applies a new config as a diff ([`reload`]).
 //!
 //! # Tasks
 //! Every task the gateway starts (the listeners with the connections they
@@ -45,8 +45,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 
+mod reload;
 mod snapshots;
 mod state;
+
+pub use reload::{Ask as ReloadAsk, ReloadError};
 
 pub use snapshots::{build as build_snapshots, driver, job_for_app};
 pub use state::{StateLock, StateLockError};
@@ -56,7 +59,8 @@ use state::lock as lock_state_dir;
 use crate::config::{Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, Tasks};
-use crate::proxy::{AppLimits, Apps, ProxyMetrics, Router, Target};
+use crate::proxy::tls::{CertStore, Certs};
+use crate::proxy::{AppLimits, Apps, ProxyMetrics, Router, Table, Target};
 use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
 use crate::snapshot::{Builder, Job, Pin};
 use crate::vmm::{Snapshot, Vmm};
@@ -76,9 +80,11 @@ pub struct Running {
     pub registry: Registry,
     /// Runtime stocks by runtime name (runtimes whose apps start from the
     /// shared snapshot).
-    pub runtimes: HashMap<String, Runtime>,
+    runtimes: std::sync::Mutex<HashMap<String, Runtime>>,
     /// Runtime metrics.
     pub runtime_metrics: runtime::RuntimeMetrics,
+    /// What a reload needs ([`reload`]).
+    reloading: reload::Reloading,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
     tls_server: Option<JoinHandle<()>>,
@@ -86,9 +92,11 @@ pub struct Running {
     admin_stop: tokio_util::sync::CancellationToken,
     tasks: Tasks,
     /// The snapshots and code images the gateway restores from.
-    _pins: Vec<Pin>,
+    pins: std::sync::Mutex<Vec<Pin>>,
     /// The gateway's exclusive lock on its `state_dir`.
     _state_lock: StateLock,
+    /// Reloads asked for through the admin listener, until taken.
+    reload_requests: Option<tokio::sync::mpsc::Receiver<reload::Ask>>,
 }
 
 impl Drop for Running {
@@ -113,7 +121,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // Certificates load before any VM starts: a bad file fails start-up.
     let tls = match &config.tls {
         Some(tls) => {
-            let store = Arc::new(crate::proxy::tls::CertStore::load(tls)?);
+            let store = Certs::new(CertStore::load(tls)?);
             let acceptor =
                 tokio_rustls::TlsAcceptor::from(store.server_config(config.http2.enabled)?);
             let listener = TcpListener::bind(tls.listen)
@@ -146,21 +154,19 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let mut targets = HashMap::new();
     for name in config.apps.keys() {
         match factories
-            .target(name, &pool_metrics, &proxy_metrics, out)
+            .target(name, &pool_metrics, &proxy_metrics, None, out)
             .await
         {
-            Ok(target) => targets.insert(name.clone(), target),
+            Ok(target) => targets.insert(Arc::from(name.as_str()), Arc::new(target)),
             Err(e) => {
-                abandon(&targets, &factories.runtimes, &tasks).await;
+                abandon(targets.values(), factories.runtimes.values(), &tasks).await;
                 return Err(e);
             }
         };
     }
     let (runtimes, pins) = (factories.runtimes, factories.pins);
-    let router = Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])));
     let proxy = Arc::new(Apps::new(
-        router,
-        targets,
+        Table::new(router_of(config), targets),
         proxy_metrics.clone(),
         tasks.clone(),
     ));
@@ -215,6 +221,20 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
 
     let (stop, stop_rx) = watch::channel(false);
+    let cert_store = tls.as_ref().map(|(_, _, certs)| certs.clone());
+    // Certificate files are watched for as long as the gateway runs.
+    let reload_metrics = reload::ReloadMetrics::new(&registry)?;
+    let certs_changed = match (&config.tls, &cert_store) {
+        (Some(cfg), Some(certs)) => Some(reload::watch_certificates(
+            certs.clone(),
+            cfg.clone(),
+            reload_metrics.clone(),
+            &tasks,
+        )?),
+        _ => None,
+    };
+    let reload_proxy_metrics = proxy_metrics.clone();
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     let (tls_listen, tls_server) = match tls {
         Some((tls_listener, acceptor, certs)) => (
             Some(tls_listener.local_addr()?),
@@ -240,7 +260,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let admin_stop = tasks.cancel.child_token();
     let admin_task = tasks.tracker.spawn(admin::serve(
         admin_listener,
-        registry.clone(),
+        admin::Admin {
+            registry: registry.clone(),
+            reloads: reload_tx,
+        },
         admin_stop.clone(),
         tasks.tracker.clone(),
     ));
@@ -258,8 +281,19 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         admin,
         tls: tls_listen,
         proxy,
+        reloading: reload::Reloading {
+            config: tokio::sync::Mutex::new(config.clone()),
+            driver,
+            net,
+            pool_metrics,
+            proxy_metrics: reload_proxy_metrics,
+            certs: cert_store,
+            retired: Default::default(),
+            metrics: reload_metrics,
+            certs_changed,
+        },
         registry,
-        runtimes,
+        runtimes: std::sync::Mutex::new(runtimes),
         runtime_metrics,
         stop,
         server,
@@ -267,8 +301,9 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         admin_task,
         admin_stop,
         tasks,
-        _pins: pins,
+        pins: std::sync::Mutex::new(pins),
         _state_lock: state_lock,
+        reload_requests: Some(reload_rx),
     })
 }
 
@@ -283,25 +318,35 @@ async fn bind(config: &Config) -> anyhow::Result<(TcpListener, TcpListener)> {
     Ok((listener, admin))
 }
 
+/// The router of `config`'s apps.
+fn router_of(config: &Config) -> Router {
+    Router::new(config.apps.iter().map(|(n, a)| (n.as_str(), &a.hosts[..])))
+}
+
 /// Undoes a start-up that failed part-way: the pools and runtime stocks
 /// made so far close (destroying their VMs), and every task they started
 /// ends before the error is returned.
 async fn abandon(
-    targets: &HashMap<String, Target>,
-    runtimes: &HashMap<String, Runtime>,
+    targets: impl Iterator<Item = &Arc<Target>>,
+    runtimes: impl Iterator<Item = &Runtime>,
     tasks: &Tasks,
 ) {
-    for target in targets.values() {
-        if let Target::Pool { pool, .. } = target {
-            pool.close(std::time::Duration::from_secs(5)).await;
-        }
-    }
-    for runtime in runtimes.values() {
+    close_targets(targets).await;
+    for runtime in runtimes {
         runtime.close(std::time::Duration::from_secs(5)).await;
     }
     tasks.cancel.cancel();
     tasks.tracker.close();
     tasks.tracker.wait().await;
+}
+
+/// Closes the pools of `targets` (destroying their VMs).
+async fn close_targets(targets: impl Iterator<Item = &Arc<Target>>) {
+    for target in targets {
+        if let Target::Pool { pool, .. } = &**target {
+            pool.close(std::time::Duration::from_secs(5)).await;
+        }
+    }
 }
 
 /// Kills VMMs an earlier gateway left and removes their taps (module doc,
@@ -338,13 +383,15 @@ struct Factories<'a> {
 }
 
 impl Factories<'_> {
-    /// Where the requests of app `name` go: its pool (started here) or
-    /// its static upstream.
+    /// Where the requests of app `name` go: its pool (started here, or
+    /// `reuse`d: a reload that changed only the app's limits) or its static
+    /// upstream.
     async fn target(
         &mut self,
         name: &str,
         pool_metrics: &PoolMetrics,
         proxy_metrics: &ProxyMetrics,
+        reuse: Option<Pool>,
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<Target> {
         let app = &self.config.apps[name];
@@ -369,12 +416,6 @@ impl Factories<'_> {
             }
             Upstream::Vm(_, pool_cfg) | Upstream::Runtime(_, pool_cfg) => pool_cfg,
         };
-        let factory = self.for_app(name, out).await?;
-        writeln!(
-            out,
-            "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?} start_timeout={:?}",
-            pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout, pool_cfg.start_timeout
-        )?;
         let internal_path = match app.upstream() {
             Upstream::Vm(spec, _) => spec
                 .on_restore
@@ -382,7 +423,18 @@ impl Factories<'_> {
                 .map(|h| crate::path::normalize(&h.path)),
             _ => None,
         };
-        let pool = Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks);
+        let pool = match reuse {
+            Some(pool) => pool,
+            None => {
+                let factory = self.for_app(name, out).await?;
+                writeln!(
+                    out,
+                    "{name}: pool min_warm={} max_instances={} max_concurrency={} idle_timeout={:?} start_timeout={:?}",
+                    pool_cfg.min_warm, pool_cfg.max_instances, pool_cfg.max_concurrency, pool_cfg.idle_timeout, pool_cfg.start_timeout
+                )?;
+                Pool::new(name, &pool_cfg, factory, pool_metrics.clone(), &self.tasks)
+            }
+        };
         Ok(Target::Pool {
             upstreams: crate::proxy::InstanceUpstreams::new(upstream_config),
             pool,
@@ -483,10 +535,40 @@ impl Running {
     /// VMM process ids of every VM the gateway has: app instances and warm
     /// runtime clones.
     pub fn pids(&self) -> Vec<u32> {
-        let pools = self.proxy.pools().flat_map(|p| p.pids());
+        let mut pids: Vec<u32> = self.pools().iter().flat_map(|p| p.pids()).collect();
+        for runtime in self.lock_runtimes().values() {
+            pids.extend(runtime.pids());
+        }
+        pids
+    }
+
+    /// Every pool: the current apps' and those still draining after a
+    /// reload removed or replaced their app.
+    fn pools(&self) -> Vec<Pool> {
+        let mut pools = self.proxy.pools();
+        pools.extend(self.reloading.retired());
         pools
-            .chain(self.runtimes.values().flat_map(|r| r.pids()))
-            .collect()
+    }
+
+    fn lock_runtimes(&self) -> std::sync::MutexGuard<'_, HashMap<String, Runtime>> {
+        self.runtimes.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The stock of runtime `name`, if the gateway has one.
+    pub fn runtime(&self, name: &str) -> Option<Runtime> {
+        self.lock_runtimes().get(name).cloned()
+    }
+
+    /// The names of the runtimes with a stock.
+    pub fn runtime_names(&self) -> Vec<String> {
+        self.lock_runtimes().keys().cloned().collect()
+    }
+
+    /// Takes the reloads asked for through the admin listener (`POST
+    /// /reload`): whoever runs the gateway loads the config file for each
+    /// and answers with [`Running::reload`]'s result. Once only.
+    pub fn reload_requests(&mut self) -> Option<tokio::sync::mpsc::Receiver<reload::Ask>> {
+        self.reload_requests.take()
     }
 
     /// Stops accepting, lets in-flight requests finish (at most the grace
@@ -495,7 +577,7 @@ impl Running {
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         // Held requests get their 503 now, not after the grace period.
-        for pool in self.proxy.pools() {
+        for pool in self.pools() {
             pool.begin_close();
         }
         let _ = (&mut self.server).await;
@@ -504,10 +586,11 @@ impl Running {
         }
         self.admin_stop.cancel();
         let _ = (&mut self.admin_task).await;
-        for pool in self.proxy.pools() {
+        for pool in self.pools() {
             pool.close(std::time::Duration::from_secs(5)).await;
         }
-        for runtime in self.runtimes.values() {
+        let runtimes: Vec<Runtime> = self.lock_runtimes().values().cloned().collect();
+        for runtime in runtimes {
             runtime.close(std::time::Duration::from_secs(5)).await;
         }
         self.tasks.cancel.cancel();

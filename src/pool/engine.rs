@@ -50,6 +50,14 @@
 //!    until nothing is left (or its deadline) and cancels the engine's
 //!    tasks (maintenance, exit waiters); the owner of the tracker (the
 //!    gateway) waits for every task on it.
+//! 8. Resize ([`Engine::resize`], a config reload): the new sizing
+//!    replaces the old under the lock; held claims that now fit a member
+//!    are leased, restores start for the queue and a larger `min_warm`,
+//!    and maintenance wakes to reap by the new `min_warm` and
+//!    `idle_timeout`. Nothing running is stopped for it: instances over a
+//!    lowered `max_instances` leave as they go idle, and leases above a
+//!    lowered `max_concurrency` end in their own time. Restores in flight
+//!    keep the `start_timeout` they began with.
 
 use std::collections::VecDeque;
 use std::process::ExitStatus;
@@ -84,6 +92,9 @@ pub(super) struct Member<I: Instance> {
 }
 
 pub(super) struct State<F: Factory> {
+    /// How many instances to keep and hand out; changed by
+    /// [`Engine::resize`].
+    pub(super) sizing: Sizing,
     pub(super) members: Vec<Member<F::Instance>>,
     pub(super) restoring: usize,
     pub(super) stopping: usize,
@@ -118,7 +129,6 @@ impl<F: Factory> Default for Work<F> {
 
 pub(super) struct Shared<F: Factory> {
     pub(super) name: String,
-    pub(super) sizing: Sizing,
     pub(super) factory: F,
     pub(super) state: Mutex<State<F>>,
     pub(super) wake: Notify,
@@ -172,9 +182,9 @@ impl<F: Factory> Engine<F> {
         let cancel = tasks.cancel.child_token();
         let shared = Arc::new(Shared {
             name: name.into(),
-            sizing,
             factory,
             state: Mutex::new(State {
+                sizing,
                 members: Vec::new(),
                 restoring: 0,
                 stopping: 0,
@@ -233,6 +243,33 @@ impl<F: Factory> Engine<F> {
     pub fn each<T>(&self, mut f: impl FnMut(&F::Instance) -> T) -> Vec<T> {
         let st = self.shared.lock();
         st.members.iter().map(|m| f(&m.instance)).collect()
+    }
+
+    /// Applies new sizing to the running set (module doc, step 8).
+    pub fn resize(&self, sizing: Sizing) {
+        let shared = &self.shared;
+        let undelivered = {
+            let mut st = shared.lock();
+            if st.closed {
+                return;
+            }
+            st.sizing = sizing;
+            // Claims held for want of room may fit now; the queue and
+            // min_warm may want more restores.
+            let undelivered = shared.dispatch(&mut st);
+            shared.start_restores(&mut st);
+            shared.settle(st);
+            undelivered
+        };
+        drop(undelivered);
+        // Maintenance reaps down to the new min_warm, by the new
+        // idle_timeout.
+        shared.wake.notify_one();
+    }
+
+    /// The current sizing.
+    pub fn sizing(&self) -> Sizing {
+        self.shared.lock().sizing
     }
 
     /// Starts closing (module doc, step 7).
@@ -308,7 +345,7 @@ impl<F: Factory> Shared<F> {
         if st.closed || st.retry_at.is_some_and(|t| t > Instant::now()) {
             return;
         }
-        let sizing = &self.sizing;
+        let sizing = st.sizing;
         let for_queue = st.waiters.len().div_ceil(sizing.max_concurrency.max(1));
         let live = st.members.iter().filter(|m| !m.draining).count();
         let for_warm = sizing.min_warm.saturating_sub(live);
@@ -463,7 +500,7 @@ async fn start_one<F: Factory>(
     shared: &Arc<Shared<F>>,
     id: crate::vmm::VmId,
 ) -> Option<Result<F::Instance, StartFailure>> {
-    let timeout = shared.sizing.start_timeout;
+    let timeout = shared.lock().sizing.start_timeout;
     let start = std::panic::AssertUnwindSafe(shared.factory.start(id)).catch_unwind();
     tokio::select! {
         _ = shared.restores.cancelled() => None,
@@ -547,9 +584,8 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
         // A set that never reaps (a runtime's stock) keeps no instance
         // nobody waits for beyond min_warm: its taker gave up meanwhile.
         let live = st.members.iter().filter(|m| !m.draining).count();
-        let surplus = shared.sizing.idle_timeout.is_none()
-            && st.waiters.is_empty()
-            && live >= shared.sizing.min_warm;
+        let surplus =
+            st.sizing.idle_timeout.is_none() && st.waiters.is_empty() && live >= st.sizing.min_warm;
         if st.closed || surplus {
             shared.stop(&mut st, member);
             shared.settle(st);
@@ -622,11 +658,11 @@ fn reap<F: Factory>(
     to_stop: &mut Vec<Member<F::Instance>>,
 ) -> Option<Instant> {
     let mut next = st.retry_at.filter(|t| *t > now);
-    let Some(idle_timeout) = shared.sizing.idle_timeout else {
+    let Some(idle_timeout) = st.sizing.idle_timeout else {
         return next;
     };
     let mut live = st.members.iter().filter(|m| !m.draining).count();
-    while live > shared.sizing.min_warm && !st.closed {
+    while live > st.sizing.min_warm && !st.closed {
         let oldest = st
             .members
             .iter()

@@ -259,7 +259,7 @@ impl<F: Factory> Engine<F> {
     pub async fn claim(&self) -> Result<(Lease<F>, bool), ClaimError> {
         let shared = &self.shared;
         let started = Instant::now();
-        let (queued, mut rx) = {
+        let (queued, mut rx, hold_timeout) = {
             let mut st = shared.lock();
             if st.closed {
                 return Err(shared.shutting_down());
@@ -268,7 +268,7 @@ impl<F: Factory> Engine<F> {
                 shared.publish(&st);
                 return Ok((lease, false));
             }
-            if st.waiters.len() >= shared.sizing.hold_queue {
+            if st.waiters.len() >= st.sizing.hold_queue {
                 return Err(ClaimError::QueueFull {
                     app: shared.name.clone(),
                     instances: st.members.len(),
@@ -287,15 +287,16 @@ impl<F: Factory> Engine<F> {
                 app: shared.name.clone(),
                 tx,
             });
+            let hold_timeout = st.sizing.hold_timeout;
             shared.start_restores(&mut st);
             shared.settle(st);
             let queued = Queued {
                 shared: shared.clone(),
                 id,
             };
-            (queued, rx)
+            (queued, rx, hold_timeout)
         };
-        let result = match tokio::time::timeout(shared.sizing.hold_timeout, &mut rx).await {
+        let result = match tokio::time::timeout(hold_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(shared.shutting_down()),
             Err(_) if queued.leave() => Err(ClaimError::HoldTimeout {
@@ -343,7 +344,7 @@ impl<F: Factory> Shared<F> {
     /// Leases the busiest member with room whose process still runs
     /// (members found dead are marked so and skipped).
     fn try_lease(self: &Arc<Self>, st: &mut State<F>) -> Option<Lease<F>> {
-        let max = self.sizing.max_concurrency;
+        let max = st.sizing.max_concurrency;
         loop {
             let m = st
                 .members

@@ -108,6 +108,11 @@ impl Pool {
         Pool { engine, metrics }
     }
 
+    /// Whether `other` is a handle on this same pool.
+    pub fn same_as(&self, other: &Pool) -> bool {
+        Arc::ptr_eq(&self.engine.shared, &other.engine.shared)
+    }
+
     /// The app's name.
     pub fn app(&self) -> &str {
         self.engine.name()
@@ -166,6 +171,11 @@ impl Pool {
         };
         self.metrics.claim(app, outcome);
         result.map(|(lease, _)| lease)
+    }
+
+    /// Applies `cfg`'s sizing to the running pool ([`Engine::resize`]).
+    pub fn resize(&self, cfg: &PoolConfig) {
+        self.engine.resize(sizing(cfg));
     }
 
     /// Starts closing ([`Engine::begin_close`]).

@@ -621,3 +621,38 @@ async fn restores_that_fail_together_back_off_once() {
     tokio::time::sleep(backoff(1)).await;
     assert!(engine.claim().await.is_ok());
 }
+
+#[tokio::test(start_paused = true)]
+async fn resize_serves_held_claims_that_now_fit_and_warms_and_reaps_to_the_new_min_warm() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, _) = engine(sizing(0, 1, 1), &s);
+    let first = engine.claim().await.unwrap().0;
+    let held = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.claim().await }
+    });
+    until(&engine, "one claim held", |s| s.queued == 1).await;
+    // Room for two requests per instance: the held claim gets the busy
+    // member at once, no restore.
+    engine.resize(sizing(0, 1, 2));
+    let (second, was_held) = held.await.unwrap().unwrap();
+    assert!(was_held);
+    assert_eq!(second.instance(), first.instance());
+    assert_eq!(s.starts(), 1);
+    drop((first, second));
+    // A larger min_warm is restored at once ...
+    engine.resize(sizing(3, 4, 2));
+    until(&engine, "three warm", |s| {
+        s.instances == 3 && s.restoring == 0
+    })
+    .await;
+    // ... and a smaller one with a short idle_timeout is reaped down to.
+    let mut small = sizing(1, 4, 2);
+    small.idle_timeout = Some(Duration::from_secs(1));
+    engine.resize(small);
+    until(&engine, "reaped to one", |s| {
+        s.instances == 1 && s.stopping == 0
+    })
+    .await;
+    assert_eq!(engine.sizing(), small);
+}

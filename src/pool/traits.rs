@@ -113,7 +113,7 @@ pub trait Observer: Send + Sync + 'static {
 }
 
 /// How many instances an engine keeps and how it hands them out.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizing {
     /// Members kept started and idle.
     pub min_warm: usize,

@@ -101,48 +101,74 @@ impl Target {
 #[derive(Clone, Debug)]
 pub struct RoutedTo(pub Arc<str>);
 
-/// Every app's target, and the router to them.
-pub struct Apps {
+/// One routing table: the router and every app's target. A request
+/// routes on the table current when it arrives and keeps it (its target
+/// included) until it ends; a reload swaps in a whole new table at once.
+pub struct Table {
     router: Router,
-    targets: HashMap<Arc<str>, Target>,
+    targets: HashMap<Arc<str>, Arc<Target>>,
+}
+
+impl Table {
+    /// The apps of `targets`, routed by `router`.
+    pub fn new(router: Router, targets: HashMap<Arc<str>, Arc<Target>>) -> Table {
+        Table { router, targets }
+    }
+
+    /// Every app's target, by name.
+    pub fn targets(&self) -> &HashMap<Arc<str>, Arc<Target>> {
+        &self.targets
+    }
+}
+
+/// Every app's target, and the router to them, as one table swapped whole
+/// on reload.
+pub struct Apps {
+    table: arc_swap::ArcSwap<Table>,
     metrics: ProxyMetrics,
     tasks: Tasks,
 }
 
 impl Apps {
-    /// The apps of `targets`, routed by `router`; upgraded connections'
-    /// tunnels run on `tasks`.
-    pub fn new(
-        router: Router,
-        targets: HashMap<String, Target>,
-        metrics: ProxyMetrics,
-        tasks: Tasks,
-    ) -> Apps {
+    /// The apps of `table`; upgraded connections' tunnels run on `tasks`.
+    pub fn new(table: Table, metrics: ProxyMetrics, tasks: Tasks) -> Apps {
         Apps {
-            tasks,
-            router,
-            targets: targets
-                .into_iter()
-                .map(|(k, v)| (Arc::from(k), v))
-                .collect(),
+            table: arc_swap::ArcSwap::from_pointee(table),
             metrics,
+            tasks,
         }
     }
 
+    /// The current table.
+    pub fn table(&self) -> Arc<Table> {
+        self.table.load_full()
+    }
+
+    /// Makes `table` current, atomically: requests that arrive from now on
+    /// route on it; those in flight keep the one they routed on.
+    pub fn swap(&self, table: Table) -> Arc<Table> {
+        self.table.swap(Arc::new(table))
+    }
+
     /// The pool of `app`, if it is a VM or runtime app.
-    pub fn pool(&self, app: &str) -> Option<&Pool> {
-        match self.targets.get(app) {
-            Some(Target::Pool { pool, .. }) => Some(pool),
+    pub fn pool(&self, app: &str) -> Option<Pool> {
+        match self.table.load().targets.get(app).map(|t| &**t) {
+            Some(Target::Pool { pool, .. }) => Some(pool.clone()),
             _ => None,
         }
     }
 
-    /// Every pool.
-    pub fn pools(&self) -> impl Iterator<Item = &Pool> {
-        self.targets.values().filter_map(|t| match t {
-            Target::Pool { pool, .. } => Some(pool),
-            Target::Static { .. } => None,
-        })
+    /// Every pool of the current table.
+    pub fn pools(&self) -> Vec<Pool> {
+        let table = self.table.load();
+        table
+            .targets
+            .values()
+            .filter_map(|t| match &**t {
+                Target::Pool { pool, .. } => Some(pool.clone()),
+                Target::Static { .. } => None,
+            })
+            .collect()
     }
 
     /// The module doc's steps for one request.
@@ -155,11 +181,12 @@ impl Apps {
                 "the request names no host",
             )));
         };
-        // Step 1.
-        let Some((app, target)) = self
+        // Step 1, on the table current now.
+        let table = self.table.load_full();
+        let Some((app, target)) = table
             .router
             .route(&authority.name)
-            .and_then(|app| self.targets.get_key_value(app))
+            .and_then(|app| table.targets.get_key_value(app))
         else {
             return Err(ProxyError::new(ErrorKind::UnknownHost(authority.name)));
         };
@@ -182,7 +209,7 @@ impl Apps {
             .and_then(|h| h.upgrade.clone())
             .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
         let req = to_origin(req, &authority).map_err(|k| k.of(app))?;
-        let mut resp = match target {
+        let mut resp = match &**target {
             Target::Pool {
                 internal_path: Some(internal),
                 ..

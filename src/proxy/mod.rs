@@ -50,7 +50,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
 
-pub use app::{AppLimits, Apps, RoutedTo, Target};
+pub use app::{AppLimits, Apps, RoutedTo, Table, Target};
 pub use error::{ErrorKind, ProxyError};
 pub use forwarded::{ClientAddr, Peer};
 pub use limits::ConnectionSlots;

@@ -65,7 +65,7 @@ pub struct StackConfig {
     pub redirect: Option<Redirect>,
     /// The certificates of this (TLS) listener: a request must be for a
     /// host its connection's certificate was chosen for.
-    pub certs: Option<Arc<super::tls::CertStore>>,
+    pub certs: Option<Arc<super::tls::Certs>>,
 }
 
 /// The SNI a TLS connection was opened with: a request extension.
@@ -76,7 +76,7 @@ pub struct Sni(pub Option<Arc<str>>);
 #[derive(Clone)]
 pub struct Redirect {
     /// The TLS listener's certificates: hosts they cover are redirected.
-    pub certs: Arc<super::tls::CertStore>,
+    pub certs: Arc<super::tls::Certs>,
     /// The port in the `Location`: `tls.redirect_port`, else the TLS
     /// listener's (left out when 443).
     pub port: u16,
@@ -98,7 +98,7 @@ impl Redirect {
     /// not come over TLS already; never for the asterisk form.
     fn location<B>(&self, req: &Request<B>) -> Option<String> {
         let name = &req.extensions().get::<super::authority::Authority>()?.name;
-        if !self.certs.covers(name) || req.uri().path() == "*" {
+        if !self.certs.current().covers(name) || req.uri().path() == "*" {
             return None;
         }
         let peer = req.extensions().get::<Peer>()?;
@@ -128,7 +128,7 @@ impl Redirect {
 /// Rule 5 of [`super::tls`]: `req`, or 421 if its host selects another
 /// certificate than its connection's.
 fn same_certificate<B>(
-    certs: &super::tls::CertStore,
+    certs: &super::tls::Certs,
     req: Request<B>,
 ) -> Result<Request<B>, ProxyError> {
     let sni = req.extensions().get::<Sni>().and_then(|s| s.0.clone());
@@ -136,6 +136,7 @@ fn same_certificate<B>(
         .extensions()
         .get::<super::authority::Authority>()
         .map(|a| a.name.clone());
+    let certs = certs.current();
     let served = certs.served_for(sni.as_deref());
     let wanted = certs.served_for(name.as_deref());
     match (served, wanted) {

@@ -5,7 +5,7 @@
 //! 1. TLS 1.3 and 1.2 only (rustls implements nothing older), with
 //!    rustls's cipher suites on ring: AEAD ciphers with forward secrecy, in
 //!    the server's order of preference, not the client's.
-//! 2. ALPN offers `http/1.1`.
+//! 2. ALPN offers `h2` (unless `http2.enabled` is false) and `http/1.1`.
 //! 3. A certificate serves the hosts listed with it: exact names first,
 //!    then the longest matching `*.` wildcard (one label, as RFC 6125
 //!    section 6.4.3 reads wildcards). SNI is matched case-folded, without a
@@ -18,6 +18,11 @@
 //!    certificate the connection was served with (421 Misdirected Request
 //!    otherwise, RFC 9110 section 15.5.20): one host's certificate opens no
 //!    other host's app.
+//! 6. The certificates in use are one [`CertStore`], loaded whole and
+//!    swapped whole ([`Certs`]): on a config reload and when a certificate
+//!    or key file changes. A store that fails to load is not used; the
+//!    one before it stays. Each handshake uses the store current when it
+//!    starts.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -120,8 +125,35 @@ impl CertStore {
             })
             .map(|(_, key)| key.clone())
     }
+}
 
-    /// The rustls server config serving this store (rules 1 and 2).
+/// The certificates the TLS listener serves now (rule 6): one
+/// [`CertStore`], swapped whole.
+#[derive(Debug)]
+pub struct Certs {
+    store: arc_swap::ArcSwap<CertStore>,
+}
+
+impl Certs {
+    /// Serving `store`.
+    pub fn new(store: CertStore) -> Arc<Certs> {
+        Arc::new(Certs {
+            store: arc_swap::ArcSwap::from_pointee(store),
+        })
+    }
+
+    /// The store served now.
+    pub fn current(&self) -> Arc<CertStore> {
+        self.store.load_full()
+    }
+
+    /// Serves `store` from the next handshake on.
+    pub fn swap(&self, store: CertStore) {
+        self.store.store(Arc::new(store));
+    }
+
+    /// The rustls server config serving these certificates (rules 1 and
+    /// 2), `h2` offered first by ALPN when HTTP/2 is on.
     pub fn server_config(self: &Arc<Self>, h2: bool) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
@@ -136,6 +168,12 @@ impl CertStore {
         // The server's order (strongest first), not the client's.
         config.ignore_client_order = true;
         Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for Certs {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.store.load().served_for(hello.server_name())
     }
 }
 

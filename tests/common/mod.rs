@@ -260,7 +260,7 @@ impl AppGw {
     }
 
     /// The app's pool.
-    pub fn pool(&self) -> &snapgate::pool::Pool {
+    pub fn pool(&self) -> snapgate::pool::Pool {
         self.0.pool("app")
     }
 

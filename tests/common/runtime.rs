@@ -83,7 +83,10 @@ impl Gw {
     }
 
     pub fn runtime_stock(&self) -> (usize, usize) {
-        self.running().runtimes["node"].stock()
+        self.running()
+            .runtime("node")
+            .expect("the node runtime")
+            .stock()
     }
 
     /// Shuts the gateway down and checks that every VM and tap is gone.

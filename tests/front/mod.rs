@@ -99,37 +99,53 @@ pub fn test_pki() -> tempfile::TempDir {
 }
 
 /// An HTTP/1.1 upstream answering `<Host> <X-Forwarded-Proto>`, or, for
-/// `/via`, `<HTTP version> <Via>`.
+/// `/via`, `<HTTP version> <Via>`; `/slow/<ms>` answers after `ms`
+/// milliseconds.
 pub async fn upstream() -> SocketAddr {
+    upstream_counting().await.0
+}
+
+/// [`upstream`], and a count of the `/slow/` requests it has begun.
+pub async fn upstream_counting() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let slow = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = slow.clone();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(
-                |req: http::Request<hyper::body::Incoming>| async move {
-                    let h = |n: &str| {
-                        req.headers()
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_owned()
-                    };
-                    let body = match req.uri().path() {
-                        "/via" => format!("{:?} {}", req.version(), h("via")),
-                        _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
-                    };
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from(body)),
-                    ))
-                },
-            );
+            let slow = counted.clone();
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let slow = slow.clone();
+                    async move {
+                        let h = |n: &str| {
+                            req.headers()
+                                .get(n)
+                                .and_then(|v| v.to_str().ok())
+                                .unwrap_or("-")
+                                .to_owned()
+                        };
+                        let path = req.uri().path();
+                        if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse().ok()) {
+                            slow.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+                        }
+                        let body = match path {
+                            "/via" => format!("{:?} {}", req.version(), h("via")),
+                            _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
+                        };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(
+                            http_body_util::Full::new(bytes::Bytes::from(body)),
+                        ))
+                    }
+                });
             tokio::spawn(
                 hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
             );
         }
     });
-    addr
+    (addr, slow)
 }
 
 /// A gateway with a TLS listener serving the two test certificates (more
@@ -208,4 +224,89 @@ pub async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<S
     text.lines()
         .find_map(|l| l.strip_prefix("Peer certificate: "))
         .map(str::to_owned)
+}
+
+/// The `snapgate` binary running `snapgate run --config <file>`: killed
+/// on drop if still running.
+pub struct Binary {
+    pub child: tokio::process::Child,
+    /// Its stdout, line by line.
+    pub lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    /// Where it serves HTTP, HTTPS (if configured) and its admin pages.
+    pub listen: SocketAddr,
+    pub tls: Option<SocketAddr>,
+    pub admin: SocketAddr,
+}
+
+impl Binary {
+    /// Starts it and waits (at most `within`) for its `serving on` line.
+    pub async fn start(config: &Path, within: std::time::Duration) -> Binary {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_snapgate"))
+            .args(["run", "--config"])
+            .arg(config)
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("snapgate runs");
+        let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let serving = tokio::time::timeout(within, async {
+            loop {
+                let line = lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .expect("snapgate exited before serving");
+                eprintln!("snapgate: {line}");
+                if line.starts_with("serving on ") {
+                    return line;
+                }
+            }
+        })
+        .await
+        .expect("snapgate serves in time");
+        // serving on http://A[, https://B], metrics on http://C/metrics
+        let addr = |prefix: &str| {
+            serving.split(prefix).nth(1).map(|rest| {
+                rest.split([',', '/'])
+                    .next()
+                    .unwrap()
+                    .parse::<SocketAddr>()
+                    .unwrap()
+            })
+        };
+        Binary {
+            listen: addr("serving on http://").unwrap(),
+            tls: addr("https://"),
+            admin: addr("metrics on http://").unwrap(),
+            child,
+            lines,
+        }
+    }
+
+    /// The next stdout line that starts with `prefix`, within `within`.
+    pub async fn line_starting(&mut self, prefix: &str, within: std::time::Duration) -> String {
+        tokio::time::timeout(within, async {
+            loop {
+                let line = self
+                    .lines
+                    .next_line()
+                    .await
+                    .unwrap()
+                    .unwrap_or_else(|| panic!("snapgate exited before printing {prefix:?}"));
+                eprintln!("snapgate: {line}");
+                if line.starts_with(prefix) {
+                    return line;
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {prefix:?} line in time"))
+    }
+
+    /// Sends it `signal`.
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id().expect("running") as i32);
+        nix::sys::signal::kill(pid, signal).expect("signal sent");
+    }
 }
