@@ -17,7 +17,8 @@
 //!    ([`crate::snapshot::pin`]) for the gateway's life, as is the code
 //!    image of a per-app snapshot.
 //! 5. Start each app's pool (which pre-warms `min_warm` instances) and
-//!    serve. A reload later applies a new config as a diff ([`reload`]).
+//!    serve. A reload later applies a new config as a diff
+//!    ([`Running::reload`]).
 //!
 //! # Tasks
 //! Every task the gateway starts (the listeners with the connections they
@@ -83,7 +84,7 @@ pub struct Running {
     runtimes: std::sync::Mutex<HashMap<String, Runtime>>,
     /// Runtime metrics.
     pub runtime_metrics: runtime::RuntimeMetrics,
-    /// What a reload needs ([`reload`]).
+    /// What a reload needs ([`Running::reload`]).
     reloading: reload::Reloading,
     stop: watch::Sender<bool>,
     server: JoinHandle<()>,
