@@ -24,6 +24,7 @@ pub use snapgate_vmm as vmm;
 pub use snapgate_vmm::net;
 pub use snapgate_vmm::{display_chain, FieldError};
 
+pub mod acme;
 pub mod admin;
 pub mod config;
 pub mod gateway;

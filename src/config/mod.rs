@@ -507,7 +507,8 @@ pub struct CertificateConfig {
 pub struct TlsConfig {
     /// Address of the HTTPS listener.
     pub listen: SocketAddr,
-    /// Certificates by host.
+    /// Certificates by host, from files (may be empty with `acme`).
+    #[serde(default)]
     pub certificates: Vec<CertificateConfig>,
     /// A host of one of `certificates` whose certificate answers a client
     /// naming no listed host (or none); without it, such a handshake fails.
@@ -522,6 +523,54 @@ pub struct TlsConfig {
     /// another port than it binds (a port forward); default its own.
     #[serde(default)]
     pub redirect_port: Option<u16>,
+    /// Certificates obtained automatically (ACME) for hosts with no
+    /// certificate file; none by default.
+    #[serde(default)]
+    pub acme: Option<AcmeConfig>,
+}
+
+/// Automatic certificates from an ACME CA (RFC 8555), such as Let's
+/// Encrypt. Using it accepts the CA's terms of service.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeConfig {
+    /// The CA's directory URL (RFC 8555 section 7.1.1), e.g.
+    /// `https://acme-v02.api.letsencrypt.org/directory`.
+    pub directory: String,
+    /// Contact URIs for the account (`mailto:ops@example.com`). Default none.
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// How the CA checks control of a host: `http-01` (answered on the
+    /// plain listener, which the CA reaches on port 80) or `tls-alpn-01`
+    /// (RFC 8737, answered on the TLS listener, reached on 443). Default
+    /// `http-01`.
+    #[serde(default)]
+    pub challenge: AcmeChallenge,
+    /// The hosts to obtain certificates for; default every exact host of
+    /// every app that no certificate file lists (wildcards, IP addresses
+    /// and `localhost` never: these challenges cannot prove them).
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// A PEM file of the root the CA's own HTTPS is trusted by, for a
+    /// private or test CA; default the system's roots.
+    #[serde(default)]
+    pub ca_root: Option<PathBuf>,
+    /// Renew this long before a certificate expires; default a third of
+    /// its lifetime (30 days of Let's Encrypt's 90).
+    #[serde(default, with = "humantime_serde")]
+    pub renew_before: Option<Duration>,
+}
+
+/// An ACME challenge type (RFC 8555 section 8).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AcmeChallenge {
+    /// A token served over HTTP (RFC 8555 section 8.3).
+    #[default]
+    #[serde(rename = "http-01")]
+    Http01,
+    /// A certificate served over TLS with ALPN `acme-tls/1` (RFC 8737).
+    #[serde(rename = "tls-alpn-01")]
+    TlsAlpn01,
 }
 
 /// CIDRs (`10.0.0.0/8`), or single addresses (`10.0.0.1`, as a /32 or
@@ -672,6 +721,10 @@ impl Config {
         for c in self.tls.iter_mut().flat_map(|t| t.certificates.iter_mut()) {
             abs(&mut c.cert);
             abs(&mut c.key);
+        }
+        let acme_roots = self.tls.iter_mut().filter_map(|t| t.acme.as_mut());
+        for root in acme_roots.filter_map(|a| a.ca_root.as_mut()) {
+            abs(root);
         }
         for rt in self.apps.values_mut().filter_map(|a| a.runtime.as_mut()) {
             abs(&mut rt.code);

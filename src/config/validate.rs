@@ -401,11 +401,30 @@ impl Config {
     /// the default host among them, its address apart from the others.
     fn validate_tls(&self, add: &mut impl FnMut(String, String)) {
         let Some(tls) = &self.tls else { return };
-        if tls.certificates.is_empty() {
+        if tls.certificates.is_empty() && tls.acme.is_none() {
             add(
                 "tls.certificates".into(),
-                "at least one certificate is needed".into(),
+                "at least one certificate is needed (or tls.acme)".into(),
             );
+        }
+        if let Some(acme) = &tls.acme {
+            if !(acme.directory.starts_with("https://") || acme.directory.starts_with("http://")) {
+                add(
+                    "tls.acme.directory".into(),
+                    format!("{:?} is not an http(s) URL", acme.directory),
+                );
+            }
+            for (j, host) in acme.hosts.iter().flatten().enumerate() {
+                let key = format!("tls.acme.hosts[{j}]");
+                if check_host_pattern(host).is_err() || host.starts_with('*') {
+                    add(
+                        key,
+                        format!("{host:?}: must be an exact host name (no wildcard)"),
+                    );
+                } else if !self.apps.values().any(|a| a.hosts.contains(host)) {
+                    add(key, format!("{host:?} is no app's host"));
+                }
+            }
         }
         let shared = tls.listen == self.listen || tls.listen == self.admin;
         // Port 0 asks for any free port: two of those never clash.

@@ -123,8 +123,13 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let tls = match &config.tls {
         Some(tls) => {
             let store = Certs::new(CertStore::load(tls)?);
-            let acceptor =
-                tokio_rustls::TlsAcceptor::from(store.server_config(config.http2.enabled)?);
+            let tls_alpn = tls
+                .acme
+                .as_ref()
+                .is_some_and(|a| a.challenge == crate::config::AcmeChallenge::TlsAlpn01);
+            let acceptor = tokio_rustls::TlsAcceptor::from(
+                store.server_config(config.http2.enabled, tls_alpn)?,
+            );
             let listener = TcpListener::bind(tls.listen)
                 .await
                 .with_context(|| format!("tls.listen: binding {}", tls.listen))?;
@@ -190,7 +195,14 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let in_flight = Arc::new(tokio::sync::Semaphore::new(
         config.limits.max_requests_in_flight,
     ));
-    let stack_for = |proto, redirect, certs| {
+    let http01 = Arc::new(crate::acme::Http01::default());
+    let acme_http01 = config
+        .tls
+        .as_ref()
+        .and_then(|t| t.acme.as_ref())
+        .is_some_and(|a| a.challenge == crate::config::AcmeChallenge::Http01)
+        .then(|| http01.clone());
+    let stack_for = |proto, redirect, certs, acme_http01| {
         crate::proxy::stack::build(
             proxy.clone(),
             &crate::proxy::StackConfig {
@@ -201,6 +213,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                 proto,
                 redirect,
                 certs,
+                acme_http01,
             },
             proxy_metrics.clone(),
             tasks.clone(),
@@ -241,7 +254,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             Some(tls_listener.local_addr()?),
             Some(tasks.tracker.spawn(crate::proxy::serve(
                 tls_listener,
-                stack_for("https", None, Some(certs)),
+                stack_for("https", None, Some(certs), None),
                 listening.clone(),
                 proxy_metrics.clone(),
                 Some(acceptor),
@@ -252,12 +265,24 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
     let server = tasks.tracker.spawn(crate::proxy::serve(
         listener,
-        stack_for("http", redirect, None),
+        stack_for("http", redirect, None, acme_http01),
         listening,
         proxy_metrics,
         None,
         stop_rx,
     ));
+    // Certificates ordered once the listeners serve the challenges.
+    let acme_hosts = match &cert_store {
+        Some(certs) => {
+            let metrics = crate::acme::AcmeMetrics::new(&registry)?;
+            crate::acme::Acme::new(config, certs.clone(), http01, metrics).map(|acme| {
+                let (tx, rx) = watch::channel(crate::acme::managed_hosts(config));
+                acme.spawn(rx, &tasks);
+                tx
+            })
+        }
+        None => None,
+    };
     let admin_stop = tasks.cancel.child_token();
     let admin_task = tasks.tracker.spawn(admin::serve(
         admin_listener,
@@ -292,6 +317,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             retired: Default::default(),
             metrics: reload_metrics,
             certs_changed,
+            acme_hosts,
         },
         registry,
         runtimes: std::sync::Mutex::new(runtimes),

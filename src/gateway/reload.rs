@@ -7,8 +7,8 @@
 //!    anything here runs. One reload runs at a time (the current config's
 //!    lock is held throughout).
 //! 2. Settings that only a restart can change (listeners, timeouts and
-//!    limits of the front door, HTTP/2, state and snapshot directories,
-//!    the VMM, tap addressing, an existing runtime's settings) are
+//!    limits of the front door, HTTP/2, `tls.acme`, state and snapshot
+//!    directories, the VMM, tap addressing, an existing runtime's settings) are
 //!    compared; any change rejects the reload, naming each key.
 //! 3. The new certificates load whole; a failure rejects the reload.
 //! 4. Each app of the new file is, against the running one:
@@ -146,6 +146,8 @@ pub struct Reloading {
     pub metrics: ReloadMetrics,
     /// Tells the certificate watcher the files of a new config.
     pub certs_changed: Option<watch::Sender<TlsConfig>>,
+    /// Tells the ACME task the hosts of a new config.
+    pub acme_hosts: Option<watch::Sender<Vec<String>>>,
 }
 
 impl Reloading {
@@ -242,6 +244,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
             check("tls.listen", a.listen == b.listen);
             check("tls.redirect_http", a.redirect_http == b.redirect_http);
             check("tls.redirect_port", a.redirect_port == b.redirect_port);
+            check("tls.acme", a.acme == b.acme);
         }
         _ => check("tls", false),
     }
@@ -372,6 +375,9 @@ impl Running {
         }
         if let (Some(tx), Some(tls)) = (&r.certs_changed, &new.tls) {
             tx.send_replace(tls.clone());
+        }
+        if let Some(tx) = &r.acme_hosts {
+            tx.send_replace(crate::acme::managed_hosts(&new));
         }
         // Pools resized in place.
         let new_table = self.proxy.table();

@@ -43,6 +43,10 @@ pub enum ErrorKind {
     /// URL (RFC 9110 section 15.4.9).
     #[error("redirected to {0}")]
     Redirect(String),
+    /// An ACME HTTP-01 validation request (RFC 8555 section 8.3): `200`
+    /// with this key authorization.
+    #[error("ACME HTTP-01 challenge answered")]
+    AcmeChallenge(String),
     /// The request head is over `max_header_bytes` (431).
     #[error("the request head is too large")]
     HeadTooLarge,
@@ -124,6 +128,7 @@ impl ErrorKind {
             ErrorKind::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             ErrorKind::HeadTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::Redirect(_) => StatusCode::PERMANENT_REDIRECT,
+            ErrorKind::AcmeChallenge(_) => StatusCode::OK,
             ErrorKind::Misdirected => StatusCode::MISDIRECTED_REQUEST,
             ErrorKind::UnknownHost(_) | ErrorKind::InternalPath => StatusCode::NOT_FOUND,
             ErrorKind::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -144,6 +149,7 @@ impl ErrorKind {
             ErrorKind::NotImplemented(what) => format!("not implemented: {what}"),
             ErrorKind::HeadTooLarge => "the request head is too large".into(),
             ErrorKind::Redirect(to) => format!("moved to {to}"),
+            ErrorKind::AcmeChallenge(key_auth) => key_auth.clone(),
             ErrorKind::Misdirected => "this connection is not for that host".into(),
             ErrorKind::UnknownHost(host) => format!("no app serves host {host:?}"),
             ErrorKind::InternalPath => "not found".into(),
@@ -179,6 +185,15 @@ impl ProxyError {
     /// The answer the client gets.
     pub fn response(&self) -> Response<ProxyBody> {
         let status = self.kind.status();
+        if let ErrorKind::AcmeChallenge(key_auth) = &self.kind {
+            // The body is the key authorization, nothing else.
+            let mut resp = text(status, key_auth.clone());
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            return resp;
+        }
         let mut resp = text(
             status,
             format!(

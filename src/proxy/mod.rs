@@ -194,6 +194,11 @@ pub async fn serve(
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => {
                             let tls = stream.get_ref().1;
+                            if tls.alpn_protocol() == Some(tls::ACME_TLS_ALPN) {
+                                // A CA's TLS-ALPN-01 validation: the
+                                // handshake was all (RFC 8737 section 3).
+                                return;
+                            }
                             let sni = tls.server_name().map(std::sync::Arc::from);
                             // ALPN chose the protocol (step 2).
                             http = match tls.alpn_protocol() {

@@ -9,6 +9,7 @@
 //!   concurrency limit    max_requests_in_flight permits (shared by the listeners), held to the headers
 //!   framing              a head over max_header_bytes: 431; codings: 400/501
 //!   authority            Host / absolute-form -> one authority, or 400/405
+//!   acme                 plain listener, tls.acme: HTTP-01 challenge answers
 //!   certificate          TLS listener: a host its connection's certificate is not for: 421
 //!   redirect             plain listener, host with a certificate: 308 to https
 //!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
@@ -66,6 +67,8 @@ pub struct StackConfig {
     /// The certificates of this (TLS) listener: a request must be for a
     /// host its connection's certificate was chosen for.
     pub certs: Option<Arc<super::tls::Certs>>,
+    /// ACME HTTP-01 challenges this (plain) listener answers.
+    pub acme_http01: Option<Arc<crate::acme::Http01>>,
 }
 
 /// The SNI a TLS connection was opened with: a request extension.
@@ -98,7 +101,7 @@ impl Redirect {
     /// not come over TLS already; never for the asterisk form.
     fn location<B>(&self, req: &Request<B>) -> Option<String> {
         let name = &req.extensions().get::<super::authority::Authority>()?.name;
-        if !self.certs.current().covers(name) || req.uri().path() == "*" {
+        if !self.certs.covers(name) || req.uri().path() == "*" {
             return None;
         }
         let peer = req.extensions().get::<Peer>()?;
@@ -136,7 +139,6 @@ fn same_certificate<B>(
         .extensions()
         .get::<super::authority::Authority>()
         .map(|a| a.name.clone());
-    let certs = certs.current();
     let served = certs.served_for(sni.as_deref());
     let wanted = certs.served_for(name.as_deref());
     match (served, wanted) {
@@ -207,6 +209,7 @@ where
     let max_head = cfg.max_header_bytes;
     let redirect = cfg.redirect.clone();
     let certs = cfg.certs.clone();
+    let http01 = cfg.acme_http01.clone();
     let stack =
         ServiceBuilder::new()
             // Errors: a ProxyError (or a shed request) becomes its response.
@@ -221,6 +224,15 @@ where
             .filter(move |req: Request<B>| framing::check(req, max_head))
             // Authority: one Host, or the absolute-form target's (400 else).
             .filter(authority::normalize::<B>)
+            // Plain listener, tls.acme: a CA's HTTP-01 request gets its key authorization.
+            .option_layer(http01.map(|http01| {
+                FilterLayer::new(
+                    move |req: Request<B>| match http01.answer(req.uri().path()) {
+                        Some(key_auth) => Err(ProxyError::new(ErrorKind::AcmeChallenge(key_auth))),
+                        None => Ok(req),
+                    },
+                )
+            }))
             // TLS listener: the host must be one the connection's certificate is for (421).
             .option_layer(certs.map(|certs| {
                 FilterLayer::new(move |req: Request<B>| same_certificate(&certs, req))
@@ -361,6 +373,7 @@ mod tests {
             max_header_bytes: 65536,
             redirect: None,
             certs: None,
+            acme_http01: None,
             trusted_proxies: Vec::new(),
             proto: "http",
         };

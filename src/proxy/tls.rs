@@ -23,6 +23,11 @@
 //!    or key file changes. A store that fails to load is not used; the
 //!    one before it stays. Each handshake uses the store current when it
 //!    starts.
+//! 7. With `tls.acme`, certificates issued for hosts no file lists are
+//!    served after the files' ([`crate::acme`]); a handshake that offers
+//!    ALPN `acme-tls/1` (a CA validating TLS-ALPN-01, RFC 8737) gets only
+//!    the challenge certificate of its SNI, or fails, and its connection
+//!    carries no HTTP.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -111,7 +116,7 @@ impl CertStore {
     }
 
     /// The certificate for `name` by rule 3.
-    fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
+    pub fn for_name(&self, name: &str) -> Option<Arc<CertifiedKey>> {
         let name = name.trim_end_matches('.').to_ascii_lowercase();
         if let Some(key) = self.exact.get(&name) {
             return Some(key.clone());
@@ -127,11 +132,17 @@ impl CertStore {
     }
 }
 
-/// The certificates the TLS listener serves now (rule 6): one
-/// [`CertStore`], swapped whole.
+/// ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737 section 6.2).
+pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// The certificates the TLS listener serves now (rules 6 and 7): one
+/// [`CertStore`] of files, swapped whole; the certificates ACME issued,
+/// by host; and TLS-ALPN-01 challenge certificates, by host.
 #[derive(Debug)]
 pub struct Certs {
     store: arc_swap::ArcSwap<CertStore>,
+    issued: arc_swap::ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
+    challenges: std::sync::Mutex<HashMap<String, Arc<CertifiedKey>>>,
 }
 
 impl Certs {
@@ -139,10 +150,12 @@ impl Certs {
     pub fn new(store: CertStore) -> Arc<Certs> {
         Arc::new(Certs {
             store: arc_swap::ArcSwap::from_pointee(store),
+            issued: Default::default(),
+            challenges: Default::default(),
         })
     }
 
-    /// The store served now.
+    /// The file store served now.
     pub fn current(&self) -> Arc<CertStore> {
         self.store.load_full()
     }
@@ -152,35 +165,109 @@ impl Certs {
         self.store.store(Arc::new(store));
     }
 
-    /// The rustls server config serving these certificates (rules 1 and
-    /// 2), `h2` offered first by ALPN when HTTP/2 is on.
-    pub fn server_config(self: &Arc<Self>, h2: bool) -> Result<Arc<ServerConfig>, TlsError> {
+    /// Serves `key` for `host` (an ACME-issued certificate) from the next
+    /// handshake on, unless a file lists the host.
+    pub fn set_issued(&self, host: &str, key: Arc<CertifiedKey>) {
+        self.issued.rcu(|m| {
+            let mut m = HashMap::clone(m);
+            m.insert(host.to_owned(), key.clone());
+            m
+        });
+    }
+
+    /// Serves `key` to TLS-ALPN-01 validation handshakes for `host`
+    /// (`None`: no longer).
+    pub fn set_challenge(&self, host: &str, key: Option<Arc<CertifiedKey>>) {
+        let mut challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(k) => challenges.insert(host.to_owned(), k),
+            None => challenges.remove(host),
+        };
+    }
+
+    /// The certificate a client naming `name` gets (rules 3, 4 and 7): a
+    /// file's, else an issued one, else the default.
+    pub fn served_for(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let store = self.store.load();
+        name.and_then(|n| {
+            store
+                .for_name(n)
+                .or_else(|| self.issued.load().get(&normal(n)).cloned())
+        })
+        .or_else(|| store.default.clone())
+    }
+
+    /// Whether a certificate (a file's or an issued one) is for `name`
+    /// (not the default).
+    pub fn covers(&self, name: &str) -> bool {
+        self.store.load().covers(name) || self.issued.load().contains_key(&normal(name))
+    }
+
+    /// The rustls server config serving these certificates (rules 1, 2
+    /// and 7): `h2` offered first by ALPN when HTTP/2 is on; `acme-tls/1`
+    /// when TLS-ALPN-01 challenges are answered.
+    pub fn server_config(
+        self: &Arc<Self>,
+        h2: bool,
+        acme_tls_alpn: bool,
+    ) -> Result<Arc<ServerConfig>, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
             .with_no_client_auth()
             .with_cert_resolver(self.clone());
         // ALPN (RFC 7301): HTTP/2 first where enabled (RFC 9113 section 3.2).
-        config.alpn_protocols = match h2 {
-            true => vec![b"h2".to_vec(), b"http/1.1".to_vec()],
-            false => vec![b"http/1.1".to_vec()],
-        };
+        if h2 {
+            config.alpn_protocols.push(b"h2".to_vec());
+        }
+        config.alpn_protocols.push(b"http/1.1".to_vec());
+        if acme_tls_alpn {
+            config.alpn_protocols.push(ACME_TLS_ALPN.to_vec());
+        }
         // The server's order (strongest first), not the client's.
         config.ignore_client_order = true;
         Ok(Arc::new(config))
     }
 }
 
+/// A name as certificates are matched (rule 3).
+fn normal(name: &str) -> String {
+    name.trim_end_matches('.').to_ascii_lowercase()
+}
+
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.store.load().served_for(hello.server_name())
+        let validation = hello
+            .alpn()
+            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        if validation {
+            // Rule 7: only a challenge certificate, only for its host.
+            let challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());
+            return hello
+                .server_name()
+                .and_then(|n| challenges.get(&normal(n)).cloned());
+        }
+        self.served_for(hello.server_name())
     }
 }
 
-impl ResolvesServerCert for CertStore {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.served_for(hello.server_name())
+/// A certificate chain and key in PEM (as an ACME CA issues them, and as
+/// they are stored), checked to match.
+pub fn certified_key_from_pem(chain: &[u8], key: &[u8]) -> Result<CertifiedKey, String> {
+    let chain = CertificateDer::pem_slice_iter(chain)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("certificate: {e}"))?;
+    if chain.is_empty() {
+        return Err("no PEM certificate".into());
     }
+    let der = PrivateKeyDer::from_pem_slice(key).map_err(|e| format!("key: {e}"))?;
+    let signing =
+        rustls::crypto::ring::sign::any_supported_type(&der).map_err(|e| format!("key: {e}"))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("the key does not match the certificate: {e}"))?;
+    Ok(certified)
 }
 
 /// The certificate chain of `cert` with the key of `key`.
