@@ -79,24 +79,31 @@ pub fn managed_hosts(config: &Config) -> Vec<String> {
     let Some(acme) = &tls.acme else {
         return Vec::new();
     };
-    let listed: BTreeSet<&str> = tls
+    let listed: BTreeSet<String> = tls
         .certificates
         .iter()
-        .flat_map(|c| c.hosts.iter().map(String::as_str))
+        .flat_map(|c| c.hosts.iter().map(|h| h.to_ascii_lowercase()))
         .collect();
+    // A file lists it, exactly or by a one-label wildcard (as the TLS
+    // listener matches, `tls.rs` rule 3): that certificate is served.
+    let filed = |h: &str| {
+        listed.contains(h)
+            || h.split_once('.')
+                .is_some_and(|(_, parent)| listed.contains(&format!("*.{parent}")))
+    };
     let candidates: BTreeSet<String> = match &acme.hosts {
         Some(hosts) => hosts.iter().cloned().collect(),
         None => config
             .apps
             .values()
             .flat_map(|a| a.hosts.iter())
-            .filter(|h| !listed.contains(h.as_str()))
             .cloned()
             .collect(),
     };
     candidates
         .into_iter()
         .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+        .filter(|h| acme.hosts.is_some() || !filed(h))
         .filter(|h| {
             !h.starts_with('*')
                 && h != "localhost"
@@ -259,7 +266,13 @@ impl Acme {
     /// When `h` is renewed (protocol step 3).
     fn renew_at(&self, h: &Held) -> SystemTime {
         let lifetime = h.not_after.duration_since(h.not_before).unwrap_or_default();
-        let ahead = self.config.renew_before.unwrap_or(lifetime / 3);
+        // Never more than half its life ahead: a renew_before as long as
+        // the CA's lifetimes would order again as soon as one is issued.
+        let ahead = self
+            .config
+            .renew_before
+            .unwrap_or(lifetime / 3)
+            .min(lifetime / 2);
         h.not_after
             .checked_sub(ahead)
             .unwrap_or(SystemTime::UNIX_EPOCH)
@@ -399,10 +412,15 @@ impl Acme {
         let key = order.finalize().await?;
         let chain = order.poll_certificate(&retries).await?;
         let held = self.serve(host, chain.as_bytes(), key.as_bytes())?;
-        let (cert_path, key_path) = self.cert_paths(host);
-        write_private(&key_path, key.as_bytes())?;
-        write_private(&cert_path, chain.as_bytes())?;
         info!(%host, not_after = ?held.not_after, "certificate issued (ACME)");
+        // Served now whatever happens to the files: a failure to keep them
+        // is logged, not ordered again (CAs limit duplicate orders).
+        let (cert_path, key_path) = self.cert_paths(host);
+        let stored = write_private(&key_path, key.as_bytes())
+            .and_then(|()| write_private(&cert_path, chain.as_bytes()));
+        if let Err(e) = stored {
+            warn!(%host, "the issued certificate is served but could not be stored in {}: {e}", self.dir.display());
+        }
         Ok(held)
     }
 }
@@ -485,12 +503,13 @@ mod tests {
     #[test]
     fn only_exact_hosts_the_config_names_without_a_file_are_managed() {
         let c = Config::parse(
-            "tls:\n  listen: 127.0.0.1:0\n  certificates: [{ hosts: [a.test], cert: a.pem, key: a.key }]\n\
+            "tls:\n  listen: 127.0.0.1:0\n  certificates: [{ hosts: [a.test, '*.f.test'], cert: a.pem, key: a.key }]\n\
              \x20 acme: { directory: 'https://ca.test/dir' }\n\
-             apps:\n  x:\n    hosts: [a.test, B.test, '*.w.test', localhost, 127.0.0.1, c.test.]\n    upstream: 127.0.0.1:1\n",
+             apps:\n  x:\n    hosts: [a.test, B.test, '*.w.test', localhost, 127.0.0.1, c.test., x.f.test, y.x.f.test]\n    upstream: 127.0.0.1:1\n",
         )
         .unwrap();
-        assert_eq!(managed_hosts(&c), ["b.test", "c.test"]);
+        // x.f.test is under a file's wildcard; y.x.f.test is not (one label).
+        assert_eq!(managed_hosts(&c), ["b.test", "c.test", "y.x.f.test"]);
     }
 
     #[test]

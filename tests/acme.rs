@@ -224,7 +224,7 @@ async fn until_served(root: &Path, port: u16, host: &str, within: Duration) {
     }
 }
 
-/// Item 2: a configured host without a certificate file gets one from
+/// A configured host without a certificate file gets one from
 /// pebble over HTTP-01, served on the next handshake and verified by curl
 /// against pebble's root; it is renewed before it expires (pebble issues
 /// for 30 s here: renewed at two thirds); an SNI the config does not name

@@ -586,7 +586,7 @@ fn app_metric(gw: &TestGateway, name: &str, app: &str) -> f64 {
         .sum()
 }
 
-/// Item 4 of the front door: a WebSocket echo (the edge app's) through
+/// A WebSocket echo (the edge app's) through
 /// the gateway to an app at zero with `idle_timeout: 2s`. The handshake
 /// wakes an instance; the connection stays open and echoes across three
 /// idle timeouts, the instance is not reaped meanwhile, and the upgraded
@@ -615,7 +615,10 @@ async fn a_websocket_to_a_vm_app_outlives_its_idle_timeout_and_holds_its_instanc
         .expect("the handshake within the cold start")
         .expect("the WebSocket handshake through the gateway");
     assert_eq!(resp.status(), 101);
-    let instance = resp.headers()["x-instance"].to_str().unwrap().to_owned();
+    assert!(
+        resp.headers().contains_key("x-instance"),
+        "not the app's 101"
+    );
     assert_eq!(app_metric(&gw, "snapgate_upgraded_connections", app), 1.0);
     assert_eq!(app_metric(&gw, "snapgate_upgrades_total", app), 1.0);
 
@@ -659,6 +662,5 @@ async fn a_websocket_to_a_vm_app_outlives_its_idle_timeout_and_holds_its_instanc
         |s| s.instances == 0 && s.stopping == 0,
     )
     .await;
-    assert!(!instance.is_empty());
     gw.stop().await;
 }

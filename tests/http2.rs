@@ -288,3 +288,248 @@ mod grpc {
         gw.shutdown().await;
     }
 }
+
+/// A WebSocket echo server (tokio-tungstenite) on loopback.
+async fn websocket_echo() -> SocketAddr {
+    use futures::{SinkExt, StreamExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
+                while let Some(Ok(msg)) = ws.next().await {
+                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// WebSocket over HTTP/2 (RFC 8441): an extended CONNECT on an h2c
+/// connection (hyper's client, the WebSocket on it by tungstenite) reaches
+/// an HTTP/1.1 WebSocket app through the gateway, which answers 200 and
+/// echoes; the plain HTTP/1.1 handshake works beside it; an extended
+/// CONNECT for another protocol gets 501.
+#[tokio::test]
+async fn websocket_over_http2_extended_connect_reaches_an_http1_app() {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::{Message, Role};
+    let dir = test_pki();
+    let ws_app = websocket_echo().await;
+    let gw = gateway_with(
+        dir.path(),
+        "",
+        "",
+        &format!("  ws:\n    hosts: [ws.b.test]\n    upstream: {ws_app}\n"),
+    )
+    .await;
+    let stream = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let connect = |protocol: &'static str| {
+        let mut req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("http://ws.b.test/chat")
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        req.extensions_mut()
+            .insert(hyper::ext::Protocol::from_static(protocol));
+        req
+    };
+    h2.ready().await.unwrap();
+    let mut resp = h2.send_request(connect("websocket")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(!resp.headers().contains_key("sec-websocket-accept"));
+    let io = hyper::upgrade::on(&mut resp).await.unwrap();
+    let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+        hyper_util::rt::TokioIo::new(io),
+        Role::Client,
+        None,
+    )
+    .await;
+    for text in ["over h2", "and again"] {
+        ws.send(Message::text(text)).await.unwrap();
+        assert_eq!(ws.next().await.unwrap().unwrap(), Message::text(text));
+    }
+    ws.close(None).await.unwrap();
+    // Closed both ways: the stream ends with it.
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+
+    // Another protocol over extended CONNECT is not tunnelled.
+    h2.ready().await.unwrap();
+    let resp = h2.send_request(connect("other")).await.unwrap();
+    assert_eq!(resp.status(), 501);
+    drop(h2);
+
+    // HTTP/1.1's own handshake, beside it.
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
+            "ws://{}/chat",
+            gw.listen
+        ))
+        .unwrap();
+    request
+        .headers_mut()
+        .insert("host", "ws.b.test".parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(request).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    ws.send(Message::text("over h1")).await.unwrap();
+    assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("over h1"));
+    ws.close(None).await.unwrap();
+    while let Some(Ok(_)) = ws.next().await {}
+    drop(ws);
+
+    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("snapgate_upgrades_total{app=\"ws\",protocol=\"websocket\"} 2"),
+        "{metrics}"
+    );
+    gw.shutdown().await;
+}
+
+/// `nghttp` (h2c with prior knowledge) GET of `path` on `host`, with
+/// `headers`: its verbose output.
+async fn nghttp(listen: SocketAddr, host: &str, path: &str, headers: &[&str]) -> String {
+    let mut cmd = tokio::process::Command::new("nghttp");
+    cmd.args(["-v", "-H", &format!(":authority: {host}")]);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd
+        .arg(format!("http://{listen}{path}"))
+        .output()
+        .await
+        .expect("nghttp runs");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Cookies an HTTP/2 client sends in fields of their own reach an
+/// HTTP/1.1 app as one `Cookie` field (RFC 9113 section 8.2.3); a request
+/// to upgrade to anything but WebSocket (h2c here) is passed on as a
+/// plain request, its `Upgrade` removed.
+#[tokio::test]
+async fn cookies_are_joined_and_only_websocket_is_upgraded() {
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "").await;
+    let out = nghttp(
+        gw.listen,
+        "a.test",
+        "/cookie",
+        &["cookie: a=1", "cookie: b=2"],
+    )
+    .await;
+    assert!(out.contains("\na=1; b=2"), "{out}");
+    let (code, out) = curl_raw(
+        dir.path(),
+        &[
+            "--http1.1",
+            "-H",
+            "Host: a.test",
+            "-H",
+            "Connection: Upgrade, HTTP2-Settings",
+            "-H",
+            "Upgrade: h2c",
+            "-H",
+            "HTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA",
+            "-w",
+            " %{http_code}",
+            &format!("http://{}/upgrade", gw.listen),
+        ],
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "- - 200"));
+    gw.shutdown().await;
+}
+
+/// With `http2.enabled: false`, HTTPS still serves (HTTP/1.1, whatever
+/// the client offers) and the plain listener speaks no h2c.
+#[tokio::test]
+async fn http2_can_be_turned_off() {
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "http2: { enabled: false }\n", "").await;
+    let tls = gw.tls.unwrap();
+    let (code, out) = curl(
+        dir.path(),
+        tls,
+        "a.test",
+        &["--http2", "-w", " %{http_version}"],
+    )
+    .await;
+    assert_eq!(
+        (code, out.as_str()),
+        (0, format!("a.test:{} https 1.1", tls.port()).as_str())
+    );
+    let (code, _) = curl_raw(
+        dir.path(),
+        &[
+            "--http2-prior-knowledge",
+            "-H",
+            "Host: c.test",
+            &format!("http://{}/", gw.listen),
+        ],
+    )
+    .await;
+    assert_ne!(code, 0, "h2c was spoken with HTTP/2 off");
+    gw.shutdown().await;
+}
+
+/// A connection that sends nothing, or an HTTP/2 connection with no
+/// stream, is closed after `header_read_timeout` (1 s here); HTTP/2 says
+/// GOAWAY first.
+#[tokio::test]
+async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
+    use tokio::io::AsyncReadExt;
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "header_read_timeout: 1s\n", "").await;
+    let started = std::time::Instant::now();
+    let mut silent = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(std::time::Duration::from_secs(10), silent.read(&mut buf))
+        .await
+        .expect("the silent connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "a silent connection got {:?}", &buf[..n]);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900));
+
+    let stream = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
+    let (mut h2, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                stream,
+            ))
+            .await
+            .unwrap();
+    let conn = tokio::spawn(conn);
+    h2.ready().await.unwrap();
+    let req = http::Request::get("http://c.test/")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    assert_eq!(h2.send_request(req).await.unwrap().status(), 200);
+    // Idle from now: the gateway ends the connection (GOAWAY, then close),
+    // and the client's connection task ends with it.
+    tokio::time::timeout(std::time::Duration::from_secs(10), conn)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .unwrap()
+        .unwrap();
+    gw.shutdown().await;
+}

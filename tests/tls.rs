@@ -356,7 +356,7 @@ async fn changed_certificate_files_are_served_on_the_next_handshake() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("snapgate_config_reloads_total{result=\"certificates_rejected\"}"),
+        metrics.contains("snapgate_certificate_reloads_total{result=\"rejected\"}"),
         "{metrics}"
     );
     gw.shutdown().await;

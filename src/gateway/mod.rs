@@ -611,6 +611,9 @@ impl Running {
         if let Some(tls_server) = &mut self.tls_server {
             let _ = tls_server.await;
         }
+        // The grace period is over: upgraded connections end too, so no
+        // lease holds a pool's close back.
+        self.proxy.end_tunnels();
         self.admin_stop.cancel();
         let _ = (&mut self.admin_task).await;
         for pool in self.pools() {

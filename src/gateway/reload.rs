@@ -6,8 +6,9 @@
 //!    validated, files checked): a file that fails that is rejected before
 //!    anything here runs. One reload runs at a time (the current config's
 //!    lock is held throughout).
-//! 2. Settings that only a restart can change (listeners, timeouts and
-//!    limits of the front door, HTTP/2, `tls.acme`, state and snapshot
+//! 2. Settings that only a restart can change (listeners, timeouts,
+//!    `trusted_proxies` and limits of the front door, HTTP/2, `tls.listen`,
+//!    `tls.redirect_*`, `tls.acme`, `tls` itself, state and snapshot
 //!    directories, the VMM, tap addressing, an existing runtime's settings) are
 //!    compared; any change rejects the reload, naming each key.
 //! 3. The new certificates load whole; a failure rejects the reload.
@@ -92,6 +93,7 @@ pub enum ReloadError {
 #[derive(Clone)]
 pub struct ReloadMetrics {
     reloads: IntCounterVec,
+    certificate_reloads: IntCounterVec,
     last_success: IntGauge,
 }
 
@@ -102,7 +104,14 @@ impl ReloadMetrics {
             reloads: IntCounterVec::new(
                 Opts::new(
                     "snapgate_config_reloads_total",
-                    "Config reloads (SIGHUP or POST /reload on the admin listener) by result: applied or rejected; and certificate reloads after their files changed (certificates_applied, certificates_rejected).",
+                    "Config reloads (SIGHUP or POST /reload on the admin listener) by result: applied or rejected.",
+                ),
+                &["result"],
+            )?,
+            certificate_reloads: IntCounterVec::new(
+                Opts::new(
+                    "snapgate_certificate_reloads_total",
+                    "Certificate loads after their files changed on disk, by result: applied, or rejected (the certificates in use stay).",
                 ),
                 &["result"],
             )?,
@@ -112,6 +121,7 @@ impl ReloadMetrics {
             )?,
         };
         registry.register(Box::new(m.reloads.clone()))?;
+        registry.register(Box::new(m.certificate_reloads.clone()))?;
         registry.register(Box::new(m.last_success.clone()))?;
         m.applied_now();
         Ok(m)
@@ -307,7 +317,8 @@ impl Running {
             };
             plan.push((name.clone(), change));
         }
-        let runtimes = std::mem::take(&mut *self.lock_runtimes());
+        // A copy: the stocks stay listed (for pids and shutdown) meanwhile.
+        let runtimes = self.lock_runtimes().clone();
         let mut factories = Factories {
             tasks: self.tasks.clone(),
             pins: Vec::new(),
@@ -411,6 +422,7 @@ impl Running {
                 retired.push((name.to_string(), pool.clone()));
             }
         }
+        let old_table = Arc::downgrade(&old_table);
         for (_, pool) in &retired {
             self.retire(pool.clone(), old_table.clone(), &current);
         }
@@ -444,7 +456,7 @@ impl Running {
 
     /// Step 6 for `pool`, whose app `old` (the table it was in) no longer
     /// routes to.
-    fn retire(&self, pool: Pool, old: Arc<Table>, config: &Config) {
+    fn retire(&self, pool: Pool, old: std::sync::Weak<Table>, config: &Config) {
         if let Some(Upstream::Vm(_, mut cfg) | Upstream::Runtime(_, mut cfg)) =
             config.apps.get(pool.app()).map(AppConfig::upstream)
         {
@@ -464,7 +476,7 @@ impl Running {
                 let s = *stats.borrow_and_update();
                 // Requests that routed on the old table hold it until they
                 // have claimed (or given up).
-                if Arc::strong_count(&old) == 1 && s.queued == 0 && s.leased == 0 {
+                if old.strong_count() == 0 && s.queued == 0 && s.leased == 0 {
                     break;
                 }
                 tokio::select! {
@@ -572,16 +584,31 @@ pub fn watch_certificates(
                 }
             }
             let tls = rx.borrow().clone();
-            // Links may point elsewhere now.
+            // Links may point elsewhere now: their directories too.
             *files.write().unwrap_or_else(|p| p.into_inner()) = files_of(&tls);
+            let now = dirs(&tls);
+            for dir in now.difference(&watched) {
+                if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+                    warn!("watching {} for certificate changes: {e}", dir.display());
+                }
+            }
+            watched.extend(now);
             match CertStore::load(&tls) {
+                // A reload swapped in its own store meanwhile: it wins.
+                Ok(_) if rx.has_changed().unwrap_or(true) => continue,
                 Ok(store) => {
                     certs.swap(store);
-                    metrics.reloads.with_label_values(&["certificates_applied"]).inc();
+                    metrics
+                        .certificate_reloads
+                        .with_label_values(&["applied"])
+                        .inc();
                     info!("certificate files changed: reloaded");
                 }
                 Err(e) => {
-                    metrics.reloads.with_label_values(&["certificates_rejected"]).inc();
+                    metrics
+                        .certificate_reloads
+                        .with_label_values(&["rejected"])
+                        .inc();
                     warn!("certificate files changed but do not load; the certificates in use stay: {e}");
                 }
             }

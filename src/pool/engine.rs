@@ -55,9 +55,11 @@
 //!    are leased, restores start for the queue and a larger `min_warm`,
 //!    and maintenance wakes to reap by the new `min_warm` and
 //!    `idle_timeout`. Nothing running is stopped for it: instances over a
-//!    lowered `max_instances` leave as they go idle, and leases above a
-//!    lowered `max_concurrency` end in their own time. Restores in flight
-//!    keep the `start_timeout` they began with.
+//!    lowered `max_instances` stay until the reaper takes them (idle for
+//!    `idle_timeout`, down to `min_warm`), and no restore starts while the
+//!    set is at or over the cap; leases above a lowered `max_concurrency`
+//!    end in their own time. Restores in flight keep the `start_timeout`
+//!    they began with.
 
 use std::collections::VecDeque;
 use std::process::ExitStatus;

@@ -20,10 +20,11 @@
 //!    most twice.
 //! 6. The answer streams back in a [`ResponseBody`], which holds the lease
 //!    and the upstream connection until its end.
-//! 7. A request that asks to upgrade (a WebSocket handshake) goes with its
-//!    `Upgrade`; the app's `101` starts a tunnel that holds the lease for
-//!    the connection's life ([`super::tunnel`]). A `101` nobody asked for
-//!    is a 502.
+//! 7. A request that asks to upgrade (a WebSocket handshake, over HTTP/1.1
+//!    or as HTTP/2's extended `CONNECT`) goes with its `Upgrade`; the
+//!    app's `101` starts a tunnel that holds the lease for the
+//!    connection's life ([`super::tunnel`]). A `101` nobody asked for is a
+//!    502.
 //!
 //! One rule breaks an instance: its VMM exited, or it refused a
 //! connection (refused, unreachable, its tap gone; not a connect timeout,
@@ -52,6 +53,15 @@ use super::router::Router;
 use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
 use super::{ProxyBody, ProxyMetrics};
 use crate::pool::{Lease, Pool, Tasks};
+
+/// A request's upgrade (step 7): the protocol, the client's side of the
+/// connection once switched, and what the connection holds.
+struct Switch {
+    protocol: HeaderValue,
+    client: OnUpgrade,
+    extended_connect: bool,
+    held: Option<super::conn::Held>,
+}
 
 /// What an app's requests need besides its upstreams.
 #[derive(Clone, Debug)]
@@ -127,6 +137,8 @@ pub struct Apps {
     table: arc_swap::ArcSwap<Table>,
     metrics: ProxyMetrics,
     tasks: Tasks,
+    /// Ends every tunnel ([`Apps::end_tunnels`]).
+    tunnels: tokio_util::sync::CancellationToken,
 }
 
 impl Apps {
@@ -135,8 +147,15 @@ impl Apps {
         Apps {
             table: arc_swap::ArcSwap::from_pointee(table),
             metrics,
+            tunnels: tasks.cancel.child_token(),
             tasks,
         }
+    }
+
+    /// Ends every upgraded connection's tunnel, releasing its lease (at
+    /// shutdown, once the grace period is over).
+    pub fn end_tunnels(&self) {
+        self.tunnels.cancel();
     }
 
     /// The current table.
@@ -203,11 +222,21 @@ impl Apps {
         req.body_mut().set_limit(limits.max_body_size);
         // Step 7: the client's side of an upgrade, taken before the
         // request goes on.
-        let upgrade = req
-            .extensions()
-            .get::<Hop>()
-            .and_then(|h| h.upgrade.clone())
-            .map(|protocol| (protocol, hyper::upgrade::on(&mut req)));
+        let hop = req.extensions().get::<Hop>().cloned().unwrap_or_default();
+        let websocket = |p: &HeaderValue| p.as_bytes().eq_ignore_ascii_case(b"websocket");
+        if hop.extended_connect && !hop.upgrade.as_ref().is_some_and(websocket) {
+            return Err(ErrorKind::NotImplemented(
+                "extended CONNECT for a protocol other than websocket",
+            )
+            .of(app));
+        }
+        let held = req.extensions().get::<super::conn::Held>().cloned();
+        let upgrade = hop.upgrade.clone().map(|protocol| Switch {
+            protocol,
+            client: hyper::upgrade::on(&mut req),
+            extended_connect: hop.extended_connect,
+            held,
+        });
         let req = to_origin(req, &authority).map_err(|k| k.of(app))?;
         let mut resp = match &**target {
             Target::Pool {
@@ -253,11 +282,23 @@ impl Apps {
         checkin: Checkin,
         lease: Option<Lease>,
         limits: &AppLimits,
-        upgrade: Option<(HeaderValue, OnUpgrade)>,
+        upgrade: Option<Switch>,
     ) -> Response<ProxyBody> {
-        let Some((protocol, client)) =
-            upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
+        let extended_connect = upgrade.as_ref().is_some_and(|s| s.extended_connect);
+        let Some(Switch {
+            protocol,
+            client,
+            held: connection,
+            ..
+        }) = upgrade.filter(|_| resp.status() == StatusCode::SWITCHING_PROTOCOLS)
         else {
+            if extended_connect && resp.status().is_success() {
+                // A 2xx would tell an HTTP/2 client its tunnel is open
+                // (RFC 8441 section 5); the app did not switch.
+                return ErrorKind::Upstream("the app did not accept the WebSocket".into())
+                    .of(app)
+                    .response();
+            }
             return relay(resp, checkin, lease, limits.upstream_read_timeout);
         };
         let (mut parts, body) = resp.into_parts();
@@ -273,20 +314,27 @@ impl Apps {
             .cloned()
             .unwrap_or(protocol);
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.insert(header::UPGRADE, switched.clone());
-        parts
-            .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        if extended_connect {
+            // HTTP/2: the tunnel opens with a 200 and none of HTTP/1.1's
+            // handshake fields (RFC 8441 section 5).
+            parts.status = StatusCode::OK;
+            parts.headers.remove("sec-websocket-accept");
+        } else {
+            parts.headers.insert(header::UPGRADE, switched.clone());
+            parts
+                .headers
+                .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        }
         let counted = self
             .metrics
             .upgraded(app, switched.to_str().unwrap_or("other"));
         debug!(%app, protocol = ?switched, "switching protocols");
-        let held = (lease, checkin, body, counted);
+        let held = (lease, checkin, body, counted, connection);
         self.tasks.tracker.spawn(super::tunnel::run(
             client,
             upstream,
             limits.upstream_read_timeout,
-            self.tasks.cancel.clone(),
+            self.tunnels.clone(),
             held,
         ));
         Response::from_parts(
@@ -442,15 +490,27 @@ fn to_origin(
     }
     parts.headers.insert(header::HOST, authority.value.clone());
     // Step 7: an upgrade asked for goes on (forwarding removed the fields).
-    if let Some(protocol) = parts
-        .extensions
-        .get::<Hop>()
-        .and_then(|h| h.upgrade.clone())
-    {
+    let hop = parts.extensions.get::<Hop>().cloned().unwrap_or_default();
+    if let Some(protocol) = hop.upgrade {
         parts.headers.insert(header::UPGRADE, protocol);
         parts
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    let mut body = body;
+    if hop.extended_connect {
+        // RFC 8441 section 5, the other way: an HTTP/1.1 WebSocket
+        // handshake (RFC 6455 section 4.1) carrying the client's version,
+        // protocols and extensions, with a key of its own.
+        parts.method = http::Method::GET;
+        let mut key = [0u8; 16];
+        getrandom::fill(&mut key).map_err(|_| ErrorKind::Upstream("no random key".into()))?;
+        let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
+        if let Ok(v) = HeaderValue::from_str(&key) {
+            parts.headers.insert("sec-websocket-key", v);
+        }
+        parts.extensions.remove::<hyper::ext::Protocol>();
+        body = RequestBody::empty();
     }
     // A gateway "MUST send an appropriate Via header field in each inbound
     // request message" (RFC 9110 section 7.6.3).
@@ -460,6 +520,21 @@ fn to_origin(
         Version::HTTP_2 => "2",
         _ => "1.1",
     };
+    // HTTP/2 clients may send each cookie in a field of its own; they are
+    // one field again for HTTP/1.1 (RFC 9113 section 8.2.3).
+    if parts.version == Version::HTTP_2 && parts.headers.get_all(header::COOKIE).iter().count() > 1
+    {
+        let joined = parts
+            .headers
+            .get_all(header::COOKIE)
+            .iter()
+            .map(|v| v.as_bytes())
+            .collect::<Vec<_>>()
+            .join(&b"; "[..]);
+        if let Ok(v) = HeaderValue::from_bytes(&joined) {
+            parts.headers.insert(header::COOKIE, v);
+        }
+    }
     let via = match super::forwarded::joined(&parts.headers, &header::VIA) {
         Some(prior) => HeaderValue::from_str(&format!("{prior}, {received} snapgate")).ok(),
         None => Some(HeaderValue::from_static(match received {

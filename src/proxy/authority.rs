@@ -3,7 +3,9 @@
 //! Rules, in order:
 //! 1. `CONNECT` is not served (405): snapgate is no forward proxy. Nor is
 //!    `TRACE` (405, as nginx does): it would echo the client's headers
-//!    back through the app, cookies included.
+//!    back through the app, cookies included. HTTP/2's extended `CONNECT`
+//!    (RFC 8441 section 4: a `:protocol`, with `:scheme`, `:path` and
+//!    `:authority`) is a request to a host like any other and passes.
 //! 2. More than one `Host` field line is a 400; so is an HTTP/1.1 request
 //!    without one (section 3.2: "MUST respond with a 400").
 //! 3. An absolute-form target (`GET http://b.example/ HTTP/1.1`) names the
@@ -47,7 +49,9 @@ pub struct Authority {
 /// extension and as its `Host` field, or the 400/405 it gets.
 pub fn normalize<B>(mut req: Request<B>) -> Result<Request<B>, ProxyError> {
     let bad = |why| Err(ProxyError::new(ErrorKind::BadRequest(why)));
-    if req.method() == Method::CONNECT || req.method() == Method::TRACE {
+    let extended_connect = req.version() == Version::HTTP_2
+        && req.extensions().get::<hyper::ext::Protocol>().is_some();
+    if (req.method() == Method::CONNECT && !extended_connect) || req.method() == Method::TRACE {
         return Err(ProxyError::new(ErrorKind::MethodNotAllowed(
             req.method().clone(),
         )));

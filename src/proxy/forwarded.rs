@@ -125,9 +125,13 @@ pub struct Hop {
     /// 10.1.4): what gRPC needs, sent on to an HTTP/2 app (RFC 9113
     /// section 8.2.2 allows exactly this value).
     pub te_trailers: bool,
-    /// The protocol an HTTP/1.1 request asks to switch to (`Upgrade`,
-    /// with `upgrade` in `Connection`; RFC 9110 section 7.8).
+    /// `websocket` when an HTTP/1.1 request asks to switch to it
+    /// (`Upgrade`, with `upgrade` in `Connection`; RFC 9110 section 7.8):
+    /// no other protocol is passed on. For an HTTP/2 extended `CONNECT`,
+    /// its `:protocol` (RFC 8441).
     pub upgrade: Option<HeaderValue>,
+    /// The request is an HTTP/2 extended `CONNECT` (RFC 8441 section 4).
+    pub extended_connect: bool,
 }
 
 impl Hop {
@@ -142,15 +146,27 @@ impl Hop {
                 .collect::<Vec<_>>()
         };
         let te_trailers = tokens(header::TE).iter().any(|t| t == "trailers");
+        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+        let extended_connect = req.version() == http::Version::HTTP_2
+            && req.method() == http::Method::CONNECT
+            && protocol.is_some();
+        // Only WebSocket is tunnelled: any other protocol (h2c above all,
+        // which would carry requests past every check of snapgate's) is
+        // not asked of the app.
         let upgrade = match req.version() {
-            http::Version::HTTP_11 if tokens(header::CONNECTION).iter().any(|t| t == "upgrade") => {
-                req.headers().get(header::UPGRADE).cloned()
+            http::Version::HTTP_11
+                if tokens(header::CONNECTION).iter().any(|t| t == "upgrade")
+                    && tokens(header::UPGRADE).iter().any(|t| t == "websocket") =>
+            {
+                Some(HeaderValue::from_static("websocket"))
             }
+            _ if extended_connect => protocol.and_then(|p| HeaderValue::from_str(p.as_str()).ok()),
             _ => None,
         };
         Hop {
             te_trailers,
             upgrade,
+            extended_connect,
         }
     }
 }

@@ -68,7 +68,7 @@ impl ProxyMetrics {
             upgrades: IntCounterVec::new(
                 Opts::new(
                     "snapgate_upgrades_total",
-                    "Connections switched to another protocol, by app and protocol (the Upgrade token, lowercased).",
+                    "Connections switched to another protocol, by app and protocol (websocket: the one protocol passed on).",
                 ),
                 &["app", "protocol"],
             )?,
@@ -113,9 +113,9 @@ impl ProxyMetrics {
     /// in the gauge until the returned guard drops.
     pub fn upgraded(&self, app: &str, protocol: &str) -> impl Drop + Send {
         let protocol = protocol.to_ascii_lowercase();
-        // Tokens are free text: only a few known ones become label values.
+        // Tokens are free text: an unknown one never becomes a label value.
         let protocol = match protocol.as_str() {
-            "websocket" | "h2c" | "tls/1.0" => protocol.as_str(),
+            "websocket" => "websocket",
             _ => "other",
         };
         self.upgrades.with_label_values(&[app, protocol]).inc();

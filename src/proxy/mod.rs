@@ -5,26 +5,27 @@
 //! 1. The accept loop takes a connection slot for it (503 and close when
 //!    over `max_connections` or `max_connections_per_client`).
 //! 2. On the TLS listener, the handshake comes first, bounded by
-//!    `header_read_timeout` (its SNI goes with each request); ALPN picks
-//!    HTTP/2 (`h2`) or HTTP/1.1. On the plain listener, a connection that
-//!    opens with the HTTP/2 preface is HTTP/2 (h2c with prior knowledge,
-//!    RFC 9113 section 3.3), any other HTTP/1.1. hyper serves it:
-//!    HTTP/1.1 with keep-alive, `header_read_timeout`, `max_header_bytes`
-//!    and `max_headers` (431 over either) and upgrades; HTTP/2 with
+//!    `header_read_timeout` (its SNI goes with each request). The
+//!    connection then speaks HTTP/2 or HTTP/1.1 ([`conn`] step 1): HTTP/1.1
+//!    with keep-alive, `header_read_timeout`, `max_header_bytes` and
+//!    `max_headers` (431 over either) and upgrades; HTTP/2 with
 //!    `http2.max_concurrent_streams`, a header list of at most
-//!    `max_header_bytes`, and PINGs every `http2.keep_alive_interval`. A
-//!    write to the client blocked for `send_timeout` ends the connection
-//!    (the client stopped reading).
+//!    `max_header_bytes`, PINGs every `http2.keep_alive_interval`, and
+//!    extended CONNECT. Idle connections close ([`conn`] step 2). A write
+//!    to the client blocked for `send_timeout` ends the connection (the
+//!    client stopped reading).
 //! 3. Each request gets the connection's [`Peer`] and goes through the
 //!    stack, whose layers are listed in [`stack`].
-//! 4. On stop, the listener closes and open connections get `grace` to
-//!    finish: in-flight requests complete with `Connection: close`
-//!    (HTTP/1.1) or after a GOAWAY (HTTP/2), idle kept-alive connections
-//!    are closed; then what is left is aborted.
+//! 4. On stop, the listener closes and each connection finishes
+//!    gracefully ([`conn`] step 3): in-flight requests complete with
+//!    `Connection: close` (HTTP/1.1) or after a GOAWAY (HTTP/2), idle
+//!    kept-alive connections are closed; after `grace`, what is left is
+//!    aborted.
 
 mod app;
 mod authority;
 mod body;
+mod conn;
 mod error;
 mod forwarded;
 mod framing;
@@ -43,9 +44,6 @@ use http::Request;
 use http_body_util::combinators::BoxBody;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto::Builder as AutoBuilder;
-use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{debug, warn};
@@ -104,15 +102,15 @@ pub async fn serve(
     listening: Listening,
     metrics: ProxyMetrics,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let graceful = GracefulShutdown::new();
+    let mut stop_accepting = stop.clone();
     let mut connections = tokio::task::JoinSet::new();
     let slots = listening.slots.clone();
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let http = builder(&listening);
+    let builders = Builders::new(&listening);
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
@@ -126,7 +124,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = stopped(&mut stop) => break,
+            _ = stopped(&mut stop_accepting) => break,
         };
         let ip = remote.ip().to_canonical();
         let slot = match slots.take(
@@ -157,72 +155,95 @@ pub async fn serve(
             addr: remote,
             local,
         };
-        let stack = stack.clone();
-        let service = move |sni: Option<std::sync::Arc<str>>| {
-            let service = tower::ServiceBuilder::new()
-                .map_request(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(peer);
-                    req.extensions_mut().insert(stack::Sni(sni.clone()));
-                    req
-                })
-                .service(stack.clone());
-            TowerToHyperService::new(service)
-        };
-        let (mut http, watcher, tls) = (http.clone(), graceful.watcher(), tls.clone());
-        let (send_timeout, handshake_timeout) =
-            (listening.send_timeout, listening.header_read_timeout);
         let gauge = metrics.connections().clone();
+        gauge.inc();
+        // Uncounted however the connection ends (an abort at the end of
+        // the grace period included), and not before a tunnel it was
+        // upgraded to ends (conn step 4).
+        let held = conn::Held::new(scopeguard(move || {
+            gauge.dec();
+            drop(slot);
+        }));
+        let (stack, builders, tls, stop) =
+            (stack.clone(), builders.clone(), tls.clone(), stop.clone());
+        let (send_timeout, first_bytes) = (listening.send_timeout, listening.header_read_timeout);
+        let h2_on = listening.http2.is_some();
         connections.spawn(async move {
-            // Uncounted however the task ends (an abort at the end of the
-            // grace period included).
-            gauge.inc();
-            let _counted = scopeguard(move || {
-                gauge.dec();
-                drop(slot);
-            });
-            let served = match tls {
-                None => {
-                    let mut io = tokio_io_timeout::TimeoutStream::new(stream);
-                    io.set_write_timeout(Some(send_timeout));
-                    let io = TokioIo::new(Box::pin(io));
-                    let conn = http.serve_connection_with_upgrades(io, service(None));
-                    watcher.watch(conn.into_owned()).await
-                }
+            let served = async {
                 // The handshake is bounded by header_read_timeout, and the
                 // request head after it by the same again.
-                Some(acceptor) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) => {
+                let (io, sni, h2) =
+                    match tls {
+                        None => {
+                            let h2 = match h2_on {
+                                false => false,
+                                true => match conn::starts_http2(&stream, first_bytes).await {
+                                    Some(h2) => h2,
+                                    None => return Ok(()),
+                                },
+                            };
+                            (Io::Plain(stream), None, h2)
+                        }
+                        Some(acceptor) => {
+                            let stream =
+                                match tokio::time::timeout(first_bytes, acceptor.accept(stream))
+                                    .await
+                                {
+                                    Ok(Ok(stream)) => stream,
+                                    Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
+                                    Err(_) => return Err("TLS handshake: timed out".into()),
+                                };
                             let tls = stream.get_ref().1;
                             if tls.alpn_protocol() == Some(tls::ACME_TLS_ALPN) {
-                                // A CA's TLS-ALPN-01 validation: the
-                                // handshake was all (RFC 8737 section 3).
-                                return;
+                                // A CA's TLS-ALPN-01 validation: the handshake
+                                // was all (RFC 8737 section 3).
+                                return Ok(());
                             }
                             let sni = tls.server_name().map(std::sync::Arc::from);
-                            // ALPN chose the protocol (step 2).
-                            http = match tls.alpn_protocol() {
-                                Some(b"h2") => http.http2_only(),
-                                _ => http.http1_only(),
-                            };
-                            let mut io = tokio_io_timeout::TimeoutStream::new(stream);
-                            io.set_write_timeout(Some(send_timeout));
-                            let io = TokioIo::new(Box::pin(io));
-                            let conn = http.serve_connection_with_upgrades(io, service(sni));
-                            watcher.watch(conn.into_owned()).await
+                            let h2 = tls.alpn_protocol() == Some(b"h2") && h2_on;
+                            (Io::Tls(Box::new(stream)), sni, h2)
                         }
-                        Ok(Err(e)) => Err(format!("TLS handshake: {e}").into()),
-                        Err(_) => Err("TLS handshake: timed out".into()),
+                    };
+                let mut io = tokio_io_timeout::TimeoutStream::new(io);
+                io.set_write_timeout(Some(send_timeout));
+                let io = TokioIo::new(Box::pin(io));
+                let streams = std::sync::Arc::new(conn::Streams::default());
+                let counting = streams.clone();
+                let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(peer);
+                    req.extensions_mut().insert(stack::Sni(sni.clone()));
+                    req.extensions_mut().insert(held.clone());
+                    // An HTTP/2 stream counts open until its body is sent.
+                    let guard = h2.then(|| counting.open());
+                    let answer = tower::ServiceExt::oneshot(stack.clone(), req);
+                    async move {
+                        let resp = answer.await?;
+                        Ok::<_, std::convert::Infallible>(match guard {
+                            Some(g) => conn::counted(resp, g),
+                            None => resp,
+                        })
+                    }
+                });
+                match h2 {
+                    true => {
+                        let conn = builders.h2.serve_connection(io, service);
+                        conn::drive(conn, stop, Some((streams, first_bytes))).await
+                    }
+                    false => {
+                        let conn = builders.h1.serve_connection(io, service).with_upgrades();
+                        conn::drive(conn, stop, None).await
                     }
                 }
             };
-            if let Err(e) = served {
+            if let Err(e) = served.await {
                 debug!(%remote, "connection: {e}");
             }
         });
     }
     drop(listener);
-    if tokio::time::timeout(listening.grace, graceful.shutdown())
+    // Each connection saw the stop itself (conn step 3).
+    let all_done = async { while connections.join_next().await.is_some() {} };
+    if tokio::time::timeout(listening.grace, all_done)
         .await
         .is_err()
     {
@@ -235,29 +256,90 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
-/// The connection builder of protocol step 2: HTTP/1.1 always, HTTP/2
-/// when `listening.http2` allows it.
-fn builder(listening: &Listening) -> AutoBuilder<TrackedExecutor> {
-    let mut http = AutoBuilder::new(TrackedExecutor(listening.tasks.clone()));
-    // The timer is what makes header_read_timeout work at all.
-    http.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(listening.header_read_timeout)
-        .max_buf_size(listening.max_header_bytes)
-        .max_headers(listening.max_headers)
-        .keep_alive(true);
-    let Some(h2) = &listening.http2 else {
-        return http.http1_only();
-    };
-    let list_size = u32::try_from(listening.max_header_bytes).unwrap_or(u32::MAX);
-    let interval = (!h2.keep_alive_interval.is_zero()).then_some(h2.keep_alive_interval);
-    http.http2()
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(h2.max_concurrent_streams)
-        .max_header_list_size(list_size)
-        .keep_alive_interval(interval)
-        .keep_alive_timeout(h2.keep_alive_timeout);
-    http
+/// hyper's connection builders, set up by protocol step 2.
+#[derive(Clone)]
+struct Builders {
+    h1: hyper::server::conn::http1::Builder,
+    h2: hyper::server::conn::http2::Builder<TrackedExecutor>,
+}
+
+impl Builders {
+    fn new(listening: &Listening) -> Builders {
+        let mut h1 = hyper::server::conn::http1::Builder::new();
+        // The timer is what makes header_read_timeout work at all.
+        h1.timer(TokioTimer::new())
+            .header_read_timeout(listening.header_read_timeout)
+            .max_buf_size(listening.max_header_bytes)
+            .max_headers(listening.max_headers)
+            .keep_alive(true);
+        let mut h2 =
+            hyper::server::conn::http2::Builder::new(TrackedExecutor(listening.tasks.clone()));
+        h2.timer(TokioTimer::new());
+        if let Some(cfg) = &listening.http2 {
+            let list_size = u32::try_from(listening.max_header_bytes).unwrap_or(u32::MAX);
+            let interval = (!cfg.keep_alive_interval.is_zero()).then_some(cfg.keep_alive_interval);
+            h2.max_concurrent_streams(cfg.max_concurrent_streams)
+                .max_header_list_size(list_size)
+                .keep_alive_interval(interval)
+                .keep_alive_timeout(cfg.keep_alive_timeout)
+                // WebSocket over HTTP/2 (RFC 8441), tunnelled as an
+                // HTTP/1.1 upgrade to the app.
+                .enable_connect_protocol();
+        }
+        Builders { h1, h2 }
+    }
+}
+
+/// A client connection's byte stream: plain TCP or TLS over it.
+enum Io {
+    Plain(tokio::net::TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+}
+
+impl tokio::io::AsyncRead for Io {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for Io {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s) => std::pin::Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_flush(cx),
+            Io::Tls(s) => std::pin::Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+            Io::Tls(s) => std::pin::Pin::new(s).poll_shutdown(cx),
+        }
+    }
 }
 
 /// Spawns HTTP/2 stream tasks on the gateway's task tracker, so they are

@@ -237,9 +237,12 @@ fn normal(name: &str) -> String {
 
 impl ResolvesServerCert for Certs {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let validation = hello
-            .alpn()
-            .is_some_and(|mut protocols| protocols.any(|p| p == ACME_TLS_ALPN));
+        // A validation offers acme-tls/1 alone (RFC 8737 section 3); a
+        // client offering it among others is served as any other.
+        let validation = hello.alpn().is_some_and(|protocols| {
+            let offered: Vec<&[u8]> = protocols.collect();
+            offered == [ACME_TLS_ALPN]
+        });
         if validation {
             // Rule 7: only a challenge certificate, only for its host.
             let challenges = self.challenges.lock().unwrap_or_else(|p| p.into_inner());

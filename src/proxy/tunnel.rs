@@ -5,7 +5,13 @@
 //! 1. A request that asks to upgrade (`Upgrade`, and `upgrade` in
 //!    `Connection`) is forwarded with both fields. The app's `101
 //!    Switching Protocols` goes to the client with its `Upgrade` and
-//!    `Connection`; any other answer is an ordinary response.
+//!    `Connection`; any other answer is an ordinary response. An HTTP/2
+//!    extended `CONNECT` for `websocket` (RFC 8441) goes to the app as an
+//!    HTTP/1.1 WebSocket handshake (`GET`, `Upgrade: websocket`, a fresh
+//!    `Sec-WebSocket-Key`); the app's 101 reaches the client as `200`
+//!    without `Sec-WebSocket-Accept`, and a 2xx that is no 101 as a 502
+//!    (the client would take it for an open tunnel). Other `:protocol`
+//!    values get 501.
 //! 2. After the 101, a task on the gateway's tracker waits for both sides
 //!    to hand over their connections, then copies bytes both ways. It
 //!    holds the request's lease all along: the instance counts the
@@ -13,8 +19,11 @@
 //!    The connection shows in `snapgate_upgraded_connections{app}`.
 //! 3. The tunnel ends when either side closes (the other is shut down
 //!    after it), when no byte has moved either way for the app's
-//!    `upstream_read_timeout`, or at shutdown (the tracker's cancel); its
-//!    lease ends with it.
+//!    `upstream_read_timeout`, or at shutdown once the grace period is over
+//!    ([`super::Apps::end_tunnels`], before pools close); its lease ends
+//!    with it, and so does its hold on the client connection's slot. A
+//!    tunnel in an HTTP/2 stream keeps its connection open through a
+//!    graceful drain until it ends or the grace period does.
 
 use std::io;
 use std::pin::Pin;
@@ -39,12 +48,16 @@ pub async fn run<H: Send>(
     cancel: tokio_util::sync::CancellationToken,
     held: H,
 ) {
-    let (client, upstream) = match tokio::join!(client, upstream) {
-        (Ok(c), Ok(u)) => (c, u),
-        (c, u) => {
-            debug!(client = ?c.err(), upstream = ?u.err(), "upgrade not completed");
-            return;
-        }
+    let both = async { tokio::join!(client, upstream) };
+    let (client, upstream) = tokio::select! {
+        both = both => match both {
+            (Ok(c), Ok(u)) => (c, u),
+            (c, u) => {
+                debug!(client = ?c.err(), upstream = ?u.err(), "upgrade not completed");
+                return;
+            }
+        },
+        () = cancel.cancelled() => return,
     };
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));

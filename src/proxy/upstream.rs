@@ -46,11 +46,16 @@
 //! 6. An app with `upstream_protocol: h2c` gets one HTTP/2 connection per
 //!    upstream (prior knowledge, RFC 9113 section 3.3), shared by every
 //!    request as concurrent streams; it is made on first use and again
-//!    once it closes. A request the connection refused before sending it
-//!    (closed, or past a GOAWAY's last stream) goes on the next connection;
-//!    a request that failed after goes once more on a fresh connection
-//!    under step 3's rule. Nothing goes back to a pool: a stream ends with
-//!    its response body, and an unfinished upload is cut off as in step 4.
+//!    once it closes. A request hyper hands back unsent (the connection had
+//!    closed) goes on a new connection, once; if that one is closed too,
+//!    the request goes back to the caller unsent (another instance may
+//!    take it). A request that failed after it went out (a reset stream
+//!    included: hyper does not tell a refused stream apart) is sent once
+//!    more on a fresh connection under step 3's rule, else fails; its
+//!    connection is dropped only if it closed. Nothing goes back to a
+//!    pool: a stream ends with its response body, and an unfinished upload
+//!    is cut off as in step 4. `upstream_idle_timeout` does not apply: the
+//!    connection stays while the app keeps it open.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -118,7 +123,8 @@ pub struct Upstream {
     config: UpstreamConfig,
     idle: Mutex<Vec<Idle>>,
     /// The h2c connection, shared by every request (step 6).
-    h2: tokio::sync::Mutex<Option<http2::SendRequest<RequestBody>>>,
+    /// With a generation number, so a failure forgets only its own.
+    h2: tokio::sync::Mutex<Option<(u64, http2::SendRequest<RequestBody>)>>,
 }
 
 struct Idle {
@@ -353,69 +359,93 @@ impl Upstream {
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
         let mut req = to_h2(req);
         let mut replay = replayable(&req).then(|| head_of(&req));
-        let mut fresh = false;
+        // Connections found closed before the request went out: one more
+        // is made at most, then the caller may try another instance.
+        let mut closed_before = 0;
         loop {
-            let shared = {
-                let mut slot = self.h2.lock().await;
-                match slot.as_ref().filter(|s| !s.is_closed()) {
-                    Some(s) => s.clone(),
-                    None => {
-                        let s = match self.connect_h2().await {
-                            Ok(s) => s,
-                            Err(cause) if !fresh => {
-                                return Err(SendError::NotSent {
-                                    req: Box::new(req),
-                                    cause,
-                                })
+            let (generation, mut sender, fresh) = match self.h2_sender().await {
+                Ok(s) => s,
+                Err(cause) => {
+                    return Err(SendError::NotSent {
+                        req: Box::new(req),
+                        cause,
+                    })
+                }
+            };
+            let unsent = match sender.ready().await {
+                Err(_) => Some(req),
+                Ok(()) => {
+                    let tokens = (req.body().sent(), req.body().cut());
+                    match sender.try_send_request(req).await {
+                        Ok(resp) => {
+                            let checkin = Checkin {
+                                sender: None,
+                                upstream: self.clone(),
+                                idle_for: Duration::ZERO,
+                                sent: tokens.0,
+                                cut: tokens.1,
+                            };
+                            return Ok((resp, checkin));
+                        }
+                        Err(mut e) => match e.take_message() {
+                            Some(unsent) => Some(unsent),
+                            None => {
+                                let error = e.into_error();
+                                if sender.is_closed() {
+                                    self.forget_h2(generation).await;
+                                }
+                                match replay.take() {
+                                    // Step 3, once, on a fresh connection.
+                                    Some(head) if !fresh => {
+                                        debug!(addr = %self.addr, "h2c request failed ({error}); sending once more");
+                                        self.config.replays.inc();
+                                        self.forget_h2(generation).await;
+                                        req = rebuild(&head);
+                                        continue;
+                                    }
+                                    _ => return Err(SendError::Failed(Box::new(error))),
+                                }
                             }
-                            Err(cause) => return Err(SendError::Failed(Box::new(cause))),
-                        };
-                        fresh = true;
-                        *slot = Some(s.clone());
-                        s
+                        },
                     }
                 }
             };
-            let mut sender = shared;
-            if sender.ready().await.is_err() {
-                // Closed meanwhile: nothing was sent.
-                self.h2.lock().await.take();
-                continue;
+            // Not sent: the connection had closed.
+            let unsent = unsent.expect("the request is back");
+            self.forget_h2(generation).await;
+            closed_before += 1;
+            if closed_before > 1 {
+                return Err(SendError::NotSent {
+                    req: Box::new(unsent),
+                    cause: std::io::Error::new(
+                        std::io::ErrorKind::ConnectionAborted,
+                        "the app's HTTP/2 connections closed before the request went out",
+                    ),
+                });
             }
-            let tokens = (req.body().sent(), req.body().cut());
-            match sender.try_send_request(req).await {
-                Ok(resp) => {
-                    let checkin = Checkin {
-                        sender: None,
-                        upstream: self.clone(),
-                        idle_for: Duration::ZERO,
-                        sent: tokens.0,
-                        cut: tokens.1,
-                    };
-                    return Ok((resp, checkin));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Refused before it went out (the connection closed,
-                    // or GOAWAY named it unprocessed): no resend.
-                    Some(unsent) => {
-                        req = unsent;
-                        self.h2.lock().await.take();
-                    }
-                    None => {
-                        let error = e.into_error();
-                        match replay.take() {
-                            // Step 3, once, on a fresh connection.
-                            Some(head) if !fresh => {
-                                debug!(addr = %self.addr, "h2c request failed ({error}); sending once more");
-                                self.config.replays.inc();
-                                self.h2.lock().await.take();
-                                req = rebuild(&head);
-                            }
-                            _ => return Err(SendError::Failed(Box::new(error))),
-                        }
-                    }
-                },
-            }
+            req = unsent;
+        }
+    }
+
+    /// The shared h2c connection (made now if there is none, or it
+    /// closed): its generation, a sender, and whether it is new.
+    async fn h2_sender(&self) -> std::io::Result<(u64, http2::SendRequest<RequestBody>, bool)> {
+        let mut slot = self.h2.lock().await;
+        if let Some((generation, sender)) = slot.as_ref().filter(|(_, s)| !s.is_closed()) {
+            return Ok((*generation, sender.clone(), false));
+        }
+        let sender = self.connect_h2().await?;
+        let generation = slot.as_ref().map_or(0, |(g, _)| g + 1);
+        *slot = Some((generation, sender.clone()));
+        Ok((generation, sender, true))
+    }
+
+    /// Drops the shared connection if it is still `generation`'s (a newer
+    /// one made meanwhile is kept).
+    async fn forget_h2(&self, generation: u64) {
+        let mut slot = self.h2.lock().await;
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
         }
     }
 

@@ -99,8 +99,9 @@ pub fn test_pki() -> tempfile::TempDir {
 }
 
 /// An HTTP/1.1 upstream answering `<Host> <X-Forwarded-Proto>`, or, for
-/// `/via`, `<HTTP version> <Via>`; `/slow/<ms>` answers after `ms`
-/// milliseconds.
+/// `/via`, `<HTTP version> <Via>`, for `/cookie` its `Cookie` fields
+/// joined by `|`, for `/upgrade` `<Upgrade> <Connection>`; `/slow/<ms>`
+/// answers after `ms` milliseconds.
 pub async fn upstream() -> SocketAddr {
     upstream_counting().await.0
 }
@@ -132,6 +133,14 @@ pub async fn upstream_counting() -> (SocketAddr, std::sync::Arc<std::sync::atomi
                         }
                         let body = match path {
                             "/via" => format!("{:?} {}", req.version(), h("via")),
+                            "/cookie" => req
+                                .headers()
+                                .get_all("cookie")
+                                .iter()
+                                .map(|v| v.to_str().unwrap_or("?"))
+                                .collect::<Vec<_>>()
+                                .join("|"),
+                            "/upgrade" => format!("{} {}", h("upgrade"), h("connection")),
                             _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
                         };
                         Ok::<_, std::convert::Infallible>(http::Response::new(
