@@ -6,18 +6,18 @@
 //!    over `max_connections` or `max_connections_per_client`).
 //! 2. On the TLS listener, the handshake comes first, bounded by
 //!    `header_read_timeout` (its SNI goes with each request). The
-//!    connection then speaks HTTP/2 or HTTP/1.1 ([`conn`] step 1): HTTP/1.1
+//!    connection then speaks HTTP/2 or HTTP/1.1 (`conn.rs` step 1): HTTP/1.1
 //!    with keep-alive, `header_read_timeout`, `max_header_bytes` and
 //!    `max_headers` (431 over either) and upgrades; HTTP/2 with
 //!    `http2.max_concurrent_streams`, a header list of at most
 //!    `max_header_bytes`, PINGs every `http2.keep_alive_interval`, and
-//!    extended CONNECT. Idle connections close ([`conn`] step 2). A write
+//!    extended CONNECT. Idle connections close (`conn.rs` step 2). A write
 //!    to the client blocked for `send_timeout` ends the connection (the
 //!    client stopped reading).
 //! 3. Each request gets the connection's [`Peer`] and goes through the
 //!    stack, whose layers are listed in [`stack`].
 //! 4. On stop, the listener closes and each connection finishes
-//!    gracefully ([`conn`] step 3): in-flight requests complete with
+//!    gracefully (`conn.rs` step 3): in-flight requests complete with
 //!    `Connection: close` (HTTP/1.1) or after a GOAWAY (HTTP/2), idle
 //!    kept-alive connections are closed; after `grace`, what is left is
 //!    aborted.
