@@ -283,12 +283,7 @@ async fn pebble_issues_and_renews_for_named_hosts_only() {
     assert_eq!(pebble.orders(), 2);
     let (code, out) = curl_verified(&root, ports.1, "one.acme.test").await;
     assert_eq!(code, 0, "{out}");
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(gw.admin).await;
     assert!(
         metrics.contains("snapgate_acme_orders_total{host=\"one.acme.test\",result=\"issued\"} 2"),
         "{metrics}"

@@ -329,14 +329,7 @@ async fn websocket_over_http2_extended_connect_reaches_an_http1_app() {
         &format!("  ws:\n    hosts: [ws.b.test]\n    upstream: {ws_app}\n"),
     )
     .await;
-    let stream = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                stream,
-            ))
-            .await
-            .unwrap();
+    let (mut h2, conn) = h2c_client(gw.listen).await;
     tokio::spawn(conn);
     let connect = |protocol: &'static str| {
         let mut req = http::Request::builder()
@@ -393,17 +386,31 @@ async fn websocket_over_http2_extended_connect_reaches_an_http1_app() {
     while let Some(Ok(_)) = ws.next().await {}
     drop(ws);
 
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(gw.admin).await;
     assert!(
         metrics.contains("snapgate_upgrades_total{app=\"ws\",protocol=\"websocket\"} 2"),
         "{metrics}"
     );
     gw.shutdown().await;
+}
+
+/// hyper's HTTP/2 client on a new h2c connection to `addr`: its sender
+/// and its connection (to be spawned).
+async fn h2c_client(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    hyper::client::conn::http2::Connection<
+        hyper_util::rt::TokioIo<tokio::net::TcpStream>,
+        http_body_util::Empty<bytes::Bytes>,
+        hyper_util::rt::TokioExecutor,
+    >,
+) {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+        .handshake(hyper_util::rt::TokioIo::new(stream))
+        .await
+        .unwrap()
 }
 
 /// `nghttp` (h2c with prior knowledge) GET of `path` on `host`, with
@@ -510,14 +517,7 @@ async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
     assert_eq!(n, 0, "a silent connection got {:?}", &buf[..n]);
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
 
-    let stream = tokio::net::TcpStream::connect(gw.listen).await.unwrap();
-    let (mut h2, conn) =
-        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-            .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
-                stream,
-            ))
-            .await
-            .unwrap();
+    let (mut h2, conn) = h2c_client(gw.listen).await;
     let conn = tokio::spawn(conn);
     h2.ready().await.unwrap();
     let req = http::Request::get("http://c.test/")

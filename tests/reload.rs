@@ -153,12 +153,7 @@ async fn post_reload(admin: SocketAddr) -> (u16, String) {
 
 /// The sum of the series of `name` with label `app`, from `/metrics`.
 async fn metric(admin: SocketAddr, name: &str, app: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     let series = format!("{name}{{");
     let label = format!("app=\"{app}\"");
     text.lines()
@@ -415,12 +410,7 @@ async fn reloads_under_load_drop_nothing_and_take_effect() {
 
 /// The value of the one series `series` (name and labels as exposed).
 async fn metric_plain(admin: SocketAddr, series: &str) -> f64 {
-    let text = reqwest::get(format!("http://{admin}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(admin).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)

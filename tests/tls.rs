@@ -349,12 +349,7 @@ async fn changed_certificate_files_are_served_on_the_next_handshake() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    let metrics = reqwest::get(format!("http://{}/metrics", gw.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(gw.admin).await;
     assert!(
         metrics.contains("snapgate_certificate_reloads_total{result=\"rejected\"}"),
         "{metrics}"

@@ -319,3 +319,13 @@ impl Binary {
         nix::sys::signal::kill(pid, signal).expect("signal sent");
     }
 }
+
+/// The admin listener's `/metrics` text.
+pub async fn metrics_text(admin: SocketAddr) -> String {
+    reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the metrics text")
+}
