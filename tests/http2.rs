@@ -517,6 +517,23 @@ async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
     assert_eq!(n, 0, "a silent connection got {:?}", &buf[..n]);
     assert!(started.elapsed() >= std::time::Duration::from_millis(900));
 
+    // A TLS client that finishes its handshake (ALPN http/1.1) and says
+    // nothing more is closed as well: openssl s_client ends when it is.
+    let mut s_client = tokio::process::Command::new("openssl")
+        .current_dir(dir.path())
+        .args(["s_client", "-connect", &gw.tls.unwrap().to_string()])
+        .args(["-servername", "a.test", "-alpn", "http/1.1", "-quiet"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    tokio::time::timeout(std::time::Duration::from_secs(10), s_client.wait())
+        .await
+        .expect("the silent TLS connection is closed")
+        .unwrap();
+
     let (mut h2, conn) = h2c_client(gw.listen).await;
     let conn = tokio::spawn(conn);
     h2.ready().await.unwrap();
@@ -531,5 +548,164 @@ async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
         .expect("the idle HTTP/2 connection is closed")
         .unwrap()
         .unwrap();
+    gw.shutdown().await;
+}
+
+/// An HTTP/1.1 upstream answering with a body and a `grpc-status: 0`
+/// trailer (when the request accepts trailers, as hyper requires).
+async fn trailers_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service =
+                hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    let mut trailers = http::HeaderMap::new();
+                    trailers.insert("grpc-status", "0".parse().unwrap());
+                    let frames = vec![
+                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                            bytes::Bytes::from("body"),
+                        )),
+                        Ok(hyper::body::Frame::trailers(trailers)),
+                    ];
+                    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                    let resp = http::Response::builder()
+                        .header("trailer", "grpc-status")
+                        .body(body)
+                        .unwrap();
+                    Ok::<_, std::convert::Infallible>(resp)
+                });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// An h2c upstream that takes two streams at once and answers after
+/// 200 ms.
+async fn narrow_h2c_upstream() -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service =
+                hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from("narrow")),
+                    ))
+                });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .max_concurrent_streams(2)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
+
+/// A raw upstream that answers every request with `101` to `Upgrade: foo`.
+async fn wrong_switch_upstream() -> SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = stream.read(&mut buf).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n")
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Trailers from an HTTP/1.1 app reach an HTTP/1.1 client that accepts
+/// them; more header lines than `max_headers` get 431 over HTTP/2 as over
+/// HTTP/1.1; an h2c app that takes two streams at once is sent twenty
+/// requests at once and answers all (snapgate waits for its SETTINGS); an
+/// app that switches a WebSocket request to another protocol is a 502.
+#[tokio::test]
+async fn trailers_header_counts_narrow_h2c_apps_and_wrong_switches() {
+    let dir = test_pki();
+    let (trailers, narrow, wrong) = (
+        trailers_upstream().await,
+        narrow_h2c_upstream().await,
+        wrong_switch_upstream().await,
+    );
+    let gw = gateway_with(
+        dir.path(),
+        "",
+        "",
+        &format!(
+            "  tr:\n    hosts: [tr.b.test]\n    upstream: {trailers}\n\
+             \x20 narrow:\n    hosts: [narrow.b.test]\n    upstream: {narrow}\n    upstream_protocol: h2c\n\
+             \x20 wrong:\n    hosts: [wrong.b.test]\n    upstream: {wrong}\n"
+        ),
+    )
+    .await;
+    let (code, out) = curl_raw(
+        dir.path(),
+        &[
+            "--http1.1",
+            "--raw",
+            "-H",
+            "Host: tr.b.test",
+            "-H",
+            "TE: trailers",
+            &format!("http://{}/", gw.listen),
+        ],
+    )
+    .await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("body") && out.contains("grpc-status: 0"),
+        "{out:?}"
+    );
+
+    let headers: Vec<String> = (0..101).map(|i| format!("x-h{i}: 1")).collect();
+    let refs: Vec<&str> = headers.iter().map(String::as_str).collect();
+    let out = nghttp(gw.listen, "a.test", "/", &refs).await;
+    assert!(out.contains(":status: 431"), "{out}");
+
+    let http = reqwest::Client::new();
+    let asks = (0..20).map(|i| {
+        http.get(format!("http://{}/{i}", gw.listen))
+            .header("host", "narrow.b.test")
+            .send()
+    });
+    for r in futures::future::join_all(asks).await {
+        assert_eq!(r.unwrap().status(), 200);
+    }
+
+    let (code, out) = curl_raw(
+        dir.path(),
+        &[
+            "-H",
+            "Host: wrong.b.test",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://{}/", gw.listen),
+        ],
+    )
+    .await;
+    assert_eq!((code, out.as_str()), (0, "502"));
     gw.shutdown().await;
 }

@@ -209,6 +209,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                 body_read_timeout: config.body_read_timeout,
                 in_flight: in_flight.clone(),
                 max_header_bytes,
+                max_headers: config.limits.max_headers,
                 trusted_proxies: config.trusted_proxies.clone(),
                 proto,
                 redirect,
@@ -602,6 +603,8 @@ impl Running {
     /// period), then closes every pool and destroys every VM; returns once
     /// every task of the gateway has ended.
     pub async fn shutdown(mut self) {
+        let grace = self.reloading.config.lock().await.shutdown_grace;
+        let deadline = tokio::time::Instant::now() + grace;
         let _ = self.stop.send(true);
         // Held requests get their 503 now, not after the grace period.
         for pool in self.pools() {
@@ -611,9 +614,9 @@ impl Running {
         if let Some(tls_server) = &mut self.tls_server {
             let _ = tls_server.await;
         }
-        // The grace period is over: upgraded connections end too, so no
-        // lease holds a pool's close back.
-        self.proxy.end_tunnels();
+        // Upgraded connections have what is left of the grace period,
+        // then end, so no lease holds a pool's close back.
+        self.proxy.end_tunnels(deadline).await;
         self.admin_stop.cancel();
         let _ = (&mut self.admin_task).await;
         for pool in self.pools() {

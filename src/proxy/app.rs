@@ -139,6 +139,8 @@ pub struct Apps {
     tasks: Tasks,
     /// Ends every tunnel ([`Apps::end_tunnels`]).
     tunnels: tokio_util::sync::CancellationToken,
+    /// The tunnels open, to wait for at shutdown.
+    tunnel_tasks: tokio_util::task::TaskTracker,
 }
 
 impl Apps {
@@ -148,13 +150,17 @@ impl Apps {
             table: arc_swap::ArcSwap::from_pointee(table),
             metrics,
             tunnels: tasks.cancel.child_token(),
+            tunnel_tasks: tokio_util::task::TaskTracker::new(),
             tasks,
         }
     }
 
-    /// Ends every upgraded connection's tunnel, releasing its lease (at
-    /// shutdown, once the grace period is over).
-    pub fn end_tunnels(&self) {
+    /// At shutdown: lets open tunnels (upgraded connections) run until
+    /// `deadline` (the end of the grace period), then ends those left,
+    /// releasing their leases.
+    pub async fn end_tunnels(&self, deadline: tokio::time::Instant) {
+        self.tunnel_tasks.close();
+        let _ = tokio::time::timeout_at(deadline, self.tunnel_tasks.wait()).await;
         self.tunnels.cancel();
     }
 
@@ -301,6 +307,12 @@ impl Apps {
             }
             return relay(resp, checkin, lease, limits.upstream_read_timeout);
         };
+        let switched_to = resp.headers().get(header::UPGRADE);
+        if switched_to.is_some_and(|p| !p.as_bytes().eq_ignore_ascii_case(protocol.as_bytes())) {
+            return ErrorKind::Upstream("the app switched to another protocol than asked".into())
+                .of(app)
+                .response();
+        }
         let (mut parts, body) = resp.into_parts();
         let upstream = parts
             .extensions
@@ -330,13 +342,17 @@ impl Apps {
             .upgraded(app, switched.to_str().unwrap_or("other"));
         debug!(%app, protocol = ?switched, "switching protocols");
         let held = (lease, checkin, body, counted, connection);
-        self.tasks.tracker.spawn(super::tunnel::run(
+        let tunnel = super::tunnel::run(
             client,
             upstream,
             limits.upstream_read_timeout,
             self.tunnels.clone(),
             held,
-        ));
+        );
+        // On the gateway's tracker, and counted among the tunnels.
+        self.tasks
+            .tracker
+            .spawn(self.tunnel_tasks.track_future(tunnel));
         Response::from_parts(
             parts,
             http_body_util::Empty::new().map_err(|e| match e {}).boxed(),
@@ -491,11 +507,23 @@ fn to_origin(
     parts.headers.insert(header::HOST, authority.value.clone());
     // Step 7: an upgrade asked for goes on (forwarding removed the fields).
     let hop = parts.extensions.get::<Hop>().cloned().unwrap_or_default();
+    let mut connection = Vec::new();
     if let Some(protocol) = hop.upgrade {
         parts.headers.insert(header::UPGRADE, protocol);
+        connection.push("upgrade");
+    }
+    // A client that takes trailers gets the app's (RFC 9110 section
+    // 10.1.4): snapgate passes them on.
+    if hop.te_trailers {
         parts
             .headers
-            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+        connection.push("te");
+    }
+    if !connection.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&connection.join(", ")) {
+            parts.headers.insert(header::CONNECTION, v);
+        }
     }
     let mut body = body;
     if hop.extended_connect {

@@ -13,17 +13,23 @@
 //! 2. A request head (request line and field lines) over `max_header_bytes`:
 //!    431 (RFC 6585 section 5). hyper's own check bounds its read buffer,
 //!    which a head sent in one burst can pass by a read's worth; this one
-//!    counts the head itself.
+//!    counts the head itself. More than `max_headers` field lines: 431
+//!    too (hyper counts them on HTTP/1.1; HTTP/2 has no such bound of its
+//!    own).
 
 use http::header;
 use http::Request;
 
 use super::error::{ErrorKind, ProxyError};
 
-/// Applies the module's rules, with heads up to `max_head` bytes: `req`
-/// back, or the answer it gets.
-pub fn check<B>(req: Request<B>, max_head: usize) -> Result<Request<B>, ProxyError> {
-    if head_size(&req) > max_head {
+/// Applies the module's rules, with heads up to `max_head` bytes and
+/// `max_headers` field lines: `req` back, or the answer it gets.
+pub fn check<B>(
+    req: Request<B>,
+    max_head: usize,
+    max_headers: usize,
+) -> Result<Request<B>, ProxyError> {
+    if head_size(&req) > max_head || req.headers().len() > max_headers {
         return Err(ProxyError::new(ErrorKind::HeadTooLarge));
     }
     let h = req.headers();
@@ -73,7 +79,7 @@ mod tests {
         for (k, v) in headers {
             b = b.header(*k, *v);
         }
-        match check(b.body(()).unwrap(), 8192) {
+        match check(b.body(()).unwrap(), 8192, 100) {
             Ok(_) => 200,
             Err(e) => e.kind.status().as_u16(),
         }
@@ -89,6 +95,10 @@ mod tests {
         let big = "x".repeat(8192);
         assert_eq!(status(&[("x-big", &big)]), 431);
         assert_eq!(status(&[("x-big", &big[..8000])]), 200);
+        let names: Vec<String> = (0..101).map(|i| format!("x-{i}")).collect();
+        let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "1")).collect();
+        assert_eq!(status(&many), 431);
+        assert_eq!(status(&many[..100]), 200);
         assert_eq!(
             status(&[
                 ("transfer-encoding", "gzip"),

@@ -58,6 +58,8 @@ pub struct StackConfig {
     pub in_flight: Arc<tokio::sync::Semaphore>,
     /// Largest request head, in bytes.
     pub max_header_bytes: usize,
+    /// Most header field lines.
+    pub max_headers: usize,
     /// Peers whose forwarding headers are believed.
     pub trusted_proxies: Vec<IpNet>,
     /// The listener's scheme: `http` or `https`.
@@ -207,6 +209,7 @@ where
 {
     let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
     let max_head = cfg.max_header_bytes;
+    let max_headers = cfg.max_headers;
     let redirect = cfg.redirect.clone();
     let certs = cfg.certs.clone();
     let http01 = cfg.acme_http01.clone();
@@ -221,7 +224,7 @@ where
                 cfg.in_flight.clone(),
             ))
             // Framing: nothing ambiguous or not understood is passed on.
-            .filter(move |req: Request<B>| framing::check(req, max_head))
+            .filter(move |req: Request<B>| framing::check(req, max_head, max_headers))
             // Authority: one Host, or the absolute-form target's (400 else).
             .filter(authority::normalize::<B>)
             // Plain listener, tls.acme: a CA's HTTP-01 request gets its key authorization.
@@ -371,6 +374,7 @@ mod tests {
             body_read_timeout: Duration::from_secs(1),
             in_flight: Arc::new(tokio::sync::Semaphore::new(max_in_flight)),
             max_header_bytes: 65536,
+            max_headers: 100,
             redirect: None,
             certs: None,
             acme_http01: None,

@@ -20,7 +20,8 @@
 //! 3. The tunnel ends when either side closes (the other is shut down
 //!    after it), when no byte has moved either way for the app's
 //!    `upstream_read_timeout`, or at shutdown once the grace period is over
-//!    ([`super::Apps::end_tunnels`], before pools close); its lease ends
+//!    ([`super::Apps::end_tunnels`]: it waits for open tunnels until then,
+//!    and ends the rest before pools close); its lease ends
 //!    with it, and so does its hold on the client connection's slot. A
 //!    tunnel in an HTTP/2 stream keeps its connection open through a
 //!    graceful drain until it ends or the grace period does.

@@ -249,6 +249,10 @@ impl Upstream {
         let executor = super::TrackedExecutor(self.config.tasks.clone());
         let (sender, conn) = http2::Builder::new(executor)
             .timer(hyper_util::rt::TokioTimer::new())
+            // One stream until the app's SETTINGS say how many it takes
+            // (RFC 9113 section 6.5.2 leaves the start unlimited, and an
+            // app with a small limit refuses the rest: REFUSED_STREAM).
+            .initial_max_send_streams(1)
             .handshake(io)
             .await
             .map_err(std::io::Error::other)?;
