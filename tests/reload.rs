@@ -24,6 +24,8 @@ const STEP: Duration = Duration::from_secs(60);
 struct Version {
     /// Whether the static app `extra` (extra.b.test) is there.
     extra: bool,
+    /// Whether the VM app `vm` (vm.b.test) is there.
+    vm: bool,
     /// The VM app's pool, as a YAML flow mapping.
     vm_pool: &'static str,
     /// The VM app's response_timeout.
@@ -34,6 +36,7 @@ struct Version {
 
 const FIRST: Version = Version {
     extra: false,
+    vm: true,
     vm_pool: "{ min_warm: 1, max_instances: 3, idle_timeout: 60s }",
     vm_response_timeout: "60s",
     a_cert: "a",
@@ -45,6 +48,14 @@ fn write(dir: &Path, tap_prefix: &str, upstream: SocketAddr, v: &Version) {
     let mut spec = snapgate::testing::linux_spec();
     spec.on_restore = Some(snapgate::testing::test_guest_on_restore());
     let image = serde_json::to_string(&spec).unwrap();
+    let vm = if v.vm {
+        format!(
+            "  vm:\n    hosts: [vm.b.test]\n    image: {image}\n    pool: {}\n    response_timeout: {}\n",
+            v.vm_pool, v.vm_response_timeout
+        )
+    } else {
+        String::new()
+    };
     let extra = if v.extra {
         format!("  extra:\n    hosts: [extra.b.test]\n    upstream: {upstream}\n")
     } else {
@@ -59,13 +70,10 @@ fn write(dir: &Path, tap_prefix: &str, upstream: SocketAddr, v: &Version) {
          \x20   - {{ hosts: ['*.b.test'], cert: b.pem, key: b.key }}\n\
          apps:\n\
          \x20 site:\n    hosts: [a.test]\n    upstream: {upstream}\n\
-         \x20 vm:\n    hosts: [vm.b.test]\n    image: {image}\n    pool: {pool}\n    response_timeout: {rt}\n\
-         {extra}",
+         {vm}{extra}",
         state = dir.join("state").display(),
         snapshots = snapgate::testing::shared_snapshot_dir().display(),
         a = v.a_cert,
-        pool = v.vm_pool,
-        rt = v.vm_response_timeout,
     );
     std::fs::write(dir.join("proxy.yaml"), text).unwrap();
 }
@@ -394,6 +402,22 @@ async fn reloads_under_load_drop_nothing_and_take_effect() {
     let applied = metric_plain(admin, "snapgate_config_reloads_total{result=\"applied\"}").await;
     let rejected = metric_plain(admin, "snapgate_config_reloads_total{result=\"rejected\"}").await;
     assert_eq!((applied, rejected), (10.0, 2.0));
+
+    // The VM app removed: its pool is retired, and once nothing is in
+    // flight on it, closed: every VM and tap of the gateway goes.
+    let (procs, taps) = leftovers(&dir.path().join("state"), prefix);
+    assert!(!procs.is_empty() && !taps.is_empty(), "no VM to retire");
+    reload!(Version {
+        vm: false,
+        ..v.clone()
+    });
+    assert_eq!(status(listen, "vm.b.test", "/").await, 404);
+    let state = dir.path().join("state");
+    until("the retired pool's VMs and taps gone", STEP, || {
+        let (procs, taps) = leftovers(&state, prefix);
+        async move { procs.is_empty() && taps.is_empty() }
+    })
+    .await;
 
     gw.signal(Signal::SIGTERM);
     let status = tokio::time::timeout(STEP, gw.child.wait())
