@@ -29,33 +29,28 @@ async fn curl_raw(dir: &Path, args: &[&str]) -> (i32, String) {
 /// An HTTP/2-only (h2c, prior knowledge) upstream answering
 /// `<HTTP version> <:authority> <TE> <Via>`.
 async fn h2c_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service = hyper::service::service_fn(
-                |req: http::Request<hyper::body::Incoming>| async move {
-                    let h = |n: &str| {
-                        req.headers()
-                            .get(n)
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                            .to_owned()
-                    };
-                    let authority = req.uri().authority().map_or("-".into(), |a| a.to_string());
-                    let body = format!("{:?} {authority} {} {}", req.version(), h("te"), h("via"));
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from(body)),
-                    ))
-                },
-            );
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+    listen_loopback(move |stream| {
+        let service =
+            hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
+                let h = |n: &str| {
+                    req.headers()
+                        .get(n)
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("-")
+                        .to_owned()
+                };
+                let authority = req.uri().authority().map_or("-".into(), |a| a.to_string());
+                let body = format!("{:?} {authority} {} {}", req.version(), h("te"), h("via"));
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from(body),
+                )))
+            });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+        );
+    })
+    .await
 }
 
 #[tokio::test]
@@ -292,23 +287,19 @@ mod grpc {
 /// A WebSocket echo server (tokio-tungstenite) on loopback.
 async fn websocket_echo() -> SocketAddr {
     use futures::{SinkExt, StreamExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+    listen_loopback(move |stream| {
+        tokio::spawn(async move {
+            let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                return;
+            };
+            while let Some(Ok(msg)) = ws.next().await {
+                if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
                     return;
-                };
-                while let Some(Ok(msg)) = ws.next().await {
-                    if (msg.is_text() || msg.is_binary()) && ws.send(msg).await.is_err() {
-                        return;
-                    }
                 }
-            });
-        }
-    });
-    addr
+            }
+        });
+    })
+    .await
 }
 
 /// WebSocket over HTTP/2 (RFC 8441): an extended CONNECT on an h2c
@@ -554,77 +545,65 @@ async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
 /// An HTTP/1.1 upstream answering with a body and a `grpc-status: 0`
 /// trailer (when the request accepts trailers, as hyper requires).
 async fn trailers_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service =
-                hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    let mut trailers = http::HeaderMap::new();
-                    trailers.insert("grpc-status", "0".parse().unwrap());
-                    let frames = vec![
-                        Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
-                            bytes::Bytes::from("body"),
-                        )),
-                        Ok(hyper::body::Frame::trailers(trailers)),
-                    ];
-                    let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
-                    let resp = http::Response::builder()
-                        .header("trailer", "grpc-status")
-                        .body(body)
-                        .unwrap();
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+    listen_loopback(move |stream| {
+        let service =
+            hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("grpc-status", "0".parse().unwrap());
+                let frames = vec![
+                    Ok::<_, std::convert::Infallible>(hyper::body::Frame::data(
+                        bytes::Bytes::from("body"),
+                    )),
+                    Ok(hyper::body::Frame::trailers(trailers)),
+                ];
+                let body = http_body_util::StreamBody::new(futures::stream::iter(frames));
+                let resp = http::Response::builder()
+                    .header("trailer", "grpc-status")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+        );
+    })
+    .await
 }
 
 /// An h2c upstream that takes two streams at once and answers after
 /// 200 ms.
 async fn narrow_h2c_upstream() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let service =
-                hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    Ok::<_, std::convert::Infallible>(http::Response::new(
-                        http_body_util::Full::new(bytes::Bytes::from("narrow")),
-                    ))
-                });
-            tokio::spawn(
-                hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                    .max_concurrent_streams(2)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
-    addr
+    listen_loopback(move |stream| {
+        let service =
+            hyper::service::service_fn(|_req: http::Request<hyper::body::Incoming>| async {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                    bytes::Bytes::from("narrow"),
+                )))
+            });
+        tokio::spawn(
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .max_concurrent_streams(2)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+        );
+    })
+    .await
 }
 
 /// A raw upstream that answers every request with `101` to `Upgrade: foo`.
 async fn wrong_switch_upstream() -> SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buf = [0u8; 4096];
-                let _ = stream.read(&mut buf).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n")
-                    .await;
-            });
-        }
-    });
-    addr
+    listen_loopback(move |mut stream| {
+        tokio::spawn(async move {
+            let mut buf = [0u8; 4096];
+            let _ = stream.read(&mut buf).await;
+            let _ = stream
+                .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: foo\r\nconnection: upgrade\r\n\r\n")
+                .await;
+        });
+    })
+    .await
 }
 
 /// Trailers from an HTTP/1.1 app reach an HTTP/1.1 client that accepts

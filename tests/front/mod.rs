@@ -329,3 +329,16 @@ pub async fn metrics_text(admin: SocketAddr) -> String {
         .await
         .expect("the metrics text")
 }
+
+/// A listener on a free loopback port: each connection accepted is handed
+/// to `serve` (which spawns what serves it). Its address.
+pub async fn listen_loopback(serve: impl Fn(tokio::net::TcpStream) + Send + 'static) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            serve(stream);
+        }
+    });
+    addr
+}
