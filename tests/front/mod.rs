@@ -320,6 +320,25 @@ impl Binary {
     }
 }
 
+impl Drop for Binary {
+    /// A test that failed midway still stops the gateway the clean way
+    /// (SIGTERM: its VMs and taps go), waiting up to 30 s before the kill
+    /// `kill_on_drop` makes.
+    fn drop(&mut self) {
+        if let Some(id) = self.child.id() {
+            let pid = nix::unistd::Pid::from_raw(id as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while std::time::Instant::now() < deadline {
+                if matches!(self.child.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+        }
+    }
+}
+
 /// The admin listener's `/metrics` text.
 pub async fn metrics_text(admin: SocketAddr) -> String {
     reqwest::get(format!("http://{admin}/metrics"))
