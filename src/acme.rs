@@ -79,17 +79,13 @@ pub fn managed_hosts(config: &Config) -> Vec<String> {
     let Some(acme) = &tls.acme else {
         return Vec::new();
     };
-    let listed: BTreeSet<String> = tls
-        .certificates
-        .iter()
-        .flat_map(|c| c.hosts.iter().map(|h| h.to_ascii_lowercase()))
-        .collect();
-    // A file lists it, exactly or by a one-label wildcard (as the TLS
-    // listener matches, `tls.rs` rule 3): that certificate is served.
+    // A file lists it, exactly or by a wildcard, as the TLS listener
+    // matches (`tls.rs` rule 3): that certificate is served.
     let filed = |h: &str| {
-        listed.contains(h)
-            || h.split_once('.')
-                .is_some_and(|(_, parent)| listed.contains(&format!("*.{parent}")))
+        tls.certificates
+            .iter()
+            .flat_map(|c| c.hosts.iter())
+            .any(|p| crate::proxy::tls::pattern_covers(&p.to_ascii_lowercase(), h))
     };
     let candidates: BTreeSet<String> = match &acme.hosts {
         Some(hosts) => hosts.iter().cloned().collect(),

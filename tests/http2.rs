@@ -32,13 +32,7 @@ async fn h2c_upstream() -> SocketAddr {
     listen_loopback(move |stream| {
         let service =
             hyper::service::service_fn(|req: http::Request<hyper::body::Incoming>| async move {
-                let h = |n: &str| {
-                    req.headers()
-                        .get(n)
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or("-")
-                        .to_owned()
-                };
+                let h = |n: &str| header_or_dash(&req, n);
                 let authority = req.uri().authority().map_or("-".into(), |a| a.to_string());
                 let body = format!("{:?} {authority} {} {}", req.version(), h("te"), h("via"));
                 Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(

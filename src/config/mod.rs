@@ -651,6 +651,12 @@ pub struct Config {
 }
 
 impl Config {
+    /// The ACME challenge the TLS listener's automatic certificates use,
+    /// if it has them.
+    pub fn acme_challenge(&self) -> Option<AcmeChallenge> {
+        self.tls.as_ref()?.acme.as_ref().map(|a| a.challenge)
+    }
+
     /// Reads, parses, validates ([`Config::validate`], pure) and
     /// preflights ([`Config::preflight`], the file checks) `path`; every
     /// problem is reported at once where possible, with its key and line.

@@ -57,7 +57,7 @@ pub use state::{StateLock, StateLockError};
 
 use state::lock as lock_state_dir;
 
-use crate::config::{Config, StartFrom, Upstream};
+use crate::config::{AcmeChallenge, Config, StartFrom, Upstream};
 use crate::net::Network;
 use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, Tasks};
 use crate::proxy::tls::{CertStore, Certs};
@@ -123,10 +123,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let tls = match &config.tls {
         Some(tls) => {
             let store = Certs::new(CertStore::load(tls)?);
-            let tls_alpn = tls
-                .acme
-                .as_ref()
-                .is_some_and(|a| a.challenge == crate::config::AcmeChallenge::TlsAlpn01);
+            let tls_alpn = config.acme_challenge() == Some(AcmeChallenge::TlsAlpn01);
             let acceptor = tokio_rustls::TlsAcceptor::from(
                 store.server_config(config.http2.enabled, tls_alpn)?,
             );
@@ -196,12 +193,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         config.limits.max_requests_in_flight,
     ));
     let http01 = Arc::new(crate::acme::Http01::default());
-    let acme_http01 = config
-        .tls
-        .as_ref()
-        .and_then(|t| t.acme.as_ref())
-        .is_some_and(|a| a.challenge == crate::config::AcmeChallenge::Http01)
-        .then(|| http01.clone());
+    let acme_http01 =
+        (config.acme_challenge() == Some(AcmeChallenge::Http01)).then(|| http01.clone());
     let stack_for = |proto, redirect, certs, acme_http01| {
         crate::proxy::stack::build(
             proxy.clone(),

@@ -331,15 +331,28 @@ impl Running {
         };
         let mut targets: HashMap<Arc<str>, Arc<Target>> = HashMap::new();
         let mut made: Vec<Arc<Target>> = Vec::new();
+        // Pools kept, with their new sizing: applied once the table is in.
+        let mut resize = Vec::new();
         let mut failed = None;
         for (name, how) in &plan {
             let old = old_table.targets().get(name.as_str());
-            let reuse = match (how, old.map(|t| &**t)) {
-                (Change::Same | Change::Resize, Some(_)) => {
-                    targets.insert(Arc::from(name.as_str()), old.expect("matched").clone());
+            if let (
+                Change::Resize | Change::Limits,
+                Some(Target::Pool { pool, .. }),
+                Upstream::Vm(_, cfg) | Upstream::Runtime(_, cfg),
+            ) = (how, old.map(|t| &**t), new.apps[name].upstream())
+            {
+                resize.push((pool.clone(), cfg));
+            }
+            let reuse = match (how, old) {
+                (Change::Same | Change::Resize, Some(old)) => {
+                    targets.insert(Arc::from(name.as_str()), old.clone());
                     continue;
                 }
-                (Change::Limits, Some(Target::Pool { pool, .. })) => Some(pool.clone()),
+                (Change::Limits, Some(old)) => match &**old {
+                    Target::Pool { pool, .. } => Some(pool.clone()),
+                    Target::Static { .. } => None,
+                },
                 _ => None,
             };
             let fresh = reuse.is_none();
@@ -380,7 +393,9 @@ impl Running {
             .unwrap_or_else(|p| p.into_inner())
             .extend(pins);
         // Step 5.
-        let old_table = self.proxy.swap(Table::new(router_of(&new), targets));
+        // The table swapped out is `old_table`: only a reload swaps, and
+        // this one holds the config's lock.
+        self.proxy.swap(Table::new(router_of(&new), targets));
         if let (Some(certs), Some(store)) = (&r.certs, store) {
             certs.swap(store);
         }
@@ -390,41 +405,18 @@ impl Running {
         if let Some(tx) = &r.acme_hosts {
             tx.send_replace(crate::acme::managed_hosts(&new));
         }
-        // Pools resized in place.
-        let new_table = self.proxy.table();
-        for (name, how) in &plan {
-            if matches!(how, Change::Resize | Change::Limits) {
-                if let (
-                    Some(Target::Pool { pool, .. }),
-                    Upstream::Vm(_, cfg) | Upstream::Runtime(_, cfg),
-                ) = (
-                    new_table.targets().get(name.as_str()).map(|t| &**t),
-                    new.apps[name].upstream(),
-                ) {
-                    pool.resize(&cfg);
+        for (pool, cfg) in &resize {
+            pool.resize(cfg);
+        }
+        // Step 6: every old pool the new table has not kept.
+        let new_pools = self.proxy.pools();
+        let gone = Arc::downgrade(&old_table);
+        for target in old_table.targets().values() {
+            if let Target::Pool { pool, .. } = &**target {
+                if !new_pools.iter().any(|p| p.same_as(pool)) {
+                    self.retire(pool.clone(), gone.clone(), &current);
                 }
             }
-        }
-        // Step 6.
-        let mut retired = Vec::new();
-        for (name, target) in old_table.targets() {
-            let Target::Pool { pool, .. } = &**target else {
-                continue;
-            };
-            let kept = match new_table.targets().get(name) {
-                Some(t) => match &**t {
-                    Target::Pool { pool: p, .. } => p.same_as(pool),
-                    Target::Static { .. } => false,
-                },
-                None => false,
-            };
-            if !kept {
-                retired.push((name.to_string(), pool.clone()));
-            }
-        }
-        let old_table = Arc::downgrade(&old_table);
-        for (_, pool) in &retired {
-            self.retire(pool.clone(), old_table.clone(), &current);
         }
         // Step 7.
         let added: BTreeSet<&String> = new

@@ -171,8 +171,8 @@ impl Apps {
 
     /// Makes `table` current, atomically: requests that arrive from now on
     /// route on it; those in flight keep the one they routed on.
-    pub fn swap(&self, table: Table) -> Arc<Table> {
-        self.table.swap(Arc::new(table))
+    pub fn swap(&self, table: Table) {
+        self.table.store(Arc::new(table));
     }
 
     /// The pool of `app`, if it is a VM or runtime app.
@@ -236,14 +236,14 @@ impl Apps {
             )
             .of(app));
         }
-        let held = req.extensions().get::<super::conn::Held>().cloned();
         let upgrade = hop.upgrade.clone().map(|protocol| Switch {
             protocol,
+            held: req.extensions().get::<super::conn::Held>().cloned(),
             client: hyper::upgrade::on(&mut req),
             extended_connect: hop.extended_connect,
-            held,
         });
-        let req = to_origin(req, &authority).map_err(|k| k.of(app))?;
+        let asked = upgrade.is_some();
+        let req = to_origin(req, &authority, &hop).map_err(|k| k.of(app))?;
         let mut resp = match &**target {
             Target::Pool {
                 internal_path: Some(internal),
@@ -259,12 +259,12 @@ impl Apps {
                 limits,
                 ..
             } => {
-                let (resp, checkin, lease) =
-                    self.via_pool(app, pool, upstreams, limits, req).await?;
+                let (resp, checkin, lease) = self
+                    .via_pool(app, pool, upstreams, limits, req, asked)
+                    .await?;
                 self.answer(app, resp, checkin, Some(lease), limits, upgrade)
             }
             Target::Static { upstream, limits } => {
-                let asked = upgrade.is_some();
                 let timeout = limits.response_timeout;
                 let mut sent = exchange(upstream, req, None, timeout, asked).await;
                 if let Err(Retry::NotSent { req, cause }) = sent {
@@ -368,8 +368,8 @@ impl Apps {
         upstreams: &InstanceUpstreams,
         limits: &AppLimits,
         req: Request<RequestBody>,
+        asked: bool,
     ) -> Result<(Response<hyper::body::Incoming>, Checkin, Lease), ProxyError> {
-        let asked = req.headers().contains_key(header::UPGRADE);
         let mut req = req;
         for attempt in 0..2 {
             let mut lease = pool
@@ -490,6 +490,7 @@ async fn exchange(
 fn to_origin(
     req: Request<RequestBody>,
     authority: &Authority,
+    hop: &Hop,
 ) -> Result<Request<RequestBody>, ErrorKind> {
     let (mut parts, body) = req.into_parts();
     // An origin-form or asterisk-form target goes as it came; only an
@@ -506,11 +507,8 @@ fn to_origin(
     }
     parts.headers.insert(header::HOST, authority.value.clone());
     // Step 7: an upgrade asked for goes on (forwarding removed the fields).
-    let hop = parts.extensions.get::<Hop>().cloned().unwrap_or_default();
-    let mut connection = Vec::new();
-    if let Some(protocol) = hop.upgrade {
-        parts.headers.insert(header::UPGRADE, protocol);
-        connection.push("upgrade");
+    if let Some(protocol) = &hop.upgrade {
+        parts.headers.insert(header::UPGRADE, protocol.clone());
     }
     // A client that takes trailers gets the app's (RFC 9110 section
     // 10.1.4): snapgate passes them on.
@@ -518,12 +516,17 @@ fn to_origin(
         parts
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
-        connection.push("te");
     }
-    if !connection.is_empty() {
-        if let Ok(v) = HeaderValue::from_str(&connection.join(", ")) {
-            parts.headers.insert(header::CONNECTION, v);
-        }
+    let connection = match (hop.upgrade.is_some(), hop.te_trailers) {
+        (true, true) => Some("upgrade, te"),
+        (true, false) => Some("upgrade"),
+        (false, true) => Some("te"),
+        (false, false) => None,
+    };
+    if let Some(c) = connection {
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static(c));
     }
     let mut body = body;
     if hop.extended_connect {

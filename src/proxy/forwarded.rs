@@ -135,16 +135,7 @@ pub struct Hop {
 
 impl Hop {
     fn of<B>(req: &Request<B>) -> Hop {
-        let tokens = |name: HeaderName| {
-            req.headers()
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .map(|t| t.trim().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        };
-        let te_trailers = tokens(header::TE).iter().any(|t| t == "trailers");
+        let te_trailers = has_token(req.headers(), header::TE, "trailers");
         let protocol = req.extensions().get::<hyper::ext::Protocol>();
         let extended_connect = req.version() == http::Version::HTTP_2
             && req.method() == http::Method::CONNECT
@@ -154,8 +145,8 @@ impl Hop {
         // not asked of the app.
         let upgrade = match req.version() {
             http::Version::HTTP_11
-                if tokens(header::CONNECTION).iter().any(|t| t == "upgrade")
-                    && tokens(header::UPGRADE).iter().any(|t| t == "websocket") =>
+                if has_token(req.headers(), header::CONNECTION, "upgrade")
+                    && has_token(req.headers(), header::UPGRADE, "websocket") =>
             {
                 Some(HeaderValue::from_static("websocket"))
             }
@@ -168,6 +159,16 @@ impl Hop {
             extended_connect,
         }
     }
+}
+
+/// Whether a comma-separated list field `name` has `token` (ASCII case
+/// folded), with no copy of the field.
+fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The forwarding policy of the module doc, for one listener.

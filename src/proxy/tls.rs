@@ -123,13 +123,26 @@ impl CertStore {
         }
         self.wildcards
             .iter()
-            .find(|(suffix, _)| {
-                name.ends_with(suffix.as_str())
-                    && name.len() > suffix.len()
-                    && !name[..name.len() - suffix.len()].contains('.')
-            })
+            .find(|(suffix, _)| one_label_under(suffix, &name))
             .map(|(_, key)| key.clone())
     }
+}
+
+/// Whether the certificate host `pattern` (a name, or `*.` and a suffix)
+/// is for `name` (lowercase, no trailing dot), by rule 3.
+pub fn pattern_covers(pattern: &str, name: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => one_label_under(suffix, name),
+        None => pattern.eq_ignore_ascii_case(name),
+    }
+}
+
+/// Whether `name` is one label more than `suffix` (which starts with a
+/// dot): a wildcard's reach (RFC 6125 section 6.4.3).
+fn one_label_under(suffix: &str, name: &str) -> bool {
+    name.len() > suffix.len()
+        && name.ends_with(suffix)
+        && !name[..name.len() - suffix.len()].contains('.')
 }
 
 /// ALPN protocol of the TLS-ALPN-01 challenge (RFC 8737 section 6.2).

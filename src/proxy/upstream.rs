@@ -330,7 +330,7 @@ impl Upstream {
             }
             let tokens = (req.body().sent(), req.body().cut());
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.answered(resp, sender, tokens)),
+                Ok(resp) => return Ok(self.answered(resp, Some(sender), tokens)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
@@ -381,16 +381,8 @@ impl Upstream {
                 Ok(()) => {
                     let tokens = (req.body().sent(), req.body().cut());
                     match sender.try_send_request(req).await {
-                        Ok(resp) => {
-                            let checkin = Checkin {
-                                sender: None,
-                                upstream: self.clone(),
-                                idle_for: Duration::ZERO,
-                                sent: tokens.0,
-                                cut: tokens.1,
-                            };
-                            return Ok((resp, checkin));
-                        }
+                        // Nothing goes back to a pool (step 6).
+                        Ok(resp) => return Ok(self.answered(resp, None, tokens)),
                         Err(mut e) => match e.take_message() {
                             Some(unsent) => Some(unsent),
                             None => {
@@ -469,24 +461,27 @@ impl Upstream {
         };
         let tokens = (req.body().sent(), req.body().cut());
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.answered(resp, sender, tokens)),
+            Ok(resp) => Ok(self.answered(resp, Some(sender), tokens)),
             Err(e) => Err(SendError::Failed(Box::new(e))),
         }
     }
 
+    /// The checkin of `resp`, whose request went on `sender`'s HTTP/1.1
+    /// connection (to be put back) or on the h2c connection (`None`).
     fn answered(
         self: &Arc<Self>,
         resp: Response<Incoming>,
-        sender: SendRequest<RequestBody>,
+        sender: Option<SendRequest<RequestBody>>,
         (sent, cut): (CancellationToken, CancellationToken),
     ) -> (Response<Incoming>, Checkin) {
         let idle_timeout = self.config.idle_timeout;
-        let idle_for = match keep_alive_timeout(resp.headers()) {
-            Some(t) => idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
-            None => idle_timeout,
+        let idle_for = match (&sender, keep_alive_timeout(resp.headers())) {
+            (None, _) => Duration::ZERO,
+            (Some(_), Some(t)) => idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
+            (Some(_), None) => idle_timeout,
         };
         let checkin = Checkin {
-            sender: Some(sender),
+            sender,
             upstream: self.clone(),
             idle_for,
             sent,

@@ -110,50 +110,41 @@ pub async fn upstream() -> SocketAddr {
 pub async fn upstream_counting() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     let slow = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counted = slow.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let slow = counted.clone();
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let slow = slow.clone();
-                    async move {
-                        let h = |n: &str| {
-                            req.headers()
-                                .get(n)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-")
-                                .to_owned()
-                        };
-                        let path = req.uri().path();
-                        if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse().ok()) {
-                            slow.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-                        }
-                        let body = match path {
-                            "/via" => format!("{:?} {}", req.version(), h("via")),
-                            "/cookie" => req
-                                .headers()
-                                .get_all("cookie")
-                                .iter()
-                                .map(|v| v.to_str().unwrap_or("?"))
-                                .collect::<Vec<_>>()
-                                .join("|"),
-                            "/upgrade" => format!("{} {}", h("upgrade"), h("connection")),
-                            _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
-                        };
-                        Ok::<_, std::convert::Infallible>(http::Response::new(
-                            http_body_util::Full::new(bytes::Bytes::from(body)),
-                        ))
+    let addr = listen_loopback(move |stream| {
+        let slow = counted.clone();
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let slow = slow.clone();
+                async move {
+                    let h = |n: &str| header_or_dash(&req, n);
+                    let path = req.uri().path();
+                    if let Some(ms) = path.strip_prefix("/slow/").and_then(|m| m.parse().ok()) {
+                        slow.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     }
-                });
-            tokio::spawn(
-                hyper::server::conn::http1::Builder::new()
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
-            );
-        }
-    });
+                    let body = match path {
+                        "/via" => format!("{:?} {}", req.version(), h("via")),
+                        "/cookie" => req
+                            .headers()
+                            .get_all("cookie")
+                            .iter()
+                            .map(|v| v.to_str().unwrap_or("?"))
+                            .collect::<Vec<_>>()
+                            .join("|"),
+                        "/upgrade" => format!("{} {}", h("upgrade"), h("connection")),
+                        _ => format!("{} {}", h("host"), h("x-forwarded-proto")),
+                    };
+                    Ok::<_, std::convert::Infallible>(http::Response::new(
+                        http_body_util::Full::new(bytes::Bytes::from(body)),
+                    ))
+                }
+            });
+        tokio::spawn(
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service),
+        );
+    })
+    .await;
     (addr, slow)
 }
 
@@ -360,4 +351,13 @@ pub async fn listen_loopback(serve: impl Fn(tokio::net::TcpStream) + Send + 'sta
         }
     });
     addr
+}
+
+/// The value of `name` in `req`, or `-` when absent (or not text).
+pub fn header_or_dash<B>(req: &http::Request<B>, name: &str) -> String {
+    req.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_owned()
 }
