@@ -179,17 +179,14 @@ async fn gateway(
 /// `curl https://<host>:<port>/` verifying against `root`: exit code and
 /// output.
 async fn curl_verified(root: &Path, port: u16, host: &str) -> (i32, String) {
-    let out = tokio::process::Command::new("curl")
-        .args(["-sS", "--max-time", "10", "--cacert"])
-        .arg(root)
-        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
-        .arg(format!("https://{host}:{port}/"))
-        .output()
-        .await
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
+    let root = root.display().to_string();
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/");
+    curl_raw(
+        Path::new("."),
+        &["--cacert", &root, "--resolve", &resolve, &url],
+    )
+    .await
 }
 
 /// The serial of the certificate served for `sni`, or `None` if the

@@ -8,23 +8,8 @@
 mod front;
 
 use std::net::SocketAddr;
-use std::path::Path;
 
 use front::*;
-
-/// `curl` with `args` (its last one the URL): its exit code and output.
-async fn curl_raw(dir: &Path, args: &[&str]) -> (i32, String) {
-    let out = tokio::process::Command::new("curl")
-        .current_dir(dir)
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
-        .output()
-        .await
-        .expect("curl runs");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
 
 /// An HTTP/2-only (h2c, prior knowledge) upstream answering
 /// `<HTTP version> <:authority> <TE> <Via>`.

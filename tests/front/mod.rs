@@ -189,12 +189,23 @@ pub async fn gateway_with(
 /// the test CA: its exit code and output.
 pub async fn curl(dir: &Path, tls: SocketAddr, host: &str, extra: &[&str]) -> (i32, String) {
     let port = tls.port();
+    let resolve = format!("{host}:{port}:127.0.0.1");
+    let url = format!("https://{host}:{port}/");
+    let args = [
+        &["--cacert", "ca.pem", "--resolve", &resolve][..],
+        extra,
+        &[&url],
+    ]
+    .concat();
+    curl_raw(dir, &args).await
+}
+
+/// `curl` with `args` (its last one the URL): its exit code and output.
+pub async fn curl_raw(dir: &Path, args: &[&str]) -> (i32, String) {
     let out = tokio::process::Command::new("curl")
         .current_dir(dir)
-        .args(["-sS", "--max-time", "10", "--cacert", "ca.pem", "--resolve"])
-        .arg(format!("{host}:{port}:127.0.0.1"))
-        .args(extra)
-        .arg(format!("https://{host}:{port}/"))
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
         .output()
         .await
         .expect("curl runs");
