@@ -169,22 +169,25 @@ pub async fn drive<C: Graceful>(
     idle: Option<(Arc<Streams>, Duration)>,
 ) -> Result<(), BoxError> {
     let mut conn = pin!(conn);
-    let mut shutting = false;
-    let idle_wait = async {
-        match &idle {
-            Some((streams, after)) => streams.idle_for(*after).await,
-            None => std::future::pending().await,
+    // Whichever comes first: the stop, or (HTTP/2) the idle limit.
+    let shut_when = async {
+        let idle = async {
+            match &idle {
+                Some((streams, after)) => streams.idle_for(*after).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = stopped(&mut stop) => {}
+            () = idle => {}
         }
     };
-    let mut idle_wait = pin!(idle_wait);
+    let mut shut_when = pin!(shut_when);
+    let mut shutting = false;
     loop {
         tokio::select! {
             done = conn.as_mut() => return done.map_err(BoxError::from),
-            () = stopped(&mut stop), if !shutting => {
-                conn.as_mut().shut();
-                shutting = true;
-            }
-            () = idle_wait.as_mut(), if !shutting => {
+            () = shut_when.as_mut(), if !shutting => {
                 conn.as_mut().shut();
                 shutting = true;
             }
@@ -201,7 +204,9 @@ pub async fn starts_http2(stream: &tokio::net::TcpStream, within: Duration) -> O
             match stream.peek(&mut buf).await {
                 Ok(0) | Err(_) => return None,
                 Ok(n) if n >= 3 => return Some(&buf == b"PRI"),
-                // Fewer than 3 bytes: wait for more, a little at a time.
+                // Fewer than 3 bytes: wait for more, a little at a time
+                // (the socket stays readable, so there is no event to
+                // wait on until more arrive).
                 Ok(n) if buf[..n] != b"PRI"[..n] => return Some(false),
                 Ok(_) => tokio::time::sleep(Duration::from_millis(5)).await,
             }
