@@ -137,15 +137,7 @@ fn run(file: &std::path::Path) -> anyhow::Result<()> {
                 Some(ask) = asks.recv() => Some(ask.reply),
             };
             // The file as it is now, checked whole before anything changes.
-            let outcome = match Config::load(file) {
-                Ok(new) => gateway.reload(new).await.map_err(|e| e.to_string()),
-                Err(e) => {
-                    let e = e.to_string();
-                    tracing::warn!("config reload rejected, the running config stays: {e}");
-                    gateway.reload_rejected();
-                    Err(e)
-                }
-            };
+            let outcome = gateway.reload_file(file).await;
             match (&outcome, reply) {
                 (_, Some(reply)) => {
                     let _ = reply.send(outcome);

@@ -267,13 +267,31 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
 }
 
 impl Running {
+    /// Loads `file` ([`Config::load`]) and applies it (protocol step 1):
+    /// the summary, or why the file was rejected.
+    pub async fn reload_file(&self, file: &std::path::Path) -> Result<String, String> {
+        let loaded = Config::load(file).map_err(|e| e.to_string());
+        let result = match loaded {
+            Ok(new) => self.apply(new).await.map_err(|e| e.to_string()),
+            Err(e) => Err(e),
+        };
+        self.count(&result);
+        result
+    }
+
     /// Applies `new` to the running gateway (the module doc's protocol):
     /// a one-line summary of what changed, or why it was rejected, in
     /// which case nothing changed.
     pub async fn reload(&self, new: Config) -> Result<String, ReloadError> {
         let result = self.apply(new).await;
+        self.count(&result);
+        result
+    }
+
+    /// Logs and counts a reload's outcome.
+    fn count<E: std::fmt::Display>(&self, result: &Result<String, E>) {
         let m = &self.reloading.metrics;
-        match &result {
+        match result {
             Ok(summary) => {
                 m.reloads.with_label_values(&["applied"]).inc();
                 m.applied_now();
@@ -284,13 +302,6 @@ impl Running {
                 warn!("config reload rejected, the running config stays: {e}");
             }
         }
-        result
-    }
-
-    /// Counts a reload whose file did not even load (protocol step 1).
-    pub fn reload_rejected(&self) {
-        let m = &self.reloading.metrics;
-        m.reloads.with_label_values(&["rejected"]).inc();
     }
 
     async fn apply(&self, new: Config) -> Result<String, ReloadError> {
