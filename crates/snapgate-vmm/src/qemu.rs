@@ -178,11 +178,17 @@ impl Qemu {
             Memory::Ram => format!("memory-backend-ram,id=mem,size={mem}"),
         };
         push(&["-object", &backend, "-M", machine]);
-        push(&["-kernel", &path_str(&spec.kernel)]);
-        if let Some(initrd) = &spec.initramfs {
-            push(&["-initrd", &path_str(initrd)]);
+        // Only a boot loads the kernel: a clone's is in the snapshot's
+        // memory already, and QEMU would keep a copy of the kernel file in
+        // each clone's own memory (its size, 13.5 MiB for the test guest;
+        // BENCHMARKS.md).
+        if !incoming {
+            push(&["-kernel", &path_str(&spec.kernel)]);
+            if let Some(initrd) = &spec.initramfs {
+                push(&["-initrd", &path_str(initrd)]);
+            }
+            push(&["-append", cmdline]);
         }
-        push(&["-append", cmdline]);
         let serial = format!("file:{}", path_str(&run_dir.join("console.log")));
         let qmp = format!(
             "unix:{},server=on,wait=off",
@@ -617,6 +623,35 @@ mod tests {
         assert!(!joined(&spec).contains("vmgenid"));
         spec.machine = Machine::Pc;
         assert!(joined(&spec).contains("-device vmgenid,guid=auto"));
+    }
+
+    #[test]
+    fn only_a_boot_loads_the_kernel_a_clone_takes_it_from_the_snapshot() {
+        let q = tcg_driver();
+        let spec: ImageSpec =
+            serde_yaml_ng::from_str("kernel: /k\ninitramfs: /i\ncmdline: x\n").unwrap();
+        let args = |incoming| {
+            q.args(
+                &VmId::new("v"),
+                &spec,
+                "x",
+                Memory::Ram,
+                Path::new("/r"),
+                incoming,
+            )
+            .into_iter()
+            .map(|a| a.into_string().unwrap())
+            .collect::<Vec<_>>()
+        };
+        let boot = args(false);
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(boot.iter().any(|a| a == flag), "a boot passes {flag}");
+        }
+        let clone = args(true);
+        for flag in ["-kernel", "-initrd", "-append"] {
+            assert!(!clone.iter().any(|a| a == flag), "a clone passes {flag}");
+        }
+        assert!(clone.windows(2).any(|w| w == ["-incoming", "defer"]));
     }
 
     #[test]
