@@ -113,8 +113,12 @@ fn default_max_concurrency() -> usize {
 fn default_idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
+/// The default `hold_queue`: a burst of a thousand requests onto an app
+/// at zero is held, not refused. A held request costs what its client
+/// connection does (about 25 KiB, BENCHMARKS.md), so a full queue is tens
+/// of MiB.
 fn default_hold_queue() -> usize {
-    100
+    1000
 }
 fn default_hold_timeout() -> Duration {
     Duration::from_secs(10)
