@@ -53,15 +53,17 @@ pub struct Peer {
 pub struct ClientAddr(pub IpAddr);
 
 /// Headers that describe one connection, not the message (policy step 1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "transfer-encoding",
-    "upgrade",
+/// As names, not strings: removing by a string parses it first, per
+/// request.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
 ];
 
 /// Fields `Connection` may not name away (policy step 1).
@@ -111,8 +113,8 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in HOP_BY_HOP {
-        headers.remove(*name);
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
     }
 }
 
@@ -241,29 +243,47 @@ impl Forwarding {
         let client = self.client(ip, h);
         let (prior_xff, prior_fwd) = (joined(h, &XFF), joined(h, &FORWARDED));
         h.remove(&X_REAL_IP);
+        // The peer's address is written once and shared by the fields
+        // that carry it as is (a HeaderValue clone shares its bytes).
+        let ip_text = ip.to_string();
+        let ip_value = HeaderValue::from_str(&ip_text).expect("an address is a field value");
         let xff = match prior_xff {
-            Some(prior) => format!("{prior}, {ip}"),
-            None => ip.to_string(),
+            Some(prior) => value(format!("{prior}, {ip_text}")),
+            None => Some(ip_value.clone()),
         };
-        let node = match ip {
-            IpAddr::V4(v4) => v4.to_string(),
-            IpAddr::V6(v6) => format!("\"[{v6}]\""),
-        };
-        let mut element = format!("for={node};proto={}", self.proto);
-        if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
-            element = format!(
-                "for={node};host={};proto={}",
-                token_or_quoted(host),
-                self.proto
-            );
+        let mut element = String::with_capacity(64);
+        element.push_str("for=");
+        match ip {
+            IpAddr::V4(_) => element.push_str(&ip_text),
+            IpAddr::V6(_) => {
+                element.push_str("\"[");
+                element.push_str(&ip_text);
+                element.push_str("]\"");
+            }
         }
+        if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
+            element.push_str(";host=");
+            element.push_str(&token_or_quoted(host));
+        }
+        element.push_str(";proto=");
+        element.push_str(self.proto);
         let fwd = match prior_fwd {
             Some(prior) => format!("{prior}, {element}"),
             None => element,
         };
-        set(h, XFF, &xff);
-        set(h, FORWARDED, &fwd);
-        set(h, X_REAL_IP, &client.to_string());
+        if let Some(xff) = xff {
+            h.insert(XFF, xff);
+        }
+        if let Some(fwd) = value(fwd) {
+            h.insert(FORWARDED, fwd);
+        }
+        let real_ip = match client == ip {
+            true => Some(ip_value),
+            false => value(client.to_string()),
+        };
+        if let Some(real_ip) = real_ip {
+            h.insert(X_REAL_IP, real_ip);
+        }
         if !h.contains_key(&XFP) {
             h.insert(XFP, HeaderValue::from_static(self.proto));
         }
@@ -304,10 +324,10 @@ pub(super) fn joined(h: &HeaderMap, name: &HeaderName) -> Option<String> {
     (!parts.is_empty()).then(|| parts.join(", "))
 }
 
-fn set(h: &mut HeaderMap, name: HeaderName, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        h.insert(name, v);
-    }
+/// `text` as a field value, its bytes taken over (no copy); `None` if it
+/// is none (a control character from a joined client value).
+fn value(text: String) -> Option<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok()
 }
 
 /// An address as `X-Forwarded-For` entries write it: `1.2.3.4`, `::1`,

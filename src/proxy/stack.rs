@@ -216,7 +216,9 @@ where
     let stack =
         ServiceBuilder::new()
             // Errors: a ProxyError (or a shed request) becomes its response.
-            .layer(ErrorLayer { metrics })
+            .layer(ErrorLayer {
+                metrics: Arc::new(metrics),
+            })
             // Load shedding: no waiting for a permit, a 503 at once.
             .load_shed()
             // Global cap on requests in flight, to their response headers.
@@ -293,7 +295,8 @@ fn answer(
 /// The error layer: every error of the layers below becomes its response.
 #[derive(Clone)]
 struct ErrorLayer {
-    metrics: ProxyMetrics,
+    /// Shared: the layer's service is cloned per request.
+    metrics: Arc<ProxyMetrics>,
 }
 
 impl<S> tower::Layer<S> for ErrorLayer {
@@ -312,7 +315,7 @@ impl<S> tower::Layer<S> for ErrorLayer {
 #[derive(Clone)]
 struct Answering<S> {
     inner: S,
-    metrics: ProxyMetrics,
+    metrics: Arc<ProxyMetrics>,
     /// A readiness error, answered by the next call.
     not_ready: Option<Arc<tower::BoxError>>,
 }
