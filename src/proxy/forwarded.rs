@@ -6,9 +6,10 @@
 //! 1. Hop-by-hop fields go: `Connection` and the fields it names (RFC 9110
 //!    section 7.6.1), those that section lists (`Proxy-Connection`,
 //!    `Keep-Alive`, `TE`, `Transfer-Encoding`, `Upgrade`), and, as RFC 2616
-//!    section 13.5.1 listed them, `Trailer`, `Proxy-Authorization` and
-//!    `Proxy-Authenticate` (snapgate forwards no trailers, and proxy
-//!    credentials are for a proxy, not an app). `Connection` cannot name away `Host` or
+//!    section 13.5.1 listed them, `Proxy-Authorization` and
+//!    `Proxy-Authenticate` (proxy credentials are for a proxy, not an
+//!    app). `Trailer` stays: it describes the message, whose trailers are
+//!    forwarded (RFC 9110 section 6.6.2). `Connection` cannot name away `Host` or
 //!    `Content-Length` (they frame and route the message), nor the fields
 //!    snapgate sets, which are set after this step.
 //! 2. From a peer outside `trusted_proxies`, every forwarding field the

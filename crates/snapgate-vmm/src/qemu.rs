@@ -7,7 +7,8 @@
 //! RAM stays in the memory file. The template is then killed for good (clones
 //! map its memory file privately and would see later writes) and the file
 //! moves into the snapshot. A clone starts with the same command line but
-//! `share=off` on that file and `-incoming defer`, loads the device state with
+//! `share=off` on that file, `-incoming defer`, and no `-kernel`, `-initrd`
+//! or `-append` (its kernel is in that memory already), loads the device state with
 //! `migrate-incoming`, and `cont`s: its RAM is copy-on-write over the
 //! template's page cache, so a clone costs only the pages it writes.
 //!
