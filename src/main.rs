@@ -54,6 +54,34 @@ enum SnapshotCommand {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// The gateway's runtime: a worker per core. A worker that goes idle hands
+/// the memory its heap freed back to the system, at most once a second:
+/// mimalloc does so only when that thread allocates again, so after a
+/// burst (10,000 connections opened, then parked idle) the freed memory
+/// would otherwise stay resident.
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    use std::cell::Cell;
+    use std::time::{Duration, Instant};
+    thread_local! {
+        static LAST: Cell<Option<Instant>> = const { Cell::new(None) };
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_park(|| {
+            let now = Instant::now();
+            let due = LAST
+                .get()
+                .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(1));
+            if due {
+                LAST.set(Some(now));
+                // SAFETY: mi_collect takes no pointer; it only walks and
+                // purges the calling thread's own mimalloc heap.
+                unsafe { libmimalloc_sys::mi_collect(true) };
+            }
+        })
+        .build()
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -121,7 +149,7 @@ fn main() -> ExitCode {
 fn run(file: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::load(file)?;
-    let rt = tokio::runtime::Runtime::new()?;
+    let rt = runtime()?;
     rt.block_on(async {
         // Signals are caught before anything starts, so none is missed.
         let mut int = signal(SignalKind::interrupt())?;

@@ -2222,3 +2222,51 @@ async fn trailers_end_a_body_on_either_side() {
         "one upstream connection for the three answers with trailers"
     );
 }
+
+/// Waits until the gauge `name` reads `want` (polling /metrics every
+/// 20 ms: the gateway has no event for a test to wait on), `within` at most.
+async fn gauge_becomes(gw: &Gw, name: &str, want: f64, within: Duration) {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let got = metric(gw, name, &[]).await;
+        if got == want {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{name} stayed {got}, not {want}, for {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An idle kept-alive HTTP/1.1 connection is parked (its HTTP state
+/// freed), serves its next request as before, pipelined ones included,
+/// and still closes once idle for header_read_timeout (2 s here).
+#[tokio::test]
+async fn an_idle_connection_is_parked_serves_its_next_requests_and_closes_when_idle_too_long() {
+    let (up, gw) = app_a("", &[]).await;
+    let parked = "snapgate_client_connections_parked";
+    let mut w = Wire::connect(gw.listen).await;
+    assert_eq!(exchange(&mut w, &get("/one", "a.test")).await.status, 200);
+    gauge_becomes(&gw, parked, 1.0, Duration::from_secs(5)).await;
+    // Parked: the same connection, a new HTTP/1.1 state in the gateway.
+    let two = exchange(&mut w, &get("/two", "a.test")).await;
+    assert_eq!((two.status, two.complete), (200, true));
+    gauge_becomes(&gw, parked, 1.0, Duration::from_secs(5)).await;
+    // Two requests in one write after parking: both answered, in order.
+    w.send(&[get("/three", "a.test"), get("/four", "a.test")].concat())
+        .await;
+    for path in ["/three", "/four"] {
+        let resp = within(Duration::from_secs(5), path, read_response(&mut w, false))
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!((resp.status, resp.complete), (200, true), "{path}");
+    }
+    let seen: Vec<String> = up.log().seen.iter().map(|r| r.target.clone()).collect();
+    assert_eq!(seen, ["/one", "/two", "/three", "/four"]);
+    // Idle for header_read_timeout, parked or not: closed.
+    let closed = within(Duration::from_secs(5), "the idle close", w.head()).await;
+    assert!(matches!(closed, Ok(None)), "{closed:?}");
+    gauge_becomes(&gw, parked, 0.0, Duration::from_secs(5)).await;
+}

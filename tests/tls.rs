@@ -356,3 +356,61 @@ async fn changed_certificate_files_are_served_on_the_next_handshake() {
     );
     gw.shutdown().await;
 }
+
+/// An idle kept-alive HTTPS connection is parked like a plain one (its
+/// HTTP state freed, its TLS session kept) and serves its next request.
+#[tokio::test]
+async fn an_idle_tls_connection_is_parked_and_serves_its_next_request() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "", "").await;
+    let tls = gw.tls.unwrap();
+    let mut client = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &tls.to_string()])
+        .args(["-servername", "a.test", "-quiet", "-alpn", "http/1.1"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (mut to, mut from) = (client.stdin.take().unwrap(), client.stdout.take().unwrap());
+    let mut seen = String::new();
+    // Sends a request and reads until the answer's body has arrived.
+    let mut exchange = async |n: usize| {
+        to.write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .await
+            .unwrap();
+        let read = async {
+            let mut buf = [0u8; 4096];
+            while seen.matches("a.test https").count() < n {
+                let k = from.read(&mut buf).await.unwrap();
+                assert!(k > 0, "the connection closed: {seen}");
+                seen.push_str(&String::from_utf8_lossy(&buf[..k]));
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), read)
+            .await
+            .unwrap_or_else(|_| panic!("answer {n}: nothing within 10 s: {seen}"));
+    };
+    exchange(1).await;
+    let parked = |want: &'static str| {
+        let metrics = format!("http://{}/metrics", gw.admin);
+        async move {
+            for _ in 0..250 {
+                let text = reqwest::get(&metrics).await.unwrap().text().await.unwrap();
+                if text.lines().any(|l| l == want) {
+                    return;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            panic!("never {want}");
+        }
+    };
+    parked("snapgate_client_connections_parked 1").await;
+    exchange(2).await;
+    assert_eq!(seen.matches("HTTP/1.1 200").count(), 2, "{seen}");
+    client.kill().await.unwrap();
+    parked("snapgate_client_connections_parked 0").await;
+    gw.shutdown().await;
+}

@@ -7,8 +7,9 @@
 //!    nothing is closed): the HTTP/2 preface opens with `PRI`, a method
 //!    HTTP/1.1 reserves for it (RFC 9113 section 3.4); anything else is
 //!    HTTP/1.1. hyper's own builders serve each, so every setting applies.
-//! 2. HTTP/1.1 connections close when idle for `header_read_timeout`
-//!    (hyper's header timer). An HTTP/2 connection with no stream open for
+//! 2. HTTP/1.1 connections close when idle for `header_read_timeout`;
+//!    idle for [`super::park::PARK_AFTER`] already, they are parked outside
+//!    hyper until the client sends again (`park.rs`). An HTTP/2 connection with no stream open for
 //!    `header_read_timeout` (streams count until their response body
 //!    ends) is shut down gracefully (GOAWAY).
 //! 3. On stop: `Connection: close` after the request in flight (HTTP/1.1)
@@ -68,6 +69,12 @@ where
     }
 }
 
+impl<G: Graceful + ?Sized> Graceful for Pin<&mut G> {
+    fn shut(self: Pin<&mut Self>) {
+        self.get_mut().as_mut().shut();
+    }
+}
+
 impl<I, S, B, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
 where
     S: hyper::service::HttpService<Incoming, ResBody = B>,
@@ -124,9 +131,20 @@ impl Drop for StreamGuard {
     }
 }
 
-/// `body`, its stream counted open until it is dropped (hyper drops a
-/// response body once sent, or when its stream is reset).
-pub fn counted(resp: Response<ProxyBody>, guard: StreamGuard) -> Response<ProxyBody> {
+/// What a response body holds while hyper sends it: an HTTP/2 stream
+/// counted open (step 2), or an HTTP/1.1 request counted in flight
+/// (`park` step 1).
+#[allow(dead_code)] // Each guard is held for its drop, never read.
+pub enum Guard {
+    /// An HTTP/2 stream.
+    Stream(StreamGuard),
+    /// An HTTP/1.1 request.
+    Request(super::park::InFlightGuard),
+}
+
+/// `body`, counted by `guard` until it is dropped (hyper drops a response
+/// body once sent, or when its exchange ends or its stream is reset).
+pub fn counted(resp: Response<ProxyBody>, guard: Guard) -> Response<ProxyBody> {
     resp.map(|body| {
         Counted {
             inner: body,
@@ -138,7 +156,7 @@ pub fn counted(resp: Response<ProxyBody>, guard: StreamGuard) -> Response<ProxyB
 
 struct Counted {
     inner: ProxyBody,
-    _guard: StreamGuard,
+    _guard: Guard,
 }
 
 impl Body for Counted {

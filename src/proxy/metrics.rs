@@ -15,6 +15,7 @@ pub struct ProxyMetrics {
     pub(super) shed: IntCounterVec,
     retries: IntCounterVec,
     connections: IntGauge,
+    parked: IntGauge,
     upgraded: IntGaugeVec,
     upgrades: IntCounterVec,
 }
@@ -58,6 +59,10 @@ impl ProxyMetrics {
                 "snapgate_client_connections",
                 "Client connections open on the listener.",
             )?,
+            parked: IntGauge::new(
+                "snapgate_client_connections_parked",
+                "Idle HTTP/1.1 client connections parked: kept open with their HTTP state freed until the client sends again (counted in snapgate_client_connections too).",
+            )?,
             upgraded: IntGaugeVec::new(
                 Opts::new(
                     "snapgate_upgraded_connections",
@@ -78,6 +83,7 @@ impl ProxyMetrics {
         registry.register(Box::new(m.shed.clone()))?;
         registry.register(Box::new(m.retries.clone()))?;
         registry.register(Box::new(m.connections.clone()))?;
+        registry.register(Box::new(m.parked.clone()))?;
         registry.register(Box::new(m.upgraded.clone()))?;
         registry.register(Box::new(m.upgrades.clone()))?;
         Ok(m)
@@ -127,5 +133,10 @@ impl ProxyMetrics {
     /// The open client connections gauge.
     pub fn connections(&self) -> &IntGauge {
         &self.connections
+    }
+
+    /// The gauge of parked client connections.
+    pub fn parked(&self) -> &IntGauge {
+        &self.parked
     }
 }

@@ -11,7 +11,7 @@
 //!    `max_headers` (431 over either) and upgrades; HTTP/2 with
 //!    `http2.max_concurrent_streams`, a header list of at most
 //!    `max_header_bytes`, PINGs every `http2.keep_alive_interval`, and
-//!    extended CONNECT. Idle connections close (`conn.rs` step 2). A write
+//!    extended CONNECT. Idle connections are parked, then close (`conn.rs` step 2). A write
 //!    to the client blocked for `send_timeout` ends the connection (the
 //!    client stopped reading).
 //! 3. Each request gets the connection's [`Peer`] and goes through the
@@ -31,6 +31,7 @@ mod forwarded;
 mod framing;
 mod limits;
 mod metrics;
+mod park;
 mod router;
 pub mod stack;
 pub mod tls;
@@ -110,7 +111,8 @@ pub async fn serve(
     let local = listener
         .local_addr()
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
-    let builders = Builders::new(&listening);
+    // Shared: each connection's task holds a pointer, not the builders.
+    let builders = std::sync::Arc::new(Builders::new(&listening));
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
@@ -156,6 +158,7 @@ pub async fn serve(
             local,
         };
         let gauge = metrics.connections().clone();
+        let parked = metrics.parked().clone();
         gauge.inc();
         // Uncounted however the connection ends (an abort at the end of
         // the grace period included), and not before a tunnel it was
@@ -168,77 +171,101 @@ pub async fn serve(
             (stack.clone(), builders.clone(), tls.clone(), stop.clone());
         let (send_timeout, first_bytes) = (listening.send_timeout, listening.header_read_timeout);
         let h2_on = listening.http2.is_some();
-        connections.spawn(async move {
+        let task = async move {
             let served = async {
                 // The handshake is bounded by header_read_timeout, and the
                 // request head after it by the same again.
-                let (io, sni, h2) =
-                    match tls {
-                        None => {
-                            let h2 = match h2_on {
-                                false => false,
-                                true => match conn::starts_http2(&stream, first_bytes).await {
+                let (io, sni, h2) = match tls {
+                    None => {
+                        let h2 = match h2_on {
+                            false => false,
+                            true => {
+                                match Box::pin(conn::starts_http2(&stream, first_bytes)).await {
                                     Some(h2) => h2,
                                     None => return Ok(()),
-                                },
-                            };
-                            (Io::Plain(stream), None, h2)
-                        }
-                        Some(acceptor) => {
-                            let stream =
-                                match tokio::time::timeout(first_bytes, acceptor.accept(stream))
-                                    .await
-                                {
-                                    Ok(Ok(stream)) => stream,
-                                    Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
-                                    Err(_) => return Err("TLS handshake: timed out".into()),
-                                };
-                            let tls = stream.get_ref().1;
-                            if tls.alpn_protocol() == Some(tls::ACME_TLS_ALPN) {
-                                // A CA's TLS-ALPN-01 validation: the handshake
-                                // was all (RFC 8737 section 3).
-                                return Ok(());
+                                }
                             }
-                            let sni = tls.server_name().map(std::sync::Arc::from);
-                            let h2 = tls.alpn_protocol() == Some(b"h2") && h2_on;
-                            (Io::Tls(Box::new(stream)), sni, h2)
+                        };
+                        (Io::Plain(stream), None, h2)
+                    }
+                    Some(acceptor) => {
+                        // Boxed, as the connections below: the task of an
+                        // idle connection holds pointers, not their states
+                        // (about 5 KiB inline).
+                        let accept = Box::pin(acceptor.accept(stream));
+                        let stream = match tokio::time::timeout(first_bytes, accept).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
+                            Err(_) => return Err("TLS handshake: timed out".into()),
+                        };
+                        let tls = stream.get_ref().1;
+                        if tls.alpn_protocol() == Some(tls::ACME_TLS_ALPN) {
+                            // A CA's TLS-ALPN-01 validation: the handshake
+                            // was all (RFC 8737 section 3).
+                            return Ok(());
                         }
-                    };
-                let mut io = tokio_io_timeout::TimeoutStream::new(io);
-                io.set_write_timeout(Some(send_timeout));
-                let io = TokioIo::new(Box::pin(io));
+                        let sni = tls.server_name().map(std::sync::Arc::from);
+                        let h2 = tls.alpn_protocol() == Some(b"h2") && h2_on;
+                        (Io::Tls(Box::new(stream)), sni, h2)
+                    }
+                };
+                let mut stream = tokio_io_timeout::TimeoutStream::new(io);
+                stream.set_write_timeout(Some(send_timeout));
                 let streams = std::sync::Arc::new(conn::Streams::default());
                 let counting = streams.clone();
+                let in_flight = park::InFlight::default();
+                let requests = in_flight.clone();
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(peer);
                     req.extensions_mut().insert(stack::Sni(sni.clone()));
                     req.extensions_mut().insert(held.clone());
-                    // An HTTP/2 stream counts open until its body is sent.
-                    let guard = h2.then(|| counting.open());
+                    // An HTTP/2 stream counts open until its body is sent;
+                    // an HTTP/1.1 request counts in flight as long (park
+                    // step 1).
+                    let guard = match h2 {
+                        true => conn::Guard::Stream(counting.open()),
+                        false => conn::Guard::Request(requests.start()),
+                    };
                     let answer = tower::ServiceExt::oneshot(stack.clone(), req);
+                    let upgrading = requests.clone();
                     async move {
                         let resp = answer.await?;
-                        Ok::<_, std::convert::Infallible>(match guard {
-                            Some(g) => conn::counted(resp, g),
-                            None => resp,
-                        })
+                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                            upgrading.upgraded();
+                        }
+                        Ok::<_, std::convert::Infallible>(conn::counted(resp, guard))
                     }
                 });
                 match h2 {
                     true => {
-                        let conn = builders.h2.serve_connection(io, service);
-                        conn::drive(conn, stop, Some((streams, first_bytes))).await
+                        let io = TokioIo::new(Box::pin(stream));
+                        let mut conn = Box::pin(builders.h2.serve_connection(io, service));
+                        Box::pin(conn::drive(
+                            conn.as_mut(),
+                            stop,
+                            Some((streams, first_bytes)),
+                        ))
+                        .await
                     }
                     false => {
-                        let conn = builders.h1.serve_connection(io, service).with_upgrades();
-                        conn::drive(conn, stop, None).await
+                        park::serve(
+                            Box::pin(stream),
+                            in_flight,
+                            &builders.h1,
+                            service,
+                            stop,
+                            first_bytes,
+                            &parked,
+                        )
+                        .await
                     }
                 }
             };
             if let Err(e) = served.await {
                 debug!(%remote, "connection: {e}");
             }
-        });
+        };
+        connections.spawn(task);
     }
     drop(listener);
     // Each connection saw the stop itself (conn step 3).
@@ -287,6 +314,15 @@ impl Builders {
                 .enable_connect_protocol();
         }
         Builders { h1, h2 }
+    }
+}
+
+impl park::Socket for tokio_io_timeout::TimeoutStream<Io> {
+    fn tcp(&self) -> &tokio::net::TcpStream {
+        match self.get_ref() {
+            Io::Plain(s) => s,
+            Io::Tls(s) => s.get_ref().0,
+        }
     }
 }
 

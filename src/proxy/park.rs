@@ -1,0 +1,293 @@
+//! Idle HTTP/1.1 connections parked outside hyper, so that a kept-alive
+//! connection nobody uses costs its socket and little else.
+//!
+//! hyper's HTTP/1.1 connection holds a read buffer and a buffer for
+//! response heads (8 KiB each) for as long as it lives, and has no setting
+//! to release them between requests; 10,000 idle kept-alive clients would
+//! hold 160 MiB of buffers. So a connection idle for [`PARK_AFTER`] ends its
+//! hyper connection, keeps the socket, and gets a new hyper connection
+//! when the client sends again. hyper offers no hook for this, so it is
+//! done in the byte stream hyper reads ([`Parkable`]).
+//!
+//! Protocol (one connection, HTTP/1.1, plain or TLS):
+//! 1. hyper serves the connection over a [`Parkable`] stream. Requests are
+//!    counted in flight from the call of the service until their response
+//!    body is dropped (hyper drops it once sent, or when the exchange ends).
+//! 2. When hyper reads and the client has nothing to read, the stream is
+//!    idle if no request is in flight, no write is blocked, and some
+//!    response was written since the client's bytes last arrived (so no
+//!    request is half read). Then a timer of [`PARK_AFTER`] starts; bytes
+//!    from the client, a request or a blocked write stop it.
+//! 3. When the timer fires, the stream tells hyper the client closed (a
+//!    read of 0 bytes). hyper, between requests, ends the connection
+//!    cleanly; the stream ignores the shutdown hyper then asks for (the
+//!    socket stays open) and the loop of [`serve`] takes the stream back
+//!    from hyper, whose buffers are freed with its connection.
+//! 4. Parked, the connection waits for the socket to become readable, for
+//!    the stop, or for the rest of `header_read_timeout` (counted from when
+//!    it went idle: an idle connection lives that long, parked or not).
+//!    Readable: back to step 1 with a new hyper connection on the same
+//!    stream. Stop or timeout: the socket closes.
+//! 5. A connection hyper ends any other way (the client closed, an error,
+//!    an upgrade, which takes the stream with it) is not parked; once a
+//!    request is answered `101`, the stream (the tunnel's now) never
+//!    reads as closed. A client
+//!    that pipelined part of its next request head with the previous
+//!    request and then sent nothing for [`PARK_AFTER`] is closed at step 3
+//!    (hyper finds the head incomplete), as `header_read_timeout` would
+//!    close it later.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+use super::conn::{drive, Graceful};
+use super::{stopped, BoxError};
+
+/// How long an HTTP/1.1 connection stays idle in hyper before it is
+/// parked (step 2): long enough that a client sending its next request
+/// right after an answer never pays for a new hyper connection.
+pub const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Requests in flight on one connection (step 1), and whether it was
+/// upgraded (step 5).
+#[derive(Clone, Default)]
+pub struct InFlight(Arc<Counts>);
+
+#[derive(Default)]
+struct Counts {
+    requests: AtomicUsize,
+    upgraded: AtomicBool,
+}
+
+impl InFlight {
+    /// One request more, until the guard drops.
+    pub fn start(&self) -> InFlightGuard {
+        self.0.requests.fetch_add(1, Ordering::Relaxed);
+        InFlightGuard(self.0.clone())
+    }
+
+    /// The connection switched protocols (a `101`): the stream is the
+    /// tunnel's from now on and is never parked.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
+    }
+
+    fn busy(&self) -> bool {
+        self.0.requests.load(Ordering::Relaxed) > 0 || self.0.upgraded.load(Ordering::Relaxed)
+    }
+}
+
+/// A request counted in flight while it lives.
+pub struct InFlightGuard(Arc<Counts>);
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// What [`Parkable`] needs of its stream: the socket under it, to wait on
+/// while parked (step 4).
+pub trait Socket {
+    /// The TCP socket the stream reads from.
+    fn tcp(&self) -> &tokio::net::TcpStream;
+}
+
+/// A client's byte stream that can end its hyper connection when idle
+/// (steps 2 and 3).
+pub struct Parkable<T> {
+    inner: Pin<Box<T>>,
+    in_flight: InFlight,
+    /// Step 2's timer, made on first use and reused.
+    timer: Option<Pin<Box<Sleep>>>,
+    armed: bool,
+    /// When the connection last went idle (step 4 counts from it).
+    idle_since: Instant,
+    /// The client's bytes arrived after the last write: a request is
+    /// being read.
+    unanswered: bool,
+    /// The last write or flush could not complete.
+    write_blocked: bool,
+    /// Step 3 happened: hyper was told the client closed.
+    parked: bool,
+}
+
+impl<T> Parkable<T> {
+    /// `inner`, its requests counted by `in_flight`.
+    pub fn new(inner: Pin<Box<T>>, in_flight: InFlight) -> Self {
+        Parkable {
+            inner,
+            in_flight,
+            timer: None,
+            armed: false,
+            idle_since: Instant::now(),
+            unanswered: false,
+            write_blocked: false,
+            parked: false,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
+    fn wrote(&mut self, done: bool) {
+        self.write_blocked = !done;
+        if done {
+            self.unanswered = false;
+        }
+    }
+}
+
+impl<T: AsyncRead> AsyncRead for Parkable<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        match this.inner.as_mut().poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    this.unanswered = true;
+                    this.armed = false;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => {
+                // Step 2.
+                if this.unanswered || this.write_blocked || this.in_flight.busy() {
+                    this.armed = false;
+                    return Poll::Pending;
+                }
+                let now = Instant::now();
+                if !this.armed {
+                    this.idle_since = now;
+                    this.armed = true;
+                }
+                let due = this.idle_since + PARK_AFTER;
+                // The timer is moved only when it fires early (it was set
+                // in an earlier idle spell): at most once per PARK_AFTER,
+                // not once per request.
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                loop {
+                    match timer.as_mut().poll(cx) {
+                        Poll::Pending => return Poll::Pending,
+                        Poll::Ready(()) if now < due => timer.as_mut().reset(due),
+                        // Step 3: nothing filled reads as the client's close.
+                        Poll::Ready(()) => {
+                            this.armed = false;
+                            this.parked = true;
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncWrite> AsyncWrite for Parkable<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = this.inner.as_mut().poll_write(cx, buf);
+        this.wrote(r.is_ready());
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let r = this.inner.as_mut().poll_flush(cx);
+        this.wrote(r.is_ready());
+        r
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.parked {
+            // Step 3: the socket stays open for the next request.
+            return Poll::Ready(Ok(()));
+        }
+        this.inner.as_mut().poll_shutdown(cx)
+    }
+}
+
+/// Serves an HTTP/1.1 connection over `stream` with a clone of `service`
+/// per hyper connection, parking it while idle (the module's protocol);
+/// shut gracefully on `stop` (`conn` step 3). `idle` is
+/// `header_read_timeout`, the longest an idle connection stays open;
+/// `parked` counts the connections in step 4.
+pub async fn serve<T, S>(
+    stream: Pin<Box<T>>,
+    in_flight: InFlight,
+    builder: &hyper::server::conn::http1::Builder,
+    service: S,
+    mut stop: watch::Receiver<bool>,
+    idle: Duration,
+    parked: &prometheus::IntGauge,
+) -> Result<(), BoxError>
+where
+    T: AsyncRead + AsyncWrite + Socket + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Clone + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Parkable<T>>, S>: Graceful + Unpin,
+{
+    let mut stream = Parkable::new(stream, in_flight);
+    loop {
+        // Boxed: parked, the connection's task holds no HTTP state at all.
+        let mut conn = Box::new(
+            builder
+                .serve_connection(TokioIo::new(stream), service.clone())
+                .with_upgrades(),
+        );
+        // The drive too: its state goes with the connection's.
+        let done = Box::pin(drive(Pin::new(&mut *conn), stop.clone(), None)).await;
+        // Step 5: an upgrade took the stream.
+        let Some(parts) = conn.into_parts() else {
+            return done;
+        };
+        stream = parts.io.into_inner();
+        let unread = !parts.read_buf.is_empty();
+        // Now, not at the end of the iteration: the read buffer's bytes
+        // are a view of hyper's whole buffer, which they keep alive.
+        drop(parts.read_buf);
+        drop(parts.service);
+        if done.is_err() || !stream.parked || unread {
+            return done;
+        }
+        // Step 4.
+        let left = idle.saturating_sub(stream.idle_since.elapsed());
+        parked.inc();
+        let _counted = super::scopeguard(|| parked.dec());
+        tokio::select! {
+            readable = stream.get_ref().tcp().readable() => readable?,
+            () = stopped(&mut stop) => return Ok(()),
+            () = tokio::time::sleep(left) => return Ok(()),
+        }
+        stream.parked = false;
+        stream.unanswered = false;
+    }
+}
