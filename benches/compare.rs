@@ -397,14 +397,20 @@ impl Gateway {
     }
 
     async fn metrics(&self) -> String {
+        self.try_metrics()
+            .await
+            .expect("the admin listener answers")
+    }
+
+    /// The metrics, or why there are none yet (a gateway still building
+    /// its snapshots answers nothing).
+    async fn try_metrics(&self) -> reqwest::Result<String> {
         self.http
             .get(format!("http://127.0.0.1:{}/metrics", self.admin))
             .send()
-            .await
-            .expect("admin answers")
+            .await?
             .text()
             .await
-            .expect("metrics")
     }
 
     /// The sum of every sample whose name and labels start with `prefix`.
@@ -418,7 +424,10 @@ impl Gateway {
     async fn until(&self, prefix: &str, want: f64, within: Duration) {
         let deadline = Instant::now() + within;
         loop {
-            let got = self.metric(prefix).await;
+            let got = match self.try_metrics().await {
+                Ok(text) => sum_samples(&text, prefix),
+                Err(_) => f64::NAN,
+            };
             if got == want {
                 return;
             }
@@ -672,7 +681,7 @@ async fn warm(dir: &Dir, report: &mut String) {
     gw.until(
         "snapgate_instances{app=\"vm\",state=\"warm\"}",
         1.0,
-        Duration::from_secs(300),
+        Duration::from_secs(900),
     )
     .await;
     let sg_tls = gw.tls.expect("tls");
@@ -833,7 +842,7 @@ async fn cold(dir: &Dir, report: &mut String) {
     gw.until(
         "snapgate_instances{app=\"warm\",state=\"warm\"}",
         1.0,
-        Duration::from_secs(300),
+        Duration::from_secs(900),
     )
     .await;
     let mut rows = String::from(
