@@ -775,8 +775,12 @@ async fn gateway(top: &str, apps: &[String]) -> Gw {
     std::fs::write(
         &file,
         format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nheader_read_timeout: 2s\nshutdown_grace: 1s\n\
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\n{}shutdown_grace: 1s\n\
              state_dir: {}\nnetwork: {{ tap_prefix: sged }}\n{top}apps:\n{}",
+            match top.contains("header_read_timeout") {
+                true => "",
+                false => "header_read_timeout: 2s\n",
+            },
             state.path().display(),
             apps.concat()
         ),
@@ -2269,4 +2273,37 @@ async fn an_idle_connection_is_parked_serves_its_next_requests_and_closes_when_i
     let closed = within(Duration::from_secs(5), "the idle close", w.head()).await;
     assert!(matches!(closed, Ok(None)), "{closed:?}");
     gauge_becomes(&gw, parked, 0.0, Duration::from_secs(5)).await;
+}
+
+/// A parked connection loses no byte of a request head that comes slowly
+/// (within header_read_timeout, 5 s here) or that was pipelined, in part,
+/// with the previous request.
+#[tokio::test]
+async fn parking_loses_no_slow_or_pipelined_request_head() {
+    let (up, gw) = app_a("header_read_timeout: 5s\n", &[]).await;
+    let mut w = Wire::connect(gw.listen).await;
+    assert_eq!(exchange(&mut w, &get("/one", "a.test")).await.status, 200);
+    // A head sent in two parts 2.5 s apart, past the 1 s park.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    w.send(b"GET /two HTTP/1.1\r\n").await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let two = exchange(&mut w, b"Host: a.test\r\n\r\n").await;
+    assert_eq!((two.status, two.complete), (200, true));
+    // A request and the start of the next in one write; the rest after
+    // the connection would have parked.
+    w.send(&[get("/three", "a.test"), b"GET /four HT".to_vec()].concat())
+        .await;
+    let three = within(
+        Duration::from_secs(5),
+        "/three",
+        read_response(&mut w, false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(three.status, 200);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let four = exchange(&mut w, b"TP/1.1\r\nHost: a.test\r\n\r\n").await;
+    assert_eq!((four.status, four.complete), (200, true));
+    let seen: Vec<String> = up.log().seen.iter().map(|r| r.target.clone()).collect();
+    assert_eq!(seen, ["/one", "/two", "/three", "/four"]);
 }

@@ -31,11 +31,13 @@
 //! 5. A connection hyper ends any other way (the client closed, an error,
 //!    an upgrade, which takes the stream with it) is not parked; once a
 //!    request is answered `101`, the stream (the tunnel's now) never
-//!    reads as closed. A client
-//!    that pipelined part of its next request head with the previous
-//!    request and then sent nothing for [`PARK_AFTER`] is closed at step 3
-//!    (hyper finds the head incomplete), as `header_read_timeout` would
-//!    close it later.
+//!    reads as closed. Bytes hyper had read but not used when told of the
+//!    close (a client pipelined part of its next request head, then
+//!    paused) are not lost: a new hyper connection reads them first, at
+//!    once, and the stream parks no more until that request starts, so
+//!    hyper's header timer bounds the rest of the head. Each new hyper
+//!    connection's header timer starts afresh: a head begun after a park
+//!    has `header_read_timeout` from its first byte.
 
 use std::future::Future;
 use std::io;
@@ -67,6 +69,8 @@ pub struct InFlight(Arc<Counts>);
 #[derive(Default)]
 struct Counts {
     requests: AtomicUsize,
+    /// Requests ever started.
+    started: AtomicUsize,
     upgraded: AtomicBool,
 }
 
@@ -74,7 +78,12 @@ impl InFlight {
     /// One request more, until the guard drops.
     pub fn start(&self) -> InFlightGuard {
         self.0.requests.fetch_add(1, Ordering::Relaxed);
+        self.0.started.fetch_add(1, Ordering::Relaxed);
         InFlightGuard(self.0.clone())
+    }
+
+    fn started(&self) -> usize {
+        self.0.started.load(Ordering::Relaxed)
     }
 
     /// The connection switched protocols (a `101`): the stream is the
@@ -121,6 +130,12 @@ pub struct Parkable<T> {
     write_blocked: bool,
     /// Step 3 happened: hyper was told the client closed.
     parked: bool,
+    /// Bytes hyper had read but not used when it ended (step 5): read
+    /// again first.
+    replay: bytes::Bytes,
+    /// Not parked again until a request starts after this many have
+    /// (step 5).
+    hold_until: Option<usize>,
 }
 
 impl<T> Parkable<T> {
@@ -135,6 +150,8 @@ impl<T> Parkable<T> {
             unanswered: false,
             write_blocked: false,
             parked: false,
+            replay: bytes::Bytes::new(),
+            hold_until: None,
         }
     }
 
@@ -143,9 +160,13 @@ impl<T> Parkable<T> {
         &self.inner
     }
 
-    fn wrote(&mut self, done: bool) {
-        self.write_blocked = !done;
-        if done {
+    /// A write's outcome: bytes out answer the client's last bytes; a
+    /// blocked write or flush keeps the connection from parking. (hyper
+    /// flushes on every pass, with nothing to write too: a flush answers
+    /// nothing.)
+    fn wrote(&mut self, r: &Poll<io::Result<usize>>) {
+        self.write_blocked = r.is_pending();
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
             self.unanswered = false;
         }
     }
@@ -158,6 +179,12 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if !this.replay.is_empty() {
+            let n = this.replay.len().min(buf.remaining());
+            buf.put_slice(&this.replay.split_to(n));
+            this.unanswered = true;
+            return Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         match this.inner.as_mut().poll_read(cx, buf) {
             Poll::Ready(Ok(())) => {
@@ -170,7 +197,10 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => {
                 // Step 2.
-                if this.unanswered || this.write_blocked || this.in_flight.busy() {
+                let held = this
+                    .hold_until
+                    .is_some_and(|n| this.in_flight.started() <= n);
+                if this.unanswered || this.write_blocked || held || this.in_flight.busy() {
                     this.armed = false;
                     return Poll::Pending;
                 }
@@ -211,14 +241,14 @@ impl<T: AsyncWrite> AsyncWrite for Parkable<T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let r = this.inner.as_mut().poll_write(cx, buf);
-        this.wrote(r.is_ready());
+        this.wrote(&r);
         r
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let r = this.inner.as_mut().poll_flush(cx);
-        this.wrote(r.is_ready());
+        this.write_blocked = r.is_pending();
         r
     }
 
@@ -270,14 +300,23 @@ where
             return done;
         };
         stream = parts.io.into_inner();
-        let unread = !parts.read_buf.is_empty();
-        // Now, not at the end of the iteration: the read buffer's bytes
-        // are a view of hyper's whole buffer, which they keep alive.
-        drop(parts.read_buf);
+        let unread = parts.read_buf;
         drop(parts.service);
-        if done.is_err() || !stream.parked || unread {
+        if !stream.parked {
             return done;
         }
+        stream.parked = false;
+        if !unread.is_empty() {
+            // Step 5: hyper held part of the next request (pipelined with
+            // the last one) and ended on the close it was told of. A new
+            // connection gets those bytes first, and the stream parks no
+            // more before that request starts: hyper's header timer
+            // bounds it.
+            stream.replay = unread;
+            stream.hold_until = Some(stream.in_flight.started());
+            continue;
+        }
+        done?;
         // Step 4.
         let left = idle.saturating_sub(stream.idle_since.elapsed());
         parked.inc();
@@ -287,7 +326,6 @@ where
             () = stopped(&mut stop) => return Ok(()),
             () = tokio::time::sleep(left) => return Ok(()),
         }
-        stream.parked = false;
         stream.unanswered = false;
     }
 }
