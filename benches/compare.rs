@@ -1228,7 +1228,9 @@ async fn idle(dir: &Dir, report: &mut String) {
         };
         let before = rss(pid);
         let conns = open_idle(port, n).await;
-        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Idle a while: snapgate parks idle connections after a second
+        // and its workers hand freed memory back once idle.
+        tokio::time::sleep(Duration::from_secs(5)).await;
         let after = rss(pid);
         writeln!(
             rows,
@@ -1239,7 +1241,7 @@ async fn idle(dir: &Dir, report: &mut String) {
         drop(conns);
     }
     let t = format!(
-        "### {n} idle kept-alive client connections\n\nEach connection from one of 40 loopback client addresses, after one answered request, \
+        "### {n} idle kept-alive client connections\n\nEach connection from one of 40 loopback client addresses, after one answered request, measured 5 s after the last one opened, \
          then idle; resident memory of the whole server (nginx: master and {workers} workers). snapgate runs with \
          `header_read_timeout: 120s` (idle connections live that long) and `max_connections` and `max_connections_per_client` raised for the run. \
          nginx sets up its `worker_connections` (20000 per worker) at start, so part of its cost per connection is in its RSS before: \
