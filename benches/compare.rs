@@ -193,7 +193,17 @@ fn children(pid: u32) -> Vec<u32> {
 
 /// A `kB` field of `/proc/<pid>/<file>` in MiB (0 when absent).
 fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+    kb_field_mib(&format!("/proc/{pid}/{file}"), field)
+}
+
+/// A `kB` field of `/proc/meminfo` in MiB.
+fn meminfo_mib(field: &str) -> f64 {
+    kb_field_mib("/proc/meminfo", field)
+}
+
+/// The sum of the `field` lines (`name: N kB`) of file `path`, in MiB.
+fn kb_field_mib(path: &str, field: &str) -> f64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .filter(|l| l.starts_with(field))
@@ -202,15 +212,11 @@ fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
         / 1024.0
 }
 
-/// A `kB` field of `/proc/meminfo` in MiB.
-fn meminfo_mib(field: &str) -> f64 {
-    std::fs::read_to_string("/proc/meminfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.starts_with(field))
-        .filter_map(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .sum::<f64>()
-        / 1024.0
+/// A table printed as measured and added to the report.
+fn emit(report: &mut String, table: &str) {
+    println!("{table}");
+    report.push_str(table);
+    report.push('\n');
 }
 
 fn command_version(cmd: &str, args: &[&str]) -> String {
@@ -741,9 +747,7 @@ async fn warm(dir: &Dir, report: &mut String) {
         ),
     ] {
         let t = load_table(title, &note, table, ratio);
-        println!("{t}");
-        report.push_str(&t);
-        report.push('\n');
+        emit(report, &t);
     }
 
     // A warm hit against the static path: one connection, one request at
@@ -790,9 +794,7 @@ async fn warm(dir: &Dir, report: &mut String) {
         median(1) - median(0)
     )
     .unwrap();
-    println!("{t}");
-    report.push_str(&t);
-    report.push('\n');
+    emit(report, &t);
 }
 
 /// One request on a fresh connection: time to the response headers (ms)
@@ -936,9 +938,7 @@ async fn cold(dir: &Dir, report: &mut String) {
          With {runs} runs, p90 is the second slowest. VMs run under QEMU with {accel}.\n\n{rows}",
         accel = accel_name()
     );
-    println!("{t}");
-    report.push_str(&t);
-    report.push('\n');
+    emit(report, &t);
 }
 
 /// What `accel: auto` runs VMs with on this host, for the report.
@@ -1085,9 +1085,7 @@ async fn burst(dir: &Dir, report: &mut String) {
         defaults.hold_queue,
         defaults.hold_timeout
     );
-    println!("{t}");
-    report.push_str(&t);
-    report.push('\n');
+    emit(report, &t);
 }
 
 async fn density(dir: &Dir, report: &mut String) {
@@ -1157,9 +1155,7 @@ async fn density(dir: &Dir, report: &mut String) {
          gateway listening to the last clone warm. Memory of the QEMU processes from `/proc/PID/smaps_rollup` 3 s later; private \
          is `Private_Clean + Private_Dirty` (what a clone costs beyond what it shares).\n\n{rows}"
     );
-    println!("{t}");
-    report.push_str(&t);
-    report.push('\n');
+    emit(report, &t);
 }
 
 /// Opens `n` connections to `port` from 40 client addresses
@@ -1247,9 +1243,7 @@ async fn idle(dir: &Dir, report: &mut String) {
          nginx sets up its `worker_connections` (20000 per worker) at start, so part of its cost per connection is in its RSS before: \
          compare the totals with connections.\n\n{rows}"
     );
-    println!("{t}");
-    report.push_str(&t);
-    report.push('\n');
+    emit(report, &t);
 }
 
 // ---------------------------------------------------------------- main

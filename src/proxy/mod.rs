@@ -227,11 +227,12 @@ pub async fn serve(
                         false => conn::Guard::Request(requests.start()),
                     };
                     let answer = tower::ServiceExt::oneshot(stack.clone(), req);
-                    let upgrading = requests.clone();
                     async move {
                         let resp = answer.await?;
-                        if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-                            upgrading.upgraded();
+                        if let conn::Guard::Request(request) = &guard {
+                            if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                                request.upgraded();
+                            }
                         }
                         Ok::<_, std::convert::Infallible>(conn::counted(resp, guard))
                     }

@@ -86,12 +86,6 @@ impl InFlight {
         self.0.started.load(Ordering::Relaxed)
     }
 
-    /// The connection switched protocols (a `101`): the stream is the
-    /// tunnel's from now on and is never parked.
-    pub fn upgraded(&self) {
-        self.0.upgraded.store(true, Ordering::Relaxed);
-    }
-
     fn busy(&self) -> bool {
         self.0.requests.load(Ordering::Relaxed) > 0 || self.0.upgraded.load(Ordering::Relaxed)
     }
@@ -99,6 +93,14 @@ impl InFlight {
 
 /// A request counted in flight while it lives.
 pub struct InFlightGuard(Arc<Counts>);
+
+impl InFlightGuard {
+    /// The request's connection switched protocols (a `101`): the stream
+    /// is the tunnel's from now on and is never parked.
+    pub fn upgraded(&self) {
+        self.0.upgraded.store(true, Ordering::Relaxed);
+    }
+}
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
