@@ -113,6 +113,9 @@ pub async fn serve(
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     // Shared: each connection's task holds a pointer, not the builders.
     let builders = std::sync::Arc::new(Builders::new(&listening));
+    // Shared too: a connection holds a pointer; each request clones the
+    // stack for itself.
+    let stack = std::sync::Arc::new(stack);
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
@@ -192,8 +195,9 @@ pub async fn serve(
                         // Boxed, as the connections below: the task of an
                         // idle connection holds pointers, not their states
                         // (about 5 KiB inline).
-                        let accept = Box::pin(acceptor.accept(stream));
-                        let stream = match tokio::time::timeout(first_bytes, accept).await {
+                        let accept =
+                            Box::pin(tokio::time::timeout(first_bytes, acceptor.accept(stream)));
+                        let stream = match accept.await {
                             Ok(Ok(stream)) => stream,
                             Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
                             Err(_) => return Err("TLS handshake: timed out".into()),
@@ -226,7 +230,7 @@ pub async fn serve(
                         true => conn::Guard::Stream(counting.open()),
                         false => conn::Guard::Request(requests.start()),
                     };
-                    let answer = tower::ServiceExt::oneshot(stack.clone(), req);
+                    let answer = tower::ServiceExt::oneshot(Stack::clone(&stack), req);
                     async move {
                         let resp = answer.await?;
                         if let conn::Guard::Request(request) = &guard {

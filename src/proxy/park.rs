@@ -157,11 +157,6 @@ impl<T> Parkable<T> {
         }
     }
 
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
-
     /// A write's outcome: bytes out answer the client's last bytes; a
     /// blocked write or flush keeps the connection from parking. (hyper
     /// flushes on every pass, with nothing to write too: a flush answers
@@ -184,6 +179,10 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
         if !this.replay.is_empty() {
             let n = this.replay.len().min(buf.remaining());
             buf.put_slice(&this.replay.split_to(n));
+            if this.replay.is_empty() {
+                // An empty slice of hyper's buffer still holds all of it.
+                this.replay = bytes::Bytes::new();
+            }
             this.unanswered = true;
             return Poll::Ready(Ok(()));
         }
@@ -289,21 +288,14 @@ where
 {
     let mut stream = Parkable::new(stream, in_flight);
     loop {
-        // Boxed: parked, the connection's task holds no HTTP state at all.
-        let mut conn = Box::new(
-            builder
-                .serve_connection(TokioIo::new(stream), service.clone())
-                .with_upgrades(),
-        );
-        // The drive too: its state goes with the connection's.
-        let done = Box::pin(drive(Pin::new(&mut *conn), stop.clone(), None)).await;
+        // Boxed, and freed when it returns: parked, the connection's task
+        // holds no HTTP state at all, and no room for it.
+        let (back, done) = Box::pin(hyper_phase(stream, builder, service.clone(), &stop)).await;
         // Step 5: an upgrade took the stream.
-        let Some(parts) = conn.into_parts() else {
+        let Some((back, unread)) = back else {
             return done;
         };
-        stream = parts.io.into_inner();
-        let unread = parts.read_buf;
-        drop(parts.service);
+        stream = back;
         if !stream.parked {
             return done;
         }
@@ -318,16 +310,55 @@ where
             stream.hold_until = Some(stream.in_flight.started());
             continue;
         }
+        // Even empty, it holds hyper's whole read buffer: freed before the
+        // wait, or a parked connection would keep 8 KiB.
+        drop(unread);
         done?;
-        // Step 4.
-        let left = idle.saturating_sub(stream.idle_since.elapsed());
+        // Step 4, on step 2's timer (the stream's own: no second one).
+        let deadline = stream.idle_since + idle;
         parked.inc();
         let _counted = super::scopeguard(|| parked.dec());
+        let timer = stream
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        timer.as_mut().reset(deadline);
+        stream.armed = false;
         tokio::select! {
-            readable = stream.get_ref().tcp().readable() => readable?,
+            readable = stream.inner.tcp().readable() => readable?,
             () = stopped(&mut stop) => return Ok(()),
-            () = tokio::time::sleep(left) => return Ok(()),
+            () = timer.as_mut() => return Ok(()),
         }
+        // Step 2 moves its timer only when it fires early: a deadline
+        // past now does.
+        timer.as_mut().reset(Instant::now());
         stream.unanswered = false;
+    }
+}
+
+/// One hyper connection over `stream`, until it ends: the stream back
+/// with the bytes hyper read but did not use (`None`: an upgrade took
+/// it), and how the connection ended.
+async fn hyper_phase<T, S>(
+    stream: Parkable<T>,
+    builder: &hyper::server::conn::http1::Builder,
+    service: S,
+    stop: &watch::Receiver<bool>,
+) -> (Option<(Parkable<T>, bytes::Bytes)>, Result<(), BoxError>)
+where
+    T: AsyncRead + AsyncWrite + Socket + Send + 'static,
+    S: hyper::service::HttpService<Incoming> + Unpin + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<BoxError>,
+    S::ResBody: Send + 'static,
+    <S::ResBody as hyper::body::Body>::Error: Into<BoxError>,
+    hyper::server::conn::http1::UpgradeableConnection<TokioIo<Parkable<T>>, S>: Graceful + Unpin,
+{
+    let mut conn = builder
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    let done = drive(Pin::new(&mut conn), stop.clone(), None).await;
+    match conn.into_parts() {
+        Some(parts) => (Some((parts.io.into_inner(), parts.read_buf)), done),
+        None => (None, done),
     }
 }

@@ -31,7 +31,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
 use tower::filter::FilterLayer;
-use tower::util::BoxCloneService;
+use tower::util::BoxCloneSyncService;
 use tower::ServiceBuilder;
 use tower_http::trace::{DefaultOnFailure, TraceLayer};
 use tracing::{field, info_span, Level, Span};
@@ -46,7 +46,7 @@ use crate::pool::Tasks;
 
 /// The whole request path, per request. It never fails: every error has
 /// become a response in the error layer.
-pub type Stack = BoxCloneService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<ProxyBody>, Infallible>;
 
 /// What the stack's policies are set from.
 #[derive(Clone, Debug)]
@@ -180,7 +180,7 @@ pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics, tasks: T
             req.map(|b| RequestBody::new(b, body_timeout, expects_continue, tasks))
         })
         .service(policies(AppService(apps), cfg, metrics));
-    BoxCloneService::new(stack)
+    BoxCloneSyncService::new(stack)
 }
 
 /// The body the trace layer wraps responses in.
@@ -198,11 +198,12 @@ pub fn policies<S, B>(
     inner: S,
     cfg: &StackConfig,
     metrics: ProxyMetrics,
-) -> BoxCloneService<Request<B>, Response<ProxyBody>, Infallible>
+) -> BoxCloneSyncService<Request<B>, Response<ProxyBody>, Infallible>
 where
     S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
         + Clone
         + Send
+        + Sync
         + 'static,
     S::Future: Send + 'static,
     B: Send + 'static,
@@ -258,7 +259,7 @@ where
                 req
             })
             .service(inner);
-    BoxCloneService::new(stack)
+    BoxCloneSyncService::new(stack)
 }
 
 /// The error layer: the response for `r`'s error.
@@ -367,7 +368,7 @@ mod tests {
     fn stack(
         max_in_flight: usize,
     ) -> (
-        BoxCloneService<Request<()>, Response<ProxyBody>, Infallible>,
+        BoxCloneSyncService<Request<()>, Response<ProxyBody>, Infallible>,
         Handle,
         ProxyMetrics,
     ) {
