@@ -11,7 +11,7 @@ use common::*;
 use snapgate::net::Network;
 use snapgate::testing::linux_spec;
 use snapgate::vmm::cloud_hypervisor::{vm_config, ChClient, CloudHypervisor, MemoryRestoreMode};
-use snapgate::vmm::process::{make_run_dir, VmProcess};
+use snapgate::vmm::process::{make_run_dir, Launch, VmProcess};
 use snapgate::vmm::qemu::hardware_kvm;
 use snapgate::vmm::{ImageSpec, VmId, Vmm};
 
@@ -51,7 +51,14 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
         "--api-socket".into(),
         format!("path={}", socket.display()).into(),
     ];
-    let mut process = VmProcess::spawn(&id, &bin, &args, vec![], None, &run, state.path()).unwrap();
+    let launch = Launch {
+        binary: &bin,
+        args: &args,
+        fds: vec![],
+        tap: None,
+        huge_pages: true,
+    };
+    let mut process = VmProcess::spawn(&id, launch, &run, state.path()).unwrap();
     let pid = process.pid();
     let client = ChClient::new(id.clone(), &socket);
     client

@@ -18,6 +18,9 @@
 //! them (SIGKILL, a crash), the kernel kills them, and their taps go with
 //! them. Pid files cover what that cannot (a VMM spawned from a thread that
 //! has since exited; another process that reuses the state directory).
+//!
+//! A VMM may run without transparent huge pages (`PR_SET_THP_DISABLE`,
+//! prctl(2): inherited across execve): see [`Launch::huge_pages`].
 
 use std::ffi::OsString;
 use std::fs::File;
@@ -64,20 +67,45 @@ pub fn make_run_dir(state_dir: &Path, id: &VmId) -> Result<PathBuf, VmmError> {
     Ok(dir)
 }
 
+/// What [`VmProcess::spawn`] starts.
+pub struct Launch<'a> {
+    /// The VMM binary.
+    pub binary: &'a Path,
+    /// Its arguments.
+    pub args: &'a [OsString],
+    /// Each `(fd, n)` is inherited as fd `n`.
+    pub fds: Vec<(OwnedFd, i32)>,
+    /// The VM's tap, recorded in the pid file.
+    pub tap: Option<&'a str>,
+    /// Whether the kernel may back the VMM's anonymous memory with 2 MiB
+    /// transparent huge pages (where the host enables them for memory
+    /// that asks, as Debian does). Off for a VMM whose guest RAM is a
+    /// file mapping, which THP does not back anyway: then it would only
+    /// round the VMM's own buffers up to 2 MiB pages each touched in part
+    /// (under TCG, its translation cache and TB hash: 3 MiB a clone of the
+    /// test guest; BENCHMARKS.md).
+    pub huge_pages: bool,
+}
+
 impl VmProcess {
-    /// Starts `binary args...` with each `(fd, n)` of `fds` inherited as fd
-    /// `n`, stdout and stderr to `<run_dir>/vmm.log`, and records its pid and
-    /// the VM's tap (so a later start-up can remove exactly this tap if the
-    /// process outlives its gateway).
+    /// Starts `launch.binary launch.args...` with each `(fd, n)` of
+    /// `launch.fds` inherited as fd `n`, stdout and stderr to
+    /// `<run_dir>/vmm.log`, and records its pid and the VM's tap (so a later
+    /// start-up can remove exactly this tap if the process outlives its
+    /// gateway).
     pub fn spawn(
         id: &VmId,
-        binary: &Path,
-        args: &[OsString],
-        fds: Vec<(OwnedFd, i32)>,
-        tap: Option<&str>,
+        launch: Launch<'_>,
         run_dir: &Path,
         state_dir: &Path,
     ) -> Result<VmProcess, VmmError> {
+        let Launch {
+            binary,
+            args,
+            fds,
+            tap,
+            huge_pages,
+        } = launch;
         let (log, log2) = open_log(run_dir)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
@@ -103,6 +131,9 @@ impl VmProcess {
         // async-signal-safe calls (prctl, getppid, _exit), allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
+                if !huge_pages {
+                    nix::sys::prctl::set_thp_disable(true)?;
+                }
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 // The parent may have died before prctl took effect.
                 if nix::unistd::getppid().as_raw() as u32 != parent {
@@ -545,16 +576,51 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_vmm_launched_without_huge_pages_runs_with_thp_disabled() {
+        let state = tempfile::tempdir().unwrap();
+        for huge_pages in [false, true] {
+            let id = VmId::new(&format!("thp-{huge_pages}"));
+            let run = make_run_dir(state.path(), &id).unwrap();
+            let mut p = VmProcess::spawn(
+                &id,
+                Launch {
+                    binary: Path::new("/bin/sleep"),
+                    args: &["30".into()],
+                    fds: vec![],
+                    tap: None,
+                    huge_pages,
+                },
+                &run,
+                state.path(),
+            )
+            .unwrap();
+            // The flag is set before exec and kept across it (prctl(2)):
+            // the kernel reports it in the process's status (Linux >= 5.0).
+            let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+            let line = status
+                .lines()
+                .find(|l| l.starts_with("THP_enabled:"))
+                .expect("THP_enabled in /proc/PID/status");
+            let enabled = line.split_whitespace().nth(1).unwrap();
+            assert_eq!(enabled, if huge_pages { "1" } else { "0" }, "{line}");
+            p.kill().await.unwrap();
+        }
+    }
+
+    #[tokio::test]
     async fn stale_processes_are_killed_and_unrelated_ones_spared() {
         let state = tempfile::tempdir().unwrap();
         let id = VmId::new("stale-1");
         let run = make_run_dir(state.path(), &id).unwrap();
         let mut p = VmProcess::spawn(
             &id,
-            Path::new("/bin/sleep"),
-            &["30".into()],
-            vec![],
-            Some("sgtest0"),
+            Launch {
+                binary: Path::new("/bin/sleep"),
+                args: &["30".into()],
+                fds: vec![],
+                tap: Some("sgtest0"),
+                huge_pages: true,
+            },
             &run,
             state.path(),
         )

@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::json;
 
-use super::process::make_run_dir;
+use super::process::{make_run_dir, Launch};
 use super::qmp::Qmp;
 use super::snapshot::{create_dest, move_file, Origin};
 pub use super::spec::Accel;
@@ -238,13 +238,19 @@ impl Qemu {
         let started = Instant::now();
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         super::create_extra_disk(spec, &run_dir)?;
+        // Guest RAM in a file is never backed by THP: only QEMU's own
+        // buffers would be (`Launch::huge_pages`).
+        let huge_pages = matches!(memory, Memory::Ram);
         let args = self.args(&id, spec, &cmdline, memory, &run_dir, incoming);
         let process = VmProcess::spawn(
             &id,
-            &self.binary,
-            &args,
-            vec![(tap.take_fd(), 3)],
-            Some(tap.name()),
+            Launch {
+                binary: &self.binary,
+                args: &args,
+                fds: vec![(tap.take_fd(), 3)],
+                tap: Some(tap.name()),
+                huge_pages,
+            },
             &run_dir,
             &self.state_dir,
         )?;

@@ -160,10 +160,13 @@ mod tests {
         std::fs::write(run.join("console.log"), "booting\nfatal: out of luck\n").unwrap();
         let process = VmProcess::spawn(
             &id,
-            Path::new("/bin/sleep"),
-            &[secs.into()],
-            vec![],
-            None,
+            crate::process::Launch {
+                binary: Path::new("/bin/sleep"),
+                args: &[secs.into()],
+                fds: vec![],
+                tap: None,
+                huge_pages: true,
+            },
             &run,
             state,
         )

@@ -45,7 +45,7 @@ use serde_json::{json, Value};
 
 pub use api::ChClient;
 
-use super::process::make_run_dir;
+use super::process::{make_run_dir, Launch};
 use super::snapshot::{create_dest, Origin};
 use super::{
     Endpoint, ImageSpec, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError, VmmKind,
@@ -157,10 +157,15 @@ impl CloudHypervisor {
         ];
         let mut process = VmProcess::spawn(
             id,
-            &self.binary,
-            &args,
-            vec![],
-            Some(tap),
+            Launch {
+                binary: &self.binary,
+                args: &args,
+                fds: vec![],
+                tap: Some(tap),
+                // Its guest RAM may be anonymous (`memory_restore_mode:
+                // copy`), which it asks THP to back.
+                huge_pages: true,
+            },
             run_dir,
             &self.state_dir,
         )?;
