@@ -11,6 +11,8 @@
 //! or `-append` (its kernel is in that memory already), loads the device state with
 //! `migrate-incoming`, and `cont`s: its RAM is copy-on-write over the
 //! template's page cache, so a clone costs only the pages it writes.
+//! Templates and clones run without transparent huge pages (their RAM is
+//! a file mapping THP does not back; see `process::Launch::huge_pages`).
 //!
 //! # Full snapshots (`snapshot_mode: full`)
 //! RAM is anonymous memory, saved into the state stream and loaded into each
