@@ -579,7 +579,7 @@ mod tests {
     async fn a_vmm_launched_without_huge_pages_runs_with_thp_disabled() {
         let state = tempfile::tempdir().unwrap();
         for huge_pages in [false, true] {
-            let id = VmId::new(&format!("thp-{huge_pages}"));
+            let id = VmId::new(format!("thp-{huge_pages}"));
             let run = make_run_dir(state.path(), &id).unwrap();
             let mut p = VmProcess::spawn(
                 &id,
