@@ -7,7 +7,9 @@
 //! 1. `warm`: the warm path. A backend (nginx, one worker, a fixed
 //!    `200 ok`) direct, through nginx as a keep-alive reverse proxy with as
 //!    many workers as snapgate has threads and the same forwarding headers
-//!    snapgate sets, and through snapgate (a static app). Closed loop
+//!    snapgate sets, through snapgate (a static app), and, as a
+//!    reference on HTTP/1.1, through the least a hyper-based proxy does
+//!    ([`bare_forward`]). Closed loop
 //!    (wrk, h2load) and open loop at a fixed rate (oha, latency corrected);
 //!    HTTP/1.1, HTTPS and HTTP/2. Then one connection, one request at a
 //!    time, to a static app and to a VM app's warm instance.
@@ -671,9 +673,17 @@ async fn warm(dir: &Dir, report: &mut String) {
     let secs = env_or("SNAPGATE_BENCH_SECONDS", 8u64).max(1);
     let rate = env_or("SNAPGATE_BENCH_RATE", 10_000u64);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
-    let [be, nx_http, nx_https] = free_ports();
+    let [be, nx_http, nx_https, bare] = free_ports();
     let _backend = backend(dir, be);
     let _nginx = nginx_proxy(dir, workers, be, nx_http, nx_https);
+    let bare_log = dir.path.join("bare-forward.log");
+    let _bare = Proc::spawn(
+        "bare forward",
+        Command::new(std::env::current_exe().expect("own path"))
+            .env(BARE_FORWARD, format!("127.0.0.1:{bare} 127.0.0.1:{be}")),
+        &bare_log,
+    );
+    wait_port(bare, Duration::from_secs(10), &bare_log);
     let gw = Gateway::start(
         dir,
         "warm",
@@ -698,6 +708,11 @@ async fn warm(dir: &Dir, report: &mut String) {
             2,
             "snapgate (static app)",
             format!("http://127.0.0.1:{}/", gw.listen),
+        ),
+        (
+            3,
+            "bare hyper forward (reference)",
+            format!("http://127.0.0.1:{bare}/"),
         ),
     ];
     let tls_targets = [
@@ -732,8 +747,9 @@ async fn warm(dir: &Dir, report: &mut String) {
     }
     let ratio = Some(("snapgate (static app)", "nginx"));
     let each = format!("{runs} runs of {secs} s each, interleaved; median (min–max) of the runs.");
+    let reference = "The bare hyper forward is a reference, not a product: a hyper HTTP/1.1 server handing each request to a kept-alive hyper client connection, with nothing else (no routing, limits, forwarding headers, timeouts, metrics or logs), with as many workers as snapgate.";
     for (title, note, table) in [
-        ("HTTP/1.1, closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each}"), &h1),
+        ("HTTP/1.1, closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each} {reference}"), &h1),
         ("HTTPS (HTTP/1.1 over TLS 1.3), closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each}"), &h1s),
         (
             "HTTP/2 over TLS, closed loop",
@@ -742,7 +758,7 @@ async fn warm(dir: &Dir, report: &mut String) {
         ),
         (
             "HTTP/1.1, open loop at a fixed rate",
-            format!("`oha -q {rate} -c32 -z {secs}s --latency-correction` (latency counted from when each request was due); {each}"),
+            format!("`oha -q {rate} -c32 -z {secs}s --latency-correction` (latency counted from when each request was due); {each} {reference}"),
             &open,
         ),
     ] {
@@ -1278,8 +1294,90 @@ fn method(report: &mut String) {
     .unwrap();
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
+/// The environment variable that makes this binary the bare forward
+/// ([`bare_forward`]): `"<listen address> <backend address>"`.
+const BARE_FORWARD: &str = "SNAPGATE_BENCH_BARE_FORWARD";
+
+/// The reference row of the warm path: the least a proxy built on hyper
+/// does. A hyper HTTP/1.1 server hands each request, as it came, to a
+/// kept-alive hyper client connection to the backend (from a shared pool,
+/// back into it once the response headers are in: hyper holds the next
+/// request until the body has been read) and streams the response back;
+/// no routing, limits, forwarding headers, timeouts, metrics or logs. Run
+/// as this binary with [`BARE_FORWARD`] set, with a tokio worker per core
+/// as snapgate has. What snapgate costs beyond it is its own path's cost.
+async fn bare_forward(listen: SocketAddr, backend: SocketAddr) {
+    use hyper::body::Incoming;
+    use hyper::client::conn::http1::SendRequest;
+    use hyper_util::rt::TokioIo;
+    type Pool = std::sync::Arc<std::sync::Mutex<Vec<SendRequest<Incoming>>>>;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .expect("bare forward: bind");
+    let pool = Pool::default();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let pool = pool.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let pool = pool.clone();
+                async move {
+                    let pooled = pool.lock().expect("pool").pop();
+                    let mut sender = match pooled {
+                        Some(sender) => sender,
+                        None => {
+                            let up = tokio::net::TcpStream::connect(backend).await?;
+                            up.set_nodelay(true)?;
+                            let (sender, conn) =
+                                hyper::client::conn::http1::handshake(TokioIo::new(up))
+                                    .await
+                                    .map_err(std::io::Error::other)?;
+                            tokio::spawn(conn);
+                            sender
+                        }
+                    };
+                    sender.ready().await.map_err(std::io::Error::other)?;
+                    let resp = sender
+                        .send_request(req)
+                        .await
+                        .map_err(std::io::Error::other);
+                    pool.lock().expect("pool").push(sender);
+                    resp
+                }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn main() {
+    if let Ok(spec) = std::env::var(BARE_FORWARD) {
+        let (listen, backend) = spec.split_once(' ').expect("<listen> <backend>");
+        let (listen, backend) = (
+            listen.parse().expect("listen address"),
+            backend.parse().expect("backend address"),
+        );
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(bare_forward(listen, backend));
+        return;
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(run());
+}
+
+async fn run() {
     // 10,000 client sockets here, and as many in the servers (inherited).
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
     if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
