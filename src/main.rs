@@ -54,12 +54,12 @@ enum SnapshotCommand {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The gateway's runtime: a worker per core. A worker that goes idle hands
-/// the memory its heap freed back to the system, at most every 100 ms:
+/// The gateway's runtime: a worker per core. A worker about to park hands
+/// the memory freed on it back to the system, at most every 100 ms:
 /// mimalloc does so only when that thread allocates again, so after a
-/// burst (10,000 connections opened, then parked idle) what was freed
-/// since the last hand-back would otherwise stay resident. (Once a second
-/// left up to a second's frees resident: tens of MiB after such a burst.)
+/// burst (10,000 connections opened, then parked idle) the memory freed
+/// would otherwise stay resident. What is freed in the last 100 ms before
+/// a worker's final park still does (BENCHMARKS.md measures both).
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
     use std::cell::Cell;
     use std::time::{Duration, Instant};
@@ -75,8 +75,10 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
                 .is_none_or(|t| now.duration_since(t) >= Duration::from_millis(100));
             if due {
                 LAST.set(Some(now));
-                // SAFETY: mi_collect takes no pointer; it only walks and
-                // purges the calling thread's own mimalloc heap.
+                // SAFETY: mi_collect has no preconditions and is thread
+                // safe: it frees only pages with no live block and
+                // decommits only free arena memory (process-wide), so no
+                // live allocation is touched.
                 unsafe { libmimalloc_sys::mi_collect(true) };
             }
         })

@@ -2275,6 +2275,24 @@ async fn an_idle_connection_is_parked_serves_its_next_requests_and_closes_when_i
     gauge_becomes(&gw, parked, 0.0, Duration::from_secs(5)).await;
 }
 
+/// A connection parks again a second after each use, every time: the
+/// parked wait's deadline (header_read_timeout, 10 s here) is not carried
+/// into the next idle spell.
+#[tokio::test]
+async fn a_connection_parks_again_after_each_use() {
+    let (_up, gw) = app_a("header_read_timeout: 10s\n", &[]).await;
+    let parked = "snapgate_client_connections_parked";
+    let mut w = Wire::connect(gw.listen).await;
+    for path in ["/one", "/two", "/three"] {
+        let resp = exchange(&mut w, &get(path, "a.test")).await;
+        assert_eq!((resp.status, resp.complete), (200, true), "{path}");
+        gauge_becomes(&gw, parked, 0.0, Duration::from_secs(1)).await;
+        // Parks after a second idle; a deadline carried over would make
+        // it wait for most of the 10 s.
+        gauge_becomes(&gw, parked, 1.0, Duration::from_secs(4)).await;
+    }
+}
+
 /// A parked connection loses no byte of a request head that comes slowly
 /// (within header_read_timeout, 5 s here) or that was pipelined, in part,
 /// with the previous request.

@@ -56,7 +56,7 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
         args: &args,
         fds: vec![],
         tap: None,
-        huge_pages: true,
+        transparent_huge_pages: true,
     };
     let mut process = VmProcess::spawn(&id, launch, &run, state.path()).unwrap();
     let pid = process.pid();

@@ -120,7 +120,8 @@ pub trait Socket {
 pub struct Parkable<T> {
     inner: Pin<Box<T>>,
     in_flight: InFlight,
-    /// Step 2's timer, made on first use and reused.
+    /// The timer of steps 2 and 4, made on first use and reused: step 4
+    /// sets it to the parked deadline, step 2 moves it back to its own.
     timer: Option<Pin<Box<Sleep>>>,
     armed: bool,
     /// When the connection last went idle (step 4 counts from it).
@@ -213,10 +214,14 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
                 let due = this.idle_since + PARK_AFTER;
                 // The timer is moved only when it fires early (it was set
                 // in an earlier idle spell): at most once per PARK_AFTER,
-                // not once per request.
+                // not once per request; or when step 4 left it later than
+                // this spell's due (once per park).
                 let timer = this
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+                if timer.deadline() > due {
+                    timer.as_mut().reset(due);
+                }
                 loop {
                     match timer.as_mut().poll(cx) {
                         Poll::Pending => return Poll::Pending,
@@ -314,7 +319,8 @@ where
         // wait, or a parked connection would keep 8 KiB.
         drop(unread);
         done?;
-        // Step 4, on step 2's timer (the stream's own: no second one).
+        // Step 4, on step 2's timer (the stream's own: no second one; step
+        // 3 fired it, so it exists).
         let deadline = stream.idle_since + idle;
         parked.inc();
         let _counted = super::scopeguard(|| parked.dec());
@@ -322,15 +328,11 @@ where
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
         timer.as_mut().reset(deadline);
-        stream.armed = false;
         tokio::select! {
             readable = stream.inner.tcp().readable() => readable?,
             () = stopped(&mut stop) => return Ok(()),
             () = timer.as_mut() => return Ok(()),
         }
-        // Step 2 moves its timer only when it fires early: a deadline
-        // past now does.
-        timer.as_mut().reset(Instant::now());
         stream.unanswered = false;
     }
 }

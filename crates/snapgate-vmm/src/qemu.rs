@@ -11,8 +11,9 @@
 //! or `-append` (its kernel is in that memory already), loads the device state with
 //! `migrate-incoming`, and `cont`s: its RAM is copy-on-write over the
 //! template's page cache, so a clone costs only the pages it writes.
-//! Templates and clones run without transparent huge pages (their RAM is
-//! a file mapping THP does not back; see `process::Launch::huge_pages`).
+//! Clones run without transparent huge pages: THP does not back the pages
+//! a clone copies on write, and would only round QEMU's own buffers up to
+//! 2 MiB pages (`process::Launch::transparent_huge_pages`).
 //!
 //! # Full snapshots (`snapshot_mode: full`)
 //! RAM is anonymous memory, saved into the state stream and loaded into each
@@ -116,6 +117,16 @@ enum Memory {
     Private(PathBuf),
     /// Anonymous RAM.
     Ram,
+}
+
+impl Memory {
+    /// Whether QEMU runs with transparent huge pages: all but a clone,
+    /// whose copied-on-write pages THP does not back
+    /// (`Launch::transparent_huge_pages`). A template's RAM may sit on a
+    /// `huge=` tmpfs, and anonymous RAM is THP's to back.
+    fn transparent_huge_pages(&self) -> bool {
+        !matches!(self, Memory::Private(_))
+    }
 }
 
 impl Qemu {
@@ -240,9 +251,7 @@ impl Qemu {
         let started = Instant::now();
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         super::create_extra_disk(spec, &run_dir)?;
-        // Guest RAM in a file is never backed by THP: only QEMU's own
-        // buffers would be (`Launch::huge_pages`).
-        let huge_pages = matches!(memory, Memory::Ram);
+        let transparent_huge_pages = memory.transparent_huge_pages();
         let args = self.args(&id, spec, &cmdline, memory, &run_dir, incoming);
         let process = VmProcess::spawn(
             &id,
@@ -251,7 +260,7 @@ impl Qemu {
                 args: &args,
                 fds: vec![(tap.take_fd(), 3)],
                 tap: Some(tap.name()),
-                huge_pages,
+                transparent_huge_pages,
             },
             &run_dir,
             &self.state_dir,
@@ -632,6 +641,13 @@ mod tests {
         assert!(!joined(&spec).contains("vmgenid"));
         spec.machine = Machine::Pc;
         assert!(joined(&spec).contains("-device vmgenid,guid=auto"));
+    }
+
+    #[test]
+    fn only_a_clone_runs_without_transparent_huge_pages() {
+        assert!(!Memory::Private(PathBuf::from("/s/memory")).transparent_huge_pages());
+        assert!(Memory::Shared.transparent_huge_pages());
+        assert!(Memory::Ram.transparent_huge_pages());
     }
 
     #[test]

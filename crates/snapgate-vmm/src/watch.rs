@@ -165,7 +165,7 @@ mod tests {
                 args: &[secs.into()],
                 fds: vec![],
                 tap: None,
-                huge_pages: true,
+                transparent_huge_pages: true,
             },
             &run,
             state,

@@ -162,9 +162,9 @@ impl CloudHypervisor {
                 args: &args,
                 fds: vec![],
                 tap: Some(tap),
-                // Its guest RAM may be anonymous (`memory_restore_mode:
-                // copy`), which it asks THP to back.
-                huge_pages: true,
+                // Its guest RAM is anonymous (`shared: false`), which it
+                // asks THP to back.
+                transparent_huge_pages: true,
             },
             run_dir,
             &self.state_dir,
