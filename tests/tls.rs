@@ -414,3 +414,73 @@ async fn an_idle_tls_connection_is_parked_and_serves_its_next_request() {
     parked("snapgate_client_connections_parked 0").await;
     gw.shutdown().await;
 }
+
+/// A parked TLS connection whose client sends part of a TLS record, a byte
+/// at a time, still closes once idle for header_read_timeout (3 s here):
+/// bytes that give hyper nothing to read do not restart the count.
+#[tokio::test]
+async fn a_parked_tls_connection_fed_part_of_a_record_still_closes_when_idle_too_long() {
+    use rustls_pki_types::pem::PemObject;
+    use std::io::{Read, Write};
+    use std::time::{Duration, Instant};
+    let dir = test_pki();
+    let gw = gateway(dir.path(), "header_read_timeout: 3s\n", "").await;
+    let tls = gw.tls.unwrap();
+    let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls_pki_types::CertificateDer::pem_slice_iter(&ca) {
+            roots.add(cert.unwrap()).unwrap();
+        }
+        let config = std::sync::Arc::new(
+            rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+        );
+        let name = rustls_pki_types::ServerName::try_from("a.test").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut sock = std::net::TcpStream::connect(tls).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut tls_stream = rustls::Stream::new(&mut conn, &mut sock);
+        tls_stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let n = tls_stream.read(&mut buf).unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        let idle_since = Instant::now();
+        // One record of a request head that never ends, its bytes sent
+        // one every 1.5 s: the socket turns readable, hyper gets nothing.
+        conn.writer().write_all(&[b'X'; 1000]).unwrap();
+        let mut record = Vec::new();
+        conn.write_tls(&mut record).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(1500)))
+            .unwrap();
+        for byte in record.iter().take(20) {
+            if sock.write_all(std::slice::from_ref(byte)).is_err() {
+                return idle_since.elapsed();
+            }
+            match sock.read(&mut buf) {
+                Ok(0) => return idle_since.elapsed(),
+                Ok(_) => panic!("an answer to part of a record"),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return idle_since.elapsed(),
+            }
+        }
+        idle_since.elapsed()
+    })
+    .await
+    .unwrap();
+    // Closed about 3 s after going idle (the next byte's read sees it), not
+    // held open by the bytes (20 of them would take 30 s).
+    assert!(
+        outcome < Duration::from_secs(8),
+        "still open {outcome:?} after going idle"
+    );
+    gw.shutdown().await;
+}

@@ -27,7 +27,10 @@
 //!    the stop, or for the rest of `header_read_timeout` (counted from when
 //!    it went idle: an idle connection lives that long, parked or not).
 //!    Readable: back to step 1 with a new hyper connection on the same
-//!    stream. Stop or timeout: the socket closes.
+//!    stream, still idle since the same time until bytes reach hyper (a
+//!    TLS stream may be readable with part of a record only: it parks
+//!    again at once, its deadline unchanged). Stop or timeout: the socket
+//!    closes.
 //! 5. A connection hyper ends any other way (the client closed, an error,
 //!    an upgrade, which takes the stream with it) is not parked; once a
 //!    request is answered `101`, the stream (the tunnel's now) never
@@ -334,6 +337,12 @@ where
             () = timer.as_mut() => return Ok(()),
         }
         stream.unanswered = false;
+        // The idle spell goes on until bytes reach hyper (a read that
+        // fills any clears it): the socket may have been readable with
+        // part of a TLS record only, which must not restart the count to
+        // header_read_timeout (a byte every few seconds would hold the
+        // connection open for ever). Step 2 then parks again at once.
+        stream.armed = true;
     }
 }
 
