@@ -87,6 +87,22 @@ pub struct Listening {
     pub tasks: crate::pool::Tasks,
 }
 
+/// Client connections ended or parked since start: each frees its HTTP
+/// state. Read by [`connections_released`].
+static RELEASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many client connections have ended or been parked since start
+/// (each freed its HTTP state): the gateway's workers hand freed memory
+/// back to the system only after this moved, so steady traffic on
+/// kept-alive connections never pays for it.
+pub fn connections_released() -> u64 {
+    RELEASED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+fn released() {
+    RELEASED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Resolves once `stop` turns true (or its sender is gone).
 pub async fn stopped(stop: &mut watch::Receiver<bool>) {
     // The guard `wait_for` returns must not live across an await.
@@ -269,6 +285,7 @@ pub async fn serve(
             if let Err(e) = served.await {
                 debug!(%remote, "connection: {e}");
             }
+            released();
         };
         connections.spawn(task);
     }

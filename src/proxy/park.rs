@@ -326,6 +326,7 @@ where
         // 3 fired it, so it exists).
         let deadline = stream.idle_since + idle;
         parked.inc();
+        super::released();
         let _counted = super::scopeguard(|| parked.dec());
         let timer = stream
             .timer
