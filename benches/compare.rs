@@ -747,7 +747,7 @@ async fn warm(dir: &Dir, report: &mut String) {
     }
     let ratio = Some(("snapgate (static app)", "nginx"));
     let each = format!("{runs} runs of {secs} s each, interleaved; median (min–max) of the runs.");
-    let reference = "The bare hyper forward is a reference, not a product: a hyper HTTP/1.1 server handing each request to a kept-alive hyper client connection, with nothing else (no routing, limits, forwarding headers, timeouts, metrics or logs), with as many workers as snapgate.";
+    let reference = "The bare hyper forward is a reference, not a product: a hyper HTTP/1.1 server handing each request to a kept-alive hyper client connection, with nothing else (no routing, limits, forwarding headers, timeouts, metrics or logs), with as many workers and the same allocator as snapgate.";
     for (title, note, table) in [
         ("HTTP/1.1, closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each} {reference}"), &h1),
         ("HTTPS (HTTP/1.1 over TLS 1.3), closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each}"), &h1s),
@@ -1293,6 +1293,11 @@ fn method(report: &mut String) {
     )
     .unwrap();
 }
+
+/// The allocator snapgate runs with, for the harness's own bare forward
+/// too (the reference row compares paths, not allocators).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// The environment variable that makes this binary the bare forward
 /// ([`bare_forward`]): `"<listen address> <backend address>"`.

@@ -425,7 +425,7 @@ async fn a_parked_tls_connection_fed_part_of_a_record_still_closes_when_idle_too
     use std::time::{Duration, Instant};
     let dir = test_pki();
     let gw = gateway(dir.path(), "header_read_timeout: 3s\n", "").await;
-    let tls = gw.tls.unwrap();
+    let (tls, admin) = (gw.tls.unwrap(), gw.admin);
     let ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
     let outcome = tokio::task::spawn_blocking(move || {
         let mut roots = rustls::RootCertStore::empty();
@@ -450,10 +450,34 @@ async fn a_parked_tls_connection_fed_part_of_a_record_still_closes_when_idle_too
         tls_stream
             .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
             .unwrap();
+        // The whole answer (head and body may come in two records).
         let mut buf = [0u8; 4096];
-        let n = tls_stream.read(&mut buf).unwrap();
-        assert!(buf[..n].starts_with(b"HTTP/1.1 200"), "{:?}", &buf[..n]);
+        let mut seen = String::new();
+        while !seen.contains("a.test https") {
+            let n = tls_stream.read(&mut buf).unwrap();
+            assert!(n > 0, "closed: {seen}");
+            seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
         let idle_since = Instant::now();
+        // Parked before the bytes come: they wake a parked connection.
+        let parked = || {
+            let mut admin = std::net::TcpStream::connect(admin).unwrap();
+            admin
+                .write_all(b"GET /metrics HTTP/1.0\r\nHost: admin\r\n\r\n")
+                .unwrap();
+            let mut text = String::new();
+            admin.read_to_string(&mut text).unwrap();
+            text.lines()
+                .any(|l| l == "snapgate_client_connections_parked 1")
+        };
+        while !parked() {
+            assert!(
+                idle_since.elapsed() < Duration::from_secs(2),
+                "never parked"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         // One record of a request head that never ends, its bytes sent
         // one every 1.5 s: the socket turns readable, hyper gets nothing.
         conn.writer().write_all(&[b'X'; 1000]).unwrap();

@@ -185,6 +185,7 @@ pub async fn serve(
         let held = conn::Held::new(scopeguard(move || {
             gauge.dec();
             drop(slot);
+            released();
         }));
         let (stack, builders, tls, stop) =
             (stack.clone(), builders.clone(), tls.clone(), stop.clone());
@@ -285,7 +286,6 @@ pub async fn serve(
             if let Err(e) = served.await {
                 debug!(%remote, "connection: {e}");
             }
-            released();
         };
         connections.spawn(task);
     }

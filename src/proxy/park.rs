@@ -126,6 +126,8 @@ pub struct Parkable<T> {
     /// The timer of steps 2 and 4, made on first use and reused: step 4
     /// sets it to the parked deadline, step 2 moves it back to its own.
     timer: Option<Pin<Box<Sleep>>>,
+    /// In an idle spell: `idle_since` is its start (kept across a park
+    /// until bytes reach hyper, step 4).
     armed: bool,
     /// When the connection last went idle (step 4 counts from it).
     idle_since: Instant,
