@@ -489,17 +489,8 @@ async fn silent_and_idle_connections_are_closed_after_header_read_timeout() {
 
     // A TLS client that finishes its handshake (ALPN http/1.1) and says
     // nothing more is closed as well: openssl s_client ends when it is.
-    let mut s_client = tokio::process::Command::new("openssl")
-        .current_dir(dir.path())
-        .args(["s_client", "-connect", &gw.tls.unwrap().to_string()])
-        .args(["-servername", "a.test", "-alpn", "http/1.1", "-quiet"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    tokio::time::timeout(std::time::Duration::from_secs(10), s_client.wait())
+    let mut silent = s_client(gw.tls.unwrap(), Some("http/1.1"));
+    tokio::time::timeout(std::time::Duration::from_secs(10), silent.wait())
         .await
         .expect("the silent TLS connection is closed")
         .unwrap();

@@ -237,21 +237,7 @@ async fn both_listeners_share_the_connection_caps() {
     .await;
     let tls = gw.tls.unwrap();
     // A TLS connection held open (the handshake done, no request yet).
-    let mut held = tokio::process::Command::new("openssl")
-        .args([
-            "s_client",
-            "-connect",
-            &tls.to_string(),
-            "-servername",
-            "a.test",
-            "-quiet",
-        ])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut held = s_client(tls, None);
     // Wait until the gateway counts it.
     let metrics = format!("http://{}/metrics", gw.admin);
     let mut counted = false;
@@ -365,15 +351,7 @@ async fn an_idle_tls_connection_is_parked_and_serves_its_next_request() {
     let dir = test_pki();
     let gw = gateway(dir.path(), "", "").await;
     let tls = gw.tls.unwrap();
-    let mut client = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &tls.to_string()])
-        .args(["-servername", "a.test", "-quiet", "-alpn", "http/1.1"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut client = s_client(tls, Some("http/1.1"));
     let (mut to, mut from) = (client.stdin.take().unwrap(), client.stdout.take().unwrap());
     let mut seen = String::new();
     // Sends a request and reads until the answer's body has arrived.

@@ -191,7 +191,7 @@ pub async fn serve(
             (stack.clone(), builders.clone(), tls.clone(), stop.clone());
         let (send_timeout, first_bytes) = (listening.send_timeout, listening.header_read_timeout);
         let h2_on = listening.http2.is_some();
-        let task = async move {
+        connections.spawn(async move {
             let served = async {
                 // The handshake is bounded by header_read_timeout, and the
                 // request head after it by the same again.
@@ -210,8 +210,7 @@ pub async fn serve(
                     }
                     Some(acceptor) => {
                         // Boxed, as the connections below: the task of an
-                        // idle connection holds pointers, not their states
-                        // (about 5 KiB inline).
+                        // idle connection holds pointers, not their states.
                         let accept =
                             Box::pin(tokio::time::timeout(first_bytes, acceptor.accept(stream)));
                         let stream = match accept.await {
@@ -286,8 +285,7 @@ pub async fn serve(
             if let Err(e) = served.await {
                 debug!(%remote, "connection: {e}");
             }
-        };
-        connections.spawn(task);
+        });
     }
     drop(listener);
     // Each connection saw the stop itself (conn step 3).

@@ -211,9 +211,8 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
                     this.armed = false;
                     return Poll::Pending;
                 }
-                let now = Instant::now();
                 if !this.armed {
-                    this.idle_since = now;
+                    this.idle_since = Instant::now();
                     this.armed = true;
                 }
                 let due = this.idle_since + PARK_AFTER;
@@ -230,7 +229,8 @@ impl<T: AsyncRead> AsyncRead for Parkable<T> {
                 loop {
                     match timer.as_mut().poll(cx) {
                         Poll::Pending => return Poll::Pending,
-                        Poll::Ready(()) if now < due => timer.as_mut().reset(due),
+                        // The clock is read only when the timer fires.
+                        Poll::Ready(()) if Instant::now() < due => timer.as_mut().reset(due),
                         // Step 3: nothing filled reads as the client's close.
                         Poll::Ready(()) => {
                             this.armed = false;

@@ -214,6 +214,24 @@ pub async fn curl_raw(dir: &Path, args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
+/// `openssl s_client` connected to `tls` as `a.test` (ALPN `alpn` if
+/// given), quiet: its stdin and stdout piped (what is typed goes over the
+/// connection, what comes back is printed), killed when dropped.
+pub fn s_client(tls: SocketAddr, alpn: Option<&str>) -> tokio::process::Child {
+    let mut cmd = tokio::process::Command::new("openssl");
+    cmd.args(["s_client", "-connect", &tls.to_string()])
+        .args(["-servername", "a.test", "-quiet"]);
+    if let Some(alpn) = alpn {
+        cmd.args(["-alpn", alpn]);
+    }
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("openssl runs")
+}
+
 /// The subject of the certificate `tls` shows a client naming `sni`, or
 /// `None` if the handshake fails.
 pub async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<String> {

@@ -541,6 +541,32 @@ fn wait_gone(pid: u32) {
     }
 }
 
+/// A stand-in VMM for tests: `sleep <secs>` spawned as `id` (its run
+/// directory made under `state`), with `tap` recorded and THP as given.
+#[cfg(test)]
+pub(crate) fn sleeping(
+    state: &Path,
+    id: &VmId,
+    secs: &str,
+    tap: Option<&str>,
+    transparent_huge_pages: bool,
+) -> VmProcess {
+    let run = make_run_dir(state, id).unwrap();
+    VmProcess::spawn(
+        id,
+        Launch {
+            binary: Path::new("/bin/sleep"),
+            args: &[secs.into()],
+            fds: vec![],
+            tap,
+            transparent_huge_pages,
+        },
+        &run,
+        state,
+    )
+    .unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -601,20 +627,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         for transparent_huge_pages in [false, true] {
             let id = VmId::new(format!("thp-{transparent_huge_pages}"));
-            let run = make_run_dir(state.path(), &id).unwrap();
-            let mut p = VmProcess::spawn(
-                &id,
-                Launch {
-                    binary: Path::new("/bin/sleep"),
-                    args: &["30".into()],
-                    fds: vec![],
-                    tap: None,
-                    transparent_huge_pages,
-                },
-                &run,
-                state.path(),
-            )
-            .unwrap();
+            let mut p = sleeping(state.path(), &id, "30", None, transparent_huge_pages);
             // Set before exec and kept across it (prctl(2)).
             let want = if transparent_huge_pages { "1" } else { "0" };
             assert_eq!(thp_enabled(&p.pid().to_string()), want);
@@ -625,21 +638,13 @@ mod tests {
     #[tokio::test]
     async fn stale_processes_are_killed_and_unrelated_ones_spared() {
         let state = tempfile::tempdir().unwrap();
-        let id = VmId::new("stale-1");
-        let run = make_run_dir(state.path(), &id).unwrap();
-        let mut p = VmProcess::spawn(
-            &id,
-            Launch {
-                binary: Path::new("/bin/sleep"),
-                args: &["30".into()],
-                fds: vec![],
-                tap: Some("sgtest0"),
-                transparent_huge_pages: true,
-            },
-            &run,
+        let mut p = sleeping(
             state.path(),
-        )
-        .unwrap();
+            &VmId::new("stale-1"),
+            "30",
+            Some("sgtest0"),
+            true,
+        );
         let pid = p.pid();
         // A pid file whose start time does not match must not be acted on.
         std::fs::write(

@@ -107,7 +107,7 @@ mod tests {
 
     use super::*;
     use crate::net::{NetParams, Tap};
-    use crate::{Endpoint, ImageSpec, Snapshot, VmId, VmProcess, VmmKind};
+    use crate::{Endpoint, ImageSpec, Snapshot, VmId, VmmKind};
 
     /// A driver whose guest_stopped answers are scripted (then `None`).
     struct Scripted {
@@ -156,21 +156,8 @@ mod tests {
     /// A "VM" whose VMM process is `sleep <secs>`.
     fn sleeping_vm(state: &Path, secs: &str) -> Vm {
         let id = VmId::new("watched");
-        let run = crate::process::make_run_dir(state, &id).unwrap();
-        std::fs::write(run.join("console.log"), "booting\nfatal: out of luck\n").unwrap();
-        let process = VmProcess::spawn(
-            &id,
-            crate::process::Launch {
-                binary: Path::new("/bin/sleep"),
-                args: &[secs.into()],
-                fds: vec![],
-                tap: None,
-                transparent_huge_pages: true,
-            },
-            &run,
-            state,
-        )
-        .unwrap();
+        let process = crate::process::sleeping(state, &id, secs, None, true);
+        std::fs::write(process.console_path(), "booting\nfatal: out of luck\n").unwrap();
         let spec: ImageSpec = serde_yaml_ng::from_str("kernel: /k\ncmdline: x\n").unwrap();
         let endpoint = Endpoint {
             tap: "none".into(),
