@@ -747,7 +747,7 @@ async fn warm(dir: &Dir, report: &mut String) {
     }
     let ratio = Some(("snapgate (static app)", "nginx"));
     let each = format!("{runs} runs of {secs} s each, interleaved; median (min–max) of the runs.");
-    let reference = "The bare hyper forward is a reference, not a product: a hyper HTTP/1.1 server handing each request to a kept-alive hyper client connection, with nothing else (no routing, limits, forwarding headers, timeouts, metrics or logs), with as many workers and the same allocator as snapgate.";
+    let reference = "The bare hyper forward is a reference, not a product: a hyper HTTP/1.1 server handing each request to a kept-alive hyper client connection, with nothing else (no routing, limits, forwarding headers, timeouts, metrics or logs), with the runtime model (a single-threaded runtime per core) and the allocator snapgate has.";
     for (title, note, table) in [
         ("HTTP/1.1, closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each} {reference}"), &h1),
         ("HTTPS (HTTP/1.1 over TLS 1.3), closed loop", format!("`wrk -t2 -c32 -d{secs}s`; {each}"), &h1s),
@@ -1279,7 +1279,7 @@ fn method(report: &mut String) {
         report,
         "## Method\n\n\
          - Machine: {cores} cores ({cpu}), {mem:.0} GiB, Linux {kernel}; everything (clients, peers, backend, VMs) on the same machine and loopback, no CPU pinning.\n\
-         - snapgate {version} (release build, one tokio worker per core: {cores}); nginx: `{nginx}`; wrk: `{wrk}`; h2load: `{h2load}`; oha: `{oha}`; QEMU: `{qemu}`.\n\
+         - snapgate {version} (release build, one edge worker per core: {cores}); nginx: `{nginx}`; wrk: `{wrk}`; h2load: `{h2load}`; oha: `{oha}`; QEMU: `{qemu}`.\n\
          - VMs: the test guest built by `scripts/build-guest`, under QEMU with {accel} (`accel: auto`); under TCG every guest-side time is far above a hardware KVM host's.\n\
          - Absolute figures move between runs on a shared machine; ratios within one run hold better. Runs are interleaved so that drift hits every row alike.\n",
         kernel = command_version("uname", &["-r"]),
@@ -1305,59 +1305,87 @@ const BARE_FORWARD: &str = "SNAPGATE_BENCH_BARE_FORWARD";
 
 /// The reference row of the warm path: the least a proxy built on hyper
 /// does. A hyper HTTP/1.1 server hands each request, as it came, to a
-/// kept-alive hyper client connection to the backend (from a shared pool,
-/// back into it once the response headers are in: hyper holds the next
-/// request until the body has been read) and streams the response back;
-/// no routing, limits, forwarding headers, timeouts, metrics or logs. Run
-/// as this binary with [`BARE_FORWARD`] set, with a tokio worker per core
-/// as snapgate has. What snapgate costs beyond it is its own path's cost.
-async fn bare_forward(listen: SocketAddr, backend: SocketAddr) {
+/// kept-alive hyper client connection to the backend (from its worker's
+/// pool, back into it once the response headers are in: hyper holds the
+/// next request until the body has been read) and streams the response
+/// back; no routing, limits, forwarding headers, timeouts, metrics or
+/// logs. Run as this binary with [`BARE_FORWARD`] set, with the runtime
+/// model snapgate has: a single-threaded runtime per core, each accepting
+/// on its own duplicate of the listening socket. What snapgate costs
+/// beyond it is its own path's cost.
+fn bare_forward(listen: SocketAddr, backend: SocketAddr) {
+    let listener = std::net::TcpListener::bind(listen).expect("bare forward: bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let threads: Vec<_> = (0..cores)
+        .map(|_| {
+            let socket = listener.try_clone().expect("bare forward: dup");
+            std::thread::spawn(move || {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("runtime")
+                    .block_on(bare_worker(socket, backend))
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
+/// One worker of [`bare_forward`], with its own pool.
+async fn bare_worker(socket: std::net::TcpListener, backend: SocketAddr) {
     use hyper::body::Incoming;
     use hyper::client::conn::http1::SendRequest;
     use hyper_util::rt::TokioIo;
-    type Pool = std::sync::Arc<std::sync::Mutex<Vec<SendRequest<Incoming>>>>;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .expect("bare forward: bind");
+    type Pool = std::rc::Rc<std::cell::RefCell<Vec<SendRequest<Incoming>>>>;
+    let listener = tokio::net::TcpListener::from_std(socket).expect("bare forward: listener");
     let pool = Pool::default();
-    loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let pool = pool.clone();
-        tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+    let local = tokio::task::LocalSet::new();
+    local
+        .run_until(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let _ = stream.set_nodelay(true);
                 let pool = pool.clone();
-                async move {
-                    let pooled = pool.lock().expect("pool").pop();
-                    let mut sender = match pooled {
-                        Some(sender) => sender,
-                        None => {
-                            let up = tokio::net::TcpStream::connect(backend).await?;
-                            up.set_nodelay(true)?;
-                            let (sender, conn) =
-                                hyper::client::conn::http1::handshake(TokioIo::new(up))
+                tokio::task::spawn_local(async move {
+                    let service =
+                        hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                            let pool = pool.clone();
+                            async move {
+                                let pooled = pool.borrow_mut().pop();
+                                let mut sender = match pooled {
+                                    Some(sender) => sender,
+                                    None => {
+                                        let up = tokio::net::TcpStream::connect(backend).await?;
+                                        up.set_nodelay(true)?;
+                                        let (sender, conn) =
+                                            hyper::client::conn::http1::handshake(TokioIo::new(up))
+                                                .await
+                                                .map_err(std::io::Error::other)?;
+                                        tokio::task::spawn_local(conn);
+                                        sender
+                                    }
+                                };
+                                sender.ready().await.map_err(std::io::Error::other)?;
+                                let resp = sender
+                                    .send_request(req)
                                     .await
-                                    .map_err(std::io::Error::other)?;
-                            tokio::spawn(conn);
-                            sender
-                        }
-                    };
-                    sender.ready().await.map_err(std::io::Error::other)?;
-                    let resp = sender
-                        .send_request(req)
-                        .await
-                        .map_err(std::io::Error::other);
-                    pool.lock().expect("pool").push(sender);
-                    resp
-                }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-        });
-    }
+                                    .map_err(std::io::Error::other);
+                                pool.borrow_mut().push(sender);
+                                resp
+                            }
+                        });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        })
+        .await;
 }
 
 fn main() {
@@ -1367,11 +1395,7 @@ fn main() {
             listen.parse().expect("listen address"),
             backend.parse().expect("backend address"),
         );
-        tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .expect("runtime")
-            .block_on(bare_forward(listen, backend));
+        bare_forward(listen, backend);
         return;
     }
     tokio::runtime::Builder::new_multi_thread()

@@ -54,43 +54,12 @@ enum SnapshotCommand {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// The gateway's runtime: a worker per core. A worker about to park hands
-/// the memory freed on it back to the system when client connections have
-/// ended or parked since its last hand-back, at most every 100 ms:
-/// mimalloc does so only when that thread allocates again, so after a
-/// burst (10,000 connections opened, then parked idle) the memory freed
-/// would otherwise stay resident. What is freed in the last 100 ms before
-/// a worker's final park still does (BENCHMARKS.md measures both).
-/// Traffic on kept-alive connections releases none, and never pays for a
-/// hand-back (at a fixed 10k requests a second, one every 100 ms cost
-/// about 3% more CPU per request).
+/// The gateway's control runtime: pools, restores, the admin listener,
+/// reloads. Client connections are served on the edge workers
+/// (`snapgate::proxy::edge`), a single-threaded runtime per core.
 fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
-    use std::cell::Cell;
-    use std::time::{Duration, Instant};
-    thread_local! {
-        /// When this worker last handed memory back, and the count of
-        /// released connections then.
-        static LAST: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
-    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
-        .on_thread_park(|| {
-            let released = snapgate::proxy::connections_released();
-            let last = LAST.get();
-            if last.is_some_and(|(_, seen)| seen == released) {
-                // Nothing released: not even the clock is read.
-                return;
-            }
-            let now = Instant::now();
-            if last.is_none_or(|(t, _)| now.duration_since(t) >= Duration::from_millis(100)) {
-                LAST.set(Some((now, released)));
-                // SAFETY: mi_collect has no preconditions and is thread
-                // safe: it frees only pages with no live block and
-                // decommits only free arena memory (process-wide), so no
-                // live allocation is touched.
-                unsafe { libmimalloc_sys::mi_collect(true) };
-            }
-        })
         .build()
 }
 

@@ -899,9 +899,9 @@ fn metric_lines_are_summed_by_label() {
 // ---------------------------------------------------------------------------
 
 /// Upstream connections are kept alive: the next requests, on the same
-/// client connection or another, go out on the connection the first one
-/// used, whether the app's answers carry a Content-Length, are chunked or
-/// are empty.
+/// client connection or another (served by the same worker: one here),
+/// go out on the connection the first one used, whether the app's
+/// answers carry a Content-Length, are chunked or are empty.
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
     let mut wrong = Vec::new();
@@ -911,7 +911,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
             ..Mode::default()
         })
         .await;
-        let gw = gateway("", &[app("site", "a.test", up.addr, &[])]).await;
+        let gw = gateway("workers: 1\n", &[app("site", "a.test", up.addr, &[])]).await;
         let mut c = Wire::connect(gw.listen).await;
         for path in [first, "/r2"] {
             assert_eq!(exchange(&mut c, &get(path, "a.test")).await.status, 200);
@@ -934,6 +934,34 @@ async fn upstream_connections_are_kept_alive_and_reused() {
         wrong.is_empty(),
         "expected 3 requests on one kept-alive upstream connection [(0, 1), (0, 2), (0, 3)]:\n{}",
         wrong.join("\n")
+    );
+}
+
+/// Each edge worker keeps its own upstream connections (`proxy::edge`,
+/// step 3): requests one after another over many client connections,
+/// whichever worker accepted each, go out on at most one upstream
+/// connection per worker, each carrying several of them.
+#[tokio::test]
+async fn each_worker_reuses_its_own_upstream_connections() {
+    let up = Upstream::start(Mode::default()).await;
+    let gw = gateway("workers: 2\n", &[app("site", "a.test", up.addr, &[])]).await;
+    let workers = 2.min(std::thread::available_parallelism().unwrap().get());
+    for i in 0..12 {
+        let mut c = Wire::connect(gw.listen).await;
+        for j in 0..2 {
+            let path = format!("/c{i}-{j}");
+            assert_eq!(exchange(&mut c, &get(&path, "a.test")).await.status, 200);
+        }
+    }
+    let log = up.log();
+    assert_eq!(log.seen.len(), 24);
+    let mut per_conn = std::collections::BTreeMap::<usize, usize>::new();
+    for s in &log.seen {
+        *per_conn.entry(s.conn).or_default() += 1;
+    }
+    assert!(
+        per_conn.len() <= workers,
+        "at most {workers} upstream connections, one per worker; got {per_conn:?}"
     );
 }
 

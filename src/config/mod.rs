@@ -623,6 +623,12 @@ pub struct Config {
     /// peer's are replaced by what snapgate saw. Default none.
     #[serde(default, deserialize_with = "nets")]
     pub trusted_proxies: Vec<IpNet>,
+    /// Edge worker threads serving client connections (`proxy::edge`),
+    /// each with a runtime of its own, as nginx's `worker_processes`; at
+    /// least 1, and no more than the cores snapgate may run on are
+    /// started. Default: one per core.
+    #[serde(default)]
+    pub workers: Option<usize>,
     /// Connection and request caps.
     #[serde(default)]
     pub limits: Limits,
@@ -871,6 +877,23 @@ mod tests {
         assert_eq!(c.apps["a"].max_body_size.as_u64(), 2 * 1024 * 1024);
         assert_eq!(c.apps["a"].upstream_idle_timeout, Duration::from_secs(4));
         assert!(c.validate().is_empty(), "{:?}", c.validate());
+    }
+
+    #[test]
+    fn workers_are_one_per_core_unless_set_and_never_zero() {
+        let app = "apps:\n  a:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n";
+        assert_eq!(Config::parse(app).unwrap().workers, None);
+        let two = Config::parse(&format!("workers: 2\n{app}")).unwrap();
+        assert_eq!(two.workers, Some(2));
+        assert!(two.validate().is_empty(), "{:?}", two.validate());
+        let zero = Config::parse(&format!("workers: 0\n{app}")).unwrap();
+        let problems = zero.validate();
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.key == "workers" && p.message.contains("at least 1")),
+            "{problems:?}"
+        );
     }
 
     #[test]

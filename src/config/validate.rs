@@ -99,6 +99,12 @@ impl Config {
         if self.apps.is_empty() {
             add("apps".into(), "at least one app is needed".into());
         }
+        if self.workers == Some(0) {
+            add(
+                "workers".into(),
+                "at least 1 (leave it out for one per core)".into(),
+            );
+        }
         self.validate_limits(&mut add);
         self.validate_tls(&mut add);
         // Port 0 asks for any free port: two of those never clash.

@@ -87,8 +87,10 @@ pub struct Running {
     /// What a reload needs ([`Running::reload`]).
     reloading: reload::Reloading,
     stop: watch::Sender<bool>,
-    server: JoinHandle<()>,
-    tls_server: Option<JoinHandle<()>>,
+    /// Every listener's accept loop on every edge worker.
+    servers: Vec<JoinHandle<()>>,
+    /// The edge workers (`proxy::edge`): dropped, they end.
+    workers: crate::proxy::edge::Workers,
     admin_task: JoinHandle<()>,
     admin_stop: tokio_util::sync::CancellationToken,
     tasks: Tasks,
@@ -243,28 +245,36 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     };
     let reload_proxy_metrics = proxy_metrics.clone();
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
-    let (tls_listen, tls_server) = match tls {
-        Some((tls_listener, acceptor, certs)) => (
-            Some(tls_listener.local_addr()?),
-            Some(tasks.tracker.spawn(crate::proxy::serve(
+    // Protocol step 2 of `proxy::edge`: each listener's accept loop on
+    // every edge worker, over its own duplicate of the socket.
+    let workers = config.workers.unwrap_or_else(crate::proxy::edge::cores);
+    let workers =
+        crate::proxy::edge::Workers::start(workers).context("starting the edge workers")?;
+    let on_workers = OnWorkers {
+        workers: &workers,
+        listening: &listening,
+        metrics: &proxy_metrics,
+        stop: &stop_rx,
+        tasks: &tasks,
+    };
+    let mut servers = Vec::new();
+    let tls_listen = match tls {
+        Some((tls_listener, acceptor, certs)) => {
+            let addr = tls_listener.local_addr()?;
+            servers.extend(on_workers.serve(
                 tls_listener,
                 stack_for("https", None, Some(certs), None),
-                listening.clone(),
-                proxy_metrics.clone(),
                 Some(acceptor),
-                stop_rx.clone(),
-            ))),
-        ),
-        None => (None, None),
+            )?);
+            Some(addr)
+        }
+        None => None,
     };
-    let server = tasks.tracker.spawn(crate::proxy::serve(
+    servers.extend(on_workers.serve(
         listener,
         stack_for("http", redirect, None, acme_http01),
-        listening,
-        proxy_metrics,
         None,
-        stop_rx,
-    ));
+    )?);
     // Certificates ordered once the listeners serve the challenges.
     let acme_hosts = match &cert_store {
         Some(certs) => {
@@ -317,8 +327,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         runtimes: std::sync::Mutex::new(runtimes),
         runtime_metrics,
         stop,
-        server,
-        tls_server,
+        servers,
+        workers,
         admin_task,
         admin_stop,
         tasks,
@@ -326,6 +336,53 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         _state_lock: state_lock,
         reload_requests: Some(reload_rx),
     })
+}
+
+/// What every listener's accept loops share (`proxy::edge`, step 2).
+struct OnWorkers<'a> {
+    workers: &'a crate::proxy::edge::Workers,
+    listening: &'a crate::proxy::Listening,
+    metrics: &'a ProxyMetrics,
+    stop: &'a watch::Receiver<bool>,
+    tasks: &'a Tasks,
+}
+
+impl OnWorkers<'_> {
+    /// Serves `listener` with `stack` (over TLS with `acceptor`) on every
+    /// edge worker, each over its own duplicate of the socket, registered
+    /// with that worker's reactor; the accept loops' handles.
+    fn serve(
+        &self,
+        listener: TcpListener,
+        stack: crate::proxy::Stack,
+        acceptor: Option<tokio_rustls::TlsAcceptor>,
+    ) -> std::io::Result<Vec<JoinHandle<()>>> {
+        let listener = listener.into_std()?;
+        let mut servers = Vec::new();
+        for handle in self.workers.handles() {
+            let socket = listener.try_clone()?;
+            let serve = crate::proxy::serve;
+            let args = (
+                stack.clone(),
+                self.listening.clone(),
+                self.metrics.clone(),
+                acceptor.clone(),
+                self.stop.clone(),
+            );
+            servers.push(self.tasks.tracker.spawn_on(
+                async move {
+                    match TcpListener::from_std(socket) {
+                        Ok(listener) => {
+                            serve(listener, args.0, args.1, args.2, args.3, args.4).await
+                        }
+                        Err(e) => tracing::error!("edge worker: the listener: {e}"),
+                    }
+                },
+                handle,
+            ));
+        }
+        Ok(servers)
+    }
 }
 
 /// The listener and the admin listener.
@@ -603,9 +660,8 @@ impl Running {
         for pool in self.pools() {
             pool.begin_close();
         }
-        let _ = (&mut self.server).await;
-        if let Some(tls_server) = &mut self.tls_server {
-            let _ = tls_server.await;
+        for server in &mut self.servers {
+            let _ = server.await;
         }
         // Upgraded connections have what is left of the grace period,
         // then end, so no lease holds a pool's close back.
@@ -622,6 +678,8 @@ impl Running {
         self.tasks.cancel.cancel();
         self.tasks.tracker.close();
         self.tasks.tracker.wait().await;
+        // Tasks on the edge workers have ended with the rest.
+        self.workers.stop().await;
         info!("stopped");
     }
 }

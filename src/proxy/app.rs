@@ -259,9 +259,10 @@ impl Apps {
                 limits,
                 ..
             } => {
-                let (resp, checkin, lease) = self
-                    .via_pool(app, pool, upstreams, limits, req, asked)
-                    .await?;
+                // Boxed: a static app's request does not carry this
+                // path's state in its future.
+                let (resp, checkin, lease) =
+                    Box::pin(self.via_pool(app, pool, upstreams, limits, req, asked)).await?;
                 self.answer(app, resp, checkin, Some(lease), limits, upgrade)
             }
             Target::Static { upstream, limits } => {
@@ -456,7 +457,9 @@ async fn exchange(
     // upload's own pace is bounded by body_read_timeout, not this.
     let sent_whole = req.body().sent();
     let answer_overdue = async {
-        sent_whole.cancelled().await;
+        if let Some(sent_whole) = sent_whole {
+            sent_whole.cancelled().await;
+        }
         tokio::time::sleep(timeout).await
     };
     let sent = tokio::select! {

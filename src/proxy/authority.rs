@@ -67,31 +67,36 @@ pub fn normalize<B>(mut req: Request<B>) -> Result<Request<B>, ProxyError> {
     if host.is_none() && req.version() == Version::HTTP_11 {
         return bad("an HTTP/1.1 request needs a Host field");
     }
-    if host
-        .as_ref()
-        .is_some_and(|h| h.to_str().ok().and_then(host_name).is_none())
-    {
-        return bad("the host is malformed");
-    }
-    let value = match req.uri().authority() {
+    // The Host field must be well-formed even when the target names the
+    // authority (rule 3).
+    let host_named = match &host {
+        Some(h) => match h.to_str().ok().and_then(host_name) {
+            Some(name) => Some(name),
+            None => return bad("the host is malformed"),
+        },
+        None => None,
+    };
+    let (name, value) = match req.uri().authority() {
         Some(target) => {
             if !matches!(req.uri().scheme_str(), Some("http" | "https")) {
                 return bad("the target's scheme is not http or https");
             }
-            match HeaderValue::from_str(target.as_str()) {
-                Ok(v) => v,
-                Err(_) => return bad("the target's authority is malformed"),
-            }
+            let Ok(value) = HeaderValue::from_str(target.as_str()) else {
+                return bad("the target's authority is malformed");
+            };
+            let Some(name) = value.to_str().ok().and_then(host_name) else {
+                return bad("the host is malformed");
+            };
+            // The Host field is replaced by the target's authority.
+            req.headers_mut().insert(header::HOST, value.clone());
+            (name, value)
         }
-        None => match host {
-            Some(h) => h,
-            None => return bad("the request names no host"),
+        None => match (host, host_named) {
+            // The one Host field is the authority already.
+            (Some(value), Some(name)) => (name, value),
+            _ => return bad("the request names no host"),
         },
     };
-    let Some(name) = value.to_str().ok().and_then(host_name) else {
-        return bad("the host is malformed");
-    };
-    req.headers_mut().insert(header::HOST, value.clone());
     req.extensions_mut().insert(Authority { name, value });
     Ok(req)
 }

@@ -84,6 +84,9 @@ impl Idle {
 }
 
 /// The client's request body, as the app is sent it.
+///
+/// An empty body (most requests) allocates nothing: it has no tokens, as
+/// it is sent whole at once and there is nothing of it to cut off.
 pub struct RequestBody {
     /// `None` once finished, failed in a way that ends the connection, or
     /// for a made-up empty body.
@@ -91,18 +94,25 @@ pub struct RequestBody {
     idle: Idle,
     limit: Option<u64>,
     received: u64,
-    /// Cancelled once the body has been read to its end (at once if empty).
-    sent: CancellationToken,
-    /// Cancelled to cut the body off (the app answered in full).
-    cut: CancellationToken,
-    cut_wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// What a body with data reports through; `None` for an empty one.
+    tokens: Option<Box<Tokens>>,
     /// Whether the client sent `Expect: 100-continue`.
     expects_continue: bool,
     /// Whether the body was ever asked for (hyper sends the `100
     /// Continue` then).
     polled: bool,
+}
+
+/// What a request body with data reports through, and what it needs.
+struct Tokens {
+    /// Cancelled once the body has been read to its end.
+    sent: CancellationToken,
+    /// Cancelled to cut the body off (the app answered in full).
+    cut: CancellationToken,
+    /// Waits for `cut`: made when the body is first read.
+    cut_wait: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     /// Where a drain runs, and what ends it early (shutdown).
-    tasks: Option<Tasks>,
+    tasks: Tasks,
 }
 
 impl RequestBody {
@@ -113,48 +123,47 @@ impl RequestBody {
         inner: Incoming,
         read_timeout: Duration,
         expects_continue: bool,
-        tasks: Tasks,
+        tasks: &Tasks,
     ) -> RequestBody {
         let mut body = RequestBody::empty();
         if !inner.is_end_stream() {
-            body.sent = CancellationToken::new();
+            body.tokens = Some(Box::new(Tokens {
+                sent: CancellationToken::new(),
+                cut: CancellationToken::new(),
+                cut_wait: None,
+                tasks: tasks.clone(),
+            }));
+            body.inner = Some(inner);
+            body.idle = Idle::new(read_timeout);
+            body.expects_continue = expects_continue;
         }
-        body.inner = Some(inner);
-        body.idle = Idle::new(read_timeout);
-        body.expects_continue = expects_continue;
-        body.tasks = Some(tasks);
         body
     }
 
     /// An empty body (a replayed request that had none).
     pub fn empty() -> RequestBody {
-        let sent = CancellationToken::new();
-        sent.cancel();
-        let cut = CancellationToken::new();
         RequestBody {
             inner: None,
             idle: Idle::new(Duration::MAX),
             limit: None,
             received: 0,
-            sent,
-            cut_wait: Box::pin(cut.clone().cancelled_owned()),
-            cut,
+            tokens: None,
             expects_continue: false,
             polled: false,
-            tasks: None,
         }
     }
 
     /// Cancelled once the body has been read to its end: its connection
     /// may then carry another request, and the wait for the answer begins.
-    pub fn sent(&self) -> CancellationToken {
-        self.sent.clone()
+    /// `None`: the body is empty, sent whole already.
+    pub fn sent(&self) -> Option<CancellationToken> {
+        self.tokens.as_ref().map(|t| t.sent.clone())
     }
 
     /// Cancelling it cuts the body off: the next read fails with
-    /// [`RequestBodyError::Cut`].
-    pub fn cut(&self) -> CancellationToken {
-        self.cut.clone()
+    /// [`RequestBodyError::Cut`]. `None`: the body is empty.
+    pub fn cut(&self) -> Option<CancellationToken> {
+        self.tokens.as_ref().map(|t| t.cut.clone())
     }
 
     /// Fails the body once more than `max` bytes have arrived.
@@ -177,11 +186,15 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
+        let (Some(inner), Some(tokens)) = (this.inner.as_mut(), this.tokens.as_mut()) else {
             return Poll::Ready(None);
         };
         this.polled = true;
-        if this.cut_wait.as_mut().poll(cx).is_ready() {
+        let cut = &tokens.cut;
+        let cut_wait = tokens
+            .cut_wait
+            .get_or_insert_with(|| Box::pin(cut.clone().cancelled_owned()));
+        if cut_wait.as_mut().poll(cx).is_ready() {
             // Kept: dropped, it is drained.
             return Poll::Ready(Some(Err(RequestBodyError::Cut.into())));
         }
@@ -199,13 +212,13 @@ impl Body for RequestBody {
                 // The last frame, after which hyper polls no further: a
                 // sized body's last data, or trailers (always last).
                 if frame.is_trailers() || this.inner.as_ref().is_some_and(|b| b.is_end_stream()) {
-                    this.sent.cancel();
+                    tokens.sent.cancel();
                 }
                 Poll::Ready(Some(Ok(frame)))
             }
             Poll::Ready(None) => {
                 this.inner = None;
-                this.sent.cancel();
+                tokens.sent.cancel();
                 Poll::Ready(None)
             }
             Poll::Ready(Some(Err(e))) => {
@@ -251,7 +264,7 @@ impl Drop for RequestBody {
         if self.expects_continue && !self.polled {
             return;
         }
-        if let Some(tasks) = &self.tasks {
+        if let Some(Tokens { tasks, .. }) = self.tokens.as_deref() {
             let cancel = tasks.cancel.clone();
             tasks.tracker.spawn(async move {
                 tokio::select! {

@@ -103,18 +103,31 @@ fn forwarding_field(name: &str) -> bool {
 /// Removes hop-by-hop headers, including those named by `Connection`,
 /// except `Host` and `Content-Length`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    // Most messages have none: one look at each name, no lookups.
+    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+        return;
+    }
+    // The names `Connection` lists, compared as its tokens (ASCII case
+    // folded) with the names present: no name is made of them.
+    let listed: Vec<&[u8]> = headers
         .get_all(header::CONNECTION)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .filter(|n| !FRAMING.contains(n))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    for name in &HOP_BY_HOP {
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| {
+            HOP_BY_HOP.contains(n)
+                || (!FRAMING.contains(n)
+                    && listed
+                        .iter()
+                        .any(|t| t.eq_ignore_ascii_case(n.as_str().as_bytes())))
+        })
+        .cloned()
+        .collect();
+    for name in gone {
         headers.remove(name);
     }
 }
@@ -217,37 +230,59 @@ impl Forwarding {
     }
 
     /// Applies the policy to `req`, which carries its [`Peer`] and
-    /// [`Authority`]; sets its [`ClientAddr`].
+    /// [`Authority`]; sets its [`ClientAddr`], and its [`Hop`] unless
+    /// that is the default (no hop-by-hop field the next hop needs).
     pub fn apply<B>(&self, mut req: Request<B>) -> Request<B> {
         let peer = req.extensions().get::<Peer>().copied();
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
-        let hop = Hop::of(&req);
-        req.extensions_mut().insert(hop);
-        let h = req.headers_mut();
-        strip_hop_by_hop(h);
         let trusted = peer.is_some_and(|p| self.trusts(p.addr.ip()));
-        let drop: Vec<HeaderName> = h
-            .keys()
-            .filter(|n| {
-                forwarding_field(n.as_str())
-                    && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()))
-            })
-            .cloned()
-            .collect();
-        for name in drop {
-            h.remove(name);
+        // One look at each name: hop-by-hop fields (most requests have
+        // none) and forwarding fields to drop (step 2).
+        let (mut hop_by_hop, mut forwarding) = (false, false);
+        for n in req.headers().keys() {
+            hop_by_hop |= HOP_BY_HOP.contains(n);
+            forwarding |= forwarding_field(n.as_str())
+                && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()));
+        }
+        if hop_by_hop {
+            let hop = Hop::of(&req);
+            if hop != Hop::default() {
+                req.extensions_mut().insert(hop);
+            }
+            strip_hop_by_hop(req.headers_mut());
+        } else if req.version() == http::Version::HTTP_2 && req.method() == http::Method::CONNECT {
+            // An extended CONNECT has no hop-by-hop field but is a hop.
+            let hop = Hop::of(&req);
+            req.extensions_mut().insert(hop);
+        }
+        let h = req.headers_mut();
+        if forwarding {
+            let drop: Vec<HeaderName> = h
+                .keys()
+                .filter(|n| {
+                    forwarding_field(n.as_str())
+                        && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()))
+                })
+                .cloned()
+                .collect();
+            for name in drop {
+                h.remove(name);
+            }
         }
         let Some(peer) = peer else {
             return req;
         };
         let ip = peer.addr.ip().to_canonical();
-        let client = self.client(ip, h);
-        let (prior_xff, prior_fwd) = (joined(h, &XFF), joined(h, &FORWARDED));
-        h.remove(&X_REAL_IP);
-        // The peer's address is written once and shared by the fields
-        // that carry it as is (a HeaderValue clone shares its bytes).
-        let ip_text = ip.to_string();
-        let ip_value = HeaderValue::from_str(&ip_text).expect("an address is a field value");
+        // From an untrusted peer every forwarding field is gone by now.
+        let (client, prior_xff, prior_fwd) = match trusted {
+            true => {
+                let prior = (joined(h, &XFF), joined(h, &FORWARDED));
+                h.remove(&X_REAL_IP);
+                (self.client(ip, h), prior.0, prior.1)
+            }
+            false => (ip, None, None),
+        };
+        let (ip_text, ip_value) = ip_field(ip);
         let xff = match prior_xff {
             Some(prior) => value(format!("{prior}, {ip_text}")),
             None => Some(ip_value.clone()),
@@ -264,7 +299,7 @@ impl Forwarding {
         }
         if let Some(host) = host.as_ref().and_then(|v| v.to_str().ok()) {
             element.push_str(";host=");
-            element.push_str(&token_or_quoted(host));
+            push_token_or_quoted(&mut element, host);
         }
         element.push_str(";proto=");
         element.push_str(self.proto);
@@ -285,31 +320,76 @@ impl Forwarding {
         if let Some(real_ip) = real_ip {
             h.insert(X_REAL_IP, real_ip);
         }
-        if !h.contains_key(&XFP) {
+        // Kept from a trusted peer (step 3), else set.
+        if !trusted || !h.contains_key(&XFP) {
             h.insert(XFP, HeaderValue::from_static(self.proto));
         }
         if let Some(host) = host {
-            if !h.contains_key(&XFH) {
+            if !trusted || !h.contains_key(&XFH) {
                 h.insert(XFH, host);
             }
         }
-        if !h.contains_key(&XF_PORT) {
-            h.insert(XF_PORT, HeaderValue::from(peer.local.port()));
+        if !trusted || !h.contains_key(&XF_PORT) {
+            h.insert(XF_PORT, port_field(peer.local.port()));
         }
         req.extensions_mut().insert(ClientAddr(client));
         req
     }
 }
 
-/// `v` as an RFC 7239 value: a token as is, else a quoted string (a host
-/// with a port has a `:`, which is no token character, RFC 9110 section
-/// 5.6.2).
-fn token_or_quoted(v: &str) -> String {
+/// `ip` as text and as a field value. The last address is kept per
+/// thread: the next request is most often from the same client (its
+/// connection's next request, or the load balancer in front), and a
+/// value shares its bytes when cloned.
+fn ip_field(ip: IpAddr) -> (Arc<str>, HeaderValue) {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(IpAddr, Arc<str>, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((seen, text, value)) if *seen == ip => (text.clone(), value.clone()),
+        _ => {
+            let text: Arc<str> = ip.to_string().into();
+            let value = HeaderValue::from_str(&text).expect("an address is a field value");
+            *last = Some((ip, text.clone(), value.clone()));
+            (text, value)
+        }
+    })
+}
+
+/// `port` as a field value; the last one is kept per thread (a listener
+/// has one).
+fn port_field(port: u16) -> HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u16, HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((seen, value)) if *seen == port => value.clone(),
+        _ => {
+            let value = HeaderValue::from(port);
+            *last = Some((port, value.clone()));
+            value
+        }
+    })
+}
+
+/// Appends `v` as an RFC 7239 value: a token as is, else a quoted string
+/// (a host with a port has a `:`, which is no token character, RFC 9110
+/// section 5.6.2).
+fn push_token_or_quoted(to: &mut String, v: &str) {
     let tchar = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
     if !v.is_empty() && v.bytes().all(tchar) {
-        v.to_owned()
+        to.push_str(v);
     } else {
-        format!("\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))
+        to.push('"');
+        for c in v.chars() {
+            if c == '\\' || c == '"' {
+                to.push('\\');
+            }
+            to.push(c);
+        }
+        to.push('"');
     }
 }
 

@@ -26,6 +26,7 @@ mod app;
 mod authority;
 mod body;
 mod conn;
+pub mod edge;
 mod error;
 mod forwarded;
 mod framing;
@@ -92,8 +93,8 @@ pub struct Listening {
 static RELEASED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// How many client connections have ended or been parked since start
-/// (each freed its HTTP state): the gateway's workers hand freed memory
-/// back to the system only after this moved, so steady traffic on
+/// (each freed its HTTP state): the edge workers hand freed memory back
+/// to the system only after this moved, so steady traffic on
 /// kept-alive connections never pays for it.
 pub fn connections_released() -> u64 {
     RELEASED.load(std::sync::atomic::Ordering::Relaxed)
@@ -129,9 +130,7 @@ pub async fn serve(
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     // Shared: each connection's task holds a pointer, not the builders.
     let builders = std::sync::Arc::new(Builders::new(&listening));
-    // Shared too: a connection holds a pointer; each request clones the
-    // stack for itself.
-    let stack = std::sync::Arc::new(stack);
+    // Shared too: a connection holds a pointer.
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
@@ -237,7 +236,9 @@ pub async fn serve(
                 let requests = in_flight.clone();
                 let service = hyper::service::service_fn(move |mut req: Request<Incoming>| {
                     req.extensions_mut().insert(peer);
-                    req.extensions_mut().insert(stack::Sni(sni.clone()));
+                    if sni.is_some() {
+                        req.extensions_mut().insert(stack::Sni(sni.clone()));
+                    }
                     req.extensions_mut().insert(held.clone());
                     // An HTTP/2 stream counts open until its body is sent;
                     // an HTTP/1.1 request counts in flight as long (park
@@ -246,9 +247,9 @@ pub async fn serve(
                         true => conn::Guard::Stream(counting.open()),
                         false => conn::Guard::Request(requests.start()),
                     };
-                    let answer = tower::ServiceExt::oneshot(Stack::clone(&stack), req);
+                    let answer = stack.serve(req);
                     async move {
-                        let resp = answer.await?;
+                        let resp = answer.await;
                         if let conn::Guard::Request(request) = &guard {
                             if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS {
                                 request.upgraded();
@@ -303,6 +304,10 @@ pub async fn serve(
     while connections.join_next().await.is_some() {}
 }
 
+/// The number of header lines hyper takes when not told
+/// (`hyper::server::conn::http1::Builder::max_headers`).
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// hyper's connection builders, set up by protocol step 2.
 #[derive(Clone)]
 struct Builders {
@@ -317,8 +322,12 @@ impl Builders {
         h1.timer(TokioTimer::new())
             .header_read_timeout(listening.header_read_timeout)
             .max_buf_size(listening.max_header_bytes)
-            .max_headers(listening.max_headers)
             .keep_alive(true);
+        // hyper's own limit is 100 header lines, in room on the stack;
+        // any other limit costs it a fill of that many slots per request.
+        if listening.max_headers != HYPER_MAX_HEADERS {
+            h1.max_headers(listening.max_headers);
+        }
         let mut h2 =
             hyper::server::conn::http2::Builder::new(TrackedExecutor(listening.tasks.clone()));
         h2.timer(TokioTimer::new());

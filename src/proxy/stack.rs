@@ -27,14 +27,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Request, Response};
-use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use ipnet::IpNet;
-use tower::filter::FilterLayer;
-use tower::util::BoxCloneSyncService;
-use tower::ServiceBuilder;
-use tower_http::trace::{DefaultOnFailure, TraceLayer};
-use tracing::{field, info_span, Level, Span};
+use tower::ServiceExt;
+use tracing::{debug_span, field, Instrument, Span};
 
 use super::app::{AppService, Apps, RoutedTo};
 use super::body::RequestBody;
@@ -44,9 +40,74 @@ use super::{authority, framing};
 use super::{ProxyBody, ProxyMetrics};
 use crate::pool::Tasks;
 
-/// The whole request path, per request. It never fails: every error has
-/// become a response in the error layer.
-pub type Stack = BoxCloneSyncService<Request<Incoming>, Response<ProxyBody>, Infallible>;
+/// The whole request path: the module doc's layers, over the apps. It
+/// never fails: every error has become a response in the error layer.
+///
+/// Cloning it is one pointer: the listener's connections share it and
+/// each request clones it (hyper calls a service through `&self`).
+/// [`Stack::serve`] is the same path as its [`tower::Service`] impl
+/// without boxing the request's future: the listener's connections use it.
+#[derive(Clone)]
+pub struct Stack(Arc<Outer>);
+
+/// What the outermost layers (trace, metrics, client body) need.
+struct Outer {
+    policies: Policies<AppService>,
+    body_timeout: Duration,
+    tasks: Tasks,
+    metrics: ProxyMetrics,
+}
+
+impl Stack {
+    /// `req` through every layer, to its response.
+    pub fn serve(
+        &self,
+        req: Request<Incoming>,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
+        let outer = self.0.clone();
+        let started = tokio::time::Instant::now();
+        // The trace layer: a span per request (DEBUG: off unless asked
+        // for, and then free of formatting costs).
+        let span = debug_span!(
+            "request",
+            method = %req.method(),
+            uri = %req.uri(),
+            peer = ?req.extensions().get::<Peer>().map(|p| p.addr),
+            client = field::Empty
+        );
+        // The client body layer: the read timeout, and a drain if left
+        // unread.
+        let expects_continue = req
+            .headers()
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+        let req =
+            req.map(|b| RequestBody::new(b, outer.body_timeout, expects_continue, &outer.tasks));
+        async move {
+            let resp = outer.policies.0.answer(req).await;
+            // The metrics layer: observed at the response headers.
+            let app = resp.extensions().get::<RoutedTo>().map_or("", |a| &a.0);
+            outer.metrics.observe(app, resp.status(), started.elapsed());
+            resp
+        }
+        .instrument(span)
+    }
+}
+
+impl tower::Service<Request<Incoming>> for Stack {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let answer = self.serve(req);
+        Box::pin(async move { Ok(answer.await) })
+    }
+}
 
 /// What the stack's policies are set from.
 #[derive(Clone, Debug)]
@@ -152,53 +213,121 @@ fn same_certificate<B>(
 /// Builds the stack of the module doc over `apps`; lingering drains run
 /// on `tasks`.
 pub fn build(apps: Arc<Apps>, cfg: &StackConfig, metrics: ProxyMetrics, tasks: Tasks) -> Stack {
-    let body_timeout = cfg.body_read_timeout;
-    let on_response_metrics = metrics.clone();
-    let stack = ServiceBuilder::new()
-        .map_response(|r: Response<TracedBody>| r.map(BodyExt::boxed))
-        // Trace and metrics: a span per request, observed at its answer.
-        .layer(
-            TraceLayer::new_for_http()
-                .make_span_with(|req: &Request<Incoming>| {
-                    let peer = req.extensions().get::<Peer>().map(|p| p.addr);
-                    info_span!("request", method = %req.method(), uri = %req.uri(), peer = ?peer, client = field::Empty)
-                })
-                .on_request(())
-                .on_response(move |resp: &Response<ProxyBody>, took: Duration, _: &Span| {
-                    let app = resp.extensions().get::<RoutedTo>().map_or("", |a| &a.0);
-                    on_response_metrics.observe(app, resp.status(), took);
-                })
-                .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
-        )
-        // Client body: the read timeout, and a drain if left unread.
-        .map_request(move |req: Request<Incoming>| {
-            let expects_continue = req
-                .headers()
-                .get(http::header::EXPECT)
-                .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-            let tasks = tasks.clone();
-            req.map(|b| RequestBody::new(b, body_timeout, expects_continue, tasks))
-        })
-        .service(policies(AppService(apps), cfg, metrics));
-    BoxCloneSyncService::new(stack)
+    Stack(Arc::new(Outer {
+        policies: policies(AppService(apps), cfg, metrics.clone()),
+        body_timeout: cfg.body_read_timeout,
+        tasks,
+        metrics,
+    }))
 }
 
-/// The body the trace layer wraps responses in.
-type TracedBody = tower_http::trace::ResponseBody<
-    ProxyBody,
-    tower_http::classify::NeverClassifyEos<tower_http::classify::ServerErrorsFailureClass>,
-    tower_http::trace::DefaultOnBodyChunk,
-    tower_http::trace::DefaultOnEos,
-    DefaultOnFailure,
->;
-
 /// The policy layers of the module doc, from errors to forwarding, over
-/// `inner` (the app service; a mock in tests).
-pub fn policies<S, B>(
-    inner: S,
-    cfg: &StackConfig,
+/// an inner service (the app service; a mock in tests). Each layer is a
+/// step of one future, not a service of its own: a request allocates one
+/// future for them all, and cloning the whole is one pointer.
+pub struct Policies<S>(Arc<PolicyLayers<S>>);
+
+impl<S> Clone for Policies<S> {
+    fn clone(&self) -> Self {
+        Policies(self.0.clone())
+    }
+}
+
+/// The settings of each policy layer, in the module doc's order.
+struct PolicyLayers<S> {
+    /// Errors: every error becomes its response, counted here.
     metrics: ProxyMetrics,
-) -> BoxCloneSyncService<Request<B>, Response<ProxyBody>, Infallible>
+    /// Load shed and concurrency limit: a permit per request, held to its
+    /// response headers; none left: 503 at once.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Framing.
+    max_head: usize,
+    max_headers: usize,
+    /// ACME HTTP-01 answers (plain listener, `tls.acme`).
+    http01: Option<Arc<crate::acme::Http01>>,
+    /// The certificate check (TLS listener).
+    certs: Option<Arc<super::tls::Certs>>,
+    /// The redirect to HTTPS (plain listener, `tls.redirect_http`).
+    redirect: Option<Redirect>,
+    /// Forwarding headers.
+    forwarding: Forwarding,
+    /// The app service.
+    inner: S,
+}
+
+/// The policy layers of the module doc over `inner`.
+pub fn policies<S>(inner: S, cfg: &StackConfig, metrics: ProxyMetrics) -> Policies<S> {
+    Policies(Arc::new(PolicyLayers {
+        metrics,
+        in_flight: cfg.in_flight.clone(),
+        max_head: cfg.max_header_bytes,
+        max_headers: cfg.max_headers,
+        http01: cfg.acme_http01.clone(),
+        certs: cfg.certs.clone(),
+        redirect: cfg.redirect.clone(),
+        forwarding: Forwarding::new(&cfg.trusted_proxies, cfg.proto),
+        inner,
+    }))
+}
+
+impl<S> PolicyLayers<S> {
+    /// The error layer over the rest: `req`'s response, whatever failed.
+    async fn answer<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    where
+        S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
+            + Clone,
+    {
+        // Load shed and concurrency limit: no waiting for a permit. The
+        // permit is held to the response headers.
+        let Ok(_permit) = self.in_flight.try_acquire() else {
+            return answer(
+                Err(tower::load_shed::error::Overloaded::new().into()),
+                &self.metrics,
+            );
+        };
+        answer(self.forward(req).await, &self.metrics)
+    }
+
+    /// The layers from framing to the app, in order.
+    async fn forward<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, tower::BoxError>
+    where
+        S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
+            + Clone,
+    {
+        // Framing: nothing ambiguous or not understood is passed on.
+        let req = framing::check(req, self.max_head, self.max_headers)?;
+        // Authority: one Host, or the absolute-form target's (400 else).
+        let req = authority::normalize(req)?;
+        // Plain listener, tls.acme: a CA's HTTP-01 request gets its key
+        // authorization.
+        if let Some(key_auth) = self
+            .http01
+            .as_ref()
+            .and_then(|h| h.answer(req.uri().path()))
+        {
+            return Err(ProxyError::new(ErrorKind::AcmeChallenge(key_auth)).into());
+        }
+        // TLS listener: the host must be one the connection's certificate
+        // is for (421).
+        let req = match &self.certs {
+            Some(certs) => same_certificate(certs, req)?,
+            None => req,
+        };
+        // Plain listener, tls.redirect_http: hosts with a certificate go
+        // to HTTPS.
+        if let Some(to) = self.redirect.as_ref().and_then(|r| r.location(&req)) {
+            return Err(ProxyError::new(ErrorKind::Redirect(to)).into());
+        }
+        // Forwarding headers, by the trusted_proxies policy.
+        let req = self.forwarding.apply(req);
+        if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
+            Span::current().record("client", field::display(ip));
+        }
+        self.inner.clone().oneshot(req).await
+    }
+}
+
+impl<S, B> tower::Service<Request<B>> for Policies<S>
 where
     S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
         + Clone
@@ -208,58 +337,18 @@ where
     S::Future: Send + 'static,
     B: Send + 'static,
 {
-    let forwarding = Forwarding::new(&cfg.trusted_proxies, cfg.proto);
-    let max_head = cfg.max_header_bytes;
-    let max_headers = cfg.max_headers;
-    let redirect = cfg.redirect.clone();
-    let certs = cfg.certs.clone();
-    let http01 = cfg.acme_http01.clone();
-    let stack =
-        ServiceBuilder::new()
-            // Errors: a ProxyError (or a shed request) becomes its response.
-            .layer(ErrorLayer {
-                metrics: Arc::new(metrics),
-            })
-            // Load shedding: no waiting for a permit, a 503 at once.
-            .load_shed()
-            // Global cap on requests in flight, to their response headers.
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::with_semaphore(
-                cfg.in_flight.clone(),
-            ))
-            // Framing: nothing ambiguous or not understood is passed on.
-            .filter(move |req: Request<B>| framing::check(req, max_head, max_headers))
-            // Authority: one Host, or the absolute-form target's (400 else).
-            .filter(authority::normalize::<B>)
-            // Plain listener, tls.acme: a CA's HTTP-01 request gets its key authorization.
-            .option_layer(http01.map(|http01| {
-                FilterLayer::new(
-                    move |req: Request<B>| match http01.answer(req.uri().path()) {
-                        Some(key_auth) => Err(ProxyError::new(ErrorKind::AcmeChallenge(key_auth))),
-                        None => Ok(req),
-                    },
-                )
-            }))
-            // TLS listener: the host must be one the connection's certificate is for (421).
-            .option_layer(certs.map(|certs| {
-                FilterLayer::new(move |req: Request<B>| same_certificate(&certs, req))
-            }))
-            // Plain listener, tls.redirect_http: hosts with a certificate go to HTTPS.
-            .option_layer(redirect.map(|redirect| {
-                FilterLayer::new(move |req: Request<B>| match redirect.location(&req) {
-                    Some(to) => Err(ProxyError::new(ErrorKind::Redirect(to))),
-                    None => Ok(req),
-                })
-            }))
-            // Forwarding headers, by the trusted_proxies policy.
-            .map_request(move |req: Request<B>| {
-                let req = forwarding.apply(req);
-                if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
-                    Span::current().record("client", field::display(ip));
-                }
-                req
-            })
-            .service(inner);
-    BoxCloneSyncService::new(stack)
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let layers = self.0.clone();
+        Box::pin(async move { Ok(layers.answer(req).await) })
+    }
 }
 
 /// The error layer: the response for `r`'s error.
@@ -293,66 +382,6 @@ fn answer(
     resp
 }
 
-/// The error layer: every error of the layers below becomes its response.
-#[derive(Clone)]
-struct ErrorLayer {
-    /// Shared: the layer's service is cloned per request.
-    metrics: Arc<ProxyMetrics>,
-}
-
-impl<S> tower::Layer<S> for ErrorLayer {
-    type Service = Answering<S>;
-
-    fn layer(&self, inner: S) -> Answering<S> {
-        Answering {
-            inner,
-            metrics: self.metrics.clone(),
-            not_ready: None,
-        }
-    }
-}
-
-/// The service [`ErrorLayer`] makes.
-#[derive(Clone)]
-struct Answering<S> {
-    inner: S,
-    metrics: Arc<ProxyMetrics>,
-    /// A readiness error, answered by the next call.
-    not_ready: Option<Arc<tower::BoxError>>,
-}
-
-impl<S, B> tower::Service<Request<B>> for Answering<S>
-where
-    S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>,
-    S::Future: Send + 'static,
-{
-    type Response = Response<ProxyBody>;
-    type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<ProxyBody>, Infallible>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        match self.inner.poll_ready(cx) {
-            Poll::Ready(Err(e)) => {
-                self.not_ready = Some(Arc::new(e));
-                Poll::Ready(Ok(()))
-            }
-            Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn call(&mut self, req: Request<B>) -> Self::Future {
-        let metrics = self.metrics.clone();
-        if let Some(e) = self.not_ready.take() {
-            tracing::error!("request path not ready: {e}");
-            let resp = answer(Err(ProxyError::new(ErrorKind::Internal).into()), &metrics);
-            return Box::pin(std::future::ready(Ok(resp)));
-        }
-        let fut = self.inner.call(req);
-        Box::pin(async move { Ok(answer(fut.await, &metrics)) })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -365,13 +394,7 @@ mod tests {
     type Mock = mock::Mock<Request<()>, Response<ProxyBody>>;
     type Handle = mock::Handle<Request<()>, Response<ProxyBody>>;
 
-    fn stack(
-        max_in_flight: usize,
-    ) -> (
-        BoxCloneSyncService<Request<()>, Response<ProxyBody>, Infallible>,
-        Handle,
-        ProxyMetrics,
-    ) {
+    fn stack(max_in_flight: usize) -> (Policies<Mock>, Handle, ProxyMetrics) {
         let (inner, handle): (Mock, Handle) = mock::pair();
         let metrics = ProxyMetrics::new(&prometheus::Registry::new()).unwrap();
         let cfg = StackConfig {

@@ -14,7 +14,9 @@
 //!    lowered by the app's own `Keep-Alive: timeout=N` (less a margin, so
 //!    snapgate stops using a connection before the app closes it).
 //! 2. [`Upstream::send`] takes the newest idle connection that has not
-//!    expired and is not closed, else connects afresh. hyper hands a request
+//!    expired and is not closed, else connects afresh. Idle connections
+//!    are kept per edge worker (`edge.rs`, step 3): a worker takes only
+//!    those it opened, which its own reactor drives. hyper hands a request
 //!    back when its connection turned out closed before a byte of it was
 //!    written: it then goes to the next connection (nothing was sent, so
 //!    this is no resend).
@@ -121,7 +123,9 @@ pub struct Upstream {
     addr: SocketAddr,
     interface: Option<String>,
     config: UpstreamConfig,
-    idle: Mutex<Vec<Idle>>,
+    /// Idle connections by edge worker slot (`edge.rs`, step 3): each is
+    /// driven by the reactor of the worker that opened it.
+    idle: Box<[Slot]>,
     /// The h2c connection, shared by every request (step 6).
     /// With a generation number, so a failure forgets only its own.
     h2: tokio::sync::Mutex<Option<(u64, http2::SendRequest<RequestBody>)>>,
@@ -132,6 +136,18 @@ struct Idle {
     expires: Instant,
 }
 
+/// One worker's idle connections, on a cache line of its own: workers
+/// never touch each other's.
+#[repr(align(64))]
+#[derive(Default)]
+struct Slot(Mutex<Vec<Idle>>);
+
+impl Slot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
 /// A connection whose response is being read; [`Checkin::put_back`]
 /// returns it to its pool. Dropped otherwise, it closes, and cuts off a
 /// request body still being sent (step 4).
@@ -139,10 +155,20 @@ pub struct Checkin {
     sender: Option<SendRequest<RequestBody>>,
     upstream: Arc<Upstream>,
     idle_for: Duration,
-    /// Cancelled once the request body was sent whole.
-    sent: CancellationToken,
-    /// Cancelling it cuts the request body off.
-    cut: CancellationToken,
+    /// Cancelled once the request body was sent whole; `None`: it was
+    /// empty.
+    sent: Option<CancellationToken>,
+    /// Cancelling it cuts the request body off; `None`: it was empty.
+    cut: Option<CancellationToken>,
+}
+
+impl Checkin {
+    /// Whether the request's body went out whole.
+    fn sent_whole(&self) -> bool {
+        self.sent
+            .as_ref()
+            .is_none_or(CancellationToken::is_cancelled)
+    }
 }
 
 impl std::fmt::Debug for Checkin {
@@ -157,21 +183,24 @@ impl Checkin {
     /// The response was read to its end: the connection may serve another
     /// request, until its idle deadline, if its request was sent whole.
     pub fn put_back(mut self) {
-        if !self.sent.is_cancelled() || self.idle_for.is_zero() {
+        if !self.sent_whole() || self.idle_for.is_zero() {
             return;
         }
         if let Some(sender) = self.sender.take() {
             let expires = Instant::now() + self.idle_for;
-            let mut idle = self.upstream.idle.lock().unwrap_or_else(|p| p.into_inner());
-            idle.push(Idle { sender, expires });
+            self.upstream.idle[super::edge::slot()]
+                .lock()
+                .push(Idle { sender, expires });
         }
     }
 }
 
 impl Drop for Checkin {
     fn drop(&mut self) {
-        if !self.sent.is_cancelled() {
-            self.cut.cancel();
+        if !self.sent_whole() {
+            if let Some(cut) = &self.cut {
+                cut.cancel();
+            }
         }
     }
 }
@@ -186,7 +215,7 @@ impl Upstream {
             addr,
             interface,
             config,
-            idle: Mutex::new(Vec::new()),
+            idle: (0..super::edge::slots()).map(|_| Slot::default()).collect(),
             h2: tokio::sync::Mutex::new(None),
         });
         let idle_timeout = upstream.config.idle_timeout;
@@ -215,13 +244,16 @@ impl Upstream {
     /// connection's sender ends its task, which closes it.
     fn sweep(&self) {
         let now = Instant::now();
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        idle.retain(|c| c.expires > now && !c.sender.is_closed());
+        for slot in &self.idle {
+            slot.lock()
+                .retain(|c| c.expires > now && !c.sender.is_closed());
+        }
     }
 
-    /// The newest idle connection that has not expired, if any.
+    /// The newest idle connection of the calling worker's slot that has
+    /// not expired, if any.
     fn checkout(&self) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self.idle[super::edge::slot()].lock();
         let now = Instant::now();
         while let Some(c) = idle.pop() {
             if c.expires > now && !c.sender.is_closed() {
@@ -308,8 +340,10 @@ impl Upstream {
         self: &Arc<Self>,
         req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Checkin), SendError> {
+        // The paths a warm forward does not take are boxed: the future
+        // of every request is moved whole, so it stays small.
         if self.config.h2c {
-            return self.send_h2(req).await;
+            return Box::pin(self.send_h2(req)).await;
         }
         // What a resend is made from: only needed on a reused connection.
         let mut replay = None;
@@ -342,7 +376,7 @@ impl Upstream {
                         debug!(addr = %self.addr, "reused connection failed ({error}); sending once more");
                         self.config.replays.inc();
                         // The one resend: a connect failure now fails it.
-                        return match self.fresh(rebuild(head)).await {
+                        return match Box::pin(self.fresh(rebuild(head))).await {
                             Err(SendError::NotSent { cause, .. }) => {
                                 Err(SendError::Failed(Box::new(cause)))
                             }
@@ -352,7 +386,7 @@ impl Upstream {
                 },
             }
         }
-        self.fresh(req).await
+        Box::pin(self.fresh(req)).await
     }
 
     /// Step 6: `req` as an HTTP/2 request on the shared connection (made
@@ -472,7 +506,7 @@ impl Upstream {
         self: &Arc<Self>,
         resp: Response<Incoming>,
         sender: Option<SendRequest<RequestBody>>,
-        (sent, cut): (CancellationToken, CancellationToken),
+        (sent, cut): (Option<CancellationToken>, Option<CancellationToken>),
     ) -> (Response<Incoming>, Checkin) {
         let idle_timeout = self.config.idle_timeout;
         let idle_for = match (&sender, keep_alive_timeout(resp.headers())) {
