@@ -24,7 +24,10 @@
 //! Every task the gateway starts (the listeners with the connections they
 //! own, the admin listener's connections, each engine's maintenance,
 //! restores, stops and exit waiters) runs on one [`Tasks`] tracker under
-//! one cancel token. Tasks of upstream connections end with their
+//! one cancel token. The listeners' accept loops, and the tasks of the
+//! connections they serve, run on the edge workers (`proxy::edge`); the
+//! rest on the runtime `start` was called on. The workers end last, once
+//! every task has. Tasks of upstream connections end with their
 //! connections (closed by the app, or dropped by snapgate: see
 //! `src/proxy/upstream.rs`), a guest probe's connection is aborted with
 //! its request, and the netlink connection belongs to its `Network`. [`Running::shutdown`]: stop accepting, let in-flight

@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::Response;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use tokio::sync::{watch, Notify};
 
@@ -144,17 +143,15 @@ pub enum Guard {
 
 /// `body`, counted by `guard` until it is dropped (hyper drops a response
 /// body once sent, or when its exchange ends or its stream is reset).
-pub fn counted(resp: Response<ProxyBody>, guard: Guard) -> Response<ProxyBody> {
-    resp.map(|body| {
-        Counted {
-            inner: body,
-            _guard: guard,
-        }
-        .boxed()
+pub fn counted(resp: Response<ProxyBody>, guard: Guard) -> Response<Counted> {
+    resp.map(|body| Counted {
+        inner: body,
+        _guard: guard,
     })
 }
 
-struct Counted {
+/// A response body counted until it is dropped ([`counted`]).
+pub struct Counted {
     inner: ProxyBody,
     _guard: Guard,
 }

@@ -49,7 +49,8 @@ pub struct Peer {
     pub local: SocketAddr,
 }
 
-/// The client's address by the policy's step 5: a request extension.
+/// The client's address by the policy's step 5, when it is not the
+/// peer's (a trusted proxy named it): a request extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
@@ -230,8 +231,9 @@ impl Forwarding {
     }
 
     /// Applies the policy to `req`, which carries its [`Peer`] and
-    /// [`Authority`]; sets its [`ClientAddr`], and its [`Hop`] unless
-    /// that is the default (no hop-by-hop field the next hop needs).
+    /// [`Authority`]; sets its [`ClientAddr`] if the client is not the
+    /// peer, and its [`Hop`] unless that is the default (no hop-by-hop
+    /// field the next hop needs).
     pub fn apply<B>(&self, mut req: Request<B>) -> Request<B> {
         let peer = req.extensions().get::<Peer>().copied();
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
@@ -332,7 +334,9 @@ impl Forwarding {
         if !trusted || !h.contains_key(&XF_PORT) {
             h.insert(XF_PORT, port_field(peer.local.port()));
         }
-        req.extensions_mut().insert(ClientAddr(client));
+        if client != ip {
+            req.extensions_mut().insert(ClientAddr(client));
+        }
         req
     }
 }
@@ -491,10 +495,8 @@ mod tests {
         ] {
             assert!(all(&r, gone).is_empty(), "{gone}");
         }
-        assert_eq!(
-            r.extensions().get::<ClientAddr>(),
-            Some(&ClientAddr("10.0.0.9".parse().unwrap()))
-        );
+        // The client is the peer: no extension says otherwise.
+        assert_eq!(r.extensions().get::<ClientAddr>(), None);
     }
 
     #[test]
@@ -523,6 +525,10 @@ mod tests {
         );
         // 10.1.1.1 is a trusted proxy: the client is the entry before it.
         assert_eq!(all(&r, "x-real-ip"), ["2.2.2.2"]);
+        assert_eq!(
+            r.extensions().get::<ClientAddr>(),
+            Some(&ClientAddr("2.2.2.2".parse().unwrap()))
+        );
         assert_eq!(all(&r, "x-forwarded-proto"), ["https"]);
         assert_eq!(all(&r, "x-forwarded-prefix"), ["/app"]);
     }

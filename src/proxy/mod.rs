@@ -2,8 +2,10 @@
 //! ([`stack`]) -> app -> lease -> forward.
 //!
 //! Protocol for a connection:
-//! 1. The accept loop takes a connection slot for it (503 and close when
-//!    over `max_connections` or `max_connections_per_client`).
+//! 1. An accept loop (one per listener on each edge worker, [`edge`])
+//!    takes a connection slot for it (503 and close when over
+//!    `max_connections` or `max_connections_per_client`); the connection
+//!    is served on that worker to its end.
 //! 2. On the TLS listener, the handshake comes first, bounded by
 //!    `header_read_timeout` (its SNI goes with each request). The
 //!    connection then speaks HTTP/2 or HTTP/1.1 (`conn.rs` step 1): HTTP/1.1

@@ -1,8 +1,13 @@
-//! The request path as a tower stack: each policy one layer.
+//! The request path: each policy one layer, outermost first. The layers
+//! are the steps of one future per request, not a service each: a
+//! request allocates that one future, and the stack is shared as one
+//! pointer (a stack of boxed tower services cost a clone of every layer
+//! and a boxed future per layer, per request). The whole is a
+//! [`tower::Service`], as is [`Policies`] over any inner service.
 //!
 //! ```text
 //! boxed response body
-//!   trace + metrics      one span per request; requests_total, duration
+//!   trace + metrics      a DEBUG span per request; requests_total, duration
 //!   client body          timeouts: body_read_timeout (408); a bounded drain if unread
 //!   errors               a ProxyError or a shed request becomes its response
 //!   load shed            over max_requests_in_flight: 503 + Retry-After at once
@@ -320,8 +325,18 @@ impl<S> PolicyLayers<S> {
         }
         // Forwarding headers, by the trusted_proxies policy.
         let req = self.forwarding.apply(req);
-        if let Some(ClientAddr(ip)) = req.extensions().get::<ClientAddr>() {
-            Span::current().record("client", field::display(ip));
+        let span = Span::current();
+        if !span.is_disabled() {
+            let client = match req.extensions().get::<ClientAddr>() {
+                Some(ClientAddr(ip)) => Some(*ip),
+                None => req
+                    .extensions()
+                    .get::<Peer>()
+                    .map(|p| p.addr.ip().to_canonical()),
+            };
+            if let Some(ip) = client {
+                span.record("client", field::display(ip));
+            }
         }
         self.inner.clone().oneshot(req).await
     }
