@@ -124,6 +124,16 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // Bound first: a taken port fails start-up before any VM exists.
     let (listener, admin_listener) = bind(config).await?;
     let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
+    // The edge workers too, before any VM exists.
+    let asked = config.workers.unwrap_or_else(crate::proxy::edge::cores);
+    let workers = crate::proxy::edge::Workers::start(asked).context("starting the edge workers")?;
+    if workers.handles().len() < asked {
+        tracing::warn!(
+            asked,
+            cores = crate::proxy::edge::cores(),
+            "workers: more than the cores snapgate may run on; starting one per core"
+        );
+    }
     // Certificates load before any VM starts: a bad file fails start-up.
     let tls = match &config.tls {
         Some(tls) => {
@@ -250,9 +260,6 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     // Protocol step 2 of `proxy::edge`: each listener's accept loop on
     // every edge worker, over its own duplicate of the socket.
-    let workers = config.workers.unwrap_or_else(crate::proxy::edge::cores);
-    let workers =
-        crate::proxy::edge::Workers::start(workers).context("starting the edge workers")?;
     let on_workers = OnWorkers {
         workers: &workers,
         listening: &listening,
@@ -301,7 +308,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         tasks.tracker.clone(),
     ));
     unfinished.disarm();
-    info!(%listen, %admin, "serving");
+    info!(%listen, %admin, workers = workers.handles().len(), "serving");
     // Serving has begun: a progress line that cannot be written (a closed
     // pipe) must not end it.
     let https = tls_listen.map_or(String::new(), |a| format!(", https://{a}"));
@@ -363,24 +370,21 @@ impl OnWorkers<'_> {
         let listener = listener.into_std()?;
         let mut servers = Vec::new();
         for handle in self.workers.handles() {
-            let socket = listener.try_clone()?;
-            let serve = crate::proxy::serve;
-            let args = (
-                stack.clone(),
-                self.listening.clone(),
-                self.metrics.clone(),
-                acceptor.clone(),
-                self.stop.clone(),
-            );
+            // Registered with the worker's reactor here: a socket that
+            // cannot be fails start-up.
+            let socket = {
+                let _worker = handle.enter();
+                TcpListener::from_std(listener.try_clone()?)?
+            };
             servers.push(self.tasks.tracker.spawn_on(
-                async move {
-                    match TcpListener::from_std(socket) {
-                        Ok(listener) => {
-                            serve(listener, args.0, args.1, args.2, args.3, args.4).await
-                        }
-                        Err(e) => tracing::error!("edge worker: the listener: {e}"),
-                    }
-                },
+                crate::proxy::serve(
+                    socket,
+                    stack.clone(),
+                    self.listening.clone(),
+                    self.metrics.clone(),
+                    acceptor.clone(),
+                    self.stop.clone(),
+                ),
                 handle,
             ));
         }

@@ -3,24 +3,33 @@
 //! start to end, as nginx's worker processes do.
 //!
 //! A connection's tasks (its hyper connection, the upstream connections it
-//! opens, its HTTP/2 streams, its tunnel) stay on one thread: a forward
-//! wakes no other thread and takes no lock another core holds. On a
-//! multi-threaded runtime the client and upstream halves of a forward run
-//! on whichever worker is free and wake each other across threads
-//! (BENCHMARKS.md measures both).
+//! opens, its HTTP/2 streams, its tunnel) stay on one thread: a warm
+//! forward wakes no other thread. On a multi-threaded runtime the client
+//! and upstream halves of a forward run on whichever worker is free and
+//! wake each other across threads (BENCHMARKS.md measures both). What
+//! the workers share (the in-flight limit, the connection counts, the
+//! pools and their engines, metrics) is behind atomics and locks held
+//! briefly. The cost: one connection is served by one core, however busy
+//! (an HTTP/2 connection carrying many clients' streams included), as an
+//! nginx worker serves it.
 //!
 //! Protocol:
 //! 1. [`Workers::start`] spawns `n` threads (`snapgate-edge-<i>`). Each
 //!    builds a current-thread runtime, records its slot (`1..=n`, see
 //!    [`slot`]), hands its runtime's handle back, then runs until `quit`.
 //! 2. The gateway spawns every listener's accept loop on every worker,
-//!    each over its own duplicate of the listening socket: the kernel
-//!    wakes the workers for a new connection and one of them accepts it. A
-//!    busy worker is late to accept, so new connections go to idle ones.
-//! 3. State a connection's tasks reuse across requests is kept per slot
-//!    where it is bound to a runtime: an upstream connection is driven by
-//!    the reactor of the worker that opened it, so it is reused only by
-//!    that worker (`upstream.rs`, step 2).
+//!    each over its own duplicate of the listening socket, registered with
+//!    that worker's reactor before serving begins: the kernel wakes the
+//!    workers for a new connection and one of them accepts it. A worker
+//!    yields after each accept, so a burst of connections is spread over
+//!    the workers that are free rather than taken by the first awake.
+//! 3. An upstream HTTP/1.1 connection is driven by the reactor of the
+//!    worker that opened it, and kept idle in that worker's slot
+//!    (`upstream.rs`, step 2): a worker takes its own idle connections
+//!    first, and another worker's only before dialing a new one (an app
+//!    that serves one connection at a time still sees one). An h2c
+//!    connection is one per upstream, shared by every worker, and driven
+//!    by the worker that opened it (`upstream.rs`, step 6).
 //! 4. Pools, restores and everything else of the gateway live on the
 //!    runtime the gateway was started on (the control runtime); a request
 //!    on a worker waits for a claim there through channels, which wake
@@ -78,6 +87,8 @@ impl Workers {
     pub fn start(n: usize) -> std::io::Result<Workers> {
         let n = n.clamp(1, slots() - 1);
         let quit = CancellationToken::new();
+        // Armed first: if a later worker cannot start, those started end.
+        let guard = quit.clone().drop_guard();
         let mut handles = Vec::with_capacity(n);
         let mut ended = Vec::with_capacity(n);
         for i in 1..=n {
@@ -113,7 +124,7 @@ impl Workers {
         Ok(Workers {
             handles,
             ended,
-            quit: Some(quit.drop_guard()),
+            quit: Some(guard),
         })
     }
 

@@ -569,4 +569,75 @@ mod tests {
             assert!(r.headers().get(gone).is_none(), "{gone}");
         }
     }
+
+    #[test]
+    fn connection_tokens_match_names_in_any_case() {
+        let policy = Forwarding::new(&[], "http");
+        let r = policy.apply(request(
+            "10.0.0.9:5555",
+            &[
+                ("connection", " X-Private ,Keep-Alive"),
+                ("x-private", "1"),
+                ("x-kept", "2"),
+            ],
+        ));
+        assert!(r.headers().get("x-private").is_none());
+        assert!(r.headers().get("connection").is_none());
+        assert_eq!(all(&r, "x-kept"), ["2"]);
+    }
+
+    #[test]
+    fn a_request_without_hop_by_hop_fields_gets_no_hop_extension() {
+        let policy = Forwarding::new(&[], "http");
+        let r = policy.apply(request("10.0.0.9:5555", &[("accept", "*/*")]));
+        assert!(r.extensions().get::<Hop>().is_none());
+        let r = policy.apply(request(
+            "10.0.0.9:5555",
+            &[("connection", "te"), ("te", "trailers")],
+        ));
+        assert_eq!(
+            r.extensions().get::<Hop>(),
+            Some(&Hop {
+                te_trailers: true,
+                ..Hop::default()
+            })
+        );
+    }
+
+    #[test]
+    fn peers_and_ports_alternating_on_one_thread_each_get_their_own_values() {
+        let policy = Forwarding::new(&[], "http");
+        for (peer, local) in [
+            ("10.0.0.1:1", "127.0.0.1:80"),
+            ("10.0.0.2:1", "127.0.0.1:8443"),
+            ("10.0.0.1:2", "127.0.0.1:80"),
+            ("[::1]:3", "127.0.0.1:8443"),
+        ] {
+            let mut req = request(peer, &[]);
+            req.extensions_mut().get_mut::<Peer>().unwrap().local = local.parse().unwrap();
+            let r = policy.apply(req);
+            let ip = peer.parse::<SocketAddr>().unwrap().ip().to_string();
+            let port = local.parse::<SocketAddr>().unwrap().port().to_string();
+            assert_eq!(all(&r, "x-forwarded-for"), std::slice::from_ref(&ip));
+            assert_eq!(all(&r, "x-real-ip"), [ip]);
+            assert_eq!(all(&r, "x-forwarded-port"), [port]);
+        }
+    }
+
+    #[test]
+    fn a_trusted_peer_that_sent_no_forwarding_fields_gets_them_set() {
+        let trusted: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let policy = Forwarding::new(&trusted, "https");
+        let r = policy.apply(request("10.0.0.9:5555", &[]));
+        assert_eq!(all(&r, "x-forwarded-for"), ["10.0.0.9"]);
+        assert_eq!(all(&r, "x-real-ip"), ["10.0.0.9"]);
+        assert_eq!(all(&r, "x-forwarded-proto"), ["https"]);
+        assert_eq!(all(&r, "x-forwarded-host"), ["a.test"]);
+        assert_eq!(all(&r, "x-forwarded-port"), ["8080"]);
+        assert_eq!(
+            all(&r, "forwarded"),
+            ["for=10.0.0.9;host=a.test;proto=https"]
+        );
+        assert!(r.extensions().get::<ClientAddr>().is_none());
+    }
 }

@@ -132,10 +132,13 @@ pub async fn serve(
         .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
     // Shared: each connection's task holds a pointer, not the builders.
     let builders = std::sync::Arc::new(Builders::new(&listening));
-    // Shared too: a connection holds a pointer.
     loop {
         // Forget connections that have finished.
         while connections.try_join_next().is_some() {}
+        // `edge` step 2: the worker lets its connections run between two
+        // accepts, so the other workers, woken too, take their share of
+        // a burst.
+        tokio::task::yield_now().await;
         let (stream, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,

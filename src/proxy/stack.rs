@@ -71,8 +71,11 @@ impl Stack {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let outer = self.0.clone();
         let started = tokio::time::Instant::now();
-        // The trace layer: a span per request (DEBUG: off unless asked
-        // for, and then free of formatting costs).
+        // The trace layer: a span per request, DEBUG: off unless asked
+        // for, and then free. At INFO it cost a fifth more instructions
+        // per warm request (formatting its fields, the subscriber's
+        // bookkeeping); the warnings of the app layer name the request's
+        // method and target themselves.
         let span = debug_span!(
             "request",
             method = %req.method(),

@@ -15,8 +15,10 @@
 //!    snapgate stops using a connection before the app closes it).
 //! 2. [`Upstream::send`] takes the newest idle connection that has not
 //!    expired and is not closed, else connects afresh. Idle connections
-//!    are kept per edge worker (`edge.rs`, step 3): a worker takes only
-//!    those it opened, which its own reactor drives. hyper hands a request
+//!    are kept per edge worker (`edge.rs`, step 3), each in the slot of
+//!    the worker whose reactor drives it: a worker takes its own first,
+//!    then another's, and only then connects; a connection goes back to
+//!    its own slot, whichever worker used it. hyper hands a request
 //!    back when its connection turned out closed before a byte of it was
 //!    written: it then goes to the next connection (nothing was sent, so
 //!    this is no resend).
@@ -47,7 +49,8 @@
 //!    proxy itself) or at shutdown. Both run on the gateway's task tracker.
 //! 6. An app with `upstream_protocol: h2c` gets one HTTP/2 connection per
 //!    upstream (prior knowledge, RFC 9113 section 3.3), shared by every
-//!    request as concurrent streams; it is made on first use and again
+//!    request of every edge worker as concurrent streams (its frames are
+//!    handled on the worker that opened it); it is made on first use and again
 //!    once it closes. A request hyper hands back unsent (the connection had
 //!    closed) goes on a new connection, once; if that one is closed too,
 //!    the request goes back to the caller unsent (another instance may
@@ -136,8 +139,9 @@ struct Idle {
     expires: Instant,
 }
 
-/// One worker's idle connections, on a cache line of its own: workers
-/// never touch each other's.
+/// One worker's idle connections, on a cache line of its own: another
+/// worker takes from it only when its own is empty, and the sweeper
+/// visits it.
 #[repr(align(64))]
 #[derive(Default)]
 struct Slot(Mutex<Vec<Idle>>);
@@ -153,6 +157,8 @@ impl Slot {
 /// request body still being sent (step 4).
 pub struct Checkin {
     sender: Option<SendRequest<RequestBody>>,
+    /// The slot of the worker whose reactor drives the connection.
+    home: usize,
     upstream: Arc<Upstream>,
     idle_for: Duration,
     /// Cancelled once the request body was sent whole; `None`: it was
@@ -188,7 +194,7 @@ impl Checkin {
         }
         if let Some(sender) = self.sender.take() {
             let expires = Instant::now() + self.idle_for;
-            self.upstream.idle[super::edge::slot()]
+            self.upstream.idle[self.home]
                 .lock()
                 .push(Idle { sender, expires });
         }
@@ -250,14 +256,19 @@ impl Upstream {
         }
     }
 
-    /// The newest idle connection of the calling worker's slot that has
-    /// not expired, if any.
-    fn checkout(&self) -> Option<SendRequest<RequestBody>> {
-        let mut idle = self.idle[super::edge::slot()].lock();
+    /// The newest idle connection that has not expired, and the slot it
+    /// lives in: the calling worker's own first, then another worker's
+    /// (edge.rs, step 3).
+    fn checkout(&self) -> Option<(SendRequest<RequestBody>, usize)> {
+        let own = super::edge::slot();
         let now = Instant::now();
-        while let Some(c) = idle.pop() {
-            if c.expires > now && !c.sender.is_closed() {
-                return Some(c.sender);
+        let others = (0..self.idle.len()).filter(|&s| s != own);
+        for slot in std::iter::once(own).chain(others) {
+            let mut idle = self.idle[slot].lock();
+            while let Some(c) = idle.pop() {
+                if c.expires > now && !c.sender.is_closed() {
+                    return Some((c.sender, slot));
+                }
             }
         }
         None
@@ -349,7 +360,7 @@ impl Upstream {
         let mut replay = None;
         let mut req = req;
         // Step 2: idle connections, then a fresh one.
-        while let Some(mut sender) = self.checkout() {
+        while let Some((mut sender, home)) = self.checkout() {
             // Put back as its messages ended, it may not be idle yet: wait
             // for that, briefly (an error: it closed meanwhile). No timer
             // when it is (the usual case).
@@ -364,7 +375,7 @@ impl Upstream {
             }
             let tokens = (req.body().sent(), req.body().cut());
             match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.answered(resp, Some(sender), tokens)),
+                Ok(resp) => return Ok(self.answered(resp, Some((sender, home)), tokens)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => req = unsent,
                     None => {
@@ -495,17 +506,18 @@ impl Upstream {
         };
         let tokens = (req.body().sent(), req.body().cut());
         match sender.send_request(req).await {
-            Ok(resp) => Ok(self.answered(resp, Some(sender), tokens)),
+            Ok(resp) => Ok(self.answered(resp, Some((sender, super::edge::slot())), tokens)),
             Err(e) => Err(SendError::Failed(Box::new(e))),
         }
     }
 
     /// The checkin of `resp`, whose request went on `sender`'s HTTP/1.1
-    /// connection (to be put back) or on the h2c connection (`None`).
+    /// connection (to be put back in the slot it lives in) or on the h2c
+    /// connection (`None`).
     fn answered(
         self: &Arc<Self>,
         resp: Response<Incoming>,
-        sender: Option<SendRequest<RequestBody>>,
+        sender: Option<(SendRequest<RequestBody>, usize)>,
         (sent, cut): (Option<CancellationToken>, Option<CancellationToken>),
     ) -> (Response<Incoming>, Checkin) {
         let idle_timeout = self.config.idle_timeout;
@@ -514,8 +526,13 @@ impl Upstream {
             (Some(_), Some(t)) => idle_timeout.min(t.saturating_sub(KEEP_ALIVE_MARGIN)),
             (Some(_), None) => idle_timeout,
         };
+        let (sender, home) = match sender {
+            Some((sender, home)) => (Some(sender), home),
+            None => (None, 0),
+        };
         let checkin = Checkin {
             sender,
+            home,
             upstream: self.clone(),
             idle_for,
             sent,
