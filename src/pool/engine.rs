@@ -33,8 +33,11 @@
 //!    30 s; failures while a backoff runs, such as the other restores of
 //!    the same round, do not double it) and, if nothing can serve the
 //!    queue, fails the queue with it.
-//! 5. Maintenance (one task per engine) wakes on a notification, at the
-//!    next idle deadline or when the backoff ends: it stops draining
+//! 5. Maintenance (one task per engine) wakes on a notification (a
+//!    member to stop or replace, restores ended, a resize, a close, or a
+//!    lease ended that left a member idle with an idle deadline before
+//!    maintenance's own next run; not every ended lease), at the next
+//!    idle deadline or when the backoff ends: it stops draining
 //!    members with nothing in flight, reaps members idle for `idle_timeout`
 //!    down to `min_warm`, and restores up to `min_warm`. Reaping and leasing
 //!    both run under the lock and reaping only takes members with nothing
@@ -107,6 +110,10 @@ pub(super) struct State<F: Factory> {
     pub(super) last_error: Option<(String, Blame)>,
     pub(super) closed: bool,
     pub(super) peak: usize,
+    /// When maintenance next runs by itself, as it last decided (`None`:
+    /// only when woken); a release wakes it for an idle member due
+    /// earlier (step 5).
+    pub(super) maintenance_due: Option<Instant>,
     /// Starts and stops decided under the lock, spawned once it is
     /// released ([`Shared::settle`]).
     pub(super) work: Work<F>,
@@ -196,6 +203,7 @@ impl<F: Factory> Engine<F> {
                 retry_at: None,
                 last_error: None,
                 closed: false,
+                maintenance_due: None,
                 peak: 0,
                 work: Work::default(),
             }),
@@ -630,6 +638,7 @@ async fn maintain<F: Factory>(shared: Arc<Shared<F>>) {
                 }
             }
             let next = reap(&shared, &mut st, now, &mut to_stop);
+            st.maintenance_due = next;
             for member in to_stop {
                 shared.stop(&mut st, member);
             }

@@ -387,11 +387,16 @@ impl<F: Factory> Shared<F> {
         undelivered
     }
 
-    /// A lease of member `key` ended (module doc, step 3).
+    /// A lease of member `key` ended (module doc, step 3). Maintenance is
+    /// woken only when it has work the release made (engine step 5): a
+    /// member to stop, or an idle one it could reap before it next runs by
+    /// itself. A warm instance serving request after request wakes it
+    /// none of the times (a wake per request cost a thread switch each).
     fn release(self: &Arc<Self>, key: u64, broken: bool) {
-        let undelivered = {
+        let (undelivered, wake) = {
             let mut st = self.lock();
             let mut doomed = None;
+            let mut idle_since = None;
             if let Some(pos) = st.members.iter().position(|m| m.key == key) {
                 let m = &mut st.members[pos];
                 m.in_flight -= 1;
@@ -401,21 +406,47 @@ impl<F: Factory> Shared<F> {
                     self.observer.instance_failed();
                 }
                 if m.in_flight == 0 {
-                    m.idle_since = Instant::now();
+                    let now = Instant::now();
+                    m.idle_since = now;
                     if m.draining || st.closed {
                         doomed = Some(st.members.remove(pos));
+                    } else {
+                        idle_since = Some(now);
                     }
                 }
             }
+            let wake = broken
+                || doomed.is_some()
+                || idle_since.is_some_and(|t| reapable_before_maintenance(&st, t));
             let undelivered = self.dispatch(&mut st);
             if let Some(member) = doomed {
                 self.stop(&mut st, member);
                 self.start_restores(&mut st);
             }
             self.settle(st);
-            undelivered
+            (undelivered, wake)
         };
         drop(undelivered);
-        self.wake.notify_one();
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+}
+
+/// Whether a member idle since `t` could be reaped before maintenance
+/// next runs by itself (`State::maintenance_due`): reaping is on, more
+/// members live than `min_warm`, and its idle deadline comes first.
+fn reapable_before_maintenance<F: Factory>(st: &State<F>, t: Instant) -> bool {
+    let Some(idle_timeout) = st.sizing.idle_timeout else {
+        return false;
+    };
+    let live = st.members.iter().filter(|m| !m.draining).count();
+    if live <= st.sizing.min_warm {
+        return false;
+    }
+    match (st.maintenance_due, t.checked_add(idle_timeout)) {
+        (None, _) => true,
+        (Some(due), Some(reap_at)) => reap_at < due,
+        (Some(_), None) => false,
     }
 }

@@ -393,6 +393,27 @@ async fn idle_instances_are_reaped_from_their_last_completion_down_to_min_warm()
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_instance_in_steady_use_is_reaped_idle_timeout_after_its_last_use() {
+    // Releases do not wake maintenance while its own deadline comes
+    // first (engine step 5): it must still find the newest idle time.
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(0, 1, 1);
+    c.idle_timeout = Some(Duration::from_secs(5));
+    let (engine, events) = engine(c, &s);
+    for _ in 0..6 {
+        drop(engine.claim().await.unwrap());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(engine.stats().instances, 1, "not reaped while in use");
+    }
+    drop(engine.claim().await.unwrap());
+    let last = Instant::now();
+    until(&engine, "scaled to zero", Stats::is_empty).await;
+    assert_eq!(last.elapsed(), Duration::from_secs(5));
+    assert_eq!(events.reaped.load(Ordering::SeqCst), 1);
+    assert_eq!(events.restored.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
 async fn scale_to_zero_and_back() {
     let s = Script::new(Duration::from_millis(10), &[]);
     let mut c = sizing(0, 1, 1);
