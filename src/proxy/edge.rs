@@ -72,6 +72,12 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// How many workers `workers` (the config key; `None`: one per core)
+/// starts: at least 1, at most [`cores`].
+pub fn count(asked: Option<usize>) -> usize {
+    asked.unwrap_or_else(cores).clamp(1, slots() - 1)
+}
+
 /// The running edge workers.
 pub struct Workers {
     handles: Vec<Handle>,
@@ -199,6 +205,13 @@ mod tests {
         });
         workers.stop().await;
         assert!(rx.await.is_err(), "the pending task was dropped");
+    }
+
+    #[test]
+    fn the_count_is_one_per_core_unless_asked_and_never_above() {
+        assert_eq!(count(None), cores());
+        assert_eq!(count(Some(1)), 1);
+        assert_eq!(count(Some(10_000)), cores());
     }
 
     #[test]
