@@ -240,11 +240,15 @@ impl Forwarding {
         let trusted = peer.is_some_and(|p| self.trusts(p.addr.ip()));
         // One look at each name: hop-by-hop fields (most requests have
         // none) and forwarding fields to drop (step 2).
-        let (mut hop_by_hop, mut forwarding) = (false, false);
+        let mut hop_by_hop = false;
+        let mut drop: Vec<HeaderName> = Vec::new();
         for n in req.headers().keys() {
             hop_by_hop |= HOP_BY_HOP.contains(n);
-            forwarding |= forwarding_field(n.as_str())
-                && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()));
+            if forwarding_field(n.as_str())
+                && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()))
+            {
+                drop.push(n.clone());
+            }
         }
         if hop_by_hop {
             let hop = Hop::of(&req);
@@ -258,18 +262,8 @@ impl Forwarding {
             req.extensions_mut().insert(hop);
         }
         let h = req.headers_mut();
-        if forwarding {
-            let drop: Vec<HeaderName> = h
-                .keys()
-                .filter(|n| {
-                    forwarding_field(n.as_str())
-                        && (!trusted || n.as_str().contains('_') || REWRITES.contains(&n.as_str()))
-                })
-                .cloned()
-                .collect();
-            for name in drop {
-                h.remove(name);
-            }
+        for name in drop {
+            h.remove(name);
         }
         let Some(peer) = peer else {
             return req;
@@ -284,7 +278,8 @@ impl Forwarding {
             }
             false => (ip, None, None),
         };
-        let (ip_text, ip_value) = ip_field(ip);
+        let ip_value = ip_field(ip);
+        let ip_text = ip_value.to_str().expect("an address is ASCII");
         let xff = match prior_xff {
             Some(prior) => value(format!("{prior}, {ip_text}")),
             None => Some(ip_value.clone()),
@@ -292,10 +287,10 @@ impl Forwarding {
         let mut element = String::with_capacity(64);
         element.push_str("for=");
         match ip {
-            IpAddr::V4(_) => element.push_str(&ip_text),
+            IpAddr::V4(_) => element.push_str(ip_text),
             IpAddr::V6(_) => {
                 element.push_str("\"[");
-                element.push_str(&ip_text);
+                element.push_str(ip_text);
                 element.push_str("]\"");
             }
         }
@@ -341,22 +336,22 @@ impl Forwarding {
     }
 }
 
-/// `ip` as text and as a field value. The last address is kept per
-/// thread: the next request is most often from the same client (its
-/// connection's next request, or the load balancer in front), and a
-/// value shares its bytes when cloned.
-fn ip_field(ip: IpAddr) -> (Arc<str>, HeaderValue) {
+/// `ip` as a field value. The last address is kept per thread: the next
+/// request is most often from the same client (its connection's next
+/// request, or the load balancer in front), and a value shares its bytes
+/// when cloned.
+fn ip_field(ip: IpAddr) -> HeaderValue {
     thread_local! {
-        static LAST: std::cell::RefCell<Option<(IpAddr, Arc<str>, HeaderValue)>> =
+        static LAST: std::cell::RefCell<Option<(IpAddr, HeaderValue)>> =
             const { std::cell::RefCell::new(None) };
     }
     LAST.with_borrow_mut(|last| match last {
-        Some((seen, text, value)) if *seen == ip => (text.clone(), value.clone()),
+        Some((seen, value)) if *seen == ip => value.clone(),
         _ => {
-            let text: Arc<str> = ip.to_string().into();
-            let value = HeaderValue::from_str(&text).expect("an address is a field value");
-            *last = Some((ip, text.clone(), value.clone()));
-            (text, value)
+            let value =
+                HeaderValue::from_str(&ip.to_string()).expect("an address is a field value");
+            *last = Some((ip, value.clone()));
+            value
         }
     })
 }

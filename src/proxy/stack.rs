@@ -243,7 +243,7 @@ impl<S> Clone for Policies<S> {
 
 /// The settings of each policy layer, in the module doc's order.
 struct PolicyLayers<S> {
-    /// Errors: every error becomes its response, counted here.
+    /// Load shed: requests shed for want of a permit are counted here.
     metrics: ProxyMetrics,
     /// Load shed and concurrency limit: a permit per request, held to its
     /// response headers; none left: 503 at once.
@@ -288,12 +288,10 @@ impl<S> PolicyLayers<S> {
         // Load shed and concurrency limit: no waiting for a permit. The
         // permit is held to the response headers.
         let Ok(_permit) = self.in_flight.try_acquire() else {
-            return answer(
-                Err(tower::load_shed::error::Overloaded::new().into()),
-                &self.metrics,
-            );
+            self.metrics.shed("max_requests_in_flight");
+            return answer(Err(ProxyError::new(ErrorKind::Overloaded).into()));
         };
-        answer(self.forward(req).await, &self.metrics)
+        answer(self.forward(req).await)
     }
 
     /// The layers from framing to the app, in order.
@@ -370,20 +368,13 @@ where
 }
 
 /// The error layer: the response for `r`'s error.
-fn answer(
-    r: Result<Response<ProxyBody>, tower::BoxError>,
-    metrics: &ProxyMetrics,
-) -> Response<ProxyBody> {
+fn answer(r: Result<Response<ProxyBody>, tower::BoxError>) -> Response<ProxyBody> {
     let e = match r {
         Ok(resp) => return resp,
         Err(e) => e,
     };
     let e = match e.downcast::<ProxyError>() {
         Ok(e) => *e,
-        Err(other) if other.is::<tower::load_shed::error::Overloaded>() => {
-            metrics.shed("max_requests_in_flight");
-            ProxyError::new(ErrorKind::Overloaded)
-        }
         Err(other) => {
             tracing::error!(
                 "request failed inside snapgate: {}",
