@@ -767,7 +767,10 @@ async fn warm(dir: &Dir, report: &mut String) {
     }
 
     // A warm hit against the static path: one connection, one request at
-    // a time, so the figure is the latency each adds.
+    // a time, so the figure is the latency each adds. And the same warm
+    // instance asked directly over its tap, without the gateway: what the
+    // guest itself takes, which no gateway can take away.
+    let instance = warm_instance();
     let mut one = Runs::new();
     for run in 0..runs {
         eprintln!("warm hit: run {}/{runs}", run + 1);
@@ -789,6 +792,14 @@ async fn warm(dir: &Dir, report: &mut String) {
                 1,
                 secs,
             ));
+        if let Some(endpoint) = &instance {
+            one.entry((
+                2,
+                "the warm instance direct, over its tap (no gateway)".into(),
+            ))
+            .or_default()
+            .push(direct(endpoint, secs).await);
+        }
     }
     let median = |k: usize| {
         let v = one
@@ -810,7 +821,89 @@ async fn warm(dir: &Dir, report: &mut String) {
         median(1) - median(0)
     )
     .unwrap();
+    if instance.is_some() {
+        writeln!(
+            t,
+            "The guest answers in {:.3} ms at p50 when asked directly (its own \
+             HTTP client in this harness, one kept-alive connection bound to the tap); \
+             through the gateway it takes {:.3} ms more.",
+            median(2),
+            median(1) - median(2)
+        )
+        .unwrap();
+    }
     emit(report, &t);
+}
+
+/// The one warm instance of the warm section's gateway: its tap (the
+/// only one named `sgcmp*`) and the guest's address. `None`, with a
+/// note, if there is not exactly one such tap.
+fn warm_instance() -> Option<snapgate::vmm::Endpoint> {
+    let taps: Vec<String> = std::fs::read_dir("/sys/class/net")
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().into_string().ok())
+                .filter(|n| n.starts_with("sgcmp"))
+                .collect()
+        })
+        .unwrap_or_default();
+    let [tap] = taps.as_slice() else {
+        eprintln!(
+            "warm hit: {} taps named sgcmp*, not one: no direct row",
+            taps.len()
+        );
+        return None;
+    };
+    Some(snapgate::vmm::Endpoint {
+        tap: tap.clone(),
+        addr: std::net::SocketAddrV4::new(
+            snapgate::net::NetParams::default().guest_ip,
+            linux_spec().guest_port,
+        ),
+    })
+}
+
+/// One kept-alive HTTP/1.1 connection to `endpoint` (bound to its tap),
+/// one `GET /` at a time for `seconds`: the guest's own latency.
+async fn direct(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
+    use http_body_util::{BodyExt, Empty};
+    use hyper_util::rt::TokioIo;
+    let stream = snapgate::vmm::ready::connect(endpoint)
+        .await
+        .expect("connect to the warm instance");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake with the warm instance");
+    let conn = tokio::spawn(conn);
+    let mut took = Vec::new();
+    let mut errors = 0;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(seconds) {
+        let req = http::Request::get("/")
+            .header(http::header::HOST, endpoint.addr.to_string())
+            .body(Empty::<bytes::Bytes>::new())
+            .expect("request");
+        let t = Instant::now();
+        let ok = match sender.send_request(req).await {
+            Ok(resp) => resp.status().is_success() && resp.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        };
+        took.push(t.elapsed().as_secs_f64() * 1000.0);
+        if !ok {
+            errors += 1;
+            break;
+        }
+    }
+    conn.abort();
+    let elapsed = start.elapsed().as_secs_f64();
+    took.sort_by(f64::total_cmp);
+    let at = |q: f64| took[((took.len() - 1) as f64 * q).round() as usize];
+    Load {
+        rps: took.len() as f64 / elapsed,
+        p50: at(0.50),
+        p99: at(0.99),
+        max: at(1.0),
+        errors,
+    }
 }
 
 /// One request on a fresh connection: time to the response headers (ms)
@@ -1297,7 +1390,7 @@ fn method(report: &mut String) {
 /// The allocator snapgate runs with, for the harness's own bare forward
 /// too (the reference row compares paths, not allocators).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: snapgate::alloc::Mimalloc = snapgate::alloc::Mimalloc;
 
 /// The environment variable that makes this binary the bare forward
 /// ([`bare_forward`]): `"<listen address> <backend address>"`.

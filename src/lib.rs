@@ -12,6 +12,7 @@
 //! - [`runtime`]: runtime apps: a shared runtime snapshot, per-app code disks.
 //! - [`path`]: request paths as guests' routers may read them.
 //! - [`snapshot`]: building snapshots: jobs, the per-app lock, pruning.
+//! - [`alloc`]: the global allocator the binary installs (mimalloc).
 
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
@@ -26,6 +27,7 @@ pub use snapgate_vmm::{display_chain, FieldError};
 
 pub mod acme;
 pub mod admin;
+pub mod alloc;
 pub mod config;
 pub mod gateway;
 pub mod path;
