@@ -465,7 +465,11 @@ async fn exchange(
         }
         tokio::time::sleep(timeout).await
     };
+    // Biased, in the order written: an answer that came in the same wake
+    // as the deadline or the VM's end is taken, and no random number is
+    // drawn at each poll (as an unbiased select does).
     let sent = tokio::select! {
+        biased;
         sent = upstream.send(req) => sent.map_err(|e| match e {
             SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
             SendError::Failed(e) => Retry::Failed(

@@ -200,7 +200,11 @@ pub async fn drive<C: Graceful>(
     let mut shut_when = pin!(shut_when);
     let mut shutting = false;
     loop {
+        // Biased (polled in order, the connection first): this select is
+        // polled at every wake of the connection, and an unbiased one
+        // draws a random number each time to pick which to poll first.
         tokio::select! {
+            biased;
             done = conn.as_mut() => return done.map_err(BoxError::from),
             () = shut_when.as_mut(), if !shutting => {
                 conn.as_mut().shut();

@@ -312,7 +312,11 @@ impl Upstream {
         let addr = self.addr;
         let cancel = self.config.tasks.cancel.clone();
         self.config.tasks.tracker.spawn(async move {
+            // Biased, the connection first: polled at every wake of the
+            // connection (an unbiased select draws a random number each
+            // time).
             tokio::select! {
+                biased;
                 ended = conn => if let Err(e) = ended {
                     debug!(%addr, "upstream connection: {e}");
                 },
