@@ -54,6 +54,17 @@ use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
 use super::{ProxyBody, ProxyMetrics};
 use crate::pool::{Lease, Pool, Tasks};
 
+/// A request routed (steps 1 to 3, and the client's side of step 7),
+/// ready to go on.
+struct Routed {
+    app: Arc<str>,
+    target: Arc<Target>,
+    req: Request<RequestBody>,
+    upgrade: Option<Switch>,
+    /// The table it routed on, kept until it ends (see [`Table`]).
+    table: Arc<Table>,
+}
+
 /// A request's upgrade (step 7): the protocol, the client's side of the
 /// connection once switched, and what the connection holds.
 struct Switch {
@@ -197,10 +208,24 @@ impl Apps {
     }
 
     /// The module doc's steps for one request.
-    async fn serve(
-        &self,
-        mut req: Request<RequestBody>,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
+    ///
+    /// Not an `async fn`: the steps before the forward run before its
+    /// future exists, so that the future holds none of their locals (a
+    /// future keeps room for every local in scope at an await, moved or
+    /// not, and is moved whole; a request is 328 bytes).
+    fn serve(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static
+    {
+        match self.route(req) {
+            Err(e) => futures::future::Either::Left(std::future::ready(Err(e))),
+            Ok(routed) => futures::future::Either::Right(self.clone().forward(routed)),
+        }
+    }
+
+    /// Steps 1, 2, 3 and the client's side of step 7: where `req` goes.
+    fn route(&self, mut req: Request<RequestBody>) -> Result<Routed, ProxyError> {
         let Some(authority) = req.extensions().get::<Authority>().cloned() else {
             return Err(ProxyError::new(ErrorKind::BadRequest(
                 "the request names no host",
@@ -242,43 +267,68 @@ impl Apps {
             client: hyper::upgrade::on(&mut req),
             extended_connect: hop.extended_connect,
         });
-        let asked = upgrade.is_some();
         let req = to_origin(req, &authority, &hop).map_err(|k| k.of(app))?;
-        let mut resp = match &**target {
-            Target::Pool {
-                internal_path: Some(internal),
-                ..
-            } if crate::path::reaches(req.uri().path(), internal) => {
+        if let Target::Pool {
+            internal_path: Some(internal),
+            ..
+        } = &**target
+        {
+            if crate::path::reaches(req.uri().path(), internal) {
                 // Step 2.
                 debug!(%app, path = req.uri().path(), "refused: the guest's internal path");
                 return Err(ErrorKind::InternalPath.of(app));
             }
-            Target::Pool {
-                pool,
-                upstreams,
-                limits,
-                ..
-            } => {
-                // Boxed: a static app's request does not carry this
-                // path's state in its future.
-                let (resp, checkin, lease) =
-                    Box::pin(self.via_pool(app, pool, upstreams, limits, req, asked)).await?;
-                self.answer(app, resp, checkin, Some(lease), limits, upgrade)
-            }
-            Target::Static { upstream, limits } => {
-                let timeout = limits.response_timeout;
-                let mut sent = exchange(upstream, req, None, timeout, asked).await;
-                if let Err(Retry::NotSent { req, cause }) = sent {
-                    debug!(%app, "connect failed ({cause}); trying a fresh connection");
-                    self.metrics.retried(app, "connect");
-                    sent = exchange(upstream, *req, None, timeout, asked).await;
+        }
+        Ok(Routed {
+            app: app.clone(),
+            target: target.clone(),
+            req,
+            upgrade,
+            table,
+        })
+    }
+
+    /// Steps 4 to 7 for a routed request. Not an `async fn`, for the
+    /// reason [`Apps::serve`] gives: its future holds `routed` once.
+    #[allow(clippy::manual_async_fn)]
+    fn forward(
+        self: Arc<Self>,
+        routed: Routed,
+    ) -> impl std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + 'static
+    {
+        async move {
+            let app = &routed.app;
+            let asked = routed.upgrade.is_some();
+            let mut resp = match &*routed.target {
+                Target::Pool {
+                    pool,
+                    upstreams,
+                    limits,
+                    ..
+                } => {
+                    // Boxed: a static app's request does not carry this
+                    // path's state in its future.
+                    let (resp, checkin, lease) =
+                        Box::pin(self.via_pool(app, pool, upstreams, limits, routed.req, asked))
+                            .await?;
+                    self.answer(app, resp, checkin, Some(lease), limits, routed.upgrade)
                 }
-                let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
-                self.answer(app, resp, checkin, None, limits, upgrade)
-            }
-        };
-        resp.extensions_mut().insert(RoutedTo(app.clone()));
-        Ok(resp)
+                Target::Static { upstream, limits } => {
+                    let timeout = limits.response_timeout;
+                    let mut sent = exchange(upstream, routed.req, None, timeout, asked).await;
+                    if let Err(Retry::NotSent { req, cause }) = sent {
+                        debug!(%app, "connect failed ({cause}); trying a fresh connection");
+                        self.metrics.retried(app, "connect");
+                        sent = exchange(upstream, *req, None, timeout, asked).await;
+                    }
+                    let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
+                    self.answer(app, resp, checkin, None, limits, routed.upgrade)
+                }
+            };
+            resp.extensions_mut().insert(RoutedTo(routed.app.clone()));
+            drop(routed.table);
+            Ok(resp)
+        }
     }
 
     /// Step 6, or step 7 for a `101` to an upgrade.
@@ -443,52 +493,60 @@ impl Retry {
 /// One exchange with `upstream`: response headers within `timeout` of
 /// the request's end, or how it failed; `gone` fires if the instance's VMM
 /// dies. A `101` is an answer only when the request `asked` to upgrade.
-async fn exchange(
-    upstream: &Arc<Upstream>,
+///
+/// Not an `async fn`, so that its future holds `req` once (see
+/// [`Upstream::send`]).
+#[allow(clippy::manual_async_fn)]
+fn exchange<'a>(
+    upstream: &'a Arc<Upstream>,
     req: Request<RequestBody>,
-    gone: Option<&tokio_util::sync::CancellationToken>,
+    gone: Option<&'a tokio_util::sync::CancellationToken>,
     timeout: Duration,
     asked: bool,
-) -> Result<(Response<hyper::body::Incoming>, Checkin), Retry> {
-    let vm_gone = async {
-        match gone {
-            Some(token) => token.cancelled().await,
-            None => std::future::pending().await,
+) -> impl std::future::Future<Output = Result<(Response<hyper::body::Incoming>, Checkin), Retry>>
+       + Send
+       + 'a {
+    async move {
+        let vm_gone = async {
+            match gone {
+                Some(token) => token.cancelled().await,
+                None => std::future::pending().await,
+            }
+        };
+        // The wait for the answer starts once the request is sent whole: an
+        // upload's own pace is bounded by body_read_timeout, not this.
+        let sent_whole = req.body().sent();
+        let answer_overdue = async {
+            if let Some(sent_whole) = sent_whole {
+                sent_whole.cancelled().await;
+            }
+            tokio::time::sleep(timeout).await
+        };
+        // Biased, in the order written: an answer that came in the same wake
+        // as the deadline or the VM's end is taken, and no random number is
+        // drawn at each poll (as an unbiased select does).
+        let sent = tokio::select! {
+            biased;
+            sent = upstream.send(req) => sent.map_err(|e| match e {
+                SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
+                SendError::Failed(e) => Retry::Failed(
+                    ErrorKind::from_body_error(e.as_ref())
+                        .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(e.as_ref()))),
+                ),
+            }),
+            _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
+            _ = answer_overdue => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
+        };
+        match sent {
+            // Nothing asked to switch protocols: the connection is not HTTP any
+            // more (dropped with its checkin), and the client gets a 502.
+            Ok((resp, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked => {
+                Err(Retry::Failed(ErrorKind::Upstream(
+                    "the app switched protocols unasked".into(),
+                )))
+            }
+            other => other,
         }
-    };
-    // The wait for the answer starts once the request is sent whole: an
-    // upload's own pace is bounded by body_read_timeout, not this.
-    let sent_whole = req.body().sent();
-    let answer_overdue = async {
-        if let Some(sent_whole) = sent_whole {
-            sent_whole.cancelled().await;
-        }
-        tokio::time::sleep(timeout).await
-    };
-    // Biased, in the order written: an answer that came in the same wake
-    // as the deadline or the VM's end is taken, and no random number is
-    // drawn at each poll (as an unbiased select does).
-    let sent = tokio::select! {
-        biased;
-        sent = upstream.send(req) => sent.map_err(|e| match e {
-            SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
-            SendError::Failed(e) => Retry::Failed(
-                ErrorKind::from_body_error(e.as_ref())
-                    .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(e.as_ref()))),
-            ),
-        }),
-        _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
-        _ = answer_overdue => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
-    };
-    match sent {
-        // Nothing asked to switch protocols: the connection is not HTTP any
-        // more (dropped with its checkin), and the client gets a 502.
-        Ok((resp, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked => {
-            Err(Retry::Failed(ErrorKind::Upstream(
-                "the app switched protocols unasked".into(),
-            )))
-        }
-        other => other,
     }
 }
 
@@ -633,7 +691,7 @@ impl tower::Service<Request<RequestBody>> for AppService {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let apps = self.0.clone();
-        Box::pin(async move { apps.serve(req).await.map_err(Into::into) })
+        use futures::TryFutureExt;
+        Box::pin(self.0.serve(req).map_err(Into::into))
     }
 }

@@ -280,26 +280,51 @@ pub fn policies<S>(inner: S, cfg: &StackConfig, metrics: ProxyMetrics) -> Polici
 
 impl<S> PolicyLayers<S> {
     /// The error layer over the rest: `req`'s response, whatever failed.
-    async fn answer<B>(&self, req: Request<B>) -> Response<ProxyBody>
+    ///
+    /// Not an `async fn`, nor is [`PolicyLayers::forward`]: an `async fn`
+    /// copies each argument into a local of its own, and a future keeps
+    /// room for every local in scope at an await, moved or not. The
+    /// request (328 bytes) is held once here and once in the app's call,
+    /// and the whole future is moved as it is made.
+    #[allow(clippy::manual_async_fn)]
+    fn answer<'a, B: 'a>(
+        &'a self,
+        req: Request<B>,
+    ) -> impl Future<Output = Response<ProxyBody>> + 'a
     where
         S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
             + Clone,
     {
-        // Load shed and concurrency limit: no waiting for a permit. The
-        // permit is held to the response headers.
-        let Ok(_permit) = self.in_flight.try_acquire() else {
-            self.metrics.shed("max_requests_in_flight");
-            return answer(Err(ProxyError::new(ErrorKind::Overloaded).into()));
-        };
-        answer(self.forward(req).await)
+        async move {
+            // Load shed and concurrency limit: no waiting for a permit.
+            // The permit is held to the response headers.
+            let Ok(_permit) = self.in_flight.try_acquire() else {
+                self.metrics.shed("max_requests_in_flight");
+                return answer(Err(ProxyError::new(ErrorKind::Overloaded).into()));
+            };
+            answer(self.forward(req).await)
+        }
     }
 
-    /// The layers from framing to the app, in order.
-    async fn forward<B>(&self, req: Request<B>) -> Result<Response<ProxyBody>, tower::BoxError>
+    /// The layers from framing to the app, in order: those before the
+    /// app are not async, and run as this is called.
+    fn forward<B>(
+        &self,
+        req: Request<B>,
+    ) -> futures::future::Either<Refused, tower::util::Oneshot<S, Request<B>>>
     where
         S: tower::Service<Request<B>, Response = Response<ProxyBody>, Error = tower::BoxError>
             + Clone,
     {
+        match self.admit(req) {
+            Err(e) => futures::future::Either::Left(std::future::ready(Err(e))),
+            Ok(req) => futures::future::Either::Right(self.inner.clone().oneshot(req)),
+        }
+    }
+
+    /// The layers from framing to forwarding: the request the app gets,
+    /// or the error that answers it.
+    fn admit<B>(&self, req: Request<B>) -> Result<Request<B>, tower::BoxError> {
         // Framing: nothing ambiguous or not understood is passed on.
         let req = framing::check(req, self.max_head, self.max_headers)?;
         // Authority: one Host, or the absolute-form target's (400 else).
@@ -339,7 +364,7 @@ impl<S> PolicyLayers<S> {
                 span.record("client", field::display(ip));
             }
         }
-        self.inner.clone().oneshot(req).await
+        Ok(req)
     }
 }
 
@@ -366,6 +391,9 @@ where
         Box::pin(async move { Ok(layers.answer(req).await) })
     }
 }
+
+/// A request a layer before the app refused: its error, at once.
+type Refused = std::future::Ready<Result<Response<ProxyBody>, tower::BoxError>>;
 
 /// The error layer: the response for `r`'s error.
 fn answer(r: Result<Response<ProxyBody>, tower::BoxError>) -> Response<ProxyBody> {

@@ -351,57 +351,64 @@ impl Upstream {
 
     /// Sends `req` (origin-form target, `Host` set) and waits for the
     /// response headers, as the module doc's steps 2 and 3 say.
-    pub async fn send(
+    ///
+    /// Not an `async fn`: its future holds `req` once, as a capture (an
+    /// `async fn` copies each argument into a local of its own, and the
+    /// future keeps room for both).
+    #[allow(clippy::manual_async_fn)]
+    pub fn send(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Checkin), SendError> {
-        // The paths a warm forward does not take are boxed: the future
-        // of every request is moved whole, so it stays small.
-        if self.config.h2c {
-            return Box::pin(self.send_h2(req)).await;
-        }
-        // What a resend is made from: only needed on a reused connection.
-        let mut replay = None;
-        let mut req = req;
-        // Step 2: idle connections, then a fresh one.
-        while let Some((mut sender, home)) = self.checkout() {
-            // Put back as its messages ended, it may not be idle yet: wait
-            // for that, briefly (an error: it closed meanwhile). No timer
-            // when it is (the usual case).
-            if !sender.is_ready() {
-                match tokio::time::timeout(READY_TIMEOUT, sender.ready()).await {
-                    Ok(Ok(())) => {}
-                    _ => continue,
+        mut req: Request<RequestBody>,
+    ) -> impl std::future::Future<Output = Result<(Response<Incoming>, Checkin), SendError>> + Send + '_
+    {
+        async move {
+            // The paths a warm forward does not take are boxed: the future
+            // of every request is moved whole, so it stays small.
+            if self.config.h2c {
+                return Box::pin(self.send_h2(req)).await;
+            }
+            // What a resend is made from: only needed on a reused connection.
+            let mut replay = None;
+            // Step 2: idle connections, then a fresh one.
+            while let Some((mut sender, home)) = self.checkout() {
+                // Put back as its messages ended, it may not be idle yet: wait
+                // for that, briefly (an error: it closed meanwhile). No timer
+                // when it is (the usual case).
+                if !sender.is_ready() {
+                    match tokio::time::timeout(READY_TIMEOUT, sender.ready()).await {
+                        Ok(Ok(())) => {}
+                        _ => continue,
+                    }
+                }
+                if replay.is_none() && replayable(&req) {
+                    replay = Some(head_of(&req));
+                }
+                let tokens = (req.body().sent(), req.body().cut());
+                match sender.try_send_request(req).await {
+                    Ok(resp) => return Ok(self.answered(resp, Some((sender, home)), tokens)),
+                    Err(mut e) => match e.take_message() {
+                        Some(unsent) => req = unsent,
+                        None => {
+                            let error = e.into_error();
+                            // Step 3: the app closed it as the request went out.
+                            let Some(head) = &replay else {
+                                return Err(SendError::Failed(Box::new(error)));
+                            };
+                            debug!(addr = %self.addr, "reused connection failed ({error}); sending once more");
+                            self.config.replays.inc();
+                            // The one resend: a connect failure now fails it.
+                            return match Box::pin(self.fresh(rebuild(head))).await {
+                                Err(SendError::NotSent { cause, .. }) => {
+                                    Err(SendError::Failed(Box::new(cause)))
+                                }
+                                other => other,
+                            };
+                        }
+                    },
                 }
             }
-            if replay.is_none() && replayable(&req) {
-                replay = Some(head_of(&req));
-            }
-            let tokens = (req.body().sent(), req.body().cut());
-            match sender.try_send_request(req).await {
-                Ok(resp) => return Ok(self.answered(resp, Some((sender, home)), tokens)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => {
-                        let error = e.into_error();
-                        // Step 3: the app closed it as the request went out.
-                        let Some(head) = &replay else {
-                            return Err(SendError::Failed(Box::new(error)));
-                        };
-                        debug!(addr = %self.addr, "reused connection failed ({error}); sending once more");
-                        self.config.replays.inc();
-                        // The one resend: a connect failure now fails it.
-                        return match Box::pin(self.fresh(rebuild(head))).await {
-                            Err(SendError::NotSent { cause, .. }) => {
-                                Err(SendError::Failed(Box::new(cause)))
-                            }
-                            other => other,
-                        };
-                    }
-                },
-            }
+            Box::pin(self.fresh(req)).await
         }
-        Box::pin(self.fresh(req)).await
     }
 
     /// Step 6: `req` as an HTTP/2 request on the shared connection (made
