@@ -104,8 +104,37 @@ fn forwarding_field(name: &str) -> bool {
 /// Removes hop-by-hop headers, including those named by `Connection`,
 /// except `Host` and `Content-Length`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages have none: one look at each name, no lookups.
-    if !headers.keys().any(|n| HOP_BY_HOP.contains(n)) {
+    // One look at each name: which hop-by-hop fields are present (most
+    // requests have none; most responses only `Connection: keep-alive`).
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    if present == 0 {
+        return;
+    }
+    // `Connection` names no field but hop-by-hop ones (or says `close`):
+    // those present go, and nothing else is looked up.
+    let names_others = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .any(|t| {
+            !t.is_empty()
+                && !t.eq_ignore_ascii_case(b"close")
+                && !HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+        });
+    if !names_others {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            if present & (1 << i) != 0 {
+                headers.remove(name);
+            }
+        }
         return;
     }
     // The names `Connection` lists, compared as its tokens (ASCII case
@@ -563,6 +592,58 @@ mod tests {
         for gone in ["connection", "x-private", "keep-alive", "te"] {
             assert!(r.headers().get(gone).is_none(), "{gone}");
         }
+    }
+
+    /// The two ways through: `Connection` naming only hop-by-hop fields
+    /// (or `close`), and naming others too; framing stays either way.
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_go() {
+        let strip = |fields: &[(&str, &str)]| {
+            let mut h = HeaderMap::new();
+            for (n, v) in fields {
+                h.append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                );
+            }
+            strip_hop_by_hop(&mut h);
+            let mut left: Vec<String> = h.keys().map(|n| n.to_string()).collect();
+            left.sort();
+            left
+        };
+        assert_eq!(
+            strip(&[
+                ("connection", "keep-alive"),
+                ("keep-alive", "timeout=5"),
+                ("content-length", "2"),
+            ]),
+            ["content-length"]
+        );
+        assert_eq!(
+            strip(&[
+                ("connection", "close, TE"),
+                ("connection", "Upgrade"),
+                ("te", "trailers"),
+                ("upgrade", "websocket"),
+                ("transfer-encoding", "chunked"),
+                ("x-kept", "1"),
+            ]),
+            ["x-kept"]
+        );
+        assert_eq!(
+            strip(&[
+                ("connection", "keep-alive, x-private, content-length"),
+                ("x-private", "1"),
+                ("content-length", "2"),
+                ("x-kept", "1"),
+            ]),
+            ["content-length", "x-kept"]
+        );
+        assert_eq!(
+            strip(&[("proxy-connection", "keep-alive"), ("x-kept", "1")]),
+            ["x-kept"]
+        );
+        assert_eq!(strip(&[("x-kept", "1")]), ["x-kept"]);
     }
 
     #[test]
