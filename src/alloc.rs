@@ -16,10 +16,13 @@
 //! The rule: a layout whose alignment is at most `MI_MAX_ALIGN_SIZE` (16
 //! on the targets snapgate runs on) and at most its size goes to plain
 //! `mi_malloc`, `mi_zalloc` and `mi_realloc`. mimalloc's blocks of 16
-//! bytes or more are 16-aligned and smaller ones 8-aligned (its size
-//! classes are multiples of 8, and multiples of 16 from 16 up; a page's
-//! first block is 16-aligned), so such a block meets the alignment; the
-//! rule is the one Rust's own `System` allocator applies to `malloc`.
+//! bytes or more are 16-aligned (its own invariant, asserted as each
+//! block is handed out in `src/alloc.c`: with `MI_MAX_ALIGN_SIZE` twice
+//! the word size, `mi_bin` in `src/page-queue.c` rounds every size class
+//! to an even number of words, and a page's first block is 16-aligned),
+//! and smaller ones 8-aligned (8 bytes is the smallest class), so such a
+//! block meets the alignment; the rule is the one Rust's own `System`
+//! allocator applies to `malloc`.
 //! Every other layout keeps the `_aligned` calls. `mi_free` frees both.
 //!
 //! The one module besides the workers' memory hand-back that holds
@@ -54,7 +57,9 @@ unsafe impl GlobalAlloc for Mimalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if plain(layout.size(), layout.align()) {
-            unsafe { mi::mi_malloc(layout.size()) as *mut u8 }
+            let p = unsafe { mi::mi_malloc(layout.size()) as *mut u8 };
+            debug_assert!(p as usize % layout.align() == 0, "{layout:?}");
+            p
         } else {
             unsafe { mi::mi_malloc_aligned(layout.size(), layout.align()) as *mut u8 }
         }
@@ -108,6 +113,7 @@ mod tests {
                     assert_eq!(p as usize % align, 0, "size {size} align {align}");
                     std::ptr::write_bytes(p, 0xa5, size);
                     let grown = a.realloc(p, layout, size * 3);
+                    assert!(!grown.is_null(), "grown {size} align {align}");
                     assert_eq!(grown as usize % align, 0, "grown {size} align {align}");
                     assert!((0..size).all(|i| *grown.add(i) == 0xa5));
                     let shrunk = a.realloc(
@@ -115,9 +121,11 @@ mod tests {
                         Layout::from_size_align(size * 3, align).unwrap(),
                         size,
                     );
+                    assert!(!shrunk.is_null(), "shrunk {size} align {align}");
                     assert_eq!(shrunk as usize % align, 0, "shrunk {size} align {align}");
                     assert!((0..size).all(|i| *shrunk.add(i) == 0xa5));
                     let z = a.alloc_zeroed(layout);
+                    assert!(!z.is_null(), "zeroed {size} align {align}");
                     assert_eq!(z as usize % align, 0, "zeroed {size} align {align}");
                     assert!((0..size).all(|i| *z.add(i) == 0));
                     held.push((shrunk, layout));

@@ -192,7 +192,9 @@ pub async fn drive<C: Graceful>(
                 None => std::future::pending().await,
             }
         };
+        // Biased: polled at every wake of the connection (below).
         tokio::select! {
+            biased;
             () = stopped(&mut stop) => {}
             () = idle => {}
         }

@@ -54,10 +54,12 @@ pub struct Peer {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
 
+/// How many names [`HOP_BY_HOP`] holds.
+const HOP_COUNT: usize = 8;
 /// Headers that describe one connection, not the message (policy step 1).
 /// As names, not strings: removing by a string parses it first, per
 /// request.
-static HOP_BY_HOP: [HeaderName; 8] = [
+static HOP_BY_HOP: [HeaderName; HOP_COUNT] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -106,6 +108,8 @@ fn forwarding_field(name: &str) -> bool {
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One look at each name: which hop-by-hop fields are present (most
     // requests have none; most responses only `Connection: keep-alive`).
+    // A bit per entry of HOP_BY_HOP.
+    const _: () = assert!(HOP_COUNT <= u8::BITS as usize);
     let mut present = 0u8;
     for name in headers.keys() {
         if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
@@ -115,19 +119,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if present == 0 {
         return;
     }
-    // `Connection` names no field but hop-by-hop ones (or says `close`):
-    // those present go, and nothing else is looked up.
+    // `Connection` names no field but hop-by-hop ones (or says `close`,
+    // with no field of that name): those present go, and nothing else
+    // is looked up.
     let names_others = headers
         .get_all(header::CONNECTION)
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b','))
         .map(<[u8]>::trim_ascii)
         .any(|t| {
-            !t.is_empty()
-                && !t.eq_ignore_ascii_case(b"close")
-                && !HOP_BY_HOP
+            let names_nothing_else = t.is_empty()
+                || (t.eq_ignore_ascii_case(b"close") && !headers.contains_key("close"))
+                || HOP_BY_HOP
                     .iter()
-                    .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()));
+            !names_nothing_else
         });
     if !names_others {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
@@ -641,6 +647,12 @@ mod tests {
         );
         assert_eq!(
             strip(&[("proxy-connection", "keep-alive"), ("x-kept", "1")]),
+            ["x-kept"]
+        );
+        // RFC 9110 section 7.6.1: a field named by an option goes, even
+        // one named Close.
+        assert_eq!(
+            strip(&[("connection", "close"), ("close", "1"), ("x-kept", "1")]),
             ["x-kept"]
         );
         assert_eq!(strip(&[("x-kept", "1")]), ["x-kept"]);
