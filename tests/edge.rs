@@ -519,6 +519,16 @@ const CANNED: &[(&str, &[u8], Then)] = &[
         Then::Next,
     ),
     (
+        "/gzip-chunked",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n2\r\nzz\r\n0\r\n\r\n",
+        Then::Next,
+    ),
+    (
+        "/chunked-gzip",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\nzz",
+        Then::CloseSoon,
+    ),
+    (
         "/then-close",
         b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         Then::CloseSoon,
@@ -2070,6 +2080,22 @@ async fn a_response_framed_both_ways_reaches_the_client_as_chunked_says() {
     let mut c = Wire::connect(gw.listen).await;
     let r = exchange(&mut c, &get("/both-framings", "a.test")).await;
     assert_eq!((r.status, r.text().as_str()), (200, "0123456789"), "{r:?}");
+    let next = exchange(&mut c, &get("/next", "a.test")).await;
+    assert_eq!(next.text(), "GET /next");
+}
+
+/// An app's response with a transfer coding besides chunked gets the
+/// client a 502 (framing.rs, rule 3), not the coded bytes as content
+/// with the coding's name gone; the client's connection goes on.
+#[tokio::test]
+async fn a_response_with_a_transfer_coding_other_than_chunked_is_a_502() {
+    let (_up, gw) = app_a("", &[]).await;
+    let mut c = Wire::connect(gw.listen).await;
+    for path in ["/gzip-chunked", "/chunked-gzip"] {
+        let r = exchange(&mut c, &get(path, "a.test")).await;
+        assert_eq!(r.status, 502, "{path}: {r:?}");
+        assert!(!r.text().contains("zz"), "{path}: {r:?}");
+    }
     let next = exchange(&mut c, &get("/next", "a.test")).await;
     assert_eq!(next.text(), "GET /next");
 }

@@ -537,6 +537,16 @@ fn exchange<'a>(
             _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
             _ = answer_overdue => Err(Retry::Failed(ErrorKind::ResponseTimeout(timeout))),
         };
+        if let Ok((resp, _)) = &sent {
+            // A transfer coding that would be lost on the way (framing.rs,
+            // rule 3): the connection is dropped with its checkin, the
+            // client gets a 502.
+            if let Some(coding) = super::framing::response_coding(resp.headers()) {
+                return Err(Retry::Failed(ErrorKind::Upstream(format!(
+                    "the app's response has a transfer coding snapgate does not decode: {coding}"
+                ))));
+            }
+        }
         match sent {
             // Nothing asked to switch protocols: the connection is not HTTP any
             // more (dropped with its checkin), and the client gets a 502.

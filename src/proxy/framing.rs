@@ -16,6 +16,13 @@
 //!    counts the head itself. More than `max_headers` field lines: 431
 //!    too (hyper counts them on HTTP/1.1; HTTP/2 has no such bound of its
 //!    own).
+//! 3. A response from an app with a transfer coding besides `chunked`
+//!    (`gzip, chunked`, or `chunked, gzip` read to the connection's close):
+//!    502 ([`response_coding`]). hyper takes `chunked` off; `Transfer-
+//!    Encoding` is hop-by-hop and goes, so the other coding would be lost
+//!    and the client would take coded bytes for the content (RFC 9112
+//!    section 7: transfer codings are the message's, not the
+//!    representation's).
 
 use http::header;
 use http::Request;
@@ -51,6 +58,25 @@ pub fn check<B>(
             "a transfer coding other than chunked",
         ))),
     }
+}
+
+/// Rule 3: the transfer coding of a response's `headers` that snapgate
+/// cannot pass on (any but a single `chunked`), or `None`.
+pub fn response_coding(headers: &http::HeaderMap) -> Option<String> {
+    let mut chunked = 0;
+    for coding in headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty())
+    {
+        if !coding.eq_ignore_ascii_case(b"chunked") {
+            return Some(String::from_utf8_lossy(coding).into_owned());
+        }
+        chunked += 1;
+    }
+    (chunked > 1).then(|| "chunked, chunked".to_owned())
 }
 
 /// The bytes of `req`'s head as sent: request line and field lines, each
@@ -92,6 +118,22 @@ mod tests {
         assert_eq!(status(&[("transfer-encoding", "Chunked")]), 200);
         assert_eq!(status(&[("transfer-encoding", "gzip, chunked")]), 501);
         assert_eq!(status(&[("transfer-encoding", "chunked, chunked")]), 400);
+        let coding = |values: &[&str]| {
+            let mut h = http::HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, v.parse().unwrap());
+            }
+            response_coding(&h)
+        };
+        assert_eq!(coding(&[]), None);
+        assert_eq!(coding(&["Chunked"]), None);
+        assert_eq!(coding(&["gzip, chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(coding(&["chunked, gzip"]).as_deref(), Some("gzip"));
+        assert_eq!(coding(&["gzip", "chunked"]).as_deref(), Some("gzip"));
+        assert_eq!(
+            coding(&["chunked", "chunked"]).as_deref(),
+            Some("chunked, chunked")
+        );
         let big = "x".repeat(8192);
         assert_eq!(status(&[("x-big", &big)]), 431);
         assert_eq!(status(&[("x-big", &big[..8000])]), 200);
