@@ -1,5 +1,5 @@
-//! Message framing a request must have to be forwarded (RFC 9112
-//! section 6). hyper has read the body's framing already: a request with
+//! Message framing a request must have to be forwarded, and an app's
+//! response to be relayed (RFC 9112 section 6). hyper has read the body's framing already: a request with
 //! both `Transfer-Encoding` and `Content-Length` has had the latter
 //! removed, is read chunked, and its connection closes after the answer,
 //! as section 6.3 asks of an intermediary; a final coding other than
