@@ -881,7 +881,6 @@ fn direct(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
 }
 
 async fn direct_on(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
-    use http_body_util::{BodyExt, Empty};
     use hyper_util::rt::TokioIo;
     let mut took = Vec::new();
     let mut errors = 0;
@@ -899,35 +898,15 @@ async fn direct_on(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
         }
         Ok((mut sender, conn)) => {
             let conn = tokio::spawn(conn);
+            let host = endpoint.addr.to_string();
             while start.elapsed() < Duration::from_secs(seconds) {
-                let req = http::Request::get("/")
-                    .header(http::header::HOST, endpoint.addr.to_string())
-                    .body(Empty::<bytes::Bytes>::new())
-                    .expect("request");
-                // The connection takes the next request once it has
-                // ended the last (hyper's rule); timed from then on.
-                let answered = match sender.ready().await {
-                    Ok(()) => {
-                        let t = Instant::now();
-                        let answered = match sender.send_request(req).await {
-                            Ok(resp) if resp.status().is_success() => resp
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|_| ())
-                                .map_err(|e| e.to_string()),
-                            Ok(resp) => Err(format!("status {}", resp.status())),
-                            Err(e) => Err(e.to_string()),
-                        };
-                        took.push(t.elapsed().as_secs_f64() * 1000.0);
-                        answered
+                match get_once(&mut sender, &host).await {
+                    Ok(ms) => took.push(ms),
+                    Err(e) => {
+                        eprintln!("warm hit: the warm instance direct failed: {e}");
+                        errors += 1;
+                        break;
                     }
-                    Err(e) => Err(e.to_string()),
-                };
-                if let Err(e) = answered {
-                    eprintln!("warm hit: the warm instance direct failed: {e}");
-                    errors += 1;
-                    break;
                 }
             }
             conn.abort();
@@ -947,6 +926,31 @@ async fn direct_on(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
         max: at(1.0),
         errors,
     }
+}
+
+/// One `GET /` on `sender`'s connection, once it is ready for it (hyper
+/// takes the next request when the last has ended): the time from then
+/// to the whole answer, in ms, or what failed.
+async fn get_once(
+    sender: &mut hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    host: &str,
+) -> Result<f64, String> {
+    use http_body_util::BodyExt;
+    sender.ready().await.map_err(|e| e.to_string())?;
+    let req = http::Request::get("/")
+        .header(http::header::HOST, host)
+        .body(http_body_util::Empty::new())
+        .expect("request");
+    let t = Instant::now();
+    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("status {}", resp.status()));
+    }
+    resp.into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
 /// One request on a fresh connection: time to the response headers (ms)

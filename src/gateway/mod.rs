@@ -125,9 +125,9 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let (listener, admin_listener) = bind(config).await?;
     let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
     // The edge workers too, before any VM exists.
-    let asked = config.workers.unwrap_or_else(crate::proxy::edge::cores);
-    let workers = crate::proxy::edge::Workers::start(asked).context("starting the edge workers")?;
-    if workers.handles().len() < asked {
+    let count = crate::proxy::edge::count(config.workers);
+    let workers = crate::proxy::edge::Workers::start(count).context("starting the edge workers")?;
+    if let Some(asked) = config.workers.filter(|&asked| asked > count) {
         tracing::warn!(
             asked,
             cores = crate::proxy::edge::cores(),

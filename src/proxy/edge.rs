@@ -91,7 +91,7 @@ impl Workers {
     /// # Errors
     /// A thread or runtime that cannot be made (out of threads or fds).
     pub fn start(n: usize) -> std::io::Result<Workers> {
-        let n = n.clamp(1, slots() - 1);
+        let n = count(Some(n));
         let quit = CancellationToken::new();
         // Armed first: if a later worker cannot start, those started end.
         let guard = quit.clone().drop_guard();

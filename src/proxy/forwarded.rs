@@ -39,6 +39,7 @@ use http::Request;
 use ipnet::IpNet;
 
 use super::authority::Authority;
+use super::framing::list;
 
 /// The connection a request came on: set by the listener.
 #[derive(Clone, Copy, Debug)]
@@ -122,19 +123,14 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection` names no field but hop-by-hop ones (or says `close`,
     // with no field of that name): those present go, and nothing else
     // is looked up.
-    let names_others = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .any(|t| {
-            let names_nothing_else = t.is_empty()
-                || (t.eq_ignore_ascii_case(b"close") && !headers.contains_key("close"))
-                || HOP_BY_HOP
-                    .iter()
-                    .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()));
-            !names_nothing_else
-        });
+    let names_others = list(headers, header::CONNECTION).any(|t| {
+        let names_nothing_else = (t.eq_ignore_ascii_case(b"close")
+            && !headers.contains_key("close"))
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()));
+        !names_nothing_else
+    });
     if !names_others {
         for (i, name) in HOP_BY_HOP.iter().enumerate() {
             if present & (1 << i) != 0 {
@@ -145,13 +141,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
     // The names `Connection` lists, compared as its tokens (ASCII case
     // folded) with the names present: no name is made of them.
-    let listed: Vec<&[u8]> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-        .collect();
+    let listed: Vec<&[u8]> = list(headers, header::CONNECTION).collect();
     let gone: Vec<HeaderName> = headers
         .keys()
         .filter(|n| {
@@ -216,11 +206,7 @@ impl Hop {
 /// Whether a comma-separated list field `name` has `token` (ASCII case
 /// folded), with no copy of the field.
 fn has_token(headers: &HeaderMap, name: HeaderName, token: &str) -> bool {
-    headers
-        .get_all(name)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+    list(headers, name).any(|t| t.eq_ignore_ascii_case(token.as_bytes()))
 }
 
 /// The forwarding policy of the module doc, for one listener.

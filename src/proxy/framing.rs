@@ -25,7 +25,7 @@
 //!    representation's).
 
 use http::header;
-use http::Request;
+use http::{HeaderMap, Request};
 
 use super::error::{ErrorKind, ProxyError};
 
@@ -39,22 +39,12 @@ pub fn check<B>(
     if head_size(&req) > max_head || req.headers().len() > max_headers {
         return Err(ProxyError::new(ErrorKind::HeadTooLarge));
     }
-    let h = req.headers();
-    let codings: Vec<&[u8]> = h
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(|c| c.trim_ascii())
-        .filter(|c| !c.is_empty())
-        .collect();
-    let chunked = |c: &[u8]| c.eq_ignore_ascii_case(b"chunked");
-    match codings[..] {
-        [] => Ok(req),
-        [only] if chunked(only) => Ok(req),
-        _ if codings.iter().all(|c| chunked(c)) => Err(ProxyError::new(ErrorKind::BadRequest(
+    match codings(req.headers()) {
+        Codings::Passable => Ok(req),
+        Codings::ChunkedTwice => Err(ProxyError::new(ErrorKind::BadRequest(
             "chunked applied more than once",
         ))),
-        _ => Err(ProxyError::new(ErrorKind::NotImplemented(
+        Codings::Other(_) => Err(ProxyError::new(ErrorKind::NotImplemented(
             "a transfer coding other than chunked",
         ))),
     }
@@ -62,21 +52,50 @@ pub fn check<B>(
 
 /// Rule 3: the transfer coding of a response's `headers` that snapgate
 /// cannot pass on (any but a single `chunked`), or `None`.
-pub fn response_coding(headers: &http::HeaderMap) -> Option<String> {
+pub fn response_coding(headers: &HeaderMap) -> Option<String> {
+    match codings(headers) {
+        Codings::Passable => None,
+        Codings::ChunkedTwice => Some("chunked, chunked".to_owned()),
+        Codings::Other(c) => Some(String::from_utf8_lossy(c).into_owned()),
+    }
+}
+
+/// What a message's `Transfer-Encoding` asks of a forwarder (rules 1
+/// and 3; RFC 9112 section 6.1).
+enum Codings<'a> {
+    /// None, or `chunked` once: hyper reads it and frames it afresh.
+    Passable,
+    /// `chunked` more than once.
+    ChunkedTwice,
+    /// The first coding other than `chunked`.
+    Other(&'a [u8]),
+}
+
+fn codings(headers: &HeaderMap) -> Codings<'_> {
     let mut chunked = 0;
-    for coding in headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty())
-    {
+    for coding in list(headers, header::TRANSFER_ENCODING) {
         if !coding.eq_ignore_ascii_case(b"chunked") {
-            return Some(String::from_utf8_lossy(coding).into_owned());
+            return Codings::Other(coding);
         }
         chunked += 1;
     }
-    (chunked > 1).then(|| "chunked, chunked".to_owned())
+    if chunked > 1 {
+        Codings::ChunkedTwice
+    } else {
+        Codings::Passable
+    }
+}
+
+/// The elements of the list field `name` (RFC 9110 section 5.6.1): every
+/// field line of it split at commas, each trimmed, the empty ones left
+/// out. As bytes: a value need not be text.
+pub fn list<K: header::AsHeaderName>(headers: &HeaderMap, name: K) -> impl Iterator<Item = &[u8]> {
+    headers
+        .get_all(name)
+        .into_iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
 }
 
 /// The bytes of `req`'s head as sent: request line and field lines, each
