@@ -662,6 +662,29 @@ fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str
             ratio(|l| l.p99),
         )
         .unwrap();
+        // Runs are interleaved, so run i of each row was measured in the
+        // same round: the ratio within a round is spared most of the drift
+        // between rounds.
+        let row = |name: &str| runs.iter().find(|((_, n), _)| n == name).map(|(_, v)| v);
+        if let (Some(a), Some(b)) = (row(ours), row(peer)) {
+            let by_round = |f: fn(&Load) -> f64| {
+                a.iter()
+                    .zip(b)
+                    .map(|(a, b)| f(a) / f(b))
+                    .filter(|r| !r.is_nan())
+                    .map(|r| format!("{r:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (rps, p99) = (by_round(|l| l.rps), by_round(|l| l.p99));
+            if !rps.is_empty() {
+                write!(t, "Round by round: req/s {rps}").unwrap();
+                if !p99.is_empty() {
+                    write!(t, "; p99 {p99}").unwrap();
+                }
+                writeln!(t, ".").unwrap();
+            }
+        }
     }
     t
 }
@@ -1496,21 +1519,34 @@ async fn bare_worker(socket: std::net::TcpListener, backend: SocketAddr) {
                         hyper::service::service_fn(move |req: http::Request<Incoming>| {
                             let pool = pool.clone();
                             async move {
-                                let pooled = pool.borrow_mut().pop();
-                                let mut sender = match pooled {
-                                    Some(sender) => sender,
-                                    None => {
-                                        let up = tokio::net::TcpStream::connect(backend).await?;
-                                        up.set_nodelay(true)?;
-                                        let (sender, conn) =
-                                            hyper::client::conn::http1::handshake(TokioIo::new(up))
+                                // A pooled connection that closed meanwhile
+                                // (the backend closed it, or a response body
+                                // was dropped unread as its client left) is
+                                // dropped: its error is no client's.
+                                let mut sender = loop {
+                                    let pooled = pool.borrow_mut().pop();
+                                    match pooled {
+                                        Some(mut sender) => {
+                                            if sender.ready().await.is_ok() {
+                                                break sender;
+                                            }
+                                        }
+                                        None => {
+                                            let up =
+                                                tokio::net::TcpStream::connect(backend).await?;
+                                            up.set_nodelay(true)?;
+                                            let (mut sender, conn) =
+                                                hyper::client::conn::http1::handshake(
+                                                    TokioIo::new(up),
+                                                )
                                                 .await
                                                 .map_err(std::io::Error::other)?;
-                                        tokio::task::spawn_local(conn);
-                                        sender
+                                            tokio::task::spawn_local(conn);
+                                            sender.ready().await.map_err(std::io::Error::other)?;
+                                            break sender;
+                                        }
                                     }
                                 };
-                                sender.ready().await.map_err(std::io::Error::other)?;
                                 let resp = sender
                                     .send_request(req)
                                     .await
