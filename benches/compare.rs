@@ -640,20 +640,20 @@ fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str
         .unwrap();
     }
     if let Some((ours, peer)) = ratio_of {
+        let row = |name: &str| runs.iter().find(|((_, n), _)| n == name).map(|(_, v)| v);
         let median = |name: &str, f: fn(&Load) -> f64| {
-            runs.iter()
-                .find(|((_, n), _)| n == name)
-                .map(|(_, v)| Samples::new(v.iter().map(f).collect()).median())
+            row(name)
+                .map(|v| Samples::new(v.iter().map(f).collect()).median())
                 .unwrap_or(f64::NAN)
         };
-        let ratio = |f: fn(&Load) -> f64| {
-            let r = median(ours, f) / median(peer, f);
-            if r.is_nan() {
-                "–".to_owned()
-            } else {
+        let shown = |r: f64| {
+            if r.is_finite() {
                 format!("{r:.2}")
+            } else {
+                "–".to_owned()
             }
         };
+        let ratio = |f: fn(&Load) -> f64| shown(median(ours, f) / median(peer, f));
         writeln!(
             t,
             "\nsnapgate/nginx (medians): req/s {}, p50 {}, p99 {}.",
@@ -665,24 +665,22 @@ fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str
         // Runs are interleaved, so run i of each row was measured in the
         // same round: the ratio within a round is spared most of the drift
         // between rounds.
-        let row = |name: &str| runs.iter().find(|((_, n), _)| n == name).map(|(_, v)| v);
         if let (Some(a), Some(b)) = (row(ours), row(peer)) {
-            let by_round = |f: fn(&Load) -> f64| {
-                a.iter()
-                    .zip(b)
-                    .map(|(a, b)| f(a) / f(b))
-                    .filter(|r| !r.is_nan())
-                    .map(|r| format!("{r:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
-            let (rps, p99) = (by_round(|l| l.rps), by_round(|l| l.p99));
-            if !rps.is_empty() {
-                write!(t, "Round by round: req/s {rps}").unwrap();
-                if !p99.is_empty() {
-                    write!(t, "; p99 {p99}").unwrap();
-                }
-                writeln!(t, ".").unwrap();
+            if a.len() > 1 {
+                let by_round = |f: fn(&Load) -> f64| {
+                    a.iter()
+                        .zip(b)
+                        .map(|(a, b)| shown(f(a) / f(b)))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                writeln!(
+                    t,
+                    "snapgate/nginx round by round: req/s {}; p99 {}.",
+                    by_round(|l| l.rps),
+                    by_round(|l| l.p99),
+                )
+                .unwrap();
             }
         }
     }
