@@ -48,6 +48,11 @@ pub struct VmProcess {
     exit: Option<ExitStatus>,
     /// The process's pidfd (pidfd_open(2)): readable once it has exited.
     pidfd: Option<Arc<AsyncFd<OwnedFd>>>,
+    /// Its `/proc/<pid>/status`, held open: [`VmProcess::is_exiting`]
+    /// reads it with one `pread` (every lease asks). Tied to this process,
+    /// not to its pid: once it is reaped, reads fail (`ESRCH`), whoever
+    /// gets the pid next. `None` if it could not be opened.
+    status: Option<std::fs::File>,
 }
 
 /// The run directory of `id` under `state_dir`, emptied and created.
@@ -155,6 +160,7 @@ impl VmProcess {
         drop(cmd);
         let pid = child.id().unwrap_or(0);
         let pidfd = exit_fd(pid);
+        let status = std::fs::File::open(format!("/proc/{pid}/status")).ok();
         let pid_file = state_dir.join("vms").join(format!("{id}.pid"));
         let record = record_pid(&pid_file, pid, tap);
         let process = VmProcess {
@@ -165,6 +171,7 @@ impl VmProcess {
             pid_file: pid_file.clone(),
             exit: None,
             pidfd,
+            status,
         };
         record.map_err(|source| VmmError::Io {
             what: "cannot record pid in",
@@ -192,11 +199,18 @@ impl VmProcess {
     /// Whether the process is exiting or has exited: [`VmProcess::exited`],
     /// or its main thread is a zombie while other threads still wind down
     /// (a VMM killed a moment ago cannot be waited on until the last of its
-    /// threads is gone). One read of `/proc/<pid>/status`.
+    /// threads is gone). One `wait4` and one read of `/proc/<pid>/status`.
     pub fn is_exiting(&mut self) -> bool {
+        if self.exited().is_some() {
+            return true;
+        }
         // Our child is in /proc until reaped: an unreadable entry says
         // nothing about it, so only a zombie main thread counts.
-        self.exited().is_some() || liveness(self.pid) == Liveness::Dying
+        let liveness = match &self.status {
+            Some(file) => liveness_of_file(file, self.pid),
+            None => liveness(self.pid),
+        };
+        liveness == Liveness::Dying
     }
 
     /// `Some(status)` once the process has exited (a non-blocking check).
@@ -509,9 +523,34 @@ pub enum Liveness {
 
 /// Whether `pid` runs, is dying or is gone (see [`Liveness`]).
 pub fn liveness(pid: u32) -> Liveness {
-    let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
-        return Liveness::Gone;
-    };
+    match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(status) => liveness_in(&status),
+        Err(_) => Liveness::Gone,
+    }
+}
+
+/// [`liveness`] from `file`, the process's `/proc/<pid>/status` held open:
+/// read whole with one `pread` from its start (procfs makes the text
+/// afresh at offset 0), where a path's read takes an `open`, a `close`
+/// and a read per doubling of the buffer. A text that fills the buffer is
+/// read again by path.
+fn liveness_of_file(file: &std::fs::File, pid: u32) -> Liveness {
+    use std::os::unix::fs::FileExt;
+    // The text is about 1.5 KiB; its CPU lists grow with the host's CPUs.
+    let mut buf = [0u8; 8192];
+    match file.read_at(&mut buf, 0) {
+        Ok(n) if n < buf.len() => match std::str::from_utf8(&buf[..n]) {
+            Ok(status) => liveness_in(status),
+            Err(_) => liveness(pid),
+        },
+        Ok(_) => liveness(pid),
+        // ESRCH: the process was reaped.
+        Err(_) => Liveness::Gone,
+    }
+}
+
+/// [`Liveness`] from the text of a `/proc/<pid>/status` (proc(5)).
+fn liveness_in(status: &str) -> Liveness {
     let field = |name: &str| {
         status
             .lines()
@@ -633,6 +672,35 @@ mod tests {
             assert_eq!(thp_enabled(&p.pid().to_string()), want);
             p.kill().await.unwrap();
         }
+    }
+
+    #[tokio::test]
+    async fn a_killed_process_is_exiting_by_its_held_status_file_until_reaped() {
+        let state = tempfile::tempdir().unwrap();
+        let mut p = sleeping(state.path(), &VmId::new("held-1"), "30", None, true);
+        let pid = p.pid();
+        let file = p.status.take().expect("its status file opened at spawn");
+        assert_eq!(liveness_of_file(&file, pid), Liveness::Running);
+        p.status = Some(file);
+        assert!(!p.is_exiting());
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        // The same open file, read again from its start, shows the change
+        // (dying, then a zombie: not reaped, it stays readable).
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while liveness_of_file(p.status.as_ref().unwrap(), pid) == Liveness::Running {
+            assert!(std::time::Instant::now() < deadline, "never seen leaving");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(p.is_exiting());
+        p.exit().await.unwrap();
+        // Reaped: the open file reads nothing (ESRCH), whatever the pid
+        // names next.
+        let file = p.status.as_ref().unwrap();
+        assert_eq!(liveness_of_file(file, pid), Liveness::Gone);
     }
 
     #[tokio::test]
