@@ -10,7 +10,10 @@
 //!
 //! A VMM's exit is an event: each process has a pidfd (pidfd_open(2)),
 //! readable once it has exited ([`VmProcess::exit_event`]); any number of
-//! waiters can wait on it without reaping or polling.
+//! waiters can wait on it without reaping or polling. Whether it is
+//! exiting already (killed, its threads winding down) is read, when asked
+//! ([`VmProcess::is_exiting`]: every lease asks), from its
+//! `/proc/<pid>/status`, held open from spawn and read with one `pread`.
 //!
 //! VMMs run in their own process group, so a Ctrl-C at the gateway's terminal
 //! reaches only the gateway, which then stops its VMs itself. Each VMM also
