@@ -934,17 +934,12 @@ async fn direct_on(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
         }
     }
     let elapsed = start.elapsed().as_secs_f64();
-    took.sort_by(f64::total_cmp);
-    let at = |q: f64| {
-        took.get(((took.len().max(1) - 1) as f64 * q).round() as usize)
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let took = Samples::new(took);
     Load {
-        rps: took.len() as f64 / elapsed,
-        p50: at(0.50),
-        p99: at(0.99),
-        max: at(1.0),
+        rps: took.0.len() as f64 / elapsed,
+        p50: took.median(),
+        p99: took.pct(99.0),
+        max: took.max(),
         errors,
     }
 }

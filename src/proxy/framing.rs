@@ -1,10 +1,11 @@
 //! Message framing a request must have to be forwarded, and an app's
-//! response to be relayed (RFC 9112 section 6). hyper has read the body's framing already: a request with
-//! both `Transfer-Encoding` and `Content-Length` has had the latter
-//! removed, is read chunked, and its connection closes after the answer,
-//! as section 6.3 asks of an intermediary; a final coding other than
-//! `chunked`, or `Transfer-Encoding` on HTTP/1.0, got 400. What it takes
-//! and a forwarder must not pass on:
+//! response to be relayed (RFC 9112 section 6). hyper has read the
+//! body's framing already: a request with both `Transfer-Encoding` and
+//! `Content-Length` has had the latter removed, is read chunked, and its
+//! connection closes after the answer, as section 6.3 asks of an
+//! intermediary; a final coding other than `chunked`, or
+//! `Transfer-Encoding` on HTTP/1.0, got 400. What it takes and a
+//! forwarder must not pass on:
 //! 1. A transfer coding besides `chunked` (`gzip, chunked`): 501 (section
 //!    6.1: a coding the server does not understand). snapgate forwards a
 //!    body of unknown length chunked, and would otherwise drop the other
@@ -18,9 +19,9 @@
 //!    own).
 //! 3. A response from an app with a transfer coding besides `chunked`
 //!    (`gzip, chunked`, or `chunked, gzip` read to the connection's close):
-//!    502 ([`response_coding`]). hyper takes `chunked` off; `Transfer-
-//!    Encoding` is hop-by-hop and goes, so the other coding would be lost
-//!    and the client would take coded bytes for the content (RFC 9112
+//!    502 ([`response_coding`]). hyper takes `chunked` off;
+//!    `Transfer-Encoding` is hop-by-hop and goes, so the other coding would
+//!    be lost and the client would take coded bytes for the content (RFC 9112
 //!    section 7: transfer codings are the message's, not the
 //!    representation's).
 
