@@ -193,6 +193,57 @@ fn children(pid: u32) -> Vec<u32> {
     out
 }
 
+/// The processes whose CPU time is a server's: the one process, or it
+/// and its children (nginx's master and workers; not the gateway's, whose
+/// children are its VMs).
+#[derive(Clone, Copy, Debug)]
+enum Server {
+    Alone(u32),
+    WithChildren(u32),
+}
+
+/// User and system CPU time of `server` so far, in clock ticks
+/// (`/proc/<pid>/stat` fields 14 and 15, proc(5)).
+fn cpu_ticks(server: Server) -> u64 {
+    let pids = match server {
+        Server::Alone(pid) => vec![pid],
+        Server::WithChildren(pid) => {
+            let mut v = children(pid);
+            v.push(pid);
+            v
+        }
+    };
+    pids.iter()
+        .map(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // The fields after the command, which is in parentheses and
+            // may hold spaces: state is field 3, utime 14, stime 15.
+            let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+            let f: Vec<u64> = rest
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .filter_map(|v| v.parse().ok())
+                .collect();
+            f.iter().sum::<u64>()
+        })
+        .sum()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks_per_second() -> f64 {
+    static TCK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TCK.get_or_init(|| {
+        Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
 /// A `kB` field of `/proc/<pid>/<file>` in MiB (0 when absent).
 fn proc_mib(pid: u32, file: &str, field: &str) -> f64 {
     kb_field_mib(&format!("/proc/{pid}/{file}"), field)
@@ -466,6 +517,9 @@ struct Load {
     p99: f64,
     max: f64,
     errors: u64,
+    /// The server's CPU time (user and system) per request, in µs, where
+    /// it was measured.
+    cpu_us: Option<f64>,
 }
 
 /// A duration as wrk prints it (`812.00us`, `1.20ms`, `2.00s`) in ms.
@@ -561,8 +615,10 @@ fn h2load(url: &str, conns: usize, streams: usize, seconds: u64) -> Load {
 }
 
 /// oha open loop: `rate` requests per second over `conns` connections for
-/// `seconds`, latencies corrected for coordinated omission.
-fn oha_rate(url: &str, rate: u64, conns: usize, seconds: u64) -> Load {
+/// `seconds`, latencies corrected for coordinated omission; with the CPU
+/// time `server` took per request over the run.
+fn oha_rate(url: &str, rate: u64, conns: usize, seconds: u64, server: Server) -> Load {
+    let ticks_before = cpu_ticks(server);
     let out = Command::new(oha())
         .args([
             "-z",
@@ -581,6 +637,7 @@ fn oha_rate(url: &str, rate: u64, conns: usize, seconds: u64) -> Load {
         ])
         .output()
         .expect("run oha (SNAPGATE_OHA)");
+    let ticks = cpu_ticks(server).saturating_sub(ticks_before);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "oha output ({e}): {}{}",
@@ -608,12 +665,15 @@ fn oha_rate(url: &str, rate: u64, conns: usize, seconds: u64) -> Load {
                 .sum()
         })
         .unwrap_or(0);
+    let answered: u64 = codes.values().filter_map(|n| n.as_u64()).sum();
     Load {
         rps: v["summary"]["requestsPerSec"].as_f64().unwrap_or(f64::NAN),
         p50: ms("p50"),
         p99: ms("p99"),
         max: v["summary"]["slowest"].as_f64().unwrap_or(f64::NAN) * 1000.0,
         errors: non_200 + errors,
+        cpu_us: (answered > 0)
+            .then(|| ticks as f64 / clock_ticks_per_second() * 1e6 / answered as f64),
     }
 }
 
@@ -621,15 +681,22 @@ fn oha_rate(url: &str, rate: u64, conns: usize, seconds: u64) -> Load {
 type Runs = BTreeMap<(usize, String), Vec<Load>>;
 
 fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str)>) -> String {
+    // The server's CPU time per request, where the runs measured it.
+    let cpu = runs.values().flatten().any(|l| l.cpu_us.is_some());
+    let (cpu_head, cpu_rule) = match cpu {
+        true => (" server CPU µs/req |", "---|"),
+        false => ("", ""),
+    };
     let mut t = format!(
-        "### {title}\n\n{note}\n\n| through | req/s | p50 ms | p99 ms | max ms | errors |\n|---|---|---|---|---|---|\n"
+        "### {title}\n\n{note}\n\n| through | req/s | p50 ms | p99 ms | max ms | errors |{cpu_head}\n|---|---|---|---|---|---|{cpu_rule}\n"
     );
     let col = |v: &[Load], f: fn(&Load) -> f64, d: usize| {
         Samples::new(v.iter().map(f).collect()).spread(d)
     };
+    let cpu_of = |l: &Load| l.cpu_us.unwrap_or(f64::NAN);
     for ((_, name), v) in runs {
         let errors: u64 = v.iter().map(|l| l.errors).sum();
-        writeln!(
+        write!(
             t,
             "| {name} | {} | {} | {} | {} | {errors} |",
             col(v, |l| l.rps, 0),
@@ -638,6 +705,10 @@ fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str
             col(v, |l| l.max, 2),
         )
         .unwrap();
+        if cpu {
+            write!(t, " {} |", col(v, cpu_of, 1)).unwrap();
+        }
+        t.push('\n');
     }
     if let Some((ours, peer)) = ratio_of {
         let row = |name: &str| runs.iter().find(|((_, n), _)| n == name).map(|(_, v)| v);
@@ -654,14 +725,18 @@ fn load_table(title: &str, note: &str, runs: &Runs, ratio_of: Option<(&str, &str
             }
         };
         let ratio = |f: fn(&Load) -> f64| shown(median(ours, f) / median(peer, f));
-        writeln!(
+        write!(
             t,
-            "\nsnapgate/nginx (medians): req/s {}, p50 {}, p99 {}.",
+            "\nsnapgate/nginx (medians): req/s {}, p50 {}, p99 {}",
             ratio(|l| l.rps),
             ratio(|l| l.p50),
             ratio(|l| l.p99),
         )
         .unwrap();
+        if cpu {
+            write!(t, ", server CPU per request {}", ratio(cpu_of)).unwrap();
+        }
+        t.push_str(".\n");
         // Runs are interleaved, so run i of each row was measured in the
         // same round: the ratio within a round is spared most of the drift
         // between rounds.
@@ -695,10 +770,10 @@ async fn warm(dir: &Dir, report: &mut String) {
     let rate = env_or("SNAPGATE_BENCH_RATE", 10_000u64);
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
     let [be, nx_http, nx_https, bare] = free_ports();
-    let _backend = backend(dir, be);
-    let _nginx = nginx_proxy(dir, workers, be, nx_http, nx_https);
+    let backend = backend(dir, be);
+    let nginx = nginx_proxy(dir, workers, be, nx_http, nx_https);
     let bare_log = dir.path.join("bare-forward.log");
-    let _bare = Proc::spawn(
+    let bare_forward = Proc::spawn(
         "bare forward",
         Command::new(std::env::current_exe().expect("own path"))
             .env(BARE_FORWARD, format!("127.0.0.1:{bare} 127.0.0.1:{be}")),
@@ -722,18 +797,31 @@ async fn warm(dir: &Dir, report: &mut String) {
     )
     .await;
     let sg_tls = gw.tls.expect("tls");
+    // With the processes whose CPU time each row's server is.
     let targets = [
-        (0, "backend direct", format!("http://127.0.0.1:{be}/")),
-        (1, "nginx", format!("http://127.0.0.1:{nx_http}/")),
+        (
+            0,
+            "backend direct",
+            format!("http://127.0.0.1:{be}/"),
+            Server::WithChildren(backend.pid()),
+        ),
+        (
+            1,
+            "nginx",
+            format!("http://127.0.0.1:{nx_http}/"),
+            Server::WithChildren(nginx.pid()),
+        ),
         (
             2,
             "snapgate (static app)",
             format!("http://127.0.0.1:{}/", gw.listen),
+            Server::Alone(gw.proc.pid()),
         ),
         (
             3,
             "bare hyper forward (reference)",
             format!("http://127.0.0.1:{bare}/"),
+            Server::Alone(bare_forward.pid()),
         ),
     ];
     let tls_targets = [
@@ -747,7 +835,7 @@ async fn warm(dir: &Dir, report: &mut String) {
     let (mut h1, mut h1s, mut h2, mut open) = (Runs::new(), Runs::new(), Runs::new(), Runs::new());
     for run in 0..runs {
         eprintln!("warm path: run {}/{runs}", run + 1);
-        for (i, name, url) in &targets {
+        for (i, name, url, _) in &targets {
             h1.entry((*i, name.to_string()))
                 .or_default()
                 .push(wrk(url, "site.test", 2, 32, secs));
@@ -760,10 +848,10 @@ async fn warm(dir: &Dir, report: &mut String) {
                 .or_default()
                 .push(h2load(url, 32, 10, secs));
         }
-        for (i, name, url) in &targets {
+        for (i, name, url, server) in &targets {
             open.entry((*i, name.to_string()))
                 .or_default()
-                .push(oha_rate(url, rate, 32, secs));
+                .push(oha_rate(url, rate, 32, secs, *server));
         }
     }
     let ratio = Some(("snapgate (static app)", "nginx"));
@@ -779,7 +867,7 @@ async fn warm(dir: &Dir, report: &mut String) {
         ),
         (
             "HTTP/1.1, open loop at a fixed rate",
-            format!("`oha -q {rate} -c32 -z {secs}s --latency-correction` (latency counted from when each request was due); {each} {reference}"),
+            format!("`oha -q {rate} -c32 -z {secs}s --latency-correction` (latency counted from when each request was due); {each} Server CPU is the user and system time the row's server took over the run (`/proc/PID/stat`; nginx: its master and workers; the backend direct: the backend itself, whose own time every other row also includes outside this column), per request answered. {reference}"),
             &open,
         ),
     ] {
@@ -941,6 +1029,7 @@ async fn direct_on(endpoint: &snapgate::vmm::Endpoint, seconds: u64) -> Load {
         p99: took.pct(99.0),
         max: took.max(),
         errors,
+        cpu_us: None,
     }
 }
 
