@@ -1,8 +1,28 @@
-//! The admin listener: `/metrics` (Prometheus text format), `/healthz`,
-//! and `POST /reload` (reload `proxy.yaml`, as SIGHUP does; the answer
-//! says what changed, or why the file was rejected).
-
+//! The admin listener: Prometheus metrics, probes and the admin API.
+//!
+//! | method and path | answer |
+//! |---|---|
+//! | `GET /metrics` | the Prometheus text format |
+//! | `GET /livez` (`/healthz`) | 200 while the process serves |
+//! | `GET /readyz` | 200 once serving and every pool's `min_warm` has been met or has failed with a reason, and from then on; else 503; JSON either way |
+//! | `GET /apps` | apps with their pool's counts, settings and last error; runtime stocks |
+//! | `GET /instances[?app=NAME]` | instances and restores in flight |
+//! | `POST /instances/ID/drain` | drains one instance: no new requests, stops once those in flight end |
+//! | `POST /apps/NAME/prewarm?count=N` | brings the app to N free instances (restores counted), within `max_instances` |
+//! | `POST /reload` | reloads `proxy.yaml`, as SIGHUP does |
+//!
+//! Every page but the probes needs `Authorization: Bearer TOKEN` when
+//! `admin_token_file` is set (required off loopback); the token is
+//! compared in constant time (RFC 6750 section 2.1; a missing or wrong one
+//! gets 401 with `WWW-Authenticate: Bearer`, section 3). Without it
+//! `/readyz` says only whether the gateway is ready, not why.
+//!
+//! The listener serves from the moment it is bound, before snapshots are
+//! built and pools made: until then `/readyz` says it is starting and the
+//! API answers 503.
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,10 +31,17 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::warn;
+use tracing::{info, warn};
+
+use crate::pool::{Prewarm, Sizing, Stats};
+use crate::proxy::{Apps, Target};
+use crate::runtime::Runtime;
 
 /// An admin page's body.
 type Page = Full<Bytes>;
@@ -38,11 +65,109 @@ pub struct Admin {
     /// Where reloads are asked for (the process running the gateway loads
     /// the file and answers).
     pub reloads: tokio::sync::mpsc::Sender<crate::gateway::ReloadAsk>,
+    /// The bearer token, if one is required.
+    pub token: Option<Token>,
+    /// The gateway's apps and stocks, once it serves.
+    pub serving: Arc<OnceLock<Serving>>,
+    /// Set the first time `/readyz` found the gateway ready: from then on
+    /// it stays ready while it runs (an instance replaced, a runtime
+    /// clone taken, does not take the gateway out of a balancer).
+    pub became_ready: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What the API reads and acts on, set once the gateway serves.
+pub struct Serving {
+    /// The apps (the current table: a reload swaps it).
+    pub apps: Arc<Apps>,
+    /// Runtime stocks by runtime name.
+    pub runtimes: Arc<Mutex<HashMap<String, Runtime>>>,
+}
+
+/// A bearer token, kept as its SHA-256 digest: compared digest to digest
+/// in constant time, so neither its bytes nor its length show in timing.
+#[derive(Clone)]
+pub struct Token([u8; 32]);
+
+impl Token {
+    /// The token in the first line of `path`; an error names the file and
+    /// what is wrong (missing, unreadable, shorter than 16 characters).
+    pub fn from_file(path: &std::path::Path) -> anyhow::Result<Token> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("admin_token_file: reading {}", path.display()))?;
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.chars().count() < 16 {
+            anyhow::bail!(
+                "admin_token_file: {} holds a token of {} characters; at least 16 are needed",
+                path.display(),
+                token.chars().count()
+            );
+        }
+        Ok(Token::new(token))
+    }
+
+    /// `token` itself.
+    pub fn new(token: &str) -> Token {
+        Token(Sha256::digest(token.as_bytes()).into())
+    }
+
+    /// Whether `req` carries it (`Authorization: Bearer TOKEN`; the scheme
+    /// is case-insensitive, RFC 9110 section 11.1).
+    fn check<B>(&self, req: &Request<B>) -> Result<(), TokenError> {
+        let Some(value) = req.headers().get(http::header::AUTHORIZATION) else {
+            return Err(TokenError::Missing);
+        };
+        let value = value.as_bytes();
+        let Some((scheme, given)) = value.split_at_checked(7) else {
+            return Err(TokenError::Missing);
+        };
+        if !scheme.eq_ignore_ascii_case(b"bearer ") {
+            return Err(TokenError::Missing);
+        }
+        let given: [u8; 32] = Sha256::digest(given.trim_ascii()).into();
+        match bool::from(given.ct_eq(&self.0)) {
+            true => Ok(()),
+            false => Err(TokenError::Wrong),
+        }
+    }
+}
+
+/// Why a request was not admitted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TokenError {
+    /// No bearer token.
+    Missing,
+    /// Another token.
+    Wrong,
+}
+
+/// A JSON page.
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Page> {
+    let mut body = serde_json::to_vec_pretty(value).unwrap_or_default();
+    body.push(b'\n');
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// A JSON error: `{"error": why}`.
+fn error(status: StatusCode, why: impl Into<String>) -> Response<Page> {
+    json(status, &serde_json::json!({ "error": why.into() }))
 }
 
 /// `POST /reload`: 200 with the summary, 422 with the reason the file was
 /// rejected (the running config stays), 503 if nothing takes reloads.
 async fn reload(admin: &Admin) -> Response<Page> {
+    if admin.serving.get().is_none() {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is starting: reload once it serves\n".into(),
+        );
+    }
     let (reply, answer) = tokio::sync::oneshot::channel();
     if admin
         .reloads
@@ -68,40 +193,437 @@ async fn reload(admin: &Admin) -> Response<Page> {
     }
 }
 
-async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
-    let registry = &admin.registry;
-    match req.uri().path() {
-        "/reload" if req.method() == http::Method::POST => reload(admin).await,
-        "/reload" => {
-            let mut resp = text(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "POST /reload reloads the config\n".into(),
-            );
-            resp.headers_mut()
-                .insert(http::header::ALLOW, http::HeaderValue::from_static("POST"));
-            resp
+/// Seconds, as the API writes durations (three decimals).
+fn secs(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1000.0).round() / 1000.0
+}
+
+/// An app's pool settings, as `GET /apps` shows them.
+#[derive(Serialize)]
+struct Settings {
+    min_warm: usize,
+    max_instances: usize,
+    max_concurrency: usize,
+    idle_timeout_seconds: Option<f64>,
+    start_timeout_seconds: f64,
+    hold_queue: usize,
+    hold_timeout_seconds: f64,
+}
+
+impl From<Sizing> for Settings {
+    fn from(s: Sizing) -> Settings {
+        Settings {
+            min_warm: s.min_warm,
+            max_instances: s.max_instances,
+            max_concurrency: s.max_concurrency,
+            idle_timeout_seconds: s.idle_timeout.map(secs),
+            start_timeout_seconds: secs(s.start_timeout),
+            hold_queue: s.hold_queue,
+            hold_timeout_seconds: secs(s.hold_timeout),
         }
-        "/metrics" => {
-            let encoder = TextEncoder::new();
-            let mut buf = Vec::new();
-            if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
-                return text(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("encoding metrics: {e}\n"),
+    }
+}
+
+/// A pool's counts, as `GET /apps` shows them.
+#[derive(Serialize)]
+struct PoolState {
+    instances: usize,
+    warm: usize,
+    leased: usize,
+    draining: usize,
+    restoring: usize,
+    stopping: usize,
+    queued: usize,
+    peak: usize,
+}
+
+impl From<Stats> for PoolState {
+    fn from(s: Stats) -> PoolState {
+        PoolState {
+            instances: s.instances,
+            warm: s.instances - s.leased - s.draining,
+            leased: s.leased,
+            draining: s.draining,
+            restoring: s.restoring,
+            stopping: s.stopping,
+            queued: s.queued,
+            peak: s.peak,
+        }
+    }
+}
+
+/// `GET /apps`.
+fn apps(serving: &Serving) -> Response<Page> {
+    let table = serving.apps.table();
+    let mut names: Vec<&Arc<str>> = table.targets().keys().collect();
+    names.sort();
+    let apps: Vec<serde_json::Value> = names
+        .into_iter()
+        .map(|name| match &*table.targets()[name] {
+            Target::Pool { pool, .. } => serde_json::json!({
+                "name": &**name,
+                "type": "pool",
+                "pool": PoolState::from(pool.stats()),
+                "settings": Settings::from(pool.sizing()),
+                "last_error": pool.last_error(),
+            }),
+            Target::Static { upstream, .. } => serde_json::json!({
+                "name": &**name,
+                "type": "static",
+                "upstream": upstream.addr().to_string(),
+            }),
+        })
+        .collect();
+    let runtimes = lock(&serving.runtimes);
+    let mut stocks: Vec<serde_json::Value> = runtimes
+        .iter()
+        .map(|(name, rt)| {
+            let (warm, restoring) = rt.stock();
+            serde_json::json!({
+                "name": name,
+                "warm": warm,
+                "restoring": restoring,
+                "min_warm": rt.min_warm(),
+                "last_error": rt.last_error(),
+            })
+        })
+        .collect();
+    stocks.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "apps": apps, "runtimes": stocks }),
+    )
+}
+
+/// One instance, as `GET /instances` lists it.
+#[derive(Serialize)]
+struct InstanceRow {
+    id: String,
+    app: String,
+    state: &'static str,
+    age_seconds: f64,
+    in_flight: usize,
+    idle_seconds: Option<f64>,
+    vmm_pid: Option<u32>,
+    tap: Option<String>,
+    snapshot: Option<String>,
+}
+
+/// `GET /instances`, of the app `only` if given.
+fn instances(serving: &Serving, only: Option<&str>) -> Response<Page> {
+    let table = serving.apps.table();
+    if let Some(app) = only {
+        if !table.targets().contains_key(app) {
+            return error(StatusCode::NOT_FOUND, format!("no app {app}"));
+        }
+    }
+    let mut rows = Vec::new();
+    for (app, target) in table.targets() {
+        let Target::Pool { pool, .. } = &**target else {
+            continue;
+        };
+        if only.is_some_and(|o| o != &**app) {
+            continue;
+        }
+        for m in pool.members() {
+            let detail = m.detail;
+            rows.push(InstanceRow {
+                id: m.name.to_string(),
+                app: app.to_string(),
+                state: m.state.as_str(),
+                age_seconds: secs(m.age),
+                in_flight: m.in_flight,
+                idle_seconds: m.idle_for.map(secs),
+                vmm_pid: detail.as_ref().map(|d| d.pid),
+                tap: detail.as_ref().map(|d| d.tap.clone()),
+                snapshot: detail.and_then(|d| d.snapshot),
+            });
+        }
+    }
+    rows.sort_by(|a, b| (&a.app, &a.id).cmp(&(&b.app, &b.id)));
+    json(StatusCode::OK, &serde_json::json!({ "instances": rows }))
+}
+
+/// `POST /instances/ID/drain`.
+fn drain(serving: &Serving, id: &str) -> Response<Page> {
+    let table = serving.apps.table();
+    for (app, target) in table.targets() {
+        if let Target::Pool { pool, .. } = &**target {
+            if pool.drain(id) {
+                info!(%app, vm = %id, "drained by the admin API");
+                return json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "drained": id, "app": &**app }),
                 );
             }
-            let mut resp = text(StatusCode::OK, String::from_utf8_lossy(&buf).into_owned());
-            if let Ok(v) = encoder.format_type().parse() {
-                resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+        }
+    }
+    error(StatusCode::NOT_FOUND, format!("no instance {id}"))
+}
+
+/// `POST /apps/NAME/prewarm?count=N` (N from 1 to 1000; 1 if left out).
+fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> {
+    let count = match query_value(query, "count") {
+        None => 1,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=1000).contains(&n) => n,
+            _ => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("count: {v:?} is not a number from 1 to 1000"),
+                )
             }
+        },
+    };
+    let table = serving.apps.table();
+    let Some(target) = table.targets().get(app) else {
+        return error(StatusCode::NOT_FOUND, format!("no app {app}"));
+    };
+    let Target::Pool { pool, .. } = &**target else {
+        return error(
+            StatusCode::CONFLICT,
+            format!("{app} is a static app: it has no instances"),
+        );
+    };
+    match pool.prewarm(count) {
+        Ok(done) => {
+            info!(%app, count, started = done.started, "prewarm by the admin API");
+            json(
+                StatusCode::OK,
+                &serde_json::json!({
+                    "app": app,
+                    "count": count,
+                    "started": done.started,
+                    "over_max_instances": done.over_max,
+                    "max_instances": pool.sizing().max_instances,
+                }),
+            )
+        }
+        Err(Prewarm::Closed) => error(
+            StatusCode::CONFLICT,
+            format!("{app}'s pool is closed (retired by a reload, or shutting down)"),
+        ),
+        Err(Prewarm::BackingOff { for_, reason }) => {
+            let mut resp = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{app}'s starts are failing ({reason}); the next may begin in {:.1} s",
+                    for_.as_secs_f64()
+                ),
+            );
+            resp.headers_mut().insert(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from(for_.as_secs().max(1)),
+            );
             resp
         }
-        "/healthz" => text(StatusCode::OK, "ok\n".into()),
-        other => text(
-            StatusCode::NOT_FOUND,
-            format!("no admin page {other}; try /metrics, /healthz or POST /reload\n"),
-        ),
     }
+}
+
+/// The value of `key` in a query string, percent-decoded.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query?.split('&').find_map(|pair| {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        (k == key).then(|| {
+            percent_encoding::percent_decode_str(v)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+    })
+}
+
+/// `GET /readyz`: ready once serving and every pool and runtime stock has
+/// had its `min_warm` (instances not draining, restores not counted) or
+/// has failed with a reason, which it names; ready from then on (the
+/// per-app lines say how each stands now). The per-app lines go only to
+/// callers with the token when one is set (`detail`).
+fn readyz(admin: &Admin, detail: bool) -> Response<Page> {
+    let Some(serving) = admin.serving.get() else {
+        return json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({
+                "ready": false,
+                "status": "starting: building snapshots and pools",
+            }),
+        );
+    };
+    let mut ready = true;
+    let mut pools = serde_json::Map::new();
+    let table = serving.apps.table();
+    for (app, target) in table.targets() {
+        let Target::Pool { pool, .. } = &**target else {
+            continue;
+        };
+        let s = pool.stats();
+        let live = s.instances - s.draining;
+        let want = pool.sizing().min_warm;
+        let status = match (live >= want, pool.last_error()) {
+            (true, _) => format!("min_warm met: {live} of {want}"),
+            (false, Some(e)) => format!("failed: {e}"),
+            (false, None) => {
+                ready = false;
+                format!("warming: {live} of {want}")
+            }
+        };
+        pools.insert(app.to_string(), status.into());
+    }
+    let mut stocks = serde_json::Map::new();
+    for (name, rt) in lock(&serving.runtimes).iter() {
+        let (warm, _) = rt.stock();
+        let want = rt.min_warm();
+        let status = match (warm >= want, rt.last_error()) {
+            (true, _) => format!("min_warm met: {warm} of {want}"),
+            (false, Some(e)) => format!("failed: {e}"),
+            (false, None) => {
+                ready = false;
+                format!("warming: {warm} of {want}")
+            }
+        };
+        stocks.insert(name.clone(), status.into());
+    }
+    let latched = &admin.became_ready;
+    if ready {
+        latched.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    let ready = latched.load(std::sync::atomic::Ordering::Relaxed);
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    match detail {
+        true => json(
+            status,
+            &serde_json::json!({ "ready": ready, "apps": pools, "runtimes": stocks }),
+        ),
+        false => json(status, &serde_json::json!({ "ready": ready })),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
+    let path = req.uri().path();
+    let probe = matches!(path, "/livez" | "/healthz" | "/readyz");
+    let admitted = match &admin.token {
+        None => true,
+        Some(token) => match token.check(req) {
+            Ok(()) => true,
+            // The probes answer without the token (with less detail).
+            Err(_) if probe => false,
+            Err(why) => return unauthorized(why),
+        },
+    };
+    let decoded: Vec<std::borrow::Cow<'_, str>> = path
+        .trim_start_matches('/')
+        .split('/')
+        .map(|s| percent_encoding::percent_decode_str(s).decode_utf8_lossy())
+        .collect();
+    let segments: Vec<&str> = decoded.iter().map(|s| &**s).collect();
+    let method = req.method();
+    let read = method == http::Method::GET || method == http::Method::HEAD;
+    let write = method == http::Method::POST;
+    let route = match segments.as_slice() {
+        ["reload"] | ["instances", _, "drain"] | ["apps", _, "prewarm"] => Route::Post,
+        ["metrics"] | ["livez"] | ["healthz"] | ["readyz"] | ["apps"] | ["instances"] => Route::Get,
+        _ => Route::None,
+    };
+    match (route, read, write) {
+        (Route::None, ..) => {
+            return text(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no admin page {path}; try /metrics, /livez, /readyz, /apps, /instances, \
+                     POST /instances/ID/drain, POST /apps/NAME/prewarm?count=N or POST /reload\n"
+                ),
+            )
+        }
+        (Route::Get, false, _) => return not_allowed("GET, HEAD"),
+        (Route::Post, _, false) => return not_allowed("POST"),
+        _ => {}
+    }
+    match segments.as_slice() {
+        ["reload"] => reload(admin).await,
+        ["metrics"] => metrics(&admin.registry),
+        ["livez"] | ["healthz"] => text(StatusCode::OK, "ok\n".into()),
+        ["readyz"] => readyz(admin, admitted),
+        _ => {
+            let Some(serving) = admin.serving.get() else {
+                return error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the gateway is starting: its apps are not up yet",
+                );
+            };
+            match segments.as_slice() {
+                ["apps"] => apps(serving),
+                ["instances"] => {
+                    instances(serving, query_value(req.uri().query(), "app").as_deref())
+                }
+                ["instances", id, "drain"] => drain(serving, id),
+                ["apps", app, "prewarm"] => prewarm(serving, app, req.uri().query()),
+                _ => unreachable!("routed above"),
+            }
+        }
+    }
+}
+
+/// Which method a page takes.
+enum Route {
+    Get,
+    Post,
+    None,
+}
+
+/// 401 with the challenge of RFC 6750 section 3 (`error="invalid_token"`
+/// for a token that is not the one, section 3.1).
+fn unauthorized(why: TokenError) -> Response<Page> {
+    let (challenge, message) = match why {
+        TokenError::Missing => (
+            "Bearer realm=\"snapgate admin\"",
+            "this admin listener needs Authorization: Bearer TOKEN \
+             (snapgate commands: --config FILE or --token-file FILE)",
+        ),
+        TokenError::Wrong => (
+            "Bearer realm=\"snapgate admin\", error=\"invalid_token\"",
+            "the bearer token is not this admin listener's (admin_token_file)",
+        ),
+    };
+    let mut resp = error(StatusCode::UNAUTHORIZED, message);
+    resp.headers_mut().insert(
+        http::header::WWW_AUTHENTICATE,
+        http::HeaderValue::from_static(challenge),
+    );
+    resp
+}
+
+/// 405 with `Allow: allow` (RFC 9110 section 15.5.6).
+fn not_allowed(allow: &'static str) -> Response<Page> {
+    let mut resp = text(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("this page takes {allow}\n"),
+    );
+    resp.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    resp
+}
+
+/// `GET /metrics`.
+fn metrics(registry: &Registry) -> Response<Page> {
+    let encoder = TextEncoder::new();
+    let mut buf = Vec::new();
+    if let Err(e) = encoder.encode(&registry.gather(), &mut buf) {
+        return text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics: {e}\n"),
+        );
+    }
+    let mut resp = text(StatusCode::OK, String::from_utf8_lossy(&buf).into_owned());
+    if let Ok(v) = encoder.format_type().parse() {
+        resp.headers_mut().insert(http::header::CONTENT_TYPE, v);
+    }
+    resp
 }
 
 /// Serves the admin pages until `stop` is cancelled; each connection runs

@@ -29,6 +29,7 @@ pub mod acme;
 pub mod admin;
 pub mod alloc;
 pub mod config;
+pub mod ctl;
 pub mod gateway;
 pub mod path;
 pub mod pool;

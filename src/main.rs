@@ -6,8 +6,19 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use snapgate::config::Config;
 
+/// The version and the commit built (`build.rs`); `modified: true` when
+/// the checkout had changes not committed.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("VERGEN_GIT_SHA"),
+    ", modified: ",
+    env!("VERGEN_GIT_DIRTY"),
+    ")"
+);
+
 #[derive(Parser)]
-#[command(version, about = "Scale-to-zero edge gateway for microVM apps")]
+#[command(version = VERSION, about = "Scale-to-zero edge gateway for microVM apps")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,6 +43,83 @@ enum Command {
         #[command(subcommand)]
         command: SnapshotCommand,
     },
+    /// Show a running gateway's apps and instances.
+    Status {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Reload a running gateway's config file (as SIGHUP does).
+    Reload {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Drain one instance of a running gateway: it takes no new requests
+    /// and stops once those in flight end; a replacement starts if the
+    /// app's min_warm wants one.
+    Drain {
+        /// The instance's id, as `snapgate status` lists it.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Bring an app of a running gateway to N warm instances (restores
+    /// counted), within its max_instances; those beyond min_warm are
+    /// reaped after idle_timeout.
+    Prewarm {
+        /// The app.
+        app: String,
+        /// How many warm instances (1 to 1000).
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// Where a running gateway's admin API is.
+#[derive(clap::Args)]
+struct AdminArgs {
+    /// The gateway's config file: its `admin` address and
+    /// `admin_token_file`.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// The admin address (default: the config's, else 127.0.0.1:9090).
+    #[arg(long)]
+    admin: Option<std::net::SocketAddr>,
+    /// A file whose first line is the admin bearer token (default: the
+    /// config's `admin_token_file`).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+/// Runs one admin command against the gateway `args` names; prints its
+/// answer, or the error.
+fn admin_command<F, Fut>(args: &AdminArgs, f: F) -> ExitCode
+where
+    F: FnOnce(snapgate::ctl::AdminClient) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<String>>,
+{
+    let result = (|| -> anyhow::Result<String> {
+        let client = snapgate::ctl::AdminClient::new(
+            args.config.as_deref(),
+            args.admin,
+            args.token_file.as_deref(),
+        )?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(f(client))
+    })();
+    match result {
+        Ok(out) => {
+            println!("{}", out.trim_end());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("snapgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -103,6 +191,14 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Status { admin } => admin_command(&admin, |c| async move { c.status().await }),
+        Command::Reload { admin } => admin_command(&admin, |c| async move { c.reload().await }),
+        Command::Drain { id, admin } => {
+            admin_command(&admin, |c| async move { c.drain(&id).await })
+        }
+        Command::Prewarm { app, count, admin } => {
+            admin_command(&admin, |c| async move { c.prewarm(&app, count).await })
+        }
         Command::Snapshot {
             command: SnapshotCommand::Build { config, apps },
         } => {

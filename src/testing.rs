@@ -319,3 +319,27 @@ pub async fn assert_all_gone(net: &crate::net::Network, pids: &[u32]) {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// The children of `pid` whose command name (`/proc/PID/comm`) contains
+/// `name`: a gateway's VMMs, say.
+pub fn children_named(pid: u32, name: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let text = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in text
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let comm = std::fs::read_to_string(format!("/proc/{child}/comm")).unwrap_or_default();
+            if comm.contains(name) {
+                out.push(child);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}

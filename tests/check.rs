@@ -194,6 +194,19 @@ fn broken_configs_are_rejected_naming_the_key() {
             BASE.replace("9090", "8080"),
             "admin (line 2): 127.0.0.1:8080 is also the listen address",
         ),
+        (
+            "admin off loopback without a token",
+            BASE.replace("admin: 127.0.0.1:9090", "admin: 0.0.0.0:9090"),
+            "admin (line 2): 0.0.0.0:9090 is not a loopback address: set admin_token_file",
+        ),
+        (
+            "an admin token file that is not there",
+            BASE.replace(
+                "admin: 127.0.0.1:9090",
+                "admin: 127.0.0.1:9090\nadmin_token_file: /nonexistent/admin.token",
+            ),
+            "admin_token_file (line 3): reading /nonexistent/admin.token: No such file",
+        ),
         ("not YAML", "apps: [unclosed".to_owned(), "(line 1)"),
         (
             "no apps",
@@ -354,4 +367,18 @@ fn the_shipped_proxy_yaml_parses() {
         .hosts
         .contains(&"node.localhost".to_owned()));
     assert_eq!(config.runtimes["node"].min_warm, 1);
+}
+
+#[test]
+fn version_names_the_commit() {
+    let out = Command::new(env!("CARGO_BIN_EXE_snapgate"))
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.starts_with(&format!("snapgate {} (commit ", env!("CARGO_PKG_VERSION"))),
+        "{text}"
+    );
 }

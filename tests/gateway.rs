@@ -341,6 +341,9 @@ async fn metrics_pass_promtool_check() {
         "snapgate_restores_total",
         "snapgate_restore_failures_total",
         "snapgate_hold_queue_depth",
+        "snapgate_build_info",
+        "snapgate_process_resident_memory_bytes",
+        "snapgate_process_open_fds",
     ] {
         assert!(
             text.contains(&format!("# TYPE {family} ")),

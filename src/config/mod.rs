@@ -602,9 +602,18 @@ pub struct Config {
     /// Address of the HTTP listener.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
-    /// Address of the admin listener (`/metrics`, `/healthz`).
+    /// Address of the admin listener: `/metrics`, `/livez`, `/readyz` and
+    /// the admin API (README, "Admin API"). Loopback by default; any other
+    /// address needs `admin_token_file`.
     #[serde(default = "default_admin")]
     pub admin: SocketAddr,
+    /// A file holding the bearer token every admin request but `/livez`
+    /// and `/readyz` must carry (`Authorization: Bearer TOKEN`, RFC 6750
+    /// section 2.1): its first line, at least 16 characters. Required when
+    /// `admin` is not a loopback address. Read at start (a new token
+    /// takes a restart); relative to the config file's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_token_file: Option<PathBuf>,
     /// Longest a client may take to send request headers; also how long
     /// an idle kept-alive connection waits for its next request.
     #[serde(default = "default_header_read_timeout", with = "humantime_serde")]
@@ -672,6 +681,33 @@ impl Config {
     /// problem is reported at once where possible, with its key and line.
     /// `snapgate check`, `run` and `snapshot build` all load this way.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let (config, text) = Self::read(path)?;
+        let mut problems = config.validate();
+        problems.extend(config.preflight());
+        for p in &mut problems {
+            p.line = locate(&text, &p.key);
+        }
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError {
+                file: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Reads and parses `path`, its relative paths resolved, without
+    /// validating or checking files: for the commands that talk to a
+    /// running gateway and need only its `admin` address and token file,
+    /// which a half-edited file or an unreadable key must not stop.
+    /// Errors: the file cannot be read, or is not a config.
+    pub fn load_unchecked(path: &Path) -> Result<Config, ConfigError> {
+        Self::read(path).map(|(config, _)| config)
+    }
+
+    /// `path` read and parsed, its relative paths resolved; with its text.
+    fn read(path: &Path) -> Result<(Config, String), ConfigError> {
         let fail = |problems| ConfigError {
             file: path.to_owned(),
             problems,
@@ -687,16 +723,7 @@ impl Config {
         // Absolute, so paths stay right whatever directory a VMM runs in.
         let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
         config.resolve_paths(absolute.parent().unwrap_or(Path::new("/")));
-        let mut problems = config.validate();
-        problems.extend(config.preflight());
-        for p in &mut problems {
-            p.line = locate(&text, &p.key);
-        }
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(fail(problems))
-        }
+        Ok((config, text))
     }
 
     /// Parses YAML text; the error names the key path and line.
@@ -731,6 +758,9 @@ impl Config {
             }
         };
         abs(&mut self.state_dir);
+        if let Some(file) = &mut self.admin_token_file {
+            abs(file);
+        }
         if let Some(dir) = &mut self.snapshot_dir {
             abs(dir);
         }

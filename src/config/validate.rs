@@ -22,6 +22,17 @@ impl Config {
                 message,
             })
         };
+        if let Some(file) = &self.admin_token_file {
+            if let Err(e) = crate::admin::Token::from_file(file) {
+                // The error names the key and the file.
+                let message = format!("{e:#}");
+                let message = message
+                    .strip_prefix("admin_token_file: ")
+                    .unwrap_or(&message)
+                    .to_owned();
+                add("admin_token_file".into(), message);
+            }
+        }
         for (i, c) in self
             .tls
             .iter()
@@ -112,6 +123,16 @@ impl Config {
             add(
                 "admin".into(),
                 format!("{} is also the listen address", self.admin),
+            );
+        }
+        if !self.admin.ip().is_loopback() && self.admin_token_file.is_none() {
+            add(
+                "admin".into(),
+                format!(
+                    "{} is not a loopback address: set admin_token_file (the bearer token \
+                     every admin request must carry) to serve the admin API off loopback",
+                    self.admin
+                ),
             );
         }
         let mut owners: BTreeMap<&str, &str> = BTreeMap::new();

@@ -84,7 +84,7 @@ pub struct Running {
     pub registry: Registry,
     /// Runtime stocks by runtime name (runtimes whose apps start from the
     /// shared snapshot).
-    runtimes: std::sync::Mutex<HashMap<String, Runtime>>,
+    runtimes: Arc<std::sync::Mutex<HashMap<String, Runtime>>>,
     /// Runtime metrics.
     pub runtime_metrics: runtime::RuntimeMetrics,
     /// What a reload needs ([`Running::reload`]).
@@ -150,6 +150,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         None => None,
     };
     let registry = Registry::new();
+    register_process_metrics(&registry)?;
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
     let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
@@ -158,6 +159,27 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     // A start-up dropped part-way (a signal while a snapshot builds) ends
     // every task it started.
     let unfinished = tasks.cancel.clone().drop_guard();
+    // The admin listener serves from here: probes answer while snapshots
+    // build; the API once the apps are up (`serving`).
+    let token = match &config.admin_token_file {
+        Some(path) => Some(admin::Token::from_file(path)?),
+        None => None,
+    };
+    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
+    let serving = Arc::new(std::sync::OnceLock::new());
+    let admin_stop = tasks.cancel.child_token();
+    let admin_task = tasks.tracker.spawn(admin::serve(
+        admin_listener,
+        admin::Admin {
+            registry: registry.clone(),
+            reloads: reload_tx,
+            token,
+            serving: serving.clone(),
+            became_ready: Default::default(),
+        },
+        admin_stop.clone(),
+        tasks.tracker.clone(),
+    ));
     let mut factories = Factories {
         tasks: tasks.clone(),
         pins: Vec::new(),
@@ -183,6 +205,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         };
     }
     let (runtimes, pins) = (factories.runtimes, factories.pins);
+    let runtimes = Arc::new(std::sync::Mutex::new(runtimes));
     let proxy = Arc::new(Apps::new(
         Table::new(router_of(config), targets),
         proxy_metrics.clone(),
@@ -257,7 +280,6 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         _ => None,
     };
     let reload_proxy_metrics = proxy_metrics.clone();
-    let (reload_tx, reload_rx) = tokio::sync::mpsc::channel(4);
     // Protocol step 2 of `proxy::edge`: each listener's accept loop on
     // every edge worker, over its own duplicate of the socket.
     let on_workers = OnWorkers {
@@ -297,16 +319,10 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         }
         None => None,
     };
-    let admin_stop = tasks.cancel.child_token();
-    let admin_task = tasks.tracker.spawn(admin::serve(
-        admin_listener,
-        admin::Admin {
-            registry: registry.clone(),
-            reloads: reload_tx,
-        },
-        admin_stop.clone(),
-        tasks.tracker.clone(),
-    ));
+    let _ = serving.set(admin::Serving {
+        apps: proxy.clone(),
+        runtimes: runtimes.clone(),
+    });
     unfinished.disarm();
     info!(%listen, %admin, workers = workers.handles().len(), "serving");
     // Serving has begun: a progress line that cannot be written (a closed
@@ -334,7 +350,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             acme_hosts,
         },
         registry,
-        runtimes: std::sync::Mutex::new(runtimes),
+        runtimes,
         runtime_metrics,
         stop,
         servers,
@@ -390,6 +406,27 @@ impl OnWorkers<'_> {
         }
         Ok(servers)
     }
+}
+
+/// `snapgate_build_info` (the version and commit running, always 1) and
+/// the process's own metrics: `snapgate_process_resident_memory_bytes`,
+/// `snapgate_process_open_fds`, CPU seconds, start time and more, read
+/// from `/proc/self` at each scrape (the `prometheus` crate's process
+/// collector).
+fn register_process_metrics(registry: &Registry) -> prometheus::Result<()> {
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "snapgate_build_info",
+            "The build running: its version and commit; always 1.",
+        ),
+        &["version", "commit"],
+    )?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION"), env!("VERGEN_GIT_SHA")])
+        .set(1);
+    registry.register(Box::new(info))?;
+    registry.register(Box::new(
+        prometheus::process_collector::ProcessCollector::new(std::process::id() as i32, "snapgate"),
+    ))
 }
 
 /// The listener and the admin listener.

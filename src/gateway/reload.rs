@@ -229,6 +229,10 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("listen", old.listen == new.listen);
     check("admin", old.admin == new.admin);
     check(
+        "admin_token_file",
+        old.admin_token_file == new.admin_token_file,
+    );
+    check(
         "header_read_timeout",
         old.header_read_timeout == new.header_read_timeout,
     );

@@ -63,6 +63,16 @@
 //!    set is at or over the cap; leases above a lowered `max_concurrency`
 //!    end in their own time. Restores in flight keep the `start_timeout`
 //!    they began with.
+//! 9. Operators ([`Engine::drain`], [`Engine::prewarm`], from the admin
+//!    API): a drained member is marked draining under the lock like a dead
+//!    one, but its leases in flight run to their end (its `gone` token is
+//!    not cancelled); it stops at once if it has none, else when the last
+//!    ends (`release`), and `start_restores` replaces it if `min_warm`
+//!    wants one. Prewarm starts restores until free members plus restores
+//!    in flight reach the number asked for, within `max_instances`, and
+//!    never while closed or backing off; maintenance reaps the surplus
+//!    over `min_warm` after `idle_timeout` as usual (a set that never
+//!    reaps stops a surplus instance as it joins: step 6).
 
 use std::collections::VecDeque;
 use std::process::ExitStatus;
@@ -89,11 +99,80 @@ pub(super) struct Member<I: Instance> {
     pub(super) name: Arc<str>,
     pub(super) in_flight: usize,
     pub(super) idle_since: Instant,
+    /// When it joined (ready to serve).
+    pub(super) joined: Instant,
     pub(super) draining: bool,
     /// Cancelled when its process dies.
     pub(super) gone: CancellationToken,
     /// Cancelled when it leaves the engine: ends its exit waiter.
     pub(super) left: CancellationToken,
+}
+
+/// A member or a restore in flight, as [`Engine::members`] lists it.
+#[derive(Clone, Debug)]
+pub struct MemberInfo<T> {
+    /// The instance's name (a VM's id).
+    pub name: Arc<str>,
+    /// Where it stands.
+    pub state: MemberState,
+    /// Since it joined, or, while restoring, since its restore began.
+    pub age: Duration,
+    /// Leases in flight on it.
+    pub in_flight: usize,
+    /// How long it has had nothing in flight; `None` while it serves or
+    /// restores.
+    pub idle_for: Option<Duration>,
+    /// The caller's details of the instance; `None` while restoring.
+    pub detail: Option<T>,
+}
+
+/// The state of a [`MemberInfo`]: the `state` label values of the
+/// `snapgate_instances` metric.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Being restored (or started).
+    Restoring,
+    /// Ready, nothing in flight.
+    Warm,
+    /// Serving at least one lease.
+    Leased,
+    /// Taking no new lease; stops once its leases end.
+    Draining,
+}
+
+impl MemberState {
+    /// Its name, as the metric's label writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemberState::Restoring => "restoring",
+            MemberState::Warm => "warm",
+            MemberState::Leased => "leased",
+            MemberState::Draining => "draining",
+        }
+    }
+}
+
+/// What [`Engine::prewarm`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Prewarmed {
+    /// Restores it started.
+    pub started: usize,
+    /// Restores it would have started but for `max_instances`.
+    pub over_max: usize,
+}
+
+/// Why [`Engine::prewarm`] started nothing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Prewarm {
+    /// The engine is closed (a reload retired it, or shutdown).
+    Closed,
+    /// Starts failed lately; the next is allowed after `for_`.
+    BackingOff {
+        /// Until the backoff ends.
+        for_: Duration,
+        /// The last start's error.
+        reason: String,
+    },
 }
 
 pub(super) struct State<F: Factory> {
@@ -102,6 +181,9 @@ pub(super) struct State<F: Factory> {
     pub(super) sizing: Sizing,
     pub(super) members: Vec<Member<F::Instance>>,
     pub(super) restoring: usize,
+    /// The restores in flight: their ids and when each began (as many as
+    /// `restoring`).
+    pub(super) starting: Vec<(Arc<str>, Instant)>,
     pub(super) stopping: usize,
     pub(super) waiters: VecDeque<Waiter<F>>,
     pub(super) next_waiter: u64,
@@ -196,6 +278,7 @@ impl<F: Factory> Engine<F> {
                 sizing,
                 members: Vec::new(),
                 restoring: 0,
+                starting: Vec::new(),
                 stopping: 0,
                 waiters: VecDeque::new(),
                 next_waiter: 0,
@@ -253,6 +336,109 @@ impl<F: Factory> Engine<F> {
     pub fn each<T>(&self, mut f: impl FnMut(&F::Instance) -> T) -> Vec<T> {
         let st = self.shared.lock();
         st.members.iter().map(|m| f(&m.instance)).collect()
+    }
+
+    /// Every member and restore in flight, as the admin API lists them;
+    /// `f` gives each member's own details (a VM's pid and tap). `f` runs
+    /// under the engine's lock: it must be quick and must not call the
+    /// engine.
+    pub fn members<T>(&self, mut f: impl FnMut(&F::Instance) -> T) -> Vec<MemberInfo<T>> {
+        let st = self.shared.lock();
+        let now = Instant::now();
+        let mut out: Vec<MemberInfo<T>> = st
+            .members
+            .iter()
+            .map(|m| MemberInfo {
+                name: m.name.clone(),
+                state: match (m.draining, m.in_flight) {
+                    (true, _) => MemberState::Draining,
+                    (false, 0) => MemberState::Warm,
+                    (false, _) => MemberState::Leased,
+                },
+                age: now.saturating_duration_since(m.joined),
+                in_flight: m.in_flight,
+                idle_for: (m.in_flight == 0).then(|| now.saturating_duration_since(m.idle_since)),
+                detail: Some(f(&m.instance)),
+            })
+            .collect();
+        out.extend(st.starting.iter().map(|(name, began)| MemberInfo {
+            name: name.clone(),
+            state: MemberState::Restoring,
+            age: now.saturating_duration_since(*began),
+            in_flight: 0,
+            idle_for: None,
+            detail: None,
+        }));
+        out
+    }
+
+    /// Drains the member `name` (module doc, step 9): it takes no new
+    /// lease, stops once its leases in flight end, and a replacement
+    /// starts if `min_warm` wants one. `false` if no member has that name.
+    pub fn drain(&self, name: &str) -> bool {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        let Some(pos) = st.members.iter().position(|m| &*m.name == name) else {
+            return false;
+        };
+        let m = &mut st.members[pos];
+        if !m.draining {
+            info!(engine = %shared.name, vm = %m.name, in_flight = m.in_flight, "draining");
+            m.draining = true;
+            shared.observer.drained();
+        }
+        if m.in_flight == 0 {
+            let member = st.members.remove(pos);
+            shared.stop(&mut st, member);
+        }
+        shared.start_restores(&mut st);
+        shared.settle(st);
+        shared.wake.notify_one();
+        true
+    }
+
+    /// Starts what it takes to have `warm` members free to lease,
+    /// counting restores in flight (less those the hold queue waits for),
+    /// within `max_instances` and never while closed or backing off after
+    /// failures (module doc, step 9). Members beyond `min_warm` are reaped
+    /// after `idle_timeout` like any other.
+    pub fn prewarm(&self, warm: usize) -> Result<Prewarmed, Prewarm> {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        if st.closed {
+            return Err(Prewarm::Closed);
+        }
+        let now = Instant::now();
+        if let Some(t) = st.retry_at.filter(|t| *t > now) {
+            let reason = st
+                .last_error
+                .as_ref()
+                .map_or_else(String::new, |e| e.0.clone());
+            return Err(Prewarm::BackingOff {
+                for_: t - now,
+                reason,
+            });
+        }
+        let free = st
+            .members
+            .iter()
+            .filter(|m| !m.draining && m.in_flight == 0)
+            .count();
+        // Restores the held claims wait for will not be free.
+        let for_queue = st.waiters.len().div_ceil(st.sizing.max_concurrency.max(1));
+        let coming = (free + st.restoring).saturating_sub(for_queue);
+        let room = st
+            .sizing
+            .max_instances
+            .saturating_sub(st.members.len() + st.restoring);
+        let wanted = warm.saturating_sub(coming);
+        let started = wanted.min(room);
+        shared.add_restores(&mut st, started);
+        shared.settle(st);
+        Ok(Prewarmed {
+            started,
+            over_max: wanted - started,
+        })
     }
 
     /// Applies new sizing to the running set (module doc, step 8).
@@ -332,6 +518,7 @@ impl<F: Factory> Shared<F> {
 
     /// Publishes the counts (module doc, step 1).
     pub(super) fn publish(&self, st: &State<F>) {
+        debug_assert_eq!(st.starting.len(), st.restoring, "one entry per restore");
         let stats = Stats {
             instances: st.members.len(),
             leased: st
@@ -350,7 +537,7 @@ impl<F: Factory> Shared<F> {
         self.stats.send_replace(stats);
     }
 
-    /// Starts restores (module doc, step 2); `extra` more than `min_warm`.
+    /// Starts restores (module doc, step 2).
     pub(super) fn start_restores(self: &Arc<Self>, st: &mut State<F>) {
         if st.closed || st.retry_at.is_some_and(|t| t > Instant::now()) {
             return;
@@ -363,13 +550,21 @@ impl<F: Factory> Shared<F> {
         let room = sizing
             .max_instances
             .saturating_sub(st.members.len() + st.restoring);
-        for _ in 0..need.min(room) {
+        self.add_restores(st, need.min(room));
+    }
+
+    /// Starts `n` restores, which the caller has checked fit.
+    fn add_restores(self: &Arc<Self>, st: &mut State<F>, n: usize) {
+        for _ in 0..n {
             st.restoring += 1;
             st.peak = st.peak.max(st.members.len() + st.restoring);
             let id = crate::vmm::VmId::unique(&self.name);
+            let name: Arc<str> = id.to_string().into();
+            st.starting.push((name.clone(), Instant::now()));
             let guard = Restoring {
                 shared: self.clone(),
                 armed: true,
+                name,
             };
             st.work.restores.push((guard, id));
         }
@@ -468,13 +663,20 @@ impl<F: Factory> Shared<F> {
 struct Restoring<F: Factory> {
     shared: Arc<Shared<F>>,
     armed: bool,
+    /// Its entry in `State::starting`.
+    name: Arc<str>,
 }
 
 impl<F: Factory> Restoring<F> {
     /// Gives the slot back in `st`, which the caller has locked.
     fn settle(mut self, st: &mut State<F>) {
-        st.restoring -= 1;
+        self.give_back(st);
         self.armed = false;
+    }
+
+    fn give_back(&self, st: &mut State<F>) {
+        st.restoring -= 1;
+        st.starting.retain(|(n, _)| !Arc::ptr_eq(n, &self.name));
     }
 }
 
@@ -484,7 +686,7 @@ impl<F: Factory> Drop for Restoring<F> {
             return;
         }
         let mut st = self.shared.lock();
-        st.restoring -= 1;
+        self.give_back(&mut st);
         self.shared.publish(&st);
         drop(st);
         self.shared.wake.notify_one();
@@ -587,6 +789,7 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
             key,
             in_flight: 0,
             idle_since: Instant::now(),
+            joined: Instant::now(),
             draining: false,
             gone: CancellationToken::new(),
             left: left.clone(),

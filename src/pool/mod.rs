@@ -24,7 +24,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-pub use engine::{Blame, Engine, Factory, Instance, Sizing, StartError, Stats, Tasks};
+pub use engine::{
+    Blame, Engine, Factory, Instance, MemberInfo, MemberState, Prewarm, Prewarmed, Sizing,
+    StartError, Stats, Tasks,
+};
 pub use hold::ClaimError;
 pub use metrics::PoolMetrics;
 pub use vm::{AppFactory, InstanceError, SnapshotFactory, StartsVms};
@@ -173,6 +176,33 @@ impl Pool {
         result.map(|(lease, _)| lease)
     }
 
+    /// Its instances and restores in flight, each with its VMM's pid,
+    /// tap and the snapshot it was restored from ([`Engine::members`]).
+    pub fn members(&self) -> Vec<MemberInfo<VmDetail>> {
+        self.engine.members(|vm| VmDetail {
+            pid: vm.pid(),
+            tap: vm.endpoint().tap.clone(),
+            snapshot: vm.restored_from().map(|p| p.display().to_string()),
+        })
+    }
+
+    /// The sizing it runs with.
+    pub fn sizing(&self) -> Sizing {
+        self.engine.sizing()
+    }
+
+    /// Drains the instance `name` ([`Engine::drain`]); `false` if the
+    /// pool has none of that name.
+    pub fn drain(&self, name: &str) -> bool {
+        self.engine.drain(name)
+    }
+
+    /// Brings the pool to `warm` free instances, restores counted
+    /// ([`Engine::prewarm`]).
+    pub fn prewarm(&self, warm: usize) -> Result<Prewarmed, Prewarm> {
+        self.engine.prewarm(warm)
+    }
+
     /// Applies `cfg`'s sizing to the running pool ([`Engine::resize`]).
     pub fn resize(&self, cfg: &PoolConfig) {
         self.engine.resize(sizing(cfg));
@@ -187,6 +217,17 @@ impl Pool {
     pub async fn close(&self, within: Duration) {
         self.engine.close(within).await;
     }
+}
+
+/// What the admin API shows of a pool's VM.
+#[derive(Clone, Debug)]
+pub struct VmDetail {
+    /// The VMM's process id.
+    pub pid: u32,
+    /// The tap the VM is reached on.
+    pub tap: String,
+    /// The snapshot directory it was restored from (`None`: booted).
+    pub snapshot: Option<String>,
 }
 
 /// Counts a claim dropped before it ended (its client went away while it

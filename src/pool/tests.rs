@@ -677,3 +677,122 @@ async fn resize_serves_held_claims_that_now_fit_and_warms_and_reaps_to_the_new_m
     .await;
     assert_eq!(engine.sizing(), small);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_instance_finishes_its_leases_then_stops_and_is_replaced() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, events) = engine(sizing(1, 2, 2), &s);
+    until(&engine, "warm", |s| s.instances == 1).await;
+    let (lease, _) = engine.claim().await.unwrap();
+    let drained = lease.instance().to_owned();
+    assert!(engine.drain(&drained));
+    assert!(!engine.drain("no-such-instance"));
+    // Its lease goes on: drained is not dead.
+    assert!(!lease.gone().is_cancelled());
+    // A replacement warms for min_warm; the drained one takes no lease.
+    until(&engine, "replaced", |s| s.instances == 2 && s.draining == 1).await;
+    let (next, held) = engine.claim().await.unwrap();
+    assert!(!held);
+    assert_ne!(next.instance(), drained);
+    assert_eq!(s.stops(), 0, "not stopped while its lease runs");
+    drop(lease);
+    until(&engine, "the drained one stopped", |s| {
+        s.instances == 1 && s.draining == 0 && s.stopping == 0
+    })
+    .await;
+    assert_eq!(s.stops(), 1);
+    assert_eq!(
+        events.died.load(Ordering::SeqCst),
+        0,
+        "a drain is no failure"
+    );
+    // An idle instance drained stops at once.
+    drop(next);
+    let idle = engine.each(|f| f.name.clone()).remove(0);
+    assert!(engine.drain(&idle));
+    until(&engine, "the idle one stopped and replaced", |s| {
+        s.instances == 1 && s.stopping == 0 && s.draining == 0
+    })
+    .await;
+    assert_eq!(s.stops(), 2);
+    assert_ne!(engine.each(|f| f.name.clone()).remove(0), idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn prewarm_brings_free_instances_to_the_number_asked_within_max_then_they_are_reaped() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let mut c = sizing(0, 3, 1);
+    c.idle_timeout = Some(Duration::from_secs(30));
+    let (engine, events) = engine(c, &s);
+    let started = |started, over_max| Ok(super::Prewarmed { started, over_max });
+    assert_eq!(engine.prewarm(2), started(2, 0));
+    // Asked again while they restore: they count, nothing more starts.
+    assert_eq!(engine.prewarm(2), started(0, 0));
+    until(&engine, "two warm", |s| {
+        s.instances == 2 && s.restoring == 0
+    })
+    .await;
+    // Past max_instances: only what fits, and what did not is said.
+    assert_eq!(engine.prewarm(5), started(1, 2));
+    until(&engine, "three warm", |s| {
+        s.instances == 3 && s.restoring == 0
+    })
+    .await;
+    assert_eq!(s.starts(), 3);
+    let listed = engine.members(|f| f.name.clone());
+    assert_eq!(listed.len(), 3);
+    assert!(listed
+        .iter()
+        .all(|m| m.state == super::MemberState::Warm && m.in_flight == 0));
+    // Beyond min_warm (0) they are reaped after idle_timeout.
+    until(&engine, "reaped", Stats::is_empty).await;
+    assert_eq!(events.reaped.load(Ordering::SeqCst), 3);
+    engine.begin_close();
+    assert_eq!(engine.prewarm(1), Err(super::Prewarm::Closed));
+}
+
+#[tokio::test(start_paused = true)]
+async fn prewarm_starts_nothing_while_starts_back_off() {
+    let s = Script::new(Duration::from_millis(10), &[Step::Fail]);
+    let (engine, _) = engine(sizing(0, 2, 1), &s);
+    assert_eq!(engine.prewarm(1).map(|p| p.started), Ok(1));
+    until(&engine, "the start failed", |s| s.restoring == 0).await;
+    match engine.prewarm(1) {
+        Err(super::Prewarm::BackingOff { reason, .. }) => {
+            assert!(reason.contains("scripted failure"), "{reason}")
+        }
+        other => panic!("expected a backoff, got {other:?}"),
+    }
+    assert_eq!(s.starts(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn members_lists_restores_in_flight_and_each_members_state_age_and_idle_time() {
+    let s = Script::new(Duration::from_secs(2), &[]);
+    let (engine, _) = engine(sizing(2, 2, 1), &s);
+    until(&engine, "restoring", |s| s.restoring == 2).await;
+    let restoring = engine.members(|f| f.name.clone());
+    assert_eq!(restoring.len(), 2);
+    assert!(restoring
+        .iter()
+        .all(|m| m.state == super::MemberState::Restoring && m.detail.is_none()));
+    until(&engine, "warm", |s| s.instances == 2 && s.restoring == 0).await;
+    let (lease, _) = engine.claim().await.unwrap();
+    tokio::time::advance(Duration::from_secs(5)).await;
+    let listed = engine.members(|f| f.name.clone());
+    let leased = listed
+        .iter()
+        .find(|m| &*m.name == lease.instance())
+        .unwrap();
+    assert_eq!(leased.state, super::MemberState::Leased);
+    assert_eq!(leased.in_flight, 1);
+    assert_eq!(leased.idle_for, None);
+    assert_eq!(leased.detail.as_deref(), Some(lease.instance()));
+    assert!(leased.age >= Duration::from_secs(5));
+    let warm = listed
+        .iter()
+        .find(|m| &*m.name != lease.instance())
+        .unwrap();
+    assert_eq!(warm.state, super::MemberState::Warm);
+    assert!(warm.idle_for.unwrap() >= Duration::from_secs(5));
+}

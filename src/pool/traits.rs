@@ -110,6 +110,8 @@ pub trait Observer: Send + Sync + 'static {
     fn reaped(&self);
     /// An instance's process died or it broke a request.
     fn instance_failed(&self);
+    /// An operator drained an instance ([`super::Engine::drain`]).
+    fn drained(&self) {}
 }
 
 /// How many instances an engine keeps and how it hands them out.

@@ -156,6 +156,7 @@ impl Factory for SnapshotFactory {
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
         let tap = self.net.create_tap().await?;
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
+        vm.set_restored_from(self.snapshot.dir());
         let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
         let vmm = self.vmm.as_ref();
         match resumed::ready_and_resumed(vmm, &mut vm, self.hook.as_ref(), ready_timeout).await {

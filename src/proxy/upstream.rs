@@ -212,6 +212,11 @@ impl Drop for Checkin {
 }
 
 impl Upstream {
+    /// The address it forwards to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     /// An upstream at `addr`, through `interface` (or the routing table
     /// when `None`). Must be called within a tokio runtime: a task closes
     /// expired idle connections (module doc, step 5) until the upstream is

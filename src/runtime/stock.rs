@@ -93,6 +93,11 @@ impl Runtime {
         (s.instances - s.leased - s.draining, s.restoring)
     }
 
+    /// How many warm clones the stock keeps.
+    pub fn min_warm(&self) -> usize {
+        self.engine.sizing().min_warm
+    }
+
     /// The error of the last failed restore, while restores fail.
     pub fn last_error(&self) -> Option<String> {
         self.engine.last_error().map(|(e, _)| e)

@@ -270,8 +270,26 @@ pub struct Binary {
 impl Binary {
     /// Starts it and waits (at most `within`) for its `serving on` line.
     pub async fn start(config: &Path, within: std::time::Duration) -> Binary {
+        Binary::start_under(&[], config, within).await
+    }
+
+    /// [`Binary::start`], run by the command `wrapper` (say, `setpriv`
+    /// with its options) when it is not empty.
+    pub async fn start_under(
+        wrapper: &[&str],
+        config: &Path,
+        within: std::time::Duration,
+    ) -> Binary {
         use tokio::io::AsyncBufReadExt;
-        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_snapgate"))
+        let mut command = match wrapper.split_first() {
+            Some((first, rest)) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(rest).arg(env!("CARGO_BIN_EXE_snapgate"));
+                c
+            }
+            None => tokio::process::Command::new(env!("CARGO_BIN_EXE_snapgate")),
+        };
+        let mut child = command
             .args(["run", "--config"])
             .arg(config)
             .stdout(std::process::Stdio::piped())

@@ -56,7 +56,7 @@ pub mod watch;
 
 use std::fmt;
 use std::net::SocketAddrV4;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -239,6 +239,7 @@ pub struct Vm {
     cmdline: String,
     process: VmProcess,
     timings: Timings,
+    restored_from: Option<PathBuf>,
 }
 
 impl Vm {
@@ -258,7 +259,20 @@ impl Vm {
             cmdline,
             process,
             timings: Timings::default(),
+            restored_from: None,
         }
+    }
+
+    /// The snapshot directory the VM was restored from; `None` for a VM
+    /// booted afresh.
+    pub fn restored_from(&self) -> Option<&Path> {
+        self.restored_from.as_deref()
+    }
+
+    /// Records the snapshot directory the VM was restored from (drivers
+    /// call it as they restore).
+    pub fn set_restored_from(&mut self, dir: &Path) {
+        self.restored_from = Some(dir.to_owned());
     }
 
     /// The image spec the VM runs.

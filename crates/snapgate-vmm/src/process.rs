@@ -142,6 +142,24 @@ impl VmProcess {
         // async-signal-safe calls (prctl, getppid, _exit), allocating nothing.
         unsafe {
             cmd.pre_exec(move || {
+                // The VMM needs no capability: the tap it is given is open.
+                // A gateway run with ambient capabilities (a systemd unit's
+                // AmbientCapabilities=CAP_NET_ADMIN) would otherwise hand
+                // them on through exec (capabilities(7), "Ambient").
+                if nix::libc::prctl(
+                    nix::libc::PR_CAP_AMBIENT,
+                    nix::libc::PR_CAP_AMBIENT_CLEAR_ALL as nix::libc::c_ulong,
+                    0 as nix::libc::c_ulong,
+                    0 as nix::libc::c_ulong,
+                    0 as nix::libc::c_ulong,
+                ) != 0
+                {
+                    // EINVAL: a kernel before 4.3, which has no ambient set.
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(nix::libc::EINVAL) {
+                        return Err(e);
+                    }
+                }
                 if !transparent_huge_pages {
                     // Best effort: without it the VMM only uses more memory.
                     let _ = nix::sys::prctl::set_thp_disable(true);
