@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-use crate::pool::{Prewarm, Sizing, Stats};
+use crate::pool::{Drained, Prewarm, Sizing, Stats};
 use crate::proxy::{Apps, Target};
 use crate::runtime::Runtime;
 
@@ -344,17 +344,26 @@ fn instances(serving: &Serving, only: Option<&str>) -> Response<Page> {
     json(StatusCode::OK, &serde_json::json!({ "instances": rows }))
 }
 
-/// `POST /instances/ID/drain`.
+/// `POST /instances/ID/drain`: 200, 409 for a restore in flight, 404.
 fn drain(serving: &Serving, id: &str) -> Response<Page> {
     let table = serving.apps.table();
     for (app, target) in table.targets() {
         if let Target::Pool { pool, .. } = &**target {
-            if pool.drain(id) {
-                info!(%app, vm = %id, "drained by the admin API");
-                return json(
-                    StatusCode::OK,
-                    &serde_json::json!({ "drained": id, "app": &**app }),
-                );
+            match pool.drain(id) {
+                Drained::Draining => {
+                    info!(%app, vm = %id, "drained by the admin API");
+                    return json(
+                        StatusCode::OK,
+                        &serde_json::json!({ "drained": id, "app": &**app }),
+                    );
+                }
+                Drained::Restoring => {
+                    return error(
+                        StatusCode::CONFLICT,
+                        format!("{id} is still restoring: drain it once it is ready"),
+                    )
+                }
+                Drained::NotFound => {}
             }
         }
     }

@@ -321,7 +321,10 @@ pub async fn assert_all_gone(net: &crate::net::Network, pids: &[u32]) {
 }
 
 /// The children of `pid` whose command name (`/proc/PID/comm`) contains
-/// `name`: a gateway's VMMs, say.
+/// `name`: a gateway's VMMs, say. Read from `/proc/PID/task/*/children`
+/// (a kernel built with `CONFIG_PROC_CHILDREN`, as Debian's are), which
+/// proc(5) calls reliable only while the children do not change: a
+/// child started or reaped meanwhile may be missed.
 pub fn children_named(pid: u32, name: &str) -> Vec<u32> {
     let mut out = Vec::new();
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {

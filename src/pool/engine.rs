@@ -152,6 +152,18 @@ impl MemberState {
     }
 }
 
+/// What [`Engine::drain`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Drained {
+    /// The member drains (or drained already), and stops once its leases
+    /// end.
+    Draining,
+    /// That name is a restore in flight: nothing to drain yet.
+    Restoring,
+    /// No member or restore has that name.
+    NotFound,
+}
+
 /// What [`Engine::prewarm`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Prewarmed {
@@ -374,12 +386,16 @@ impl<F: Factory> Engine<F> {
 
     /// Drains the member `name` (module doc, step 9): it takes no new
     /// lease, stops once its leases in flight end, and a replacement
-    /// starts if `min_warm` wants one. `false` if no member has that name.
-    pub fn drain(&self, name: &str) -> bool {
+    /// starts if `min_warm` wants one. A restore in flight of that name is
+    /// not drained (it joins as any other); nor is a name unknown.
+    pub fn drain(&self, name: &str) -> Drained {
         let shared = &self.shared;
         let mut st = shared.lock();
         let Some(pos) = st.members.iter().position(|m| &*m.name == name) else {
-            return false;
+            return match st.starting.iter().any(|(n, _)| &**n == name) {
+                true => Drained::Restoring,
+                false => Drained::NotFound,
+            };
         };
         let m = &mut st.members[pos];
         if !m.draining {
@@ -394,7 +410,7 @@ impl<F: Factory> Engine<F> {
         shared.start_restores(&mut st);
         shared.settle(st);
         shared.wake.notify_one();
-        true
+        Drained::Draining
     }
 
     /// Starts what it takes to have `warm` members free to lease,

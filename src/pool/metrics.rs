@@ -16,6 +16,7 @@ pub struct PoolMetrics {
     restore_duration: HistogramVec,
     reaped: IntCounterVec,
     failed: IntCounterVec,
+    drained: IntCounterVec,
 }
 
 /// Buckets from 5 ms (a warm claim) to a minute (a slow cold start).
@@ -68,6 +69,10 @@ impl PoolMetrics {
                 Opts::new("snapgate_instance_failures_total", "Instances whose VMM died or that broke a request."),
                 &["app"],
             )?,
+            drained: IntCounterVec::new(
+                Opts::new("snapgate_instance_drains_total", "Instances drained by an operator (the admin API)."),
+                &["app"],
+            )?,
         };
         registry.register(Box::new(m.instances.clone()))?;
         registry.register(Box::new(m.queue.clone()))?;
@@ -78,6 +83,7 @@ impl PoolMetrics {
         registry.register(Box::new(m.restore_duration.clone()))?;
         registry.register(Box::new(m.reaped.clone()))?;
         registry.register(Box::new(m.failed.clone()))?;
+        registry.register(Box::new(m.drained.clone()))?;
         Ok(m)
     }
 
@@ -89,6 +95,7 @@ impl PoolMetrics {
             &self.restore_failures,
             &self.reaped,
             &self.failed,
+            &self.drained,
         ] {
             counter.with_label_values(&[app]);
         }
@@ -152,5 +159,9 @@ impl PoolMetrics {
     /// Claims so far for `app` with `outcome`.
     pub fn claims(&self, app: &str, outcome: &str) -> u64 {
         self.claims.with_label_values(&[app, outcome]).get()
+    }
+
+    pub(super) fn drained(&self, app: &str) {
+        self.drained.with_label_values(&[app]).inc();
     }
 }

@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 pub use engine::{
-    Blame, Engine, Factory, Instance, MemberInfo, MemberState, Prewarm, Prewarmed, Sizing,
+    Blame, Drained, Engine, Factory, Instance, MemberInfo, MemberState, Prewarm, Prewarmed, Sizing,
     StartError, Stats, Tasks,
 };
 pub use hold::ClaimError;
@@ -75,6 +75,9 @@ impl engine::Observer for AppObserver {
     }
     fn instance_failed(&self) {
         self.metrics.instance_failed(&self.app);
+    }
+    fn drained(&self) {
+        self.metrics.drained(&self.app);
     }
 }
 
@@ -191,9 +194,8 @@ impl Pool {
         self.engine.sizing()
     }
 
-    /// Drains the instance `name` ([`Engine::drain`]); `false` if the
-    /// pool has none of that name.
-    pub fn drain(&self, name: &str) -> bool {
+    /// Drains the instance `name` ([`Engine::drain`]).
+    pub fn drain(&self, name: &str) -> Drained {
         self.engine.drain(name)
     }
 

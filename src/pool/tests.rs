@@ -685,8 +685,8 @@ async fn a_drained_instance_finishes_its_leases_then_stops_and_is_replaced() {
     until(&engine, "warm", |s| s.instances == 1).await;
     let (lease, _) = engine.claim().await.unwrap();
     let drained = lease.instance().to_owned();
-    assert!(engine.drain(&drained));
-    assert!(!engine.drain("no-such-instance"));
+    assert_eq!(engine.drain(&drained), super::Drained::Draining);
+    assert_eq!(engine.drain("no-such-instance"), super::Drained::NotFound);
     // Its lease goes on: drained is not dead.
     assert!(!lease.gone().is_cancelled());
     // A replacement warms for min_warm; the drained one takes no lease.
@@ -709,7 +709,7 @@ async fn a_drained_instance_finishes_its_leases_then_stops_and_is_replaced() {
     // An idle instance drained stops at once.
     drop(next);
     let idle = engine.each(|f| f.name.clone()).remove(0);
-    assert!(engine.drain(&idle));
+    assert_eq!(engine.drain(&idle), super::Drained::Draining);
     until(&engine, "the idle one stopped and replaced", |s| {
         s.instances == 1 && s.stopping == 0 && s.draining == 0
     })
@@ -776,6 +776,7 @@ async fn members_lists_restores_in_flight_and_each_members_state_age_and_idle_ti
     assert!(restoring
         .iter()
         .all(|m| m.state == super::MemberState::Restoring && m.detail.is_none()));
+    assert_eq!(engine.drain(&restoring[0].name), super::Drained::Restoring);
     until(&engine, "warm", |s| s.instances == 2 && s.restoring == 0).await;
     let (lease, _) = engine.claim().await.unwrap();
     tokio::time::advance(Duration::from_secs(5)).await;
