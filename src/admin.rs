@@ -96,6 +96,15 @@ impl Token {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("admin_token_file: reading {}", path.display()))?;
         let token = text.lines().next().unwrap_or("").trim();
+        // A field value cannot carry control characters (RFC 9110 section
+        // 5.5): no client could send such a token.
+        if token.chars().any(char::is_control) {
+            anyhow::bail!(
+                "admin_token_file: {} holds a control character in its token; \
+                 use printable characters (say, openssl rand -hex 32)",
+                path.display()
+            );
+        }
         if token.chars().count() < 16 {
             anyhow::bail!(
                 "admin_token_file: {} holds a token of {} characters; at least 16 are needed",
@@ -372,10 +381,21 @@ fn drain(serving: &Serving, id: &str) -> Response<Page> {
 
 /// `POST /apps/NAME/prewarm?count=N` (N from 1 to 1000; 1 if left out).
 fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> {
+    if let Some(other) = query
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
+        .find(|k| !k.is_empty() && *k != "count")
+    {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{other:?}: prewarm takes only count=N"),
+        );
+    }
     let count = match query_value(query, "count") {
         None => 1,
         Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=1000).contains(&n) => n,
+            Ok(n) if (1..=1000).contains(&n) && v.bytes().all(|b| b.is_ascii_digit()) => n,
             _ => {
                 return error(
                     StatusCode::BAD_REQUEST,
@@ -396,7 +416,9 @@ fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> 
     };
     match pool.prewarm(count) {
         Ok(done) => {
-            info!(%app, count, started = done.started, "prewarm by the admin API");
+            if done.started > 0 {
+                info!(%app, count, started = done.started, "prewarm by the admin API");
+            }
             json(
                 StatusCode::OK,
                 &serde_json::json!({
@@ -420,9 +442,11 @@ fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> 
                     for_.as_secs_f64()
                 ),
             );
+            // Whole seconds, rounded up (RFC 9110 section 10.2.3).
+            let secs = for_.as_secs() + u64::from(for_.subsec_nanos() > 0);
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                http::HeaderValue::from(for_.as_secs().max(1)),
+                http::HeaderValue::from(secs.max(1)),
             );
             resp
         }
@@ -635,8 +659,17 @@ fn metrics(registry: &Registry) -> Response<Page> {
     resp
 }
 
+/// Most admin connections open at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 64;
+/// Longest a client may take to send a request head, and to take a write
+/// of the answer: a client that stops reading loses its connection.
+const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serves the admin pages until `stop` is cancelled; each connection runs
-/// on `tasks` and ends with it.
+/// on `tasks` and ends with it. At most [`MAX_CONNECTIONS`] at once, each
+/// bounded by [`IO_TIMEOUT`] for reading a head and for each write (the
+/// admin listener answers before any token is checked, so a client that
+/// never reads must not hold memory or descriptors).
 pub async fn serve(
     listener: TcpListener,
     admin: Admin,
@@ -645,8 +678,13 @@ pub async fn serve(
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(10));
+        .header_read_timeout(IO_TIMEOUT);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("never closed"),
+            _ = stop.cancelled() => return,
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((s, _)) => s,
@@ -658,18 +696,21 @@ pub async fn serve(
             },
             _ = stop.cancelled() => return,
         };
+        let mut stream = tokio_io_timeout::TimeoutStream::new(stream);
+        stream.set_write_timeout(Some(IO_TIMEOUT));
         let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
             async move { Ok::<_, Infallible>(respond(&admin, &req).await) }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let conn = http.serve_connection(TokioIo::new(Box::pin(stream)), service);
         let stop = stop.clone();
         tasks.spawn(async move {
             tokio::select! {
                 _ = conn => {}
                 _ = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }

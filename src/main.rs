@@ -112,7 +112,9 @@ where
     })();
     match result {
         Ok(out) => {
-            println!("{}", out.trim_end());
+            // A reader that went away (`| head`) is no failure of ours.
+            use std::io::Write;
+            let _ = writeln!(std::io::stdout(), "{}", out.trim_end());
             ExitCode::SUCCESS
         }
         Err(e) => {

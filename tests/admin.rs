@@ -269,6 +269,18 @@ async fn the_admin_api_drains_prewarms_and_lists_with_a_bearer_token_off_loopbac
         out.contains("0 restore(s) started"),
         "at max_instances: {out}"
     );
+    // A misspelt key is refused, not taken for the default count.
+    let (status, v, _) = {
+        let resp = reqwest::Client::new()
+            .post(format!("http://{admin}/apps/app/prewarm?COUNT=5"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap(), ())
+    };
+    assert_eq!(status, 400, "{v}");
     let (ok, _, err) = snapgate(&["prewarm", "site"], &config, admin).await;
     assert!(!ok && err.contains("static"), "{err}");
 

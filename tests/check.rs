@@ -382,3 +382,34 @@ fn version_names_the_commit() {
         "{text}"
     );
 }
+
+#[test]
+fn admin_token_files_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_token = |name: &str, token: &[u8]| {
+        let file = dir.path().join(name);
+        std::fs::write(&file, token).unwrap();
+        check(&BASE.replace(
+            "admin: 127.0.0.1:9090",
+            &format!("admin: 0.0.0.0:9090\nadmin_token_file: {}", file.display()),
+        ))
+    };
+    let (ok, out, err) = with_token("good", b"0123456789abcdef0123\n");
+    assert!(ok, "{out}{err}");
+    for (name, token, why) in [
+        (
+            "short",
+            &b"short-token\n"[..],
+            "a token of 11 characters; at least 16",
+        ),
+        ("control", b"aaaaaaaa\x01bbbbbbbbb\n", "a control character"),
+        ("empty", b"", "a token of 0 characters"),
+    ] {
+        let (ok, _, err) = with_token(name, token);
+        assert!(!ok, "{name}: accepted");
+        assert!(
+            err.contains("admin_token_file (line 3)") && err.contains(why),
+            "{name}: {err}"
+        );
+    }
+}

@@ -2381,3 +2381,69 @@ async fn parking_loses_no_slow_or_pipelined_request_head() {
     let seen: Vec<String> = up.log().seen.iter().map(|r| r.target.clone()).collect();
     assert_eq!(seen, ["/one", "/two", "/three", "/four"]);
 }
+
+/// The admin listener answers before any token is checked: a client that
+/// sends requests and never reads their answers loses its connection once
+/// a write to it has waited 10 s, and the listener serves 64 connections
+/// at most (more wait in the backlog).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_drops_clients_that_never_read_and_caps_its_connections() {
+    let (_up, gw) = app_a("", &[]).await;
+    let admin = gw.admin;
+    // Far more answer bytes than the socket buffers hold: the gateway's
+    // write blocks while the client does not read.
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(admin).await.unwrap();
+    let requests = 5000;
+    let one = b"GET /metrics HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let pipelined: Vec<u8> = one
+        .iter()
+        .copied()
+        .cycle()
+        .take(one.len() * requests)
+        .collect();
+    stalled.write_all(&pipelined).await.unwrap();
+    // Not reading, past the write timeout (10 s, with room).
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    // Now read: the connection ends (the gateway closed it) before all
+    // the answers came.
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), stalled.read_to_end(&mut got)).await;
+    let answers = got.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count();
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "the stalled connection stayed open ({answers} answers read)"
+    );
+    assert!(answers < requests, "every answer came: nothing was cut off");
+
+    // The cap: 64 connections held open (each in its header read), the
+    // 65th waits until one of them goes.
+    let mut held = Vec::new();
+    for _ in 0..64 {
+        held.push(TcpStream::connect(admin).await.unwrap());
+    }
+    // Each of them accepted: one byte, not a whole head, so each stays in
+    // its header read.
+    for c in &mut held {
+        c.write_all(b"G").await.unwrap();
+    }
+    let mut waiting = TcpStream::connect(admin).await.unwrap();
+    waiting
+        .write_all(b"GET /livez HTTP/1.1\r\nhost: admin\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let early = tokio::time::timeout(Duration::from_millis(500), waiting.read(&mut buf)).await;
+    assert!(early.is_err(), "the 65th connection was served at once");
+    drop(held.pop());
+    let n = tokio::time::timeout(Duration::from_secs(5), waiting.read(&mut buf))
+        .await
+        .expect("served once a slot freed")
+        .unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{:?}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+}
