@@ -666,8 +666,8 @@ const MAX_CONNECTIONS: usize = 64;
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves the admin pages until `stop` is cancelled; each connection runs
-/// on `tasks` and ends with it. At most [`MAX_CONNECTIONS`] at once, each
-/// bounded by [`IO_TIMEOUT`] for reading a head and for each write (the
+/// on `tasks` and ends with it. At most 64 connections at once, each
+/// bounded by 10 s for reading a head and for each write (the
 /// admin listener answers before any token is checked, so a client that
 /// never reads must not hold memory or descriptors).
 pub async fn serve(
