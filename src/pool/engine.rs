@@ -102,6 +102,9 @@ pub(super) struct Member<I: Instance> {
     /// When it joined (ready to serve).
     pub(super) joined: Instant,
     pub(super) draining: bool,
+    /// Counted as failed (its VMM died or it broke a request): counted
+    /// once, drained or not.
+    pub(super) failed: bool,
     /// Cancelled when its process dies.
     pub(super) gone: CancellationToken,
     /// Cancelled when it leaves the engine: ends its exit waiter.
@@ -633,12 +636,15 @@ impl<F: Factory> Shared<F> {
     /// A member whose process exited: no new leases, leases in flight end.
     pub(super) fn mark_dead(&self, m: &mut Member<F::Instance>, status: Option<ExitStatus>) {
         m.gone.cancel();
-        if !m.draining {
+        // A drained member that dies is a failure too (its requests in
+        // flight end here); one already counted is not counted again.
+        if !m.failed {
             let status = status.map_or_else(|| "exit event".into(), |s| s.to_string());
-            warn!(engine = %self.name, vm = %m.name, "VMM exited ({status}); replacing it");
+            warn!(engine = %self.name, vm = %m.name, draining = m.draining, "VMM exited ({status}); replacing it");
             self.observer.instance_failed();
-            m.draining = true;
+            m.failed = true;
         }
+        m.draining = true;
     }
 
     /// Records a failed start (module doc, step 4); returns the waiters to
@@ -807,6 +813,7 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
             idle_since: Instant::now(),
             joined: Instant::now(),
             draining: false,
+            failed: false,
             gone: CancellationToken::new(),
             left: left.clone(),
         };

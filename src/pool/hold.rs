@@ -400,9 +400,10 @@ impl<F: Factory> Shared<F> {
             if let Some(pos) = st.members.iter().position(|m| m.key == key) {
                 let m = &mut st.members[pos];
                 m.in_flight -= 1;
-                if broken && !m.draining {
+                if broken && !m.failed {
                     warn!(engine = %self.name, vm = %m.name, "instance failed a request; replacing it");
                     m.draining = true;
+                    m.failed = true;
                     self.observer.instance_failed();
                 }
                 if m.in_flight == 0 {

@@ -797,3 +797,25 @@ async fn members_lists_restores_in_flight_and_each_members_state_age_and_idle_ti
     assert_eq!(warm.state, super::MemberState::Warm);
     assert!(warm.idle_for.unwrap() >= Duration::from_secs(5));
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drained_instance_that_dies_counts_as_failed_once_and_ends_its_leases() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, events) = engine(sizing(1, 2, 1), &s);
+    until(&engine, "warm", |s| s.instances == 1).await;
+    let (mut lease, _) = engine.claim().await.unwrap();
+    let name = lease.instance().to_owned();
+    assert_eq!(engine.drain(&name), super::Drained::Draining);
+    s.kill(&name, false);
+    tokio::time::timeout(Duration::from_millis(1), lease.gone().cancelled())
+        .await
+        .expect("its lease ends with it");
+    // The lease then breaks on it: still one failure.
+    lease.mark_broken();
+    drop(lease);
+    until(&engine, "gone and replaced", |s| {
+        s.instances == 1 && s.draining == 0 && s.stopping == 0
+    })
+    .await;
+    assert_eq!(events.died.load(Ordering::SeqCst), 1);
+}
