@@ -68,7 +68,8 @@
 //!    one, but its leases in flight run to their end (its `gone` token is
 //!    not cancelled); it stops at once if it has none, else when the last
 //!    ends (`release`), and `start_restores` replaces it if `min_warm`
-//!    wants one. Prewarm starts restores until free members plus restores
+//!    wants one. If its VMM dies meanwhile, step 3 applies as to any
+//!    member (a member's failure is counted once, drained or not). Prewarm starts restores until free members plus restores
 //!    in flight reach the number asked for, within `max_instances`, and
 //!    never while closed or backing off; maintenance reaps the surplus
 //!    over `min_warm` after `idle_timeout` as usual (a set that never
