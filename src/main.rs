@@ -20,8 +20,21 @@ const VERSION: &str = concat!(
 #[derive(Parser)]
 #[command(version = VERSION, about = "Scale-to-zero edge gateway for microVM apps")]
 struct Cli {
+    /// How log lines (on stderr) are written: `text` for people, `json`
+    /// (one object per line) for collectors; `auto`, the default, is text
+    /// on a terminal and JSON otherwise.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Auto)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+/// `--log-format`.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Auto,
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -156,15 +169,18 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "snapgate=info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
     let cli = Cli::parse();
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "snapgate=info".into());
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Auto if !terminal => logs.json().init(),
+        _ => logs.with_ansi(terminal).init(),
+    }
     match cli.command {
         Command::Run { config } => match run(&config) {
             Ok(()) => ExitCode::SUCCESS,

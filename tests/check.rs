@@ -413,3 +413,69 @@ fn admin_token_files_are_checked() {
         );
     }
 }
+
+/// `snapgate run` with stderr not a terminal (`--log-format auto`) writes
+/// one JSON object per log line; `--log-format text` writes text.
+#[test]
+fn log_lines_are_json_when_not_on_a_terminal() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\nnetwork: {{ tap_prefix: sglog }}\n\
+             apps:\n  site:\n    hosts: [site.test]\n    upstream: 127.0.0.1:9\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let serving_line = |format: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_snapgate"))
+            .args(["--log-format", format, "run", "--config"])
+            .arg(&file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        // Read on a thread: the line must come within the deadline.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("serving") {
+                    let _ = tx.send(line);
+                    return;
+                }
+            }
+        });
+        let line = rx.recv_timeout(std::time::Duration::from_secs(30));
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = child.wait();
+        line.expect("a log line saying it serves")
+    };
+    let json: serde_json::Value =
+        serde_json::from_str(&serving_line("auto")).expect("auto, not on a terminal: JSON");
+    assert_eq!(json["level"], "INFO", "{json}");
+    assert_eq!(json["fields"]["message"], "serving", "{json}");
+    assert!(
+        json["fields"]["listen"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:"),
+        "{json}"
+    );
+    assert!(json["timestamp"].is_string(), "{json}");
+    let text = serving_line("text");
+    assert!(
+        serde_json::from_str::<serde_json::Value>(&text).is_err(),
+        "{text}"
+    );
+    assert!(text.contains("INFO") && text.contains("serving"), "{text}");
+}
