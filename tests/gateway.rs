@@ -408,7 +408,7 @@ async fn failed_restores_answer_503_naming_the_problem_and_recover_after_backoff
         "{cause}"
     );
     assert_eq!(
-        gw.metric("snapgate_restore_failures_total{app=\"app\"}")
+        gw.metric("snapgate_restore_failures_total{app=\"app\",reason=\"host\"}")
             .await,
         1.0
     );

@@ -775,7 +775,7 @@ async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
             join(&shared, guard, instance);
         }
         Err(e) => {
-            shared.observer.restore_failed();
+            shared.observer.restore_failed(e.reason());
             error!(engine = %shared.name, vm = %id, "restore failed: {}", crate::display_chain(&e));
             let (waiters, wait) = {
                 let mut st = shared.lock();

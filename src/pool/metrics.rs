@@ -53,8 +53,11 @@ impl PoolMetrics {
                 &["app"],
             )?,
             restore_failures: IntCounterVec::new(
-                Opts::new("snapgate_restore_failures_total", "Restores that failed."),
-                &["app"],
+                Opts::new(
+                    "snapgate_restore_failures_total",
+                    "Restores that failed, by reason: app (the app's fault: it did not load, crashed or never answered), host (the host's, the VMM's or the guest's below the app), timeout (start_timeout passed), panic.",
+                ),
+                &["app", "reason"],
             )?,
             restore_duration: HistogramVec::new(
                 HistogramOpts::new("snapgate_restore_duration_seconds", "Time from restore start to a ready instance.")
@@ -90,13 +93,10 @@ impl PoolMetrics {
     /// Creates `app`'s series at zero, so dashboards and alerts see them
     /// before the first event.
     pub(super) fn init(&self, app: &str) {
-        for counter in [
-            &self.restores,
-            &self.restore_failures,
-            &self.reaped,
-            &self.failed,
-            &self.drained,
-        ] {
+        for reason in ["app", "host", "timeout", "panic"] {
+            self.restore_failures.with_label_values(&[app, reason]);
+        }
+        for counter in [&self.restores, &self.reaped, &self.failed, &self.drained] {
             counter.with_label_values(&[app]);
         }
         for outcome in [
@@ -139,8 +139,10 @@ impl PoolMetrics {
             .observe(took.as_secs_f64());
     }
 
-    pub(super) fn restore_failed(&self, app: &str) {
-        self.restore_failures.with_label_values(&[app]).inc();
+    pub(super) fn restore_failed(&self, app: &str, reason: &str) {
+        self.restore_failures
+            .with_label_values(&[app, reason])
+            .inc();
     }
 
     pub(super) fn reaped(&self, app: &str) {

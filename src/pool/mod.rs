@@ -67,8 +67,8 @@ impl engine::Observer for AppObserver {
     fn restored(&self, took: Duration) {
         self.metrics.restored(&self.app, took);
     }
-    fn restore_failed(&self) {
-        self.metrics.restore_failed(&self.app);
+    fn restore_failed(&self, reason: &'static str) {
+        self.metrics.restore_failed(&self.app, reason);
     }
     fn reaped(&self) {
         self.metrics.reaped(&self.app);

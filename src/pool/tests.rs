@@ -144,6 +144,8 @@ impl Factory for Arc<Script> {
 struct Events {
     restored: AtomicUsize,
     failed: AtomicUsize,
+    /// The reason of each failed start, in order.
+    reasons: Mutex<Vec<&'static str>>,
     reaped: AtomicUsize,
     died: AtomicUsize,
 }
@@ -153,8 +155,9 @@ impl Observer for Events {
     fn restored(&self, _: Duration) {
         self.restored.fetch_add(1, Ordering::SeqCst);
     }
-    fn restore_failed(&self) {
+    fn restore_failed(&self, reason: &'static str) {
         self.failed.fetch_add(1, Ordering::SeqCst);
+        self.reasons.lock().unwrap().push(reason);
     }
     fn reaped(&self) {
         self.reaped.fetch_add(1, Ordering::SeqCst);
@@ -818,4 +821,29 @@ async fn a_drained_instance_that_dies_counts_as_failed_once_and_ends_its_leases(
     })
     .await;
     assert_eq!(events.died.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_starts_are_reported_with_their_reason() {
+    let s = Script::new(
+        Duration::from_millis(10),
+        &[Step::AppFault, Step::Fail, Step::Panic, Step::Hang],
+    );
+    let mut c = sizing(1, 1, 1);
+    c.start_timeout = Duration::from_secs(5);
+    let (engine, events) = engine(c, &s);
+    // Each failure backs off, then the next start runs: four in a row.
+    let mut watch = engine.watch();
+    let four = async {
+        while events.failed.load(Ordering::SeqCst) < 4 {
+            watch.changed().await.unwrap();
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(120), four)
+        .await
+        .expect("four failed starts");
+    assert_eq!(
+        *events.reasons.lock().unwrap(),
+        ["app", "host", "panic", "timeout"]
+    );
 }

@@ -75,6 +75,20 @@ pub enum StartFailure {
 }
 
 impl StartFailure {
+    /// Its `reason` label of `snapgate_restore_failures_total`: `app`
+    /// (the app's fault), `host` (the host's, the VMM's or the guest's
+    /// below the app), `timeout` (`start_timeout` passed) or `panic`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            StartFailure::Failed {
+                blame: Blame::App, ..
+            } => "app",
+            StartFailure::Failed { .. } => "host",
+            StartFailure::TimedOut(_) => "timeout",
+            StartFailure::Panicked(_) => "panic",
+        }
+    }
+
     /// Whose fault it is.
     pub fn blame(&self) -> Blame {
         match self {
@@ -104,8 +118,8 @@ pub trait Observer: Send + Sync + 'static {
     fn publish(&self, stats: &Stats);
     /// An instance started in `took`.
     fn restored(&self, took: Duration);
-    /// A start failed.
-    fn restore_failed(&self);
+    /// A start failed, for `reason` ([`StartFailure::reason`]).
+    fn restore_failed(&self, reason: &'static str);
     /// An idle instance was reaped.
     fn reaped(&self);
     /// An instance's process died or it broke a request.

@@ -39,7 +39,7 @@ impl Observer for StockObserver {
             .set(&self.name, warm as i64, s.restoring as i64);
     }
     fn restored(&self, _took: Duration) {}
-    fn restore_failed(&self) {
+    fn restore_failed(&self, _reason: &'static str) {
         self.metrics.failed(&self.name);
     }
     fn reaped(&self) {}
