@@ -89,30 +89,9 @@ pub struct Serving {
 pub struct Token([u8; 32]);
 
 impl Token {
-    /// The token in the first line of `path`; an error names the file and
-    /// what is wrong (missing, unreadable, shorter than 16 characters).
+    /// The token in the first line of `path` ([`token_in`]).
     pub fn from_file(path: &std::path::Path) -> anyhow::Result<Token> {
-        use anyhow::Context;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("admin_token_file: reading {}", path.display()))?;
-        let token = text.lines().next().unwrap_or("").trim();
-        // A field value cannot carry control characters (RFC 9110 section
-        // 5.5): no client could send such a token.
-        if token.chars().any(char::is_control) {
-            anyhow::bail!(
-                "admin_token_file: {} holds a control character in its token; \
-                 use printable characters (say, openssl rand -hex 32)",
-                path.display()
-            );
-        }
-        if token.chars().count() < 16 {
-            anyhow::bail!(
-                "admin_token_file: {} holds a token of {} characters; at least 16 are needed",
-                path.display(),
-                token.chars().count()
-            );
-        }
-        Ok(Token::new(token))
+        token_in(path).map(|token| Token::new(&token))
     }
 
     /// `token` itself.
@@ -139,6 +118,34 @@ impl Token {
             false => Err(TokenError::Wrong),
         }
     }
+}
+
+/// The admin bearer token in the first line of `path` (trimmed), as the
+/// gateway and the `snapgate` commands read it. Errors name the file and
+/// what is wrong: unreadable, a control character (no field value can
+/// carry one, RFC 9110 section 5.5), fewer than 16 characters.
+pub fn token_in(path: &std::path::Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("admin_token_file: reading {}", path.display()))?;
+    let token = text.lines().next().unwrap_or("").trim();
+    // A field value cannot carry control characters (RFC 9110 section
+    // 5.5): no client could send such a token.
+    if token.chars().any(char::is_control) {
+        anyhow::bail!(
+            "admin_token_file: {} holds a control character in its token; \
+             use printable characters (say, openssl rand -hex 32)",
+            path.display()
+        );
+    }
+    let length = token.chars().count();
+    if length < 16 {
+        anyhow::bail!(
+            "admin_token_file: {} holds a token of {length} characters; at least 16 are needed",
+            path.display(),
+        );
+    }
+    Ok(token.to_owned())
 }
 
 /// Why a request was not admitted.
@@ -250,7 +257,7 @@ impl From<Stats> for PoolState {
     fn from(s: Stats) -> PoolState {
         PoolState {
             instances: s.instances,
-            warm: s.instances - s.leased - s.draining,
+            warm: s.warm(),
             leased: s.leased,
             draining: s.draining,
             restoring: s.restoring,
@@ -264,11 +271,11 @@ impl From<Stats> for PoolState {
 /// `GET /apps`.
 fn apps(serving: &Serving) -> Response<Page> {
     let table = serving.apps.table();
-    let mut names: Vec<&Arc<str>> = table.targets().keys().collect();
-    names.sort();
-    let apps: Vec<serde_json::Value> = names
+    let mut targets: Vec<_> = table.targets().iter().collect();
+    targets.sort_by_key(|(name, _)| *name);
+    let apps: Vec<serde_json::Value> = targets
         .into_iter()
-        .map(|name| match &*table.targets()[name] {
+        .map(|(name, target)| match &**target {
             Target::Pool { pool, .. } => serde_json::json!({
                 "name": &**name,
                 "type": "pool",
@@ -381,18 +388,20 @@ fn drain(serving: &Serving, id: &str) -> Response<Page> {
 
 /// `POST /apps/NAME/prewarm?count=N` (N from 1 to 1000; 1 if left out).
 fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> {
-    if let Some(other) = query
-        .into_iter()
-        .flat_map(|q| q.split('&'))
-        .map(|pair| pair.split_once('=').map_or(pair, |(k, _)| k))
-        .find(|k| !k.is_empty() && *k != "count")
-    {
-        return error(
-            StatusCode::BAD_REQUEST,
-            format!("{other:?}: prewarm takes only count=N"),
-        );
+    let mut asked = None;
+    for (key, value) in query_pairs(query) {
+        match key {
+            "count" => asked = asked.or(Some(value)),
+            "" => {}
+            other => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{other:?}: prewarm takes only count=N"),
+                )
+            }
+        }
     }
-    let count = match query_value(query, "count") {
+    let count = match asked {
         None => 1,
         Some(v) => match v.parse::<usize>() {
             Ok(n) if (1..=1000).contains(&n) && v.bytes().all(|b| b.is_ascii_digit()) => n,
@@ -443,26 +452,28 @@ fn prewarm(serving: &Serving, app: &str, query: Option<&str>) -> Response<Page> 
                 ),
             );
             // Whole seconds, rounded up (RFC 9110 section 10.2.3).
-            let secs = for_.as_secs() + u64::from(for_.subsec_nanos() > 0);
+            let whole = for_.as_secs() + u64::from(for_.subsec_nanos() > 0);
             resp.headers_mut().insert(
                 http::header::RETRY_AFTER,
-                http::HeaderValue::from(secs.max(1)),
+                http::HeaderValue::from(whole.max(1)),
             );
             resp
         }
     }
 }
 
-/// The value of `key` in a query string, percent-decoded.
-fn query_value(query: Option<&str>, key: &str) -> Option<String> {
-    query?.split('&').find_map(|pair| {
+/// A query string's `key=value` pairs, the values percent-decoded.
+fn query_pairs(query: Option<&str>) -> impl Iterator<Item = (&str, String)> {
+    query.into_iter().flat_map(|q| q.split('&')).map(|pair| {
         let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| {
-            percent_encoding::percent_decode_str(v)
-                .decode_utf8_lossy()
-                .into_owned()
-        })
+        let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+        (k, v.into_owned())
     })
+}
+
+/// The first value of `key` in a query string, percent-decoded.
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query_pairs(query).find_map(|(k, v)| (k == key).then_some(v))
 }
 
 /// `GET /readyz`: ready once serving and every pool and runtime stock has
@@ -488,30 +499,18 @@ fn readyz(admin: &Admin, detail: bool) -> Response<Page> {
             continue;
         };
         let s = pool.stats();
-        let live = s.instances - s.draining;
-        let want = pool.sizing().min_warm;
-        let status = match (live >= want, pool.last_error()) {
-            (true, _) => format!("min_warm met: {live} of {want}"),
-            (false, Some(e)) => format!("failed: {e}"),
-            (false, None) => {
-                ready = false;
-                format!("warming: {live} of {want}")
-            }
-        };
+        let (status, met) = warmth(
+            s.instances - s.draining,
+            pool.sizing().min_warm,
+            pool.last_error(),
+        );
+        ready &= met;
         pools.insert(app.to_string(), status.into());
     }
     let mut stocks = serde_json::Map::new();
     for (name, rt) in lock(&serving.runtimes).iter() {
-        let (warm, _) = rt.stock();
-        let want = rt.min_warm();
-        let status = match (warm >= want, rt.last_error()) {
-            (true, _) => format!("min_warm met: {warm} of {want}"),
-            (false, Some(e)) => format!("failed: {e}"),
-            (false, None) => {
-                ready = false;
-                format!("warming: {warm} of {want}")
-            }
-        };
+        let (status, met) = warmth(rt.stock().0, rt.min_warm(), rt.last_error());
+        ready &= met;
         stocks.insert(name.clone(), status.into());
     }
     let latched = &admin.became_ready;
@@ -530,6 +529,16 @@ fn readyz(admin: &Admin, detail: bool) -> Response<Page> {
             &serde_json::json!({ "ready": ready, "apps": pools, "runtimes": stocks }),
         ),
         false => json(status, &serde_json::json!({ "ready": ready })),
+    }
+}
+
+/// How a set with `have` of its `want` warm stands for `/readyz`, and
+/// whether that counts as ready: met, or failed with `last_error`.
+fn warmth(have: usize, want: usize, last_error: Option<String>) -> (String, bool) {
+    match (have >= want, last_error) {
+        (true, _) => (format!("min_warm met: {have} of {want}"), true),
+        (false, Some(e)) => (format!("failed: {e}"), true),
+        (false, None) => (format!("warming: {have} of {want}"), false),
     }
 }
 

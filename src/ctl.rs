@@ -49,18 +49,13 @@ impl AdminClient {
                 )
             }
             None => (
-                admin.unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9090))),
+                admin.unwrap_or_else(crate::config::default_admin),
                 token_file.map(Path::to_owned),
             ),
         };
-        let token = match token_file {
-            Some(path) => {
-                let text = std::fs::read_to_string(&path)
-                    .with_context(|| format!("reading the token file {}", path.display()))?;
-                Some(text.lines().next().unwrap_or("").trim().to_owned())
-            }
-            None => None,
-        };
+        let token = token_file
+            .map(|path| crate::admin::token_in(&path))
+            .transpose()?;
         // An unspecified address (a gateway bound to all interfaces) is
         // reached on loopback.
         let addr = match addr.ip().is_unspecified() {
@@ -182,6 +177,13 @@ fn age(v: &Value) -> String {
     }
 }
 
+/// A `last_error` as the NOTE column writes it.
+fn failing(last_error: &Value) -> String {
+    last_error
+        .as_str()
+        .map_or_else(|| "-".into(), |e| format!("failing: {e}"))
+}
+
 fn cell(v: &Value) -> String {
     match v {
         Value::Null => "-".into(),
@@ -223,17 +225,13 @@ pub fn render_status(apps: &Value, instances: &Value) -> String {
         .unwrap_or(&empty)
         .iter()
         .map(|a| match a["type"].as_str() {
-            Some("static") => vec![
-                cell(&a["name"]),
-                "static".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                "-".into(),
-                format!("upstream {}", cell(&a["upstream"])),
-            ],
+            Some("static") => {
+                let mut row = vec![cell(&a["name"]), "static".into()];
+                // No pool: a dash under each of its six columns.
+                row.extend(std::iter::repeat_n("-".to_owned(), 6));
+                row.push(format!("upstream {}", cell(&a["upstream"])));
+                row
+            }
             _ => {
                 let p = &a["pool"];
                 let s = &a["settings"];
@@ -246,9 +244,7 @@ pub fn render_status(apps: &Value, instances: &Value) -> String {
                     cell(&p["draining"]),
                     cell(&p["queued"]),
                     format!("{}..{}", cell(&s["min_warm"]), cell(&s["max_instances"])),
-                    a["last_error"]
-                        .as_str()
-                        .map_or_else(|| "-".into(), |e| format!("failing: {e}")),
+                    failing(&a["last_error"]),
                 ]
             }
         })
@@ -277,9 +273,7 @@ pub fn render_status(apps: &Value, instances: &Value) -> String {
                     cell(&r["warm"]),
                     cell(&r["restoring"]),
                     cell(&r["min_warm"]),
-                    r["last_error"]
-                        .as_str()
-                        .map_or_else(|| "-".into(), |e| format!("failing: {e}")),
+                    failing(&r["last_error"]),
                 ]
             })
             .collect();

@@ -170,21 +170,14 @@ async fn the_admin_api_drains_prewarms_and_lists_with_a_bearer_token_off_loopbac
 
     let (status, apps, _) = get(admin, "/apps", Some(TOKEN)).await;
     assert_eq!(status, 200, "{apps}");
-    let app = apps["apps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "app")
-        .unwrap();
+    let named = |name: &str| {
+        let all = apps["apps"].as_array().unwrap();
+        all.iter().find(|a| a["name"] == name).unwrap().clone()
+    };
+    let app = named("app");
     assert_eq!(app["settings"]["max_instances"], 3);
     assert_eq!(app["pool"]["warm"], 1);
-    let site = apps["apps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|a| a["name"] == "site")
-        .unwrap();
-    assert_eq!(site["upstream"], upstream.to_string());
+    assert_eq!(named("site")["upstream"], upstream.to_string());
 
     // One warm instance, with its VMM and tap.
     let list = until_instances(admin, "one warm", STEP, |l| in_state(l, "warm").len() == 1).await;
@@ -270,17 +263,13 @@ async fn the_admin_api_drains_prewarms_and_lists_with_a_bearer_token_off_loopbac
         "at max_instances: {out}"
     );
     // A misspelt key is refused, not taken for the default count.
-    let (status, v, _) = {
-        let resp = reqwest::Client::new()
-            .post(format!("http://{admin}/apps/app/prewarm?COUNT=5"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.text().await.unwrap(), ())
-    };
-    assert_eq!(status, 400, "{v}");
+    let resp = reqwest::Client::new()
+        .post(format!("http://{admin}/apps/app/prewarm?COUNT=5"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400, "{}", resp.text().await.unwrap());
     let (ok, _, err) = snapgate(&["prewarm", "site"], &config, admin).await;
     assert!(!ok && err.contains("static"), "{err}");
 

@@ -476,7 +476,8 @@ impl AppConfig {
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 8080))
 }
-fn default_admin() -> SocketAddr {
+/// The admin listener's address when `admin` is left out.
+pub(crate) fn default_admin() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 9090))
 }
 fn default_header_read_timeout() -> Duration {

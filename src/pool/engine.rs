@@ -69,9 +69,10 @@
 //!    not cancelled); it stops at once if it has none, else when the last
 //!    ends (`release`), and `start_restores` replaces it if `min_warm`
 //!    wants one. If its VMM dies meanwhile, step 3 applies as to any
-//!    member (a member's failure is counted once, drained or not). Prewarm starts restores until free members plus restores
-//!    in flight reach the number asked for, within `max_instances`, and
-//!    never while closed or backing off; maintenance reaps the surplus
+//!    member (a member's failure is counted once, drained or not).
+//!    Prewarm starts restores until free members plus restores in flight
+//!    (less those the hold queue waits for) reach the number asked for,
+//!    within `max_instances`, and never while closed or backing off; maintenance reaps the surplus
 //!    over `min_warm` after `idle_timeout` as usual (a set that never
 //!    reaps stops a surplus instance as it joins: step 6).
 
@@ -191,14 +192,30 @@ pub enum Prewarm {
     },
 }
 
+impl<F: Factory> State<F> {
+    /// Restores in flight.
+    pub(super) fn restoring(&self) -> usize {
+        self.starting.len()
+    }
+}
+
+impl<I: Instance> Member<I> {
+    /// Where it stands (its `snapgate_instances` state).
+    pub(super) fn state(&self) -> MemberState {
+        match (self.draining, self.in_flight) {
+            (true, _) => MemberState::Draining,
+            (false, 0) => MemberState::Warm,
+            (false, _) => MemberState::Leased,
+        }
+    }
+}
+
 pub(super) struct State<F: Factory> {
     /// How many instances to keep and hand out; changed by
     /// [`Engine::resize`].
     pub(super) sizing: Sizing,
     pub(super) members: Vec<Member<F::Instance>>,
-    pub(super) restoring: usize,
-    /// The restores in flight: their ids and when each began (as many as
-    /// `restoring`).
+    /// The restores in flight: their ids and when each began.
     pub(super) starting: Vec<(Arc<str>, Instant)>,
     pub(super) stopping: usize,
     pub(super) waiters: VecDeque<Waiter<F>>,
@@ -293,7 +310,6 @@ impl<F: Factory> Engine<F> {
             state: Mutex::new(State {
                 sizing,
                 members: Vec::new(),
-                restoring: 0,
                 starting: Vec::new(),
                 stopping: 0,
                 waiters: VecDeque::new(),
@@ -366,11 +382,7 @@ impl<F: Factory> Engine<F> {
             .iter()
             .map(|m| MemberInfo {
                 name: m.name.clone(),
-                state: match (m.draining, m.in_flight) {
-                    (true, _) => MemberState::Draining,
-                    (false, 0) => MemberState::Warm,
-                    (false, _) => MemberState::Leased,
-                },
+                state: m.state(),
                 age: now.saturating_duration_since(m.joined),
                 in_flight: m.in_flight,
                 idle_for: (m.in_flight == 0).then(|| now.saturating_duration_since(m.idle_since)),
@@ -442,15 +454,15 @@ impl<F: Factory> Engine<F> {
         let free = st
             .members
             .iter()
-            .filter(|m| !m.draining && m.in_flight == 0)
+            .filter(|m| m.state() == MemberState::Warm)
             .count();
         // Restores the held claims wait for will not be free.
         let for_queue = st.waiters.len().div_ceil(st.sizing.max_concurrency.max(1));
-        let coming = (free + st.restoring).saturating_sub(for_queue);
+        let coming = (free + st.restoring()).saturating_sub(for_queue);
         let room = st
             .sizing
             .max_instances
-            .saturating_sub(st.members.len() + st.restoring);
+            .saturating_sub(st.members.len() + st.restoring());
         let wanted = warm.saturating_sub(coming);
         let started = wanted.min(room);
         shared.add_restores(&mut st, started);
@@ -538,16 +550,12 @@ impl<F: Factory> Shared<F> {
 
     /// Publishes the counts (module doc, step 1).
     pub(super) fn publish(&self, st: &State<F>) {
-        debug_assert_eq!(st.starting.len(), st.restoring, "one entry per restore");
+        let count = |state| st.members.iter().filter(|m| m.state() == state).count();
         let stats = Stats {
             instances: st.members.len(),
-            leased: st
-                .members
-                .iter()
-                .filter(|m| m.in_flight > 0 && !m.draining)
-                .count(),
-            draining: st.members.iter().filter(|m| m.draining).count(),
-            restoring: st.restoring,
+            leased: count(MemberState::Leased),
+            draining: count(MemberState::Draining),
+            restoring: st.restoring(),
             queued: st.waiters.len(),
             stopping: st.stopping,
             peak: st.peak,
@@ -566,21 +574,20 @@ impl<F: Factory> Shared<F> {
         let for_queue = st.waiters.len().div_ceil(sizing.max_concurrency.max(1));
         let live = st.members.iter().filter(|m| !m.draining).count();
         let for_warm = sizing.min_warm.saturating_sub(live);
-        let need = for_queue.max(for_warm).saturating_sub(st.restoring);
+        let need = for_queue.max(for_warm).saturating_sub(st.restoring());
         let room = sizing
             .max_instances
-            .saturating_sub(st.members.len() + st.restoring);
+            .saturating_sub(st.members.len() + st.restoring());
         self.add_restores(st, need.min(room));
     }
 
     /// Starts `n` restores, which the caller has checked fit.
     fn add_restores(self: &Arc<Self>, st: &mut State<F>, n: usize) {
         for _ in 0..n {
-            st.restoring += 1;
-            st.peak = st.peak.max(st.members.len() + st.restoring);
             let id = crate::vmm::VmId::unique(&self.name);
             let name: Arc<str> = id.to_string().into();
             st.starting.push((name.clone(), Instant::now()));
+            st.peak = st.peak.max(st.members.len() + st.restoring());
             let guard = Restoring {
                 shared: self.clone(),
                 armed: true,
@@ -671,7 +678,7 @@ impl<F: Factory> Shared<F> {
         st.last_error = Some((crate::display_chain(err), err.blame()));
         let serving = st.members.iter().any(|m| !m.draining);
         // Nothing else will serve the queue: fail it now, clearly.
-        let failed = if !serving && st.restoring == 0 {
+        let failed = if !serving && st.starting.is_empty() {
             st.waiters.drain(..).collect()
         } else {
             Vec::new()
@@ -698,7 +705,6 @@ impl<F: Factory> Restoring<F> {
     }
 
     fn give_back(&self, st: &mut State<F>) {
-        st.restoring -= 1;
         st.starting.retain(|(n, _)| !Arc::ptr_eq(n, &self.name));
     }
 }

@@ -272,7 +272,7 @@ impl<F: Factory> Engine<F> {
                 return Err(ClaimError::QueueFull {
                     app: shared.name.clone(),
                     instances: st.members.len(),
-                    restoring: st.restoring,
+                    restoring: st.restoring(),
                     queued: st.waiters.len(),
                 });
             }
@@ -325,7 +325,7 @@ impl<F: Factory> Shared<F> {
         let retry_at = st.retry_at?;
         let now = Instant::now();
         let serving = st.members.iter().any(|m| !m.draining);
-        if retry_at > now && !serving && st.restoring == 0 {
+        if retry_at > now && !serving && st.starting.is_empty() {
             let (reason, blame) = st
                 .last_error
                 .clone()

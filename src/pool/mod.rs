@@ -53,10 +53,9 @@ struct AppObserver {
 
 impl engine::Observer for AppObserver {
     fn publish(&self, s: &Stats) {
-        let warm = s.instances - s.leased - s.draining;
         for (state, n) in [
             ("restoring", s.restoring),
-            ("warm", warm),
+            ("warm", s.warm()),
             ("leased", s.leased),
             ("draining", s.draining),
         ] {

@@ -170,6 +170,11 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Members free to lease: neither leased nor draining.
+    pub fn warm(&self) -> usize {
+        self.instances - self.leased - self.draining
+    }
+
     /// Nothing left: no member, restore or stop.
     pub fn is_empty(&self) -> bool {
         self.instances == 0 && self.restoring == 0 && self.stopping == 0

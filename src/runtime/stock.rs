@@ -34,9 +34,8 @@ struct StockObserver {
 
 impl Observer for StockObserver {
     fn publish(&self, s: &Stats) {
-        let warm = s.instances - s.leased - s.draining;
         self.metrics
-            .set(&self.name, warm as i64, s.restoring as i64);
+            .set(&self.name, s.warm() as i64, s.restoring as i64);
     }
     fn restored(&self, _took: Duration) {}
     fn restore_failed(&self, _reason: &'static str) {
@@ -90,7 +89,7 @@ impl Runtime {
     /// (warm clones, restores in flight).
     pub fn stock(&self) -> (usize, usize) {
         let s = self.engine.stats();
-        (s.instances - s.leased - s.draining, s.restoring)
+        (s.warm(), s.restoring)
     }
 
     /// How many warm clones the stock keeps.
