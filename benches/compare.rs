@@ -414,7 +414,7 @@ impl Gateway {
         let state = dir.path.join(format!("{name}-state"));
         let _ = std::fs::remove_dir_all(&state);
         let mut text = format!(
-            "listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nshutdown_grace: 5s\n\
+            "listen: 127.0.0.1:{listen}\nadmin: 127.0.0.1:{admin}\nshutdown_grace: 5s\naccess_log: false\n\
              state_dir: {}\nsnapshot_dir: {}\nnetwork: {{ tap_prefix: sgcmp }}\n",
             state.display(),
             shared_snapshot_dir().display()

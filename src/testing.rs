@@ -247,13 +247,27 @@ impl TestGateway {
         resp.text().await.expect("a body")
     }
 
-    /// The value of one sample line (`name{labels}`), 0 when absent.
+    /// The sum of the samples of `name{labels}` whose labels include
+    /// every one given (`name{a="x"}` sums over the other labels), 0 when
+    /// there are none.
     pub async fn metric(&self, sample: &str) -> f64 {
+        let (name, want) = match sample.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (sample, ""),
+        };
+        let want: Vec<&str> = want.split(',').filter(|p| !p.is_empty()).collect();
         self.metrics()
             .await
             .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|v| v.strip_prefix(' ')))
-            .map_or(0.0, |v| v.parse().expect("a number"))
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, labels) = series.split_once('{').unwrap_or((series, "}"));
+                let labels: Vec<&str> = labels.trim_end_matches('}').split(',').collect();
+                (n == name && want.iter().all(|w| labels.contains(w)))
+                    .then(|| value.parse::<f64>().expect("a number"))
+            })
+            .sum()
     }
 
     /// Waits until `app`'s pool stats satisfy `cond` (on the pool's stats

@@ -308,3 +308,218 @@ async fn the_admin_api_drains_prewarms_and_lists_with_a_bearer_token_off_loopbac
         .unwrap();
     assert!(!ok && err.contains("401"), "{err}");
 }
+
+/// The JSON log lines (`--log-format auto`: stderr is no terminal here)
+/// of `log`, parsed.
+fn log_lines(log: &Path) -> Vec<Value> {
+    std::fs::read_to_string(log)
+        .unwrap()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// Where `line`'s event is in `lines`, by a predicate; panics naming
+/// `what`.
+fn find(lines: &[Value], what: &str, f: impl Fn(&Value) -> bool) -> usize {
+    lines
+        .iter()
+        .position(f)
+        .unwrap_or_else(|| panic!("no {what} line in {lines:#?}"))
+}
+
+/// Runs Debian's headless Chromium on `url`: its rendered DOM, and a
+/// screenshot written to `png`.
+fn chromium(url: &str, png: &Path, profile: &Path) -> String {
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new("chromium-headless-shell")
+            .args([
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--no-first-run",
+                "--hide-scrollbars",
+                "--window-size=1280,1100",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("chromium-headless-shell (Debian package; scripts/test installs it)");
+        assert!(
+            out.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&[&format!("--screenshot={}", png.display())]);
+    run(&["--dump-dom"])
+}
+
+/// One request from zero, end to end: held while its VM restores, its
+/// request id kept and returned, every step in the JSON log (the VM's
+/// restoring, ready and leased in its span, then the request's access
+/// line); the status page shows the instance and the cold start in a
+/// real browser; a drain is logged with the stop's reason.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_start_is_logged_in_json_and_shown_on_the_status_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spec = snapgate::testing::linux_spec();
+    spec.on_restore = Some(snapgate::testing::test_guest_on_restore());
+    let image = serde_json::to_string(&spec).unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 10s\n\
+             state_dir: {state}\nsnapshot_dir: {snapshots}\n\
+             network: {{ tap_prefix: sglog }}\n\
+             apps:\n\
+             \x20 app:\n    hosts: [app.test]\n    image: {image}\n\
+             \x20   pool: {{ min_warm: 0, max_instances: 1, idle_timeout: 1h }}\n",
+            state = dir.path().join("state").display(),
+            snapshots = snapgate::testing::shared_snapshot_dir().display(),
+        ),
+    )
+    .unwrap();
+    let log = dir.path().join("snapgate.log");
+    let gw = Binary::start_logged(&config, START, &log).await;
+    let client = reqwest::Client::new();
+    let get = |id: Option<&str>| {
+        let mut req = client
+            .get(format!("http://{}/", gw.listen))
+            .header("host", "app.test");
+        if let Some(id) = id {
+            req = req.header("x-request-id", id);
+        }
+        req.send()
+    };
+    // From zero: held while an instance restores; the client's id kept.
+    let resp = get(Some("cold-start-1")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(resp.headers()["x-request-id"], "cold-start-1");
+    let body = resp.text().await.unwrap();
+    // Warm now; an id that could break a log line is replaced.
+    let resp = get(Some("bad id\"")).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let made = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert!(
+        made.len() == 32 && made.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{made}"
+    );
+    let list = instances_at(gw.admin).await;
+    let [one] = &list[..] else {
+        panic!("one instance: {list:?}")
+    };
+    let id = one["id"].as_str().unwrap().to_owned();
+
+    // The status page, rendered by a real browser.
+    let page = client
+        .get(format!("http://{}/", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.headers()["content-type"], "text/html; charset=utf-8");
+    let shots = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+    std::fs::create_dir_all(&shots).unwrap();
+    let png = shots.join("status-page.png");
+    let _ = std::fs::remove_file(&png);
+    let dom = chromium(
+        &format!("http://{}/", gw.admin),
+        &png,
+        &dir.path().join("chromium"),
+    );
+    for want in [
+        "<h2>Apps</h2>",
+        "<h2>Recent cold starts</h2>",
+        "<h2>Restore failures</h2>",
+        &id,
+        ">clone<",
+        "http-equiv=\"refresh\"",
+    ] {
+        assert!(dom.contains(want), "{want} not on the page: {dom}");
+    }
+    let shot = std::fs::read(&png).unwrap();
+    assert!(
+        shot.starts_with(b"\x89PNG") && shot.len() > 10_000,
+        "a screenshot of the page: {} bytes",
+        shot.len()
+    );
+    eprintln!("status page screenshot: {}", png.display());
+
+    // Drained: it stops, logged with its reason.
+    let drained = client
+        .post(format!("http://{}/instances/{id}/drain", gw.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(drained.status(), 200);
+    until_instances(gw.admin, "the drained one gone", STEP, |l| l.is_empty()).await;
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    let mut gw = gw;
+    let status = tokio::time::timeout(STEP, gw.child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    let lines = log_lines(&log);
+    let of_vm = |message: &'static str| {
+        let id = id.clone();
+        move |l: &Value| l["fields"]["message"] == message && l["span"]["vm"] == id.as_str()
+    };
+    let restoring = find(&lines, "restoring", of_vm("restoring"));
+    let ready = find(&lines, "ready", of_vm("ready"));
+    let leased = find(&lines, "leased", of_vm("leased"));
+    let access = find(&lines, "the cold start's access", |l| {
+        l["target"] == "snapgate::access" && l["fields"]["request_id"] == "cold-start-1"
+    });
+    let stopped = find(&lines, "stopped", of_vm("stopped"));
+    assert!(
+        restoring < ready && ready < leased && leased < access && access < stopped,
+        "{restoring} {ready} {leased} {access} {stopped}"
+    );
+    assert!(lines[ready]["fields"]["took_ms"].as_u64().is_some());
+    assert_eq!(lines[stopped]["fields"]["reason"], "drained");
+    find(
+        &lines,
+        "drained by an operator",
+        of_vm("drained by an operator"),
+    );
+    let a = &lines[access]["fields"];
+    assert_eq!(a["status"], 200);
+    assert_eq!(a["app"], "app");
+    assert_eq!(a["instance"], id.as_str());
+    assert_eq!(a["host"], "app.test");
+    assert_eq!(a["method"], "GET");
+    assert_eq!(a["path"], "/");
+    assert_eq!(a["client"], "127.0.0.1");
+    assert_eq!(a["held"], true);
+    assert_eq!(a["completed"], true);
+    assert_eq!(a["bytes"].as_u64(), Some(body.len() as u64));
+    let held_ms = a["held_ms"].as_f64().unwrap();
+    assert!(
+        held_ms > 0.0 && a["duration_ms"].as_f64().unwrap() >= held_ms,
+        "{a}"
+    );
+    let warm = find(&lines, "the warm request's access", |l| {
+        l["target"] == "snapgate::access" && l["fields"]["request_id"] == made.as_str()
+    });
+    assert_eq!(lines[warm]["fields"]["held"], false);
+    assert!(lines[warm]["fields"]["held_ms"].is_null());
+    eprintln!("the cold start, as logged:");
+    for i in [restoring, ready, leased, access, stopped] {
+        eprintln!("{}", lines[i]);
+    }
+}
+
+/// `GET /instances` of a gateway whose admin listener needs no token.
+async fn instances_at(admin: SocketAddr) -> Vec<Value> {
+    let (status, v, _) = get(admin, "/instances", None).await;
+    assert_eq!(status, 200, "{v}");
+    v["instances"].as_array().unwrap().clone()
+}

@@ -2447,3 +2447,42 @@ async fn the_admin_listener_drops_clients_that_never_read_and_caps_its_connectio
         String::from_utf8_lossy(&buf[..n])
     );
 }
+
+/// X-Request-Id: a client's valid id reaches the app and comes back; a
+/// missing, invalid or repeated one is replaced by a fresh 128-bit id,
+/// the same at the app and on the response; snapgate's own answers (a
+/// 404 for an unknown host) carry one too.
+#[tokio::test]
+async fn a_request_id_is_kept_or_made_sent_to_the_app_and_returned() {
+    let (up, gw) = app_a("", &[]).await;
+    let mut w = Wire::connect(gw.listen).await;
+    let r = exchange(
+        &mut w,
+        b"GET /kept HTTP/1.1\r\nHost: a.test\r\nX-Request-Id: trace-42.a/b\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-request-id"), Some("trace-42.a/b"));
+    assert_eq!(up.only("/kept").values("x-request-id"), ["trace-42.a/b"]);
+    let hex = |id: &str| id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    for (path, extra) in [
+        ("/none", String::new()),
+        ("/bad", "X-Request-Id: has space\r\n".into()),
+        ("/long", format!("X-Request-Id: {}\r\n", "x".repeat(129))),
+        ("/two", "X-Request-Id: a\r\nX-Request-Id: b\r\n".into()),
+    ] {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: a.test\r\n{extra}\r\n");
+        let r = exchange(&mut w, req.as_bytes()).await;
+        assert_eq!(r.status, 200, "{path}");
+        let id = r.header("x-request-id").unwrap().to_owned();
+        assert!(hex(&id), "{path}: {id}");
+        assert_eq!(
+            up.only(path).values("x-request-id"),
+            [id.as_str()],
+            "{path}"
+        );
+    }
+    let r = exchange(&mut w, &get("/", "nobody.test")).await;
+    assert_eq!(r.status, 404);
+    assert!(hex(r.header("x-request-id").unwrap()), "{r:?}");
+}

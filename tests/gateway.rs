@@ -270,7 +270,11 @@ async fn idle_instances_go_after_idle_timeout_and_the_next_request_brings_one_ba
         .unwrap()
         .iter()
         .any(|(_, t)| *t == tap));
-    assert_eq!(gw.metric("snapgate_reaped_total{app=\"app\"}").await, 1.0);
+    assert_eq!(
+        gw.metric("snapgate_reaped_total{app=\"app\",reason=\"idle\"}")
+            .await,
+        1.0
+    );
     assert_eq!(gw.get("/").send().await.unwrap().status(), 200);
     assert_eq!(gw.metric("snapgate_restores_total{app=\"app\"}").await, 2.0);
     gw.stop().await;
@@ -333,10 +337,27 @@ async fn metrics_pass_promtool_check() {
         .await
         .unwrap();
     let text = gw.metrics().await;
+    // The first request came from zero: held while a clone restored.
+    assert_eq!(
+        gw.metric("snapgate_cold_start_duration_seconds_count{app=\"app\",path=\"clone\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        gw.metric("snapgate_requests_total{app=\"app\",held=\"true\",status=\"200\"}")
+            .await,
+        1.0
+    );
     for family in [
         "snapgate_requests_total",
         "snapgate_request_duration_seconds",
         "snapgate_hold_duration_seconds",
+        "snapgate_cold_start_duration_seconds",
+        "snapgate_reaped_total",
+        "snapgate_upstream_errors_total",
+        "snapgate_tls_handshakes_total",
+        "snapgate_tls_handshake_failures_total",
+        "snapgate_config_reloads_total",
         "snapgate_instances",
         "snapgate_restores_total",
         "snapgate_restore_failures_total",

@@ -146,6 +146,31 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     .await;
     let failed = prometheus.query(&runtime_panels[2].1).await;
     assert_eq!(failed["status"], "success", "{failed}");
+    // Every query of every dashboard is valid and draws at least one
+    // series, after traffic with cold starts (alpha's, from zero).
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 25, "{}", queries.len());
+    for (title, expr) in &queries {
+        let answer = prometheus.query(expr).await;
+        assert_eq!(answer["status"], "success", "{title}: {expr}: {answer}");
+        let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
+        assert!(series > 0, "{title}: {expr} returns no series: {answer}");
+    }
+    // The cold-start panel saw alpha's held requests by their path.
+    wait_for(
+        "Prometheus to see alpha's two cold starts",
+        Duration::from_secs(30),
+        async || {
+            let cold = prometheus
+                .query("snapgate_cold_start_duration_seconds_count{app=\"alpha\",path=\"runtime_clone\"}")
+                .await;
+            cold["data"]["result"][0]["value"][1]
+                .as_str()
+                .and_then(|v| v.parse::<f64>().ok())
+                == Some(2.0)
+        },
+    )
+    .await;
     gw.stop().await;
 }
 

@@ -85,7 +85,38 @@ async fn static_apps_are_forwarded_and_a_dead_upstream_is_a_502() {
         resp.text().await.unwrap(),
         "snapgate: app gone: the upstream failed the request\n"
     );
+    // Counted by app and kind: the connection was refused.
+    assert_eq!(
+        sample(
+            gw.admin,
+            "snapgate_upstream_errors_total{app=\"gone\",kind=\"connect\"}"
+        )
+        .await,
+        1.0
+    );
+    assert_eq!(
+        sample(
+            gw.admin,
+            "snapgate_requests_total{app=\"gone\",held=\"false\",status=\"502\"}"
+        )
+        .await,
+        1.0
+    );
     gw.shutdown().await;
+}
+
+/// The value of the sample `series` (name and labels as exposed, labels
+/// in name order), 0 when absent.
+async fn sample(admin: std::net::SocketAddr, series: &str) -> f64 {
+    let text = reqwest::get(format!("http://{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
@@ -121,6 +152,14 @@ async fn an_upstream_that_never_answers_gets_a_504_at_response_timeout() {
     assert_eq!(
         resp.text().await.unwrap(),
         "snapgate: app site: no response in time\n"
+    );
+    assert_eq!(
+        sample(
+            gw.admin,
+            "snapgate_upstream_errors_total{app=\"site\",kind=\"timeout\"}"
+        )
+        .await,
+        1.0
     );
     gw.shutdown().await;
 }

@@ -97,6 +97,12 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
     assert_eq!(certificate_for(dir.path(), tls, "c.test").await, None);
     let (code, out) = curl(dir.path(), tls, "c.test", &["-k"]).await;
     assert_eq!(code, 35, "curl: {out}");
+    // Both failed handshakes counted as TLS errors (an alert was sent).
+    let text = metrics_text(gw.admin).await;
+    assert!(
+        text.contains("snapgate_tls_handshake_failures_total{reason=\"tls\"} 2\n"),
+        "{text}"
+    );
     gw.shutdown().await;
 
     let gw = gateway(dir.path(), "", "  default_host: a.test\n").await;
@@ -114,6 +120,15 @@ async fn an_unknown_sni_fails_the_handshake_unless_a_default_is_configured() {
         (code, out.as_str()),
         (0, format!("c.test:{} https", tls.port()).as_str())
     );
+    // curl negotiates TLS 1.3.
+    let text = metrics_text(gw.admin).await;
+    let done: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("snapgate_tls_handshakes_total{version=\"TLSv1.3\"} "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(done >= 1.0, "{text}");
     gw.shutdown().await;
 }
 

@@ -489,6 +489,10 @@ fn default_shutdown_grace() -> Duration {
 fn default_body_read_timeout() -> Duration {
     Duration::from_secs(10)
 }
+fn yes() -> bool {
+    true
+}
+
 fn default_send_timeout() -> Duration {
     Duration::from_secs(30)
 }
@@ -628,6 +632,13 @@ pub struct Config {
     /// reading) ends the connection. Default 30 s.
     #[serde(default = "default_send_timeout", with = "humantime_serde")]
     pub send_timeout: Duration,
+    /// One access log line per request, at its end (INFO, target
+    /// `snapgate::access`, in the log format of `--log-format`): time,
+    /// client, host, method, path, status, bytes, duration, app,
+    /// instance, whether it was held and for how long, request id.
+    /// Default true.
+    #[serde(default = "yes")]
+    pub access_log: bool,
     /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`,
     /// `X-Real-IP`) are believed and extended, as CIDRs; every other
     /// peer's are replaced by what snapgate saw. Default none.

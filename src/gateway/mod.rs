@@ -62,7 +62,7 @@ use state::lock as lock_state_dir;
 
 use crate::config::{AcmeChallenge, Config, StartFrom, Upstream};
 use crate::net::Network;
-use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, Tasks};
+use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, StartPath, Tasks};
 use crate::proxy::tls::{CertStore, Certs};
 use crate::proxy::{AppLimits, Apps, ProxyMetrics, Router, Table, Target};
 use crate::runtime::{self, CodeSource, Runtime, RuntimeFactory, StartSpec};
@@ -153,7 +153,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     register_process_metrics(&registry)?;
     let pool_metrics = PoolMetrics::new(&registry)?;
     let proxy_metrics = ProxyMetrics::new(&registry)?;
-    let runtime_metrics = runtime::RuntimeMetrics::new(&registry)?;
+    let runtime_metrics =
+        runtime::RuntimeMetrics::new(&registry)?.with_recent(pool_metrics.recent().clone());
     let driver = driver(config)?;
     let tasks = Tasks::default();
     // A start-up dropped part-way (a signal while a snapshot builds) ends
@@ -238,6 +239,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             proxy.clone(),
             &crate::proxy::StackConfig {
                 body_read_timeout: config.body_read_timeout,
+                access_log: config.access_log,
                 in_flight: in_flight.clone(),
                 max_header_bytes,
                 max_headers: config.limits.max_headers,
@@ -322,6 +324,8 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let _ = serving.set(admin::Serving {
         apps: proxy.clone(),
         runtimes: runtimes.clone(),
+        recent: pool_metrics.recent().clone(),
+        started: std::time::SystemTime::now(),
     });
     unfinished.disarm();
     info!(%listen, %admin, workers = workers.handles().len(), "serving");
@@ -532,6 +536,7 @@ impl Factories<'_> {
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {
                 return Ok(Target::Static {
+                    app: Arc::new(proxy_metrics.for_app(name)),
                     upstream: crate::proxy::Upstream::new(addr, None, upstream_config),
                     limits,
                 })
@@ -558,6 +563,7 @@ impl Factories<'_> {
             }
         };
         Ok(Target::Pool {
+            app: Arc::new(proxy_metrics.for_app(name)),
             upstreams: crate::proxy::InstanceUpstreams::new(upstream_config),
             pool,
             limits,
@@ -579,7 +585,7 @@ impl Factories<'_> {
                     .as_ref()
                     .map(|h| h.hook(spec.guest_port, &spec.ready_path));
                 let factory = SnapshotFactory::new(driver, net, snapshot, hook);
-                return Ok(AppFactory::new(factory));
+                return Ok(AppFactory::new(factory, StartPath::Clone));
             }
             Upstream::Runtime(rt_app, _) => rt_app,
             Upstream::Static(_) => unreachable!("static apps have no factory"),
@@ -621,7 +627,10 @@ impl Factories<'_> {
                     }
                 };
                 let start = StartSpec::new(name, rt_app, rt_cfg);
-                AppFactory::new(RuntimeFactory::new(stock, code, start))
+                AppFactory::new(
+                    RuntimeFactory::new(stock, code, start),
+                    StartPath::RuntimeClone,
+                )
             }
             StartFrom::App => {
                 let job = snapshots::app_in_runtime_job(name, rt_app, rt_cfg, &image);
@@ -632,7 +641,10 @@ impl Factories<'_> {
                 self.pins.push(code_pin);
                 let agent_port = rt_cfg.image.guest_port;
                 let hook = runtime::agent_hook(agent_port, &rt_cfg.image.ready_path);
-                AppFactory::new(SnapshotFactory::new(driver, net, snapshot, Some(hook)))
+                AppFactory::new(
+                    SnapshotFactory::new(driver, net, snapshot, Some(hook)),
+                    StartPath::Clone,
+                )
             }
         })
     }

@@ -123,6 +123,11 @@ impl ReloadMetrics {
         registry.register(Box::new(m.reloads.clone()))?;
         registry.register(Box::new(m.certificate_reloads.clone()))?;
         registry.register(Box::new(m.last_success.clone()))?;
+        // Both results from zero: a dashboard's reload panel has series
+        // before the first reload.
+        for result in ["applied", "rejected"] {
+            m.reloads.with_label_values(&[result]);
+        }
         m.applied_now();
         Ok(m)
     }
@@ -241,6 +246,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
         old.body_read_timeout == new.body_read_timeout,
     );
     check("send_timeout", old.send_timeout == new.send_timeout);
+    check("access_log", old.access_log == new.access_log);
     check(
         "trusted_proxies",
         old.trusted_proxies == new.trusted_proxies,

@@ -44,6 +44,9 @@
 //!    in flight, so a lease and the reaper never both win a member.
 //! 6. Stops run as tasks on the tracker, counted in `State::stopping` from
 //!    the moment the member leaves (so `Stats::is_empty` never sees a gap).
+//!    Every stop is decided under the lock with its [`StopReason`] (idle,
+//!    drained, failed, closed, surplus), logged once in the member's span
+//!    and reported to the [`Observer`] there.
 //!    A set that never reaps (a runtime's stock: `idle_timeout: None`)
 //!    stops a started instance at once when no claim waits for it and
 //!    `min_warm` is met: its claimer gave up while it started.
@@ -87,11 +90,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{error, info, info_span, warn, Instrument, Span};
 
 use super::hold::Waiter;
 pub use super::traits::{
-    Blame, ExitEvent, Factory, Instance, Observer, Sizing, StartError, StartFailure, Stats, Tasks,
+    Blame, ExitEvent, Factory, Instance, Observer, Sizing, StartError, StartFailure, Stats,
+    StopReason, Tasks,
 };
 
 pub(super) struct Member<I: Instance> {
@@ -101,9 +105,18 @@ pub(super) struct Member<I: Instance> {
     pub(super) name: Arc<str>,
     pub(super) in_flight: usize,
     pub(super) idle_since: Instant,
+    /// When `in_flight` last went from 0 to 1.
+    pub(super) busy_since: Instant,
     /// When it joined (ready to serve).
     pub(super) joined: Instant,
+    /// Leases it has had.
+    pub(super) leases: u64,
     pub(super) draining: bool,
+    /// Drained by an operator ([`Engine::drain`]).
+    pub(super) drained: bool,
+    /// Its span (`vm`, with the engine and its name): the parent of every
+    /// lifecycle event logged for it.
+    pub(super) span: Span,
     /// Counted as failed (its VMM died or it broke a request): counted
     /// once, drained or not.
     pub(super) failed: bool,
@@ -200,6 +213,22 @@ impl<F: Factory> State<F> {
 }
 
 impl<I: Instance> Member<I> {
+    /// Why it stops, when it leaves for no reason of the caller's own:
+    /// failed, drained, or its engine closed (`closed`).
+    pub(super) fn leaving(&self, closed: bool) -> StopReason {
+        if self.failed {
+            StopReason::Failed
+        } else if self.drained {
+            StopReason::Drained
+        } else if closed {
+            StopReason::Closed
+        } else {
+            // A member drains only by failing, by an operator or by a
+            // close; a bare draining flag is a failure.
+            StopReason::Failed
+        }
+    }
+
     /// Where it stands (its `snapgate_instances` state).
     pub(super) fn state(&self) -> MemberState {
         match (self.draining, self.in_flight) {
@@ -415,13 +444,15 @@ impl<F: Factory> Engine<F> {
         };
         let m = &mut st.members[pos];
         if !m.draining {
-            info!(engine = %shared.name, vm = %m.name, in_flight = m.in_flight, "draining");
+            info!(parent: &m.span, in_flight = m.in_flight, "drained by an operator");
             m.draining = true;
+            m.drained = true;
             shared.observer.drained();
         }
         if m.in_flight == 0 {
             let member = st.members.remove(pos);
-            shared.stop(&mut st, member);
+            let why = member.leaving(false);
+            shared.stop(&mut st, member, why);
         }
         shared.start_restores(&mut st);
         shared.settle(st);
@@ -514,7 +545,7 @@ impl<F: Factory> Engine<F> {
                 m.draining = true;
             }
             for member in idle {
-                shared.stop(&mut st, member);
+                shared.stop(&mut st, member, StopReason::Closed);
             }
             shared.settle(st);
             waiters
@@ -598,9 +629,25 @@ impl<F: Factory> Shared<F> {
     }
 
     /// Stops `member`, just taken out of `st` (which the caller has
-    /// locked), on a tracked task counted in `stopping` from this moment
-    /// and spawned by [`Shared::settle`] (module doc, step 6).
-    pub(super) fn stop(self: &Arc<Self>, st: &mut State<F>, member: Member<F::Instance>) {
+    /// locked), `why`, on a tracked task counted in `stopping` from this
+    /// moment and spawned by [`Shared::settle`] (module doc, step 6).
+    pub(super) fn stop(
+        self: &Arc<Self>,
+        st: &mut State<F>,
+        member: Member<F::Instance>,
+        why: StopReason,
+    ) {
+        let now = Instant::now();
+        let lived = now - member.joined;
+        info!(
+            parent: &member.span,
+            reason = why.as_str(),
+            lived_ms = lived.as_millis() as u64,
+            idle_ms = (now - member.idle_since).as_millis() as u64,
+            leases = member.leases,
+            "stopped"
+        );
+        self.observer.stopped(why, lived);
         member.left.cancel();
         st.stopping += 1;
         let guard = Stopping {
@@ -648,7 +695,8 @@ impl<F: Factory> Shared<F> {
         // flight end here); one already counted is not counted again.
         if !m.failed {
             let status = status.map_or_else(|| "exit event".into(), |s| s.to_string());
-            warn!(engine = %self.name, vm = %m.name, draining = m.draining, "VMM exited ({status}); replacing it");
+            let lived_ms = m.joined.elapsed().as_millis() as u64;
+            warn!(parent: &m.span, draining = m.draining, lived_ms, "failed: VMM exited ({status}); replacing it");
             self.observer.instance_failed();
             m.failed = true;
         }
@@ -768,21 +816,28 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
     let shared = guard.shared.clone();
     let started = Instant::now();
-    info!(engine = %shared.name, vm = %id, "restoring");
-    let Some(result) = start_one(&shared, id.clone()).await else {
-        info!(engine = %shared.name, vm = %id, "restore cancelled: closing");
+    // The VM's span: its start's logs (the factory's and the VMM
+    // driver's) and every later event of the member are inside it.
+    let span = info_span!("vm", engine = %shared.name, vm = %id);
+    info!(parent: &span, "restoring");
+    let Some(result) = start_one(&shared, id.clone())
+        .instrument(span.clone())
+        .await
+    else {
+        info!(parent: &span, "restore cancelled: closing");
         return;
     };
+    let took = started.elapsed();
+    let took_ms = took.as_millis() as u64;
     match result {
         Ok(instance) => {
-            let took = started.elapsed();
             shared.observer.restored(took);
-            info!(engine = %shared.name, vm = %id, "ready after {:.0} ms", took.as_secs_f64() * 1e3);
-            join(&shared, guard, instance);
+            info!(parent: &span, took_ms, "ready");
+            join(&shared, guard, instance, span);
         }
         Err(e) => {
-            shared.observer.restore_failed(e.reason());
-            error!(engine = %shared.name, vm = %id, "restore failed: {}", crate::display_chain(&e));
+            shared.observer.restore_failed(&e, took);
+            error!(parent: &span, reason = e.reason(), took_ms, "restore failed: {}", crate::display_chain(&e));
             let (waiters, wait) = {
                 let mut st = shared.lock();
                 // The slot goes back before the queue hears of the failure.
@@ -802,7 +857,12 @@ async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
 
 /// Adds a started instance as a member, with its exit waiter, and serves
 /// the queue (module doc, step 3).
-fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::Instance) {
+fn join<F: Factory>(
+    shared: &Arc<Shared<F>>,
+    guard: Restoring<F>,
+    instance: F::Instance,
+    span: Span,
+) {
     let key = shared.seq.fetch_add(1, Ordering::Relaxed);
     let left = shared.cancel.child_token();
     let exited = instance.exited();
@@ -818,8 +878,12 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
             key,
             in_flight: 0,
             idle_since: Instant::now(),
+            busy_since: Instant::now(),
             joined: Instant::now(),
+            leases: 0,
             draining: false,
+            drained: false,
+            span,
             failed: false,
             gone: CancellationToken::new(),
             left: left.clone(),
@@ -830,7 +894,11 @@ fn join<F: Factory>(shared: &Arc<Shared<F>>, guard: Restoring<F>, instance: F::I
         let surplus =
             st.sizing.idle_timeout.is_none() && st.waiters.is_empty() && live >= st.sizing.min_warm;
         if st.closed || surplus {
-            shared.stop(&mut st, member);
+            let why = match st.closed {
+                true => StopReason::Closed,
+                false => StopReason::Surplus,
+            };
+            shared.stop(&mut st, member, why);
             shared.settle(st);
             (Vec::new(), false)
         } else {
@@ -865,15 +933,16 @@ async fn maintain<F: Factory>(shared: Arc<Shared<F>>) {
             while i < st.members.len() {
                 let m = &st.members[i];
                 if m.draining && m.in_flight == 0 {
-                    to_stop.push(st.members.remove(i));
+                    let why = m.leaving(st.closed);
+                    to_stop.push((st.members.remove(i), why));
                 } else {
                     i += 1;
                 }
             }
-            let next = reap(&shared, &mut st, now, &mut to_stop);
+            let next = reap(&mut st, now, &mut to_stop);
             st.maintenance_due = next;
-            for member in to_stop {
-                shared.stop(&mut st, member);
+            for (member, why) in to_stop {
+                shared.stop(&mut st, member, why);
             }
             shared.start_restores(&mut st);
             shared.settle(st);
@@ -896,10 +965,9 @@ async fn maintain<F: Factory>(shared: Arc<Shared<F>>) {
 /// Reaps members idle for `idle_timeout`, oldest first, down to
 /// `min_warm`; returns when maintenance is next due.
 fn reap<F: Factory>(
-    shared: &Shared<F>,
     st: &mut State<F>,
     now: Instant,
-    to_stop: &mut Vec<Member<F::Instance>>,
+    to_stop: &mut Vec<(Member<F::Instance>, StopReason)>,
 ) -> Option<Instant> {
     let mut next = st.retry_at.filter(|t| *t > now);
     let Some(idle_timeout) = st.sizing.idle_timeout else {
@@ -924,9 +992,7 @@ fn reap<F: Factory>(
             break;
         }
         let member = st.members.remove(pos);
-        info!(engine = %shared.name, vm = %member.name, "reaped after {:.1}s idle", (now - member.idle_since).as_secs_f64());
-        shared.observer.reaped();
-        to_stop.push(member);
+        to_stop.push((member, StopReason::Idle));
         live -= 1;
     }
     next

@@ -27,9 +27,9 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::warn;
+use tracing::{debug, info, warn};
 
-use super::engine::{Blame, Engine, Factory, Instance, Shared, State};
+use super::engine::{Blame, Engine, Factory, Instance, Shared, State, StopReason};
 
 /// Why a claim got no instance. Each maps to a 503 with `Retry-After`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -155,6 +155,10 @@ pub struct Lease<F: Factory> {
     gone: CancellationToken,
     broken: bool,
     detached: bool,
+    /// How long its claim was held; `None`: an instance was free.
+    held: Option<Duration>,
+    /// The member's first lease since it joined.
+    first: bool,
 }
 
 impl<F: Factory> std::fmt::Debug for Lease<F> {
@@ -170,6 +174,24 @@ impl<F: Factory> Lease<F> {
     /// The instance's name.
     pub fn instance(&self) -> &str {
         &self.name
+    }
+
+    /// The instance's name, shared.
+    pub fn name(&self) -> &Arc<str> {
+        &self.name
+    }
+
+    /// How long its claim was held in the queue; `None` if an instance
+    /// was free at once.
+    pub fn held(&self) -> Option<Duration> {
+        self.held
+    }
+
+    /// Whether it is its instance's first lease: a held claim with a
+    /// first lease got an instance started for the queue, not one freed
+    /// by another request.
+    pub fn first(&self) -> bool {
+        self.first
     }
 
     /// Where the instance serves.
@@ -206,7 +228,7 @@ impl<F: Factory> Lease<F> {
         let instance = if member.instance.is_exiting() {
             let status = member.instance.has_exited();
             shared.mark_dead(&mut member, status);
-            shared.stop(&mut st, member);
+            shared.stop(&mut st, member, StopReason::Failed);
             None
         } else {
             Some(member.instance)
@@ -308,7 +330,10 @@ impl<F: Factory> Engine<F> {
             Err(_) => rx.await.unwrap_or_else(|_| Err(shared.shutting_down())),
         };
         drop(queued);
-        result.map(|lease| (lease, true))
+        result.map(|mut lease| {
+            lease.held = Some(started.elapsed());
+            (lease, true)
+        })
     }
 }
 
@@ -357,7 +382,21 @@ impl<F: Factory> Shared<F> {
                 self.wake.notify_one();
                 continue;
             }
+            let first = m.leases == 0;
+            if m.in_flight == 0 {
+                let now = Instant::now();
+                m.busy_since = now;
+                // Once per idle spell, not per lease: a member already
+                // busy logs nothing more.
+                let idle_ms = (now - m.idle_since).as_millis() as u64;
+                if first {
+                    info!(parent: &m.span, idle_ms, "leased");
+                } else {
+                    debug!(parent: &m.span, idle_ms, "leased");
+                }
+            }
             m.in_flight += 1;
+            m.leases += 1;
             return Some(Lease {
                 shared: self.clone(),
                 key: m.key,
@@ -366,6 +405,8 @@ impl<F: Factory> Shared<F> {
                 gone: m.gone.clone(),
                 broken: false,
                 detached: false,
+                held: None,
+                first,
             });
         }
     }
@@ -397,11 +438,13 @@ impl<F: Factory> Shared<F> {
             let mut st = self.lock();
             let mut doomed = None;
             let mut idle_since = None;
+            let closed = st.closed;
             if let Some(pos) = st.members.iter().position(|m| m.key == key) {
                 let m = &mut st.members[pos];
                 m.in_flight -= 1;
                 if broken && !m.failed {
-                    warn!(engine = %self.name, vm = %m.name, "instance failed a request; replacing it");
+                    let lived_ms = m.joined.elapsed().as_millis() as u64;
+                    warn!(parent: &m.span, lived_ms, "failed: the instance broke a request; replacing it");
                     m.draining = true;
                     m.failed = true;
                     self.observer.instance_failed();
@@ -409,8 +452,11 @@ impl<F: Factory> Shared<F> {
                 if m.in_flight == 0 {
                     let now = Instant::now();
                     m.idle_since = now;
-                    if m.draining || st.closed {
-                        doomed = Some(st.members.remove(pos));
+                    let busy_ms = (now - m.busy_since).as_millis() as u64;
+                    debug!(parent: &m.span, busy_ms, "idle");
+                    if m.draining || closed {
+                        let why = m.leaving(closed);
+                        doomed = Some((st.members.remove(pos), why));
                     } else {
                         idle_since = Some(now);
                     }
@@ -420,8 +466,8 @@ impl<F: Factory> Shared<F> {
                 || doomed.is_some()
                 || idle_since.is_some_and(|t| reapable_before_maintenance(&st, t));
             let undelivered = self.dispatch(&mut st);
-            if let Some(member) = doomed {
-                self.stop(&mut st, member);
+            if let Some((member, why)) = doomed {
+                self.stop(&mut st, member, why);
                 self.start_restores(&mut st);
             }
             self.settle(st);

@@ -26,11 +26,12 @@ use tokio::time::Instant;
 
 pub use engine::{
     Blame, Drained, Engine, Factory, Instance, MemberInfo, MemberState, Prewarm, Prewarmed, Sizing,
-    StartError, Stats, Tasks,
+    StartError, Stats, StopReason, Tasks,
 };
 pub use hold::ClaimError;
-pub use metrics::PoolMetrics;
-pub use vm::{AppFactory, InstanceError, SnapshotFactory, StartsVms};
+use metrics::AppMetrics;
+pub use metrics::{ColdStart, PoolMetrics, Recent, RestoreFailure};
+pub use vm::{AppFactory, InstanceError, SnapshotFactory, StartPath, StartsVms};
 
 use crate::config::PoolConfig;
 
@@ -42,41 +43,39 @@ pub type Lease = hold::Lease<AppFactory>;
 #[derive(Clone)]
 pub struct Pool {
     engine: Engine<AppFactory>,
-    metrics: PoolMetrics,
+    metrics: Arc<AppMetrics>,
 }
 
 /// The engine's events as the app's metrics.
-struct AppObserver {
-    app: String,
-    metrics: PoolMetrics,
-}
+struct AppObserver(Arc<AppMetrics>);
 
 impl engine::Observer for AppObserver {
     fn publish(&self, s: &Stats) {
         for (state, n) in [
-            ("restoring", s.restoring),
-            ("warm", s.warm()),
-            ("leased", s.leased),
-            ("draining", s.draining),
+            (MemberState::Restoring, s.restoring),
+            (MemberState::Warm, s.warm()),
+            (MemberState::Leased, s.leased),
+            (MemberState::Draining, s.draining),
         ] {
-            self.metrics.set_instances(&self.app, state, n as i64);
+            self.0.set_instances(state, n as i64);
         }
-        self.metrics.set_queue(&self.app, s.queued as i64);
+        self.0.set_queue(s.queued as i64);
     }
     fn restored(&self, took: Duration) {
-        self.metrics.restored(&self.app, took);
+        self.0.restored(took);
     }
-    fn restore_failed(&self, reason: &'static str) {
-        self.metrics.restore_failed(&self.app, reason);
+    fn restore_failed(&self, failure: &engine::StartFailure, took: Duration) {
+        self.0
+            .restore_failed(failure.reason(), crate::display_chain(failure), took);
     }
-    fn reaped(&self) {
-        self.metrics.reaped(&self.app);
+    fn stopped(&self, why: StopReason, _lived: Duration) {
+        self.0.stopped(why);
     }
     fn instance_failed(&self) {
-        self.metrics.instance_failed(&self.app);
+        self.0.instance_failed();
     }
     fn drained(&self) {
-        self.metrics.drained(&self.app);
+        self.0.drained();
     }
 }
 
@@ -104,11 +103,8 @@ impl Pool {
         tasks: &Tasks,
     ) -> Pool {
         let app = app.into();
-        metrics.init(&app);
-        let observer = Arc::new(AppObserver {
-            app: app.clone(),
-            metrics: metrics.clone(),
-        });
+        let metrics = Arc::new(metrics.for_app(&app, factory.path()));
+        let observer = Arc::new(AppObserver(metrics.clone()));
         let engine = Engine::new(app, sizing(cfg), factory, observer, tasks);
         Pool { engine, metrics }
     }
@@ -154,11 +150,11 @@ impl Pool {
     }
 
     /// Leases an instance, holding the request while none is free
-    /// ([`hold`]); records the claim's outcome and how long it was held.
-    /// A claim dropped before it ends (its client went away while held)
-    /// counts as `abandoned`.
+    /// ([`hold`]); records the claim's outcome, how long it waited and,
+    /// for a held claim, the path that gave it its instance. A claim
+    /// dropped before it ends (its client went away while held) counts as
+    /// `abandoned`.
     pub async fn claim(&self) -> Result<Lease, ClaimError> {
-        let app = self.app();
         let started = Instant::now();
         let mut abandoned = Abandoned {
             pool: self,
@@ -166,16 +162,16 @@ impl Pool {
         };
         let result = self.engine.claim().await;
         abandoned.armed = false;
-        let outcome = match &result {
-            Ok((_, false)) => "warm",
-            Ok((_, true)) => {
-                self.metrics.hold_duration(app, started.elapsed());
-                "held"
+        match result {
+            Ok((lease, held)) => {
+                self.metrics.leased(started.elapsed(), held, lease.first());
+                Ok(lease)
             }
-            Err(e) => e.outcome(),
-        };
-        self.metrics.claim(app, outcome);
-        result.map(|(lease, _)| lease)
+            Err(e) => {
+                self.metrics.claim(e.outcome());
+                Err(e)
+            }
+        }
     }
 
     /// Its instances and restores in flight, each with its VMM's pid,
@@ -241,7 +237,7 @@ struct Abandoned<'a> {
 impl Drop for Abandoned<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.pool.metrics.claim(self.pool.app(), "abandoned");
+            self.pool.metrics.claim("abandoned");
         }
     }
 }

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::engine::{backoff, Blame, Engine, ExitEvent, Factory, Instance, Observer, Sizing};
-use super::engine::{StartError, Stats, Tasks};
+use super::engine::{StartError, StartFailure, Stats, StopReason, Tasks};
 use super::hold::ClaimError;
 use crate::vmm::VmId;
 
@@ -147,6 +147,8 @@ struct Events {
     /// The reason of each failed start, in order.
     reasons: Mutex<Vec<&'static str>>,
     reaped: AtomicUsize,
+    /// The reason of each stop, in order.
+    stopped: Mutex<Vec<StopReason>>,
     died: AtomicUsize,
 }
 
@@ -155,12 +157,15 @@ impl Observer for Events {
     fn restored(&self, _: Duration) {
         self.restored.fetch_add(1, Ordering::SeqCst);
     }
-    fn restore_failed(&self, reason: &'static str) {
+    fn restore_failed(&self, failure: &StartFailure, _: Duration) {
         self.failed.fetch_add(1, Ordering::SeqCst);
-        self.reasons.lock().unwrap().push(reason);
+        self.reasons.lock().unwrap().push(failure.reason());
     }
-    fn reaped(&self) {
-        self.reaped.fetch_add(1, Ordering::SeqCst);
+    fn stopped(&self, why: StopReason, _: Duration) {
+        if why == StopReason::Idle {
+            self.reaped.fetch_add(1, Ordering::SeqCst);
+        }
+        self.stopped.lock().unwrap().push(why);
     }
     fn instance_failed(&self) {
         self.died.fetch_add(1, Ordering::SeqCst);
@@ -413,6 +418,7 @@ async fn an_instance_in_steady_use_is_reaped_idle_timeout_after_its_last_use() {
     until(&engine, "scaled to zero", Stats::is_empty).await;
     assert_eq!(last.elapsed(), Duration::from_secs(5));
     assert_eq!(events.reaped.load(Ordering::SeqCst), 1);
+    assert_eq!(*events.stopped.lock().unwrap(), [StopReason::Idle]);
     assert_eq!(events.restored.load(Ordering::SeqCst), 1);
 }
 
@@ -451,6 +457,7 @@ async fn an_exit_event_replaces_the_instance_and_ends_its_leases() {
     let (next, _) = engine.claim().await.unwrap();
     assert_ne!(next.instance(), dead);
     assert_eq!(events.died.load(Ordering::SeqCst), 1);
+    assert_eq!(*events.stopped.lock().unwrap(), [StopReason::Failed]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -463,6 +470,7 @@ async fn an_instance_found_dead_at_lease_time_is_never_leased() {
     s.kill(&first, true);
     let (lease, held) = engine.claim().await.unwrap();
     assert!(held, "served by a new instance");
+    assert!(lease.held().is_some() && lease.first());
     assert_ne!(lease.instance(), first);
     assert_eq!(s.starts(), 2);
 }
@@ -470,11 +478,14 @@ async fn an_instance_found_dead_at_lease_time_is_never_leased() {
 #[tokio::test(start_paused = true)]
 async fn a_broken_lease_drains_its_instance() {
     let s = Script::new(Duration::from_millis(10), &[]);
-    let (engine, _) = engine(sizing(1, 2, 2), &s);
+    let (engine, events) = engine(sizing(1, 2, 2), &s);
     until(&engine, "warm", |s| s.instances == 1).await;
     let (mut lease, _) = engine.claim().await.unwrap();
     let (other, _) = engine.claim().await.unwrap();
     assert_eq!(lease.instance(), other.instance());
+    // Warm hits: neither held; the first lease of the member is marked.
+    assert_eq!((lease.held(), lease.first()), (None, true));
+    assert_eq!((other.held(), other.first()), (None, false));
     lease.mark_broken();
     drop(lease);
     let (fresh, _) = engine.claim().await.unwrap();
@@ -489,12 +500,13 @@ async fn a_broken_lease_drains_its_instance() {
     })
     .await;
     assert_eq!(s.stops(), 1);
+    assert_eq!(*events.stopped.lock().unwrap(), [StopReason::Failed]);
 }
 
 #[tokio::test(start_paused = true)]
 async fn close_fails_the_queue_cancels_restores_and_stops_everything() {
     let s = Script::new(Duration::from_millis(10), &[]);
-    let (engine, _) = engine(sizing(1, 2, 1), &s);
+    let (engine, events) = engine(sizing(1, 2, 1), &s);
     let (lease, _) = engine.claim().await.unwrap();
     let queued = tokio::spawn({
         let engine = engine.clone();
@@ -521,6 +533,7 @@ async fn close_fails_the_queue_cancels_restores_and_stops_everything() {
     closing.await.unwrap();
     assert!(engine.stats().is_empty());
     assert_eq!(s.stops(), 1);
+    assert_eq!(*events.stopped.lock().unwrap(), [StopReason::Closed]);
 }
 
 #[tokio::test(start_paused = true)]
@@ -719,6 +732,10 @@ async fn a_drained_instance_finishes_its_leases_then_stops_and_is_replaced() {
     .await;
     assert_eq!(s.stops(), 2);
     assert_ne!(engine.each(|f| f.name.clone()).remove(0), idle);
+    assert_eq!(
+        *events.stopped.lock().unwrap(),
+        [StopReason::Drained, StopReason::Drained]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -821,6 +838,8 @@ async fn a_drained_instance_that_dies_counts_as_failed_once_and_ends_its_leases(
     })
     .await;
     assert_eq!(events.died.load(Ordering::SeqCst), 1);
+    // Drained, then dead: it stopped as a failure.
+    assert_eq!(*events.stopped.lock().unwrap(), [StopReason::Failed]);
 }
 
 #[tokio::test(start_paused = true)]

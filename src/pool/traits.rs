@@ -118,14 +118,55 @@ pub trait Observer: Send + Sync + 'static {
     fn publish(&self, stats: &Stats);
     /// An instance started in `took`.
     fn restored(&self, took: Duration);
-    /// A start failed, for `reason` ([`StartFailure::reason`]).
-    fn restore_failed(&self, reason: &'static str);
-    /// An idle instance was reaped.
-    fn reaped(&self);
+    /// A start failed, after `took`.
+    fn restore_failed(&self, failure: &StartFailure, took: Duration);
+    /// A member left and is being stopped, `why`, after serving
+    /// `lived` since it joined.
+    fn stopped(&self, why: StopReason, lived: Duration);
     /// An instance's process died or it broke a request.
     fn instance_failed(&self);
     /// An operator drained an instance ([`super::Engine::drain`]).
     fn drained(&self) {}
+}
+
+/// Why a member left its engine and was stopped: the `reason` label of
+/// `snapgate_reaped_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StopReason {
+    /// Idle for `idle_timeout` with more members than `min_warm`.
+    Idle,
+    /// An operator drained it ([`super::Engine::drain`]).
+    Drained,
+    /// Its process died, or it broke a request.
+    Failed,
+    /// Its engine closed: its app left the config, or the gateway shut
+    /// down.
+    Closed,
+    /// Started after its claimer gave up, beyond `min_warm`, in a set that
+    /// never reaps (a runtime's stock).
+    Surplus,
+}
+
+impl StopReason {
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::Idle => "idle",
+            StopReason::Drained => "drained",
+            StopReason::Failed => "failed",
+            StopReason::Closed => "closed",
+            StopReason::Surplus => "surplus",
+        }
+    }
+
+    /// Every reason, for series created at zero.
+    pub const ALL: [StopReason; 5] = [
+        StopReason::Idle,
+        StopReason::Drained,
+        StopReason::Failed,
+        StopReason::Closed,
+        StopReason::Surplus,
+    ];
 }
 
 /// How many instances an engine keeps and how it hands them out.

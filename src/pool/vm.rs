@@ -76,15 +76,45 @@ pub trait StartsVms: Send + Sync + 'static {
     async fn stop_vm(&self, vm: Vm) -> Result<(), InstanceError>;
 }
 
+/// How an app's instances start: the `path` label of
+/// `snapgate_cold_start_duration_seconds` for a request held while one
+/// started. No path boots a VM: every app's instances are restored from
+/// a snapshot that was built (booted once) before the app was served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StartPath {
+    /// Restored from the app's own snapshot (a VM app, or a runtime app
+    /// with `snapshot: app`).
+    Clone,
+    /// A clone of the runtime's snapshot taken from its stock (restored
+    /// on the spot if the stock is empty), the app's code attached and
+    /// started in it (a runtime app with `snapshot: runtime`).
+    RuntimeClone,
+}
+
+impl StartPath {
+    /// Its label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StartPath::Clone => "clone",
+            StartPath::RuntimeClone => "runtime_clone",
+        }
+    }
+}
+
 /// The factory of an app's pool: any [`Factory`] of VMs, its errors
-/// made [`InstanceError`]s.
+/// made [`InstanceError`]s, and how it starts them.
 #[derive(Clone)]
-pub struct AppFactory(Arc<dyn StartsVms>);
+pub struct AppFactory(Arc<dyn StartsVms>, StartPath);
 
 impl AppFactory {
-    /// `f`, as an app's factory.
-    pub fn new(f: impl Factory<Instance = Vm>) -> AppFactory {
-        AppFactory(Arc::new(f))
+    /// `f`, as an app's factory whose instances start by `path`.
+    pub fn new(f: impl Factory<Instance = Vm>, path: StartPath) -> AppFactory {
+        AppFactory(Arc::new(f), path)
+    }
+
+    /// How its instances start.
+    pub fn path(&self) -> StartPath {
+        self.1
     }
 }
 

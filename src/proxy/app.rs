@@ -51,13 +51,13 @@ use super::error::{ErrorKind, ProxyError};
 use super::forwarded::{strip_hop_by_hop, Hop};
 use super::router::Router;
 use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
-use super::{ProxyBody, ProxyMetrics};
+use super::{ProxyBody, ProxyMetrics, RoutedApp};
 use crate::pool::{Lease, Pool, Tasks};
 
 /// A request routed (steps 1 to 3, and the client's side of step 7),
 /// ready to go on.
 struct Routed {
-    app: Arc<str>,
+    app: Arc<RoutedApp>,
     target: Arc<Target>,
     req: Request<RequestBody>,
     upgrade: Option<Switch>,
@@ -93,6 +93,8 @@ pub struct AppLimits {
 pub enum Target {
     /// Instances from the app's pool.
     Pool {
+        /// The app, and its request metrics.
+        app: Arc<RoutedApp>,
         /// The pool.
         pool: Pool,
         /// The upstreams of the pool's instances.
@@ -105,6 +107,8 @@ pub enum Target {
     },
     /// A fixed upstream address.
     Static {
+        /// The app, and its request metrics.
+        app: Arc<RoutedApp>,
         /// The upstream.
         upstream: Arc<Upstream>,
         /// Timeouts and size limits.
@@ -118,12 +122,37 @@ impl Target {
             Target::Pool { limits, .. } | Target::Static { limits, .. } => limits,
         }
     }
+
+    /// The app.
+    pub fn app(&self) -> &Arc<RoutedApp> {
+        match self {
+            Target::Pool { app, .. } | Target::Static { app, .. } => app,
+        }
+    }
 }
 
-/// The app whose answer a response is: a response extension the metrics
-/// read.
+/// Whose answer a response is: a response extension the metrics and the
+/// access log read.
 #[derive(Clone, Debug)]
-pub struct RoutedTo(pub Arc<str>);
+pub struct RoutedTo {
+    /// The app.
+    pub app: Arc<RoutedApp>,
+    /// The instance that answered (a pool's app, once one was leased).
+    pub instance: Option<Arc<str>>,
+    /// How long the request was held for an instance; `None`: not held.
+    pub held: Option<Duration>,
+}
+
+impl RoutedTo {
+    /// For an answer of `app` not from an instance.
+    pub fn app(app: Arc<RoutedApp>) -> RoutedTo {
+        RoutedTo {
+            app,
+            instance: None,
+            held: None,
+        }
+    }
+}
 
 /// One routing table: the router and every app's target. A request
 /// routes on the table current when it arrives and keeps it (its target
@@ -236,13 +265,14 @@ impl Apps {
         };
         // Step 1, on the table current now.
         let table = self.table.load_full();
-        let Some((app, target)) = table
+        let Some(target) = table
             .router
             .route(&authority.name)
-            .and_then(|app| table.targets.get_key_value(app))
+            .and_then(|app| table.targets.get(app))
         else {
             return Err(ProxyError::new(ErrorKind::UnknownHost(authority.name)));
         };
+        let app = target.app();
         // Step 3.
         let limits = target.limits();
         let declared = req
@@ -302,7 +332,7 @@ impl Apps {
         async move {
             let app = &routed.app;
             let asked = routed.upgrade.is_some();
-            let mut resp = match &*routed.target {
+            let resp = match &*routed.target {
                 Target::Pool {
                     pool,
                     upstreams,
@@ -311,24 +341,38 @@ impl Apps {
                 } => {
                     // Boxed: a static app's request does not carry this
                     // path's state in its future.
-                    let (resp, checkin, lease) =
+                    let sent =
                         Box::pin(self.via_pool(app, pool, upstreams, limits, routed.req, asked))
-                            .await?;
-                    self.answer(app, resp, checkin, Some(lease), limits, routed.upgrade)
+                            .await;
+                    let (resp, checkin, lease) = sent.inspect_err(|e| count(app, e))?;
+                    let (instance, held) = (lease.name().clone(), lease.held());
+                    let mut resp =
+                        self.answer(app, resp, checkin, Some(lease), limits, routed.upgrade);
+                    resp.extensions_mut().insert(RoutedTo {
+                        app: app.clone(),
+                        instance: Some(instance),
+                        held,
+                    });
+                    resp
                 }
-                Target::Static { upstream, limits } => {
+                Target::Static {
+                    upstream, limits, ..
+                } => {
                     let timeout = limits.response_timeout;
                     let mut sent = exchange(upstream, routed.req, None, timeout, asked).await;
                     if let Err(Retry::NotSent { req, cause }) = sent {
                         debug!(%app, "connect failed ({cause}); trying a fresh connection");
-                        self.metrics.retried(app, "connect");
+                        self.metrics.retried(app.name(), "connect");
                         sent = exchange(upstream, *req, None, timeout, asked).await;
                     }
-                    let (resp, checkin) = sent.map_err(|e| e.into_error(app))?;
-                    self.answer(app, resp, checkin, None, limits, routed.upgrade)
+                    let (resp, checkin) = sent
+                        .map_err(|e| e.into_error(app))
+                        .inspect_err(|e| count(app, e))?;
+                    let mut resp = self.answer(app, resp, checkin, None, limits, routed.upgrade);
+                    resp.extensions_mut().insert(RoutedTo::app(app.clone()));
+                    resp
                 }
             };
-            resp.extensions_mut().insert(RoutedTo(routed.app.clone()));
             drop(routed.table);
             Ok(resp)
         }
@@ -337,7 +381,7 @@ impl Apps {
     /// Step 6, or step 7 for a `101` to an upgrade.
     fn answer(
         &self,
-        app: &Arc<str>,
+        app: &Arc<RoutedApp>,
         resp: Response<hyper::body::Incoming>,
         checkin: Checkin,
         lease: Option<Lease>,
@@ -355,17 +399,18 @@ impl Apps {
             if extended_connect && resp.status().is_success() {
                 // A 2xx would tell an HTTP/2 client its tunnel is open
                 // (RFC 8441 section 5); the app did not switch.
-                return ErrorKind::Upstream("the app did not accept the WebSocket".into())
-                    .of(app)
-                    .response();
+                let e = ErrorKind::BadAnswer("the app did not accept the WebSocket".into()).of(app);
+                count(app, &e);
+                return e.response();
             }
-            return relay(resp, checkin, lease, limits.upstream_read_timeout);
+            return relay(resp, checkin, lease, limits.upstream_read_timeout, app);
         };
         let switched_to = resp.headers().get(header::UPGRADE);
         if switched_to.is_some_and(|p| !p.as_bytes().eq_ignore_ascii_case(protocol.as_bytes())) {
-            return ErrorKind::Upstream("the app switched to another protocol than asked".into())
-                .of(app)
-                .response();
+            let e = ErrorKind::BadAnswer("the app switched to another protocol than asked".into())
+                .of(app);
+            count(app, &e);
+            return e.response();
         }
         let (mut parts, body) = resp.into_parts();
         let upstream = parts
@@ -393,7 +438,7 @@ impl Apps {
         }
         let counted = self
             .metrics
-            .upgraded(app, switched.to_str().unwrap_or("other"));
+            .upgraded(app.name(), switched.to_str().unwrap_or("other"));
         debug!(%app, protocol = ?switched, "switching protocols");
         let held = (lease, checkin, body, counted, connection);
         let tunnel = super::tunnel::run(
@@ -417,7 +462,7 @@ impl Apps {
     /// another instance.
     async fn via_pool(
         &self,
-        app: &Arc<str>,
+        app: &Arc<RoutedApp>,
         pool: &Pool,
         upstreams: &InstanceUpstreams,
         limits: &AppLimits,
@@ -443,9 +488,9 @@ impl Apps {
                         lease.mark_broken();
                     }
                     if attempt == 1 {
-                        return Err(ErrorKind::Upstream(cause.to_string()).of(app));
+                        return Err(ErrorKind::Connect(cause.to_string()).of(app));
                     }
-                    self.metrics.retried(app, "connect");
+                    self.metrics.retried(app.name(), "connect");
                     req = *unsent;
                 }
                 Err(Retry::Failed(kind)) => {
@@ -473,6 +518,29 @@ fn unreachable(e: &std::io::Error) -> bool {
         )
 }
 
+/// Counts `e` in `snapgate_upstream_errors_total` if the app or its
+/// instance failed the request.
+fn count(app: &RoutedApp, e: &ProxyError) {
+    if let Some(kind) = e.kind.upstream_kind() {
+        app.upstream_error(kind);
+    }
+}
+
+/// What a failed exchange was: an answer hyper could not parse is the
+/// app's bad answer; anything else broke the exchange off.
+fn upstream_failure(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let mut source = Some(e);
+    while let Some(cause) = source {
+        if let Some(h) = cause.downcast_ref::<hyper::Error>() {
+            if h.is_parse() || h.is_parse_status() || h.is_parse_too_large() {
+                return ErrorKind::BadAnswer(crate::display_chain(e));
+            }
+        }
+        source = cause.source();
+    }
+    ErrorKind::Upstream(crate::display_chain(e))
+}
+
 /// How one exchange failed.
 enum Retry {
     /// Nothing was written; the request is back.
@@ -485,9 +553,9 @@ enum Retry {
 }
 
 impl Retry {
-    fn into_error(self, app: &Arc<str>) -> ProxyError {
+    fn into_error(self, app: &Arc<RoutedApp>) -> ProxyError {
         match self {
-            Retry::NotSent { cause, .. } => ErrorKind::Upstream(cause.to_string()).of(app),
+            Retry::NotSent { cause, .. } => ErrorKind::Connect(cause.to_string()).of(app),
             Retry::Failed(kind) => kind.of(app),
         }
     }
@@ -534,7 +602,7 @@ fn exchange<'a>(
                 SendError::NotSent { req, cause } => Retry::NotSent { req, cause },
                 SendError::Failed(e) => Retry::Failed(
                     ErrorKind::from_body_error(e.as_ref())
-                        .unwrap_or_else(|| ErrorKind::Upstream(crate::display_chain(e.as_ref()))),
+                        .unwrap_or_else(|| upstream_failure(e.as_ref())),
                 ),
             }),
             _ = vm_gone => Err(Retry::Failed(ErrorKind::VmGone)),
@@ -545,7 +613,7 @@ fn exchange<'a>(
             // rule 3): the connection is dropped with its checkin, the
             // client gets a 502.
             if let Some(coding) = super::framing::response_coding(resp.headers()) {
-                return Err(Retry::Failed(ErrorKind::Upstream(format!(
+                return Err(Retry::Failed(ErrorKind::BadAnswer(format!(
                     "the app's response has a transfer coding snapgate does not decode: {coding}"
                 ))));
             }
@@ -554,7 +622,7 @@ fn exchange<'a>(
             // Nothing asked to switch protocols: the connection is not HTTP any
             // more (dropped with its checkin), and the client gets a 502.
             Ok((resp, _)) if resp.status() == StatusCode::SWITCHING_PROTOCOLS && !asked => {
-                Err(Retry::Failed(ErrorKind::Upstream(
+                Err(Retry::Failed(ErrorKind::BadAnswer(
                     "the app switched protocols unasked".into(),
                 )))
             }
@@ -677,6 +745,7 @@ fn relay(
     checkin: Checkin,
     lease: Option<Lease>,
     read_timeout: Duration,
+    app: &Arc<RoutedApp>,
 ) -> Response<ProxyBody> {
     let (mut parts, body) = resp.into_parts();
     // hyper read a body framed both ways as chunked (RFC 9112 section 6.3):
@@ -686,7 +755,7 @@ fn relay(
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.version = Version::HTTP_11;
-    let body = ResponseBody::new(body, checkin, lease, read_timeout);
+    let body = ResponseBody::new(body, checkin, lease, read_timeout, app.clone());
     Response::from_parts(parts, body.boxed())
 }
 

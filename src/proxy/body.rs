@@ -18,6 +18,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -27,7 +28,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use super::upstream::Checkin;
-use super::BoxError;
+use super::{BoxError, RoutedApp};
 use crate::pool::{Lease, Tasks};
 
 /// Longest a dropped, unread request body is drained (nginx's
@@ -306,15 +307,20 @@ pub struct ResponseBody {
     /// Fires if the instance's VMM dies mid-body.
     gone: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
     idle: Idle,
+    /// Counts a failure mid-body (`snapgate_upstream_errors_total`,
+    /// kind `body`).
+    app: Arc<RoutedApp>,
 }
 
 impl ResponseBody {
-    /// Wraps `inner`; a wait for data over `read_timeout` cuts it off.
+    /// Wraps `inner`, `app`'s; a wait for data over `read_timeout` cuts it
+    /// off.
     pub fn new(
         inner: Incoming,
         checkin: Checkin,
         lease: Option<Lease>,
         read_timeout: Duration,
+        app: Arc<RoutedApp>,
     ) -> ResponseBody {
         let gone = lease
             .as_ref()
@@ -325,6 +331,7 @@ impl ResponseBody {
             lease,
             gone,
             idle: Idle::new(read_timeout),
+            app,
         }
     }
 
@@ -342,6 +349,7 @@ impl ResponseBody {
     /// returned (an instance is broken only by its VMM's exit: see the
     /// module doc of `proxy::app`).
     fn fail(&mut self) {
+        self.app.upstream_error("body");
         self.checkin = None;
         self.lease = None;
         self.gone = None;

@@ -15,7 +15,7 @@ use http::{Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use super::body::RequestBodyError;
-use super::ProxyBody;
+use super::{ProxyBody, RoutedApp};
 use crate::pool::ClaimError;
 
 /// A request snapgate answers itself, and the app it was routed to, if it
@@ -24,7 +24,7 @@ use crate::pool::ClaimError;
 #[error("{kind}")]
 pub struct ProxyError {
     /// The app the request was routed to.
-    pub app: Option<Arc<str>>,
+    pub app: Option<Arc<RoutedApp>>,
     /// What went wrong.
     pub kind: ErrorKind,
 }
@@ -78,9 +78,17 @@ pub enum ErrorKind {
     /// No instance of the app could be had (503 with `Retry-After`).
     #[error(transparent)]
     NoInstance(ClaimError),
-    /// The app could not be reached or broke off the exchange (502).
+    /// The app broke off the exchange before a whole response head (502).
     #[error("the upstream failed the request: {0}")]
     Upstream(String),
+    /// No connection to the app could be made (502).
+    #[error("no connection to the upstream: {0}")]
+    Connect(String),
+    /// The app answered with something snapgate cannot pass on: a
+    /// transfer coding it does not decode, an unasked or wrong protocol
+    /// switch (502).
+    #[error("the upstream's answer cannot be passed on: {0}")]
+    BadAnswer(String),
     /// The instance's VMM died during the exchange (502).
     #[error("the instance's VMM exited")]
     VmGone,
@@ -94,7 +102,7 @@ pub enum ErrorKind {
 
 impl ErrorKind {
     /// For `app`.
-    pub fn of(self, app: &Arc<str>) -> ProxyError {
+    pub fn of(self, app: &Arc<RoutedApp>) -> ProxyError {
         ProxyError {
             app: Some(app.clone()),
             kind: self,
@@ -134,7 +142,10 @@ impl ErrorKind {
             ErrorKind::BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Overloaded | ErrorKind::NoInstance(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ErrorKind::Upstream(_) | ErrorKind::VmGone => StatusCode::BAD_GATEWAY,
+            ErrorKind::Upstream(_)
+            | ErrorKind::Connect(_)
+            | ErrorKind::BadAnswer(_)
+            | ErrorKind::VmGone => StatusCode::BAD_GATEWAY,
             ErrorKind::ResponseTimeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -158,12 +169,28 @@ impl ErrorKind {
             ErrorKind::ClientBody(_) => "the request body could not be read".into(),
             ErrorKind::Overloaded => "too busy; try again shortly".into(),
             ErrorKind::NoInstance(e) => e.public_message(),
-            ErrorKind::Upstream(_) | ErrorKind::VmGone => {
+            ErrorKind::Upstream(_)
+            | ErrorKind::Connect(_)
+            | ErrorKind::BadAnswer(_)
+            | ErrorKind::VmGone => {
                 format!("app {app}: the upstream failed the request")
             }
             ErrorKind::ResponseTimeout(_) => format!("app {app}: no response in time"),
             ErrorKind::Internal => "internal error".into(),
         }
+    }
+
+    /// The `kind` label of `snapgate_upstream_errors_total`, for a
+    /// failure of the app or its instance.
+    pub fn upstream_kind(&self) -> Option<&'static str> {
+        Some(match self {
+            ErrorKind::Connect(_) => "connect",
+            ErrorKind::Upstream(_) => "reset",
+            ErrorKind::BadAnswer(_) => "protocol",
+            ErrorKind::ResponseTimeout(_) => "timeout",
+            ErrorKind::VmGone => "vm_exited",
+            _ => return None,
+        })
     }
 
     /// `Retry-After` in seconds, for the 503s.
@@ -198,7 +225,8 @@ impl ProxyError {
             status,
             format!(
                 "snapgate: {}\n",
-                self.kind.public_message(self.app.as_deref())
+                self.kind
+                    .public_message(self.app.as_ref().map(|a| &**a.name()))
             ),
         );
         if let Some(secs) = self.kind.retry_after() {
@@ -231,7 +259,12 @@ mod tests {
 
     #[test]
     fn each_source_has_its_status_and_503s_say_when_to_retry() {
-        let app: Arc<str> = Arc::from("a");
+        let registry = prometheus::Registry::new();
+        let app = Arc::new(
+            super::super::ProxyMetrics::new(&registry)
+                .unwrap()
+                .for_app("a"),
+        );
         let cases = [
             (ErrorKind::BadRequest("x"), 400, None),
             (ErrorKind::UnknownHost("h".into()), 404, None),
@@ -239,6 +272,8 @@ mod tests {
             (ErrorKind::BodyTimeout(Duration::from_secs(1)), 408, None),
             (ErrorKind::Overloaded, 503, Some("1")),
             (ErrorKind::Upstream("reset".into()), 502, None),
+            (ErrorKind::Connect("refused".into()), 502, None),
+            (ErrorKind::BadAnswer("unasked switch".into()), 502, None),
             (
                 ErrorKind::ResponseTimeout(Duration::from_secs(3)),
                 504,

@@ -251,6 +251,17 @@ impl Forwarding {
             .unwrap_or(peer)
     }
 
+    /// The client of `req` (which carries its [`Peer`]) as this policy
+    /// sees it: the peer, or for a trusted peer the address its
+    /// forwarding fields name ([`Forwarding::client`]).
+    pub fn client_of<B>(&self, req: &Request<B>) -> Option<IpAddr> {
+        let ip = req.extensions().get::<Peer>()?.addr.ip().to_canonical();
+        Some(match self.trusts(ip) {
+            true => self.client(ip, req.headers()),
+            false => ip,
+        })
+    }
+
     /// Applies the policy to `req`, which carries its [`Peer`] and
     /// [`Authority`]; sets its [`ClientAddr`] if the client is not the
     /// peer, and its [`Hop`] unless that is the default (no hop-by-hop

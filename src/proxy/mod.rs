@@ -24,6 +24,7 @@
 //!    kept-alive connections are closed; after `grace`, what is left is
 //!    aborted.
 
+pub mod access;
 mod app;
 mod authority;
 mod body;
@@ -56,7 +57,7 @@ pub use app::{AppLimits, Apps, RoutedTo, Table, Target};
 pub use error::{ErrorKind, ProxyError};
 pub use forwarded::{ClientAddr, Peer};
 pub use limits::ConnectionSlots;
-pub use metrics::ProxyMetrics;
+pub use metrics::{ProxyMetrics, RoutedApp};
 pub use router::Router;
 pub use stack::{Redirect, Stack, StackConfig};
 pub use upstream::{InstanceUpstreams, Upstream, UpstreamConfig};
@@ -193,6 +194,7 @@ pub async fn serve(
         }));
         let (stack, builders, tls, stop) =
             (stack.clone(), builders.clone(), tls.clone(), stop.clone());
+        let handshakes = tls.as_ref().map(|_| metrics.clone());
         let (send_timeout, first_bytes) = (listening.send_timeout, listening.header_read_timeout);
         let h2_on = listening.http2.is_some();
         connections.spawn(async move {
@@ -213,16 +215,28 @@ pub async fn serve(
                         (Io::Plain(stream), None, h2)
                     }
                     Some(acceptor) => {
+                        let handshakes = handshakes.expect("set with the acceptor");
                         // Boxed, as the connections below: the task of an
                         // idle connection holds pointers, not their states.
                         let accept =
                             Box::pin(tokio::time::timeout(first_bytes, acceptor.accept(stream)));
                         let stream = match accept.await {
                             Ok(Ok(stream)) => stream,
-                            Ok(Err(e)) => return Err(format!("TLS handshake: {e}").into()),
-                            Err(_) => return Err("TLS handshake: timed out".into()),
+                            Ok(Err(e)) => {
+                                // rustls's own errors come wrapped in an
+                                // io::Error of kind InvalidData.
+                                let tls_error =
+                                    e.get_ref().is_some_and(|inner| inner.is::<rustls::Error>());
+                                handshakes.tls_failed(if tls_error { "tls" } else { "io" });
+                                return Err(format!("TLS handshake: {e}").into());
+                            }
+                            Err(_) => {
+                                handshakes.tls_failed("timeout");
+                                return Err("TLS handshake: timed out".into());
+                            }
                         };
                         let tls = stream.get_ref().1;
+                        handshakes.tls_handshake(tls.protocol_version());
                         if tls.alpn_protocol() == Some(tls::ACME_TLS_ALPN) {
                             // A CA's TLS-ALPN-01 validation: the handshake
                             // was all (RFC 8737 section 3).

@@ -8,6 +8,8 @@ pub struct RuntimeMetrics {
     clones: IntGaugeVec,
     takes: IntCounterVec,
     failures: IntCounterVec,
+    /// Where failed restores are kept for the status page.
+    recent: Option<std::sync::Arc<crate::pool::Recent>>,
 }
 
 impl RuntimeMetrics {
@@ -35,11 +37,33 @@ impl RuntimeMetrics {
                 ),
                 &["runtime"],
             )?,
+            recent: None,
         };
         registry.register(Box::new(m.clones.clone()))?;
         registry.register(Box::new(m.takes.clone()))?;
         registry.register(Box::new(m.failures.clone()))?;
         Ok(m)
+    }
+
+    /// These metrics, keeping failed restores in `recent` too (for the
+    /// admin status page).
+    pub fn with_recent(mut self, recent: std::sync::Arc<crate::pool::Recent>) -> RuntimeMetrics {
+        self.recent = Some(recent);
+        self
+    }
+
+    /// A restore of `runtime` failed, for `reason`, with `error`.
+    pub(super) fn restore_failed(
+        &self,
+        runtime: &str,
+        reason: &'static str,
+        error: String,
+        took: std::time::Duration,
+    ) {
+        self.failed(runtime);
+        if let Some(recent) = &self.recent {
+            recent.failure(&runtime.into(), reason, error, took);
+        }
     }
 
     /// Creates every series of `runtime` at zero.

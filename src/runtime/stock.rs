@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use tracing::info;
 
 use super::{current_code, CodeSource, RuntimeError, RuntimeMetrics, StartSpec};
-use crate::pool::engine::{Observer, Sizing, Stats};
+use crate::pool::engine::{Observer, Sizing, StartFailure, Stats, StopReason};
 use crate::pool::{Engine, Factory, SnapshotFactory, Tasks};
 use crate::vmm::{Vm, VmId, Vmm};
 
@@ -38,10 +38,15 @@ impl Observer for StockObserver {
             .set(&self.name, s.warm() as i64, s.restoring as i64);
     }
     fn restored(&self, _took: Duration) {}
-    fn restore_failed(&self, _reason: &'static str) {
-        self.metrics.failed(&self.name);
+    fn restore_failed(&self, failure: &StartFailure, took: Duration) {
+        self.metrics.restore_failed(
+            &self.name,
+            failure.reason(),
+            crate::display_chain(failure),
+            took,
+        );
     }
-    fn reaped(&self) {}
+    fn stopped(&self, _why: StopReason, _lived: Duration) {}
     fn instance_failed(&self) {
         self.metrics.failed(&self.name);
     }

@@ -211,27 +211,32 @@ impl Prometheus {
     }
 }
 
-/// Every query of the shipped dashboard, as (panel title, expression), with
+/// Every query of every dashboard in `dashboards/`, as (panel title, expression), with
 /// its variables set to match everything and rates over 1m.
 pub fn dashboard_queries() -> Vec<(String, String)> {
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/dashboards/snapgate.json"
-        ))
-        .unwrap(),
-    )
-    .unwrap();
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/dashboards");
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no dashboard in {dir}");
     let mut out = Vec::new();
-    for panel in dashboard["panels"].as_array().unwrap() {
-        for target in panel["targets"].as_array().unwrap() {
-            let expr = target["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$app", ".*")
-                .replace("$runtime", ".*")
-                .replace("$__rate_interval", "1m");
-            out.push((panel["title"].as_str().unwrap().to_owned(), expr));
+    for file in files {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&file).unwrap())
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$app", ".*")
+                    .replace("$runtime", ".*")
+                    .replace("$__rate_interval", "1m");
+                out.push((panel["title"].as_str().unwrap().to_owned(), expr));
+            }
         }
     }
     out

@@ -273,12 +273,26 @@ impl Binary {
         Binary::start_under(&[], config, within).await
     }
 
+    /// [`Binary::start`], its log (stderr) written to `log`.
+    pub async fn start_logged(config: &Path, within: std::time::Duration, log: &Path) -> Binary {
+        Binary::spawn(&[], config, within, Some(log)).await
+    }
+
     /// [`Binary::start`], run by the command `wrapper` (say, `setpriv`
     /// with its options) when it is not empty.
     pub async fn start_under(
         wrapper: &[&str],
         config: &Path,
         within: std::time::Duration,
+    ) -> Binary {
+        Binary::spawn(wrapper, config, within, None).await
+    }
+
+    async fn spawn(
+        wrapper: &[&str],
+        config: &Path,
+        within: std::time::Duration,
+        log: Option<&Path>,
     ) -> Binary {
         use tokio::io::AsyncBufReadExt;
         let mut command = match wrapper.split_first() {
@@ -289,6 +303,9 @@ impl Binary {
             }
             None => tokio::process::Command::new(env!("CARGO_BIN_EXE_snapgate")),
         };
+        if let Some(log) = log {
+            command.stderr(std::fs::File::create(log).expect("the log file"));
+        }
         let mut child = command
             .args(["run", "--config"])
             .arg(config)

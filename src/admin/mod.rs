@@ -2,6 +2,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
+//! | `GET /` | the status page, HTML (`admin/page.rs`) |
 //! | `GET /metrics` | the Prometheus text format |
 //! | `GET /livez` (`/healthz`) | 200 while the process serves |
 //! | `GET /readyz` | 200 once serving and every pool's `min_warm` has been met or has failed with a reason, and from then on; else 503; JSON either way |
@@ -38,6 +39,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
+
+mod page;
 
 use crate::pool::{Drained, Prewarm, Sizing, Stats};
 use crate::proxy::{Apps, Target};
@@ -81,6 +84,10 @@ pub struct Serving {
     pub apps: Arc<Apps>,
     /// Runtime stocks by runtime name.
     pub runtimes: Arc<Mutex<HashMap<String, Runtime>>>,
+    /// Recent cold starts and restore failures, for the status page.
+    pub recent: Arc<crate::pool::Recent>,
+    /// When it began to serve.
+    pub started: std::time::SystemTime,
 }
 
 /// A bearer token, kept as its SHA-256 digest: compared digest to digest
@@ -569,7 +576,9 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
     let write = method == http::Method::POST;
     let route = match segments.as_slice() {
         ["reload"] | ["instances", _, "drain"] | ["apps", _, "prewarm"] => Route::Post,
-        ["metrics"] | ["livez"] | ["healthz"] | ["readyz"] | ["apps"] | ["instances"] => Route::Get,
+        [""] | ["metrics"] | ["livez"] | ["healthz"] | ["readyz"] | ["apps"] | ["instances"] => {
+            Route::Get
+        }
         _ => Route::None,
     };
     match (route, read, write) {
@@ -577,7 +586,7 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
             return text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no admin page {path}; try /metrics, /livez, /readyz, /apps, /instances, \
+                    "no admin page {path}; try / (the status page), /metrics, /livez, /readyz, /apps, /instances, \
                      POST /instances/ID/drain, POST /apps/NAME/prewarm?count=N or POST /reload\n"
                 ),
             )
@@ -599,6 +608,7 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
                 );
             };
             match segments.as_slice() {
+                [""] => status_page(serving),
                 ["apps"] => apps(serving),
                 ["instances"] => {
                     instances(serving, query_value(req.uri().query(), "app").as_deref())
@@ -609,6 +619,26 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
             }
         }
     }
+}
+
+/// `GET /`: the status page.
+fn status_page(serving: &Serving) -> Response<Page> {
+    let mut resp = Response::new(Full::new(Bytes::from(page::render(serving))));
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    // Nothing but its own inline style: no script, no other origin.
+    headers.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static("default-src 'none'; style-src 'unsafe-inline'"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-store"),
+    );
+    resp
 }
 
 /// Which method a page takes.

@@ -1,0 +1,252 @@
+//! Request ids and the access log.
+//!
+//! - Every request carries one `X-Request-Id`: the client's own when it
+//!   sent exactly one that is 1 to 128 characters of
+//!   `A-Z a-z 0-9 - _ . : / + = @ ~` (so it can never break a log line or
+//!   a header), else 32 random hex digits (128 bits, as nginx's
+//!   `$request_id`). The app gets it; so does the client, on the
+//!   response, whoever answered.
+//! - The access log: one INFO event per request, target
+//!   `snapgate::access`, written when the response body ends, fails or
+//!   is dropped (the client went away: `completed=false`), so its byte
+//!   count and duration are the whole exchange's.
+
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Instant;
+
+use super::app::RoutedTo;
+use super::{BoxError, ProxyBody};
+
+/// The request id field (a de facto standard; no RFC names it).
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest request id kept from a client, in bytes.
+pub const MAX_REQUEST_ID: usize = 128;
+
+/// `req`'s request id: the client's, if it sent exactly one valid id,
+/// else a new one, which replaces whatever it sent.
+pub fn request_id<B>(req: &mut Request<B>) -> HeaderValue {
+    let mut sent = req.headers().get_all(&X_REQUEST_ID).iter();
+    if let (Some(id), None) = (sent.next(), sent.next()) {
+        if valid(id.as_bytes()) {
+            return id.clone();
+        }
+    }
+    let id = generate();
+    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+fn valid(id: &[u8]) -> bool {
+    (1..=MAX_REQUEST_ID).contains(&id.len())
+        && id
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || b"-_.:/+=@~".contains(c))
+}
+
+/// 128 random bits as 32 hex digits, from a per-thread generator seeded
+/// from the OS (no system call per id).
+fn generate() -> HeaderValue {
+    let id = format!("{:032x}", fastrand::u128(..));
+    HeaderValue::try_from(id).expect("hex digits are a valid field value")
+}
+
+/// What the access log line says of a request, taken as it arrives.
+pub struct Entry {
+    at: SystemTime,
+    started: Instant,
+    client: Option<IpAddr>,
+    host: Option<HeaderValue>,
+    method: Method,
+    path: Arc<str>,
+    version: Version,
+    id: HeaderValue,
+}
+
+impl Entry {
+    /// For `req` from `client`, whose id is `id`; the clock starts now.
+    pub fn of<B>(req: &Request<B>, client: Option<IpAddr>, id: HeaderValue) -> Entry {
+        let host = req
+            .uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+            .or_else(|| req.headers().get(http::header::HOST).cloned());
+        Entry {
+            at: SystemTime::now(),
+            started: Instant::now(),
+            client,
+            host,
+            method: req.method().clone(),
+            // The path only: a query may carry secrets.
+            path: req.uri().path().into(),
+            version: req.version(),
+            id,
+        }
+    }
+
+    /// `resp` with a body that writes the line when it ends.
+    pub fn logging(self, resp: Response<ProxyBody>) -> Response<ProxyBody> {
+        let routed = resp.extensions().get::<RoutedTo>().cloned();
+        let status = resp.status();
+        resp.map(|body| {
+            Logged {
+                body,
+                bytes: 0,
+                line: Some(Line {
+                    entry: self,
+                    status,
+                    routed,
+                }),
+            }
+            .boxed()
+        })
+    }
+}
+
+/// A line to write, once.
+struct Line {
+    entry: Entry,
+    status: StatusCode,
+    routed: Option<RoutedTo>,
+}
+
+impl Line {
+    fn write(self, bytes: u64, completed: bool) {
+        let e = &self.entry;
+        let took = e.started.elapsed();
+        let time = humantime::format_rfc3339_millis(e.at);
+        let app = self.routed.as_ref().map(|r| &**r.app.name());
+        let instance = self.routed.as_ref().and_then(|r| r.instance.as_deref());
+        let held = self.routed.as_ref().and_then(|r| r.held);
+        tracing::info!(
+            target: "snapgate::access",
+            %time,
+            client = e.client.map(tracing::field::display),
+            host = e.host.as_ref().and_then(|h| h.to_str().ok()),
+            method = %e.method,
+            path = &*e.path,
+            version = ?e.version,
+            status = self.status.as_u16(),
+            bytes,
+            duration_ms = ms(took),
+            app,
+            instance,
+            held = held.is_some(),
+            held_ms = held.map(ms),
+            request_id = e.id.to_str().unwrap_or(""),
+            completed,
+            "access"
+        );
+    }
+}
+
+/// Milliseconds, to the microsecond.
+fn ms(d: Duration) -> f64 {
+    (d.as_micros() as f64) / 1000.0
+}
+
+/// A response body that counts the bytes it passes and writes its line at
+/// its end.
+struct Logged {
+    body: ProxyBody,
+    bytes: u64,
+    line: Option<Line>,
+}
+
+impl Logged {
+    fn done(&mut self, completed: bool) {
+        if let Some(line) = self.line.take() {
+            line.write(self.bytes, completed);
+        }
+    }
+}
+
+impl Body for Logged {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+                if this.body.is_end_stream() {
+                    this.done(true);
+                }
+            }
+            Poll::Ready(None) => this.done(true),
+            Poll::Ready(Some(Err(_))) => this.done(false),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Logged {
+    fn drop(&mut self) {
+        // A body hyper never polled (empty, or a HEAD's) ended whole; any
+        // other dropped early: the client went away.
+        let whole = self.body.is_end_stream();
+        self.done(whole);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_valid_id_is_kept_and_anything_else_replaced() {
+        let mut req = Request::new(());
+        req.headers_mut()
+            .insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
+        assert_eq!(request_id(&mut req), "abc-123_x.y:z");
+        for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
+            let mut req = Request::new(());
+            req.headers_mut()
+                .insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
+            let id = request_id(&mut req);
+            assert_eq!(id.len(), 32, "{bad:?} replaced");
+            assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit));
+            assert_eq!(req.headers().get_all(&X_REQUEST_ID).iter().count(), 1);
+            assert_eq!(req.headers()[&X_REQUEST_ID], id, "the app gets the new one");
+        }
+        // Two ids: neither is the request's.
+        let mut req = Request::new(());
+        req.headers_mut()
+            .append(&X_REQUEST_ID, HeaderValue::from_static("a"));
+        req.headers_mut()
+            .append(&X_REQUEST_ID, HeaderValue::from_static("b"));
+        let id = request_id(&mut req);
+        assert_eq!(id.len(), 32);
+        assert_eq!(req.headers().get_all(&X_REQUEST_ID).iter().count(), 1);
+        // Fresh ones differ.
+        let mut a = Request::new(());
+        let mut b = Request::new(());
+        assert_ne!(request_id(&mut a), request_id(&mut b));
+    }
+}
