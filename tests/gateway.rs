@@ -238,6 +238,12 @@ async fn full_queue_and_hold_timeout_get_503_with_retry_after_and_the_rest_are_s
             .await,
         3.0
     );
+    // The two that timed out were held; the one refused at once was not.
+    assert_eq!(
+        gw.metric("snapgate_requests_total{app=\"app\",held=\"true\",status=\"503\"}")
+            .await,
+        2.0
+    );
     gw.stop().await;
 }
 

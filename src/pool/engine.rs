@@ -22,7 +22,9 @@
 //!    is dropped (an instance half made is destroyed with it: dropping a
 //!    `Vm` kills its VMM) and counts as a failure. Close cancels restores
 //!    in flight.
-//! 3. A started instance joins as a member and gets one exit waiter: a
+//! 3. A started instance joins as a member, the hold queue is served from
+//!    it at once (those leases are `fresh`: `hold` step 5), and it gets one
+//!    exit waiter: a
 //!    task that waits on the instance's exit event ([`Instance::exited`])
 //!    and, when it fires, cancels the member's `gone` token (requests in
 //!    flight on it end at once), marks it draining and wakes maintenance.
@@ -111,6 +113,9 @@ pub(super) struct Member<I: Instance> {
     pub(super) joined: Instant,
     /// Leases it has had.
     pub(super) leases: u64,
+    /// True only during the dispatch of its join: leases handed out then
+    /// are fresh ([`super::hold::Lease::fresh`]).
+    pub(super) joining: bool,
     pub(super) draining: bool,
     /// Drained by an operator ([`Engine::drain`]).
     pub(super) drained: bool,
@@ -545,7 +550,9 @@ impl<F: Factory> Engine<F> {
                 m.draining = true;
             }
             for member in idle {
-                shared.stop(&mut st, member, StopReason::Closed);
+                // One found dead and not yet taken out stops as failed.
+                let why = member.leaving(true);
+                shared.stop(&mut st, member, why);
             }
             shared.settle(st);
             waiters
@@ -667,9 +674,9 @@ impl<F: Factory> Shared<F> {
         }
         for (guard, member) in work.stops {
             let task = async move {
-                let name = member.name.clone();
+                let span = member.span.clone();
                 if let Err(e) = guard.shared.factory.stop(member.instance).await {
-                    error!(engine = %guard.shared.name, vm = %name, "stopping instance: {}", crate::display_chain(&e));
+                    error!(parent: &span, "stopping instance: {}", crate::display_chain(&e));
                 }
                 drop(guard);
             };
@@ -881,6 +888,7 @@ fn join<F: Factory>(
             busy_since: Instant::now(),
             joined: Instant::now(),
             leases: 0,
+            joining: true,
             draining: false,
             drained: false,
             span,
@@ -904,6 +912,9 @@ fn join<F: Factory>(
         } else {
             st.members.push(member);
             let undelivered = shared.dispatch(&mut st);
+            if let Some(m) = st.members.iter_mut().find(|m| m.key == key) {
+                m.joining = false;
+            }
             shared.settle(st);
             (undelivered, true)
         }

@@ -20,6 +20,12 @@
 //! 4. Capacity is handed to the queue (`dispatch`) under the lock; leases
 //!    whose claimer went away in the meantime come back and are dropped
 //!    after the lock is released.
+//! 5. A lease knows how it came: `fresh` when handed out by the dispatch
+//!    of its member's join (engine step 3: the claims the queue held for
+//!    that start, however many `max_concurrency` lets it take), and, for a
+//!    claim that waited in the queue, how long it was `held` (set once the
+//!    wait ends). The pool's metrics read both: a held claim with a fresh
+//!    lease was a cold start.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -157,8 +163,8 @@ pub struct Lease<F: Factory> {
     detached: bool,
     /// How long its claim was held; `None`: an instance was free.
     held: Option<Duration>,
-    /// The member's first lease since it joined.
-    first: bool,
+    /// Handed out as its member joined, to a claim held for it.
+    fresh: bool,
 }
 
 impl<F: Factory> std::fmt::Debug for Lease<F> {
@@ -187,11 +193,11 @@ impl<F: Factory> Lease<F> {
         self.held
     }
 
-    /// Whether it is its instance's first lease: a held claim with a
-    /// first lease got an instance started for the queue, not one freed
-    /// by another request.
-    pub fn first(&self) -> bool {
-        self.first
+    /// Whether it was handed out as its instance joined (module doc, step
+    /// 5): a held claim with a fresh lease waited for that instance's
+    /// start, not for room on one already running.
+    pub fn fresh(&self) -> bool {
+        self.fresh
     }
 
     /// Where the instance serves.
@@ -279,27 +285,36 @@ impl<F: Factory> Engine<F> {
     /// Leases a member, holding the claim while none is free (module doc,
     /// step 1); also whether it had to wait.
     pub async fn claim(&self) -> Result<(Lease<F>, bool), ClaimError> {
+        self.claim_held().await.map_err(|(e, _)| e)
+    }
+
+    /// [`Engine::claim`], its error with how long the claim was held
+    /// before it failed (`None`: it failed without being queued).
+    pub async fn claim_held(&self) -> Result<(Lease<F>, bool), (ClaimError, Option<Duration>)> {
         let shared = &self.shared;
         let started = Instant::now();
         let (queued, mut rx, hold_timeout) = {
             let mut st = shared.lock();
             if st.closed {
-                return Err(shared.shutting_down());
+                return Err((shared.shutting_down(), None));
             }
             if let Some(lease) = shared.try_lease(&mut st) {
                 shared.publish(&st);
                 return Ok((lease, false));
             }
             if st.waiters.len() >= st.sizing.hold_queue {
-                return Err(ClaimError::QueueFull {
-                    app: shared.name.clone(),
-                    instances: st.members.len(),
-                    restoring: st.restoring(),
-                    queued: st.waiters.len(),
-                });
+                return Err((
+                    ClaimError::QueueFull {
+                        app: shared.name.clone(),
+                        instances: st.members.len(),
+                        restoring: st.restoring(),
+                        queued: st.waiters.len(),
+                    },
+                    None,
+                ));
             }
             if let Some(err) = shared.unavailable(&st) {
-                return Err(err);
+                return Err((err, None));
             }
             let (tx, rx) = oneshot::channel();
             let id = st.next_waiter;
@@ -330,10 +345,14 @@ impl<F: Factory> Engine<F> {
             Err(_) => rx.await.unwrap_or_else(|_| Err(shared.shutting_down())),
         };
         drop(queued);
-        result.map(|mut lease| {
-            lease.held = Some(started.elapsed());
-            (lease, true)
-        })
+        let held = started.elapsed();
+        match result {
+            Ok(mut lease) => {
+                lease.held = Some(held);
+                Ok((lease, true))
+            }
+            Err(e) => Err((e, Some(held))),
+        }
     }
 }
 
@@ -383,6 +402,7 @@ impl<F: Factory> Shared<F> {
                 continue;
             }
             let first = m.leases == 0;
+            let fresh = m.joining;
             if m.in_flight == 0 {
                 let now = Instant::now();
                 m.busy_since = now;
@@ -406,7 +426,7 @@ impl<F: Factory> Shared<F> {
                 broken: false,
                 detached: false,
                 held: None,
-                first,
+                fresh,
             });
         }
     }

@@ -237,13 +237,13 @@ impl AppMetrics {
         }
     }
 
-    /// A lease had after waiting `waited`: held (`held`) or not, for an
-    /// instance's `first` lease or a later one. A held claim's first
-    /// lease is on an instance started for the queue: a cold start by
-    /// the app's path, kept among [`Recent`]'s cold starts too.
-    pub(super) fn leased(&self, waited: Duration, held: bool, first: bool) {
+    /// A lease had after waiting `waited`: held (`held`) or not, `fresh`
+    /// or not (handed out as its instance joined). A held claim's fresh
+    /// lease is on an instance started for the queue: a cold start by the
+    /// app's path, kept among [`Recent`]'s cold starts too.
+    pub(super) fn leased(&self, waited: Duration, held: bool, fresh: bool) {
         let secs = waited.as_secs_f64();
-        match (held, first) {
+        match (held, fresh) {
             (false, _) => {
                 self.claims[0].inc();
                 self.wait_warm.observe(secs);

@@ -154,22 +154,25 @@ impl Pool {
     /// for a held claim, the path that gave it its instance. A claim
     /// dropped before it ends (its client went away while held) counts as
     /// `abandoned`.
-    pub async fn claim(&self) -> Result<Lease, ClaimError> {
+    ///
+    /// Errors: the [`ClaimError`], with how long the claim was held before
+    /// it failed (`None`: it failed at once, not queued).
+    pub async fn claim(&self) -> Result<Lease, (ClaimError, Option<Duration>)> {
         let started = Instant::now();
         let mut abandoned = Abandoned {
             pool: self,
             armed: true,
         };
-        let result = self.engine.claim().await;
+        let result = self.engine.claim_held().await;
         abandoned.armed = false;
         match result {
             Ok((lease, held)) => {
-                self.metrics.leased(started.elapsed(), held, lease.first());
+                self.metrics.leased(started.elapsed(), held, lease.fresh());
                 Ok(lease)
             }
-            Err(e) => {
+            Err((e, held)) => {
                 self.metrics.claim(e.outcome());
-                Err(e)
+                Err((e, held))
             }
         }
     }

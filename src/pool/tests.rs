@@ -470,7 +470,7 @@ async fn an_instance_found_dead_at_lease_time_is_never_leased() {
     s.kill(&first, true);
     let (lease, held) = engine.claim().await.unwrap();
     assert!(held, "served by a new instance");
-    assert!(lease.held().is_some() && lease.first());
+    assert!(lease.held().is_some() && lease.fresh());
     assert_ne!(lease.instance(), first);
     assert_eq!(s.starts(), 2);
 }
@@ -483,9 +483,9 @@ async fn a_broken_lease_drains_its_instance() {
     let (mut lease, _) = engine.claim().await.unwrap();
     let (other, _) = engine.claim().await.unwrap();
     assert_eq!(lease.instance(), other.instance());
-    // Warm hits: neither held; the first lease of the member is marked.
-    assert_eq!((lease.held(), lease.first()), (None, true));
-    assert_eq!((other.held(), other.first()), (None, false));
+    // Warm hits: neither held nor fresh.
+    assert_eq!((lease.held(), lease.fresh()), (None, false));
+    assert_eq!((other.held(), other.fresh()), (None, false));
     lease.mark_broken();
     drop(lease);
     let (fresh, _) = engine.claim().await.unwrap();
@@ -865,4 +865,37 @@ async fn failed_starts_are_reported_with_their_reason() {
         *events.reasons.lock().unwrap(),
         ["app", "host", "panic", "timeout"]
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn claims_held_for_a_start_get_fresh_leases_and_one_held_for_room_does_not() {
+    let s = Script::new(Duration::from_millis(10), &[]);
+    let (engine, _) = engine(sizing(0, 1, 3), &s);
+    // Three claims at zero: one start serves them all (max_concurrency 3).
+    let claims: Vec<_> = (0..3)
+        .map(|_| {
+            let engine = engine.clone();
+            tokio::spawn(async move { engine.claim().await.unwrap() })
+        })
+        .collect();
+    let mut leases = Vec::new();
+    for c in claims {
+        let (lease, held) = c.await.unwrap();
+        assert!(held && lease.fresh() && lease.held().is_some());
+        leases.push(lease);
+    }
+    assert_eq!(s.starts(), 1);
+    // A fourth waits for room on the busy instance: held, not fresh.
+    let fourth = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.claim().await.unwrap() }
+    });
+    until(&engine, "the fourth held", |s| s.queued == 1).await;
+    drop(leases.pop());
+    let (lease, held) = fourth.await.unwrap();
+    assert!(held && !lease.fresh());
+    // And a warm hit is neither.
+    drop(lease);
+    let (warm, held) = engine.claim().await.unwrap();
+    assert!(!held && !warm.fresh() && warm.held().is_none());
 }

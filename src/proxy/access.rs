@@ -9,7 +9,9 @@
 //! - The access log: one INFO event per request, target
 //!   `snapgate::access`, written when the response body ends, fails or
 //!   is dropped (the client went away: `completed=false`), so its byte
-//!   count and duration are the whole exchange's.
+//!   count and duration are the whole exchange's; or, for a request
+//!   whose client went away before the response head, when its future is
+//!   dropped (status 499, as nginx logs it).
 
 use std::net::IpAddr;
 use std::pin::Pin;
@@ -92,6 +94,19 @@ impl Entry {
             version: req.version(),
             id,
         }
+    }
+
+    /// The line of a request whose client went away before its response
+    /// head: status 499 (nginx's convention for "client closed request";
+    /// no such status was sent), no bytes, `completed=false`.
+    pub fn unanswered(self) {
+        let status = StatusCode::from_u16(499).expect("499 is in range");
+        Line {
+            entry: self,
+            status,
+            routed: None,
+        }
+        .write(0, false);
     }
 
     /// `resp` with a body that writes the line when it ends.
@@ -208,9 +223,16 @@ impl Body for Logged {
 
 impl Drop for Logged {
     fn drop(&mut self) {
-        // A body hyper never polled (empty, or a HEAD's) ended whole; any
-        // other dropped early: the client went away.
-        let whole = self.body.is_end_stream();
+        // A body hyper never polled (empty, or one a response to HEAD or
+        // a 204 or 304 has none of: RFC 9110 sections 9.3.2, 15.3.5,
+        // 15.4.5) ended whole; any other dropped early: the client went
+        // away.
+        let bodiless = self.line.as_ref().is_some_and(|l| {
+            l.entry.method == Method::HEAD
+                || l.status == StatusCode::NO_CONTENT
+                || l.status == StatusCode::NOT_MODIFIED
+        });
+        let whole = bodiless || self.body.is_end_stream();
         self.done(whole);
     }
 }

@@ -344,8 +344,8 @@ impl Apps {
                     let sent =
                         Box::pin(self.via_pool(app, pool, upstreams, limits, routed.req, asked))
                             .await;
-                    let (resp, checkin, lease) = sent.inspect_err(|e| count(app, e))?;
-                    let (instance, held) = (lease.name().clone(), lease.held());
+                    let (resp, checkin, lease, held) = sent.inspect_err(|e| count(app, e))?;
+                    let instance = lease.name().clone();
                     let mut resp =
                         self.answer(app, resp, checkin, Some(lease), limits, routed.upgrade);
                     resp.extensions_mut().insert(RoutedTo {
@@ -468,27 +468,46 @@ impl Apps {
         limits: &AppLimits,
         req: Request<RequestBody>,
         asked: bool,
-    ) -> Result<(Response<hyper::body::Incoming>, Checkin, Lease), ProxyError> {
+    ) -> Result<
+        (
+            Response<hyper::body::Incoming>,
+            Checkin,
+            Lease,
+            Option<Duration>,
+        ),
+        ProxyError,
+    > {
         let mut req = req;
         // For the warnings below: the request span is DEBUG (an INFO one
         // costs a fifth of the warm path's instructions).
         let (method, uri) = (req.method().clone(), req.uri().clone());
+        // How long it was held, over both attempts.
+        let mut held: Option<Duration> = None;
+        let add = |held: Option<Duration>, more: Option<Duration>| match (held, more) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
         for attempt in 0..2 {
-            let mut lease = pool
-                .claim()
-                .await
-                .map_err(|e| ErrorKind::NoInstance(e).of(app))?;
+            let mut lease = match pool.claim().await {
+                Ok(lease) => lease,
+                Err((e, waited)) => {
+                    return Err(ErrorKind::NoInstance(e).of(app).on(None, add(held, waited)))
+                }
+            };
+            held = add(held, lease.held());
             let upstream = upstreams.for_lease(pool, &lease);
             let gone = lease.gone().clone();
             match exchange(&upstream, req, Some(&gone), limits.response_timeout, asked).await {
-                Ok((resp, checkin)) => return Ok((resp, checkin, lease)),
+                Ok((resp, checkin)) => return Ok((resp, checkin, lease, held)),
                 Err(Retry::NotSent { req: unsent, cause }) => {
                     warn!(%app, vm = %lease.instance(), %method, %uri, "no connection to the instance: {cause}");
                     if unreachable(&cause) {
                         lease.mark_broken();
                     }
                     if attempt == 1 {
-                        return Err(ErrorKind::Connect(cause.to_string()).of(app));
+                        return Err(ErrorKind::Connect(cause.to_string())
+                            .of(app)
+                            .on(Some(lease.name().clone()), held));
                     }
                     self.metrics.retried(app.name(), "connect");
                     req = *unsent;
@@ -498,7 +517,7 @@ impl Apps {
                         lease.mark_broken();
                     }
                     warn!(%app, vm = %lease.instance(), %method, %uri, "request failed: {kind}");
-                    return Err(kind.of(app));
+                    return Err(kind.of(app).on(Some(lease.name().clone()), held));
                 }
             }
         }
@@ -684,7 +703,7 @@ fn to_origin(
         // protocols and extensions, with a key of its own.
         parts.method = http::Method::GET;
         let mut key = [0u8; 16];
-        getrandom::fill(&mut key).map_err(|_| ErrorKind::Upstream("no random key".into()))?;
+        getrandom::fill(&mut key).map_err(|_| ErrorKind::Internal)?;
         let key = base64::Engine::encode(&base64::engine::general_purpose::STANDARD, key);
         if let Ok(v) = HeaderValue::from_str(&key) {
             parts.headers.insert("sec-websocket-key", v);

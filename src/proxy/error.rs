@@ -27,6 +27,10 @@ pub struct ProxyError {
     pub app: Option<Arc<RoutedApp>>,
     /// What went wrong.
     pub kind: ErrorKind,
+    /// The instance it failed on, if one was leased.
+    pub instance: Option<Arc<str>>,
+    /// How long the request was held for an instance (`None`: not held).
+    pub held: Option<Duration>,
 }
 
 /// What went wrong, by source.
@@ -106,6 +110,8 @@ impl ErrorKind {
         ProxyError {
             app: Some(app.clone()),
             kind: self,
+            instance: None,
+            held: None,
         }
     }
 
@@ -206,7 +212,19 @@ impl ErrorKind {
 impl ProxyError {
     /// Without an app (failed before routing).
     pub fn new(kind: ErrorKind) -> ProxyError {
-        ProxyError { app: None, kind }
+        ProxyError {
+            app: None,
+            kind,
+            instance: None,
+            held: None,
+        }
+    }
+
+    /// The error, on `instance` after being held `held`.
+    pub fn on(mut self, instance: Option<Arc<str>>, held: Option<Duration>) -> ProxyError {
+        self.instance = instance;
+        self.held = held;
+        self
     }
 
     /// The answer the client gets.

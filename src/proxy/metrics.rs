@@ -236,10 +236,10 @@ const UPSTREAM_ERRORS: [&str; 6] = [
 /// The status codes whose series an app resolves once, as it first
 /// answers with each: the codes of RFC 9110's registry (section 16.2.1)
 /// and 429 (RFC 6585). Sorted.
-const STATUSES: [u16; 44] = [
+const STATUSES: [u16; 46] = [
     100, 101, 200, 201, 202, 203, 204, 205, 206, 300, 301, 302, 303, 304, 305, 307, 308, 400, 401,
     402, 403, 404, 405, 406, 407, 408, 409, 410, 411, 412, 413, 414, 415, 416, 417, 421, 422, 426,
-    429, 431, 500, 502, 503, 504,
+    429, 431, 500, 501, 502, 503, 504, 505,
 ];
 
 /// An app as the request path knows it: its name and its request
@@ -316,5 +316,40 @@ impl std::fmt::Display for RoutedApp {
 impl std::fmt::Debug for RoutedApp {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_tuple("RoutedApp").field(&self.name).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_status_and_held_has_its_series_looked_up_or_not() {
+        assert!(STATUSES.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let registry = Registry::new();
+        let m = ProxyMetrics::new(&registry).unwrap();
+        let app = m.for_app("a");
+        let ms = Duration::from_millis(1);
+        app.observe(StatusCode::OK, false, ms);
+        app.observe(StatusCode::OK, false, ms);
+        app.observe(StatusCode::OK, true, ms);
+        // Not in the table: looked up, counted all the same.
+        app.observe(StatusCode::from_u16(418).unwrap(), false, ms);
+        app.upstream_error("timeout");
+        let get =
+            |status: &str, held: &str| m.requests.with_label_values(&["a", status, held]).get();
+        assert_eq!(get("200", "false"), 2);
+        assert_eq!(get("200", "true"), 1);
+        assert_eq!(get("418", "false"), 1);
+        assert_eq!(
+            m.upstream_errors.with_label_values(&["a", "timeout"]).get(),
+            1
+        );
+        assert_eq!(
+            m.duration
+                .with_label_values(&["a", "false"])
+                .get_sample_count(),
+            3
+        );
     }
 }

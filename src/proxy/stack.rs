@@ -103,6 +103,8 @@ impl Stack {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
         let req =
             req.map(|b| RequestBody::new(b, outer.body_timeout, expects_continue, &outer.tasks));
+        // Written at drop if no response was made (the client went away).
+        let mut unanswered = Unanswered(entry);
         async move {
             let mut resp = outer.policies.0.answer(req).await;
             // The metrics layer: observed at the response headers.
@@ -112,12 +114,24 @@ impl Stack {
             };
             app.observe(resp.status(), held, started.elapsed());
             resp.headers_mut().insert(access::X_REQUEST_ID.clone(), id);
-            match entry {
+            match unanswered.0.take() {
                 Some(entry) => entry.logging(resp),
                 None => resp,
             }
         }
         .instrument(span)
+    }
+}
+
+/// The access log entry of a request not answered yet: dropped with it
+/// (its client went away), it writes the line of an unanswered request.
+struct Unanswered(Option<access::Entry>);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(entry) = self.0.take() {
+            entry.unanswered();
+        }
     }
 }
 
@@ -436,7 +450,11 @@ fn answer(r: Result<Response<ProxyBody>, tower::BoxError>) -> Response<ProxyBody
     tracing::debug!(status = %e.kind.status(), "answered by snapgate: {e}");
     let mut resp = e.response();
     if let Some(app) = e.app {
-        resp.extensions_mut().insert(RoutedTo::app(app));
+        resp.extensions_mut().insert(RoutedTo {
+            app,
+            instance: e.instance,
+            held: e.held,
+        });
     }
     resp
 }

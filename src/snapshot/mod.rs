@@ -239,7 +239,8 @@ impl<'a> Builder<'a> {
             vm.endpoint().addr,
             vm.endpoint().tap
         )?;
-        if let Err(e) = crate::vmm::ready::wait_ready(vmm, &mut vm, spec.ready_timeout).await {
+        let ready = crate::vmm::ready::wait_ready(vmm, &mut vm, spec.ready_timeout);
+        if let Err(e) = progress(format!("{app}: booting, waiting for ready"), ready).await {
             return Err(crate::vmm::discard(vmm, vm, e).await.into());
         }
         let boot_to_ready = started.elapsed().as_secs_f64();
@@ -250,7 +251,8 @@ impl<'a> Builder<'a> {
         )?;
         if let Some(prepare) = &job.prepare {
             let t = Instant::now();
-            if let Err(e) = prepare.prepare(vmm, &mut vm).await {
+            let prepared = prepare.prepare(vmm, &mut vm);
+            if let Err(e) = progress(format!("{app}: preparing"), prepared).await {
                 let e = crate::vmm::discard(vmm, vm, e).await;
                 return Err(anyhow::anyhow!("{}", crate::display_chain(&*e)));
             }
@@ -269,7 +271,11 @@ impl<'a> Builder<'a> {
             .to_string();
         let dest = app_dir.join(&stamp);
         let t = Instant::now();
-        let snapshot = vmm.snapshot(vm, &dest).await?;
+        let snapshot = progress(
+            format!("{app}: taking the snapshot"),
+            vmm.snapshot(vm, &dest),
+        )
+        .await?;
         let snapshot_secs = t.elapsed().as_secs_f64();
         // Switch `current` atomically: a new link, renamed over the old.
         let tmp = app_dir.join(format!(".current.{}.{stamp}", std::process::id()));
@@ -288,6 +294,20 @@ impl<'a> Builder<'a> {
         )?;
         Ok(snapshot)
     }
+}
+
+/// Runs `step`, showing `label`, a spinner and the time taken on stderr
+/// while it runs, if stderr is a terminal (`indicatif` draws nothing
+/// otherwise: logs and pipes get only the step lines).
+async fn progress<T>(label: String, step: impl std::future::Future<Output = T>) -> T {
+    let bar = indicatif::ProgressBar::new_spinner().with_message(label);
+    if let Ok(style) = indicatif::ProgressStyle::with_template("{spinner} {msg} ({elapsed})") {
+        bar.set_style(style);
+    }
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let out = step.await;
+    bar.finish_and_clear();
+    out
 }
 
 #[cfg(test)]
