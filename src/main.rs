@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use sd_notify::NotifyState;
+
 use clap::{Parser, Subcommand};
 use snapgate::config::Config;
 
@@ -250,6 +252,16 @@ fn main() -> ExitCode {
 
 /// Loads the config, starts the gateway, reloads the config on SIGHUP or
 /// an admin `POST /reload`, and on SIGINT or SIGTERM drains it.
+/// Tells the service manager how the gateway stands (systemd's
+/// `Type=notify`, sd_notify(3)): ready once it serves, reloading while it
+/// reloads, stopping as it drains. Nothing without `NOTIFY_SOCKET`; a
+/// failure is logged, never fatal.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!("telling the service manager {states:?}: {e}");
+    }
+}
+
 fn run(file: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::load(file)?;
@@ -267,6 +279,7 @@ fn run(file: &std::path::Path) -> anyhow::Result<()> {
             _ = int.recv() => return Ok(()),
             _ = term.recv() => return Ok(()),
         };
+        notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
         let mut asks = gateway.reload_requests().expect("taken once, here");
         let name = loop {
             let reply = tokio::select! {
@@ -276,7 +289,18 @@ fn run(file: &std::path::Path) -> anyhow::Result<()> {
                 Some(ask) = asks.recv() => Some(ask.reply),
             };
             // The file as it is now, checked whole before anything changes.
+            let mut reloading = vec![NotifyState::Reloading];
+            reloading.extend(NotifyState::monotonic_usec_now().ok());
+            notify(&reloading);
             let outcome = gateway.reload_file(file).await;
+            let status = match &outcome {
+                Ok(_) => "serving; last reload applied".to_owned(),
+                Err(e) => format!(
+                    "serving; last reload rejected: {}",
+                    e.lines().next().unwrap_or("")
+                ),
+            };
+            notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
             match (&outcome, reply) {
                 (_, Some(reply)) => {
                     let _ = reply.send(outcome);
@@ -285,6 +309,7 @@ fn run(file: &std::path::Path) -> anyhow::Result<()> {
                 (Err(e), None) => println!("SIGHUP: rejected, the running config stays: {e}"),
             }
         };
+        notify(&[NotifyState::Stopping, NotifyState::Status("draining")]);
         println!("{name}: draining (grace {:?})", config.shutdown_grace);
         gateway.shutdown().await;
         println!("stopped");

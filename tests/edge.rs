@@ -2485,4 +2485,12 @@ async fn a_request_id_is_kept_or_made_sent_to_the_app_and_returned() {
     let r = exchange(&mut w, &get("/", "nobody.test")).await;
     assert_eq!(r.status, 404);
     assert!(hex(r.header("x-request-id").unwrap()), "{r:?}");
+    // Named hop-by-hop by the client: still the app's.
+    let r = exchange(
+        &mut w,
+        b"GET /hop HTTP/1.1\r\nHost: a.test\r\nConnection: close, x-request-id\r\nX-Request-Id: hop-1\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.header("x-request-id"), Some("hop-1"));
+    assert_eq!(up.only("/hop").values("x-request-id"), ["hop-1"]);
 }

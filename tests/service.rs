@@ -159,3 +159,63 @@ async fn the_gateway_serves_a_vm_app_with_cap_net_admin_alone() {
         .collect();
     assert!(left.is_empty(), "taps left: {left:?}");
 }
+
+/// `Type=notify`: the gateway speaks systemd's notify protocol
+/// (sd_notify(3), datagrams on `$NOTIFY_SOCKET`): READY=1 once it serves,
+/// RELOADING=1 then READY=1 around a SIGHUP reload, STOPPING=1 on SIGTERM.
+/// The test is the service manager's end of the socket.
+#[tokio::test]
+async fn the_gateway_tells_the_service_manager_ready_reloading_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let up = front::upstream().await;
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
+             apps:\n  site:\n    hosts: [site.test]\n    upstream: {up}\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let socket_path = dir.path().join("notify");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
+    let next = async || {
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(30), socket.recv(&mut buf))
+            .await
+            .expect("a notification in time")
+            .unwrap();
+        String::from_utf8(buf[..n].to_vec()).unwrap()
+    };
+    let mut gw = front::Binary::start_env(
+        &config,
+        std::time::Duration::from_secs(60),
+        &[("NOTIFY_SOCKET", socket_path.as_os_str())],
+    )
+    .await;
+    assert_eq!(next().await, "READY=1\nSTATUS=serving\n");
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    let reloading = next().await;
+    assert!(
+        reloading.starts_with("RELOADING=1\nMONOTONIC_USEC="),
+        "{reloading}"
+    );
+    assert_eq!(
+        next().await,
+        "READY=1\nSTATUS=serving; last reload applied\n"
+    );
+    // A file that does not load: rejected, and said so.
+    std::fs::write(&config, "listen: [not an address\n").unwrap();
+    gw.signal(nix::sys::signal::Signal::SIGHUP);
+    assert!(next().await.starts_with("RELOADING=1\n"));
+    let rejected = next().await;
+    assert!(
+        rejected.starts_with("READY=1\nSTATUS=serving; last reload rejected: "),
+        "{rejected}"
+    );
+    gw.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(next().await, "STOPPING=1\nSTATUS=draining\n");
+    let status = gw.child.wait().await.unwrap();
+    assert!(status.success(), "{status}");
+}

@@ -373,8 +373,8 @@ fn drain(serving: &Serving, id: &str) -> Response<Page> {
     for (app, target) in table.targets() {
         if let Target::Pool { pool, .. } = &**target {
             match pool.drain(id) {
+                // The engine logs the drain once, in the VM's span.
                 Drained::Draining => {
-                    info!(%app, vm = %id, "drained by the admin API");
                     return json(
                         StatusCode::OK,
                         &serde_json::json!({ "drained": id, "app": &**app }),
@@ -740,7 +740,16 @@ pub async fn serve(
         let admin = admin.clone();
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             let admin = admin.clone();
-            async move { Ok::<_, Infallible>(respond(&admin, &req).await) }
+            async move {
+                let mut resp = respond(&admin, &req).await;
+                // Pages echo names from the request (a 404's "no
+                // instance X"): never sniffed as anything but their type.
+                resp.headers_mut().insert(
+                    http::header::X_CONTENT_TYPE_OPTIONS,
+                    http::HeaderValue::from_static("nosniff"),
+                );
+                Ok::<_, Infallible>(resp)
+            }
         });
         let conn = http.serve_connection(TokioIo::new(Box::pin(stream)), service);
         let stop = stop.clone();

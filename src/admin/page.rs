@@ -22,7 +22,7 @@ table{border-collapse:collapse;min-width:40em}th,td{padding:.25em .8em;text-alig
 th{background:#eef1f4;font-weight:600}td.n{text-align:right;font-variant-numeric:tabular-nums}\
 .muted{color:#66707a}.bad{color:#b3261e}.state{display:inline-block;padding:0 .5em;border-radius:.6em;font-size:.9em}\
 .warm{background:#d8f0dd}.leased{background:#d6e6fb}.restoring{background:#fdf0c4}.draining{background:#f6d7d5}\
-code{font-size:.95em}";
+code{font-size:.95em}td.err{white-space:pre-wrap}";
 
 /// The page, as it stands now.
 pub fn render(serving: &Serving) -> String {
@@ -80,7 +80,7 @@ pub fn render(serving: &Serving) -> String {
                                     td.n { (s.warm()) } td.n { (s.leased) } td.n { (s.restoring) }
                                     td.n { (s.draining) } td.n { (s.queued) }
                                     td.n { (z.min_warm) " / " (z.max_instances) }
-                                    td.bad { (pool.last_error().unwrap_or_default()) }
+                                    td.bad.err { (pool.last_error().unwrap_or_default()) }
                                 }
                             }
                             Target::Static { upstream, .. } => {
@@ -124,7 +124,7 @@ pub fn render(serving: &Serving) -> String {
                         @for (name, (warm, restoring), min_warm, last_error) in &stocks {
                             tr {
                                 td { (name) } td.n { (warm) } td.n { (restoring) } td.n { (min_warm) }
-                                td.bad { (last_error.clone().unwrap_or_default()) }
+                                td.bad.err { (last_error.clone().unwrap_or_default()) }
                             }
                         }
                     }
@@ -153,7 +153,7 @@ pub fn render(serving: &Serving) -> String {
                             tr {
                                 td { (ago(now, f.at)) } td { (f.app) } td.bad { (f.reason) }
                                 td.n { (format!("{:.1} s", f.took.as_secs_f64())) }
-                                td { code { (f.error) } }
+                                td.err { code { (f.error) } }
                             }
                         }
                     }

@@ -703,7 +703,7 @@ impl<F: Factory> Shared<F> {
         if !m.failed {
             let status = status.map_or_else(|| "exit event".into(), |s| s.to_string());
             let lived_ms = m.joined.elapsed().as_millis() as u64;
-            warn!(parent: &m.span, draining = m.draining, lived_ms, "failed: VMM exited ({status}); replacing it");
+            warn!(parent: &m.span, draining = m.draining, lived_ms, "failed: VMM exited ({status})");
             self.observer.instance_failed();
             m.failed = true;
         }
@@ -839,6 +839,14 @@ async fn restore<F: Factory>(guard: Restoring<F>, id: crate::vmm::VmId) {
     match result {
         Ok(instance) => {
             shared.observer.restored(took);
+            // An instance named otherwise than its start (a runtime clone
+            // an app started in) lives in a span of its own name, which
+            // says what it was started as.
+            let name = instance.name();
+            let span = match name == id.to_string() {
+                true => span,
+                false => info_span!("vm", engine = %shared.name, vm = %name, started_as = %id),
+            };
             info!(parent: &span, took_ms, "ready");
             join(&shared, guard, instance, span);
         }

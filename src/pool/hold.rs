@@ -237,6 +237,8 @@ impl<F: Factory> Lease<F> {
             shared.stop(&mut st, member, StopReason::Failed);
             None
         } else {
+            let lived_ms = member.joined.elapsed().as_millis() as u64;
+            info!(parent: &member.span, lived_ms, "taken out: handed on");
             Some(member.instance)
         };
         shared.start_restores(&mut st);
@@ -464,7 +466,7 @@ impl<F: Factory> Shared<F> {
                 m.in_flight -= 1;
                 if broken && !m.failed {
                     let lived_ms = m.joined.elapsed().as_millis() as u64;
-                    warn!(parent: &m.span, lived_ms, "failed: the instance broke a request; replacing it");
+                    warn!(parent: &m.span, lived_ms, "failed: the instance broke a request");
                     m.draining = true;
                     m.failed = true;
                     self.observer.instance_failed();

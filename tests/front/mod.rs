@@ -275,7 +275,16 @@ impl Binary {
 
     /// [`Binary::start`], its log (stderr) written to `log`.
     pub async fn start_logged(config: &Path, within: std::time::Duration, log: &Path) -> Binary {
-        Binary::spawn(&[], config, within, Some(log)).await
+        Binary::spawn(&[], config, within, Some(log), &[]).await
+    }
+
+    /// [`Binary::start`] with `env` added to its environment.
+    pub async fn start_env(
+        config: &Path,
+        within: std::time::Duration,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Binary {
+        Binary::spawn(&[], config, within, None, env).await
     }
 
     /// [`Binary::start`], run by the command `wrapper` (say, `setpriv`
@@ -285,7 +294,7 @@ impl Binary {
         config: &Path,
         within: std::time::Duration,
     ) -> Binary {
-        Binary::spawn(wrapper, config, within, None).await
+        Binary::spawn(wrapper, config, within, None, &[]).await
     }
 
     async fn spawn(
@@ -293,6 +302,7 @@ impl Binary {
         config: &Path,
         within: std::time::Duration,
         log: Option<&Path>,
+        env: &[(&str, &std::ffi::OsStr)],
     ) -> Binary {
         use tokio::io::AsyncBufReadExt;
         let mut command = match wrapper.split_first() {
@@ -306,6 +316,7 @@ impl Binary {
         if let Some(log) = log {
             command.stderr(std::fs::File::create(log).expect("the log file"));
         }
+        command.envs(env.iter().copied());
         let mut child = command
             .args(["run", "--config"])
             .arg(config)

@@ -120,6 +120,10 @@ impl VmProcess {
         let (log, log2) = open_log(run_dir)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
+            // A gateway under systemd (Type=notify) has the service
+            // manager's socket in its environment: the VMM is not the
+            // service and must not speak for it (sd_notify(3)).
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
