@@ -31,6 +31,7 @@ pub mod alloc;
 pub mod config;
 pub mod ctl;
 pub mod gateway;
+pub mod logs;
 pub mod path;
 pub mod pool;
 pub mod proxy;

@@ -173,23 +173,13 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "snapgate=info".into());
-    // Lines are written to stderr by a thread of their own, so a slow
-    // reader (a journald pipe) never stalls a worker serving requests;
-    // when its queue is full, loggers wait rather than lines being lost.
-    // Dropping the guard at exit flushes what is queued.
-    let (stderr, _flush) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .finish(std::io::stderr());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(stderr);
-    match cli.log_format {
-        LogFormat::Json => logs.json().init(),
-        LogFormat::Auto if !terminal => logs.json().init(),
-        _ => logs.with_ansi(terminal).init(),
-    }
+    let json = match cli.log_format {
+        LogFormat::Json => true,
+        LogFormat::Auto => !terminal,
+        LogFormat::Text => false,
+    };
+    // Kept to the end of main: dropping it flushes the queued lines.
+    let _flush = snapgate::logs::init(json, terminal);
     match cli.command {
         Command::Run { config } => match run(&config) {
             Ok(()) => ExitCode::SUCCESS,

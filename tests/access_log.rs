@@ -165,7 +165,7 @@ async fn every_request_gets_one_access_line_however_it_ends() {
     for i in 0..3 {
         let lines = lines_of(&log, &format!("/h2/{i}")).await;
         assert_eq!(lines.len(), 1, "{lines:?}");
-        assert_eq!(lines[0]["version"], "HTTP/2.0");
+        assert_eq!(lines[0]["version"], "HTTP/2");
         assert_eq!(lines[0]["status"], 200);
         assert_eq!(lines[0]["completed"], true);
     }

@@ -633,8 +633,8 @@ pub struct Config {
     #[serde(default = "default_send_timeout", with = "humantime_serde")]
     pub send_timeout: Duration,
     /// One access log line per request, at its end (INFO, target
-    /// `snapgate::access`, in the log format of `--log-format`): time,
-    /// client, host, method, path, status, bytes, duration, app,
+    /// `snapgate::access`, in the log format of `--log-format`, stamped
+    /// when written): client, host, method, path, status, bytes, duration, app,
     /// instance, whether it was held and for how long, request id.
     /// Default true.
     #[serde(default = "yes")]

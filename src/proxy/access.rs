@@ -17,7 +17,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
@@ -59,13 +59,14 @@ fn valid(id: &[u8]) -> bool {
 /// 128 random bits as 32 hex digits, from a per-thread generator seeded
 /// from the OS (no system call per id).
 fn generate() -> HeaderValue {
-    let id = format!("{:032x}", fastrand::u128(..));
-    HeaderValue::try_from(id).expect("hex digits are a valid field value")
+    let mut id = [0u8; 32];
+    hex::encode_to_slice(fastrand::u128(..).to_le_bytes(), &mut id)
+        .expect("16 bytes are 32 hex digits");
+    HeaderValue::from_bytes(&id).expect("hex digits are a valid field value")
 }
 
 /// What the access log line says of a request, taken as it arrives.
 pub struct Entry {
-    at: SystemTime,
     started: Instant,
     client: Option<IpAddr>,
     host: Option<HeaderValue>,
@@ -84,7 +85,6 @@ impl Entry {
             .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
             .or_else(|| req.headers().get(http::header::HOST).cloned());
         Entry {
-            at: SystemTime::now(),
             started: Instant::now(),
             client,
             host,
@@ -139,18 +139,16 @@ impl Line {
     fn write(self, bytes: u64, completed: bool) {
         let e = &self.entry;
         let took = e.started.elapsed();
-        let time = humantime::format_rfc3339_millis(e.at);
         let app = self.routed.as_ref().map(|r| &**r.app.name());
         let instance = self.routed.as_ref().and_then(|r| r.instance.as_deref());
         let held = self.routed.as_ref().and_then(|r| r.held);
         tracing::info!(
-            target: "snapgate::access",
-            %time,
+            target: crate::logs::ACCESS,
             client = e.client.map(tracing::field::display),
             host = e.host.as_ref().and_then(|h| h.to_str().ok()),
             method = %e.method,
             path = &*e.path,
-            version = ?e.version,
+            version = version(e.version),
             status = self.status.as_u16(),
             bytes,
             duration_ms = ms(took),
@@ -162,6 +160,18 @@ impl Line {
             completed,
             "access"
         );
+    }
+}
+
+/// `version` as the request line writes it (RFC 9112 section 2.3).
+fn version(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2",
+        Version::HTTP_3 => "HTTP/3",
+        _ => "other",
     }
 }
 
