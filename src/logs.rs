@@ -2,9 +2,10 @@
 //!
 //! 1. Every line goes to stderr from a thread of its own
 //!    (`tracing_appender`'s non-blocking writer), so a slow reader (a
-//!    journald pipe) never stalls a worker serving requests; when its
-//!    queue is full, loggers wait rather than lines being lost. The
-//!    [`Guard`] flushes what is queued when dropped at exit.
+//!    journald pipe) does not stall a worker serving requests until the
+//!    queue (128,000 lines) is full; then loggers wait rather than lines
+//!    being lost. The [`Guard`] flushes what is queued when dropped at
+//!    exit, waiting at most about a second.
 //! 2. `RUST_LOG` filters every line (`snapgate=info` by default).
 //! 3. Lines are text for people or one JSON object per line for
 //!    collectors. Every target but the access log is written by
@@ -12,7 +13,7 @@
 //! 4. The access log (target [`ACCESS`], a line per request) is written by
 //!    [`AccessLayer`] in the same two shapes. It is hand-written because it
 //!    runs once per request on the serving threads: through
-//!    `tracing_subscriber`'s JSON formatter a line of its 16 fields cost
+//!    `tracing_subscriber`'s JSON formatter a line of its 15 fields cost
 //!    about 29,000 instructions (measured by `scripts/instructions`), most
 //!    of them in its generic field visitor and writer adaptor; this layer
 //!    writes the same object directly.
@@ -21,6 +22,7 @@ use std::io::Write;
 
 use tracing::field::{Field, Visit};
 use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::layer::{Context, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{filter, fmt, EnvFilter, Layer};
@@ -38,7 +40,11 @@ pub fn init(json: bool, ansi: bool) -> Guard {
         .lossy(false)
         .finish(std::io::stderr());
     let env = EnvFilter::try_from_default_env().unwrap_or_else(|_| "snapgate=info".into());
-    let not_access = filter::filter_fn(|m: &Metadata<'_>| m.target() != ACCESS);
+    // The per-layer filters pass on RUST_LOG's most verbose level, so the
+    // process-wide cap (and the `log` crate's, for rustls) stays its.
+    let hint = env.max_level_hint().unwrap_or(LevelFilter::TRACE);
+    let not_access =
+        filter::filter_fn(|m: &Metadata<'_>| m.target() != ACCESS).with_max_level_hint(hint);
     let lines = match json {
         true => fmt::layer().json().with_writer(stderr.clone()).boxed(),
         false => fmt::layer()
@@ -50,7 +56,9 @@ pub fn init(json: bool, ansi: bool) -> Guard {
         writer: stderr,
         json,
     }
-    .with_filter(filter::filter_fn(|m: &Metadata<'_>| m.target() == ACCESS));
+    .with_filter(
+        filter::filter_fn(|m: &Metadata<'_>| m.target() == ACCESS).with_max_level_hint(hint),
+    );
     tracing_subscriber::registry()
         .with(env)
         .with(lines.with_filter(not_access))
@@ -60,9 +68,10 @@ pub fn init(json: bool, ansi: bool) -> Guard {
 }
 
 /// Writes the access log's lines (module doc, step 4): as JSON, the
-/// object `tracing_subscriber` writes for any event (`timestamp`,
-/// `level`, `fields` with `message`, `target`); as text, the timestamp,
-/// level, target and `name=value` pairs.
+/// object `tracing_subscriber` writes for an event outside any span
+/// (`timestamp`, `level`, `fields` with `message` first, `target`); as
+/// text, the timestamp, level, target and `name=value` pairs, a value
+/// quoted only if it has a space, a quote, `=` or `\`.
 pub struct AccessLayer<W> {
     /// Where lines go.
     pub writer: W,

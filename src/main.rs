@@ -179,11 +179,13 @@ fn main() -> ExitCode {
         LogFormat::Text => false,
     };
     // Kept to the end of main: dropping it flushes the queued lines.
-    let _flush = snapgate::logs::init(json, terminal);
+    let flush = snapgate::logs::init(json, terminal);
     match cli.command {
         Command::Run { config } => match run(&config) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
+                // The log lines before it go out first.
+                drop(flush);
                 eprintln!("snapgate: {e:#}");
                 ExitCode::FAILURE
             }
@@ -240,8 +242,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the config, starts the gateway, reloads the config on SIGHUP or
-/// an admin `POST /reload`, and on SIGINT or SIGTERM drains it.
 /// Tells the service manager how the gateway stands (systemd's
 /// `Type=notify`, sd_notify(3)): ready once it serves, reloading while it
 /// reloads, stopping as it drains. Nothing without `NOTIFY_SOCKET`; a
@@ -252,6 +252,8 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
+/// Loads the config, starts the gateway, reloads the config on SIGHUP or
+/// an admin `POST /reload`, and on SIGINT or SIGTERM drains it.
 fn run(file: &std::path::Path) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let config = Config::load(file)?;

@@ -225,6 +225,14 @@ impl<'a> Builder<'a> {
     ) -> anyhow::Result<Snapshot> {
         let (vmm, app, spec) = (self.vmm, &job.name, &job.spec);
         let started = Instant::now();
+        // Under systemd (Type=notify), each build extends the start-up
+        // timeout by what it may take: its boot's ready_timeout and two
+        // minutes for the rest (sd_notify(3), EXTEND_TIMEOUT_USEC).
+        let may_take = spec.ready_timeout + std::time::Duration::from_secs(120);
+        let usec = u32::try_from(may_take.as_micros()).unwrap_or(u32::MAX);
+        if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::ExtendTimeoutUsec(usec)]) {
+            tracing::warn!("telling the service manager the build may take {may_take:?}: {e}");
+        }
         writeln!(out, "{app}: booting template with {}", vmm.kind())?;
         let tap = self.net.create_tap().await?;
         let mut vm = vmm
