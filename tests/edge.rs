@@ -2494,3 +2494,27 @@ async fn a_request_id_is_kept_or_made_sent_to_the_app_and_returned() {
     assert_eq!(r.header("x-request-id"), Some("hop-1"));
     assert_eq!(up.only("/hop").values("x-request-id"), ["hop-1"]);
 }
+
+/// The request id is added after the head's limits are checked: a request
+/// at exactly `max_headers` fields, sent without an id, is served, and the
+/// app gets the id as its field past the limit.
+#[tokio::test]
+async fn a_request_at_max_headers_is_served_with_its_request_id() {
+    let (up, gw) = app_a("limits: { max_headers: 5 }\n", &[]).await;
+    let mut w = Wire::connect(gw.listen).await;
+    let r = exchange(
+        &mut w,
+        b"GET /five HTTP/1.1\r\nHost: a.test\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{r:?}");
+    let id = r.header("x-request-id").unwrap().to_owned();
+    assert_eq!(up.only("/five").values("x-request-id"), [id.as_str()]);
+    // One more field is over the limit.
+    let r = exchange(
+        &mut w,
+        b"GET /six HTTP/1.1\r\nHost: a.test\r\nA: 1\r\nB: 2\r\nC: 3\r\nD: 4\r\nE: 5\r\n\r\n",
+    )
+    .await;
+    assert_eq!(r.status, 431, "{r:?}");
+}

@@ -1,6 +1,6 @@
 //! Request ids and the access log.
 //!
-//! - Every request carries one `X-Request-Id`: the client's own when it
+//! - Every request carries one `X-Request-Id` ([`RequestId`]): the client's own when it
 //!   sent exactly one that is 1 to 128 characters of
 //!   `A-Z a-z 0-9 - _ . : / + = @ ~` (so it can never break a log line or
 //!   a header), else 32 random hex digits (128 bits, as nginx's
@@ -35,18 +35,34 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Longest request id kept from a client, in bytes.
 pub const MAX_REQUEST_ID: usize = 128;
 
-/// `req`'s request id: the client's, if it sent exactly one valid id,
-/// else a new one, which replaces whatever it sent.
-pub fn request_id<B>(req: &mut Request<B>) -> HeaderValue {
-    let mut sent = req.headers().get_all(&X_REQUEST_ID).iter();
-    if let (Some(id), None) = (sent.next(), sent.next()) {
-        if valid(id.as_bytes()) {
-            return id.clone();
+/// A request's id, as a request extension: set by the stack's first
+/// layer, written into the request the app gets by its forwarding layer
+/// ([`RequestId::apply`]), after the head's size and field count were
+/// checked as the client sent them.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub HeaderValue);
+
+impl RequestId {
+    /// `req`'s id: the client's, if it sent exactly one valid id, else a
+    /// new one.
+    pub fn of<B>(req: &Request<B>) -> RequestId {
+        let mut sent = req.headers().get_all(&X_REQUEST_ID).iter();
+        if let (Some(id), None) = (sent.next(), sent.next()) {
+            if valid(id.as_bytes()) {
+                return RequestId(id.clone());
+            }
+        }
+        RequestId(generate())
+    }
+
+    /// Sets `req`'s `X-Request-Id` to its id (extension), replacing
+    /// whatever the client sent; nothing without one.
+    pub fn apply<B>(req: &mut Request<B>) {
+        if let Some(RequestId(id)) = req.extensions().get::<RequestId>() {
+            let id = id.clone();
+            req.headers_mut().insert(X_REQUEST_ID.clone(), id);
         }
     }
-    let id = generate();
-    req.headers_mut().insert(X_REQUEST_ID.clone(), id.clone());
-    id
 }
 
 fn valid(id: &[u8]) -> bool {
@@ -251,17 +267,25 @@ impl Drop for Logged {
 mod tests {
     use super::*;
 
+    /// The id `req` would get and the app would see.
+    fn applied(mut req: Request<()>) -> (HeaderValue, Request<()>) {
+        let id = RequestId::of(&req);
+        req.extensions_mut().insert(id.clone());
+        RequestId::apply(&mut req);
+        (id.0, req)
+    }
+
     #[test]
     fn a_clients_valid_id_is_kept_and_anything_else_replaced() {
         let mut req = Request::new(());
         req.headers_mut()
             .insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123_x.y:z"));
-        assert_eq!(request_id(&mut req), "abc-123_x.y:z");
+        assert_eq!(applied(req).0, "abc-123_x.y:z");
         for bad in ["", "has space", "quote\"", &"x".repeat(129)] {
             let mut req = Request::new(());
             req.headers_mut()
                 .insert(&X_REQUEST_ID, HeaderValue::from_str(bad).unwrap());
-            let id = request_id(&mut req);
+            let (id, req) = applied(req);
             assert_eq!(id.len(), 32, "{bad:?} replaced");
             assert!(id.as_bytes().iter().all(u8::is_ascii_hexdigit));
             assert_eq!(req.headers().get_all(&X_REQUEST_ID).iter().count(), 1);
@@ -273,12 +297,10 @@ mod tests {
             .append(&X_REQUEST_ID, HeaderValue::from_static("a"));
         req.headers_mut()
             .append(&X_REQUEST_ID, HeaderValue::from_static("b"));
-        let id = request_id(&mut req);
+        let (id, req) = applied(req);
         assert_eq!(id.len(), 32);
         assert_eq!(req.headers().get_all(&X_REQUEST_ID).iter().count(), 1);
         // Fresh ones differ.
-        let mut a = Request::new(());
-        let mut b = Request::new(());
-        assert_ne!(request_id(&mut a), request_id(&mut b));
+        assert_ne!(applied(Request::new(())).0, applied(Request::new(())).0);
     }
 }

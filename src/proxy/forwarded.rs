@@ -287,14 +287,7 @@ impl Forwarding {
             if hop != Hop::default() {
                 req.extensions_mut().insert(hop);
             }
-            // The request id is snapgate's to pass on (`access`): a
-            // `Connection` naming it does not take it from the app.
-            let id = req.headers().get(&super::access::X_REQUEST_ID).cloned();
             strip_hop_by_hop(req.headers_mut());
-            if let Some(id) = id {
-                req.headers_mut()
-                    .insert(super::access::X_REQUEST_ID.clone(), id);
-            }
         } else if req.version() == http::Version::HTTP_2 && req.method() == http::Method::CONNECT {
             // An extended CONNECT has no hop-by-hop field but is a hop.
             let hop = Hop::of(&req);

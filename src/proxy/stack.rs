@@ -19,7 +19,7 @@
 //!   acme                 plain listener, tls.acme: HTTP-01 challenge answers
 //!   certificate          TLS listener: a host its connection's certificate is not for: 421
 //!   redirect             plain listener, host with a certificate: 308 to https
-//!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP
+//!   forwarding           hop-by-hop out; X-Forwarded-*, Forwarded, X-Real-IP; X-Request-Id
 //!   app                  route, claim, forward (retry once if nothing was sent)
 //! ```
 //!
@@ -74,8 +74,11 @@ impl Stack {
     ) -> impl Future<Output = Response<ProxyBody>> + Send + 'static {
         let outer = self.0.clone();
         let started = tokio::time::Instant::now();
-        // The request id layer: kept or made, before any layer can answer.
-        let id = access::request_id(&mut req);
+        // The request id layer: kept or made, before any layer can answer;
+        // the forwarding layer writes it into the request.
+        let request_id = access::RequestId::of(&req);
+        let id = request_id.0.clone();
+        req.extensions_mut().insert(request_id);
         // The access log layer: what the line says of the request, taken
         // now; written at the response body's end.
         let entry = outer.access_log.then(|| {
@@ -385,8 +388,11 @@ impl<S> PolicyLayers<S> {
         if let Some(to) = self.redirect.as_ref().and_then(|r| r.location(&req)) {
             return Err(ProxyError::new(ErrorKind::Redirect(to)).into());
         }
-        // Forwarding headers, by the trusted_proxies policy.
-        let req = self.forwarding.apply(req);
+        // Forwarding headers, by the trusted_proxies policy; the request
+        // id (after the checks above, which count the head as sent, and
+        // after hop-by-hop fields are stripped: it is always the app's).
+        let mut req = self.forwarding.apply(req);
+        access::RequestId::apply(&mut req);
         let span = Span::current();
         if !span.is_disabled() {
             let client = match req.extensions().get::<ClientAddr>() {
