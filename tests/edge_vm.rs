@@ -597,10 +597,12 @@ async fn a_websocket_to_a_vm_app_outlives_its_idle_timeout_and_holds_its_instanc
     use tokio_tungstenite::tungstenite::{client::IntoClientRequest, Message};
 
     let app = "edgews";
+    // An hour's upstream_read_timeout (an app-level key after the pool's):
+    // the tunnel can only end below by the app's close, not by going idle.
     let gw = launch(
         "sgevw",
         app,
-        "{ min_warm: 0, max_instances: 1, idle_timeout: 2s }",
+        "{ min_warm: 0, max_instances: 1, idle_timeout: 2s }\n    upstream_read_timeout: 1h",
         "",
     )
     .await;
@@ -650,6 +652,8 @@ async fn a_websocket_to_a_vm_app_outlives_its_idle_timeout_and_holds_its_instanc
     ws.close(None).await.unwrap();
     while let Some(Ok(_)) = ws.next().await {}
 
+    // The app closed its side after the close handshake; the client keeps
+    // its socket open (`ws` lives on): the tunnel ends all the same.
     wait_for("the tunnel to end", ANSWER, async || {
         app_metric(&gw, "snapgate_upgraded_connections", app) == 0.0
     })

@@ -17,8 +17,9 @@
 //!    holds the request's lease all along: the instance counts the
 //!    connection as in flight, so its pool never reaps it while open.
 //!    The connection shows in `snapgate_upgraded_connections{app}`.
-//! 3. The tunnel ends when either side closes (the other is shut down
-//!    after it), when no byte has moved either way for the app's
+//! 3. The tunnel ends when either side closes (what it sent is written
+//!    on, then the other side is shut down, and both connections close),
+//!    when no byte has moved either way for the app's
 //!    `upstream_read_timeout`, or at shutdown once the grace period is over
 //!    ([`super::Apps::end_tunnels`]: it waits for open tunnels until then,
 //!    and ends the rest before pools close); its lease ends
@@ -35,7 +36,7 @@ use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 use tracing::debug;
 
@@ -62,18 +63,41 @@ pub async fn run<H: Send>(
     };
     let start = Instant::now();
     let last = Arc::new(AtomicU64::new(0));
-    let mut client = Active::new(TokioIo::new(client), start, last.clone());
-    let mut upstream = Active::new(TokioIo::new(upstream), start, last.clone());
-    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    let client = Active::new(TokioIo::new(client), start, last.clone());
+    let upstream = Active::new(TokioIo::new(upstream), start, last.clone());
+    let (mut client_rx, mut client_tx) = tokio::io::split(client);
+    let (mut upstream_rx, mut upstream_tx) = tokio::io::split(upstream);
+    // Each direction copies until its reader's end, then shuts the other
+    // side's writer down. The first to end ends the tunnel (step 3), as
+    // nginx ends an upgraded connection: a client that keeps its side
+    // open after the app closed (a WebSocket client waits for the
+    // server's close) no longer holds the instance until `idle`. The
+    // bytes one side sent before its end are all written first.
+    let up = async {
+        let copied = tokio::io::copy(&mut client_rx, &mut upstream_tx).await;
+        let _ = upstream_tx.shutdown().await;
+        ("client", copied)
+    };
+    let down = async {
+        let copied = tokio::io::copy(&mut upstream_rx, &mut client_tx).await;
+        let _ = client_tx.shutdown().await;
+        ("app", copied)
+    };
     tokio::select! {
-        copied = copy => match copied {
-            Ok((up, down)) => debug!(up, down, "tunnel closed"),
-            Err(e) => debug!("tunnel ended: {e}"),
-        },
+        (side, copied) = up => ended(side, copied),
+        (side, copied) = down => ended(side, copied),
         () = quiet_for(idle, start, &last) => debug!(?idle, "tunnel idle: closed"),
         () = cancel.cancelled() => {}
     }
     drop(held);
+}
+
+/// Logs how the tunnel ended: `side` closed, after copying, or failed.
+fn ended(side: &str, copied: io::Result<u64>) {
+    match copied {
+        Ok(bytes) => debug!(side, bytes, "tunnel closed"),
+        Err(e) => debug!(side, "tunnel ended: {e}"),
+    }
 }
 
 /// Resolves once no byte has moved for `idle` (step 3).
