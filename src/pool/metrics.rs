@@ -61,9 +61,6 @@ const OUTCOMES: [&str; 7] = [
 /// ([`super::engine::StartFailure::reason`]).
 const FAILURE_REASONS: [&str; 4] = ["app", "host", "timeout", "panic"];
 
-/// The `path` label values of `snapgate_cold_start_duration_seconds`.
-const PATHS: [&str; 4] = ["warm", "busy", "clone", "runtime_clone"];
-
 /// The `state` label values of `snapgate_instances`.
 const STATES: [MemberState; 4] = [
     MemberState::Restoring,
@@ -152,13 +149,11 @@ impl PoolMetrics {
     }
 
     /// `app`'s series, resolved once and created at zero so dashboards
-    /// and alerts see them before the first event.
+    /// and alerts see them before the first event (of the cold-start
+    /// paths, `warm`, `busy` and the app's own `path`).
     pub(super) fn for_app(&self, app: &str, path: StartPath) -> AppMetrics {
         let one = |v: &IntCounterVec| v.with_label_values(&[app]);
         let wait = |p: &str| self.cold_start.with_label_values(&[app, p]);
-        for p in PATHS {
-            wait(p);
-        }
         AppMetrics {
             app: app.into(),
             path,
