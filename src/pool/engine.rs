@@ -113,9 +113,6 @@ pub(super) struct Member<I: Instance> {
     pub(super) joined: Instant,
     /// Leases it has had.
     pub(super) leases: u64,
-    /// True only during the dispatch of its join: leases handed out then
-    /// are fresh ([`super::hold::Lease::fresh`]).
-    pub(super) joining: bool,
     pub(super) draining: bool,
     /// Drained by an operator ([`Engine::drain`]).
     pub(super) drained: bool,
@@ -520,7 +517,7 @@ impl<F: Factory> Engine<F> {
             st.sizing = sizing;
             // Claims held for want of room may fit now; the queue and
             // min_warm may want more restores.
-            let undelivered = shared.dispatch(&mut st);
+            let undelivered = shared.dispatch(&mut st, None);
             shared.start_restores(&mut st);
             shared.settle(st);
             undelivered
@@ -896,7 +893,6 @@ fn join<F: Factory>(
             busy_since: Instant::now(),
             joined: Instant::now(),
             leases: 0,
-            joining: true,
             draining: false,
             drained: false,
             span,
@@ -919,10 +915,7 @@ fn join<F: Factory>(
             (Vec::new(), false)
         } else {
             st.members.push(member);
-            let undelivered = shared.dispatch(&mut st);
-            if let Some(m) = st.members.iter_mut().find(|m| m.key == key) {
-                m.joining = false;
-            }
+            let undelivered = shared.dispatch(&mut st, Some(key));
             shared.settle(st);
             (undelivered, true)
         }

@@ -300,7 +300,7 @@ impl<F: Factory> Engine<F> {
             if st.closed {
                 return Err((shared.shutting_down(), None));
             }
-            if let Some(lease) = shared.try_lease(&mut st) {
+            if let Some(lease) = shared.try_lease(&mut st, None) {
                 shared.publish(&st);
                 return Ok((lease, false));
             }
@@ -389,7 +389,8 @@ impl<F: Factory> Shared<F> {
 
     /// Leases the busiest member with room whose process still runs
     /// (members found dead are marked so and skipped).
-    fn try_lease(self: &Arc<Self>, st: &mut State<F>) -> Option<Lease<F>> {
+    /// A lease of member `joined` is fresh (module doc, step 5).
+    fn try_lease(self: &Arc<Self>, st: &mut State<F>, joined: Option<u64>) -> Option<Lease<F>> {
         let max = st.sizing.max_concurrency;
         loop {
             let m = st
@@ -404,7 +405,7 @@ impl<F: Factory> Shared<F> {
                 continue;
             }
             let first = m.leases == 0;
-            let fresh = m.joining;
+            let fresh = joined == Some(m.key);
             if m.in_flight == 0 {
                 let now = Instant::now();
                 m.busy_since = now;
@@ -435,11 +436,16 @@ impl<F: Factory> Shared<F> {
 
     /// Hands free capacity to queued claims, in order (module doc, step
     /// 4). Returns leases whose claimer went away: the caller drops them
-    /// after unlocking.
-    pub(super) fn dispatch(self: &Arc<Self>, st: &mut State<F>) -> Vec<Lease<F>> {
+    /// after unlocking. Called as member `joined` joins, its leases are
+    /// fresh (step 5).
+    pub(super) fn dispatch(
+        self: &Arc<Self>,
+        st: &mut State<F>,
+        joined: Option<u64>,
+    ) -> Vec<Lease<F>> {
         let mut undelivered = Vec::new();
         while !st.waiters.is_empty() {
-            let Some(lease) = self.try_lease(st) else {
+            let Some(lease) = self.try_lease(st, joined) else {
                 break;
             };
             let waiter = st.waiters.pop_front().expect("checked non-empty");
@@ -487,7 +493,7 @@ impl<F: Factory> Shared<F> {
             let wake = broken
                 || doomed.is_some()
                 || idle_since.is_some_and(|t| reapable_before_maintenance(&st, t));
-            let undelivered = self.dispatch(&mut st);
+            let undelivered = self.dispatch(&mut st, None);
             if let Some((member, why)) = doomed {
                 self.stop(&mut st, member, why);
                 self.start_restores(&mut st);
