@@ -47,6 +47,14 @@ pub fn linux_spec() -> ImageSpec {
     .expect("test spec parses")
 }
 
+/// [`linux_spec`] with [`test_guest_on_restore`], as the JSON a config's
+/// `image:` takes inline (JSON is YAML).
+pub fn test_guest_image() -> String {
+    let mut spec = linux_spec();
+    spec.on_restore = Some(test_guest_on_restore());
+    serde_json::to_string(&spec).expect("a spec serializes")
+}
+
 /// The test guest's resume hook: it serves the resumed message at
 /// `POST /snapgate/resumed` (reseeds its kernel, sets its clock).
 pub fn test_guest_on_restore() -> crate::vmm::resumed::OnRestore {

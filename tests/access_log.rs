@@ -50,16 +50,7 @@ async fn lines_of(log: &std::path::Path, path: &str) -> Vec<Value> {
 async fn every_request_gets_one_access_line_however_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let up = upstream().await;
-    let config = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
-             apps:\n  site:\n    hosts: [site.test]\n    upstream: {up}\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
+    let config = static_site_config(dir.path(), up);
     let log = dir.path().join("log");
     let gw = Binary::start_logged(&config, Duration::from_secs(60), &log).await;
     let client = reqwest::Client::new();

@@ -45,9 +45,7 @@ const FIRST: Version = Version {
 /// Writes `v` as `dir/proxy.yaml` for a gateway on `tap_prefix` whose
 /// static apps go to `upstream`.
 fn write(dir: &Path, tap_prefix: &str, upstream: SocketAddr, v: &Version) {
-    let mut spec = snapgate::testing::linux_spec();
-    spec.on_restore = Some(snapgate::testing::test_guest_on_restore());
-    let image = serde_json::to_string(&spec).unwrap();
+    let image = snapgate::testing::test_guest_image();
     let vm = if v.vm {
         format!(
             "  vm:\n    hosts: [vm.b.test]\n    image: {image}\n    pool: {}\n    response_timeout: {}\n",

@@ -102,9 +102,7 @@ fn caps(pid: u32, field: &str) -> u64 {
 async fn the_gateway_serves_a_vm_app_with_cap_net_admin_alone() {
     const CAP_NET_ADMIN: u64 = 1 << 12;
     let dir = tempfile::tempdir().unwrap();
-    let mut spec = snapgate::testing::linux_spec();
-    spec.on_restore = Some(snapgate::testing::test_guest_on_restore());
-    let image = serde_json::to_string(&spec).unwrap();
+    let image = snapgate::testing::test_guest_image();
     let config = dir.path().join("proxy.yaml");
     std::fs::write(
         &config,
@@ -168,16 +166,7 @@ async fn the_gateway_serves_a_vm_app_with_cap_net_admin_alone() {
 async fn the_gateway_tells_the_service_manager_ready_reloading_and_stopping() {
     let dir = tempfile::tempdir().unwrap();
     let up = front::upstream().await;
-    let config = dir.path().join("proxy.yaml");
-    std::fs::write(
-        &config,
-        format!(
-            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
-             apps:\n  site:\n    hosts: [site.test]\n    upstream: {up}\n",
-            dir.path().join("state").display()
-        ),
-    )
-    .unwrap();
+    let config = front::static_site_config(dir.path(), up);
     let socket_path = dir.path().join("notify");
     let socket = tokio::net::UnixDatagram::bind(&socket_path).unwrap();
     let next = async || {

@@ -255,6 +255,23 @@ pub async fn certificate_for(dir: &Path, tls: SocketAddr, sni: &str) -> Option<S
         .map(str::to_owned)
 }
 
+/// Writes `dir/proxy.yaml`: listeners and admin on loopback ports of the
+/// system's choosing, state in `dir/state`, one static app `site` on
+/// `site.test` forwarded to `up`. Its path.
+pub fn static_site_config(dir: &Path, up: SocketAddr) -> std::path::PathBuf {
+    let config = dir.join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nstate_dir: {}\n\
+             apps:\n  site:\n    hosts: [site.test]\n    upstream: {up}\n",
+            dir.join("state").display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// The `snapgate` binary running `snapgate run --config <file>`: killed
 /// on drop if still running.
 pub struct Binary {
