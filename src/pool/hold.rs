@@ -294,8 +294,7 @@ impl<F: Factory> Engine<F> {
     /// before it failed (`None`: it failed without being queued).
     pub async fn claim_held(&self) -> Result<(Lease<F>, bool), (ClaimError, Option<Duration>)> {
         let shared = &self.shared;
-        let started = Instant::now();
-        let (queued, mut rx, hold_timeout) = {
+        let (queued, mut rx, hold_timeout, started) = {
             let mut st = shared.lock();
             if st.closed {
                 return Err((shared.shutting_down(), None));
@@ -318,6 +317,8 @@ impl<F: Factory> Engine<F> {
             if let Some(err) = shared.unavailable(&st) {
                 return Err((err, None));
             }
+            // The wait is timed from here: a warm claim reads no clock.
+            let started = Instant::now();
             let (tx, rx) = oneshot::channel();
             let id = st.next_waiter;
             st.next_waiter += 1;
@@ -333,7 +334,7 @@ impl<F: Factory> Engine<F> {
                 shared: shared.clone(),
                 id,
             };
-            (queued, rx, hold_timeout)
+            (queued, rx, hold_timeout, started)
         };
         let result = match tokio::time::timeout(hold_timeout, &mut rx).await {
             Ok(Ok(result)) => result,
