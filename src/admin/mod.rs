@@ -42,7 +42,7 @@ use tracing::{info, warn};
 
 mod page;
 
-use crate::pool::{Drained, Prewarm, Sizing, Stats};
+use crate::pool::{Drained, MemberInfo, Prewarm, Sizing, Stats, VmDetail};
 use crate::proxy::{Apps, Target};
 use crate::runtime::Runtime;
 
@@ -340,17 +340,11 @@ fn instances(serving: &Serving, only: Option<&str>) -> Response<Page> {
             return error(StatusCode::NOT_FOUND, format!("no app {app}"));
         }
     }
-    let mut rows = Vec::new();
-    for (app, target) in table.targets() {
-        let Target::Pool { pool, .. } = &**target else {
-            continue;
-        };
-        if only.is_some_and(|o| o != &**app) {
-            continue;
-        }
-        for m in pool.members() {
+    let rows: Vec<InstanceRow> = members(&table, only)
+        .into_iter()
+        .map(|(app, m)| {
             let detail = m.detail;
-            rows.push(InstanceRow {
+            InstanceRow {
                 id: m.name.to_string(),
                 app: app.to_string(),
                 state: m.state.as_str(),
@@ -360,11 +354,30 @@ fn instances(serving: &Serving, only: Option<&str>) -> Response<Page> {
                 vmm_pid: detail.as_ref().map(|d| d.pid),
                 tap: detail.as_ref().map(|d| d.tap.clone()),
                 snapshot: detail.and_then(|d| d.snapshot),
-            });
-        }
-    }
-    rows.sort_by(|a, b| (&a.app, &a.id).cmp(&(&b.app, &b.id)));
+            }
+        })
+        .collect();
     json(StatusCode::OK, &serde_json::json!({ "instances": rows }))
+}
+
+/// Every pool's members and restores in flight in `table` (of the app
+/// `only` if given), by app, then name.
+fn members(
+    table: &crate::proxy::Table,
+    only: Option<&str>,
+) -> Vec<(Arc<str>, MemberInfo<VmDetail>)> {
+    let mut rows = Vec::new();
+    for (app, target) in table.targets() {
+        let Target::Pool { pool, .. } = &**target else {
+            continue;
+        };
+        if only.is_some_and(|o| o != &**app) {
+            continue;
+        }
+        rows.extend(pool.members().into_iter().map(|m| (app.clone(), m)));
+    }
+    rows.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
+    rows
 }
 
 /// `POST /instances/ID/drain`: 200, 409 for a restore in flight, 404.

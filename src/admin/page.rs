@@ -30,17 +30,11 @@ pub fn render(serving: &Serving) -> String {
     let table = serving.apps.table();
     let mut targets: Vec<_> = table.targets().iter().collect();
     targets.sort_by_key(|(name, _)| *name);
-    let mut rows = Vec::new();
+    let rows = super::members(&table, None);
     let mut by_state = [0usize; 4];
-    for (app, target) in &targets {
-        if let Target::Pool { pool, .. } = &***target {
-            for m in pool.members() {
-                by_state[state_index(m.state)] += 1;
-                rows.push((app.to_string(), m));
-            }
-        }
+    for (_, m) in &rows {
+        by_state[state_index(m.state)] += 1;
     }
-    rows.sort_by(|a, b| (&a.0, &a.1.name).cmp(&(&b.0, &b.1.name)));
     let mut stocks: Vec<_> = super::lock(&serving.runtimes)
         .iter()
         .map(|(name, rt)| (name.clone(), rt.stock(), rt.min_warm(), rt.last_error()))
