@@ -57,6 +57,7 @@ async fn lifecycle_create_boot_info_pause_resume_shutdown_delete() {
         fds: vec![],
         tap: None,
         transparent_huge_pages: true,
+        confinement: None,
     };
     let mut process = VmProcess::spawn(&id, launch, &run, state.path()).unwrap();
     let pid = process.pid();

@@ -19,6 +19,7 @@ mod validate;
 pub use validate::check_host_pattern;
 
 use crate::net::NetParams;
+use crate::vmm::jail::JailParams;
 use crate::vmm::spec::{Accel, MemoryRestoreMode};
 use crate::vmm::{ImageSpec, VmmKind};
 
@@ -72,6 +73,10 @@ pub struct VmmConfig {
     /// Cloud Hypervisor memory restore: `copy` or `ondemand`.
     #[serde(default)]
     pub memory_restore_mode: MemoryRestoreMode,
+    /// How VMM processes are confined (`crate::vmm::jail`): every part on
+    /// unless turned off here.
+    #[serde(default)]
+    pub jail: JailParams,
 }
 
 fn default_vmm_kind() -> VmmKind {
@@ -85,6 +90,7 @@ impl Default for VmmConfig {
             binary: None,
             accel: Accel::Auto,
             memory_restore_mode: MemoryRestoreMode::Copy,
+            jail: JailParams::default(),
         }
     }
 }
@@ -316,6 +322,12 @@ pub struct AppConfig {
     /// what gRPC servers speak).
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
+    /// Where the app's VMs may open connections beyond the host: a list of
+    /// `{ to: <IPv4 CIDR>, ports: [<port>, ...] }` (no ports: every port;
+    /// TCP and UDP). Empty, the default: nowhere. Enforced by the fence
+    /// (`network.fence`, `crate::net::Fence`); not for static apps.
+    #[serde(default)]
+    pub egress: Vec<crate::net::Egress>,
 }
 
 /// The protocol of an app's upstream connections.

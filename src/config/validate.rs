@@ -96,6 +96,9 @@ impl Config {
         if let Err(e) = self.network.validate() {
             add(format!("network.{}", e.field), e.message);
         }
+        if let Err(e) = self.vmm.jail.validate() {
+            add(format!("vmm.jail.{}", e.field), e.message);
+        }
         for (key, d) in self.durations() {
             if d > MAX_DURATION {
                 add(
@@ -193,6 +196,23 @@ impl Config {
                 format!("{at}.pool"),
                 "applies to VM and runtime apps only; a static app has no pool".into(),
             );
+        }
+        if app.upstream.is_some() && !app.egress.is_empty() {
+            add(
+                format!("{at}.egress"),
+                "applies to VM and runtime apps only; a static app has no VMs".into(),
+            );
+        }
+        if !app.egress.is_empty() && !self.network.fence {
+            add(
+                format!("{at}.egress"),
+                "needs network.fence: without the fence every VM reaches everywhere".into(),
+            );
+        }
+        for (i, e) in app.egress.iter().enumerate() {
+            if e.ports.contains(&0) {
+                add(format!("{at}.egress[{i}].ports"), "0 is not a port".into());
+            }
         }
         if let Some(rt) = &app.runtime {
             self.validate_runtime_app(&format!("{at}.runtime"), rt, add);

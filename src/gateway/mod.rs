@@ -7,6 +7,10 @@
 //! 2. Kill VMMs an earlier gateway left (pid files in `<state_dir>/vms/`
 //!    whose owner process is gone), then delete the taps recorded with
 //!    them. VMs of a live `snapgate snapshot build` are left alone.
+//!    Then the fence (`crate::net::Fence`, unless `network.fence` is off):
+//!    this gateway's nftables table, written afresh, replacing what a run
+//!    that died left. The VMM driver checks, with its jail
+//!    (`crate::vmm::jail`), that the host can do each part that is on.
 //! 3. Bind the listener and the admin listener: a taken port fails
 //!    start-up before any VM exists.
 //! 4. For each VM app, use its snapshot if it was taken from the configured
@@ -33,7 +37,8 @@
 //! its request, and the netlink connection belongs to its `Network`. [`Running::shutdown`]: stop accepting, let in-flight
 //! requests finish for `shutdown_grace`, close every pool (failing held
 //! requests with 503 and destroying every VM, whose taps go with it), then
-//! every runtime stock, then cancel and wait for every task. Dropping
+//! every runtime stock, then cancel and wait for every task, then take the
+//! fence down (no tap of this gateway is left for it to fence). Dropping
 //! [`Running`] without a shutdown cancels every task: VMs being restored
 //! are dropped (which kills their VMMs); instances die with the process.
 
@@ -61,7 +66,7 @@ pub use state::{StateLock, StateLockError};
 use state::lock as lock_state_dir;
 
 use crate::config::{AcmeChallenge, Config, StartFrom, Upstream};
-use crate::net::Network;
+use crate::net::{Egress, Fence, Network};
 use crate::pool::{AppFactory, Pool, PoolMetrics, SnapshotFactory, StartPath, Tasks};
 use crate::proxy::tls::{CertStore, Certs};
 use crate::proxy::{AppLimits, Apps, ProxyMetrics, Router, Table, Target};
@@ -121,6 +126,13 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     let state_lock = lock_state_dir(&config.state_dir)?;
     let net = Network::new(config.network.clone())?;
     clean_up_stale(config, &net, out).await?;
+    // The fence stands before any VM exists (`crate::net::Fence`).
+    let fence = if config.network.fence {
+        Some(Fence::up(&net, &egress_of(config)).await?)
+    } else {
+        tracing::warn!("network.fence is off: guests reach whatever the host does");
+        None
+    };
     // Bound first: a taken port fails start-up before any VM exists.
     let (listener, admin_listener) = bind(config).await?;
     let (listen, admin) = (listener.local_addr()?, admin_listener.local_addr()?);
@@ -187,6 +199,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         config,
         driver: driver.clone(),
         net: net.clone(),
+        fence: fence.clone(),
         builder: Builder::new(driver.as_ref(), &net, config.snapshot_dir()),
         runtime_metrics: runtime_metrics.clone(),
         runtimes: HashMap::new(),
@@ -345,6 +358,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             config: tokio::sync::Mutex::new(config.clone()),
             driver,
             net,
+            fence,
             pool_metrics,
             proxy_metrics: reload_proxy_metrics,
             certs: cert_store,
@@ -503,9 +517,19 @@ struct Factories<'a> {
     config: &'a Config,
     driver: Arc<dyn Vmm>,
     net: Network,
+    fence: Option<Arc<Fence>>,
     builder: Builder<'a>,
     runtime_metrics: runtime::RuntimeMetrics,
     runtimes: HashMap<String, Runtime>,
+}
+
+/// Each app's `egress`, for the fence.
+pub(crate) fn egress_of(config: &Config) -> std::collections::BTreeMap<String, Vec<Egress>> {
+    config
+        .apps
+        .iter()
+        .map(|(name, app)| (name.clone(), app.egress.clone()))
+        .collect()
 }
 
 impl Factories<'_> {
@@ -577,6 +601,13 @@ impl Factories<'_> {
         out: &mut (dyn Write + Send),
     ) -> anyhow::Result<AppFactory> {
         let (driver, net) = (self.driver.clone(), self.net.clone());
+        let fence = self.fence.clone();
+        let admission = move |app: Option<&str>| {
+            fence
+                .clone()
+                .map(|fence| crate::pool::vm::Admission::new(fence, app))
+        };
+        let own = admission(Some(name));
         let rt_app = match self.config.apps[name].upstream() {
             Upstream::Vm(spec, _) => {
                 let snapshot = self.ensure(&Job::vm_app(name, spec), out).await?;
@@ -584,7 +615,7 @@ impl Factories<'_> {
                     .on_restore
                     .as_ref()
                     .map(|h| h.hook(spec.guest_port, &spec.ready_path));
-                let factory = SnapshotFactory::new(driver, net, snapshot, hook);
+                let factory = SnapshotFactory::new(driver, net, snapshot, hook).with_fence(own);
                 return Ok(AppFactory::new(factory, StartPath::Clone));
             }
             Upstream::Runtime(rt_app, _) => rt_app,
@@ -616,7 +647,8 @@ impl Factories<'_> {
                         writeln!(out, "runtime {rt_name}: min_warm={}", rt_cfg.min_warm)?;
                         let stock = Runtime::start(
                             rt_name,
-                            SnapshotFactory::new(driver, net, snapshot, None),
+                            SnapshotFactory::new(driver, net, snapshot, None)
+                                .with_fence(admission(None)),
                             rt_cfg.min_warm,
                             rt_cfg.start_timeout,
                             self.runtime_metrics.clone(),
@@ -628,7 +660,7 @@ impl Factories<'_> {
                 };
                 let start = StartSpec::new(name, rt_app, rt_cfg);
                 AppFactory::new(
-                    RuntimeFactory::new(stock, code, start),
+                    RuntimeFactory::new(stock, code, start).with_fence(own),
                     StartPath::RuntimeClone,
                 )
             }
@@ -642,7 +674,7 @@ impl Factories<'_> {
                 let agent_port = rt_cfg.image.guest_port;
                 let hook = runtime::agent_hook(agent_port, &rt_cfg.image.ready_path);
                 AppFactory::new(
-                    SnapshotFactory::new(driver, net, snapshot, Some(hook)),
+                    SnapshotFactory::new(driver, net, snapshot, Some(hook)).with_fence(own),
                     StartPath::Clone,
                 )
             }
@@ -736,6 +768,11 @@ impl Running {
         self.tasks.tracker.wait().await;
         // Tasks on the edge workers have ended with the rest.
         self.workers.stop().await;
+        if let Some(fence) = self.reloading.fence.take() {
+            if let Err(e) = fence.down().await {
+                tracing::warn!("taking the fence down: {e}");
+            }
+        }
         info!("stopped");
     }
 }

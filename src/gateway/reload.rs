@@ -23,6 +23,13 @@
 //!      upstream): a new target, its snapshot prepared and its pool
 //!      started now. A failure here closes whatever this reload started
 //!      and rejects it.
+//!
+//!    Before any of that (step 4a), the fence's allow rules are rewritten
+//!    for the new file's `egress` (one `nft` transaction); a reload that
+//!    fails later puts the old rules back. An app that gains or loses
+//!    egress altogether is replaced (its VMs' taps forward only if their
+//!    app had egress when they started); one whose list changes keeps its
+//!    target.
 //! 5. The new routing table replaces the old in one atomic swap, the
 //!    certificates in another; requests already routed keep the table and
 //!    the target they routed on.
@@ -79,6 +86,9 @@ pub enum ReloadError {
     /// The new certificates did not load (step 3).
     #[error("certificates: {0}")]
     Certificates(#[from] crate::proxy::tls::TlsError),
+    /// The fence's allow rules could not be rewritten (step 4a).
+    #[error("{0}")]
+    Fence(String),
     /// An app could not be started (step 4).
     #[error("apps.{app}: {error:#}")]
     App {
@@ -149,6 +159,8 @@ pub struct Reloading {
     pub driver: Arc<dyn Vmm>,
     /// The taps' network.
     pub net: crate::net::Network,
+    /// The fence, unless `network.fence` is off.
+    pub fence: Option<Arc<crate::net::Fence>>,
     /// Metrics of new pools.
     pub pool_metrics: PoolMetrics,
     /// Metrics of new targets.
@@ -199,7 +211,10 @@ fn what_runs(app: &AppConfig) -> AppConfig {
 }
 
 fn change(old: &AppConfig, new: &AppConfig) -> Change {
-    if what_runs(old) != what_runs(new) {
+    // VMs get their egress slot as they start: an app that gains or loses
+    // egress gets VMs that have (or lack) one. A change of the list alone
+    // is the fence's (protocol step 4a).
+    if what_runs(old) != what_runs(new) || old.egress.is_empty() != new.egress.is_empty() {
         return Change::Replace;
     }
     let limits = |a: &AppConfig| {
@@ -334,6 +349,29 @@ impl Running {
             Some(tls) => Some(CertStore::load(tls)?),
             None => None,
         };
+        // Step 4a.
+        if let Some(fence) = &r.fence {
+            fence
+                .set_egress(&super::egress_of(&new))
+                .await
+                .map_err(|e| ReloadError::Fence(e.to_string()))?;
+        }
+        let result = self.apply_apps(&mut current, new, store).await;
+        if let (Err(_), Some(fence)) = (&result, &r.fence) {
+            if let Err(e) = fence.set_egress(&super::egress_of(&current)).await {
+                warn!("putting the fence's old egress rules back: {e}");
+            }
+        }
+        result
+    }
+
+    async fn apply_apps(
+        &self,
+        current: &mut tokio::sync::MutexGuard<'_, Config>,
+        new: Config,
+        store: Option<CertStore>,
+    ) -> Result<String, ReloadError> {
+        let r = &self.reloading;
         // Step 4.
         let old_table = self.proxy.table();
         let mut plan: Vec<(String, Change)> = Vec::new();
@@ -352,6 +390,7 @@ impl Running {
             config: &new,
             driver: r.driver.clone(),
             net: r.net.clone(),
+            fence: r.fence.clone(),
             builder: Builder::new(r.driver.as_ref(), &r.net, new.snapshot_dir()),
             runtime_metrics: self.runtime_metrics.clone(),
             runtimes,
@@ -441,7 +480,7 @@ impl Running {
         for target in old_table.targets().values() {
             if let Target::Pool { pool, .. } = &**target {
                 if !new_pools.iter().any(|p| p.same_as(pool)) {
-                    self.retire(pool.clone(), gone.clone(), &current);
+                    self.retire(pool.clone(), gone.clone(), current);
                 }
             }
         }
@@ -469,7 +508,7 @@ impl Running {
             with(Change::Resize),
             if new.tls.is_some() { "reloaded" } else { "none" },
         );
-        *current = new;
+        **current = new;
         Ok(summary)
     }
 

@@ -9,25 +9,51 @@ use crate::net::Network;
 use crate::runtime::{self, AppTemplate, CodeImage, CodeSource, StartSpec};
 use crate::snapshot::{Builder, Job};
 use crate::vmm::cloud_hypervisor::CloudHypervisor;
+use crate::vmm::jail::Jail;
 use crate::vmm::qemu::Qemu;
 use crate::vmm::{Snapshot, Vmm, VmmError, VmmKind};
 
-/// The VMM driver the config asks for.
+/// The VMM driver the config asks for, with its jail (`vmm.jail`; none
+/// when every part is off). Fails, naming the part and the key that turns
+/// it off, on a host that cannot do a part that is on.
 pub fn driver(config: &Config) -> Result<Arc<dyn Vmm>, VmmError> {
     let binary = config.vmm.binary();
+    let jail = if config.vmm.jail.any() {
+        let jail = Jail::new(
+            config.vmm.jail.clone(),
+            &binary,
+            &config.state_dir,
+            &config.network.tap_prefix,
+        )?;
+        tracing::debug!(
+            cgroup = ?jail.cgroup_version(),
+            binary = %jail.binary().display(),
+            "VMMs run jailed"
+        );
+        Some(Arc::new(jail))
+    } else {
+        tracing::warn!("vmm.jail: every part is off; VMMs run as snapgate runs");
+        None
+    };
     Ok(match config.vmm.kind {
-        VmmKind::Qemu => Arc::new(Qemu::new(
-            binary,
-            config.vmm.accel,
-            &config.state_dir,
-            config.network.clone(),
-        )?),
-        VmmKind::CloudHypervisor => Arc::new(CloudHypervisor::new(
-            binary,
-            &config.state_dir,
-            config.network.clone(),
-            config.vmm.memory_restore_mode,
-        )),
+        VmmKind::Qemu => Arc::new(
+            Qemu::new(
+                binary,
+                config.vmm.accel,
+                &config.state_dir,
+                config.network.clone(),
+            )?
+            .with_jail(jail),
+        ),
+        VmmKind::CloudHypervisor => Arc::new(
+            CloudHypervisor::new(
+                binary,
+                &config.state_dir,
+                config.network.clone(),
+                config.vmm.memory_restore_mode,
+            )
+            .with_jail(jail),
+        ),
     })
 }
 

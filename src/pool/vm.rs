@@ -153,6 +153,43 @@ pub struct SnapshotFactory {
     net: Network,
     snapshot: Snapshot,
     hook: Option<Hook>,
+    fence: Option<Admission>,
+}
+
+/// Gives each VM its tap's slot in the fence ([`crate::net::Fence::admit`]):
+/// the VMs of `app`, or of no app yet (a runtime's stock).
+#[derive(Clone, Debug)]
+pub struct Admission {
+    fence: Arc<crate::net::Fence>,
+    app: Option<String>,
+}
+
+impl Admission {
+    /// VMs of `app` (`None`: of no app yet), admitted by `fence`.
+    pub fn new(fence: Arc<crate::net::Fence>, app: Option<&str>) -> Admission {
+        Admission {
+            fence,
+            app: app.map(str::to_owned),
+        }
+    }
+
+    /// Admits `vm`'s tap; the VM keeps its slot until it is dropped.
+    pub async fn admit(&self, vm: &mut Vm) -> Result<(), crate::net::NetError> {
+        let slot = self
+            .fence
+            .admit(&vm.endpoint().tap, self.app.as_deref())
+            .await?;
+        vm.keep_fence_slot(slot);
+        Ok(())
+    }
+
+    /// Makes `vm` (admitted as a runtime's) this admission's app's.
+    pub async fn assign(&self, vm: &mut Vm) -> Result<(), crate::net::NetError> {
+        if let (Some(app), Some(slot)) = (&self.app, vm.fence_slot_mut()) {
+            self.fence.assign(slot, app).await?;
+        }
+        Ok(())
+    }
 }
 
 impl SnapshotFactory {
@@ -169,7 +206,14 @@ impl SnapshotFactory {
             net,
             snapshot,
             hook,
+            fence: None,
         }
+    }
+
+    /// Admits each VM's tap to the fence before it serves.
+    pub fn with_fence(mut self, admission: Option<Admission>) -> SnapshotFactory {
+        self.fence = admission;
+        self
     }
 
     /// The driver it restores with.
@@ -187,6 +231,11 @@ impl Factory for SnapshotFactory {
         let tap = self.net.create_tap().await?;
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
         vm.set_restored_from(self.snapshot.dir());
+        if let Some(fence) = &self.fence {
+            if let Err(e) = fence.admit(&mut vm).await {
+                return Err(crate::vmm::discard(self.vmm.as_ref(), vm, e.into()).await);
+            }
+        }
         let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
         let vmm = self.vmm.as_ref();
         match resumed::ready_and_resumed(vmm, &mut vm, self.hook.as_ref(), ready_timeout).await {

@@ -152,6 +152,7 @@ pub struct RuntimeFactory {
     runtime: Runtime,
     code: Arc<CodeSource>,
     start: StartSpec,
+    fence: Option<crate::pool::vm::Admission>,
 }
 
 impl RuntimeFactory {
@@ -161,7 +162,15 @@ impl RuntimeFactory {
             runtime,
             code: Arc::new(code),
             start,
+            fence: None,
         }
+    }
+
+    /// Makes each clone's fence slot the app's as the clone becomes the
+    /// app's.
+    pub fn with_fence(mut self, admission: Option<crate::pool::vm::Admission>) -> RuntimeFactory {
+        self.fence = admission;
+        self
     }
 }
 
@@ -175,6 +184,12 @@ impl Factory for RuntimeFactory {
         let mut vm = self.runtime.take().await?;
         info!(app = %self.start.app, instance = %id, vm = %vm.id(), code = %&image.hash[..16], "starting the app in a runtime clone");
         let vmm = self.runtime.vmm().as_ref();
+        if let Some(fence) = &self.fence {
+            if let Err(e) = fence.assign(&mut vm).await {
+                let e = crate::vmm::VmmError::from(e);
+                return Err(crate::vmm::discard(vmm, vm, e).await.into());
+            }
+        }
         match super::start_app(vmm, &mut vm, Some(&image.path), &self.start).await {
             Ok(()) => Ok(vm),
             // The clone is spent: it may hold half-started app state.

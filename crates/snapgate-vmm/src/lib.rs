@@ -44,6 +44,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cloud_hypervisor;
+pub mod jail;
 pub mod net;
 pub mod process;
 pub mod qemu;
@@ -240,6 +241,8 @@ pub struct Vm {
     process: VmProcess,
     timings: Timings,
     restored_from: Option<PathBuf>,
+    /// Its tap's slot in the fence (`net::Fence`), if fenced.
+    fence_slot: Option<net::FenceSlot>,
 }
 
 impl Vm {
@@ -260,7 +263,19 @@ impl Vm {
             process,
             timings: Timings::default(),
             restored_from: None,
+            fence_slot: None,
         }
+    }
+
+    /// Keeps `slot` (its tap's place in the fence) for as long as the VM
+    /// lives.
+    pub fn keep_fence_slot(&mut self, slot: net::FenceSlot) {
+        self.fence_slot = Some(slot);
+    }
+
+    /// Its tap's place in the fence, if fenced.
+    pub fn fence_slot_mut(&mut self) -> Option<&mut net::FenceSlot> {
+        self.fence_slot.as_mut()
     }
 
     /// The snapshot directory the VM was restored from; `None` for a VM
@@ -475,6 +490,18 @@ pub enum VmmError {
     /// Host networking failed.
     #[error(transparent)]
     Net(#[from] NetError),
+    /// A VMM's jail could not be prepared.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
+    /// The forked VMM process could not enter its jail: `step` is what it
+    /// wrote to its log (`snapgate jail: <step> failed`).
+    #[error("{vm}: the VMM could not enter its jail: {step}")]
+    JailEntry {
+        vm: VmId,
+        step: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn join_problems(problems: &[crate::FieldError]) -> String {

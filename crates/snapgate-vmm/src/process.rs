@@ -38,6 +38,7 @@ use command_fds::{CommandFdExt, FdMapping};
 use tokio::io::unix::AsyncFd;
 use tokio::process::{Child, Command};
 
+use super::jail::Confinement;
 use super::{VmId, VmmError};
 
 /// A VMM process owned by one [`super::Vm`].
@@ -51,6 +52,9 @@ pub struct VmProcess {
     exit: Option<ExitStatus>,
     /// The process's pidfd (pidfd_open(2)): readable once it has exited.
     pidfd: Option<Arc<AsyncFd<OwnedFd>>>,
+    /// Its uid, cgroup and root (`None`: not jailed), released once the
+    /// process is reaped (crate::jail, protocol step 5).
+    confinement: Option<Confinement>,
     /// Its `/proc/<pid>/status`, held open: [`VmProcess::is_exiting`]
     /// reads it with one `pread` (every lease asks). Tied to this process,
     /// not to its pid: once it is reaped, reads fail (`ESRCH`), whoever
@@ -96,6 +100,9 @@ pub struct Launch<'a> {
     /// snapshots sit on a `huge=` tmpfs, a clone maps their shared pages
     /// 4 KiB at a time (more TLB misses), not 2 MiB.
     pub transparent_huge_pages: bool,
+    /// The jail the VMM enters between fork and exec (crate::jail), or
+    /// `None` to run it as the gateway runs.
+    pub confinement: Option<Confinement>,
 }
 
 impl VmProcess {
@@ -116,7 +123,9 @@ impl VmProcess {
             fds,
             tap,
             transparent_huge_pages,
+            mut confinement,
         } = launch;
+        let plan = confinement.as_mut().and_then(Confinement::take_plan);
         let (log, log2) = open_log(run_dir)?;
         let mut cmd = Command::new(binary);
         cmd.args(args)
@@ -168,6 +177,10 @@ impl VmProcess {
                     // Best effort: without it the VMM only uses more memory.
                     let _ = nix::sys::prctl::set_thp_disable(true);
                 }
+                if let Some(plan) = &plan {
+                    plan.enter()?;
+                }
+                // After the jail: a uid change clears the death signal.
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 // The parent may have died before prctl took effect.
                 if nix::unistd::getppid().as_raw() as u32 != parent {
@@ -176,10 +189,28 @@ impl VmProcess {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|source| VmmError::Spawn {
-            binary: binary.to_owned(),
-            source,
-        })?;
+        let child = match cmd.spawn() {
+            Ok(child) => child,
+            Err(source) => {
+                // A jail step that failed in the child wrote its name to
+                // the log (crate::jail::Plan::enter).
+                let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default();
+                if let Some(step) = log.lines().rev().find_map(|l| {
+                    l.strip_prefix("snapgate jail: ")
+                        .map(|s| s.trim_end_matches(" failed").to_owned())
+                }) {
+                    return Err(VmmError::JailEntry {
+                        vm: id.clone(),
+                        step,
+                        source,
+                    });
+                }
+                return Err(VmmError::Spawn {
+                    binary: binary.to_owned(),
+                    source,
+                });
+            }
+        };
         // The parent's copies of the mapped fds were moved into `cmd` and are
         // closed when it drops here, so the tap lives only in the child.
         drop(cmd);
@@ -197,6 +228,7 @@ impl VmProcess {
             exit: None,
             pidfd,
             status,
+            confinement,
         };
         record.map_err(|source| VmmError::Io {
             what: "cannot record pid in",
@@ -276,6 +308,7 @@ impl VmProcess {
         }
         let status = self.child.wait().await?;
         self.exit = Some(status);
+        self.confinement = None;
         Ok(status)
     }
 
@@ -351,7 +384,13 @@ impl VmProcess {
             })?;
             self.exit = Some(status);
         }
+        self.confinement = None;
         Ok(())
+    }
+
+    /// The process's jail, while it runs jailed.
+    pub fn confinement(&self) -> Option<&Confinement> {
+        self.confinement.as_ref()
     }
 
     /// Kills the process and waits until it is gone.
@@ -363,6 +402,24 @@ impl VmProcess {
 impl Drop for VmProcess {
     fn drop(&mut self) {
         // kill_on_drop sends SIGKILL if the process still runs; tokio reaps it.
+        // Its uid and cgroup are released once it has exited, never before
+        // (crate::jail, protocol step 5).
+        if let Some(confinement) = self.confinement.take() {
+            if self.exited().is_some() {
+                drop(confinement);
+            } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                let _ = self.child.start_kill();
+                let exited = self.exit_event();
+                runtime.spawn(async move {
+                    exited.await;
+                    drop(confinement);
+                });
+            } else {
+                // No runtime to wait on: the uid stays taken, and the
+                // cgroup is removed at the next start.
+                std::mem::forget(confinement);
+            }
+        }
         let _ = std::fs::remove_file(&self.pid_file);
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
@@ -624,6 +681,7 @@ pub(crate) fn sleeping(
             fds: vec![],
             tap,
             transparent_huge_pages,
+            confinement: None,
         },
         &run,
         state,
@@ -667,6 +725,118 @@ mod tests {
         let me = std::process::id();
         let a = start_time(me).expect("own start time");
         assert_eq!(Some(a), start_time(me));
+    }
+
+    #[tokio::test]
+    async fn a_jailed_process_runs_as_its_uid_in_its_cgroup_and_root_and_both_go_with_it() {
+        use crate::jail::{Access, Jail, JailParams, Needs};
+        let state = tempfile::tempdir().unwrap();
+        let jail = match Jail::new(
+            JailParams::default(),
+            Path::new("sleep"),
+            state.path(),
+            &format!("unit{}", std::process::id()),
+        ) {
+            Ok(jail) => jail,
+            Err(e) => panic!("this host (root, cgroups) jails: {e}"),
+        };
+        let id = VmId::new("jailed");
+        let run = make_run_dir(state.path(), &id).unwrap();
+        let needs = Needs {
+            paths: vec![
+                (run.clone(), Access::ReadWrite),
+                (PathBuf::from("/dev/null"), Access::Device),
+            ],
+            memory_mib: 16,
+        };
+        let confinement = jail.confine(&id, &run, &needs).unwrap();
+        let uid = confinement.uid().unwrap();
+        let cgroup = confinement.cgroup().unwrap().dirs().to_vec();
+        let mut p = VmProcess::spawn(
+            &id,
+            Launch {
+                binary: jail.binary(),
+                args: &["30".into()],
+                fds: vec![],
+                tap: None,
+                transparent_huge_pages: true,
+                confinement: Some(confinement),
+            },
+            &run,
+            state.path(),
+        )
+        .unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_owned()
+        };
+        assert_eq!(field("Uid:"), format!("{uid}\t{uid}\t{uid}\t{uid}"));
+        assert_eq!(field("NoNewPrivs:"), "1");
+        assert_eq!(field("CapEff:"), "0000000000000000");
+        // Its root: no /etc/passwd, its run directory, the device.
+        let root = PathBuf::from(format!("/proc/{}/root", p.pid()));
+        assert!(!root.join("etc/passwd").exists());
+        assert!(root.join(run.strip_prefix("/").unwrap()).is_dir());
+        assert!(root.join("dev/null").exists());
+        assert!(!root.join("dev/zero").exists());
+        let procs = std::fs::read_to_string(cgroup[0].join("cgroup.procs")).unwrap();
+        assert_eq!(procs.trim(), p.pid().to_string());
+        assert!(p.confinement().is_some());
+        p.kill().await.unwrap();
+        // Reaped: its cgroup is gone, its uid free again.
+        assert!(p.confinement().is_none());
+        for dir in &cgroup {
+            assert!(!dir.exists(), "{}", dir.display());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_jail_step_that_fails_in_the_child_is_named_in_the_error() {
+        use crate::jail::{Access, Jail, JailParams, Needs};
+        let state = tempfile::tempdir().unwrap();
+        let params = JailParams {
+            cgroup: false,
+            ..JailParams::default()
+        };
+        let jail = Jail::new(params, Path::new("sleep"), state.path(), "unitf").unwrap();
+        let id = VmId::new("jailfail");
+        let run = make_run_dir(state.path(), &id).unwrap();
+        let needs = Needs {
+            paths: vec![(run.clone(), Access::ReadWrite)],
+            memory_mib: 16,
+        };
+        let confinement = jail.confine(&id, &run, &needs).unwrap();
+        // The run directory vanishes between the plan and the spawn: the
+        // child cannot bind it.
+        std::fs::remove_dir_all(&run).unwrap();
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::remove_dir(&run).unwrap();
+        std::fs::create_dir_all(run.parent().unwrap()).unwrap();
+        let err = VmProcess::spawn(
+            &id,
+            Launch {
+                binary: jail.binary(),
+                args: &["30".into()],
+                fds: vec![],
+                tap: None,
+                transparent_huge_pages: true,
+                confinement: Some(confinement),
+            },
+            &state.path().join("run"),
+            state.path(),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            matches!(err, VmmError::JailEntry { .. })
+                && text.contains("binding a path into the root"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -27,7 +27,22 @@
 //! under the same one.
 //!
 //! Each VM gets the tap fd as fd 3 (`-netdev tap,fd=3`); the tap dies with
-//! the QEMU process.
+//! the QEMU process. Snapshot state travels over fds too, never through a
+//! shell: a clone inherits the state file as fd 4 (`migrate-incoming
+//! fd:4`); a snapshot is written to a file the driver opens and passes
+//! over QMP (`getfd`, then `migrate fd:<name>`).
+//!
+//! # Jailed
+//! With a [`Jail`] (on by default), QEMU starts in it (crate::jail) and
+//! runs with its seccomp sandbox: `-sandbox on,obsolete=deny,
+//! elevateprivileges=deny,spawn=deny,resourcecontrol=deny`. Its root holds
+//! the image files a boot reads, the disks, its run directory and
+//! `/dev/null`, `/dev/urandom` (the virtio-rng source) and, under KVM,
+//! `/dev/kvm`. A clone's memory is the snapshot's memory file as a sealed
+//! memfd, inherited as fd 5 and named `/proc/self/fd/5`: QEMU 7.2 opens
+//! its memory file read-write even to map it privately, and a VMM that
+//! could write the snapshot's memory would change every other clone's
+//! (`Snapshot::sealed`).
 //!
 //! # Every clone its own
 //! VMs on the `pc` machine get a VM generation ID device (`-device
@@ -58,6 +73,11 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use serde_json::json;
 
+use std::fs::File;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+
+use super::jail::{Access, Jail, Needs};
 use super::process::{make_run_dir, Launch};
 use super::qmp::Qmp;
 use super::snapshot::{create_dest, move_file, Origin};
@@ -108,13 +128,22 @@ pub struct Qemu {
     state_dir: PathBuf,
     net: NetParams,
     tsc_khz: u64,
+    jail: Option<Arc<Jail>>,
 }
+
+/// The fd a clone's snapshot state is inherited as.
+const STATE_FD: i32 = 4;
+/// The fd a jailed clone's sealed memory is inherited as.
+const MEMORY_FD: i32 = 5;
 
 enum Memory {
     /// Template: RAM in `<run_dir>/memory`, which the VM writes through to.
     Shared,
     /// Clone: the template's file mapped copy-on-write.
     Private(PathBuf),
+    /// Jailed clone: the template's memory as a sealed memfd
+    /// ([`MEMORY_FD`]), mapped copy-on-write.
+    Sealed(Arc<OwnedFd>),
     /// Anonymous RAM.
     Ram,
 }
@@ -125,7 +154,7 @@ impl Memory {
     /// (`Launch::transparent_huge_pages`). A template's RAM may sit on a
     /// `huge=` tmpfs, and anonymous RAM is THP's to back.
     fn transparent_huge_pages(&self) -> bool {
-        !matches!(self, Memory::Private(_))
+        !matches!(self, Memory::Private(_) | Memory::Sealed(_))
     }
 }
 
@@ -144,7 +173,26 @@ impl Qemu {
             state_dir: state_dir.into(),
             net,
             tsc_khz: super::spec::host_tsc_khz(),
+            jail: None,
         })
+    }
+
+    /// Runs every VMM in `jail` (module doc, "Jailed").
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> Qemu {
+        self.jail = jail;
+        self
+    }
+
+    /// The jail VMMs run in, if any.
+    pub fn jail(&self) -> Option<&Arc<Jail>> {
+        self.jail.as_ref()
+    }
+
+    /// Whether clones map a sealed memfd rather than the memory file.
+    fn seals_memory(&self) -> bool {
+        self.jail
+            .as_ref()
+            .is_some_and(|j| j.params().user || j.params().filesystem)
     }
 
     /// The accelerator in use: `"kvm"` or `"tcg"`.
@@ -157,7 +205,7 @@ impl Qemu {
         id: &VmId,
         spec: &ImageSpec,
         cmdline: &str,
-        memory: Memory,
+        memory: &Memory,
         run_dir: &Path,
         incoming: bool,
     ) -> Vec<OsString> {
@@ -187,7 +235,10 @@ impl Qemu {
             ),
             Memory::Private(p) => format!(
                 "memory-backend-file,id=mem,size={mem},mem-path={},share=off",
-                escape(&p)
+                escape(p)
+            ),
+            Memory::Sealed(_) => format!(
+                "memory-backend-file,id=mem,size={mem},mem-path=/proc/self/fd/{MEMORY_FD},share=off"
             ),
             Memory::Ram => format!("memory-backend-ram,id=mem,size={mem}"),
         };
@@ -232,13 +283,20 @@ impl Qemu {
             // A new random ID in every process: see the module doc.
             push(&["-device", "vmgenid,guid=auto"]);
         }
+        if self.jail.as_ref().is_some_and(|j| j.params().seccomp) {
+            push(&[
+                "-sandbox",
+                "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
+            ]);
+        }
         if incoming {
             push(&["-incoming", "defer"]);
         }
         a
     }
 
-    /// Starts QEMU and waits for QMP. Records `spawn`.
+    /// Starts QEMU (in its jail, if any) and waits for QMP; a clone
+    /// inherits its snapshot `state` as [`STATE_FD`]. Records `spawn`.
     async fn start(
         &self,
         id: VmId,
@@ -246,21 +304,44 @@ impl Qemu {
         cmdline: String,
         mut tap: Tap,
         memory: Memory,
-        incoming: bool,
+        state: Option<File>,
     ) -> Result<(Vm, Qmp), VmmError> {
         let started = Instant::now();
+        let incoming = state.is_some();
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         super::create_extra_disk(spec, &run_dir)?;
         let transparent_huge_pages = memory.transparent_huge_pages();
-        let args = self.args(&id, spec, &cmdline, memory, &run_dir, incoming);
+        let args = self.args(&id, spec, &cmdline, &memory, &run_dir, incoming);
+        let mut fds = vec![(tap.take_fd(), 3)];
+        if let Some(state) = state {
+            fds.push((OwnedFd::from(state), STATE_FD));
+        }
+        if let Memory::Sealed(fd) = &memory {
+            let dup = fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| VmmError::Io {
+                    what: "cannot duplicate the sealed memory of",
+                    path: PathBuf::from(id.as_str()),
+                    source,
+                })?;
+            fds.push((dup, MEMORY_FD));
+        }
+        let confinement = match &self.jail {
+            Some(jail) => {
+                Some(jail.confine(&id, &run_dir, &self.needs(spec, &run_dir, incoming))?)
+            }
+            None => None,
+        };
         let process = VmProcess::spawn(
             &id,
             Launch {
-                binary: &self.binary,
+                binary: self.jail.as_ref().map_or(&self.binary, |j| j.binary()),
                 args: &args,
-                fds: vec![(tap.take_fd(), 3)],
+                fds,
                 tap: Some(tap.name()),
                 transparent_huge_pages,
+                confinement,
             },
             &run_dir,
             &self.state_dir,
@@ -272,6 +353,34 @@ impl Qemu {
         vm.record("spawn", started.elapsed());
         Ok((vm, qmp))
     }
+
+    /// What a jailed QEMU needs in its root (module doc, "Jailed").
+    fn needs(&self, spec: &ImageSpec, run_dir: &Path, incoming: bool) -> Needs {
+        let mut paths = Vec::new();
+        if !incoming {
+            paths.push((spec.kernel.clone(), Access::ReadOnly));
+            paths.extend(spec.initramfs.iter().map(|p| (p.clone(), Access::ReadOnly)));
+        }
+        paths.extend(
+            spec.disks
+                .iter()
+                .map(|d| (d.path.clone(), Access::ReadOnly)),
+        );
+        paths.push((run_dir.to_owned(), Access::ReadWrite));
+        let mut devices = vec!["/dev/null", "/dev/urandom"];
+        if self.accel == "kvm" {
+            devices.push("/dev/kvm");
+        }
+        paths.extend(
+            devices
+                .into_iter()
+                .map(|d| (PathBuf::from(d), Access::Device)),
+        );
+        Needs {
+            paths,
+            memory_mib: spec.memory_mib,
+        }
+    }
 }
 
 /// Escapes a path for a QEMU option value (commas are doubled).
@@ -281,11 +390,6 @@ fn escape(p: &Path) -> String {
 
 fn path_str(p: &Path) -> String {
     p.to_string_lossy().into_owned()
-}
-
-/// Quotes a path for the shell QEMU runs `exec:` migration URIs with.
-fn shell_quote(p: &Path) -> String {
-    format!("'{}'", path_str(p).replace('\'', r"'\''"))
 }
 
 #[async_trait]
@@ -308,7 +412,7 @@ impl Vmm for Qemu {
             SnapshotMode::Template => Memory::Shared,
             SnapshotMode::Full => Memory::Ram,
         };
-        let (vm, _qmp) = self.start(id, spec, cmdline, tap, memory, false).await?;
+        let (vm, _qmp) = self.start(id, spec, cmdline, tap, memory, None).await?;
         Ok(vm)
     }
 
@@ -344,13 +448,30 @@ impl Vmm for Qemu {
         }
         let mode = m.mode;
         let memory = match mode {
+            SnapshotMode::Template if self.seals_memory() => {
+                let snapshot = snapshot.clone();
+                let sealed = tokio::task::spawn_blocking(move || snapshot.sealed("memory"))
+                    .await
+                    .map_err(|e| VmmError::Io {
+                        what: "sealing the snapshot memory panicked:",
+                        path: PathBuf::from(e.to_string()),
+                        source: std::io::Error::other("panic"),
+                    })??;
+                Memory::Sealed(sealed)
+            }
             SnapshotMode::Template => Memory::Private(snapshot.file("memory")),
             SnapshotMode::Full => Memory::Ram,
         };
+        let state_path = snapshot.file("state");
+        let state = File::open(&state_path).map_err(|source| VmmError::Io {
+            what: "cannot open",
+            path: state_path,
+            source,
+        })?;
         let (mut vm, mut qmp) = self
-            .start(id, &m.spec, m.cmdline.clone(), tap, memory, true)
+            .start(id, &m.spec, m.cmdline.clone(), tap, memory, Some(state))
             .await?;
-        match load_and_resume(&mut vm, &mut qmp, snapshot, mode).await {
+        match load_and_resume(&mut vm, &mut qmp, mode).await {
             Ok(()) => Ok(vm),
             Err(e) => Err(vm.process_mut().explain(e, "loading the snapshot").await),
         }
@@ -418,8 +539,16 @@ impl Qemu {
         if mode == SnapshotMode::Template {
             ignore_shared(&mut qmp).await?;
         }
-        let uri = format!("exec:cat > {}", shell_quote(&dest.join("state")));
-        qmp.execute("migrate", Some(json!({ "uri": uri }))).await?;
+        let state_path = dest.join("state");
+        let state = File::create(&state_path).map_err(|source| VmmError::Io {
+            what: "cannot create",
+            path: state_path,
+            source,
+        })?;
+        qmp.pass_fd("snapstate", state.as_fd()).await?;
+        drop(state);
+        qmp.execute("migrate", Some(json!({ "uri": "fd:snapstate" })))
+            .await?;
         let deadline = started + MIGRATE_TIMEOUT;
         loop {
             let info = qmp.execute("query-migrate", None).await?;
@@ -453,7 +582,20 @@ impl Qemu {
         vm.process_mut().kill().await?;
         let files: &[&str] = match mode {
             SnapshotMode::Template => {
-                move_file(&run_dir.join("memory"), &dest.join("memory"))?;
+                let memory = dest.join("memory");
+                move_file(&run_dir.join("memory"), &memory)?;
+                // A jailed template wrote it as its own uid: a later VMM
+                // given that uid must not be able to change it.
+                nix::unistd::chown(
+                    &memory,
+                    Some(nix::unistd::geteuid()),
+                    Some(nix::unistd::getegid()),
+                )
+                .map_err(|e| VmmError::Io {
+                    what: "cannot take ownership of",
+                    path: memory.clone(),
+                    source: e.into(),
+                })?;
                 &["state", "memory"]
             }
             SnapshotMode::Full => &["state"],
@@ -470,19 +612,14 @@ impl Qemu {
     }
 }
 
-/// Loads a snapshot's state into a VM started with `-incoming defer` and
-/// resumes it. Records `load` and `resume`.
-async fn load_and_resume(
-    vm: &mut Vm,
-    qmp: &mut Qmp,
-    snapshot: &Snapshot,
-    mode: SnapshotMode,
-) -> Result<(), VmmError> {
+/// Loads a snapshot's state (inherited as [`STATE_FD`]) into a VM started
+/// with `-incoming defer` and resumes it. Records `load` and `resume`.
+async fn load_and_resume(vm: &mut Vm, qmp: &mut Qmp, mode: SnapshotMode) -> Result<(), VmmError> {
     let load = Instant::now();
     if mode == SnapshotMode::Template {
         ignore_shared(qmp).await?;
     }
-    let uri = format!("exec:cat {}", shell_quote(&snapshot.file("state")));
+    let uri = format!("fd:{STATE_FD}");
     qmp.execute("migrate-incoming", Some(json!({ "uri": uri })))
         .await?;
     let deadline = load + MIGRATE_TIMEOUT;
@@ -546,6 +683,7 @@ mod tests {
             state_dir: "/s".into(),
             net: NetParams::default(),
             tsc_khz: 1,
+            jail: None,
         }
     }
 
@@ -565,7 +703,7 @@ mod tests {
         .unwrap();
         let id = VmId::new("t1");
         let args: Vec<String> = q
-            .args(&id, &spec, "x", Memory::Shared, Path::new("/r"), false)
+            .args(&id, &spec, "x", &Memory::Shared, Path::new("/r"), false)
             .into_iter()
             .map(|a| a.into_string().unwrap())
             .collect();
@@ -582,7 +720,7 @@ mod tests {
                 &id,
                 &spec,
                 "x",
-                Memory::Private("/s/memory".into()),
+                &Memory::Private("/s/memory".into()),
                 Path::new("/r"),
                 true,
             )
@@ -629,7 +767,7 @@ mod tests {
                 &VmId::new("v"),
                 spec,
                 "x",
-                Memory::Ram,
+                &Memory::Ram,
                 Path::new("/r"),
                 true,
             )
@@ -660,7 +798,7 @@ mod tests {
                 &VmId::new("v"),
                 &spec,
                 "x",
-                Memory::Ram,
+                &Memory::Ram,
                 Path::new("/r"),
                 incoming,
             )
@@ -677,10 +815,5 @@ mod tests {
             assert!(!clone.iter().any(|a| a == flag), "a clone passes {flag}");
         }
         assert!(clone.windows(2).any(|w| w == ["-incoming", "defer"]));
-    }
-
-    #[test]
-    fn shell_quoting() {
-        assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
     }
 }

@@ -6,6 +6,7 @@
 //! and newer releases. QMP is one JSON object per line; asynchronous events
 //! may arrive between a command and its reply and are skipped here.
 
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -102,6 +103,25 @@ impl Qmp {
 
     /// Runs one command; returns its `return` value or the QMP error.
     pub async fn execute(&mut self, command: &str, args: Option<Value>) -> Result<Value, VmmError> {
+        self.execute_with_fd(command, args, None).await
+    }
+
+    /// Hands `fd` to QEMU under `name` (QMP `getfd`: the fd rides on the
+    /// command's message as SCM_RIGHTS), for a later `fd:<name>` URI.
+    pub async fn pass_fd(&mut self, name: &str, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+        self.execute_with_fd("getfd", Some(json!({ "fdname": name })), Some(fd))
+            .await
+            .map(drop)
+    }
+
+    async fn execute_with_fd(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<Value, VmmError> {
+        use sendfd::SendWithFd;
+
         let mut msg = json!({ "execute": command });
         if let Some(args) = args {
             msg["arguments"] = args;
@@ -113,8 +133,21 @@ impl Qmp {
             what: format!("{what} QMP {command}"),
             source,
         };
+        let mut sent = 0;
+        if let Some(fd) = fd {
+            let stream: &UnixStream = self.writer.as_ref();
+            // The fd rides on the first sendmsg; the rest is plain data.
+            sent = loop {
+                stream.writable().await.map_err(|e| io("sending", e))?;
+                match stream.send_with_fd(line.as_bytes(), &[fd.as_raw_fd()]) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                    Err(e) => return Err(io("sending", e)),
+                }
+            };
+        }
         self.writer
-            .write_all(line.as_bytes())
+            .write_all(&line.as_bytes()[sent..])
             .await
             .map_err(|e| io("sending", e))?;
         let reply = tokio::time::timeout(COMMAND_TIMEOUT, async {

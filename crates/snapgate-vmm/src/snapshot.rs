@@ -7,7 +7,9 @@
 //! whatever the config says today), and the size of every file, so a missing
 //! or truncated file is reported by name before any VMM is started.
 
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
@@ -120,11 +122,17 @@ pub fn image_files(spec: &ImageSpec) -> Vec<FileStamp> {
         .collect()
 }
 
+/// A file's name and its sealed in-memory copy ([`Snapshot::sealed`]).
+type Sealed = (String, Arc<OwnedFd>);
+
 /// A snapshot whose manifest was read and whose files were checked.
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     dir: PathBuf,
     manifest: Manifest,
+    /// Sealed in-memory copies of its files ([`Snapshot::sealed`]), shared
+    /// by every clone of this value.
+    sealed: Arc<Mutex<Vec<Sealed>>>,
 }
 
 impl Snapshot {
@@ -153,6 +161,7 @@ impl Snapshot {
         let snapshot = Snapshot {
             dir: dir.to_owned(),
             manifest,
+            sealed: Arc::default(),
         };
         snapshot.verify()?;
         Ok(snapshot)
@@ -223,6 +232,7 @@ impl Snapshot {
         Ok(Snapshot {
             dir: dir.to_owned(),
             manifest,
+            sealed: Arc::default(),
         })
     }
 
@@ -258,10 +268,76 @@ impl Snapshot {
         &self.manifest
     }
 
+    /// A sealed copy of file `name` in memory (memfd_create(2) with
+    /// `F_SEAL_WRITE`, `F_SEAL_SHRINK`, `F_SEAL_GROW` and `F_SEAL_SEAL`;
+    /// fcntl(2), "File seals"), made on the first call and shared after.
+    /// Anyone may open it read-write (through `/proc/self/fd/<n>`), map it
+    /// privately and write to the private copy, but no one can change its
+    /// contents: what lets a jailed VMM that insists on opening its memory
+    /// file read-write (QEMU before 8.2 has no `rom=off`) map the snapshot's
+    /// memory copy-on-write without being able to change it for the other
+    /// clones. Holes stay holes. Blocking: one copy of the file's data.
+    pub fn sealed(&self, name: &str) -> Result<Arc<OwnedFd>, VmmError> {
+        let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, fd)) = sealed.iter().find(|(n, _)| n == name) {
+            return Ok(fd.clone());
+        }
+        let path = self.file(name);
+        let fd = Arc::new(sealed_copy(&path).map_err(|source| VmmError::Io {
+            what: "cannot make a sealed in-memory copy of",
+            path,
+            source,
+        })?);
+        sealed.push((name.to_owned(), fd.clone()));
+        Ok(fd)
+    }
+
     /// Total size of the snapshot's files in bytes.
     pub fn size_bytes(&self) -> u64 {
         self.manifest.files.iter().map(|f| f.size).sum()
     }
+}
+
+/// A sealed memfd holding the data of `path` (see [`Snapshot::sealed`]).
+fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
+    use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
+    use std::os::unix::fs::FileExt;
+
+    let file = std::fs::File::open(path)?;
+    let len = file.metadata()?.len();
+    let memfd = rustix::fs::memfd_create(
+        c"snapgate-snapshot",
+        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
+    )?;
+    rustix::fs::ftruncate(&memfd, len)?;
+    let out = std::fs::File::from(memfd);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    while at < len {
+        // Only the data extents: holes read as zeros and stay unallocated.
+        let start = match rustix::fs::seek(&file, SeekFrom::Data(at)) {
+            Ok(start) => start,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(e.into()),
+        };
+        let end = rustix::fs::seek(&file, SeekFrom::Hole(start))?.min(len);
+        let mut pos = start;
+        while pos < end {
+            let want = ((end - pos) as usize).min(buf.len());
+            let n = file.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            out.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        at = end;
+    }
+    rustix::fs::fcntl_add_seals(
+        &out,
+        SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
+    )?;
+    Ok(OwnedFd::from(out))
 }
 
 /// Creates the directory a new snapshot goes into; it must not exist yet, so

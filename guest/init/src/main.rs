@@ -24,7 +24,13 @@
 //!      just before the first was applied, and the clock just after), the
 //!      client's address and port (one per connection), the request line,
 //!      every header and, for requests with a body, the body;
-//!    - `/sleep/<ms>` does the same after `<ms>` milliseconds.
+//!    - `/sleep/<ms>` does the same after `<ms>` milliseconds;
+//!    - `/connect/<ipv4>:<port>` tries a TCP connection from the guest
+//!      (2 s limit) and answers `connected`, `refused`, `unreachable`,
+//!      `timed out` or `error: <reason>`, so tests can see what a guest
+//!      can reach;
+//!    - `/touch/<mib>` allocates `<mib>` MiB and writes to every page of
+//!      it, then answers `touched <mib> MiB` (a guest that uses memory).
 //!
 //! The instance identity is minted on the first non-probe request from the
 //! virtio-rng device, i.e. from host entropy read after the VM was restored.
@@ -425,6 +431,23 @@ fn resumed(req: &Request) -> (String, Vec<u8>) {
     ("200 OK".into(), b"resumed\n".to_vec())
 }
 
+/// One TCP connection attempt from the guest to `target` (`<ipv4>:<port>`),
+/// as a word: what a guest can reach (see the crate doc).
+fn connect(target: &str) -> String {
+    let Ok(addr) = target.parse::<std::net::SocketAddr>() else {
+        return format!("error: {target:?} is not <ipv4>:<port>");
+    };
+    match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
+        Ok(_) => "connected".into(),
+        Err(e) => match e.raw_os_error() {
+            Some(nix::libc::ECONNREFUSED) => "refused".into(),
+            Some(nix::libc::EHOSTUNREACH | nix::libc::ENETUNREACH) => "unreachable".into(),
+            _ if e.kind() == std::io::ErrorKind::TimedOut => "timed out".into(),
+            _ => format!("error: {e}"),
+        },
+    }
+}
+
 /// The test guest's own answers (see the crate doc).
 fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     let path = req.path();
@@ -433,6 +456,26 @@ fn echo(req: &Request, peer: &str) -> (String, Vec<u8>) {
     }
     if req.method() == "POST" && path == "/snapgate/resumed" {
         return resumed(req);
+    }
+    if let Some(target) = path.strip_prefix("/connect/") {
+        return (
+            "200 OK".into(),
+            format!("{}\n", connect(target)).into_bytes(),
+        );
+    }
+    if let Some(mib) = path
+        .strip_prefix("/touch/")
+        .and_then(|m| m.parse::<usize>().ok())
+    {
+        let mut pages = vec![0u8; mib << 20];
+        for i in (0..pages.len()).step_by(4096) {
+            pages[i] = 1;
+        }
+        let touched = pages.iter().step_by(4096).filter(|&&b| b == 1).count();
+        return (
+            "200 OK".into(),
+            format!("touched {} MiB\n", touched / 256).into_bytes(),
+        );
     }
     if let Some(code) = path
         .strip_prefix("/status/")

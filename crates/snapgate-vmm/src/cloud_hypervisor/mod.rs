@@ -8,8 +8,18 @@
 //!    snapshot then records an fd-backed net, not a tap *name*: clones of one
 //!    snapshot would otherwise all try to open the same tap (EBUSY).
 //! 4. `vm.boot`; readiness is probed over the tap like any VM.
-//! 5. Snapshot: `vm.pause`, `vm.snapshot` to `file://<dest>` (CH writes
-//!    `config.json`, `state.json`, `memory-ranges`), then `vmm.shutdown`.
+//! 5. Snapshot: `vm.pause`, `vm.snapshot` to `file://<run>/snapshot` (CH
+//!    writes `config.json`, `state.json`, `memory-ranges`; the run
+//!    directory is the one a jailed CH can write to), then `vmm.shutdown`;
+//!    the files move into the destination and are given to the gateway's
+//!    user, so no later VMM can change them.
+//!
+//! # Jailed
+//! With a [`Jail`] (crate::jail), CH starts in it. Its root holds the
+//! image files, the snapshot directory a clone restores from (read-only),
+//! its run directory, `/dev/kvm`, `/dev/urandom` and `/dev/null`; taps
+//! come as fds over the API. CH's own seccomp filter stays on
+//! (`--seccomp true`, its default) unless `vmm.jail.seccomp` is off.
 //!
 //! # Clones
 //! A fresh process started with only `--api-socket`, then `vm.restore` with
@@ -45,8 +55,11 @@ use serde_json::{json, Value};
 
 pub use api::ChClient;
 
+use std::sync::Arc;
+
+use super::jail::{Access, Jail, Needs};
 use super::process::{make_run_dir, Launch};
-use super::snapshot::{create_dest, Origin};
+use super::snapshot::{create_dest, move_file, Origin};
 use super::{
     Endpoint, ImageSpec, Snapshot, SnapshotMode, Vm, VmId, VmProcess, Vmm, VmmError, VmmKind,
 };
@@ -66,6 +79,7 @@ pub struct CloudHypervisor {
     net: NetParams,
     tsc_khz: u64,
     restore_mode: MemoryRestoreMode,
+    jail: Option<Arc<Jail>>,
 }
 
 /// The VmConfig body of `vm.create` for `spec`, for a VM whose run
@@ -139,6 +153,51 @@ impl CloudHypervisor {
             net,
             tsc_khz: super::spec::host_tsc_khz(),
             restore_mode,
+            jail: None,
+        }
+    }
+
+    /// Runs every VMM in `jail` (module doc, "Jailed").
+    pub fn with_jail(mut self, jail: Option<Arc<Jail>>) -> CloudHypervisor {
+        self.jail = jail;
+        self
+    }
+
+    /// The command line of a bare VMM whose API listens on `socket`.
+    pub fn args(&self, socket: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "--api-socket".into(),
+            format!("path={}", socket.display()).into(),
+        ];
+        if !self.jail.as_ref().is_some_and(|j| j.params().seccomp) {
+            args.extend(["--seccomp".into(), "false".into()]);
+        }
+        args
+    }
+
+    /// What a jailed CH needs in its root (module doc, "Jailed"):
+    /// `spec`'s files, `snapshot`'s directory when restoring.
+    pub fn needs(spec: &ImageSpec, snapshot: Option<&Path>, run_dir: &Path) -> Needs {
+        let mut paths = Vec::new();
+        match snapshot {
+            Some(dir) => paths.push((dir.to_owned(), Access::ReadOnly)),
+            None => {
+                paths.push((spec.kernel.clone(), Access::ReadOnly));
+                paths.extend(spec.initramfs.iter().map(|p| (p.clone(), Access::ReadOnly)));
+            }
+        }
+        paths.extend(
+            spec.disks
+                .iter()
+                .map(|d| (d.path.clone(), Access::ReadOnly)),
+        );
+        paths.push((run_dir.to_owned(), Access::ReadWrite));
+        for device in ["/dev/null", "/dev/urandom", "/dev/kvm"] {
+            paths.push((PathBuf::from(device), Access::Device));
+        }
+        Needs {
+            paths,
+            memory_mib: spec.memory_mib,
         }
     }
 
@@ -148,23 +207,26 @@ impl CloudHypervisor {
         id: &VmId,
         tap: &str,
         run_dir: &Path,
+        needs: Needs,
     ) -> Result<(VmProcess, ChClient), VmmError> {
         let started = Instant::now();
         let socket = run_dir.join("api.sock");
-        let args: Vec<OsString> = vec![
-            "--api-socket".into(),
-            format!("path={}", socket.display()).into(),
-        ];
+        let args = self.args(&socket);
+        let confinement = match &self.jail {
+            Some(jail) => Some(jail.confine(id, run_dir, &needs)?),
+            None => None,
+        };
         let mut process = VmProcess::spawn(
             id,
             Launch {
-                binary: &self.binary,
+                binary: self.jail.as_ref().map_or(&self.binary, |j| j.binary()),
                 args: &args,
                 fds: vec![],
                 tap: Some(tap),
                 // Its guest RAM is anonymous (`shared: false`), which it
                 // asks THP to back.
                 transparent_huge_pages: true,
+                confinement,
             },
             run_dir,
             &self.state_dir,
@@ -242,7 +304,8 @@ impl Vmm for CloudHypervisor {
         let cmdline = crate::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
-        let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
+        let needs = Self::needs(spec, None, &run_dir);
+        let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         crate::create_extra_disk(spec, &run_dir)?;
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
@@ -270,7 +333,37 @@ impl Vmm for CloudHypervisor {
         let result = async {
             let t = Instant::now();
             client.pause().await?;
-            client.snapshot(dest).await?;
+            let written = vm.process().run_dir().join("snapshot");
+            std::fs::create_dir(&written).map_err(|source| VmmError::Io {
+                what: "cannot create",
+                path: written.clone(),
+                source,
+            })?;
+            if let Some(uid) = vm.process().confinement().and_then(|c| c.uid()) {
+                let id = Some(nix::unistd::Uid::from_raw(uid));
+                nix::unistd::chown(&written, id, Some(nix::unistd::Gid::from_raw(uid))).map_err(
+                    |e| VmmError::Io {
+                        what: "cannot give the VMM",
+                        path: written.clone(),
+                        source: e.into(),
+                    },
+                )?;
+            }
+            client.snapshot(&written).await?;
+            for name in SNAPSHOT_FILES {
+                let to = dest.join(name);
+                move_file(&written.join(name), &to)?;
+                nix::unistd::chown(
+                    &to,
+                    Some(nix::unistd::geteuid()),
+                    Some(nix::unistd::getegid()),
+                )
+                .map_err(|e| VmmError::Io {
+                    what: "cannot take ownership of",
+                    path: to.clone(),
+                    source: e.into(),
+                })?;
+            }
             vm.record("save", t.elapsed());
             let origin = Origin {
                 vmm: VmmKind::CloudHypervisor,
@@ -302,7 +395,8 @@ impl Vmm for CloudHypervisor {
         }
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
-        let (process, client) = self.start(&id, tap.name(), &run_dir).await?;
+        let needs = Self::needs(&m.spec, Some(snapshot.dir()), &run_dir);
+        let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
         let source = clone_source(snapshot, &run_dir, &process.console_path())?;
         crate::create_extra_disk(&m.spec, &run_dir)?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);

@@ -32,6 +32,7 @@
 //! killed while its VMMs lived on) is deleted by [`Network::remove_taps`]
 //! once those VMMs are killed, by the name recorded with each VMM's pid.
 
+mod fence;
 mod tap;
 
 use std::net::Ipv4Addr;
@@ -45,6 +46,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::FieldError;
 
+pub use fence::{Egress, Fence, FenceSlot};
 pub use tap::Tap;
 
 /// Errors from host networking. Each names the tap or setting at fault.
@@ -80,6 +82,9 @@ pub enum NetError {
     /// The network settings are inconsistent.
     #[error("network.{0}")]
     Invalid(FieldError),
+    /// The fence's nftables rules or routing could not be applied.
+    #[error("network.fence: {problem}")]
+    Fence { problem: String },
 }
 
 /// A MAC address, written `aa:bb:cc:dd:ee:ff` in config.
@@ -146,6 +151,10 @@ pub struct NetParams {
     pub host_mac: Mac,
     /// MAC of the guest's NIC (kept by clones from their template).
     pub guest_mac: Mac,
+    /// Whether snapgate fences its taps with nftables ([`Fence`]): a guest
+    /// reaches the host only in replies, no other tap, and no other
+    /// network but its app's `egress`. Off only by the operator's choice.
+    pub fence: bool,
 }
 
 impl Default for NetParams {
@@ -157,6 +166,7 @@ impl Default for NetParams {
             prefix_len: 30,
             host_mac: Mac([0x02, 0x73, 0x67, 0x00, 0x00, 0x01]),
             guest_mac: Mac([0x02, 0x73, 0x67, 0x00, 0x00, 0x02]),
+            fence: true,
         }
     }
 }

@@ -1,0 +1,586 @@
+//! The fence: nftables rules, in a table of this gateway's own, that keep
+//! traffic from its taps to what each app is allowed.
+//!
+//! # What a guest can reach
+//! - The host: only in replies to connections snapgate opened to the guest
+//!   (`ct state established,related`). A connection a guest opens to any
+//!   host address (the admin listener, another app's upstream, sshd, any
+//!   service bound to all addresses) is rejected (ICMP administratively
+//!   prohibited, so the guest's `connect` fails at once).
+//! - Another tap: never, in either direction, whatever the host's
+//!   forwarding settings.
+//! - Other networks: nothing, unless the app's `egress` allows it (a list
+//!   of CIDRs, each with optional ports, TCP and UDP); allowed traffic is
+//!   masqueraded to the host's address on the way out. Forwarding must be
+//!   on for the interfaces it crosses (`net.ipv4.ip_forward`, or per
+//!   interface): snapgate never turns it on.
+//!
+//! # Why egress needs per-tap state
+//! Every clone has the same guest address (module doc of [`super`]): a
+//! reply to one clone's outgoing connection cannot be routed back by
+//! address. Each tap of an app with egress gets a slot, which gives it
+//!
+//! 1. a conntrack zone for its original direction (`ct original zone`):
+//!    two clones' connections with the same addresses and ports stay two
+//!    connections;
+//! 2. a packet mark, set on its packets and kept on the connection
+//!    (`ct mark`), restored on the replies; the mark names the app (for the
+//!    allow rules) and the slot;
+//! 3. a policy-routing rule `fwmark <mark> lookup <mark>` with one route,
+//!    the guest's address through the tap, so replies go back to the tap
+//!    they belong to.
+//!
+//! Marks are `0x53` in the top byte, the app's number in the next 12 bits
+//! and the slot in the low 12: 4095 apps with egress, 4095 of their VMs at
+//! once. Taps of apps without egress get no slot: their forwarded traffic
+//! is rejected before any of this matters.
+//!
+//! # Lifecycle (protocol)
+//! 1. [`Fence::up`] at start-up writes the whole table in one `nft`
+//!    transaction that first deletes a table of the same name: the
+//!    leftovers of a run that died go with it. Until a gateway starts
+//!    again, a dead gateway's table stays: its taps stay fenced.
+//! 2. [`Fence::set_egress`] on every config load rewrites the `egress`
+//!    chain in one transaction; taps keep their slots.
+//! 3. [`Fence::admit`] when a VM of an app with egress gets its tap: one
+//!    `nft` transaction adds the tap's mark and zone, then rtnetlink adds
+//!    the rule and the route. The returned [`EgressSlot`] undoes it when
+//!    dropped (the route goes with the tap anyway).
+//! 4. [`Fence::down`] at stop deletes the table and every rule left.
+//!
+//! `nft` (Debian's `nftables`) applies the rules: each transaction is
+//! atomic, and the rules read as an operator would write them.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::rule::{RuleAction, RuleAttribute};
+use serde::{Deserialize, Serialize};
+
+use super::{NetError, Network};
+
+/// The top byte of every mark the fence sets.
+const MARK_TAG: u32 = 0x53 << 24;
+/// Priority of the fence's policy-routing rules (before `main`, 32766).
+const RULE_PRIORITY: u32 = 10_000;
+/// The bits of a mark a routing rule matches: the tag and the slot.
+const SLOT_MASK: u32 = 0xff00_0fff;
+/// Routing table of slot `n`: `TABLE_BASE + n`.
+const TABLE_BASE: u32 = 0x5347_0000;
+
+/// One destination an app's VMs may open connections to.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Egress {
+    /// The IPv4 network (`203.0.113.0/24`, or one address as `/32`).
+    pub to: Ipv4Net,
+    /// TCP and UDP destination ports; empty: every port.
+    #[serde(default)]
+    pub ports: Vec<u16>,
+}
+
+/// The gateway's fence (see the module doc).
+pub struct Fence {
+    net: Network,
+    table: String,
+    state: Arc<Mutex<State>>,
+    /// Set once the table is deleted.
+    down: std::sync::atomic::AtomicBool,
+}
+
+impl Drop for Fence {
+    /// A fence dropped without [`Fence::down`] (a start-up that failed, a
+    /// gateway dropped without a shutdown) still deletes its table.
+    fn drop(&mut self) {
+        if !self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            self.down_now();
+        }
+    }
+}
+
+impl State {
+    /// `app`'s number (given now if it has none) and whether it has egress.
+    fn app(&mut self, app: &str) -> (u32, bool) {
+        let next = self.apps.len() as u32 + 1;
+        let number = *self.apps.entry(app.to_owned()).or_insert(next);
+        // Numbers past 12 bits name no app in the allow rules.
+        let number = if number > 0xfff { 0 } else { number };
+        (number, self.with_egress.contains(app))
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// App -> its number in the marks (1..=4095), never reused while the
+    /// gateway runs.
+    apps: HashMap<String, u32>,
+    /// Apps whose egress is not empty.
+    with_egress: BTreeSet<String>,
+    /// Where the next slot search starts (1..=4095).
+    next: u32,
+}
+
+impl std::fmt::Debug for Fence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fence").field("table", &self.table).finish()
+    }
+}
+
+impl Fence {
+    /// Writes this gateway's table (protocol step 1) with the egress of
+    /// `apps`. Fails, naming what is missing, when `nft` cannot run or the
+    /// kernel refuses the rules.
+    pub async fn up(
+        net: &Network,
+        apps: &BTreeMap<String, Vec<Egress>>,
+    ) -> Result<Arc<Fence>, NetError> {
+        let table = format!("snapgate_{}", net.params().tap_prefix);
+        let fence = Fence {
+            net: net.clone(),
+            table,
+            state: Arc::default(),
+            down: Default::default(),
+        };
+        let egress = fence.egress_rules(apps)?;
+        let script = fence.table_script(&egress);
+        nft(&script).await?;
+        // The host's own replies to a guest (the fence's rejects) carry the
+        // mark of the packet they answer, so they route back to its tap
+        // (ip-sysctl: fwmark_reflect; it changes nothing for unmarked
+        // packets).
+        super::set_sysctl("/proc/sys/net/ipv4/fwmark_reflect", "1")?;
+        fence.remove_stale_rules().await?;
+        Ok(Arc::new(fence))
+    }
+
+    /// The nftables table's name (`snapgate_<tap_prefix>`, family `inet`).
+    pub fn table(&self) -> &str {
+        &self.table
+    }
+
+    /// Rewrites the allow rules for `apps` (protocol step 2).
+    pub async fn set_egress(&self, apps: &BTreeMap<String, Vec<Egress>>) -> Result<(), NetError> {
+        let rules = self.egress_rules(apps)?;
+        let mut script = format!("flush chain inet {} egress\n", self.table);
+        for rule in rules {
+            script.push_str(&format!("add rule inet {} egress {rule}\n", self.table));
+        }
+        nft(&script).await
+    }
+
+    /// Gives the VM on `tap` its slot (protocol step 3): its mark (naming
+    /// `app`, if the VM is already an app's), its conntrack zone, and the
+    /// route back to it; and, when `app` has egress, forwarding on the tap.
+    pub async fn admit(&self, tap: &str, app: Option<&str>) -> Result<FenceSlot, NetError> {
+        let (number, egress) = match app {
+            Some(app) => self.lock().app(app),
+            None => (0, false),
+        };
+        let slot = self.claim_slot(tap).await?;
+        // From here the slot is the guard's: dropped on an error, it undoes
+        // what was done.
+        let guard = FenceSlot {
+            tap: tap.to_owned(),
+            slot,
+            mark: MARK_TAG | number << 12 | slot,
+            undo: Some(Undo {
+                table: self.table.clone(),
+                tap: tap.to_owned(),
+                slot,
+                state: self.state.clone(),
+            }),
+        };
+        let script = format!(
+            "add element inet {t} marks {{ \"{tap}\" : {mark:#x} }}\n\
+             add element inet {t} zones {{ \"{tap}\" : {slot} }}\n",
+            t = self.table,
+            mark = guard.mark,
+        );
+        nft(&script).await?;
+        self.add_rule(tap, slot).await?;
+        if egress {
+            self.allow_forwarding(tap)?;
+        }
+        Ok(guard)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes the VM of `slot` `app`'s (a runtime clone that an app starts
+    /// in): its mark now names the app, and its tap forwards if the app has
+    /// egress.
+    pub async fn assign(&self, slot: &mut FenceSlot, app: &str) -> Result<(), NetError> {
+        let (number, egress) = self.lock().app(app);
+        let mark = MARK_TAG | number << 12 | slot.slot;
+        let script = format!(
+            "delete element inet {t} marks {{ \"{tap}\" }}\n\
+             add element inet {t} marks {{ \"{tap}\" : {mark:#x} }}\n",
+            t = self.table,
+            tap = slot.tap,
+        );
+        nft(&script).await?;
+        slot.mark = mark;
+        if egress {
+            self.allow_forwarding(&slot.tap)?;
+        }
+        Ok(())
+    }
+
+    /// IPv4 forwarding is decided by the interface a packet comes in on:
+    /// `tap`'s traffic may be forwarded, and the fence decides where to.
+    fn allow_forwarding(&self, tap: &str) -> Result<(), NetError> {
+        super::set_sysctl(&format!("/proc/sys/net/ipv4/conf/{tap}/forwarding"), "1")
+    }
+
+    /// Deletes the table and the fence's routing rules (protocol step 4).
+    pub async fn down(&self) -> Result<(), NetError> {
+        let script = format!("table inet {0}\ndelete table inet {0}\n", self.table);
+        nft(&script).await?;
+        self.down.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Rules are shared by slot with other gateways on the host: only
+        // those no live tap uses go.
+        self.remove_stale_rules().await
+    }
+
+    /// [`Fence::down`] for a caller that cannot wait (a drop): deletes the
+    /// table with a blocking `nft` run; the routing rules stay until the
+    /// next start removes them.
+    fn down_now(&self) {
+        use std::io::Write;
+        let script = format!("table inet {0}\ndelete table inet {0}\n", self.table);
+        let child = std::process::Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn();
+        if let Ok(mut child) = child {
+            if let Some(mut stdin) = child.stdin.take() {
+                let _ = stdin.write_all(script.as_bytes());
+            }
+            let _ = child.wait();
+        }
+    }
+
+    fn egress_rules(&self, apps: &BTreeMap<String, Vec<Egress>>) -> Result<Vec<String>, NetError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rules = Vec::new();
+        state.with_egress.clear();
+        for (app, egress) in apps.iter().filter(|(_, e)| !e.is_empty()) {
+            let (number, _) = state.app(app);
+            if number == 0 {
+                return Err(NetError::Fence {
+                    problem: format!("apps.{app}.egress: more than 4095 apps have had a number"),
+                });
+            }
+            state.with_egress.insert(app.clone());
+            let mark = MARK_TAG | number << 12;
+            for e in egress {
+                let ports = if e.ports.is_empty() {
+                    String::new()
+                } else {
+                    let list: Vec<String> = e.ports.iter().map(u16::to_string).collect();
+                    format!(
+                        " meta l4proto {{ tcp, udp }} th dport {{ {} }}",
+                        list.join(", ")
+                    )
+                };
+                rules.push(format!(
+                    "meta mark & 0xfffff000 == {mark:#x} ip daddr {}{ports} counter accept \
+                     comment \"egress of {}\"",
+                    e.to,
+                    app.escape_default()
+                ));
+            }
+        }
+        Ok(rules)
+    }
+
+    fn table_script(&self, egress: &[String]) -> String {
+        let t = &self.table;
+        let taps = format!("\"{}*\"", self.net.params().tap_prefix);
+        let mut egress_chain = String::new();
+        for rule in egress {
+            egress_chain.push_str(&format!("    {rule}\n"));
+        }
+        format!(
+            "table inet {t}\n\
+             delete table inet {t}\n\
+             table inet {t} {{\n\
+             \x20 map marks {{ typeof iifname : meta mark; }}\n\
+             \x20 map zones {{ typeof iifname : ct zone; }}\n\
+             \x20 chain raw {{\n\
+             \x20   type filter hook prerouting priority raw; policy accept;\n\
+             \x20   iifname {taps} ct original zone set iifname map @zones\n\
+             \x20 }}\n\
+             \x20 chain mangle {{\n\
+             \x20   type filter hook prerouting priority mangle; policy accept;\n\
+             \x20   iifname {taps} meta mark set iifname map @marks\n\
+             \x20   iifname {taps} ct state new ct mark set meta mark\n\
+             \x20   ct direction reply ct mark & 0xff000000 == {MARK_TAG:#x} meta mark set ct mark\n\
+             \x20 }}\n\
+             \x20 chain input {{\n\
+             \x20   type filter hook input priority filter - 5; policy accept;\n\
+             \x20   iifname {taps} ct state established,related accept\n\
+             \x20   iifname {taps} counter reject with icmpx type admin-prohibited comment \"to the host\"\n\
+             \x20 }}\n\
+             \x20 chain forward {{\n\
+             \x20   type filter hook forward priority filter - 5; policy accept;\n\
+             \x20   iifname {taps} oifname {taps} counter reject with icmpx type admin-prohibited comment \"tap to tap\"\n\
+             \x20   oifname {taps} ct state established,related accept\n\
+             \x20   oifname {taps} counter drop comment \"into a tap\"\n\
+             \x20   iifname {taps} ct state established,related accept\n\
+             \x20   iifname {taps} jump egress\n\
+             \x20   iifname {taps} counter reject with icmpx type admin-prohibited comment \"egress not allowed\"\n\
+             \x20 }}\n\
+             \x20 chain egress {{\n\
+             {egress_chain}\
+             \x20 }}\n\
+             \x20 chain postrouting {{\n\
+             \x20   type nat hook postrouting priority srcnat; policy accept;\n\
+             \x20   iifname {taps} oifname != {taps} masquerade\n\
+             \x20 }}\n\
+             }}\n"
+        )
+    }
+
+    /// Claims a slot for `tap`: the first free one whose table takes the
+    /// route of the guest's address through `tap`. The route is the claim,
+    /// host-wide (every gateway on the host draws from the same 4095
+    /// slots and the same conntrack zones): adding it fails with `EEXIST`
+    /// while another tap holds the slot, and the kernel removes it with its
+    /// tap, which frees the slot.
+    async fn claim_slot(&self, tap: &str) -> Result<u32, NetError> {
+        let index = self.net.link_index(tap).await?;
+        let guest: Ipv4Addr = self.net.params().guest_ip;
+        let start = {
+            let mut state = self.lock();
+            state.next = state.next % 0xfff + 1;
+            state.next
+        };
+        for n in 0..0xfff {
+            let slot = (start - 1 + n) % 0xfff + 1;
+            let added = self
+                .net
+                .handle
+                .route()
+                .add()
+                .v4()
+                .destination_prefix(guest, 32)
+                .output_interface(index)
+                .table_id(TABLE_BASE + slot)
+                .execute()
+                .await;
+            match added {
+                Ok(()) => return Ok(slot),
+                Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -nix::libc::EEXIST => {}
+                Err(source) => {
+                    return Err(NetError::Link {
+                        what: "add the route back to the guest",
+                        name: tap.to_owned(),
+                        source,
+                    })
+                }
+            }
+        }
+        Err(NetError::Fence {
+            problem: "all 4095 slots are held by live VMs on this host".into(),
+        })
+    }
+
+    /// Rule `fwmark <tag|slot>/<tag and slot bits> lookup <slot's table>`;
+    /// one per slot, shared by whichever tap holds the slot.
+    async fn add_rule(&self, tap: &str, slot: u32) -> Result<(), NetError> {
+        let mut rule = self
+            .net
+            .handle
+            .rule()
+            .add()
+            .v4()
+            .fw_mark(MARK_TAG | slot)
+            .table_id(TABLE_BASE + slot)
+            .priority(RULE_PRIORITY)
+            .action(RuleAction::ToTable);
+        rule.message_mut()
+            .attributes
+            .push(RuleAttribute::FwMask(SLOT_MASK));
+        match rule.execute().await {
+            Ok(()) => Ok(()),
+            // Left by an earlier VM in the same slot: it leads to the same
+            // table, whose route is now this tap's.
+            Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -nix::libc::EEXIST => Ok(()),
+            Err(source) => Err(NetError::Link {
+                what: "add the routing rule",
+                name: tap.to_owned(),
+                source,
+            }),
+        }
+    }
+
+    /// The fence's routing rules: priority [`RULE_PRIORITY`], a mark of
+    /// [`MARK_TAG`].
+    async fn our_rules(&self) -> Result<Vec<netlink_packet_route::rule::RuleMessage>, NetError> {
+        let mut rules = self
+            .net
+            .handle
+            .rule()
+            .get(rtnetlink::IpVersion::V4)
+            .execute();
+        let mut ours = Vec::new();
+        let err = |source| NetError::Link {
+            what: "list routing rules",
+            name: self.table.clone(),
+            source,
+        };
+        while let Some(rule) = rules.try_next().await.map_err(err)? {
+            let priority = rule
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::Priority(p) if *p == RULE_PRIORITY));
+            let marked = rule
+                .attributes
+                .iter()
+                .any(|a| matches!(a, RuleAttribute::FwMark(m) if m & 0xff00_0000 == MARK_TAG));
+            if priority && marked {
+                ours.push(rule);
+            }
+        }
+        Ok(ours)
+    }
+
+    /// Deletes the routing rules whose table has no route left: their tap
+    /// is gone (a run that died, or a VM that stopped).
+    async fn remove_stale_rules(&self) -> Result<(), NetError> {
+        let rules = self.our_rules().await?;
+        if rules.is_empty() {
+            return Ok(());
+        }
+        let mut used = BTreeSet::new();
+        let mut routes = self
+            .net
+            .handle
+            .route()
+            .get(rtnetlink::IpVersion::V4)
+            .execute();
+        while let Ok(Some(route)) = routes.try_next().await {
+            for a in &route.attributes {
+                if let netlink_packet_route::route::RouteAttribute::Table(t) = a {
+                    used.insert(*t);
+                }
+            }
+        }
+        for rule in rules {
+            let table = rule.attributes.iter().find_map(|a| match a {
+                RuleAttribute::Table(t) => Some(*t),
+                _ => None,
+            });
+            if table.is_some_and(|t| !used.contains(&t)) {
+                let _ = self.net.handle.rule().del(rule).execute().await;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A tap's slot (protocol step 3). Dropping it removes the tap's mark and
+/// zone (in a task of its own: `nft` runs as a process) and frees the
+/// slot. The slot's routing rule stays for the next tap in the slot; its
+/// route went with the tap.
+pub struct FenceSlot {
+    tap: String,
+    slot: u32,
+    mark: u32,
+    undo: Option<Undo>,
+}
+
+impl FenceSlot {
+    /// The packet mark of the tap's traffic.
+    pub fn mark(&self) -> u32 {
+        self.mark
+    }
+}
+
+struct Undo {
+    table: String,
+    tap: String,
+    slot: u32,
+    state: Arc<Mutex<State>>,
+}
+
+impl std::fmt::Debug for FenceSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FenceSlot")
+            .field("tap", &self.tap)
+            .field("slot", &self.slot)
+            .field("mark", &format_args!("{:#x}", self.mark))
+            .finish()
+    }
+}
+
+impl Drop for FenceSlot {
+    fn drop(&mut self) {
+        let Some(undo) = self.undo.take() else { return };
+        let script = remove_elements(&undo.table, &undo.tap);
+        // The slot itself is freed by the kernel: its route goes with the
+        // tap.
+        let _ = (undo.slot, &undo.state);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // A tap whose elements were never added: nothing to delete.
+            runtime.spawn(async move { nft(&script).await });
+        }
+        // No runtime: the elements stay until the table is rewritten at
+        // the next start; the tap name is never reused meanwhile.
+    }
+}
+
+fn remove_elements(table: &str, tap: &str) -> String {
+    format!(
+        "delete element inet {table} marks {{ \"{tap}\" }}\n\
+         delete element inet {table} zones {{ \"{tap}\" }}\n"
+    )
+}
+
+/// Runs `nft -f -` with `script`; its error output names what failed.
+async fn nft(script: &str) -> Result<(), NetError> {
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| NetError::Fence {
+            problem: format!("cannot run nft ({e}); install nftables or set network.fence: false"),
+        })?;
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin
+            .write_all(script.as_bytes())
+            .await
+            .map_err(|e| NetError::Fence {
+                problem: format!("writing to nft: {e}"),
+            })?;
+    }
+    let out = child
+        .wait_with_output()
+        .await
+        .map_err(|e| NetError::Fence {
+            problem: format!("waiting for nft: {e}"),
+        })?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetError::Fence {
+            problem: format!(
+                "nft refused the rules ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
