@@ -291,7 +291,11 @@ impl TestGateway {
         let waited = tokio::time::timeout(within, watch.wait_for(cond)).await;
         match waited {
             Ok(Ok(stats)) => *stats,
-            _ => panic!("{app}: {what}: stats stayed {:?}", self.pool(app).stats()),
+            _ => panic!(
+                "{app}: {what}: stats stayed {:?}; last start error: {:?}",
+                self.pool(app).stats(),
+                self.pool(app).last_error()
+            ),
         }
     }
 

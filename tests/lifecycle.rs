@@ -168,12 +168,22 @@ async fn a_second_gateway_on_one_state_dir_refuses_and_touches_nothing() {
 }
 
 /// The snapshot directory (its name under `app_dir`) that VMM `pid` was
-/// restored from, read from its command line (through `current` if that is
+/// restored from, read from its command line or, for a jailed clone, from
+/// the name of the sealed memory it maps (through `current` if that is
 /// what it names: no build runs between a restore and this check).
 fn restored_from(pid: u32, app_dir: &Path) -> String {
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
         .unwrap_or_else(|e| panic!("cmdline of VMM {pid}: {e}"));
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let mut cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+    {
+        if let Ok(target) = std::fs::read_link(fd.path()) {
+            cmdline.push(' ');
+            cmdline.push_str(&target.to_string_lossy());
+        }
+    }
     let prefix = format!("{}/", app_dir.display());
     let at = cmdline
         .find(&prefix)

@@ -153,8 +153,19 @@ async fn two_apps_share_one_runtime_snapshot_and_new_code_needs_no_rebuild() {
     for (title, expr) in &queries {
         let answer = prometheus.query(expr).await;
         assert_eq!(answer["status"], "success", "{title}: {expr}: {answer}");
-        let series = answer["data"]["result"].as_array().map_or(0, Vec::len);
-        assert!(series > 0, "{title}: {expr} returns no series: {answer}");
+        // A rate needs two scrapes of a series: wait for them, not a fixed
+        // time.
+        wait_for(
+            &format!("{title}: {expr} to return a series"),
+            Duration::from_secs(30),
+            async || {
+                let answer = prometheus.query(expr).await;
+                answer["data"]["result"]
+                    .as_array()
+                    .is_some_and(|s| !s.is_empty())
+            },
+        )
+        .await;
     }
     // The cold-start panel saw alpha's held requests by their path.
     wait_for(

@@ -9,10 +9,11 @@
 //!    them. VMs of a live `snapgate snapshot build` are left alone.
 //!    Then the fence (`crate::net::Fence`, unless `network.fence` is off):
 //!    this gateway's nftables table, written afresh, replacing what a run
-//!    that died left. The VMM driver checks, with its jail
-//!    (`crate::vmm::jail`), that the host can do each part that is on.
+//!    that died left.
 //! 3. Bind the listener and the admin listener: a taken port fails
-//!    start-up before any VM exists.
+//!    start-up before any VM exists. Then the VMM driver checks, with its
+//!    jail (`crate::vmm::jail`), that the host can do each part that is
+//!    on, and removes the VM cgroups a run that died left.
 //! 4. For each VM app, use its snapshot if it was taken from the configured
 //!    image as it is now, else boot a template and take one. Runtime apps:
 //!    pack each app's code; ensure the runtime's shared snapshot (and start

@@ -173,14 +173,10 @@ impl Admission {
         }
     }
 
-    /// Admits `vm`'s tap; the VM keeps its slot until it is dropped.
-    pub async fn admit(&self, vm: &mut Vm) -> Result<(), crate::net::NetError> {
-        let slot = self
-            .fence
-            .admit(&vm.endpoint().tap, self.app.as_deref())
-            .await?;
-        vm.keep_fence_slot(slot);
-        Ok(())
+    /// Admits `tap` before its VMM starts: the VM keeps the slot until it
+    /// is dropped ([`Vm::keep_fence_slot`]).
+    pub async fn admit(&self, tap: &str) -> Result<crate::net::FenceSlot, crate::net::NetError> {
+        self.fence.admit(tap, self.app.as_deref()).await
     }
 
     /// Makes `vm` (admitted as a runtime's) this admission's app's.
@@ -229,12 +225,15 @@ impl Factory for SnapshotFactory {
 
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
         let tap = self.net.create_tap().await?;
+        // Fenced before the guest runs: its first packet carries its mark.
+        let slot = match &self.fence {
+            Some(fence) => Some(fence.admit(tap.name()).await?),
+            None => None,
+        };
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
         vm.set_restored_from(self.snapshot.dir());
-        if let Some(fence) = &self.fence {
-            if let Err(e) = fence.admit(&mut vm).await {
-                return Err(crate::vmm::discard(self.vmm.as_ref(), vm, e.into()).await);
-            }
+        if let Some(slot) = slot {
+            vm.keep_fence_slot(slot);
         }
         let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
         let vmm = self.vmm.as_ref();

@@ -331,6 +331,13 @@ impl CodeSource {
                 output: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
             });
         }
+        // Readable by the VMMs' own users (`vmm.jail.user`), whatever the
+        // gateway's umask: only the jails of this app's VMs hold it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))
+                .map_err(|e| write_err(&path, e))?;
+        }
         tmp.persist(&path).map_err(|e| write_err(&path, e.error))?;
         prune(&self.cache, KEEP);
         let bytes = std::fs::metadata(&path)

@@ -91,7 +91,7 @@ pub fn agent_hook(agent_port: u16, agent_ready_path: &str) -> Hook {
 /// The console lines the app printed: from the loader's `starting` line on
 /// (the runtime prints it just before it loads the app), at most 40.
 pub fn app_output(vm: &Vm) -> String {
-    let text = std::fs::read_to_string(vm.process().console_path()).unwrap_or_default();
+    let text = crate::vmm::process::read_vm_file(&vm.process().console_path());
     let lines: Vec<&str> = text.lines().collect();
     let from = lines
         .iter()
@@ -221,8 +221,8 @@ const START_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// VM's fault.)
 fn app_exit(start: &StartSpec, vm: &Vm, err: VmmError) -> RuntimeError {
     let runtime_exited = || {
-        std::fs::read_to_string(vm.process().console_path())
-            .is_ok_and(|console| console.contains("agent: runtime exited"))
+        crate::vmm::process::read_vm_file(&vm.process().console_path())
+            .contains("agent: runtime exited")
     };
     match err {
         VmmError::Exited { status, .. }
@@ -243,7 +243,9 @@ fn app_exit(start: &StartSpec, vm: &Vm, err: VmmError) -> RuntimeError {
 /// Copies a code image to the start of a slot file, keeping the slot's size.
 fn copy_into(image: &Path, slot: &Path) -> std::io::Result<()> {
     let mut from = std::fs::File::open(image)?;
-    let mut to = std::fs::OpenOptions::new().write(true).open(slot)?;
+    // The slot is in the VM's run directory, which its jailed VMM can write
+    // to: never through a link it put there.
+    let mut to = crate::vmm::process::open_vm_file(slot, true)?;
     let slot_len = to.metadata()?.len();
     let image_len = from.metadata()?.len();
     if image_len > slot_len {

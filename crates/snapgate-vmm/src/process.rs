@@ -194,7 +194,7 @@ impl VmProcess {
             Err(source) => {
                 // A jail step that failed in the child wrote its name to
                 // the log (crate::jail::Plan::enter).
-                let log = std::fs::read_to_string(run_dir.join("vmm.log")).unwrap_or_default();
+                let log = read_vm_file(&run_dir.join("vmm.log"));
                 if let Some(step) = log.lines().rev().find_map(|l| {
                     l.strip_prefix("snapgate jail: ")
                         .map(|s| s.trim_end_matches(" failed").to_owned())
@@ -346,7 +346,7 @@ impl VmProcess {
             ("vmm", self.run_dir.join("vmm.log")),
             ("console", self.console_path()),
         ] {
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = read_vm_file(&path);
             let lines: Vec<&str> = text.lines().collect();
             for line in &lines[lines.len().saturating_sub(15)..] {
                 out.push_str(&format!("  [{label}] {line}\n"));
@@ -362,8 +362,7 @@ impl VmProcess {
     /// [`ERROR_SCAN_LINES`]. A guest that stops often prints a stack trace
     /// after the line that explains it, so the last lines alone may miss it.
     pub fn console_error_line(&self) -> Option<String> {
-        let text = std::fs::read(self.console_path()).ok()?;
-        error_line(&String::from_utf8_lossy(&text))
+        error_line(&read_vm_file(&self.console_path()))
     }
 
     /// Waits up to `grace` for the process to exit by itself, then kills it,
@@ -423,6 +422,44 @@ impl Drop for VmProcess {
         let _ = std::fs::remove_file(&self.pid_file);
         let _ = std::fs::remove_dir_all(&self.run_dir);
     }
+}
+
+/// Opens `path`, a file in a VM's run directory, which a jailed VMM can
+/// write to: never through a symlink (`O_NOFOLLOW`), never blocking on a
+/// FIFO (`O_NONBLOCK`), and only if it is a regular file with one link.
+/// What the gateway reads from or writes to there goes through this.
+pub fn open_vm_file(path: &Path, write: bool) -> std::io::Result<File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_NONBLOCK)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.nlink() != 1 {
+        return Err(std::io::Error::other(format!(
+            "{} is not a plain file of its own",
+            path.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// The text of `path` in a run directory, through [`open_vm_file`]: empty
+/// if it cannot be read, at most its last `MAX_READ` bytes.
+pub fn read_vm_file(path: &Path) -> String {
+    use std::io::{Read, Seek};
+    const MAX_READ: u64 = 1 << 20;
+    let Ok(mut file) = open_vm_file(path, false) else {
+        return String::new();
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len > MAX_READ {
+        let _ = file.seek(std::io::SeekFrom::Start(len - MAX_READ));
+    }
+    let mut bytes = Vec::new();
+    let _ = file.take(MAX_READ).read_to_end(&mut bytes);
+    String::from_utf8_lossy(&bytes).into_owned()
 }
 
 /// How many console lines, from the end, [`VmProcess::console_error_line`]
@@ -731,8 +768,15 @@ mod tests {
     async fn a_jailed_process_runs_as_its_uid_in_its_cgroup_and_root_and_both_go_with_it() {
         use crate::jail::{Access, Jail, JailParams, Needs};
         let state = tempfile::tempdir().unwrap();
+        // A range of one uid: a second VMM gets it only once the first is
+        // reaped.
+        let params = JailParams {
+            first_uid: 0x7100_0000,
+            uids: 1,
+            ..JailParams::default()
+        };
         let jail = match Jail::new(
-            JailParams::default(),
+            params,
             Path::new("sleep"),
             state.path(),
             &format!("unit{}", std::process::id()),
@@ -751,6 +795,13 @@ mod tests {
         };
         let confinement = jail.confine(&id, &run, &needs).unwrap();
         let uid = confinement.uid().unwrap();
+        assert!(
+            matches!(
+                jail.confine(&VmId::new("second"), &run, &needs),
+                Err(crate::jail::JailError::NoUid { .. })
+            ),
+            "the range's one uid is taken"
+        );
         let cgroup = confinement.cgroup().unwrap().dirs().to_vec();
         let mut p = VmProcess::spawn(
             &id,
@@ -788,11 +839,16 @@ mod tests {
         assert_eq!(procs.trim(), p.pid().to_string());
         assert!(p.confinement().is_some());
         p.kill().await.unwrap();
-        // Reaped: its cgroup is gone, its uid free again.
+        // Reaped: its cgroup is gone, its uid free again (the next VMM of
+        // this process may get it).
         assert!(p.confinement().is_none());
         for dir in &cgroup {
             assert!(!dir.exists(), "{}", dir.display());
         }
+        let again = VmId::new("again");
+        let run = make_run_dir(state.path(), &again).unwrap();
+        let next = jail.confine(&again, &run, &needs).unwrap();
+        assert_eq!(next.uid(), Some(uid));
     }
 
     #[tokio::test]
@@ -814,9 +870,6 @@ mod tests {
         // The run directory vanishes between the plan and the spawn: the
         // child cannot bind it.
         std::fs::remove_dir_all(&run).unwrap();
-        std::fs::create_dir_all(&run).unwrap();
-        std::fs::remove_dir(&run).unwrap();
-        std::fs::create_dir_all(run.parent().unwrap()).unwrap();
         let err = VmProcess::spawn(
             &id,
             Launch {

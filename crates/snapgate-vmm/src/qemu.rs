@@ -450,12 +450,13 @@ impl Vmm for Qemu {
         let memory = match mode {
             SnapshotMode::Template if self.seals_memory() => {
                 let snapshot = snapshot.clone();
+                let path = snapshot.file("memory");
                 let sealed = tokio::task::spawn_blocking(move || snapshot.sealed("memory"))
                     .await
                     .map_err(|e| VmmError::Io {
-                        what: "sealing the snapshot memory panicked:",
-                        path: PathBuf::from(e.to_string()),
-                        source: std::io::Error::other("panic"),
+                        what: "cannot seal (the copy did not finish)",
+                        path,
+                        source: std::io::Error::other(e.to_string()),
                     })??;
                 Memory::Sealed(sealed)
             }
@@ -584,18 +585,8 @@ impl Qemu {
             SnapshotMode::Template => {
                 let memory = dest.join("memory");
                 move_file(&run_dir.join("memory"), &memory)?;
-                // A jailed template wrote it as its own uid: a later VMM
-                // given that uid must not be able to change it.
-                nix::unistd::chown(
-                    &memory,
-                    Some(nix::unistd::geteuid()),
-                    Some(nix::unistd::getegid()),
-                )
-                .map_err(|e| VmmError::Io {
-                    what: "cannot take ownership of",
-                    path: memory.clone(),
-                    source: e.into(),
-                })?;
+                // Read by the gateway alone (clones get a sealed copy).
+                super::snapshot::take_ownership(&memory, 0o640)?;
                 &["state", "memory"]
             }
             SnapshotMode::Full => &["state"],

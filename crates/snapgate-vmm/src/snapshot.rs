@@ -276,7 +276,8 @@ impl Snapshot {
     /// contents: what lets a jailed VMM that insists on opening its memory
     /// file read-write (QEMU before 8.2 has no `rom=off`) map the snapshot's
     /// memory copy-on-write without being able to change it for the other
-    /// clones. Holes stay holes. Blocking: one copy of the file's data.
+    /// clones. Holes stay holes. The memfd is named after the file's path.
+    /// Blocking: one copy of the file's data.
     pub fn sealed(&self, name: &str) -> Result<Arc<OwnedFd>, VmmError> {
         let mut sealed = self.sealed.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((_, fd)) = sealed.iter().find(|(n, _)| n == name) {
@@ -303,12 +304,16 @@ fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
     use rustix::fs::{MemfdFlags, SealFlags, SeekFrom};
     use std::os::unix::fs::FileExt;
 
-    let file = std::fs::File::open(path)?;
+    let file = crate::process::open_vm_file(path, false)?;
     let len = file.metadata()?.len();
-    let memfd = rustix::fs::memfd_create(
-        c"snapgate-snapshot",
-        MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING,
-    )?;
+    // Named after the file, so `/proc/<pid>/fd` of a VMM says which
+    // snapshot it maps (`/memfd:<path> (deleted)`); memfd_create(2) takes
+    // at most 249 bytes: the end of a longer path, which names the
+    // snapshot.
+    let name = path.as_os_str().as_encoded_bytes();
+    let name = &name[name.len().saturating_sub(249)..];
+    let name = std::ffi::CString::new(name).map_err(std::io::Error::other)?;
+    let memfd = rustix::fs::memfd_create(&name, MemfdFlags::CLOEXEC | MemfdFlags::ALLOW_SEALING)?;
     rustix::fs::ftruncate(&memfd, len)?;
     let out = std::fs::File::from(memfd);
     let mut buf = vec![0u8; 1 << 20];
@@ -338,6 +343,29 @@ fn sealed_copy(path: &Path) -> std::io::Result<OwnedFd> {
         SealFlags::WRITE | SealFlags::SHRINK | SealFlags::GROW | SealFlags::SEAL,
     )?;
     Ok(OwnedFd::from(out))
+}
+
+/// Makes `path`, a file a jailed VMM wrote and the gateway moved into a
+/// snapshot, the gateway's: opened as a plain file of its own (never
+/// through a link the VMM put in its place: `process::open_vm_file`), then
+/// given to the gateway's uid and group with permissions `mode`. A later
+/// VMM given the writer's uid cannot change it.
+pub fn take_ownership(path: &Path, mode: u32) -> Result<(), VmmError> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::PermissionsExt;
+    let err = |source: std::io::Error| VmmError::SnapshotFile {
+        path: path.to_owned(),
+        problem: format!("the VMM left no plain file here: {source}"),
+    };
+    let file = crate::process::open_vm_file(path, false).map_err(err)?;
+    nix::unistd::fchown(
+        file.as_raw_fd(),
+        Some(nix::unistd::geteuid()),
+        Some(nix::unistd::getegid()),
+    )
+    .map_err(|e| err(e.into()))?;
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .map_err(err)
 }
 
 /// Creates the directory a new snapshot goes into; it must not exist yet, so

@@ -305,9 +305,9 @@ impl Vmm for CloudHypervisor {
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
         let needs = Self::needs(spec, None, &run_dir);
+        crate::create_extra_disk(spec, &run_dir)?;
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
-        crate::create_extra_disk(spec, &run_dir)?;
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
         let t = Instant::now();
@@ -353,16 +353,8 @@ impl Vmm for CloudHypervisor {
             for name in SNAPSHOT_FILES {
                 let to = dest.join(name);
                 move_file(&written.join(name), &to)?;
-                nix::unistd::chown(
-                    &to,
-                    Some(nix::unistd::geteuid()),
-                    Some(nix::unistd::getegid()),
-                )
-                .map_err(|e| VmmError::Io {
-                    what: "cannot take ownership of",
-                    path: to.clone(),
-                    source: e.into(),
-                })?;
+                // Clones restore from them, each as its own uid.
+                super::snapshot::take_ownership(&to, 0o644)?;
             }
             vm.record("save", t.elapsed());
             let origin = Origin {
@@ -395,10 +387,12 @@ impl Vmm for CloudHypervisor {
         }
         let run_dir = make_run_dir(&self.state_dir, &id)?;
         let started = Instant::now();
+        // Written before the VMM starts: once it runs (jailed, as another
+        // uid) it can write to its run directory.
+        let source = clone_source(snapshot, &run_dir, &run_dir.join("console.log"))?;
+        crate::create_extra_disk(&m.spec, &run_dir)?;
         let needs = Self::needs(&m.spec, Some(snapshot.dir()), &run_dir);
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
-        let source = clone_source(snapshot, &run_dir, &process.console_path())?;
-        crate::create_extra_disk(&m.spec, &run_dir)?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());

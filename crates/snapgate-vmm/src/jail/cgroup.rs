@@ -142,7 +142,21 @@ impl Hierarchy {
         };
         for base in &self.bases {
             let dir = base.join(id.as_str());
-            match std::fs::create_dir(&dir) {
+            let mut made = std::fs::create_dir(&dir);
+            if made
+                .as_ref()
+                .is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+            {
+                // The directory of this gateway's VMMs went with an earlier
+                // gateway of the same scope that stopped meanwhile.
+                self.make_base(base).map_err(|source| JailError::Io {
+                    what: "create",
+                    path: base.clone(),
+                    source,
+                })?;
+                made = std::fs::create_dir(&dir);
+            }
+            match made {
                 Ok(()) => {}
                 // Left by a VMM of the same id that died with its gateway.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
@@ -201,12 +215,41 @@ impl Hierarchy {
                 .open(&path)
                 .map_err(|source| JailError::Io {
                     what: "open",
-                    path,
+                    path: path.clone(),
                     source,
                 })?;
-            cgroup.procs.push(OwnedFd::from(file));
+            // Above the fds a VMM inherits (3, 4, 5...): the child writes to
+            // it after they were put in place.
+            let high = rustix::io::fcntl_dupfd_cloexec(&file, 64).map_err(|e| JailError::Io {
+                what: "duplicate",
+                path,
+                source: e.into(),
+            })?;
+            cgroup.procs.push(high);
         }
         Ok(cgroup)
+    }
+}
+
+impl Hierarchy {
+    /// Creates `base` again (and, in v2, hands it the controllers).
+    fn make_base(&self, base: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(base)?;
+        if self.version == CgroupVersion::V2 {
+            std::fs::write(base.join("cgroup.subtree_control"), "+memory +cpu +pids")?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Hierarchy {
+    /// The directory of this gateway's VMMs goes with its jail, once empty
+    /// (a VMM not reaped yet keeps it; a gateway of the same scope creates
+    /// it again as it needs it).
+    fn drop(&mut self) {
+        for base in &self.bases {
+            let _ = std::fs::remove_dir(base);
+        }
     }
 }
 
@@ -280,16 +323,6 @@ fn own_path<'a>(text: &'a str, controller: Option<&str>) -> Option<&'a str> {
     })
 }
 
-impl Drop for Hierarchy {
-    /// The gateway's directory goes with its jail, once empty (a VMM not
-    /// yet reaped keeps it: the next start removes it).
-    fn drop(&mut self) {
-        for base in &self.bases {
-            let _ = std::fs::remove_dir(base);
-        }
-    }
-}
-
 /// One VMM's cgroup: its directories (one in v2, three in v1) and their
 /// open `cgroup.procs`. Removed when dropped, which happens once the VMM
 /// is reaped.
@@ -326,16 +359,31 @@ impl Cgroup {
     }
 }
 
-impl Drop for Cgroup {
-    fn drop(&mut self) {
+impl Cgroup {
+    /// Removes the cgroup; whether it is gone (a cgroup that still holds a
+    /// process cannot be removed, and is logged).
+    pub(super) fn remove(mut self) -> bool {
+        self.remove_dirs()
+    }
+
+    fn remove_dirs(&mut self) -> bool {
         self.procs.clear();
-        for dir in &self.dirs {
-            if let Err(e) = std::fs::remove_dir(dir) {
+        let mut gone = true;
+        for dir in std::mem::take(&mut self.dirs) {
+            if let Err(e) = std::fs::remove_dir(&dir) {
                 if e.kind() != std::io::ErrorKind::NotFound {
+                    gone = false;
                     tracing::warn!(cgroup = %dir.display(), "cannot remove a VMM's cgroup: {e}");
                 }
             }
         }
+        gone
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        self.remove_dirs();
     }
 }
 

@@ -27,12 +27,13 @@
 //!    the uid; every path of the new root is turned into a C string.
 //! 3. In the forked child, before exec ([`Plan::enter`], allocating
 //!    nothing): join the cgroup (write `0` to each `cgroup.procs`), unshare
-//!    the mount namespace and make it private (no mount propagates back),
+//!    the mount, network and IPC namespaces and make the mounts private (no
+//!    mount propagates back; the VMM has no network but its tap's fd),
 //!    build the root on a tmpfs (read-only binds of the system paths, the
 //!    VMM binary and the image files; the run directory read-write; the
 //!    device nodes; a `/proc` that shows only the VMM's own processes),
-//!    pivot into it, drop supplementary groups, gid and uid, and set
-//!    `no_new_privs`. The caller sets the parent-death signal after this:
+//!    pivot into it, set umask 007, drop supplementary groups, gid and uid,
+//!    and set `no_new_privs`. The caller sets the parent-death signal after this:
 //!    a uid change clears it (prctl(2)).
 //! 4. exec: the VMM starts confined. Its tap and any snapshot state come
 //!    as inherited fds, opened by the gateway, so the VMM needs no
@@ -66,7 +67,8 @@ use crate::{FieldError, VmId};
 pub struct JailParams {
     /// Each VMM runs as a uid of its own from `first_uid` ..
     /// `first_uid + uids`, with the same number as its only group. Needs
-    /// CAP_SETUID, CAP_SETGID and CAP_CHOWN.
+    /// CAP_SETUID, CAP_SETGID, CAP_CHOWN and CAP_KILL (to stop VMMs of
+    /// other uids).
     pub user: bool,
     /// The first uid of the range. The default, 0x70000000, is above the
     /// ranges systemd hands to users, dynamic users and containers.
@@ -75,7 +77,9 @@ pub struct JailParams {
     pub uids: u32,
     /// The VMM sees only a root of its own (a mount namespace): its run
     /// directory, its image files, `system_paths` read-only, the device
-    /// nodes it needs. Needs CAP_SYS_ADMIN.
+    /// nodes it needs; and no network (a network namespace of its own: it
+    /// gets its tap as an fd) and no IPC objects but its own. Needs
+    /// CAP_SYS_ADMIN. Refused without `user` (a root VMM could leave it).
     pub filesystem: bool,
     /// Host paths every VMM sees read-only: what a dynamically linked VMM
     /// binary needs (its libraries, firmware, the loader's cache).
@@ -140,6 +144,12 @@ impl JailParams {
                 ));
             }
         }
+        if self.filesystem && !self.user {
+            return Err(FieldError::new(
+                "filesystem",
+                "needs user: a VMM that runs as root can leave its mount namespace",
+            ));
+        }
         if !(1..=10000).contains(&self.cpu_weight) {
             return Err(FieldError::new(
                 "cpu_weight",
@@ -174,6 +184,15 @@ pub enum JailError {
         /// The `vmm.jail` key of the part.
         part: &'static str,
         /// What the host lacks.
+        problem: String,
+    },
+    /// A setting is out of range.
+    #[error("vmm.jail.{}: {}", .0.field, .0.message)]
+    Invalid(FieldError),
+    /// The VMM binary cannot be found.
+    #[error("vmm.binary: {problem}")]
+    Binary {
+        /// Why.
         problem: String,
     },
     /// Every uid of the range is taken by a live VMM.
@@ -262,6 +281,7 @@ struct Uids {
 
 /// The bits of `CapEff` in `/proc/self/status` (capabilities(7)).
 const CAP_CHOWN: u32 = 0;
+const CAP_KILL: u32 = 5;
 const CAP_SETGID: u32 = 6;
 const CAP_SETUID: u32 = 7;
 const CAP_SYS_ADMIN: u32 = 21;
@@ -276,10 +296,7 @@ impl Jail {
         state_dir: &Path,
         scope: &str,
     ) -> Result<Jail, JailError> {
-        params.validate().map_err(|e| JailError::Unsupported {
-            part: "config",
-            problem: e.to_string(),
-        })?;
+        params.validate().map_err(JailError::Invalid)?;
         let caps = effective_caps();
         let need = |part: &'static str, caps_needed: &[(u32, &str)]| {
             let missing: Vec<&str> = caps_needed
@@ -303,6 +320,7 @@ impl Jail {
                     (CAP_SETUID, "CAP_SETUID"),
                     (CAP_SETGID, "CAP_SETGID"),
                     (CAP_CHOWN, "CAP_CHOWN"),
+                    (CAP_KILL, "CAP_KILL"),
                 ],
             )?;
             check_uid_range(params.first_uid, params.uids)?;
@@ -310,10 +328,7 @@ impl Jail {
         if params.filesystem {
             need("filesystem", &[(CAP_SYS_ADMIN, "CAP_SYS_ADMIN")])?;
         }
-        let binary = resolve_binary(binary).map_err(|problem| JailError::Unsupported {
-            part: "filesystem",
-            problem,
-        })?;
+        let binary = resolve_binary(binary).map_err(|problem| JailError::Binary { problem })?;
         let root = state_dir.join("jail");
         if params.filesystem {
             std::fs::create_dir_all(&root).map_err(JailError::io("create", &root))?;
@@ -335,10 +350,7 @@ impl Jail {
         };
         let seed = (std::process::id().wrapping_mul(64)) % params.uids.max(1);
         Ok(Jail {
-            uids: Arc::new(Mutex::new(Uids {
-                in_use: BTreeSet::new(),
-                next: seed,
-            })),
+            uids: process_uids(seed),
             params,
             binary,
             root,
@@ -377,18 +389,31 @@ impl Jail {
             None
         };
         let mut confinement = Confinement {
-            uid,
             cgroup: None,
+            uid,
             plan: None,
         };
         if let Some(lease) = &confinement.uid {
-            let id = nix::unistd::Uid::from_raw(lease.uid);
-            let gid = nix::unistd::Gid::from_raw(lease.uid);
-            nix::unistd::chown(run_dir, Some(id), Some(gid))
+            // The run directory is the VMM's to write in, and the gateway's
+            // group's (set-group-ID, so what the VMM creates there is the
+            // gateway's group's too; the VMM runs with umask 007): the
+            // gateway reaches the VMM's sockets and logs without any
+            // override of file permissions. What the gateway put there
+            // (the extra disk, the VMM's log) stays the gateway's.
+            use std::os::unix::fs::PermissionsExt;
+            // The mode first, while the gateway owns it (a directory keeps
+            // set-group-ID through chown).
+            let id = Some(nix::unistd::Uid::from_raw(lease.uid));
+            std::fs::set_permissions(run_dir, std::fs::Permissions::from_mode(0o2770))
+                .map_err(JailError::io("set the mode of", run_dir))?;
+            nix::unistd::chown(run_dir, id, Some(nix::unistd::getegid()))
                 .map_err(|e| JailError::io("give the VMM's uid", run_dir)(e.into()))?;
             for (path, access) in &needs.paths {
                 if *access == Access::ReadOnly {
-                    check_readable(path)?;
+                    // In its own root the VMM reaches a file through
+                    // directories of the jail's: only the host's own
+                    // directories matter when there is no root of its own.
+                    check_readable(path, !self.params.filesystem)?;
                 }
             }
         }
@@ -461,6 +486,7 @@ impl Jail {
                 });
             }
         }
+        drop(uids);
         Err(JailError::NoUid {
             first: self.params.first_uid,
             uids: count,
@@ -469,12 +495,30 @@ impl Jail {
 }
 
 /// One VMM's uid, its cgroup and the plan of its root. Dropped only once
-/// its process is reaped (module doc, step 5).
+/// its process is reaped (module doc, step 5): the cgroup goes first, and
+/// the uid goes back to the range only if the cgroup went (a cgroup that
+/// still holds a process keeps its uid taken).
 #[derive(Debug)]
 pub struct Confinement {
-    uid: Option<UidLease>,
     cgroup: Option<Cgroup>,
+    uid: Option<UidLease>,
     plan: Option<Plan>,
+}
+
+impl Drop for Confinement {
+    fn drop(&mut self) {
+        if let Some(cgroup) = self.cgroup.take() {
+            if !cgroup.remove() {
+                if let Some(lease) = self.uid.take() {
+                    tracing::warn!(
+                        uid = lease.uid,
+                        "a VMM's cgroup still holds a process: its uid stays taken"
+                    );
+                    std::mem::forget(lease);
+                }
+            }
+        }
+    }
 }
 
 impl Confinement {
@@ -505,6 +549,22 @@ impl Drop for UidLease {
         let mut uids = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         uids.in_use.remove(&self.uid);
     }
+}
+
+/// The uids in use by this process's VMMs, whichever gateway (and jail)
+/// started them: two jails of one process never hand out the same uid.
+/// Another process on the host drawing from the same range is told apart
+/// by its pid-derived starting point only: give each gateway on a host a
+/// range of its own (`first_uid`).
+fn process_uids(seed: u32) -> Arc<Mutex<Uids>> {
+    static UIDS: std::sync::OnceLock<Arc<Mutex<Uids>>> = std::sync::OnceLock::new();
+    UIDS.get_or_init(|| {
+        Arc::new(Mutex::new(Uids {
+            in_use: BTreeSet::new(),
+            next: seed,
+        }))
+    })
+    .clone()
 }
 
 /// `CapEff` of this process (capabilities(7)), 0 if unreadable.
@@ -584,9 +644,10 @@ fn top_level_symlinks(system: &[PathBuf]) -> Vec<(PathBuf, PathBuf)> {
         .collect()
 }
 
-/// Fails unless `path` is readable by others and each of its directories
-/// searchable by others: what an unprivileged VMM needs to open it.
-fn check_readable(path: &Path) -> Result<(), JailError> {
+/// Fails unless `path` is readable by others and, with `ancestors`, each
+/// of its directories searchable by others: what an unprivileged VMM needs
+/// to open it.
+fn check_readable(path: &Path, ancestors: bool) -> Result<(), JailError> {
     use std::os::unix::fs::PermissionsExt;
     let meta = std::fs::metadata(path).map_err(JailError::io("look at", path))?;
     let mode = meta.permissions().mode();
@@ -597,7 +658,7 @@ fn check_readable(path: &Path) -> Result<(), JailError> {
             mode: mode & 0o7777,
         });
     }
-    for dir in path.ancestors().skip(1) {
+    for dir in path.ancestors().skip(1).filter(|_| ancestors) {
         let Ok(meta) = std::fs::metadata(dir) else {
             continue;
         };

@@ -133,7 +133,7 @@ impl Plan {
     /// to stderr (the VMM's log) and returns the OS error.
     pub fn enter(&self) -> std::io::Result<()> {
         for &fd in &self.procs {
-            // SAFETY: writes two bytes from a static buffer to an fd the
+            // SAFETY: writes one byte from a static buffer to an fd the
             // Confinement keeps open for the spawn.
             if unsafe { nix::libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
                 return Err(fail(b"joining the VMM's cgroup"));
@@ -143,6 +143,9 @@ impl Plan {
             self.build_root(root)?;
         }
         if let Some((uid, gid)) = self.ids {
+            // What it creates in its run directory stays the gateway's
+            // group's to read and write (the directory is set-group-ID).
+            nix::sys::stat::umask(Mode::from_bits_truncate(0o007));
             nix::unistd::setgroups(&self.groups).map_err(|_| fail(b"setgroups"))?;
             let gid = Gid::from_raw(gid);
             nix::unistd::setresgid(gid, gid, gid).map_err(|_| fail(b"setresgid"))?;
@@ -155,8 +158,14 @@ impl Plan {
 
     fn build_root(&self, root: &CStr) -> std::io::Result<()> {
         const NONE: Option<&CStr> = None;
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)
-            .map_err(|_| fail(b"unsharing the mount namespace"))?;
+        // A network namespace of its own: the VMM reaches no address, not
+        // even the host's loopback (its tap comes as an fd, its control
+        // socket is a path); an IPC namespace: no SysV object outlives it.
+        use nix::sched::CloneFlags;
+        nix::sched::unshare(
+            CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWNET | CloneFlags::CLONE_NEWIPC,
+        )
+        .map_err(|_| fail(b"unsharing the mount, network and IPC namespaces"))?;
         nix::mount::mount(
             NONE,
             c"/",

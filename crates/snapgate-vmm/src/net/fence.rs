@@ -2,18 +2,29 @@
 //! traffic from its taps to what each app is allowed.
 //!
 //! # What a guest can reach
-//! - The host: only in replies to connections snapgate opened to the guest
-//!   (`ct state established,related`). A connection a guest opens to any
-//!   host address (the admin listener, another app's upstream, sshd, any
-//!   service bound to all addresses) is rejected (ICMP administratively
-//!   prohibited, so the guest's `connect` fails at once).
+//! - The host: only TCP segments of connections snapgate opened to the
+//!   guest. A connection a guest opens to any host address (the admin
+//!   listener, another app's upstream, sshd, any service bound to all
+//!   addresses), and any UDP or ICMP it sends the host, is rejected (ICMP
+//!   administratively prohibited, so the guest's `connect` fails at once).
+//!   Traffic between the host and its guests is not tracked (`notrack`):
+//!   the rule is stateless, on the TCP flags (a segment with SYN and no
+//!   ACK opens a connection), because every guest has the same address
+//!   and two of snapgate's connections to two guests may have the same
+//!   addresses and ports, which one conntrack entry would conflate; and it
+//!   spares the proxied traffic conntrack's cost.
 //! - Another tap: never, in either direction, whatever the host's
 //!   forwarding settings.
 //! - Other networks: nothing, unless the app's `egress` allows it (a list
 //!   of CIDRs, each with optional ports, TCP and UDP); allowed traffic is
-//!   masqueraded to the host's address on the way out. Forwarding must be
-//!   on for the interfaces it crosses (`net.ipv4.ip_forward`, or per
-//!   interface): snapgate never turns it on.
+//!   masqueraded to the host's address on the way out. (A VM given a slot
+//!   that a stopped VM held shares its conntrack zone: it could continue
+//!   one of that VM's forwarded connections that conntrack still holds,
+//!   had it the same ports. The zone is not flushed when a slot is
+//!   claimed.) snapgate turns IPv4 forwarding on only on the taps
+//!   of apps with egress; the host's outgoing interface must forward too
+//!   (`net.ipv4.ip_forward`, or per interface), which snapgate leaves to
+//!   the operator.
 //!
 //! # Why egress needs per-tap state
 //! Every clone has the same guest address (module doc of [`super`]): a
@@ -31,9 +42,11 @@
 //!    they belong to.
 //!
 //! Marks are `0x53` in the top byte, the app's number in the next 12 bits
-//! and the slot in the low 12: 4095 apps with egress, 4095 of their VMs at
-//! once. Taps of apps without egress get no slot: their forwarded traffic
-//! is rejected before any of this matters.
+//! and the slot in the low 12: 4095 apps with egress, 4095 VMs at once on
+//! the host. Every tap gets a slot, egress or not: the host's own rejects
+//! of a guest's packets carry its mark (`fwmark_reflect`) and so go back
+//! to its tap, not to whichever tap has the first route to the guest
+//! address.
 //!
 //! # Lifecycle (protocol)
 //! 1. [`Fence::up`] at start-up writes the whole table in one `nft`
@@ -42,11 +55,16 @@
 //!    again, a dead gateway's table stays: its taps stay fenced.
 //! 2. [`Fence::set_egress`] on every config load rewrites the `egress`
 //!    chain in one transaction; taps keep their slots.
-//! 3. [`Fence::admit`] when a VM of an app with egress gets its tap: one
-//!    `nft` transaction adds the tap's mark and zone, then rtnetlink adds
-//!    the rule and the route. The returned [`EgressSlot`] undoes it when
-//!    dropped (the route goes with the tap anyway).
-//! 4. [`Fence::down`] at stop deletes the table and every rule left.
+//! 3. [`Fence::admit`] when a VM gets its tap, before its VMM starts:
+//!    rtnetlink claims a slot by adding its route (the kernel is the
+//!    allocator, host-wide: see [`Fence::claim_slot`]), one `nft`
+//!    transaction adds the tap's mark and zone, rtnetlink adds the slot's
+//!    rule if it is missing. [`Fence::assign`] names the app in the mark
+//!    when a runtime clone becomes an app's. The returned [`FenceSlot`]
+//!    deletes the mark and zone when dropped; the route goes with the tap,
+//!    which frees the slot.
+//! 4. [`Fence::down`] at stop deletes the table and the rules of slots no
+//!    tap holds.
 //!
 //! `nft` (Debian's `nftables`) applies the rules: each transaction is
 //! atomic, and the rules read as an operator would write them.
@@ -145,7 +163,7 @@ impl Fence {
             down: Default::default(),
         };
         let egress = fence.egress_rules(apps)?;
-        let script = fence.table_script(&egress);
+        let script = table_script(&fence.table, net.params(), &egress);
         nft(&script).await?;
         // The host's own replies to a guest (the fence's rejects) carry the
         // mark of the packet they answer, so they route back to its tap
@@ -189,8 +207,6 @@ impl Fence {
             undo: Some(Undo {
                 table: self.table.clone(),
                 tap: tap.to_owned(),
-                slot,
-                state: self.state.clone(),
             }),
         };
         let script = format!(
@@ -300,14 +316,18 @@ impl Fence {
         }
         Ok(rules)
     }
+}
 
-    fn table_script(&self, egress: &[String]) -> String {
-        let t = &self.table;
-        let taps = format!("\"{}*\"", self.net.params().tap_prefix);
+/// The whole table `t` for the taps of `params`, with `egress`'s allow
+/// rules (protocol step 1).
+fn table_script(t: &str, params: &super::NetParams, egress: &[String]) -> String {
+    {
+        let taps = format!("\"{}*\"", params.tap_prefix);
         let mut egress_chain = String::new();
         for rule in egress {
             egress_chain.push_str(&format!("    {rule}\n"));
         }
+        let host = params.host_ip;
         format!(
             "table inet {t}\n\
              delete table inet {t}\n\
@@ -316,7 +336,12 @@ impl Fence {
              \x20 map zones {{ typeof iifname : ct zone; }}\n\
              \x20 chain raw {{\n\
              \x20   type filter hook prerouting priority raw; policy accept;\n\
+             \x20   iifname {taps} ip daddr {host} notrack\n\
              \x20   iifname {taps} ct original zone set iifname map @zones\n\
+             \x20 }}\n\
+             \x20 chain raw_out {{\n\
+             \x20   type filter hook output priority raw; policy accept;\n\
+             \x20   oifname {taps} notrack\n\
              \x20 }}\n\
              \x20 chain mangle {{\n\
              \x20   type filter hook prerouting priority mangle; policy accept;\n\
@@ -326,7 +351,7 @@ impl Fence {
              \x20 }}\n\
              \x20 chain input {{\n\
              \x20   type filter hook input priority filter - 5; policy accept;\n\
-             \x20   iifname {taps} ct state established,related accept\n\
+             \x20   iifname {taps} meta l4proto tcp tcp flags & (syn | ack) != syn accept\n\
              \x20   iifname {taps} counter reject with icmpx type admin-prohibited comment \"to the host\"\n\
              \x20 }}\n\
              \x20 chain forward {{\n\
@@ -348,7 +373,9 @@ impl Fence {
              }}\n"
         )
     }
+}
 
+impl Fence {
     /// Claims a slot for `tap`: the first free one whose table takes the
     /// route of the guest's address through `tap`. The route is the claim,
     /// host-wide (every gateway on the host draws from the same 4095
@@ -508,8 +535,6 @@ impl FenceSlot {
 struct Undo {
     table: String,
     tap: String,
-    slot: u32,
-    state: Arc<Mutex<State>>,
 }
 
 impl std::fmt::Debug for FenceSlot {
@@ -528,7 +553,6 @@ impl Drop for FenceSlot {
         let script = remove_elements(&undo.table, &undo.tap);
         // The slot itself is freed by the kernel: its route goes with the
         // tap.
-        let _ = (undo.slot, &undo.state);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // A tap whose elements were never added: nothing to delete.
             runtime.spawn(async move { nft(&script).await });
@@ -582,5 +606,39 @@ async fn nft(script: &str) -> Result<(), NetError> {
                 String::from_utf8_lossy(&out.stderr).trim()
             ),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The kernel's nftables, through `nft --check`, takes the table as
+    /// written, with an app's egress rules.
+    #[test]
+    fn the_table_is_valid_nftables() {
+        let params = super::super::NetParams::default();
+        let rule = "meta mark & 0xfffff000 == 0x53001000 ip daddr 203.0.113.0/24 \
+                    meta l4proto { tcp, udp } th dport { 443 } counter accept comment \"egress of a\"";
+        let script = table_script("snapgate_unitcheck", &params, &[rule.to_owned()]);
+        let mut child = std::process::Command::new("nft")
+            .args(["--check", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("nft (Debian package nftables)");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(script.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}\n{script}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
