@@ -95,6 +95,15 @@ async fn jailed_vmms_run_unprivileged_in_their_cgroup_and_see_only_their_jail() 
     let cfg = config(state.path(), "sgja", "{ min_warm: 2, max_instances: 2 }");
     let defaults = JailParams::default();
     assert!(cfg.vmm.jail == defaults, "the jail is on by default");
+    // A file this process holds open without close-on-exec, as a gateway
+    // may inherit one from whatever started it: no VMM gets it.
+    let marker = tempfile::NamedTempFile::new().unwrap();
+    let inherited = nix::fcntl::open(
+        marker.path(),
+        nix::fcntl::OFlag::O_RDONLY,
+        nix::sys::stat::Mode::empty(),
+    )
+    .unwrap();
     let gw = AppGw::with_state(state, &cfg).await;
     wait_for("two warm clones", Duration::from_secs(120), async || {
         gw.pool().stats().instances == 2
@@ -125,6 +134,13 @@ async fn jailed_vmms_run_unprivileged_in_their_cgroup_and_see_only_their_jail() 
         // QEMU's seccomp sandbox: filter mode, no new privileges, no
         // capabilities.
         assert_eq!(status_field(pid, "Seccomp"), "2");
+        for fd in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .flatten()
+        {
+            let target = std::fs::read_link(fd.path()).unwrap_or_default();
+            assert_ne!(target, marker.path(), "VMM {pid} inherited fd {inherited}");
+        }
         assert_eq!(status_field(pid, "NoNewPrivs"), "1");
         assert_eq!(status_field(pid, "CapEff"), "0000000000000000");
         assert_eq!(status_field(pid, "CapPrm"), "0000000000000000");
@@ -256,6 +272,7 @@ async fn jailed_vmms_run_unprivileged_in_their_cgroup_and_see_only_their_jail() 
     }
     assert_eq!(uids.len(), 2, "each VMM has a uid of its own");
     gw.stop().await;
+    let _ = nix::unistd::close(inherited);
     for cgroup in cgroups {
         assert!(!cgroup.exists(), "{} outlived its VMM", cgroup.display());
     }
@@ -458,6 +475,21 @@ async fn a_guest_reaches_only_what_its_app_is_allowed() {
     })
     .await;
     let table = "snapgate_sgjf";
+    // A second gateway whose taps this fence would cover (or the other way
+    // round) is refused, naming both.
+    let overlapping = snapgate::net::Network::new(snapgate::net::NetParams {
+        tap_prefix: "sgjfx".into(),
+        ..Default::default()
+    })
+    .unwrap();
+    let refused = snapgate::net::Fence::up(&overlapping, &Default::default())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("tap_prefix \"sgjfx\" overlaps \"sgjf\""),
+        "{refused}"
+    );
     let admin_port = gw.running().admin.port();
     let host_ip = cfg.network.host_ip;
     // Both listeners do answer on the tap's host address, from the host.

@@ -139,6 +139,9 @@ impl VmProcess {
             .current_dir(run_dir)
             .process_group(0)
             .kill_on_drop(true);
+        // Every other fd the gateway has (some inherited from whatever
+        // started it) is closed in the VMM.
+        let first_unmapped = fds.iter().map(|(_, n)| n + 1).max().unwrap_or(3).max(3) as u32;
         let mappings = fds
             .into_iter()
             .map(|(parent_fd, child_fd)| FdMapping {
@@ -180,6 +183,9 @@ impl VmProcess {
                 if let Some(plan) = &plan {
                     plan.enter()?;
                 }
+                // close_range(2) (Linux 5.9): a kernel without it leaves
+                // them (they are close-on-exec where the gateway opened them).
+                nix::libc::syscall(nix::libc::SYS_close_range, first_unmapped, u32::MAX, 0);
                 // After the jail: a uid change clears the death signal.
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 // The parent may have died before prctl took effect.

@@ -162,6 +162,7 @@ impl Fence {
             state: Arc::default(),
             down: Default::default(),
         };
+        refuse_overlap(&net.params().tap_prefix).await?;
         let egress = fence.egress_rules(apps)?;
         let script = table_script(&fence.table, net.params(), &egress);
         nft(&script).await?;
@@ -567,6 +568,36 @@ fn remove_elements(table: &str, tap: &str) -> String {
         "delete element inet {table} marks {{ \"{tap}\" }}\n\
          delete element inet {table} zones {{ \"{tap}\" }}\n"
     )
+}
+
+/// Fails if another gateway's fence on this host covers taps of `prefix`'s
+/// or the other way round: rules match taps by prefix (`iifname
+/// "<prefix>*"`), so of `sg` and `sgtap` one would fence the other's taps.
+async fn refuse_overlap(prefix: &str) -> Result<(), NetError> {
+    let out = tokio::process::Command::new("nft")
+        .args(["list", "tables", "inet"])
+        .output()
+        .await
+        .map_err(|e| NetError::Fence {
+            problem: format!("cannot run nft ({e}); install nftables or set network.fence: false"),
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for other in text
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("table inet snapgate_"))
+    {
+        if other != prefix && (other.starts_with(prefix) || prefix.starts_with(other)) {
+            return Err(NetError::Fence {
+                problem: format!(
+                    "tap_prefix {prefix:?} overlaps {other:?}, whose fence (table inet \
+                     snapgate_{other}) is on this host: each would fence the other's taps; \
+                     choose prefixes that do not start one another (or, if no gateway \
+                     uses it any more, `nft delete table inet snapgate_{other}`)"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Runs `nft -f -` with `script`; its error output names what failed.
