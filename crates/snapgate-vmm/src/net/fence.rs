@@ -338,7 +338,7 @@ fn table_script(t: &str, params: &super::NetParams, egress: &[String]) -> String
              \x20 chain raw {{\n\
              \x20   type filter hook prerouting priority raw; policy accept;\n\
              \x20   iifname {taps} ip daddr {host} notrack\n\
-             \x20   iifname {taps} ct original zone set iifname map @zones\n\
+             \x20   iifname {taps} ip daddr != {host} ct original zone set iifname map @zones\n\
              \x20 }}\n\
              \x20 chain raw_out {{\n\
              \x20   type filter hook output priority raw; policy accept;\n\
