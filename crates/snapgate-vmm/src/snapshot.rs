@@ -284,11 +284,11 @@ impl Snapshot {
             return Ok(fd.clone());
         }
         let path = self.file(name);
-        let fd = Arc::new(sealed_copy(&path).map_err(|source| VmmError::Io {
+        let fd = shared_sealed_copy(&path).map_err(|source| VmmError::Io {
             what: "cannot make a sealed in-memory copy of",
             path,
             source,
-        })?);
+        })?;
         sealed.push((name.to_owned(), fd.clone()));
         Ok(fd)
     }
@@ -297,6 +297,38 @@ impl Snapshot {
     pub fn size_bytes(&self) -> u64 {
         self.manifest.files.iter().map(|f| f.size).sum()
     }
+}
+
+/// The sealed copy of `path` that this process holds already (every
+/// gateway of a process that opened the same snapshot file, by device,
+/// inode, size and modification time), or a new one. One copy per file
+/// per process, for as long as a snapshot value holds it.
+fn shared_sealed_copy(path: &Path) -> std::io::Result<Arc<OwnedFd>> {
+    use std::os::unix::fs::MetadataExt;
+    type Key = (u64, u64, u64, i64, i64);
+    static COPIES: Mutex<Vec<(Key, std::sync::Weak<OwnedFd>)>> = Mutex::new(Vec::new());
+    let meta = std::fs::symlink_metadata(path)?;
+    let key = (
+        meta.dev(),
+        meta.ino(),
+        meta.size(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+    );
+    // Held while copying: a second restore of the same file waits for the
+    // first copy rather than making its own.
+    let mut copies = COPIES.lock().unwrap_or_else(|p| p.into_inner());
+    copies.retain(|(_, weak)| weak.strong_count() > 0);
+    if let Some(fd) = copies
+        .iter()
+        .find(|(k, _)| *k == key)
+        .and_then(|(_, weak)| weak.upgrade())
+    {
+        return Ok(fd);
+    }
+    let fd = Arc::new(sealed_copy(path)?);
+    copies.push((key, Arc::downgrade(&fd)));
+    Ok(fd)
 }
 
 /// A sealed memfd holding the data of `path` (see [`Snapshot::sealed`]).
