@@ -770,6 +770,19 @@ mod tests {
         assert_eq!(Some(a), start_time(me));
     }
 
+    /// `sleep 30` launched in `jail` with `confinement`.
+    fn jailed_sleep(jail: &crate::jail::Jail, confinement: crate::jail::Confinement) -> Launch<'_> {
+        static ARGS: std::sync::OnceLock<Vec<OsString>> = std::sync::OnceLock::new();
+        Launch {
+            binary: jail.binary(),
+            args: ARGS.get_or_init(|| vec!["30".into()]),
+            fds: vec![],
+            tap: None,
+            transparent_huge_pages: true,
+            confinement: Some(confinement),
+        }
+    }
+
     #[tokio::test]
     async fn a_jailed_process_runs_as_its_uid_in_its_cgroup_and_root_and_both_go_with_it() {
         use crate::jail::{Access, Jail, JailParams, Needs};
@@ -809,20 +822,8 @@ mod tests {
             "the range's one uid is taken"
         );
         let cgroup = confinement.cgroup().unwrap().dirs().to_vec();
-        let mut p = VmProcess::spawn(
-            &id,
-            Launch {
-                binary: jail.binary(),
-                args: &["30".into()],
-                fds: vec![],
-                tap: None,
-                transparent_huge_pages: true,
-                confinement: Some(confinement),
-            },
-            &run,
-            state.path(),
-        )
-        .unwrap();
+        let mut p =
+            VmProcess::spawn(&id, jailed_sleep(&jail, confinement), &run, state.path()).unwrap();
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
         let field = |name: &str| {
             status
@@ -876,17 +877,11 @@ mod tests {
         // The run directory vanishes between the plan and the spawn: the
         // child cannot bind it.
         std::fs::remove_dir_all(&run).unwrap();
+        let run_parent = state.path().join("run");
         let err = VmProcess::spawn(
             &id,
-            Launch {
-                binary: jail.binary(),
-                args: &["30".into()],
-                fds: vec![],
-                tap: None,
-                transparent_huge_pages: true,
-                confinement: Some(confinement),
-            },
-            &state.path().join("run"),
+            jailed_sleep(&jail, confinement),
+            &run_parent,
             state.path(),
         )
         .unwrap_err();

@@ -77,7 +77,7 @@ use std::fs::File;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
-use super::jail::{Access, Jail, Needs};
+use super::jail::{Jail, Needs};
 use super::process::{make_run_dir, Launch};
 use super::qmp::Qmp;
 use super::snapshot::{create_dest, move_file, Origin};
@@ -356,30 +356,7 @@ impl Qemu {
 
     /// What a jailed QEMU needs in its root (module doc, "Jailed").
     fn needs(&self, spec: &ImageSpec, run_dir: &Path, incoming: bool) -> Needs {
-        let mut paths = Vec::new();
-        if !incoming {
-            paths.push((spec.kernel.clone(), Access::ReadOnly));
-            paths.extend(spec.initramfs.iter().map(|p| (p.clone(), Access::ReadOnly)));
-        }
-        paths.extend(
-            spec.disks
-                .iter()
-                .map(|d| (d.path.clone(), Access::ReadOnly)),
-        );
-        paths.push((run_dir.to_owned(), Access::ReadWrite));
-        let mut devices = vec!["/dev/null", "/dev/urandom"];
-        if self.accel == "kvm" {
-            devices.push("/dev/kvm");
-        }
-        paths.extend(
-            devices
-                .into_iter()
-                .map(|d| (PathBuf::from(d), Access::Device)),
-        );
-        Needs {
-            paths,
-            memory_mib: spec.memory_mib,
-        }
+        Needs::image(spec, !incoming, run_dir, self.accel == "kvm")
     }
 }
 

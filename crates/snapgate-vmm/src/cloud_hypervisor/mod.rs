@@ -178,27 +178,11 @@ impl CloudHypervisor {
     /// What a jailed CH needs in its root (module doc, "Jailed"):
     /// `spec`'s files, `snapshot`'s directory when restoring.
     pub fn needs(spec: &ImageSpec, snapshot: Option<&Path>, run_dir: &Path) -> Needs {
-        let mut paths = Vec::new();
-        match snapshot {
-            Some(dir) => paths.push((dir.to_owned(), Access::ReadOnly)),
-            None => {
-                paths.push((spec.kernel.clone(), Access::ReadOnly));
-                paths.extend(spec.initramfs.iter().map(|p| (p.clone(), Access::ReadOnly)));
-            }
-        }
-        paths.extend(
-            spec.disks
-                .iter()
-                .map(|d| (d.path.clone(), Access::ReadOnly)),
-        );
-        paths.push((run_dir.to_owned(), Access::ReadWrite));
-        for device in ["/dev/null", "/dev/urandom", "/dev/kvm"] {
-            paths.push((PathBuf::from(device), Access::Device));
-        }
-        Needs {
-            paths,
-            memory_mib: spec.memory_mib,
-        }
+        let mut needs = Needs::image(spec, snapshot.is_none(), run_dir, true);
+        needs
+            .paths
+            .extend(snapshot.map(|dir| (dir.to_owned(), Access::ReadOnly)));
+        needs
     }
 
     /// Starts a bare VMM process for a VM on `tap` and waits for its API.

@@ -57,7 +57,7 @@ use serde::{Deserialize, Serialize};
 pub use cgroup::{Cgroup, CgroupVersion};
 pub use plan::Plan;
 
-use crate::{FieldError, VmId};
+use crate::{FieldError, ImageSpec, VmId};
 
 /// `vmm.jail` in `proxy.yaml`: how VMM processes are confined. Every part
 /// is on by default; turning one off is the operator's explicit choice
@@ -255,6 +255,33 @@ pub struct Needs {
     pub paths: Vec<(PathBuf, Access)>,
     /// The guest's memory, in MiB (for the memory ceiling).
     pub memory_mib: u32,
+}
+
+impl Needs {
+    /// What a VMM running `spec` needs: the kernel and initramfs when it
+    /// `boots` (a clone's kernel is in its snapshot), the disks read-only,
+    /// `run_dir` read-write, `/dev/null`, `/dev/urandom` and, with `kvm`,
+    /// `/dev/kvm`.
+    pub fn image(spec: &ImageSpec, boots: bool, run_dir: &Path, kvm: bool) -> Needs {
+        let mut paths = Vec::new();
+        if boots {
+            paths.push((spec.kernel.clone(), Access::ReadOnly));
+            paths.extend(spec.initramfs.iter().map(|p| (p.clone(), Access::ReadOnly)));
+        }
+        paths.extend(
+            spec.disks
+                .iter()
+                .map(|d| (d.path.clone(), Access::ReadOnly)),
+        );
+        paths.push((run_dir.to_owned(), Access::ReadWrite));
+        let devices = ["/dev/null", "/dev/urandom", "/dev/kvm"];
+        let devices = &devices[..if kvm { 3 } else { 2 }];
+        paths.extend(devices.iter().map(|d| (PathBuf::from(d), Access::Device)));
+        Needs {
+            paths,
+            memory_mib: spec.memory_mib,
+        }
+    }
 }
 
 /// The jail of every VMM of one gateway (see the module doc).
