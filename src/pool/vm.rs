@@ -173,7 +173,7 @@ impl Admission {
         }
     }
 
-    /// Admits `tap` before its VMM starts: the VM keeps the slot until it
+    /// Admits `tap` before its guest runs: the VM keeps the slot until it
     /// is dropped ([`Vm::keep_fence_slot`]).
     pub async fn admit(&self, tap: &str) -> Result<crate::net::FenceSlot, crate::net::NetError> {
         self.fence.admit(tap, self.app.as_deref()).await
@@ -224,17 +224,15 @@ impl Factory for SnapshotFactory {
     type Error = VmmError;
 
     async fn start(&self, id: VmId) -> Result<Vm, VmmError> {
-        let tap = self.net.create_tap().await?;
-        // Fenced before the guest runs: its first packet carries its mark.
-        let slot = match &self.fence {
-            Some(fence) => Some(fence.admit(tap.name()).await?),
-            None => None,
-        };
+        let mut tap = self.net.create_tap().await?;
+        // Admitted to the fence while the VMM starts; the driver runs the
+        // guest only once that is done (crate::net::Admitting).
+        if let Some(fence) = &self.fence {
+            let (fence, name) = (fence.clone(), tap.name().to_owned());
+            tap.admitting(tokio::spawn(async move { fence.admit(&name).await }));
+        }
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
         vm.set_restored_from(self.snapshot.dir());
-        if let Some(slot) = slot {
-            vm.keep_fence_slot(slot);
-        }
         let ready_timeout = self.snapshot.manifest().spec.ready_timeout;
         let vmm = self.vmm.as_ref();
         match resumed::ready_and_resumed(vmm, &mut vm, self.hook.as_ref(), ready_timeout).await {

@@ -493,8 +493,9 @@ pub enum VmmError {
     /// A VMM's jail could not be prepared.
     #[error(transparent)]
     Jail(#[from] jail::JailError),
-    /// The forked VMM process could not enter its jail: `step` is what it
-    /// wrote to its log (`snapgate jail: <step> failed`).
+    /// The VMM process could not enter its jail: `step` is what the forked
+    /// child wrote to its log (`snapgate jail: <step> failed`), or the
+    /// gateway's move of it into its cgroup (crate::jail, protocol step 4).
     #[error("{vm}: the VMM could not enter its jail: {step}")]
     JailEntry {
         vm: VmId,
@@ -541,7 +542,9 @@ pub trait Vmm: Send + Sync + 'static {
     fn net(&self) -> &NetParams;
 
     /// Boots a template VM from `spec` on `tap`. Returns once the VMM runs the
-    /// guest, not when the guest is ready ([`ready::wait_ready`]).
+    /// guest, not when the guest is ready ([`ready::wait_ready`]). The tap's
+    /// fence admission, if any ([`net::Admitting`]), is done before the
+    /// guest runs, and its slot kept with the VM; its error fails the boot.
     async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError>;
 
     /// Whether the guest of `vm` has stopped while its VMM runs on, and
@@ -557,7 +560,10 @@ pub trait Vmm: Send + Sync + 'static {
     async fn snapshot(&self, vm: Vm, dest: &std::path::Path) -> Result<Snapshot, VmmError>;
 
     /// Restores a new VM from `snapshot` onto `tap`. Returns once the guest
-    /// runs again, not when it is ready.
+    /// runs again, not when it is ready. The tap's fence admission, if any
+    /// ([`net::Admitting`]), overlaps the VMM's start and is done before the
+    /// guest runs; its slot is kept with the VM, its error fails the
+    /// restore.
     async fn restore(&self, id: VmId, snapshot: &Snapshot, tap: Tap) -> Result<Vm, VmmError>;
 
     /// Stops the VM and waits until its VMM process is gone.

@@ -398,6 +398,39 @@ impl VmProcess {
         self.confinement.as_ref()
     }
 
+    /// Resolves once the VMM is in its cgroup: at once if it joined before
+    /// exec or has none; otherwise the move starts now, on a blocking
+    /// thread, so that the caller waits for it while the VMM starts
+    /// (crate::jail, protocol step 4). A driver gives the guest its first
+    /// instruction only after this resolved `Ok`.
+    ///
+    /// Errors: [`VmmError::JailEntry`] (step "joining the VMM's cgroup")
+    /// if the move fails; the caller then drops the process, which kills
+    /// it.
+    pub fn join_cgroup(
+        &self,
+    ) -> impl std::future::Future<Output = Result<(), VmmError>> + Send + 'static {
+        let vm = self.id.clone();
+        let failed = move |source: std::io::Error| VmmError::JailEntry {
+            vm: vm.clone(),
+            step: "joining the VMM's cgroup".into(),
+            source,
+        };
+        let mover = self.confinement.as_ref().and_then(|c| c.mover(self.pid));
+        let moving = mover.map(|m| m.map(tokio::task::spawn_blocking));
+        async move {
+            match moving {
+                None => Ok(()),
+                Some(Err(e)) => Err(failed(e)),
+                Some(Ok(task)) => task
+                    .await
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+                    .and_then(|r| r)
+                    .map_err(failed),
+            }
+        }
+    }
+
     /// Kills the process and waits until it is gone.
     pub async fn kill(&mut self) -> Result<(), VmmError> {
         self.stop(Duration::ZERO).await
@@ -811,6 +844,7 @@ mod tests {
                 (PathBuf::from("/dev/null"), Access::Device),
             ],
             memory_mib: 16,
+            paused: false,
         };
         let confinement = jail.confine(&id, &run, &needs).unwrap();
         let uid = confinement.uid().unwrap();
@@ -859,6 +893,63 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_paused_vmm_is_moved_into_its_cgroup_after_exec_by_join_cgroup() {
+        use crate::jail::{Access, Jail, JailParams, Needs};
+        let state = tempfile::tempdir().unwrap();
+        let params = JailParams {
+            first_uid: 0x7100_1000,
+            uids: 4,
+            ..JailParams::default()
+        };
+        let jail = Jail::new(
+            params,
+            Path::new("sleep"),
+            state.path(),
+            &format!("unitp{}", std::process::id()),
+        )
+        .unwrap();
+        let id = VmId::new("paused");
+        let run = make_run_dir(state.path(), &id).unwrap();
+        let needs = Needs {
+            paths: vec![(run.clone(), Access::ReadWrite)],
+            memory_mib: 16,
+            paused: true,
+        };
+        let confinement = jail.confine(&id, &run, &needs).unwrap();
+        let procs_file = confinement.cgroup().unwrap().dirs()[0].join("cgroup.procs");
+        let mut p =
+            VmProcess::spawn(&id, jailed_sleep(&jail, confinement), &run, state.path()).unwrap();
+        // Jailed from exec (its uid), but not yet in its cgroup.
+        let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
+        assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        let procs = || std::fs::read_to_string(&procs_file).unwrap();
+        assert_eq!(procs().trim(), "", "moved only by join_cgroup");
+        p.join_cgroup().await.unwrap();
+        assert_eq!(procs().trim(), p.pid().to_string());
+        p.kill().await.unwrap();
+        // A move that fails (its cgroup removed before it) names the step;
+        // the caller then drops the process, which kills it.
+        let id = VmId::new("paused-2");
+        let run = make_run_dir(state.path(), &id).unwrap();
+        let needs = Needs {
+            paths: vec![(run.clone(), Access::ReadWrite)],
+            ..needs
+        };
+        let confinement = jail.confine(&id, &run, &needs).unwrap();
+        let dirs = confinement.cgroup().unwrap().dirs().to_vec();
+        let p =
+            VmProcess::spawn(&id, jailed_sleep(&jail, confinement), &run, state.path()).unwrap();
+        for dir in &dirs {
+            std::fs::remove_dir(dir).unwrap();
+        }
+        let err = p.join_cgroup().await.unwrap_err();
+        assert!(
+            matches!(&err, VmmError::JailEntry { step, .. } if step == "joining the VMM's cgroup"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_jail_step_that_fails_in_the_child_is_named_in_the_error() {
         use crate::jail::{Access, Jail, JailParams, Needs};
         let state = tempfile::tempdir().unwrap();
@@ -872,6 +963,7 @@ mod tests {
         let needs = Needs {
             paths: vec![(run.clone(), Access::ReadWrite)],
             memory_mib: 16,
+            paused: false,
         };
         let confinement = jail.confine(&id, &run, &needs).unwrap();
         // The run directory vanishes between the plan and the spawn: the

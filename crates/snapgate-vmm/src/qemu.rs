@@ -349,7 +349,15 @@ impl Qemu {
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
         let qmp_path = run_dir.join("qmp.sock");
-        let qmp = Qmp::connect(&id, &qmp_path, vm.process_mut(), started + START_TIMEOUT).await?;
+        // A clone joins its cgroup while QEMU starts, and its guest runs
+        // only after `start` returns (crate::jail, protocol step 4).
+        let joined = vm.process().join_cgroup();
+        let (qmp, joined) = tokio::join!(
+            Qmp::connect(&id, &qmp_path, vm.process_mut(), started + START_TIMEOUT),
+            joined
+        );
+        let qmp = qmp?;
+        joined?;
         vm.record("spawn", started.elapsed());
         Ok((vm, qmp))
     }
@@ -383,13 +391,21 @@ impl Vmm for Qemu {
         self.accel
     }
 
-    async fn boot(&self, id: VmId, spec: &ImageSpec, tap: Tap) -> Result<Vm, VmmError> {
+    async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
         let cmdline = super::boot_cmdline(spec, &self.net, self.tsc_khz)?;
+        // A booted guest runs from QEMU's start: admitted first.
+        let slot = match tap.take_admission() {
+            Some(admitting) => Some(admitting.finish().await?),
+            None => None,
+        };
         let memory = match spec.snapshot_mode {
             SnapshotMode::Template => Memory::Shared,
             SnapshotMode::Full => Memory::Ram,
         };
-        let (vm, _qmp) = self.start(id, spec, cmdline, tap, memory, None).await?;
+        let (mut vm, _qmp) = self.start(id, spec, cmdline, tap, memory, None).await?;
+        if let Some(slot) = slot {
+            vm.keep_fence_slot(slot);
+        }
         Ok(vm)
     }
 
@@ -406,7 +422,7 @@ impl Vmm for Qemu {
         result
     }
 
-    async fn restore(&self, id: VmId, snapshot: &Snapshot, tap: Tap) -> Result<Vm, VmmError> {
+    async fn restore(&self, id: VmId, snapshot: &Snapshot, mut tap: Tap) -> Result<Vm, VmmError> {
         snapshot.verify()?;
         let m = snapshot.manifest();
         if m.vmm != VmmKind::Qemu {
@@ -446,9 +462,15 @@ impl Vmm for Qemu {
             path: state_path,
             source,
         })?;
+        // The tap's admission overlaps QEMU's start; the guest runs only
+        // once it is done (crate::net::Admitting).
+        let admitting = tap.take_admission();
         let (mut vm, mut qmp) = self
             .start(id, &m.spec, m.cmdline.clone(), tap, memory, Some(state))
             .await?;
+        if let Some(admitting) = admitting {
+            vm.keep_fence_slot(admitting.finish().await?);
+        }
         match load_and_resume(&mut vm, &mut qmp, mode).await {
             Ok(()) => Ok(vm),
             Err(e) => Err(vm.process_mut().explain(e, "loading the snapshot").await),

@@ -179,6 +179,8 @@ impl CloudHypervisor {
     /// `spec`'s files, `snapshot`'s directory when restoring.
     pub fn needs(spec: &ImageSpec, snapshot: Option<&Path>, run_dir: &Path) -> Needs {
         let mut needs = Needs::image(spec, snapshot.is_none(), run_dir, true);
+        // Started bare: no guest runs until the VM is created or restored.
+        needs.paused = true;
         needs
             .paths
             .extend(snapshot.map(|dir| (dir.to_owned(), Access::ReadOnly)));
@@ -216,9 +218,15 @@ impl CloudHypervisor {
             &self.state_dir,
         )?;
         let client = ChClient::new(id.clone(), socket);
-        client
-            .wait_for_api(&mut process, started + START_TIMEOUT)
-            .await?;
+        // It joins its cgroup while it starts; its guest runs only after
+        // `start` returns (crate::jail, protocol step 4).
+        let joined = process.join_cgroup();
+        let (api, joined) = tokio::join!(
+            client.wait_for_api(&mut process, started + START_TIMEOUT),
+            joined
+        );
+        api?;
+        joined?;
         Ok((process, client))
     }
 
@@ -290,10 +298,16 @@ impl Vmm for CloudHypervisor {
         let started = Instant::now();
         let needs = Self::needs(spec, None, &run_dir);
         crate::create_extra_disk(spec, &run_dir)?;
+        let admitting = tap.take_admission();
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
+        // Admitted while CH started; its guest runs only once that is done
+        // (crate::net::Admitting).
+        if let Some(admitting) = admitting {
+            vm.keep_fence_slot(admitting.finish().await?);
+        }
         let t = Instant::now();
         client
             .create(&vm_config(spec, vm.cmdline(), &run_dir))
@@ -376,10 +390,16 @@ impl Vmm for CloudHypervisor {
         let source = clone_source(snapshot, &run_dir, &run_dir.join("console.log"))?;
         crate::create_extra_disk(&m.spec, &run_dir)?;
         let needs = Self::needs(&m.spec, Some(snapshot.dir()), &run_dir);
+        let admitting = tap.take_admission();
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
+        // Admitted while CH started; its guest runs only once that is done
+        // (crate::net::Admitting).
+        if let Some(admitting) = admitting {
+            vm.keep_fence_slot(admitting.finish().await?);
+        }
         let t = Instant::now();
         let fd = tap.take_fd();
         client

@@ -339,6 +339,29 @@ impl Cgroup {
         self.procs.iter()
     }
 
+    /// A mover of process `pid` into this cgroup, for a thread of its own
+    /// (jail protocol, step 4): it writes the pid to each `cgroup.procs`
+    /// (cgroups(7), "Creating cgroups and moving processes"), through
+    /// copies of the files opened at [`Hierarchy::create`].
+    pub(super) fn mover(&self, pid: u32) -> std::io::Result<impl FnOnce() -> std::io::Result<()>> {
+        let procs = self
+            .procs
+            .iter()
+            .map(|fd| fd.try_clone())
+            .collect::<std::io::Result<Vec<OwnedFd>>>()?;
+        Ok(move || {
+            let text = pid.to_string();
+            for fd in &procs {
+                let wrote =
+                    nix::unistd::write(fd, text.as_bytes()).map_err(std::io::Error::from)?;
+                if wrote != text.len() {
+                    return Err(std::io::Error::other("a short write to cgroup.procs"));
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// The cgroup's directories: v2 one; v1 memory, cpu, pids.
     pub fn dirs(&self) -> &[PathBuf] {
         &self.dirs

@@ -7,9 +7,9 @@
 //! (bubblewrap, hakoniwa, cgroups-rs): the jail is entered in the VMM's own
 //! process, between fork and exec, so that the pid snapgate spawns, waits
 //! on (pidfd) and kills is the VMM itself, the parent-death signal holds,
-//! and the VMM never runs a single instruction unconfined. The tools above
-//! start the confined program as a child of a process of their own, or move
-//! it into its cgroup after it started.
+//! and the VMM runs no instruction without its uid, namespaces and
+//! `no_new_privs`, and no guest instruction outside its cgroup. The tools
+//! above start the confined program as a child of a process of their own.
 //!
 //! # Protocol
 //! 1. At start-up, [`Jail::new`] checks that the host can do each part that
@@ -26,7 +26,8 @@
 //!    written and its `cgroup.procs` opened; the run directory is given to
 //!    the uid; every path of the new root is turned into a C string.
 //! 3. In the forked child, before exec ([`Plan::enter`], allocating
-//!    nothing): join the cgroup (write `0` to each `cgroup.procs`), unshare
+//!    nothing): join the cgroup (write `0` to each `cgroup.procs`) unless
+//!    the VMM starts paused (step 4), unshare
 //!    the mount, network and IPC namespaces and make the mounts private (no
 //!    mount propagates back; the VMM has no network but its tap's fd),
 //!    build the root on a tmpfs (read-only binds of the system paths, the
@@ -37,7 +38,23 @@
 //!    a uid change clears it (prctl(2)).
 //! 4. exec: the VMM starts confined. Its tap and any snapshot state come
 //!    as inherited fds, opened by the gateway, so the VMM needs no
-//!    capability and no access to the files they come from.
+//!    capability and no access to the files they come from. A VMM that
+//!    starts paused ([`Needs::paused`]: no guest code runs until its driver
+//!    loads or creates the VM) is moved into its cgroup now, by the gateway
+//!    writing its pid to each `cgroup.procs` on a thread of its own, while
+//!    the driver waits for the VMM's control socket; the driver gives the
+//!    guest its first instruction only once both are done
+//!    ([`crate::process::VmProcess::join_cgroup`]). Why: a move into a
+//!    cgroup waits for an RCU grace period (the kernel's
+//!    `cgroup_threadgroup_rwsem` is taken for writing), 8 to 16 ms on the
+//!    hosts measured, which before exec would add to every cold start;
+//!    after exec it overlaps the VMM's own start. Until the move, the VMM
+//!    runs only its own start-up code (under its uid, namespaces and
+//!    seccomp filter), and what that allocates (about 15 MiB for QEMU) is
+//!    charged to the gateway's cgroup, not the VMM's. Where the host's
+//!    cgroup v2 would let the child be created in its cgroup
+//!    (`clone3(CLONE_INTO_CGROUP)`), that needs a spawn of snapgate's own
+//!    rather than the standard library's: not done yet.
 //! 5. Once the process is reaped, [`Confinement`] is dropped: the cgroup is
 //!    removed and the uid goes back to the range. A uid is never handed out
 //!    again while a process that had it may live.
@@ -255,6 +272,11 @@ pub struct Needs {
     pub paths: Vec<(PathBuf, Access)>,
     /// The guest's memory, in MiB (for the memory ceiling).
     pub memory_mib: u32,
+    /// The VMM starts with no guest code running until its driver says so
+    /// (a QEMU clone waiting for its incoming snapshot; a Cloud Hypervisor
+    /// process before its VM is created or restored): it may join its
+    /// cgroup while it starts (protocol, step 4) rather than before exec.
+    pub paused: bool,
 }
 
 impl Needs {
@@ -280,6 +302,9 @@ impl Needs {
         Needs {
             paths,
             memory_mib: spec.memory_mib,
+            // A clone's guest runs only once its snapshot is loaded and
+            // resumed; a booted guest runs from the start.
+            paused: !boots,
         }
     }
 }
@@ -419,6 +444,7 @@ impl Jail {
             cgroup: None,
             uid,
             plan: None,
+            join_after_exec: false,
         };
         if let Some(lease) = &confinement.uid {
             // The run directory is the VMM's to write in, and the gateway's
@@ -463,11 +489,13 @@ impl Jail {
         {
             groups.extend(self.kvm_gid);
         }
-        let procs: Vec<&OwnedFd> = confinement
-            .cgroup
-            .as_ref()
-            .map(|c| c.procs().collect())
-            .unwrap_or_default();
+        // A paused VMM is moved into its cgroup by the gateway while it
+        // starts (protocol, step 4); any other joins it before exec.
+        confinement.join_after_exec = needs.paused && confinement.cgroup.is_some();
+        let procs: Vec<&OwnedFd> = match (&confinement.cgroup, needs.paused) {
+            (Some(c), false) => c.procs().collect(),
+            _ => Vec::new(),
+        };
         let mut paths: Vec<(PathBuf, Access)> = Vec::new();
         if self.params.filesystem {
             paths.extend(
@@ -530,6 +558,9 @@ pub struct Confinement {
     cgroup: Option<Cgroup>,
     uid: Option<UidLease>,
     plan: Option<Plan>,
+    /// The gateway moves the VMM into its cgroup after exec (protocol,
+    /// step 4).
+    join_after_exec: bool,
 }
 
 impl Drop for Confinement {
@@ -557,6 +588,20 @@ impl Confinement {
     /// The VMM's cgroup, if the cgroup part is on.
     pub fn cgroup(&self) -> Option<&Cgroup> {
         self.cgroup.as_ref()
+    }
+
+    /// For a VMM that joins its cgroup after exec (protocol, step 4): what
+    /// moves process `pid` in, to run on a thread of its own (the move
+    /// waits for an RCU grace period). `None`: nothing to move (it joined
+    /// before exec, or has no cgroup).
+    pub fn mover(
+        &self,
+        pid: u32,
+    ) -> Option<std::io::Result<impl FnOnce() -> std::io::Result<()> + Send + 'static>> {
+        match (&self.cgroup, self.join_after_exec) {
+            (Some(cgroup), true) => Some(cgroup.mover(pid)),
+            _ => None,
+        }
     }
 
     /// The plan the forked child follows, taken once for the spawn.

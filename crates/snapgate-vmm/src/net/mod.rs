@@ -47,7 +47,7 @@ use serde::{Deserialize, Serialize};
 use crate::FieldError;
 
 pub use fence::{Egress, Fence, FenceSlot};
-pub use tap::Tap;
+pub use tap::{Admitting, Tap};
 
 /// Errors from host networking. Each names the tap or setting at fault.
 // Variant docs say when each happens; field names say the rest.

@@ -13,6 +13,27 @@ use super::NetError;
 pub struct Tap {
     name: String,
     fd: Option<OwnedFd>,
+    admission: Option<Admitting>,
+}
+
+/// A tap's admission to the fence ([`super::Fence::admit`]) under way on
+/// a task of its own, so that it overlaps the VMM's start. The driver that
+/// starts a VM on the tap takes it ([`Tap::take_admission`]) and awaits it
+/// before the guest's first instruction, then keeps the slot with the VM
+/// ([`crate::Vm::keep_fence_slot`]). Dropped unawaited (a start that failed
+/// first), the task still finishes, and the slot it made undoes itself.
+#[derive(Debug)]
+pub struct Admitting(tokio::task::JoinHandle<Result<super::FenceSlot, NetError>>);
+
+impl Admitting {
+    /// Waits for the admission. Errors: the fence's, or
+    /// [`NetError::Fence`] if its task panicked or was cancelled (the
+    /// runtime shutting down).
+    pub async fn finish(self) -> Result<super::FenceSlot, NetError> {
+        self.0.await.map_err(|e| NetError::Fence {
+            problem: format!("admitting a tap: {e}"),
+        })?
+    }
 }
 
 impl Tap {
@@ -41,7 +62,20 @@ impl Tap {
         Ok(Tap {
             name: name.to_owned(),
             fd: Some(fd),
+            admission: None,
         })
+    }
+
+    /// Gives the tap its fence admission, started on a task of its own
+    /// (see [`Admitting`]).
+    pub fn admitting(&mut self, task: tokio::task::JoinHandle<Result<super::FenceSlot, NetError>>) {
+        self.admission = Some(Admitting(task));
+    }
+
+    /// Takes the admission under way, if any: the driver awaits it before
+    /// the guest runs (see [`Admitting`]).
+    pub fn take_admission(&mut self) -> Option<Admitting> {
+        self.admission.take()
     }
 
     /// The interface name.
