@@ -916,19 +916,23 @@ mod tests {
             paused: true,
         };
         let confinement = jail.confine(&id, &run, &needs).unwrap();
+        let uid = confinement.uid().unwrap();
         let procs_file = confinement.cgroup().unwrap().dirs()[0].join("cgroup.procs");
         let mut p =
             VmProcess::spawn(&id, jailed_sleep(&jail, confinement), &run, state.path()).unwrap();
         // Jailed from exec (its uid), but not yet in its cgroup.
         let status = std::fs::read_to_string(format!("/proc/{}/status", p.pid())).unwrap();
         assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+        assert!(
+            status.contains(&format!("Uid:\t{uid}\t{uid}\t{uid}\t{uid}")),
+            "{status}"
+        );
         let procs = || std::fs::read_to_string(&procs_file).unwrap();
         assert_eq!(procs().trim(), "", "moved only by join_cgroup");
         p.join_cgroup().await.unwrap();
         assert_eq!(procs().trim(), p.pid().to_string());
         p.kill().await.unwrap();
-        // A move that fails (its cgroup removed before it) names the step;
-        // the caller then drops the process, which kills it.
+        // A move that fails (its cgroup removed before it) names the step.
         let id = VmId::new("paused-2");
         let run = make_run_dir(state.path(), &id).unwrap();
         let needs = Needs {
@@ -937,7 +941,7 @@ mod tests {
         };
         let confinement = jail.confine(&id, &run, &needs).unwrap();
         let dirs = confinement.cgroup().unwrap().dirs().to_vec();
-        let p =
+        let mut p =
             VmProcess::spawn(&id, jailed_sleep(&jail, confinement), &run, state.path()).unwrap();
         for dir in &dirs {
             std::fs::remove_dir(dir).unwrap();
@@ -947,6 +951,12 @@ mod tests {
             matches!(&err, VmmError::JailEntry { step, .. } if step == "joining the VMM's cgroup"),
             "{err}"
         );
+        // What a driver does with the error: the process goes, and its
+        // jail with it.
+        let pid = p.pid();
+        p.kill().await.unwrap();
+        assert!(p.confinement().is_none());
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
     }
 
     #[tokio::test]

@@ -364,7 +364,11 @@ impl Qemu {
 
     /// What a jailed QEMU needs in its root (module doc, "Jailed").
     fn needs(&self, spec: &ImageSpec, run_dir: &Path, incoming: bool) -> Needs {
-        Needs::image(spec, !incoming, run_dir, self.accel == "kvm")
+        let mut needs = Needs::image(spec, !incoming, run_dir, self.accel == "kvm");
+        // A clone waits for its snapshot (`-incoming defer`): its guest runs
+        // only once `load_and_resume` loads and continues it.
+        needs.paused = incoming;
+        needs
     }
 }
 
@@ -469,7 +473,9 @@ impl Vmm for Qemu {
             .start(id, &m.spec, m.cmdline.clone(), tap, memory, Some(state))
             .await?;
         if let Some(admitting) = admitting {
+            let waited = Instant::now();
             vm.keep_fence_slot(admitting.finish().await?);
+            vm.record("admit", waited.elapsed());
         }
         match load_and_resume(&mut vm, &mut qmp, mode).await {
             Ok(()) => Ok(vm),

@@ -306,7 +306,9 @@ impl Vmm for CloudHypervisor {
         // Admitted while CH started; its guest runs only once that is done
         // (crate::net::Admitting).
         if let Some(admitting) = admitting {
+            let waited = Instant::now();
             vm.keep_fence_slot(admitting.finish().await?);
+            vm.record("admit", waited.elapsed());
         }
         let t = Instant::now();
         client
@@ -398,7 +400,9 @@ impl Vmm for CloudHypervisor {
         // Admitted while CH started; its guest runs only once that is done
         // (crate::net::Admitting).
         if let Some(admitting) = admitting {
+            let waited = Instant::now();
             vm.keep_fence_slot(admitting.finish().await?);
+            vm.record("admit", waited.elapsed());
         }
         let t = Instant::now();
         let fd = tap.take_fd();

@@ -344,6 +344,10 @@ impl Cgroup {
     /// (cgroups(7), "Creating cgroups and moving processes"), through
     /// copies of the files opened at [`Hierarchy::create`].
     pub(super) fn mover(&self, pid: u32) -> std::io::Result<impl FnOnce() -> std::io::Result<()>> {
+        if pid == 0 {
+            // "0" moves the writer: the gateway itself.
+            return Err(std::io::Error::other("no pid to move"));
+        }
         let procs = self
             .procs
             .iter()

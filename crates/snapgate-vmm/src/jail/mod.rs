@@ -39,19 +39,24 @@
 //! 4. exec: the VMM starts confined. Its tap and any snapshot state come
 //!    as inherited fds, opened by the gateway, so the VMM needs no
 //!    capability and no access to the files they come from. A VMM that
-//!    starts paused ([`Needs::paused`]: no guest code runs until its driver
-//!    loads or creates the VM) is moved into its cgroup now, by the gateway
-//!    writing its pid to each `cgroup.procs` on a thread of its own, while
-//!    the driver waits for the VMM's control socket; the driver gives the
-//!    guest its first instruction only once both are done
-//!    ([`crate::process::VmProcess::join_cgroup`]). Why: a move into a
-//!    cgroup waits for an RCU grace period (the kernel's
-//!    `cgroup_threadgroup_rwsem` is taken for writing), 8 to 16 ms on the
-//!    hosts measured, which before exec would add to every cold start;
-//!    after exec it overlaps the VMM's own start. Until the move, the VMM
-//!    runs only its own start-up code (under its uid, namespaces and
-//!    seccomp filter), and what that allocates (about 15 MiB for QEMU) is
-//!    charged to the gateway's cgroup, not the VMM's. Where the host's
+//!    starts paused ([`Needs::paused`], set by its driver: no guest code
+//!    runs until the driver loads or creates the VM) is moved into its
+//!    cgroup now, by the gateway writing its pid to each `cgroup.procs` on
+//!    a thread of its own, while the driver waits for the VMM's control
+//!    socket; the driver gives the guest its first instruction only once
+//!    both are done ([`crate::process::VmProcess::join_cgroup`]). Why: a
+//!    move into a cgroup waits for an RCU grace period (the kernel takes
+//!    `cgroup_threadgroup_rwsem` for writing), 8 to 16 ms on the hosts
+//!    measured, which before exec would add to every cold start; after exec
+//!    it overlaps the VMM's own start. Until the move the VMM runs only its
+//!    own start-up code, under its uid and namespaces (its seccomp filter,
+//!    if on, comes partway through that start). What it allocates
+//!    meanwhile (up to about 15 MiB for QEMU under TCG; under KVM also the
+//!    kernel's allocations for creating the VM) stays charged to the
+//!    gateway's cgroup for the VMM's life: neither v1 nor v2 moves charges
+//!    with a process. Only where the kernel lets the gateway move the VMM
+//!    (cgroup v2, or v1 with the gateway root: see `may_move_others`);
+//!    elsewhere a paused VMM too joins before exec. Where the host's
 //!    cgroup v2 would let the child be created in its cgroup
 //!    (`clone3(CLONE_INTO_CGROUP)`), that needs a spawn of snapgate's own
 //!    rather than the standard library's: not done yet.
@@ -302,9 +307,8 @@ impl Needs {
         Needs {
             paths,
             memory_mib: spec.memory_mib,
-            // A clone's guest runs only once its snapshot is loaded and
-            // resumed; a booted guest runs from the start.
-            paused: !boots,
+            // A driver whose VMM starts paused says so.
+            paused: false,
         }
     }
 }
@@ -490,10 +494,21 @@ impl Jail {
             groups.extend(self.kvm_gid);
         }
         // A paused VMM is moved into its cgroup by the gateway while it
-        // starts (protocol, step 4); any other joins it before exec.
-        confinement.join_after_exec = needs.paused && confinement.cgroup.is_some();
-        let procs: Vec<&OwnedFd> = match (&confinement.cgroup, needs.paused) {
-            (Some(c), false) => c.procs().collect(),
+        // starts, where the gateway may move it (protocol, step 4); any
+        // other joins it before exec.
+        confinement.join_after_exec = match &confinement.cgroup {
+            Some(c) => {
+                needs.paused
+                    && may_move_others(
+                        c.version(),
+                        nix::unistd::geteuid().is_root(),
+                        confinement.uid.is_some(),
+                    )
+            }
+            None => false,
+        };
+        let procs: Vec<&OwnedFd> = match &confinement.cgroup {
+            Some(c) if !confinement.join_after_exec => c.procs().collect(),
             _ => Vec::new(),
         };
         let mut paths: Vec<(PathBuf, Access)> = Vec::new();
@@ -639,6 +654,20 @@ fn process_uids(seed: u32) -> Arc<Mutex<Uids>> {
     .clone()
 }
 
+/// Whether a gateway may move its VMMs into their cgroups after exec
+/// (protocol, step 4). cgroup v2 asks only for write access to the
+/// `cgroup.procs` of the common ancestor, which the delegated subtree
+/// gives; cgroup v1 also asks the writer to be root or to have the
+/// target's uid (the kernel's `__cgroup1_procs_write`), which a gateway run
+/// as a user of its own (`dist/snapgate.service`) has not once the VMM
+/// runs as its own uid: such a VMM joins before exec.
+fn may_move_others(version: CgroupVersion, euid_root: bool, own_uid: bool) -> bool {
+    match version {
+        CgroupVersion::V2 => true,
+        CgroupVersion::V1 => euid_root || !own_uid,
+    }
+}
+
 /// `CapEff` of this process (capabilities(7)), 0 if unreadable.
 fn effective_caps() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -780,6 +809,19 @@ mod tests {
         assert_eq!(bad(|p| p.cpu_weight = 0), "cpu_weight");
         assert_eq!(bad(|p| p.pids_max = 0), "pids_max");
         assert_eq!(bad(|p| p.system_paths = vec!["usr".into()]), "system_paths");
+    }
+
+    #[test]
+    fn only_a_gateway_the_kernel_lets_move_its_vmms_moves_them_after_exec() {
+        use CgroupVersion::{V1, V2};
+        // v2: the delegated subtree is enough, whoever runs the gateway.
+        assert!(may_move_others(V2, false, true));
+        assert!(may_move_others(V2, true, true));
+        // v1: root may move any process; a gateway of another uid only
+        // VMMs that kept its uid.
+        assert!(may_move_others(V1, true, true));
+        assert!(!may_move_others(V1, false, true));
+        assert!(may_move_others(V1, false, false));
     }
 
     #[test]

@@ -57,8 +57,8 @@
 //!    chain in one transaction; taps keep their slots.
 //! 3. [`Fence::admit`] when a VM gets its tap, on a task of its own that
 //!    overlaps the VMM's start ([`super::Admitting`]); the driver runs the
-//!    guest only once it is done (a booted guest runs from its VMM's start,
-//!    so a boot waits for it first): rtnetlink claims a slot by adding its route (the kernel is the
+//!    guest only once it is done (a QEMU guest that boots runs from QEMU's
+//!    start, so that boot waits for it first): rtnetlink claims a slot by adding its route (the kernel is the
 //!    allocator, host-wide: see [`Fence::claim_slot`]), one `nft`
 //!    transaction adds the tap's mark and zone, rtnetlink adds the slot's
 //!    rule if it is missing. [`Fence::assign`] names the app in the mark

@@ -21,18 +21,30 @@ pub struct Tap {
 /// starts a VM on the tap takes it ([`Tap::take_admission`]) and awaits it
 /// before the guest's first instruction, then keeps the slot with the VM
 /// ([`crate::Vm::keep_fence_slot`]). Dropped unawaited (a start that failed
-/// first), the task still finishes, and the slot it made undoes itself.
+/// or was cancelled first), the task is aborted, as the admission would
+/// have been had it run inline: what it did is undone by its slot's guard
+/// (the map elements, while the runtime runs) or goes with the tap (the
+/// route).
 #[derive(Debug)]
-pub struct Admitting(tokio::task::JoinHandle<Result<super::FenceSlot, NetError>>);
+pub struct Admitting(Option<tokio::task::JoinHandle<Result<super::FenceSlot, NetError>>>);
 
 impl Admitting {
     /// Waits for the admission. Errors: the fence's, or
     /// [`NetError::Fence`] if its task panicked or was cancelled (the
     /// runtime shutting down).
-    pub async fn finish(self) -> Result<super::FenceSlot, NetError> {
-        self.0.await.map_err(|e| NetError::Fence {
+    pub async fn finish(mut self) -> Result<super::FenceSlot, NetError> {
+        let task = self.0.take().expect("an admission is finished once");
+        task.await.map_err(|e| NetError::Fence {
             problem: format!("admitting a tap: {e}"),
         })?
+    }
+}
+
+impl Drop for Admitting {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
+        }
     }
 }
 
@@ -69,7 +81,7 @@ impl Tap {
     /// Gives the tap its fence admission, started on a task of its own
     /// (see [`Admitting`]).
     pub fn admitting(&mut self, task: tokio::task::JoinHandle<Result<super::FenceSlot, NetError>>) {
-        self.admission = Some(Admitting(task));
+        self.admission = Some(Admitting(Some(task)));
     }
 
     /// Takes the admission under way, if any: the driver awaits it before
