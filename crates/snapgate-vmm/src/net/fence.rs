@@ -58,8 +58,10 @@
 //! 3. [`Fence::admit`] when a VM gets its tap, on a task of its own that
 //!    overlaps the VMM's start ([`super::Admitting`]); the driver runs the
 //!    guest only once it is done (a QEMU guest that boots runs from QEMU's
-//!    start, so that boot waits for it first): rtnetlink claims a slot by adding its route (the kernel is the
-//!    allocator, host-wide: see [`Fence::claim_slot`]), one `nft`
+//!    start, so that boot waits for it first): rtnetlink claims a slot by
+//!    adding its route (the kernel is the allocator, host-wide: see
+//!    [`Fence::claim_slot`]), `conntrack` deletes what a VM that held the
+//!    slot before left in its zone (its connections outlive it), one `nft`
 //!    transaction adds the tap's mark and zone, rtnetlink adds the slot's
 //!    rule if it is missing. [`Fence::assign`] names the app in the mark
 //!    when a runtime clone becomes an app's. The returned [`FenceSlot`]
@@ -69,7 +71,8 @@
 //!    tap holds.
 //!
 //! `nft` (Debian's `nftables`) applies the rules: each transaction is
-//! atomic, and the rules read as an operator would write them.
+//! atomic, and the rules read as an operator would write them. `conntrack`
+//! (Debian's `conntrack`) deletes a zone's entries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
@@ -165,6 +168,9 @@ impl Fence {
             down: Default::default(),
         };
         refuse_overlap(&net.params().tap_prefix).await?;
+        // Every admission runs conntrack (flush_zone): missing, start-up
+        // says so rather than the first cold start.
+        conntrack(&["--version"]).await?;
         let egress = fence.egress_rules(apps)?;
         let script = table_script(&fence.table, net.params(), &egress);
         nft(&script).await?;
@@ -218,6 +224,10 @@ impl Fence {
             t = self.table,
             mark = guard.mark,
         );
+        // Before the tap's traffic is put in the zone: what a VM that held
+        // the slot before left there (its egress connections, which live
+        // on after it) is not this VM's to continue or to be sent.
+        flush_zone(slot).await?;
         nft(&script).await?;
         self.add_rule(tap, slot).await?;
         if egress {
@@ -603,6 +613,45 @@ async fn refuse_overlap(prefix: &str) -> Result<(), NetError> {
 }
 
 /// Runs `nft -f -` with `script`; its error output names what failed.
+/// Deletes the conntrack entries whose original direction is in `zone`
+/// (`conntrack -D --orig-zone`, Debian's `conntrack`): the connections a
+/// VM that held the slot before opened. Their replies would otherwise be
+/// routed to the slot's new tap (their mark names the slot), and the new
+/// guest could continue them. `conntrack` exits 1 when nothing matched.
+///
+/// Hand-run rather than through a netlink crate: no well-kept Rust crate
+/// speaks ctnetlink's delete, and the fence already runs `nft` the same
+/// way.
+async fn flush_zone(zone: u32) -> Result<(), NetError> {
+    let out = conntrack(&["-D", "--orig-zone", &zone.to_string()]).await?;
+    let said = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() || said.contains(" 0 flow entries have been deleted") {
+        Ok(())
+    } else {
+        Err(NetError::Fence {
+            problem: format!(
+                "conntrack -D --orig-zone {zone} (the entries a slot's last VM left): {}",
+                said.trim()
+            ),
+        })
+    }
+}
+
+/// Runs `conntrack` with `args`; an error only if it cannot be run.
+async fn conntrack(args: &[&str]) -> Result<std::process::Output, NetError> {
+    tokio::process::Command::new("conntrack")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await
+        .map_err(|e| NetError::Fence {
+            problem: format!(
+                "cannot run conntrack ({e}); install conntrack or set network.fence: false"
+            ),
+        })
+}
+
 async fn nft(script: &str) -> Result<(), NetError> {
     use tokio::io::AsyncWriteExt;
     let mut child = tokio::process::Command::new("nft")
@@ -645,6 +694,93 @@ async fn nft(script: &str) -> Result<(), NetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The connections in conntrack zone `zone`, as `conntrack -L` lists
+    /// them.
+    fn zone_entries(zone: u32) -> usize {
+        let out = std::process::Command::new("conntrack")
+            .args(["-L", "--orig-zone", &zone.to_string()])
+            .output()
+            .expect("conntrack (Debian package conntrack)");
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    }
+
+    /// An established TCP connection in `zone`, as a guest's egress
+    /// leaves one.
+    fn insert_entry(zone: u32, sport: u16) {
+        let out = std::process::Command::new("conntrack")
+            .args(["-I", "-p", "tcp", "-s", "10.0.0.2", "-d", "10.213.9.9"])
+            .args(["--sport", &sport.to_string(), "--dport", "80"])
+            .args(["--state", "ESTABLISHED", "-t", "300", "-u", "ASSURED"])
+            .args(["--orig-zone", &zone.to_string()])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A VM that gets a slot another VM held finds its zone empty: the
+    /// connection the last one left is gone, another zone's is not.
+    #[tokio::test]
+    async fn a_reused_slot_starts_with_an_empty_conntrack_zone() {
+        use super::super::{NetParams, Network};
+        // Slots far above those of the host's other gateways (each starts
+        // its search at 1).
+        const SLOT: u32 = 4000;
+        let net = Network::new(NetParams {
+            tap_prefix: "sgcz".into(),
+            ..NetParams::default()
+        })
+        .unwrap();
+        let fence = Fence::up(&net, &BTreeMap::new()).await.unwrap();
+        // Whatever happens below: the table and the two zones' entries go.
+        struct Cleanup;
+        impl Drop for Cleanup {
+            fn drop(&mut self) {
+                let run = |args: &[&str]| {
+                    std::process::Command::new(args[0])
+                        .args(&args[1..])
+                        .output()
+                };
+                let _ = run(&["nft", "delete", "table", "inet", "snapgate_sgcz"]);
+                for zone in [SLOT, SLOT + 1] {
+                    let _ = run(&["conntrack", "-D", "--orig-zone", &zone.to_string()]);
+                }
+            }
+        }
+        let _cleanup = Cleanup;
+        let sport = 40000 + (std::process::id() % 20000) as u16;
+        let _ = flush_zone(SLOT).await;
+        let _ = flush_zone(SLOT + 1).await;
+        fence.lock().next = SLOT - 1;
+        let first = net.create_tap().await.unwrap();
+        let held = fence.admit(first.name(), None).await.unwrap();
+        assert_eq!(held.slot, SLOT);
+        insert_entry(SLOT, sport);
+        insert_entry(SLOT + 1, sport + 1);
+        assert_eq!(zone_entries(SLOT), 1);
+        // The VM goes: its tap, and with it the route that held the slot.
+        let gone = format!("/sys/class/net/{}", first.name());
+        drop(held);
+        drop(first);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::path::Path::new(&gone).exists() {
+            assert!(std::time::Instant::now() < deadline, "{gone} stays");
+            tokio::task::yield_now().await;
+        }
+        fence.lock().next = SLOT - 1;
+        let second = net.create_tap().await.unwrap();
+        let slot = fence.admit(second.name(), None).await.unwrap();
+        assert_eq!(slot.slot, SLOT);
+        assert_eq!(zone_entries(SLOT), 0, "the last VM's connection is gone");
+        assert_eq!(zone_entries(SLOT + 1), 1, "another zone keeps its own");
+        drop(slot);
+        drop(second);
+        fence.down().await.unwrap();
+    }
 
     /// The kernel's nftables, through `nft --check`, takes the table as
     /// written, with an app's egress rules.
