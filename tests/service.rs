@@ -114,6 +114,11 @@ fn as_the_unit(caps: &str) -> Vec<String> {
 
 #[cfg(feature = "vm-tests")]
 fn one_app_config(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
+    one_app_config_pool(dir, prefix, "{ min_warm: 1, max_instances: 1 }")
+}
+
+#[cfg(feature = "vm-tests")]
+fn one_app_config_pool(dir: &std::path::Path, prefix: &str, pool: &str) -> std::path::PathBuf {
     let image = snapgate::testing::test_guest_image();
     let config = dir.join("proxy.yaml");
     std::fs::write(
@@ -121,7 +126,7 @@ fn one_app_config(dir: &std::path::Path, prefix: &str) -> std::path::PathBuf {
         format!(
             "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\nshutdown_grace: 5s\n\
              state_dir: {}\nsnapshot_dir: {}\nnetwork: {{ tap_prefix: {prefix} }}\n\
-             apps:\n  app:\n    hosts: [app.test]\n    image: {image}\n    pool: {{ min_warm: 1, max_instances: 1 }}\n",
+             apps:\n  app:\n    hosts: [app.test]\n    image: {image}\n    pool: {pool}\n",
             dir.join("state").display(),
             snapgate::testing::shared_snapshot_dir().display(),
         ),
@@ -307,4 +312,77 @@ async fn the_gateway_tells_the_service_manager_ready_reloading_and_stopping() {
     assert_eq!(next().await, "STOPPING=1\nSTATUS=draining\n");
     let status = gw.child.wait().await.unwrap();
     assert!(status.success(), "{status}");
+}
+
+/// The directories named `name` under `/sys/fs/cgroup`, at most `depth`
+/// levels down: a gateway's VMM cgroups' parents, in every hierarchy.
+#[cfg(feature = "vm-tests")]
+fn cgroup_dirs_named(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: u32, out: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.file_name() == name {
+                out.push(path);
+            } else if depth > 0 {
+                walk(&path, name, depth - 1, out);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 6, &mut out);
+    out
+}
+
+/// The VMM cgroups under the parents named `name`.
+#[cfg(feature = "vm-tests")]
+fn vmm_cgroups(name: &str) -> Vec<PathBuf> {
+    cgroup_dirs_named(name)
+        .iter()
+        .flat_map(|base| std::fs::read_dir(base).into_iter().flatten().flatten())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect()
+}
+
+/// A gateway stopped (SIGINT) while a clone restores for a held request
+/// kills that VMM and releases its jail before it exits: no cgroup of its
+/// VMMs is left, in any hierarchy, and the held request is answered.
+#[cfg(feature = "vm-tests")]
+#[tokio::test]
+async fn a_gateway_stopped_mid_restore_leaves_no_vmm_cgroup() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = one_app_config_pool(dir.path(), "sgjs", "{ min_warm: 0, max_instances: 1 }");
+    let mut gw = front::Binary::start(&config, std::time::Duration::from_secs(900)).await;
+    assert!(vmm_cgroups("snapgate-vms-sgjs").is_empty(), "at zero");
+    let held = tokio::spawn(
+        reqwest::Client::new()
+            .get(format!("http://{}/", gw.listen))
+            .header("host", "app.test")
+            .send(),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while vmm_cgroups("snapgate-vms-sgjs").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no restore began");
+        tokio::task::yield_now().await;
+    }
+    gw.signal(nix::sys::signal::Signal::SIGINT);
+    let exited = tokio::time::timeout(std::time::Duration::from_secs(60), gw.child.wait())
+        .await
+        .expect("the gateway stops")
+        .unwrap();
+    assert!(exited.success(), "{exited}");
+    let left = vmm_cgroups("snapgate-vms-sgjs");
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let status = held
+        .await
+        .unwrap()
+        .expect("the held request is answered")
+        .status();
+    assert!(status == 503 || status == 200, "{status}");
 }

@@ -769,6 +769,13 @@ impl Running {
         self.tasks.tracker.wait().await;
         // Tasks on the edge workers have ended with the rest.
         self.workers.stop().await;
+        // A VMM dropped mid-start (a restore cancelled above) is killed
+        // on drop; its cgroup and uid go once it has exited.
+        if !crate::vmm::process::jails_released(std::time::Duration::from_secs(5)).await {
+            tracing::warn!(
+                "a stopped VMM's jail is not released yet: its cgroup stays until the next start"
+            );
+        }
         if let Some(fence) = self.reloading.fence.take() {
             if let Err(e) = fence.down().await {
                 tracing::warn!("taking the fence down: {e}");

@@ -62,6 +62,34 @@ pub struct VmProcess {
     status: Option<std::fs::File>,
 }
 
+/// A VM's run directory until its VMM process owns it ([`VmProcess`]
+/// removes it when dropped): removed when this is dropped before
+/// [`PendingRunDir::owned`], so a
+/// start that fails before its VMM runs (its jail or its spawn) leaves
+/// nothing behind, not even a directory the jail gave the VMM's uid.
+#[derive(Debug)]
+pub struct PendingRunDir(Option<PathBuf>);
+
+impl PendingRunDir {
+    /// Guards `dir`.
+    pub fn new(dir: &Path) -> PendingRunDir {
+        PendingRunDir(Some(dir.to_owned()))
+    }
+
+    /// The VMM process owns the directory now.
+    pub fn owned(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PendingRunDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
 /// The run directory of `id` under `state_dir`, emptied and created.
 pub fn make_run_dir(state_dir: &Path, id: &VmId) -> Result<PathBuf, VmmError> {
     let dir = state_dir.join("run").join(id.as_str());
@@ -437,6 +465,30 @@ impl VmProcess {
     }
 }
 
+/// The tasks that release the jails of VMM processes dropped while they
+/// still ran (each waits for its process to exit, then drops its
+/// [`Confinement`]): one tracker for the whole process, always closed, so
+/// that [`jails_released`] resolves whenever none is pending.
+fn releases() -> &'static tokio_util::task::TaskTracker {
+    static RELEASES: std::sync::OnceLock<tokio_util::task::TaskTracker> =
+        std::sync::OnceLock::new();
+    RELEASES.get_or_init(|| {
+        let tracker = tokio_util::task::TaskTracker::new();
+        tracker.close();
+        tracker
+    })
+}
+
+/// Resolves once no jail of a dropped VMM process is waiting to be
+/// released (its cgroup removed, its uid back in the range), or after
+/// `within`: a gateway awaits this when it stops, before it takes down
+/// what the jails sit in. Whether everything was released.
+pub async fn jails_released(within: Duration) -> bool {
+    tokio::time::timeout(within, releases().wait())
+        .await
+        .is_ok()
+}
+
 impl Drop for VmProcess {
     fn drop(&mut self) {
         // kill_on_drop sends SIGKILL if the process still runs; tokio reaps it.
@@ -448,10 +500,13 @@ impl Drop for VmProcess {
             } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 let _ = self.child.start_kill();
                 let exited = self.exit_event();
-                runtime.spawn(async move {
-                    exited.await;
-                    drop(confinement);
-                });
+                releases().spawn_on(
+                    async move {
+                        exited.await;
+                        drop(confinement);
+                    },
+                    &runtime,
+                );
             } else {
                 // No runtime to wait on: the uid stays taken, and the
                 // cgroup is removed at the next start.
@@ -890,6 +945,18 @@ mod tests {
         let run = make_run_dir(state.path(), &again).unwrap();
         let next = jail.confine(&again, &run, &needs).unwrap();
         assert_eq!(next.uid(), Some(uid));
+    }
+
+    #[test]
+    fn a_run_directory_no_process_took_goes_with_the_failed_start() {
+        let state = tempfile::tempdir().unwrap();
+        let failed = make_run_dir(state.path(), &VmId::new("failed")).unwrap();
+        std::fs::write(failed.join("vmm.log"), "").unwrap();
+        drop(PendingRunDir::new(&failed));
+        assert!(!failed.exists());
+        let started = make_run_dir(state.path(), &VmId::new("started")).unwrap();
+        PendingRunDir::new(&started).owned();
+        assert!(started.is_dir());
     }
 
     #[tokio::test]

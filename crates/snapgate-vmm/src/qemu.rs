@@ -309,6 +309,7 @@ impl Qemu {
         let started = Instant::now();
         let incoming = state.is_some();
         let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let pending = crate::process::PendingRunDir::new(&run_dir);
         super::create_extra_disk(spec, &run_dir)?;
         let transparent_huge_pages = memory.transparent_huge_pages();
         let args = self.args(&id, spec, &cmdline, &memory, &run_dir, incoming);
@@ -346,6 +347,7 @@ impl Qemu {
             &run_dir,
             &self.state_dir,
         )?;
+        pending.owned();
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id.clone(), endpoint, spec.clone(), cmdline, process);
         let qmp_path = run_dir.join("qmp.sock");

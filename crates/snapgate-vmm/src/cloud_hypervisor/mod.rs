@@ -295,11 +295,13 @@ impl Vmm for CloudHypervisor {
     async fn boot(&self, id: VmId, spec: &ImageSpec, mut tap: Tap) -> Result<Vm, VmmError> {
         let cmdline = crate::boot_cmdline(spec, &self.net, self.tsc_khz)?;
         let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let pending = crate::process::PendingRunDir::new(&run_dir);
         let started = Instant::now();
         let needs = Self::needs(spec, None, &run_dir);
         crate::create_extra_disk(spec, &run_dir)?;
         let admitting = tap.take_admission();
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
+        pending.owned();
         let endpoint = Endpoint::of(&tap, &self.net, spec);
         let mut vm = Vm::new(id, endpoint, spec.clone(), cmdline, process);
         vm.record("spawn", started.elapsed());
@@ -386,6 +388,7 @@ impl Vmm for CloudHypervisor {
             });
         }
         let run_dir = make_run_dir(&self.state_dir, &id)?;
+        let pending = crate::process::PendingRunDir::new(&run_dir);
         let started = Instant::now();
         // Written before the VMM starts: once it runs (jailed, as another
         // uid) it can write to its run directory.
@@ -394,6 +397,7 @@ impl Vmm for CloudHypervisor {
         let needs = Self::needs(&m.spec, Some(snapshot.dir()), &run_dir);
         let admitting = tap.take_admission();
         let (process, client) = self.start(&id, tap.name(), &run_dir, needs).await?;
+        pending.owned();
         let endpoint = Endpoint::of(&tap, &self.net, &m.spec);
         let mut vm = Vm::new(id, endpoint, m.spec.clone(), m.cmdline.clone(), process);
         vm.record("spawn", started.elapsed());
