@@ -62,7 +62,11 @@
 //!    rather than the standard library's: not done yet.
 //! 5. Once the process is reaped, [`Confinement`] is dropped: the cgroup is
 //!    removed and the uid goes back to the range. A uid is never handed out
-//!    again while a process that had it may live.
+//!    again while a process that had it may live. A process dropped while
+//!    it runs (a start cancelled) is killed, and a task on a process-wide
+//!    tracker drops its confinement once it has exited; a stopping gateway
+//!    waits for those tasks ([`crate::process::jails_released`]) before it
+//!    exits.
 
 mod cgroup;
 mod plan;
