@@ -28,6 +28,7 @@ pub use snapgate_vmm::{display_chain, FieldError};
 pub mod acme;
 pub mod admin;
 pub mod alloc;
+pub mod cluster;
 pub mod config;
 pub mod ctl;
 pub mod gateway;
