@@ -358,7 +358,12 @@ impl Qemu {
             Qmp::connect(&id, &qmp_path, vm.process_mut(), started + START_TIMEOUT),
             joined
         );
-        let qmp = qmp?;
+        // A QEMU that dies during the handshake (a reset socket) is better
+        // explained by its exit and its log.
+        let qmp = match qmp {
+            Ok(qmp) => qmp,
+            Err(e) => return Err(vm.process_mut().explain(e, "starting").await),
+        };
         joined?;
         vm.record("spawn", started.elapsed());
         Ok((vm, qmp))
@@ -683,6 +688,55 @@ mod tests {
             tsc_khz: 1,
             jail: None,
         }
+    }
+
+    /// A VMM that dies during the QMP handshake (it accepts the control
+    /// connection, then exits) is reported by its exit and its log, not by
+    /// the reset socket.
+    #[tokio::test]
+    async fn a_vmm_that_dies_during_the_handshake_is_reported_by_its_exit_and_log() {
+        use crate::net::Network;
+        let dir = tempfile::tempdir().unwrap();
+        // The fake VMM: binds the -qmp socket, accepts one client, says why
+        // it gives up on stderr (the VMM log) and exits 3.
+        let fake = dir.path().join("fake-qemu");
+        std::fs::write(
+            &fake,
+            "#!/usr/bin/python3\n\
+             import socket, sys\n\
+             arg = sys.argv[sys.argv.index('-qmp') + 1]\n\
+             path = arg[len('unix:'):].split(',')[0]\n\
+             s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(1)\n\
+             c, _ = s.accept()\n\
+             sys.stderr.write('fake-qemu: cannot create a thread\\n'); sys.stderr.flush()\n\
+             sys.exit(3)\n",
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let net = Network::new(NetParams {
+            tap_prefix: "sgqh".into(),
+            ..NetParams::default()
+        })
+        .unwrap();
+        let qemu = Qemu::new(
+            &fake,
+            Accel::Tcg,
+            dir.path().join("state"),
+            net.params().clone(),
+        )
+        .unwrap();
+        let kernel = dir.path().join("vmlinuz");
+        std::fs::write(&kernel, b"").unwrap();
+        let spec: ImageSpec =
+            serde_yaml_ng::from_str(&format!("kernel: {}\ncmdline: x\n", kernel.display()))
+                .unwrap();
+        let tap = net.create_tap().await.unwrap();
+        let err = qemu.boot(VmId::new("dies"), &spec, tap).await.unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, VmmError::Exited { .. }), "{text}");
+        assert!(text.contains("cannot create a thread"), "{text}");
+        assert!(text.contains("starting"), "{text}");
     }
 
     #[test]

@@ -225,7 +225,11 @@ impl CloudHypervisor {
             client.wait_for_api(&mut process, started + START_TIMEOUT),
             joined
         );
-        api?;
+        // A VMM that dies while its API comes up is better explained by its
+        // exit and its log.
+        if let Err(e) = api {
+            return Err(process.explain(e, "starting").await);
+        }
         joined?;
         Ok((process, client))
     }
