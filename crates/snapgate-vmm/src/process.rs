@@ -350,6 +350,10 @@ impl VmProcess {
     /// the exit (with its last output) explains the failure better than the
     /// broken socket does.
     pub async fn explain(&mut self, err: VmmError, during: &'static str) -> VmmError {
+        // A timeout came while the process ran; an exit explains itself.
+        if matches!(err, VmmError::Timeout { .. } | VmmError::Exited { .. }) {
+            return err;
+        }
         if self.exited_within(Duration::from_secs(1)).await {
             self.exited_error(during)
         } else {

@@ -702,14 +702,14 @@ mod tests {
         let fake = dir.path().join("fake-qemu");
         std::fs::write(
             &fake,
-            "#!/usr/bin/python3\n\
-             import socket, sys\n\
+            "#!/usr/bin/env python3\n\
+             import os, socket, sys\n\
              arg = sys.argv[sys.argv.index('-qmp') + 1]\n\
              path = arg[len('unix:'):].split(',')[0]\n\
              s = socket.socket(socket.AF_UNIX); s.bind(path); s.listen(1)\n\
              c, _ = s.accept()\n\
              sys.stderr.write('fake-qemu: cannot create a thread\\n'); sys.stderr.flush()\n\
-             sys.exit(3)\n",
+             os._exit(3)\n",
         )
         .unwrap();
         use std::os::unix::fs::PermissionsExt;

@@ -225,11 +225,8 @@ impl CloudHypervisor {
             client.wait_for_api(&mut process, started + START_TIMEOUT),
             joined
         );
-        // A VMM that dies while its API comes up is better explained by its
-        // exit and its log.
-        if let Err(e) = api {
-            return Err(process.explain(e, "starting").await);
-        }
+        // (The API wait reports a VMM that exits meanwhile by its exit.)
+        api?;
         joined?;
         Ok((process, client))
     }
