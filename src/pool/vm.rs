@@ -173,10 +173,15 @@ impl Admission {
         }
     }
 
-    /// Admits `tap` before its guest runs: the VM keeps the slot until it
+    /// Admits `tap` (interface `index`) before its guest runs: the VM keeps
+    /// the slot until it
     /// is dropped ([`Vm::keep_fence_slot`]).
-    pub async fn admit(&self, tap: &str) -> Result<crate::net::FenceSlot, crate::net::NetError> {
-        self.fence.admit(tap, self.app.as_deref()).await
+    pub async fn admit(
+        &self,
+        tap: &str,
+        index: u32,
+    ) -> Result<crate::net::FenceSlot, crate::net::NetError> {
+        self.fence.admit(tap, index, self.app.as_deref()).await
     }
 
     /// Makes `vm` (admitted as a runtime's) this admission's app's.
@@ -228,8 +233,8 @@ impl Factory for SnapshotFactory {
         // Admitted to the fence while the VMM starts; the driver runs the
         // guest only once that is done (crate::net::Admitting).
         if let Some(fence) = &self.fence {
-            let (fence, name) = (fence.clone(), tap.name().to_owned());
-            tap.admitting(tokio::spawn(async move { fence.admit(&name).await }));
+            let (fence, name, index) = (fence.clone(), tap.name().to_owned(), tap.index());
+            tap.admitting(tokio::spawn(async move { fence.admit(&name, index).await }));
         }
         let mut vm = self.vmm.restore(id, &self.snapshot, tap).await?;
         vm.set_restored_from(self.snapshot.dir());

@@ -273,6 +273,18 @@ impl Vm {
         self.fence_slot = Some(slot);
     }
 
+    /// Waits for its tap's fence admission, if any ([`net::Admitting`]),
+    /// keeps the slot and records the wait as the step `admit`: a driver
+    /// calls this before the guest's first instruction.
+    pub async fn admitted(&mut self, admitting: Option<net::Admitting>) -> Result<(), VmmError> {
+        if let Some(admitting) = admitting {
+            let waited = std::time::Instant::now();
+            self.keep_fence_slot(admitting.finish().await?);
+            self.record("admit", waited.elapsed());
+        }
+        Ok(())
+    }
+
     /// Its tap's place in the fence, if fenced.
     pub fn fence_slot_mut(&mut self) -> Option<&mut net::FenceSlot> {
         self.fence_slot.as_mut()

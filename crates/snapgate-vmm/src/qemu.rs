@@ -479,11 +479,7 @@ impl Vmm for Qemu {
         let (mut vm, mut qmp) = self
             .start(id, &m.spec, m.cmdline.clone(), tap, memory, Some(state))
             .await?;
-        if let Some(admitting) = admitting {
-            let waited = Instant::now();
-            vm.keep_fence_slot(admitting.finish().await?);
-            vm.record("admit", waited.elapsed());
-        }
+        vm.admitted(admitting).await?;
         match load_and_resume(&mut vm, &mut qmp, mode).await {
             Ok(()) => Ok(vm),
             Err(e) => Err(vm.process_mut().explain(e, "loading the snapshot").await),

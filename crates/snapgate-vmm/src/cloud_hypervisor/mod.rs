@@ -308,11 +308,7 @@ impl Vmm for CloudHypervisor {
         vm.record("spawn", started.elapsed());
         // Admitted while CH started; its guest runs only once that is done
         // (crate::net::Admitting).
-        if let Some(admitting) = admitting {
-            let waited = Instant::now();
-            vm.keep_fence_slot(admitting.finish().await?);
-            vm.record("admit", waited.elapsed());
-        }
+        vm.admitted(admitting).await?;
         let t = Instant::now();
         client
             .create(&vm_config(spec, vm.cmdline(), &run_dir))
@@ -404,11 +400,7 @@ impl Vmm for CloudHypervisor {
         vm.record("spawn", started.elapsed());
         // Admitted while CH started; its guest runs only once that is done
         // (crate::net::Admitting).
-        if let Some(admitting) = admitting {
-            let waited = Instant::now();
-            vm.keep_fence_slot(admitting.finish().await?);
-            vm.record("admit", waited.elapsed());
-        }
+        vm.admitted(admitting).await?;
         let t = Instant::now();
         let fd = tap.take_fd();
         client

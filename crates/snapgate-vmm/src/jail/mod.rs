@@ -331,6 +331,9 @@ pub struct Jail {
     symlinks: Vec<(PathBuf, PathBuf)>,
     /// The group of `/dev/kvm`, given to VMMs that use it.
     kvm_gid: Option<u32>,
+    /// The kernel lets this gateway move its VMMs into their cgroups after
+    /// exec ([`may_move_others`]).
+    moves_vmms: bool,
 }
 
 #[derive(Debug)]
@@ -409,7 +412,11 @@ impl Jail {
             std::fs::metadata("/dev/kvm").ok().map(|m| m.gid())
         };
         let seed = (std::process::id().wrapping_mul(64)) % params.uids.max(1);
+        let moves_vmms = cgroups.as_ref().is_some_and(|h| {
+            may_move_others(h.version(), nix::unistd::geteuid().is_root(), params.user)
+        });
         Ok(Jail {
+            moves_vmms,
             uids: process_uids(seed),
             params,
             binary,
@@ -500,17 +507,8 @@ impl Jail {
         // A paused VMM is moved into its cgroup by the gateway while it
         // starts, where the gateway may move it (protocol, step 4); any
         // other joins it before exec.
-        confinement.join_after_exec = match &confinement.cgroup {
-            Some(c) => {
-                needs.paused
-                    && may_move_others(
-                        c.version(),
-                        nix::unistd::geteuid().is_root(),
-                        confinement.uid.is_some(),
-                    )
-            }
-            None => false,
-        };
+        confinement.join_after_exec =
+            needs.paused && confinement.cgroup.is_some() && self.moves_vmms;
         let procs: Vec<&OwnedFd> = match &confinement.cgroup {
             Some(c) if !confinement.join_after_exec => c.procs().collect(),
             _ => Vec::new(),
@@ -852,6 +850,7 @@ mod tests {
             cgroups: None,
             symlinks: Vec::new(),
             kvm_gid: None,
+            moves_vmms: false,
         };
         let a = jail.take_uid().unwrap();
         let b = jail.take_uid().unwrap();

@@ -198,15 +198,21 @@ impl Fence {
         nft(&script).await
     }
 
-    /// Gives the VM on `tap` its slot (protocol step 3): its mark (naming
+    /// Gives the VM on `tap` (interface `index`, [`super::Tap::index`]) its
+    /// slot (protocol step 3): its mark (naming
     /// `app`, if the VM is already an app's), its conntrack zone, and the
     /// route back to it; and, when `app` has egress, forwarding on the tap.
-    pub async fn admit(&self, tap: &str, app: Option<&str>) -> Result<FenceSlot, NetError> {
+    pub async fn admit(
+        &self,
+        tap: &str,
+        index: u32,
+        app: Option<&str>,
+    ) -> Result<FenceSlot, NetError> {
         let (number, egress) = match app {
             Some(app) => self.lock().app(app),
             None => (0, false),
         };
-        let slot = self.claim_slot(tap).await?;
+        let slot = self.claim_slot(tap, index).await?;
         // From here the slot is the guard's: dropped on an error, it undoes
         // what was done.
         let guard = FenceSlot {
@@ -395,8 +401,7 @@ impl Fence {
     /// slots and the same conntrack zones): adding it fails with `EEXIST`
     /// while another tap holds the slot, and the kernel removes it with its
     /// tap, which frees the slot.
-    async fn claim_slot(&self, tap: &str) -> Result<u32, NetError> {
-        let index = self.net.link_index(tap).await?;
+    async fn claim_slot(&self, tap: &str, index: u32) -> Result<u32, NetError> {
         let guest: Ipv4Addr = self.net.params().guest_ip;
         let start = {
             let mut state = self.lock();
@@ -757,7 +762,10 @@ mod tests {
         let _ = flush_zone(SLOT + 1).await;
         fence.lock().next = SLOT - 1;
         let first = net.create_tap().await.unwrap();
-        let held = fence.admit(first.name(), None).await.unwrap();
+        let held = fence
+            .admit(first.name(), first.index(), None)
+            .await
+            .unwrap();
         assert_eq!(held.slot, SLOT);
         insert_entry(SLOT, sport);
         insert_entry(SLOT + 1, sport + 1);
@@ -773,7 +781,10 @@ mod tests {
         }
         fence.lock().next = SLOT - 1;
         let second = net.create_tap().await.unwrap();
-        let slot = fence.admit(second.name(), None).await.unwrap();
+        let slot = fence
+            .admit(second.name(), second.index(), None)
+            .await
+            .unwrap();
         assert_eq!(slot.slot, SLOT);
         assert_eq!(zone_entries(SLOT), 0, "the last VM's connection is gone");
         assert_eq!(zone_entries(SLOT + 1), 1, "another zone keeps its own");

@@ -261,7 +261,7 @@ impl Network {
     /// Creates a tap, gives it the host MAC and address, turns off IPv6 and
     /// strict reverse-path filtering, and brings it up.
     pub async fn create_tap(&self) -> Result<Tap, NetError> {
-        let tap = loop {
+        let mut tap = loop {
             let n = self.next.fetch_add(1, Ordering::Relaxed);
             let name = format!("{}{}", self.params.tap_prefix, base36(n));
             match Tap::create(&name) {
@@ -279,6 +279,7 @@ impl Network {
             move |source| NetError::Link { what, name, source }
         };
         let index = self.link_index(&name).await?;
+        tap.set_index(index);
         // Hosts booted with ipv6.disable=1 have no IPv6 sysctls: nothing to turn off.
         let ipv6 = format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6");
         if Path::new(&ipv6).exists() {

@@ -12,6 +12,9 @@ use super::NetError;
 #[derive(Debug)]
 pub struct Tap {
     name: String,
+    /// Its interface index (0 until [`super::Network::create_tap`] set it
+    /// up).
+    index: u32,
     fd: Option<OwnedFd>,
     admission: Option<Admitting>,
 }
@@ -73,6 +76,7 @@ impl Tap {
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         Ok(Tap {
             name: name.to_owned(),
+            index: 0,
             fd: Some(fd),
             admission: None,
         })
@@ -93,6 +97,15 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The interface index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub(super) fn set_index(&mut self, index: u32) {
+        self.index = index;
     }
 
     /// Takes the fd to hand it to a VMM. Panics if it was taken already.
