@@ -5,7 +5,8 @@
 //! | `GET /` | the status page, HTML (`admin/page.rs`) |
 //! | `GET /metrics` | the Prometheus text format |
 //! | `GET /livez` (`/healthz`) | 200 while the process serves |
-//! | `GET /readyz` | 200 once serving and every pool's `min_warm` has been met or has failed with a reason, and from then on; else 503; JSON either way |
+//! | `GET /readyz` | 200 once serving and every pool's `min_warm` has been met or has failed with a reason, and from then on; else 503; JSON either way. A cluster node whose etcd is not current stays 200 and says `"degraded"` (it serves from the last catalog it saw) |
+//! | `GET /cluster` | a cluster node's view: etcd's state, the catalog's age, every node's entry, the peers it skips |
 //! | `GET /apps` | apps with their pool's counts, settings and last error; runtime stocks |
 //! | `GET /instances[?app=NAME]` | instances and restores in flight |
 //! | `POST /instances/ID/drain` | drains one instance: no new requests, stops once those in flight end |
@@ -88,6 +89,8 @@ pub struct Serving {
     pub recent: Arc<crate::pool::Recent>,
     /// When it began to serve.
     pub started: std::time::SystemTime,
+    /// The cluster this node is in, if any.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// A bearer token, kept as its SHA-256 digest: compared digest to digest
@@ -543,13 +546,49 @@ fn readyz(admin: &Admin, detail: bool) -> Response<Page> {
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    match detail {
-        true => json(
-            status,
-            &serde_json::json!({ "ready": ready, "apps": pools, "runtimes": stocks }),
-        ),
-        false => json(status, &serde_json::json!({ "ready": ready })),
+    // A cluster node cut off from etcd still serves: it stays in its
+    // balancer, and says it is degraded.
+    let degraded = serving.cluster.as_ref().and_then(|c| c.degraded());
+    let mut body = serde_json::json!({ "ready": ready });
+    if serving.cluster.is_some() {
+        body["degraded"] = degraded.is_some().into();
     }
+    if detail {
+        body["apps"] = pools.into();
+        body["runtimes"] = stocks.into();
+        if let Some(why) = degraded {
+            body["cluster"] = why.into();
+        }
+    }
+    json(status, &body)
+}
+
+/// `GET /cluster`: this node's view of its cluster.
+fn cluster(serving: &Serving) -> Response<Page> {
+    let Some(c) = &serving.cluster else {
+        return error(StatusCode::NOT_FOUND, "this gateway is not in a cluster");
+    };
+    let catalog = c.catalog();
+    let nodes: serde_json::Map<String, serde_json::Value> = catalog
+        .nodes
+        .iter()
+        .map(|(name, known)| {
+            let mut v = serde_json::to_value(&known.entry).unwrap_or_default();
+            v["revision"] = known.revision.into();
+            (name.to_string(), v)
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "node": &**c.node(),
+            "degraded": c.degraded(),
+            "catalog_age_seconds": c.catalog_age().map(|a| a.as_secs_f64()),
+            "revision": catalog.revision,
+            "nodes": nodes,
+            "peers_down": c.peers_down().iter().map(|p| p.to_string()).collect::<Vec<_>>(),
+        }),
+    )
 }
 
 /// How a set with `have` of its `want` warm stands for `/readyz`, and
@@ -589,9 +628,14 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
     let write = method == http::Method::POST;
     let route = match segments.as_slice() {
         ["reload"] | ["instances", _, "drain"] | ["apps", _, "prewarm"] => Route::Post,
-        [""] | ["metrics"] | ["livez"] | ["healthz"] | ["readyz"] | ["apps"] | ["instances"] => {
-            Route::Get
-        }
+        [""]
+        | ["metrics"]
+        | ["livez"]
+        | ["healthz"]
+        | ["readyz"]
+        | ["apps"]
+        | ["instances"]
+        | ["cluster"] => Route::Get,
         _ => Route::None,
     };
     match (route, read, write) {
@@ -599,7 +643,7 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
             return text(
                 StatusCode::NOT_FOUND,
                 format!(
-                    "no admin page {path}; try / (the status page), /metrics, /livez, /readyz, /apps, /instances, \
+                    "no admin page {path}; try / (the status page), /metrics, /livez, /readyz, /apps, /instances, /cluster, \
                      POST /instances/ID/drain, POST /apps/NAME/prewarm?count=N or POST /reload\n"
                 ),
             )
@@ -623,6 +667,7 @@ async fn respond(admin: &Admin, req: &Request<Incoming>) -> Response<Page> {
             match segments.as_slice() {
                 [""] => status_page(serving),
                 ["apps"] => apps(serving),
+                ["cluster"] => cluster(serving),
                 ["instances"] => {
                     instances(serving, query_value(req.uri().query(), "app").as_deref())
                 }

@@ -14,7 +14,10 @@ use bytesize::ByteSize;
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
+mod cluster;
 mod validate;
+
+pub use cluster::{ClusterConfig, EtcdConfig, EtcdTls, MIN_SECRET_LEN};
 
 pub use validate::check_host_pattern;
 
@@ -689,6 +692,10 @@ pub struct Config {
     /// Language runtimes by name, shared by runtime apps.
     #[serde(default)]
     pub runtimes: BTreeMap<String, RuntimeConfig>,
+    /// Many nodes sharing one catalog in etcd (`crate::cluster`); absent,
+    /// a single node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterConfig>,
     /// Apps by name.
     pub apps: BTreeMap<String, AppConfig>,
 }
@@ -787,6 +794,9 @@ impl Config {
         }
         if let Some(dir) = &mut self.snapshot_dir {
             abs(dir);
+        }
+        if let Some(cluster) = &mut self.cluster {
+            cluster.resolve_paths(base);
         }
         for c in self.tls.iter_mut().flat_map(|t| t.certificates.iter_mut()) {
             abs(&mut c.cert);

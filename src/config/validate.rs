@@ -33,6 +33,18 @@ impl Config {
                 add("admin_token_file".into(), message);
             }
         }
+        if let Some(cluster) = &self.cluster {
+            for (key, path) in cluster.files() {
+                if let Err(e) = std::fs::File::open(path) {
+                    add(key, format!("{}: {e}", path.display()));
+                }
+            }
+            if let Err(e) = crate::cluster::Secret::from_file(&cluster.secret_file) {
+                if cluster.secret_file.exists() {
+                    add("cluster.secret_file".into(), format!("{e:#}"));
+                }
+            }
+        }
         for (i, c) in self
             .tls
             .iter()
@@ -121,6 +133,9 @@ impl Config {
         }
         self.validate_limits(&mut add);
         self.validate_tls(&mut add);
+        for (key, message) in self.cluster.iter().flat_map(|c| c.validate()) {
+            add(key, message);
+        }
         // Port 0 asks for any free port: two of those never clash.
         if self.listen == self.admin && self.listen.port() != 0 {
             add(

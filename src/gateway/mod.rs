@@ -109,6 +109,8 @@ pub struct Running {
     _state_lock: StateLock,
     /// Reloads asked for through the admin listener, until taken.
     reload_requests: Option<tokio::sync::mpsc::Receiver<reload::Ask>>,
+    /// The cluster this node is in, if any.
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Drop for Running {
@@ -221,11 +223,36 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
     }
     let (runtimes, pins) = (factories.runtimes, factories.pins);
     let runtimes = Arc::new(std::sync::Mutex::new(runtimes));
-    let proxy = Arc::new(Apps::new(
+    let cluster = match &config.cluster {
+        Some(c) => Some(crate::cluster::Cluster::new(
+            c,
+            crate::cluster::ClusterMetrics::new(&registry)?,
+        )?),
+        None => None,
+    };
+    let mut apps = Apps::new(
         Table::new(router_of(config), targets),
         proxy_metrics.clone(),
         tasks.clone(),
-    ));
+    );
+    if let (Some(cluster), Some(c)) = (&cluster, &config.cluster) {
+        // Peer connections: kept alive a minute, and a write blocked as
+        // long as an app's default `upstream_read_timeout` ends one.
+        let peer_upstreams = crate::proxy::UpstreamConfig {
+            idle_timeout: std::time::Duration::from_secs(60),
+            write_timeout: std::time::Duration::from_secs(60),
+            replays: proxy_metrics.replays("(peers)"),
+            tasks: tasks.clone(),
+            h2c: false,
+            connect_timeout: c.peer_connect_timeout,
+        };
+        apps = apps.with_cluster(cluster.clone(), peer_upstreams);
+    }
+    let proxy = Arc::new(apps);
+    if let Some(cluster) = &cluster {
+        let apps = proxy.clone();
+        cluster.spawn(Arc::new(move || apps.pools()), &tasks);
+    }
     let redirect = match (&config.tls, &tls) {
         (Some(cfg), Some((listener, _, certs))) if cfg.redirect_http => {
             Some(crate::proxy::Redirect {
@@ -262,6 +289,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
                 redirect,
                 certs,
                 acme_http01,
+                cluster: cluster.clone(),
             },
             proxy_metrics.clone(),
             tasks.clone(),
@@ -340,6 +368,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         runtimes: runtimes.clone(),
         recent: pool_metrics.recent().clone(),
         started: std::time::SystemTime::now(),
+        cluster: cluster.clone(),
     });
     unfinished.disarm();
     info!(%listen, %admin, workers = workers.handles().len(), "serving");
@@ -380,6 +409,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         pins: std::sync::Mutex::new(pins),
         _state_lock: state_lock,
         reload_requests: Some(reload_rx),
+        cluster,
     })
 }
 
@@ -557,6 +587,7 @@ impl Factories<'_> {
             replays: proxy_metrics.replays(name),
             tasks: self.tasks.clone(),
             h2c: app.upstream_protocol == crate::config::UpstreamProtocol::H2c,
+            connect_timeout: crate::proxy::CONNECT_TIMEOUT,
         };
         let pool_cfg = match app.upstream() {
             Upstream::Static(addr) => {
@@ -744,6 +775,10 @@ impl Running {
     pub async fn shutdown(mut self) {
         let grace = self.reloading.config.lock().await.shutdown_grace;
         let deadline = tokio::time::Instant::now() + grace;
+        // Peers stop sending requests here first.
+        if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
+        }
         let _ = self.stop.send(true);
         // Held requests get their 503 now, not after the grace period.
         for pool in self.pools() {

@@ -279,6 +279,7 @@ fn needs_restart(old: &Config, new: &Config) -> Vec<String> {
     check("snapshot_dir", old.snapshot_dir() == new.snapshot_dir());
     check("vmm", old.vmm == new.vmm);
     check("network", old.network == new.network);
+    check("cluster", old.cluster == new.cluster);
     match (&old.tls, &new.tls) {
         (None, None) => {}
         (Some(a), Some(b)) => {

@@ -290,6 +290,19 @@ impl<F: Factory> Engine<F> {
         self.claim_held().await.map_err(|(e, _)| e)
     }
 
+    /// A member free now, leased without waiting; `None` if there is none
+    /// (or the engine is closed). Nothing is restored for it.
+    pub fn try_claim(&self) -> Option<Lease<F>> {
+        let shared = &self.shared;
+        let mut st = shared.lock();
+        if st.closed {
+            return None;
+        }
+        let lease = shared.try_lease(&mut st, None)?;
+        shared.publish(&st);
+        Some(lease)
+    }
+
     /// [`Engine::claim`], its error with how long the claim was held
     /// before it failed (`None`: it failed without being queued).
     pub async fn claim_held(&self) -> Result<(Lease<F>, bool), (ClaimError, Option<Duration>)> {

@@ -9,7 +9,13 @@
 //!    413 at once; any other body is cut off there as it streams.
 //! 4. Claim a lease from the app's pool (held while none is free; 503 with
 //!    `Retry-After` when the queue is full, the hold times out or no
-//!    instance can start). A static app has one fixed upstream.
+//!    instance can start). A static app has one fixed upstream. In a
+//!    cluster, a request no peer forwarded takes a free local instance if
+//!    there is one, else follows the cluster's plan: peers with a warm
+//!    instance, then the app's home node and the nodes after it, this
+//!    node's pool among them (`crate::cluster`, routing steps 2 to 5). A
+//!    request a peer forwarded ([`FromPeer`]) is served from this node's
+//!    pool, and a 503 for want of an instance tells the peer so.
 //! 5. Forward with [`Upstream::send`], waiting at most `response_timeout`
 //!    for response headers once the request is sent whole (504), and
 //!    giving up if the instance's VMM dies. A request of which no byte was
@@ -48,10 +54,11 @@ use tracing::{debug, warn};
 use super::authority::Authority;
 use super::body::{RequestBody, ResponseBody};
 use super::error::{ErrorKind, ProxyError};
-use super::forwarded::{strip_hop_by_hop, Hop};
+use super::forwarded::{strip_hop_by_hop, FromPeer, Hop};
 use super::router::Router;
-use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream};
+use super::upstream::{Checkin, InstanceUpstreams, SendError, Upstream, UpstreamConfig};
 use super::{ProxyBody, ProxyMetrics, RoutedApp};
+use crate::cluster::{Cluster, Hop as ClusterHop};
 use crate::pool::{Lease, Pool, Tasks};
 
 /// A request routed (steps 1 to 3, and the client's side of step 7),
@@ -184,6 +191,27 @@ pub struct Apps {
     tunnels: tokio_util::sync::CancellationToken,
     /// The tunnels open, to wait for at shutdown.
     tunnel_tasks: tokio_util::task::TaskTracker,
+    /// The cluster this node routes in, and its peers' upstreams.
+    cluster: Option<Peers>,
+}
+
+/// A cluster node's routing: the cluster, and one kept-alive upstream per
+/// peer address.
+struct Peers {
+    cluster: Cluster,
+    upstreams: dashmap::DashMap<std::net::SocketAddr, Arc<Upstream>>,
+    config: UpstreamConfig,
+}
+
+/// What answered a pool's request: an instance of this node's (its lease
+/// with it), or a peer node.
+struct Served {
+    resp: Response<hyper::body::Incoming>,
+    checkin: Checkin,
+    lease: Option<Lease>,
+    /// The instance's name, or `peer:<node>`.
+    instance: Arc<str>,
+    held: Option<Duration>,
 }
 
 impl Apps {
@@ -195,7 +223,19 @@ impl Apps {
             tunnels: tasks.cancel.child_token(),
             tunnel_tasks: tokio_util::task::TaskTracker::new(),
             tasks,
+            cluster: None,
         }
+    }
+
+    /// These apps, routed in `cluster` (module doc, step 4); forwards to
+    /// peers use upstreams made with `config`.
+    pub fn with_cluster(mut self, cluster: Cluster, config: UpstreamConfig) -> Apps {
+        self.cluster = Some(Peers {
+            cluster,
+            upstreams: Default::default(),
+            config,
+        });
+        self
     }
 
     /// At shutdown: lets open tunnels (upgraded connections) run until
@@ -339,19 +379,44 @@ impl Apps {
                     limits,
                     ..
                 } => {
+                    let from_peer = match routed.req.extensions().get::<FromPeer>() {
+                        Some(FromPeer(node)) => {
+                            debug!(%app, peer = %node, "forwarded by a peer: served here");
+                            true
+                        }
+                        None => false,
+                    };
                     // Boxed: a static app's request does not carry this
                     // path's state in its future.
-                    let sent =
-                        Box::pin(self.via_pool(app, pool, upstreams, limits, routed.req, asked))
-                            .await;
-                    let (resp, checkin, lease, held) = sent.inspect_err(|e| count(app, e))?;
-                    let instance = lease.name().clone();
-                    let mut resp =
-                        self.answer(app, resp, checkin, Some(lease), limits, routed.upgrade);
+                    let sent = match &self.cluster {
+                        Some(peers) if !from_peer => {
+                            Box::pin(self.via_cluster(
+                                peers, app, pool, upstreams, limits, routed.req, asked,
+                            ))
+                            .await
+                        }
+                        _ => Box::pin(
+                            self.via_pool(app, pool, upstreams, limits, routed.req, asked, None),
+                        )
+                        .await
+                        .map_err(|mut e| {
+                            e.refused_to_peer = from_peer;
+                            e
+                        }),
+                    };
+                    let served = sent.inspect_err(|e| count(app, e))?;
+                    let mut resp = self.answer(
+                        app,
+                        served.resp,
+                        served.checkin,
+                        served.lease,
+                        limits,
+                        routed.upgrade,
+                    );
                     resp.extensions_mut().insert(RoutedTo {
                         app: app.clone(),
-                        instance: Some(instance),
-                        held,
+                        instance: Some(served.instance),
+                        held: served.held,
                     });
                     resp
                 }
@@ -460,6 +525,10 @@ impl Apps {
 
     /// Steps 4 and 5 for a pool's instance, with step 5's one retry on
     /// another instance.
+    ///
+    /// `first`: a lease already taken (a cluster's free local instance),
+    /// used for the first attempt.
+    #[allow(clippy::too_many_arguments)]
     async fn via_pool(
         &self,
         app: &Arc<RoutedApp>,
@@ -468,15 +537,8 @@ impl Apps {
         limits: &AppLimits,
         req: Request<RequestBody>,
         asked: bool,
-    ) -> Result<
-        (
-            Response<hyper::body::Incoming>,
-            Checkin,
-            Lease,
-            Option<Duration>,
-        ),
-        ProxyError,
-    > {
+        mut first: Option<Lease>,
+    ) -> Result<Served, ProxyError> {
         let mut req = req;
         // For the warnings below: the request span is DEBUG (an INFO one
         // costs a fifth of the warm path's instructions).
@@ -488,7 +550,11 @@ impl Apps {
             (a, b) => a.or(b),
         };
         for attempt in 0..2 {
-            let mut lease = match pool.claim().await {
+            let claimed = match first.take() {
+                Some(lease) => Ok(lease),
+                None => pool.claim().await,
+            };
+            let mut lease = match claimed {
                 Ok(lease) => lease,
                 Err((e, waited)) => {
                     return Err(ErrorKind::NoInstance(e).of(app).on(None, add(held, waited)))
@@ -498,7 +564,15 @@ impl Apps {
             let upstream = upstreams.for_lease(pool, &lease);
             let gone = lease.gone().clone();
             match exchange(&upstream, req, Some(&gone), limits.response_timeout, asked).await {
-                Ok((resp, checkin)) => return Ok((resp, checkin, lease, held)),
+                Ok((resp, checkin)) => {
+                    return Ok(Served {
+                        resp,
+                        checkin,
+                        instance: lease.name().clone(),
+                        lease: Some(lease),
+                        held,
+                    })
+                }
                 Err(Retry::NotSent { req: unsent, cause }) => {
                     warn!(%app, vm = %lease.instance(), %method, %uri, "no connection to the instance: {cause}");
                     if unreachable(&cause) {
@@ -522,6 +596,124 @@ impl Apps {
             }
         }
         unreachable!("the loop returns on its second attempt")
+    }
+
+    /// Step 4 in a cluster, for a request no peer forwarded
+    /// (`crate::cluster`, routing steps 2 to 5), then step 5 wherever it
+    /// went.
+    #[allow(clippy::too_many_arguments)]
+    async fn via_cluster(
+        &self,
+        peers: &Peers,
+        app: &Arc<RoutedApp>,
+        pool: &Pool,
+        upstreams: &InstanceUpstreams,
+        limits: &AppLimits,
+        req: Request<RequestBody>,
+        asked: bool,
+    ) -> Result<Served, ProxyError> {
+        // Routing step 2.
+        if let Some(lease) = pool.try_claim() {
+            return self
+                .via_pool(app, pool, upstreams, limits, req, asked, Some(lease))
+                .await;
+        }
+        let cluster = &peers.cluster;
+        let plan = cluster.plan(app.name());
+        // Routing step 4: only a request with no body goes on after a
+        // refusal, rebuilt from its head.
+        let head = req
+            .body()
+            .is_empty()
+            .then(|| super::upstream::head_of(&req));
+        let mut req = Some(req);
+        let mut last_error = None;
+        for (i, hop) in plan.iter().enumerate() {
+            let more = i + 1 < plan.len();
+            let this = match req.take() {
+                Some(r) => r,
+                None => match &head {
+                    Some(head) => super::upstream::rebuild(head),
+                    None => break,
+                },
+            };
+            match hop {
+                ClusterHop::Local => {
+                    match self
+                        .via_pool(app, pool, upstreams, limits, this, asked, None)
+                        .await
+                    {
+                        Err(e)
+                            if more
+                                && head.is_some()
+                                && matches!(e.kind, ErrorKind::NoInstance(_)) =>
+                        {
+                            debug!(%app, "no local instance ({}); the next node", e.kind);
+                            last_error = Some(e);
+                        }
+                        other => return other,
+                    }
+                }
+                ClusterHop::Peer {
+                    node,
+                    address,
+                    reason,
+                } => {
+                    let upstream = peers
+                        .upstreams
+                        .entry(*address)
+                        .or_insert_with(|| Upstream::new(*address, None, peers.config.clone()))
+                        .clone();
+                    let mut this = this;
+                    this.headers_mut()
+                        .insert(crate::cluster::HOP_MARKER, cluster.marker().clone());
+                    let sent =
+                        exchange(&upstream, this, None, limits.response_timeout, asked).await;
+                    match sent {
+                        Ok((resp, checkin)) => {
+                            cluster.metrics().forwarded(*reason);
+                            let refused = resp.status() == StatusCode::SERVICE_UNAVAILABLE
+                                && resp.headers().contains_key(crate::cluster::REFUSED);
+                            if refused {
+                                cluster.metrics().peer_error(node, "refused");
+                            }
+                            if refused && more && head.is_some() {
+                                debug!(%app, peer = %node, "the peer has no instance; the next node");
+                                drop((resp, checkin));
+                                continue;
+                            }
+                            let mut resp = resp;
+                            resp.headers_mut().remove(crate::cluster::REFUSED);
+                            return Ok(Served {
+                                resp,
+                                checkin,
+                                lease: None,
+                                instance: format!("peer:{node}").into(),
+                                held: None,
+                            });
+                        }
+                        // A peer that takes no connection: nothing was
+                        // sent, the request goes to the next node.
+                        Err(Retry::NotSent { req: back, cause }) => {
+                            warn!(%app, peer = %node, "no connection to the peer: {cause}");
+                            cluster.peer_unreachable(node);
+                            let mut back = *back;
+                            back.headers_mut().remove(crate::cluster::HOP_MARKER);
+                            req = Some(back);
+                            // A refusal seen before says more than this.
+                            last_error = last_error
+                                .or_else(|| Some(ErrorKind::Connect(cause.to_string()).of(app)));
+                        }
+                        Err(Retry::Failed(kind)) => {
+                            warn!(%app, peer = %node, "forward to the peer failed: {kind}");
+                            cluster.metrics().peer_error(node, "failed");
+                            return Err(kind.of(app));
+                        }
+                    }
+                }
+            }
+        }
+        Err(last_error.unwrap_or_else(|| ErrorKind::Internal.of(app)))
     }
 }
 

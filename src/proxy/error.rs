@@ -31,6 +31,10 @@ pub struct ProxyError {
     pub instance: Option<Arc<str>>,
     /// How long the request was held for an instance (`None`: not held).
     pub held: Option<Duration>,
+    /// A 503 for want of an instance, to a request a peer node forwarded:
+    /// its response carries `Snapgate-Refused`, so the peer may try the
+    /// next node (`crate::cluster`, routing step 4).
+    pub refused_to_peer: bool,
 }
 
 /// What went wrong, by source.
@@ -112,6 +116,7 @@ impl ErrorKind {
             kind: self,
             instance: None,
             held: None,
+            refused_to_peer: false,
         }
     }
 
@@ -217,6 +222,7 @@ impl ProxyError {
             kind,
             instance: None,
             held: None,
+            refused_to_peer: false,
         }
     }
 
@@ -250,6 +256,12 @@ impl ProxyError {
         if let Some(secs) = self.kind.retry_after() {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if self.refused_to_peer && matches!(self.kind, ErrorKind::NoInstance(_)) {
+            resp.headers_mut().insert(
+                crate::cluster::REFUSED,
+                HeaderValue::from_static("no-instance"),
+            );
         }
         if let ErrorKind::Redirect(to) = &self.kind {
             if let Ok(v) = HeaderValue::from_str(to) {

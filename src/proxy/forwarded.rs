@@ -30,6 +30,10 @@
 //!    from a trusted peer, the rightmost `X-Forwarded-For` entry that is not
 //!    a trusted proxy, or the leftmost if every entry is one (as nginx's
 //!    `real_ip_recursive`).
+//! 6. In a cluster, a request with a valid hop marker (`Snapgate-Hop`,
+//!    `crate::cluster` routing step 1) came from a peer node: it is
+//!    trusted as a peer in `trusted_proxies` is, and gets [`FromPeer`].
+//!    The marker is removed from every request, valid or not.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -54,6 +58,11 @@ pub struct Peer {
 /// peer's (a trusted proxy named it): a request extension.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ClientAddr(pub IpAddr);
+
+/// The node that forwarded a request with a valid hop marker (policy
+/// step 6): a request extension.
+#[derive(Clone, Debug)]
+pub struct FromPeer(pub Arc<str>);
 
 /// How many names [`HOP_BY_HOP`] holds.
 const HOP_COUNT: usize = 8;
@@ -215,6 +224,8 @@ pub struct Forwarding {
     trusted: Arc<[IpNet]>,
     /// `http` or `https`: the listener's scheme.
     proto: &'static str,
+    /// The cluster whose hop markers are believed (step 6).
+    cluster: Option<crate::cluster::Cluster>,
 }
 
 impl Forwarding {
@@ -223,7 +234,21 @@ impl Forwarding {
         Forwarding {
             trusted: trusted.into(),
             proto,
+            cluster: None,
         }
+    }
+
+    /// This policy, also believing `cluster`'s hop markers (step 6).
+    pub fn with_cluster(mut self, cluster: Option<crate::cluster::Cluster>) -> Forwarding {
+        self.cluster = cluster;
+        self
+    }
+
+    /// The peer node that forwarded `req`, if it carries a valid hop
+    /// marker (step 6).
+    fn peer_node<B>(&self, req: &Request<B>) -> Option<Arc<str>> {
+        let marker = req.headers().get(crate::cluster::HOP_MARKER)?;
+        self.cluster.as_ref()?.verify(marker)
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -231,11 +256,8 @@ impl Forwarding {
         self.trusted.iter().any(|net| net.contains(&ip))
     }
 
-    /// The client address (policy step 5).
-    pub fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
-        if !self.trusts(peer) {
-            return peer;
-        }
+    /// The client address (policy step 5) when `peer` is trusted.
+    fn client(&self, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
         let chain: Vec<IpAddr> = joined(headers, &XFF)
             .as_deref()
             .unwrap_or("")
@@ -256,7 +278,7 @@ impl Forwarding {
     /// forwarding fields name ([`Forwarding::client`]).
     pub fn client_of<B>(&self, req: &Request<B>) -> Option<IpAddr> {
         let ip = req.extensions().get::<Peer>()?.addr.ip().to_canonical();
-        Some(match self.trusts(ip) {
+        Some(match self.trusts(ip) || self.peer_node(req).is_some() {
             true => self.client(ip, req.headers()),
             false => ip,
         })
@@ -269,7 +291,14 @@ impl Forwarding {
     pub fn apply<B>(&self, mut req: Request<B>) -> Request<B> {
         let peer = req.extensions().get::<Peer>().copied();
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
-        let trusted = peer.is_some_and(|p| self.trusts(p.addr.ip()));
+        let from_peer = self.peer_node(&req);
+        let trusted = from_peer.is_some() || peer.is_some_and(|p| self.trusts(p.addr.ip()));
+        if let Some(node) = from_peer {
+            req.extensions_mut().insert(FromPeer(node));
+        }
+        if self.cluster.is_some() || req.headers().contains_key(crate::cluster::HOP_MARKER) {
+            req.headers_mut().remove(crate::cluster::HOP_MARKER);
+        }
         // One look at each name: hop-by-hop fields (most requests have
         // none) and forwarding fields to drop (step 2).
         let mut hop_by_hop = false;

@@ -60,7 +60,7 @@ pub use limits::ConnectionSlots;
 pub use metrics::{ProxyMetrics, RoutedApp};
 pub use router::Router;
 pub use stack::{Redirect, Stack, StackConfig};
-pub use upstream::{InstanceUpstreams, Upstream, UpstreamConfig};
+pub use upstream::{InstanceUpstreams, Upstream, UpstreamConfig, CONNECT_TIMEOUT};
 
 /// Errors a response body may end with.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

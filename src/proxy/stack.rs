@@ -178,6 +178,8 @@ pub struct StackConfig {
     pub certs: Option<Arc<super::tls::Certs>>,
     /// ACME HTTP-01 challenges this (plain) listener answers.
     pub acme_http01: Option<Arc<crate::acme::Http01>>,
+    /// The cluster whose hop markers this listener believes.
+    pub cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The SNI a TLS connection was opened with: a request extension.
@@ -312,7 +314,8 @@ pub fn policies<S>(inner: S, cfg: &StackConfig, metrics: ProxyMetrics) -> Polici
         http01: cfg.acme_http01.clone(),
         certs: cfg.certs.clone(),
         redirect: cfg.redirect.clone(),
-        forwarding: Forwarding::new(&cfg.trusted_proxies, cfg.proto),
+        forwarding: Forwarding::new(&cfg.trusted_proxies, cfg.proto)
+            .with_cluster(cfg.cluster.clone()),
         inner,
     }))
 }
@@ -491,6 +494,7 @@ mod tests {
             acme_http01: None,
             trusted_proxies: Vec::new(),
             proto: "http",
+            cluster: None,
         };
         (policies(inner, &cfg, metrics.clone()), handle, metrics)
     }

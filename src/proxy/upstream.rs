@@ -80,8 +80,9 @@ use tracing::debug;
 use super::body::RequestBody;
 use crate::pool::Tasks;
 
-/// Connect timeout: upstreams are local (a tap or a nearby host).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connect timeout of an app's upstreams: they are local (a tap or a
+/// nearby host).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Longest wait for a pooled connection to turn idle (it should be at
 /// once: both its messages ended); past it, the connection is not used.
 const READY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -119,6 +120,9 @@ pub struct UpstreamConfig {
     pub tasks: Tasks,
     /// HTTP/2 with prior knowledge (h2c) instead of HTTP/1.1 (step 6).
     pub h2c: bool,
+    /// Longest wait for a connection ([`CONNECT_TIMEOUT`] for an app's
+    /// upstreams, `cluster.peer_connect_timeout` for a peer).
+    pub connect_timeout: Duration,
 }
 
 /// One upstream address and its idle connections.
@@ -341,12 +345,13 @@ impl Upstream {
             socket.bind_device(Some(interface.as_bytes()))?;
         }
         socket.set_nodelay(true)?;
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(self.addr))
+        let within = self.config.connect_timeout;
+        let stream = tokio::time::timeout(within, socket.connect(self.addr))
             .await
             .map_err(|_| {
                 std::io::Error::new(
                     std::io::ErrorKind::TimedOut,
-                    format!("connect timed out after {CONNECT_TIMEOUT:?}"),
+                    format!("connect timed out after {within:?}"),
                 )
             })??;
         let mut io = tokio_io_timeout::TimeoutStream::new(stream);
@@ -606,13 +611,13 @@ fn to_h2(req: Request<RequestBody>) -> Request<RequestBody> {
 }
 
 /// What a bodiless request is rebuilt from.
-struct Head {
+pub(super) struct Head {
     method: Method,
     uri: http::Uri,
     headers: HeaderMap,
 }
 
-fn head_of(req: &Request<RequestBody>) -> Head {
+pub(super) fn head_of(req: &Request<RequestBody>) -> Head {
     Head {
         method: req.method().clone(),
         uri: req.uri().clone(),
@@ -620,7 +625,7 @@ fn head_of(req: &Request<RequestBody>) -> Head {
     }
 }
 
-fn rebuild(head: &Head) -> Request<RequestBody> {
+pub(super) fn rebuild(head: &Head) -> Request<RequestBody> {
     let mut req = Request::new(RequestBody::empty());
     *req.method_mut() = head.method.clone();
     *req.uri_mut() = head.uri.clone();

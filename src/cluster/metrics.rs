@@ -1,0 +1,84 @@
+//! The cluster's metrics, registered on the gateway's registry.
+
+use prometheus::{Gauge, IntCounterVec, IntGauge, Opts, Registry};
+
+/// Metric families of the cluster mode.
+#[derive(Clone)]
+pub struct ClusterMetrics {
+    /// Seconds since etcd last confirmed the catalog current.
+    pub catalog_age: Gauge,
+    /// 1 while this node is registered and watching the catalog.
+    pub etcd_up: IntGauge,
+    /// Peers in the catalog.
+    pub peers: IntGauge,
+    /// Peers skipped as not answering.
+    pub peers_down: IntGauge,
+    forwarded: IntCounterVec,
+    peer_errors: IntCounterVec,
+    /// Catalog entries this node wrote.
+    pub publishes: prometheus::IntCounter,
+}
+
+impl ClusterMetrics {
+    /// Registers the families on `registry`, every series at zero.
+    pub fn new(registry: &Registry) -> prometheus::Result<ClusterMetrics> {
+        let m = ClusterMetrics {
+            catalog_age: Gauge::new(
+                "snapgate_cluster_catalog_age_seconds",
+                "Seconds since etcd last confirmed this node's copy of the catalog current (a lease keep-alive answered or a watch event came while the watch was open).",
+            )?,
+            etcd_up: IntGauge::new(
+                "snapgate_cluster_etcd_up",
+                "1 while this node is registered in etcd under a live lease and watches the catalog; 0 while it routes from the last catalog it saw.",
+            )?,
+            peers: IntGauge::new(
+                "snapgate_cluster_peers",
+                "Peers (other nodes) in this node's catalog.",
+            )?,
+            peers_down: IntGauge::new(
+                "snapgate_cluster_peers_down",
+                "Peers skipped because they stopped answering, until a health check or their catalog entry says they are back.",
+            )?,
+            forwarded: IntCounterVec::new(
+                Opts::new(
+                    "snapgate_cluster_forwarded_requests_total",
+                    "Requests forwarded to a peer, by reason (warm: the peer had a free warm instance; home: the peer is the app's home node; spillover: the nodes before it refused or did not answer).",
+                ),
+                &["reason"],
+            )?,
+            peer_errors: IntCounterVec::new(
+                Opts::new(
+                    "snapgate_cluster_peer_errors_total",
+                    "Forwards to a peer that failed, by peer and kind (connect: no connection, the request went elsewhere; refused: the peer answered 503 before the request's body was sent; failed: the exchange broke after the request went out).",
+                ),
+                &["peer", "kind"],
+            )?,
+            publishes: prometheus::IntCounter::new(
+                "snapgate_cluster_catalog_writes_total",
+                "Catalog entries this node wrote to etcd.",
+            )?,
+        };
+        registry.register(Box::new(m.catalog_age.clone()))?;
+        registry.register(Box::new(m.etcd_up.clone()))?;
+        registry.register(Box::new(m.peers.clone()))?;
+        registry.register(Box::new(m.peers_down.clone()))?;
+        registry.register(Box::new(m.forwarded.clone()))?;
+        registry.register(Box::new(m.peer_errors.clone()))?;
+        registry.register(Box::new(m.publishes.clone()))?;
+        for reason in ["warm", "home", "spillover"] {
+            m.forwarded.with_label_values(&[reason]);
+        }
+        Ok(m)
+    }
+
+    /// A request went to a peer for `reason`.
+    pub fn forwarded(&self, reason: super::Reason) {
+        self.forwarded.with_label_values(&[reason.as_str()]).inc();
+    }
+
+    /// A forward to `peer` failed, `kind` being `connect`, `refused` or
+    /// `failed`.
+    pub fn peer_error(&self, peer: &str, kind: &'static str) {
+        self.peer_errors.with_label_values(&[peer, kind]).inc();
+    }
+}
