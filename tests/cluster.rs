@@ -177,20 +177,29 @@ async fn etcd_healthy(i: usize) -> bool {
 }
 
 /// Polls `cond` every 50 ms until it holds, or panics naming `what` after
-/// `within`.
+/// `within` (an attempt still running then is cut short).
 async fn until<F: std::future::Future<Output = bool>>(
     what: &str,
     within: Duration,
     mut cond: impl FnMut() -> F,
 ) {
-    let deadline = Instant::now() + within;
-    while !cond().await {
-        assert!(Instant::now() < deadline, "not within {within:?}: {what}");
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, cond()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!("not within {within:?}: {what}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-fn config(dir: &Path, i: usize, apps: &[&str]) -> PathBuf {
+/// Node `i`'s config: `apps`, each with its pool (a YAML flow map).
+fn config(dir: &Path, i: usize, apps: &[(&str, String)]) -> PathBuf {
     let image = snapgate::testing::test_guest_image();
     let endpoints: Vec<String> = (0..3).map(Member::client_url).collect();
     let mut text = format!(
@@ -209,10 +218,9 @@ fn config(dir: &Path, i: usize, apps: &[&str]) -> PathBuf {
         secret = dir.join("secret").display(),
         endpoints = endpoints.join(", "),
     );
-    for app in apps {
+    for (app, pool) in apps {
         text.push_str(&format!(
-            "  {app}:\n    hosts: [{app}.test]\n    image: {image}\n    \
-             pool: {{ min_warm: 0, max_instances: 2, idle_timeout: 10m }}\n"
+            "  {app}:\n    hosts: [{app}.test]\n    image: {image}\n    pool: {pool}\n"
         ));
     }
     let file = dir.join(format!("{}.yaml", NODES[i]));
@@ -267,11 +275,12 @@ async fn metrics(i: usize) -> String {
         .unwrap()
 }
 
-/// The value of the series `series` (name and labels, as printed).
+/// The value of the series `series` (name and labels, as printed); panics
+/// if there is none.
 fn value(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
+        .unwrap_or_else(|| panic!("no series {series}"))
 }
 
 async fn restores(i: usize, app: &str) -> f64 {
@@ -301,11 +310,12 @@ fn home(app: &str, nodes: &[&str]) -> usize {
     NODES.iter().position(|n| *n == h).unwrap()
 }
 
-/// Apps named so that each node is the home of one (`by_home[i]`).
-fn apps_by_home() -> [String; 3] {
+/// Apps named `<stem><n>` so that each node is the home of one
+/// (`by_home[i]`).
+fn apps_by_home(stem: &str) -> [String; 3] {
     let mut by_home: [Option<String>; 3] = [None, None, None];
     for n in 0.. {
-        let app = format!("app{n}");
+        let app = format!("{stem}{n}");
         let h = home(&app, &NODES);
         if by_home[h].is_none() {
             by_home[h] = Some(app);
@@ -334,10 +344,30 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
         })
         .await;
     }
-    let by_home = apps_by_home();
+    let by_home = apps_by_home("app");
     eprintln!("apps by home node: {by_home:?}");
     let apps: Vec<&str> = by_home.iter().map(String::as_str).collect();
-    let configs: Vec<PathBuf> = (0..3).map(|i| config(dir.path(), i, &apps)).collect();
+    // One more app, whose home holds one instance serving one request at
+    // a time and queues one request more: it refuses once both are taken,
+    // and requests spill over to the next node.
+    let spill = apps_by_home("spill")[0].clone();
+    let spill_home = home(&spill, &NODES);
+    let pool = "{ min_warm: 0, max_instances: 2, idle_timeout: 10m }";
+    let configs: Vec<PathBuf> = (0..3)
+        .map(|i| {
+            let mut list: Vec<(&str, String)> =
+                apps.iter().map(|a| (*a, pool.to_owned())).collect();
+            let spill_pool = match i == spill_home {
+                true => {
+                    "{ min_warm: 0, max_instances: 1, max_concurrency: 1, hold_queue: 1, \
+                         idle_timeout: 10m }"
+                }
+                false => pool,
+            };
+            list.push((spill.as_str(), spill_pool.to_owned()));
+            config(dir.path(), i, &list)
+        })
+        .collect();
     let mut nodes: Vec<Option<Binary>> = Vec::new();
     for (i, config) in configs.iter().enumerate() {
         let netns = format!("--net=/run/netns/{}", topo.namespaces[i]);
@@ -363,7 +393,8 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
     // cold start happens on the app's home node.
     let app = by_home[0].as_str();
     let h = home(app, &NODES);
-    for i in 0..3 {
+    // The home node last: the first request's cold start is a forward.
+    for i in [(h + 1) % 3, (h + 2) % 3, h] {
         let (status, body) = get(i, app, "/").await;
         assert_eq!(status, 200, "{app} through {}: {body}", NODES[i]);
     }
@@ -424,6 +455,83 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
         "served by {}'s instance",
         NODES[warm_on]
     );
+    // The guest echoes the headers it got: two snapgates on the way, and
+    // no hop marker.
+    let lower = through.to_lowercase();
+    assert!(
+        lower.contains("via: 1.1 snapgate, 1.1 snapgate"),
+        "{through}"
+    );
+    assert!(!lower.contains("snapgate-hop"), "{through}");
+    // A request with a body goes there too (held, not refused at once).
+    let resp = client()
+        .post(format!("http://{}:8080/", node_ip(asked)))
+        .header("host", format!("{app}.test"))
+        .body("a body of 16 B.")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let posted = resp.text().await.unwrap();
+    assert_eq!(
+        common_instance(&posted),
+        common_instance(&direct),
+        "{posted}"
+    );
+    assert_eq!(
+        restores_everywhere(app, &[0, 1, 2]).await,
+        before,
+        "no restore anywhere"
+    );
+
+    // 2b. The home node's one instance busy and its queue full, it
+    // refuses: a request without a body spills over to the next node in
+    // the app's order, which restores it.
+    let order = snapgate::cluster::placement::order(&spill, NODES);
+    let next = NODES.iter().position(|n| *n == order[1]).unwrap();
+    let asked = NODES.iter().position(|n| *n == order[2]).unwrap();
+    let h = spill_home;
+    let busy = {
+        let spill = spill.clone();
+        tokio::spawn(async move { get(h, &spill, "/sleep/10000").await })
+    };
+    let series = |name: &str| format!("{name}{{app=\"{spill}\"}}");
+    let leased = format!("snapgate_instances{{app=\"{spill}\",state=\"leased\"}}");
+    until(
+        "the home's instance is busy",
+        Duration::from_secs(120),
+        || {
+            let leased = leased.clone();
+            async move { value(&metrics(h).await, &leased) == 1.0 }
+        },
+    )
+    .await;
+    let queued = {
+        let spill = spill.clone();
+        tokio::spawn(async move { get(h, &spill, "/").await })
+    };
+    let depth = series("snapgate_hold_queue_depth");
+    until("the home's queue is full", Duration::from_secs(30), || {
+        let depth = depth.clone();
+        async move { value(&metrics(h).await, &depth) == 1.0 }
+    })
+    .await;
+    let spilled = "snapgate_cluster_forwarded_requests_total{reason=\"spillover\"}";
+    let spilled_before = value(&metrics(asked).await, spilled);
+    let (status, body) = get(asked, &spill, "/").await;
+    assert_eq!(status, 200, "{body}");
+    let counts = restores_everywhere(&spill, &[0, 1, 2]).await;
+    assert_eq!(counts[h], 1.0, "the home restored only its one: {counts:?}");
+    assert_eq!(counts[next], 1.0, "the next node restored it: {counts:?}");
+    assert_eq!(counts[asked], 0.0, "{counts:?}");
+    assert_eq!(value(&metrics(asked).await, spilled), spilled_before + 1.0);
+    let refused = format!(
+        "snapgate_cluster_peer_errors_total{{kind=\"refused\",peer=\"{}\"}}",
+        NODES[h]
+    );
+    assert_eq!(value(&metrics(asked).await, &refused), 1.0);
+    assert_eq!(busy.await.unwrap().0, 200);
+    assert_eq!(queued.await.unwrap().0, 200);
 
     // 3. A client's own hop marker, forged or copied with another proof,
     // does not make a node serve locally: the cold start is still the
@@ -459,6 +567,18 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
         )
         .await;
     }
+
+    // Each entry as node A sees it now: its run and version.
+    let entries = |view: &serde_json::Value| -> Vec<(u64, u64)> {
+        NODES
+            .iter()
+            .map(|n| {
+                let e = &view["nodes"][*n];
+                (e["epoch"].as_u64().unwrap(), e["version"].as_u64().unwrap())
+            })
+            .collect()
+    };
+    let before_outage = entries(&admin(0, "/cluster").await);
 
     // 5. All of etcd stopped: each node says it is degraded, and serves
     // from its own pools and the last catalog it saw.
@@ -511,6 +631,25 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
         "catalog converged {:?} after etcd came back",
         back.elapsed()
     );
+    // Every node registered again (a new entry of the same run), and
+    // every node sees it.
+    for i in 0..3 {
+        until(
+            "every node's new entry seen",
+            Duration::from_secs(10),
+            || {
+                let before = before_outage.clone();
+                let entries = &entries;
+                async move {
+                    let now = entries(&admin(i, "/cluster").await);
+                    now.iter()
+                        .zip(&before)
+                        .all(|(n, b)| n.0 == b.0 && n.1 > b.1)
+                }
+            },
+        )
+        .await;
+    }
 
     // 7. Node C killed mid-request: the request in flight on it fails
     // with 502; within its lease TTL and a second, its apps are served
@@ -536,60 +675,41 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
         },
     )
     .await;
-    // B serves `others` from an instance of its own, which it has free:
-    // its requests never touch C.
-    let others = by_home[1].clone();
-    let resp = client()
-        .post(format!(
-            "http://{}:9090/apps/{others}/prewarm?count=1",
-            node_ip(1)
-        ))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert!(
-        resp.status().is_success(),
-        "prewarm: {}",
-        resp.text().await.unwrap()
-    );
-    until("B's own instance is warm", Duration::from_secs(120), || {
-        let others = others.clone();
-        async move {
-            let m = metrics(1).await;
-            value(
-                &m,
-                &format!("snapgate_instances{{app=\"{others}\",state=\"warm\"}}"),
-            ) >= 1.0
-        }
-    })
-    .await;
-    let steady = tokio::spawn(async move {
-        let mut statuses = Vec::new();
-        for _ in 0..20 {
-            statuses.push(get(1, &others, "/").await.0);
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        statuses
-    });
+    let mut dead = nodes[c].take().unwrap();
     let killed = Instant::now();
-    nodes[c]
-        .as_ref()
-        .unwrap()
-        .signal(nix::sys::signal::Signal::SIGKILL);
+    dead.signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = dead.child.wait().await;
     let (status, body) = slow.await.unwrap();
     assert_eq!(status, 502, "in flight on the killed node: {body}");
-    for i in [0, 1] {
-        until(
-            "the killed node's app is served by the others",
-            Duration::from_secs(LEASE_TTL + 1),
-            || async move { get(i, app_c, "/").await.0 == 200 },
-        )
-        .await;
+    // From the kill to its lease TTL and a second, every request for C's
+    // apps through A and B is served by them.
+    let deadline = killed + Duration::from_secs(LEASE_TTL + 1);
+    let asking: Vec<_> = [0usize, 1]
+        .into_iter()
+        .flat_map(|i| [(i, by_home[c].clone()), (i, by_home[1].clone())])
+        .map(|(i, app)| {
+            tokio::spawn(async move {
+                let mut statuses = Vec::new();
+                while Instant::now() < deadline {
+                    statuses.push(get(i, &app, "/").await.0);
+                }
+                (i, app, statuses)
+            })
+        })
+        .collect();
+    for asked in asking {
+        let (i, app, statuses) = asked.await.unwrap();
+        assert!(!statuses.is_empty());
+        assert!(
+            statuses.iter().all(|s| *s == 200),
+            "{app} through {} after the kill: {statuses:?}",
+            NODES[i]
+        );
     }
-    eprintln!("served by the others {:?} after the kill", killed.elapsed());
-    let statuses = steady.await.unwrap();
-    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+    eprintln!(
+        "served by the others through {:?} after the kill",
+        killed.elapsed()
+    );
     for i in [0, 1] {
         until(
             "the dead node leaves the catalog",
@@ -605,8 +725,7 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
 
     // C starts again on its state: it cleans up what the killed run left
     // and rejoins.
-    let mut dead = nodes[c].take().unwrap();
-    let _ = dead.child.wait().await;
+    drop(dead);
     let netns = format!("--net=/run/netns/{}", topo.namespaces[c]);
     let wrapper = ["nsenter", netns.as_str()];
     nodes[c] = Some(Binary::start_under(&wrapper, &configs[c], Duration::from_secs(300)).await);

@@ -19,10 +19,13 @@ pub struct NodeEntry {
     pub address: SocketAddr,
     /// When this run of the node started, Unix milliseconds: with
     /// `version`, orders its entries across restarts.
+    #[serde(default)]
     pub epoch: u64,
     /// Counts the entries this run wrote, from 1.
+    #[serde(default)]
     pub version: u64,
     /// Its VM and runtime apps' pools, by app name.
+    #[serde(default)]
     pub apps: BTreeMap<String, AppLoad>,
 }
 
@@ -33,6 +36,11 @@ pub struct AppLoad {
     pub warm: u32,
     /// Instances serving at least one lease.
     pub leased: u32,
+    /// Instances that would take one more request now (free ones, and
+    /// leased ones under `max_concurrency`): what a peer's warm hit looks
+    /// for. Absent in an entry: 0.
+    #[serde(default)]
+    pub open: u32,
     /// Restores in flight.
     pub restoring: u32,
     /// Requests held for an instance.
@@ -108,11 +116,14 @@ pub enum Hop {
 /// could not be reached, or refused with 503 before any of the request's
 /// body was sent (`crate::cluster`, routing steps 2 to 4).
 ///
-/// 1. Peers with a free warm instance of the app, most free first (ties
-///    in the app's placement order).
-/// 2. The live nodes (this one, and every peer `skip` does not rule out)
-///    in the app's rendezvous order ([`placement::order`]): the first is
-///    its home; this node is [`Hop::Local`].
+/// 1. Peers with a warm instance of the app that would take the request
+///    ([`AppLoad::open`]), most such instances first (ties in the app's
+///    placement order).
+/// 2. The live nodes that have the app (this one, and every peer whose
+///    entry lists it and `skip` does not rule out) in the app's rendezvous
+///    order ([`placement::order`]): the first is its home; this node is
+///    [`Hop::Local`]. A node whose config lacks the app (a rollout under
+///    way) neither takes its requests nor its place in the order.
 ///
 /// A node appears once, at its first place. The plan always holds
 /// [`Hop::Local`], so a request is never left with nowhere to go.
@@ -125,7 +136,9 @@ pub fn plan(
     let live: Vec<(&Arc<str>, &Known)> = catalog
         .nodes
         .iter()
-        .filter(|(name, known)| &***name != me && !skip(name, known))
+        .filter(|(name, known)| {
+            &***name != me && known.entry.apps.contains_key(app) && !skip(name, known)
+        })
         .collect();
     let mut names: Vec<&str> = live.iter().map(|(n, _)| &***n).collect();
     names.push(me);
@@ -134,7 +147,7 @@ pub fn plan(
     let mut warm: Vec<(u32, usize, &Arc<str>, &Known)> = live
         .iter()
         .filter_map(|(name, known)| {
-            let free = known.entry.apps.get(app)?.warm;
+            let free = known.entry.apps.get(app)?.open;
             (free > 0).then(|| (free, rank(name), *name, *known))
         })
         .collect();
@@ -188,6 +201,7 @@ mod tests {
                         a.to_string(),
                         AppLoad {
                             warm: *warm,
+                            open: *warm,
                             max: 4,
                             ..Default::default()
                         },
@@ -217,9 +231,9 @@ mod tests {
     #[test]
     fn an_app_at_zero_everywhere_goes_home_then_down_its_order() {
         let c = catalog(vec![
-            node("a", 1, &[]),
-            node("b", 2, &[]),
-            node("c", 3, &[]),
+            node("a", 1, &[("hello", 0)]),
+            node("b", 2, &[("hello", 0)]),
+            node("c", 3, &[("hello", 0)]),
         ]);
         let order = placement::order("hello", ["a", "b", "c"]);
         for me in ["a", "b", "c"] {
@@ -240,7 +254,7 @@ mod tests {
     #[test]
     fn warm_peers_come_first_most_free_first_and_once() {
         let c = catalog(vec![
-            node("a", 1, &[]),
+            node("a", 1, &[("hello", 0)]),
             node("b", 2, &[("hello", 1)]),
             node("c", 3, &[("hello", 3), ("other", 1)]),
         ]);
@@ -255,7 +269,7 @@ mod tests {
         let c = catalog(vec![
             node("a", 1, &[]),
             node("b", 2, &[("hello", 2)]),
-            node("c", 3, &[]),
+            node("c", 3, &[("hello", 0)]),
         ]);
         let hops = plan(&c, "a", "hello", |n, _| n == "b");
         let order = placement::order("hello", ["a", "c"]);
@@ -270,10 +284,25 @@ mod tests {
             plan(&Catalog::default(), "a", "hello", |_, _| false),
             [Hop::Local]
         );
-        let c = catalog(vec![node("b", 2, &[])]);
+        let c = catalog(vec![node("b", 2, &[("hello", 0)])]);
         let hops = plan(&c, "a", "hello", |_, _| false);
         assert_eq!(hops.len(), 2);
         assert!(hops.contains(&Hop::Local));
+    }
+
+    #[test]
+    fn a_node_without_the_app_is_not_in_its_plan() {
+        let c = catalog(vec![
+            node("b", 2, &[("other", 1)]),
+            node("c", 3, &[("hello", 0)]),
+        ]);
+        let hops = plan(&c, "a", "hello", |_, _| false);
+        assert!(
+            !names(&hops).iter().any(|h| h.starts_with("b:")),
+            "{:?}",
+            names(&hops)
+        );
+        assert_eq!(hops.len(), 2);
     }
 
     #[test]

@@ -37,7 +37,10 @@ async fn connect(cluster: &Cluster) -> Result<Client, Failure> {
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
         .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
-        .with_keep_alive_while_idle(true);
+        .with_keep_alive_while_idle(true)
+        // A member cut off from the quorum answers nothing rather than
+        // what it last knew (etcd's `hasleader` metadata).
+        .with_require_leader(true);
     if let (Some(user), Some(file)) = (&etcd.username, &etcd.password_file) {
         let text = std::fs::read_to_string(file)
             .map_err(|e| format!("cluster.etcd.password_file {}: {e}", file.display()))?;
@@ -135,6 +138,7 @@ fn entry(cluster: &Cluster, pools: &Pools, epoch: u64, version: u64) -> NodeEntr
             let load = AppLoad {
                 warm: clamp(s.warm()),
                 leased: clamp(s.leased),
+                open: clamp(s.open),
                 restoring: clamp(s.restoring),
                 queued: clamp(s.queued),
                 max: clamp(pool.sizing().max_instances),
@@ -165,6 +169,21 @@ async fn registration(
     let config = &cluster.0.config;
     let key = format!("{}{}", nodes_prefix(cluster), config.node);
     let mut client = connect(cluster).await?;
+    // A name is one node's: an entry under it from another address is
+    // another node's (a run of this node restarted keeps its address),
+    // and this one waits for it to leave.
+    let held_by = client.get(key.clone(), None).await?;
+    if let Some(kv) = held_by.kvs().first() {
+        if let Ok(other) = serde_json::from_slice::<NodeEntry>(kv.value()) {
+            if other.address != config.advertise {
+                return Err(format!(
+                    "another node named {} is registered at {}: this one waits for it to leave",
+                    config.node, other.address
+                )
+                .into());
+            }
+        }
+    }
     let ttl = config.lease_ttl.as_secs() as i64;
     let lease = client.lease_grant(ttl, None).await?.id();
     *held.lock().unwrap() = Some((client.clone(), lease));
@@ -184,7 +203,6 @@ async fn registration(
     cluster.0.metrics.publishes.inc();
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     cluster.set_registered(true);
-    cluster.confirm();
     info!(node = %config.node, lease, "cluster: registered in the catalog");
     let mut keep_alive = tokio::time::interval(config.lease_ttl / 3);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -195,11 +213,13 @@ async fn registration(
             _ = cancel.cancelled() => return Ok(()),
             _ = keep_alive.tick() => {
                 keeper.keep_alive().await?;
-                let answer = tokio::time::timeout(REQUEST_TIMEOUT, answers.message())
+                // Answered within the interval, or the lease may lapse.
+                let within = config.lease_ttl / 3;
+                let answer = tokio::time::timeout(within, answers.message())
                     .await
-                    .map_err(|_| "no keep-alive answer within 3 s")??;
+                    .map_err(|_| format!("no keep-alive answer within {within:?}"))??;
                 match answer {
-                    Some(a) if a.ttl() > 0 => cluster.confirm(),
+                    Some(a) if a.ttl() > 0 => {}
                     Some(_) => return Err("the lease expired".into()),
                     None => return Err("the keep-alive stream ended".into()),
                 }
@@ -273,13 +293,31 @@ async fn watching(cluster: &Cluster) -> Result<(), Failure> {
     let options = WatchOptions::new()
         .with_prefix()
         .with_start_revision(revision + 1);
-    let (_watcher, mut stream) = client.watch(prefix.clone(), Some(options)).await?;
+    let (mut watcher, mut stream) = client.watch(prefix.clone(), Some(options)).await?;
     let peers = catalog.nodes.len();
     cluster.store(catalog.clone());
     cluster.set_watching(true);
     cluster.confirm();
     info!(nodes = peers, revision, "cluster: watching the catalog");
-    while let Some(answer) = stream.message().await? {
+    // A watch that gets no event says nothing: progress is asked for each
+    // third of the lease TTL, and a watch silent for a whole TTL is lost.
+    let every = cluster.0.config.lease_ttl / 3;
+    let mut ask = tokio::time::interval(every);
+    ask.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut heard = Instant::now();
+    loop {
+        let answer = tokio::select! {
+            answer = stream.message() => answer?,
+            _ = ask.tick() => {
+                if heard.elapsed() > cluster.0.config.lease_ttl {
+                    return Err("the watch went silent".into());
+                }
+                watcher.request_progress().await?;
+                continue;
+            }
+        };
+        let Some(answer) = answer else { break };
+        heard = Instant::now();
         if answer.canceled() {
             return Err(format!("the watch was cancelled: {}", answer.cancel_reason()).into());
         }
@@ -289,12 +327,18 @@ async fn watching(cluster: &Cluster) -> Result<(), Failure> {
                 .ok()
                 .and_then(|k| k.strip_prefix(&prefix));
             match event.event_type() {
-                EventType::Put => {
-                    if let Some((name, entry)) = parse(&prefix, kv.key(), kv.value()) {
+                EventType::Put => match parse(&prefix, kv.key(), kv.value()) {
+                    Some((name, entry)) => {
                         let revision = kv.mod_revision();
                         catalog.nodes.insert(name, Known { entry, revision });
                     }
-                }
+                    // What it said before is not true any more.
+                    None => {
+                        if let Some(name) = name {
+                            catalog.nodes.remove(name);
+                        }
+                    }
+                },
                 EventType::Delete => {
                     if let Some(name) = name {
                         if catalog.nodes.remove(name).is_some() {
@@ -307,7 +351,9 @@ async fn watching(cluster: &Cluster) -> Result<(), Failure> {
         if let Some(h) = answer.header() {
             catalog.revision = h.revision();
         }
-        cluster.store(catalog.clone());
+        if !answer.events().is_empty() {
+            cluster.store(catalog.clone());
+        }
         cluster.confirm();
     }
     Err("the watch stream ended".into())

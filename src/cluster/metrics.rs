@@ -17,6 +17,8 @@ pub struct ClusterMetrics {
     peer_errors: IntCounterVec,
     /// Catalog entries this node wrote.
     pub publishes: prometheus::IntCounter,
+    /// Requests with a hop marker that is not valid.
+    pub bad_markers: prometheus::IntCounter,
 }
 
 impl ClusterMetrics {
@@ -25,7 +27,7 @@ impl ClusterMetrics {
         let m = ClusterMetrics {
             catalog_age: Gauge::new(
                 "snapgate_cluster_catalog_age_seconds",
-                "Seconds since etcd last confirmed this node's copy of the catalog current (a lease keep-alive answered or a watch event came while the watch was open).",
+                "Seconds since etcd last confirmed this node's copy of the catalog current (the open watch sent an event, or the progress asked for each third of the lease TTL); NaN until it first did.",
             )?,
             etcd_up: IntGauge::new(
                 "snapgate_cluster_etcd_up",
@@ -57,6 +59,10 @@ impl ClusterMetrics {
                 "snapgate_cluster_catalog_writes_total",
                 "Catalog entries this node wrote to etcd.",
             )?,
+            bad_markers: prometheus::IntCounter::new(
+                "snapgate_cluster_invalid_hop_markers_total",
+                "Requests that came with a Snapgate-Hop marker that is not valid (a client's, or a peer's with another secret or a clock off by over 30 s); each was routed as any other.",
+            )?,
         };
         registry.register(Box::new(m.catalog_age.clone()))?;
         registry.register(Box::new(m.etcd_up.clone()))?;
@@ -65,6 +71,8 @@ impl ClusterMetrics {
         registry.register(Box::new(m.forwarded.clone()))?;
         registry.register(Box::new(m.peer_errors.clone()))?;
         registry.register(Box::new(m.publishes.clone()))?;
+        registry.register(Box::new(m.bad_markers.clone()))?;
+        m.catalog_age.set(f64::NAN);
         for reason in ["warm", "home", "spillover"] {
             m.forwarded.with_label_values(&[reason]);
         }

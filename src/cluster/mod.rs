@@ -18,38 +18,58 @@
 //!    its copy ([`Catalog`], swapped whole). The copy is what routing
 //!    reads, on every request, without a lock.
 //! 4. Any failure talking to etcd (a refused connection, an expired
-//!    lease, a watch cancelled or broken) ends that side's session: the
-//!    node marks itself degraded (`/readyz` says so,
+//!    lease, a keep-alive unanswered within a third of the TTL, a watch
+//!    cancelled, broken, or silent for a whole TTL though progress was
+//!    asked for each third of it, a member without a leader) ends that
+//!    side's session: the node marks itself degraded (`/readyz` says so,
 //!    `snapgate_cluster_etcd_up` is 0), keeps its copy of the catalog and
 //!    goes on routing from it, and starts a new session after a backoff
 //!    (100 ms doubling to 2 s): a fresh client, a new lease and entry, a
-//!    fresh read and watch. A member of etcd lost mid-session is such a
-//!    failure only while the client cannot reach another one.
-//! 5. On shutdown the node revokes its lease (its entry goes at once),
-//!    within a second.
+//!    fresh read and watch. The sessions' streams each run on one
+//!    member's connection: losing that member ends the session, and the
+//!    next one goes to another member.
+//! 5. A name is one node's: a session that finds an entry under its name
+//!    from another address fails (and so retries) until that entry's lease
+//!    is gone.
+//! 6. On shutdown the node revokes its lease first (its entry goes at
+//!    once; at most 1 s is waited for etcd's answer), then drains.
 //!
 //! # Routing a request (`crate::proxy`, app step 4)
-//! 1. A request that carries a valid hop marker (`Snapgate-Hop`, proven
-//!    with the shared secret, [`Cluster::verify`]) was forwarded by a
-//!    peer: it is served here, from this node's pool, and never forwarded
-//!    again. Every other request loses any `Snapgate-Hop` it came with, so
-//!    a client cannot make a node skip routing.
+//! 1. A request that carries a valid hop marker (`Snapgate-Hop`,
+//!    [`Cluster::verify`]: an HMAC with the shared secret over the
+//!    forwarding node, the time, the mode and the request's method, `Host`
+//!    and target, within [`MARKER_WINDOW`]) was forwarded by a peer: it
+//!    is served here, from this node's pool, and never forwarded again.
+//!    Every request loses its `Snapgate-Hop` before the app sees it, so a
+//!    client that sends one cannot make a node skip routing (it is
+//!    counted as not valid).
 //! 2. A free local instance serves the request at once.
-//! 3. Else the request follows [`plan`]: peers with a free warm instance
-//!    (a cluster-wide warm hit), then the live nodes in the app's
-//!    rendezvous order, the first being the app's home node (which
-//!    restores it, so one app's cold starts land where its snapshot and
-//!    code are in the page cache). This node in that order is its own
-//!    pool, held there as on a single node.
+//! 3. Else the request follows [`plan`]: peers with a warm instance that
+//!    would take it (a cluster-wide warm hit), then the live nodes that
+//!    have the app in its rendezvous order, the first being the app's
+//!    home node (which restores it, so one app's cold starts land where its
+//!    snapshot and code are in the page cache). This node in that order is
+//!    its own pool, held there as on a single node. A request without a
+//!    body goes to a warm peer in mode `now`: that peer serves it from an
+//!    instance free now or refuses at once, without a restore. Otherwise
+//!    (mode `hold`) the peer holds it as its own, and the wait for its
+//!    answer is `hold_timeout` longer.
 //! 4. The next place in the plan is tried when a peer cannot be connected
 //!    to (nothing was sent), or refuses with a 503 of its own making
-//!    (marked `Snapgate-Refused`, not an app's 503) to a request with no
-//!    body (so nothing of it was sent but its head), or this node's own
-//!    pool refuses such a request. Any other answer, and any failure after
-//!    the request went out, is the client's (a broken exchange is 502).
+//!    (marked `Snapgate-Refused`, which snapgate removes from every app's
+//!    answer) to a request with no body (so nothing of it was sent but its
+//!    head), or this node's own pool refuses such a request. Any other
+//!    answer, and any failure after the request went out, is the
+//!    client's: a broken exchange is a 502, and the request is not sent to
+//!    another node (it may have reached the app).
 //! 5. A peer that could not be connected to is skipped (not in plans)
 //!    until a health check (a TCP connect, each second) reaches it, or
-//!    its catalog entry changes, or it leaves the catalog.
+//!    its entry shows a new run of it (`epoch`) or a new address, or it
+//!    leaves the catalog. A peer that takes connections but fails
+//!    requests is not skipped: each such request fails (502).
+//! 6. A request whose `Via` already names snapgate twice went round
+//!    (nodes whose markers do not verify each other's): it is served where
+//!    it is, not forwarded again.
 //!
 //! Peer forwards use the proxy's kept-alive upstream connections, one set
 //! per peer address.
@@ -65,9 +85,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use hmac::Mac;
 use http::{HeaderName, HeaderValue};
-use sha2::{Digest, Sha256};
-use subtle::ConstantTimeEq;
+use sha2::Sha256;
 
 pub use catalog::{plan, AppLoad, Catalog, Hop, Known, NodeEntry, Reason};
 pub use metrics::ClusterMetrics;
@@ -109,14 +129,46 @@ impl Secret {
         Ok(Secret(line.as_bytes().to_vec()))
     }
 
-    /// The proof a hop marker carries: SHA-256 of a fixed label and the
-    /// secret, in hex. The same on every node of the cluster.
-    fn proof(&self) -> String {
-        let mut h = Sha256::new();
-        h.update(b"snapgate-hop\0");
-        h.update(&self.0);
-        hex::encode(h.finalize())
+    /// The proof a hop marker carries for a request: HMAC-SHA-256 (RFC
+    /// 2104) keyed with the secret, over the forwarding node, the time
+    /// (Unix seconds), the mode and the request's method, `Host` and
+    /// target, in hex.
+    fn proof(
+        &self,
+        node: &str,
+        at: u64,
+        mode: &str,
+        method: &str,
+        host: &[u8],
+        target: &str,
+    ) -> Vec<u8> {
+        let mut mac = HmacSha256::new_from_slice(&self.0).expect("HMAC takes any key");
+        for part in [
+            b"snapgate-hop".as_slice(),
+            node.as_bytes(),
+            at.to_string().as_bytes(),
+            mode.as_bytes(),
+            method.as_bytes(),
+            host,
+            target.as_bytes(),
+        ] {
+            mac.update(part);
+            mac.update(b"\n");
+        }
+        mac.finalize().into_bytes().to_vec()
     }
+}
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// How far a hop marker's time may be from this node's clock: nodes keep
+/// their clocks within this of each other (NTP does far better).
+pub const MARKER_WINDOW: Duration = Duration::from_secs(30);
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Whether etcd is current for this node (protocol step 4).
@@ -126,7 +178,8 @@ struct Health {
     registered: AtomicBool,
     /// The watch is open.
     watching: AtomicBool,
-    /// The last time etcd answered a keep-alive or sent a watch event.
+    /// The last time the open watch said something (an event, or the
+    /// progress asked for): the catalog was current then.
     confirmed: Mutex<Option<Instant>>,
 }
 
@@ -146,15 +199,15 @@ impl std::fmt::Debug for Cluster {
 struct Inner {
     config: ClusterConfig,
     node: Arc<str>,
-    /// What this node's forwards carry.
-    marker: HeaderValue,
-    /// What a valid marker's proof is.
-    proof: String,
+    /// Proves hop markers.
+    secret: Secret,
     catalog: arc_swap::ArcSwap<Catalog>,
+    /// The IP addresses of the catalog's nodes.
+    node_ips: arc_swap::ArcSwap<std::collections::HashSet<std::net::IpAddr>>,
     health: Health,
-    /// Peers skipped (routing step 5), with the revision of their entry
-    /// when they were.
-    down: dashmap::DashMap<Arc<str>, i64>,
+    /// Peers skipped (routing step 5), with the run (`epoch`) and address
+    /// of their entry when they were.
+    down: dashmap::DashMap<Arc<str>, (u64, SocketAddr)>,
     metrics: ClusterMetrics,
     /// Ends the sessions with etcd (a child of the gateway's token).
     leave: tokio_util::sync::CancellationToken,
@@ -174,15 +227,12 @@ impl Cluster {
     pub fn new(config: &ClusterConfig, metrics: ClusterMetrics) -> anyhow::Result<Cluster> {
         let secret = Secret::from_file(&config.secret_file)
             .map_err(|e| anyhow::anyhow!("cluster.secret_file: {e:#}"))?;
-        let proof = secret.proof();
-        let marker = HeaderValue::from_str(&format!("{} {proof}", config.node))
-            .map_err(|_| anyhow::anyhow!("cluster.node: not a header value"))?;
         Ok(Cluster(Arc::new(Inner {
             node: config.node.as_str().into(),
             config: config.clone(),
-            marker,
-            proof,
+            secret,
             catalog: Default::default(),
+            node_ips: Default::default(),
             health: Health::default(),
             down: Default::default(),
             metrics,
@@ -233,19 +283,74 @@ impl Cluster {
         &self.0.node
     }
 
-    /// The hop marker this node's forwards carry.
-    pub fn marker(&self) -> &HeaderValue {
-        &self.0.marker
+    /// The hop marker this node's forward of a request carries:
+    /// `<node> <unix seconds> <mode> <proof>`, the proof over the
+    /// request's `method`, `host` (its `Host` field) and `target` (its
+    /// path and query). `now`: the peer serves it only from an instance
+    /// free now, else refuses at once (mode `now`); else it may hold it
+    /// and restore (mode `hold`).
+    pub fn marker(
+        &self,
+        now: bool,
+        method: &http::Method,
+        host: &[u8],
+        target: &str,
+    ) -> HeaderValue {
+        let at = unix_now();
+        let mode = if now { "now" } else { "hold" };
+        let node = &self.0.node;
+        let proof = self
+            .0
+            .secret
+            .proof(node, at, mode, method.as_str(), host, target);
+        let text = format!("{node} {at} {mode} {}", hex::encode(proof));
+        HeaderValue::from_str(&text).expect("a node name, digits and hex are a field value")
     }
 
-    /// The peer that forwarded a request carrying `marker`, if the marker
-    /// is valid (its proof is the shared secret's, compared in constant
-    /// time).
-    pub fn verify(&self, marker: &HeaderValue) -> Option<Arc<str>> {
+    /// The peer that forwarded a request carrying `marker`, and whether
+    /// it asked for a free instance only (mode `now`), if the marker is
+    /// valid: made with the shared secret for this method, `Host` and
+    /// target, within [`MARKER_WINDOW`] of now (the HMAC compared in
+    /// constant time).
+    pub fn verify(
+        &self,
+        marker: &HeaderValue,
+        method: &http::Method,
+        host: &[u8],
+        target: &str,
+    ) -> Option<(Arc<str>, bool)> {
         let text = marker.to_str().ok()?;
-        let (node, proof) = text.split_once(' ')?;
-        let ok: bool = proof.as_bytes().ct_eq(self.0.proof.as_bytes()).into();
-        ok.then(|| node.into())
+        let mut parts = text.split(' ');
+        let (node, at, mode, proof) = (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+        let at: u64 = at.parse().ok()?;
+        let now = match mode {
+            "now" => true,
+            "hold" => false,
+            _ => return None,
+        };
+        if parts.next().is_some() || unix_now().abs_diff(at) > MARKER_WINDOW.as_secs() {
+            return None;
+        }
+        let proof = hex::decode(proof).ok()?;
+        let expected = self
+            .0
+            .secret
+            .proof(node, at, mode, method.as_str(), host, target);
+        let ok: bool = subtle::ConstantTimeEq::ct_eq(expected.as_slice(), proof.as_slice()).into();
+        ok.then(|| (node.into(), now))
+    }
+
+    /// A request came with a hop marker that is not valid (a client's, or
+    /// a peer's with another secret or a clock off by more than
+    /// [`MARKER_WINDOW`]): counted; it is routed as any other.
+    pub fn bad_marker(&self) {
+        self.0.metrics.bad_markers.inc();
+        tracing::debug!("a request's hop marker is not valid: removed, the request routed");
+    }
+
+    /// Whether `ip` is the address of a node in the catalog.
+    pub fn is_node(&self, ip: std::net::IpAddr) -> bool {
+        self.0.node_ips.load().contains(&ip)
     }
 
     /// Longest wait for a connection to a peer.
@@ -261,24 +366,27 @@ impl Cluster {
             self.0
                 .down
                 .get(node)
-                .is_some_and(|at| *at == known.revision)
+                .is_some_and(|at| *at == (known.entry.epoch, known.entry.address))
         })
     }
 
     /// `peer` could not be connected to: skipped from now on (routing
     /// step 5).
     pub fn peer_unreachable(&self, peer: &Arc<str>) {
-        let revision = self
+        let Some(run) = self
             .0
             .catalog
             .load()
             .nodes
             .get(peer)
-            .map_or(0, |k| k.revision);
-        if self.0.down.insert(peer.clone(), revision).is_none() {
+            .map(|k| (k.entry.epoch, k.entry.address))
+        else {
+            return;
+        };
+        self.0.metrics.peer_error(peer, "connect");
+        if self.0.down.insert(peer.clone(), run).is_none() {
             tracing::warn!(%peer, "peer not answering: skipped until it does");
         }
-        self.0.metrics.peer_error(peer, "connect");
         self.0.metrics.peers_down.set(self.0.down.len() as i64);
     }
 
@@ -345,13 +453,23 @@ impl Cluster {
     }
 
     /// Replaces the catalog copy (protocol step 3); forgets skipped peers
-    /// that left it or whose entry changed (routing step 5).
+    /// that left it or came back as a new run or at a new address
+    /// (routing step 5).
     fn store(&self, catalog: Catalog) {
-        self.0
-            .down
-            .retain(|node, at| catalog.nodes.get(node).is_some_and(|k| k.revision == *at));
+        self.0.down.retain(|node, at| {
+            catalog
+                .nodes
+                .get(node)
+                .is_some_and(|k| (k.entry.epoch, k.entry.address) == *at)
+        });
         let peers = catalog.nodes.keys().filter(|n| **n != self.0.node).count();
         self.0.metrics.peers.set(peers as i64);
+        let ips = catalog
+            .nodes
+            .values()
+            .map(|k| k.entry.address.ip().to_canonical())
+            .collect();
+        self.0.node_ips.store(Arc::new(ips));
         self.0.metrics.peers_down.set(self.0.down.len() as i64);
         self.0.catalog.store(Arc::new(catalog));
     }
@@ -368,26 +486,127 @@ impl Cluster {
             if let Some(age) = self.catalog_age() {
                 self.0.metrics.catalog_age.set(age.as_secs_f64());
             }
-            let catalog = self.0.catalog.load_full();
             let down: Vec<(Arc<str>, SocketAddr)> = self
                 .0
                 .down
                 .iter()
-                .filter_map(|e| {
-                    let known = catalog.nodes.get(e.key())?;
-                    Some((e.key().clone(), known.entry.address))
-                })
+                .map(|e| (e.key().clone(), e.value().1))
                 .collect();
-            for (peer, address) in down {
-                let within = self.0.config.peer_connect_timeout;
+            // All at once, each within the connect timeout; a shutdown
+            // does not wait for them.
+            let within = self.0.config.peer_connect_timeout;
+            let checks = down.into_iter().map(|(peer, address)| async move {
                 let reached = tokio::time::timeout(within, tokio::net::TcpStream::connect(address))
                     .await
                     .is_ok_and(|c| c.is_ok());
+                (peer, reached)
+            });
+            let results = tokio::select! {
+                _ = cancel.cancelled() => return,
+                results = futures::future::join_all(checks) => results,
+            };
+            for (peer, reached) in results {
                 if reached && self.0.down.remove(&peer).is_some() {
                     tracing::info!(%peer, "peer answers again");
                 }
             }
             self.0.metrics.peers_down.set(self.0.down.len() as i64);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(node: &str, secret: &str) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("secret");
+        std::fs::write(&file, secret).unwrap();
+        let config: ClusterConfig = serde_yaml_ng::from_str(&format!(
+            "node: {node}\nadvertise: 10.0.0.1:8080\nsecret_file: {}\n\
+             etcd: {{ endpoints: [\"http://10.0.0.9:2379\"] }}\n",
+            file.display()
+        ))
+        .unwrap();
+        let metrics = ClusterMetrics::new(&prometheus::Registry::new()).unwrap();
+        Cluster::new(&config, metrics).unwrap()
+    }
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn a_marker_is_valid_for_its_request_only() {
+        let (a, b) = (cluster("node-a", SECRET), cluster("node-b", SECRET));
+        let get = http::Method::GET;
+        let marker = a.marker(true, &get, b"app.test", "/x?y=1");
+        assert_eq!(
+            b.verify(&marker, &get, b"app.test", "/x?y=1"),
+            Some(("node-a".into(), true))
+        );
+        let hold = a.marker(false, &get, b"app.test", "/x?y=1");
+        assert_eq!(
+            b.verify(&hold, &get, b"app.test", "/x?y=1"),
+            Some(("node-a".into(), false))
+        );
+        // Another request, another host, another target: not valid.
+        assert_eq!(
+            b.verify(&marker, &http::Method::POST, b"app.test", "/x?y=1"),
+            None
+        );
+        assert_eq!(b.verify(&marker, &get, b"other.test", "/x?y=1"), None);
+        assert_eq!(b.verify(&marker, &get, b"app.test", "/x?y=2"), None);
+        // Another secret.
+        let c = cluster("node-c", "another-secret-0123456789abcdef-xx");
+        assert_eq!(c.verify(&marker, &get, b"app.test", "/x?y=1"), None);
+    }
+
+    #[test]
+    fn a_changed_or_stale_marker_is_not_valid() {
+        let (a, b) = (cluster("node-a", SECRET), cluster("node-b", SECRET));
+        let get = http::Method::GET;
+        let marker = a
+            .marker(false, &get, b"h", "/")
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let parts: Vec<&str> = marker.split(' ').collect();
+        let check =
+            |text: String| b.verify(&HeaderValue::from_str(&text).unwrap(), &get, b"h", "/");
+        // Another node named, the mode flipped, the time moved: the proof fails.
+        assert_eq!(
+            check(format!("node-x {} {} {}", parts[1], parts[2], parts[3])),
+            None
+        );
+        assert_eq!(
+            check(format!("{} {} now {}", parts[0], parts[1], parts[3])),
+            None
+        );
+        let at: u64 = parts[1].parse().unwrap();
+        assert_eq!(
+            check(format!("{} {} {} {}", parts[0], at - 1, parts[2], parts[3])),
+            None
+        );
+        // Made with the right secret, but outside the window.
+        let old = at - MARKER_WINDOW.as_secs() - 5;
+        let proof = hex::encode(a.0.secret.proof("node-a", old, "hold", "GET", b"h", "/"));
+        assert_eq!(check(format!("node-a {old} hold {proof}")), None);
+        let fresh = hex::encode(a.0.secret.proof("node-a", at, "hold", "GET", b"h", "/"));
+        assert!(check(format!("node-a {at} hold {fresh}")).is_some());
+        // Garbage.
+        assert_eq!(check("node-a".into()), None);
+        assert_eq!(check(format!("{marker} extra")), None);
+    }
+
+    #[test]
+    fn a_short_secret_is_refused_naming_its_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("s");
+        std::fs::write(&file, "short\n").unwrap();
+        let e = Secret::from_file(&file).err().unwrap().to_string();
+        assert!(
+            e.contains("at least 32") && e.contains(&file.display().to_string()),
+            "{e}"
+        );
     }
 }

@@ -236,10 +236,11 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
         tasks.clone(),
     );
     if let (Some(cluster), Some(c)) = (&cluster, &config.cluster) {
-        // Peer connections: kept alive a minute, and a write blocked as
-        // long as an app's default `upstream_read_timeout` ends one.
+        // Peer connections: idle ones dropped before the peer closes them
+        // (its `header_read_timeout`, taken to be this node's: the nodes
+        // share their config), and a write blocked a minute ends one.
         let peer_upstreams = crate::proxy::UpstreamConfig {
-            idle_timeout: std::time::Duration::from_secs(60),
+            idle_timeout: config.header_read_timeout / 2,
             write_timeout: std::time::Duration::from_secs(60),
             replays: proxy_metrics.replays("(peers)"),
             tasks: tasks.clone(),
@@ -305,6 +306,7 @@ pub async fn start(config: &Config, out: &mut (dyn Write + Send)) -> anyhow::Res
             config.limits.max_connections_per_client,
         ),
         trusted_proxies: config.trusted_proxies.clone(),
+        cluster: cluster.clone(),
         grace: config.shutdown_grace,
         http2: config.http2.enabled.then(|| config.http2.clone()),
         tasks: tasks.clone(),

@@ -589,6 +589,11 @@ impl<F: Factory> Shared<F> {
         let stats = Stats {
             instances: st.members.len(),
             leased: count(MemberState::Leased),
+            open: st
+                .members
+                .iter()
+                .filter(|m| !m.draining && m.in_flight < st.sizing.max_concurrency)
+                .count(),
             draining: count(MemberState::Draining),
             restoring: st.restoring(),
             queued: st.waiters.len(),

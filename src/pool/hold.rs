@@ -78,6 +78,13 @@ pub enum ClaimError {
         /// The app.
         app: String,
     },
+    /// No instance was free, and the claim asked not to wait (a cluster
+    /// peer's forward to a warm instance it saw in the catalog).
+    #[error("app {app}: no instance free now")]
+    NoneFree {
+        /// The app.
+        app: String,
+    },
 }
 
 impl ClaimError {
@@ -100,7 +107,7 @@ impl ClaimError {
             ClaimError::Unavailable { app, .. } => {
                 format!("app {app}: cannot start an instance right now")
             }
-            ClaimError::ShuttingDown { .. } => self.to_string(),
+            ClaimError::ShuttingDown { .. } | ClaimError::NoneFree { .. } => self.to_string(),
         }
     }
 
@@ -111,6 +118,8 @@ impl ClaimError {
             ClaimError::HoldTimeout { .. } => "hold_timeout",
             ClaimError::Unavailable { .. } => "unavailable",
             ClaimError::ShuttingDown { .. } => "shutting_down",
+            // Only a claim that does not wait fails so; none is counted.
+            ClaimError::NoneFree { .. } => "none_free",
         }
     }
 

@@ -196,6 +196,9 @@ pub struct Stats {
     pub instances: usize,
     /// Members serving at least one lease.
     pub leased: usize,
+    /// Members that would take one more lease now: not draining, with
+    /// fewer than `max_concurrency` in flight (free ones included).
+    pub open: usize,
     /// Members draining (dead, broken or closing).
     pub draining: usize,
     /// Restores in flight.

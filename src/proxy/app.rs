@@ -199,7 +199,9 @@ pub struct Apps {
 /// peer address.
 struct Peers {
     cluster: Cluster,
-    upstreams: dashmap::DashMap<std::net::SocketAddr, Arc<Upstream>>,
+    /// By node: its address now, and the upstream there (replaced when
+    /// the address changes; one per node, whatever its addresses were).
+    upstreams: dashmap::DashMap<Arc<str>, (std::net::SocketAddr, Arc<Upstream>)>,
     config: UpstreamConfig,
 }
 
@@ -379,28 +381,52 @@ impl Apps {
                     limits,
                     ..
                 } => {
-                    let from_peer = match routed.req.extensions().get::<FromPeer>() {
-                        Some(FromPeer(node)) => {
-                            debug!(%app, peer = %node, "forwarded by a peer: served here");
-                            true
-                        }
-                        None => false,
-                    };
+                    let from_peer = routed.req.extensions().get::<FromPeer>().cloned();
+                    if let Some(FromPeer { node, now }) = &from_peer {
+                        debug!(%app, peer = %node, now, "forwarded by a peer: served here");
+                    }
                     // Boxed: a static app's request does not carry this
                     // path's state in its future.
-                    let sent = match &self.cluster {
-                        Some(peers) if !from_peer => {
+                    let sent = match (&self.cluster, &from_peer) {
+                        (Some(peers), None) => {
                             Box::pin(self.via_cluster(
                                 peers, app, pool, upstreams, limits, routed.req, asked,
                             ))
                             .await
                         }
+                        // A peer's forward to a warm instance it saw: a
+                        // free one now, or a refusal at once.
+                        (_, Some(FromPeer { now: true, .. })) => match pool.try_claim() {
+                            Some(lease) => Box::pin(self.via_pool(
+                                app,
+                                pool,
+                                upstreams,
+                                limits,
+                                routed.req,
+                                asked,
+                                Some(lease),
+                            ))
+                            .await
+                            .map_err(|mut e| {
+                                e.refused_to_peer = true;
+                                e
+                            }),
+                            None => {
+                                let mut e =
+                                    ErrorKind::NoInstance(crate::pool::ClaimError::NoneFree {
+                                        app: app.name().to_string(),
+                                    })
+                                    .of(app);
+                                e.refused_to_peer = true;
+                                Err(e)
+                            }
+                        },
                         _ => Box::pin(
                             self.via_pool(app, pool, upstreams, limits, routed.req, asked, None),
                         )
                         .await
                         .map_err(|mut e| {
-                            e.refused_to_peer = from_peer;
+                            e.refused_to_peer = from_peer.is_some();
                             e
                         }),
                     };
@@ -490,6 +516,7 @@ impl Apps {
             .cloned()
             .unwrap_or(protocol);
         strip_hop_by_hop(&mut parts.headers);
+        strip_cluster_fields(&mut parts.headers);
         if extended_connect {
             // HTTP/2: the tunnel opens with a 200 and none of HTTP/1.1's
             // handshake fields (RFC 8441 section 5).
@@ -618,6 +645,15 @@ impl Apps {
                 .via_pool(app, pool, upstreams, limits, req, asked, Some(lease))
                 .await;
         }
+        // A request that came through two snapgates before this one went
+        // round (nodes whose hop markers do not verify: another secret, or
+        // clocks apart): it is served here, not sent round again.
+        if snapgate_hops(req.headers()) > 2 {
+            warn!(%app, "a request passed through snapgate three times: served here (do the nodes share one cluster secret and clock?)");
+            return self
+                .via_pool(app, pool, upstreams, limits, req, asked, None)
+                .await;
+        }
         let cluster = &peers.cluster;
         let plan = cluster.plan(app.name());
         // Routing step 4: only a request with no body goes on after a
@@ -659,16 +695,42 @@ impl Apps {
                     address,
                     reason,
                 } => {
-                    let upstream = peers
-                        .upstreams
-                        .entry(*address)
-                        .or_insert_with(|| Upstream::new(*address, None, peers.config.clone()))
-                        .clone();
+                    let upstream = {
+                        let mut slot = peers.upstreams.entry(node.clone()).or_insert_with(|| {
+                            (
+                                *address,
+                                Upstream::new(*address, None, peers.config.clone()),
+                            )
+                        });
+                        if slot.0 != *address {
+                            *slot = (
+                                *address,
+                                Upstream::new(*address, None, peers.config.clone()),
+                            );
+                        }
+                        slot.1.clone()
+                    };
                     let mut this = this;
+                    // To a warm instance: refused at once if it is gone, so
+                    // the request goes on to the home node without a wait
+                    // (it can, having no body).
+                    let now = *reason == crate::cluster::Reason::Warm && head.is_some() && more;
+                    // The peer may hold the request for an instance first.
+                    let timeout = match now {
+                        true => limits.response_timeout,
+                        false => limits.response_timeout + pool.sizing().hold_timeout,
+                    };
+                    let marker = cluster.marker(
+                        now,
+                        this.method(),
+                        this.headers()
+                            .get(header::HOST)
+                            .map_or(&b""[..], |h| h.as_bytes()),
+                        this.uri().path_and_query().map_or("", |p| p.as_str()),
+                    );
                     this.headers_mut()
-                        .insert(crate::cluster::HOP_MARKER, cluster.marker().clone());
-                    let sent =
-                        exchange(&upstream, this, None, limits.response_timeout, asked).await;
+                        .insert(crate::cluster::HOP_MARKER, marker);
+                    let sent = exchange(&upstream, this, None, timeout, asked).await;
                     match sent {
                         Ok((resp, checkin)) => {
                             cluster.metrics().forwarded(*reason);
@@ -965,9 +1027,30 @@ fn relay(
         parts.headers.remove(header::CONTENT_LENGTH);
     }
     strip_hop_by_hop(&mut parts.headers);
+    strip_cluster_fields(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let body = ResponseBody::new(body, checkin, lease, read_timeout, app.clone());
     Response::from_parts(parts, body.boxed())
+}
+
+/// How many `Via` entries name snapgate (this one's included, once
+/// [`to_origin`] added it).
+fn snapgate_hops(headers: &http::HeaderMap) -> usize {
+    headers
+        .get_all(header::VIA)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter(|entry| entry.split_whitespace().nth(1) == Some("snapgate"))
+        .count()
+}
+
+/// Removes the cluster's own fields from an answer: only a node sets them
+/// (its refusal, `crate::cluster` routing step 4), never an app, and no
+/// client sees them. A peer's refusal is read before this.
+fn strip_cluster_fields(headers: &mut http::HeaderMap) {
+    headers.remove(crate::cluster::REFUSED);
+    headers.remove(crate::cluster::HOP_MARKER);
 }
 
 /// [`Apps`] as a tower service: the stack's innermost.

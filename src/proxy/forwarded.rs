@@ -60,9 +60,15 @@ pub struct Peer {
 pub struct ClientAddr(pub IpAddr);
 
 /// The node that forwarded a request with a valid hop marker (policy
-/// step 6): a request extension.
+/// step 6), and whether it asked for a free instance only (`crate::cluster`,
+/// routing step 3): a request extension.
 #[derive(Clone, Debug)]
-pub struct FromPeer(pub Arc<str>);
+pub struct FromPeer {
+    /// The node.
+    pub node: Arc<str>,
+    /// Serve it only from an instance free now, else refuse at once.
+    pub now: bool,
+}
 
 /// How many names [`HOP_BY_HOP`] holds.
 const HOP_COUNT: usize = 8;
@@ -246,9 +252,16 @@ impl Forwarding {
 
     /// The peer node that forwarded `req`, if it carries a valid hop
     /// marker (step 6).
-    fn peer_node<B>(&self, req: &Request<B>) -> Option<Arc<str>> {
+    pub(super) fn peer_node<B>(&self, req: &Request<B>) -> Option<(Arc<str>, bool)> {
         let marker = req.headers().get(crate::cluster::HOP_MARKER)?;
-        self.cluster.as_ref()?.verify(marker)
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .map_or(&b""[..], |h| h.as_bytes());
+        let target = req.uri().path_and_query().map_or("", |p| p.as_str());
+        self.cluster
+            .as_ref()?
+            .verify(marker, req.method(), host, target)
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -293,11 +306,16 @@ impl Forwarding {
         let host = req.extensions().get::<Authority>().map(|a| a.value.clone());
         let from_peer = self.peer_node(&req);
         let trusted = from_peer.is_some() || peer.is_some_and(|p| self.trusts(p.addr.ip()));
-        if let Some(node) = from_peer {
-            req.extensions_mut().insert(FromPeer(node));
-        }
-        if self.cluster.is_some() || req.headers().contains_key(crate::cluster::HOP_MARKER) {
-            req.headers_mut().remove(crate::cluster::HOP_MARKER);
+        let marked = req
+            .headers_mut()
+            .remove(crate::cluster::HOP_MARKER)
+            .is_some();
+        match (from_peer, &self.cluster) {
+            (Some((node, now)), _) => {
+                req.extensions_mut().insert(FromPeer { node, now });
+            }
+            (None, Some(cluster)) if marked => cluster.bad_marker(),
+            _ => {}
         }
         // One look at each name: hop-by-hop fields (most requests have
         // none) and forwarding fields to drop (step 2).

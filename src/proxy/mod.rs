@@ -83,6 +83,10 @@ pub struct Listening {
     pub slots: ConnectionSlots,
     /// Peers exempt from the per-client cap (they carry many clients).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// The cluster, whose nodes (by the addresses in its catalog) are
+    /// exempt from the per-client cap too: a node's forwards carry many
+    /// clients.
+    pub cluster: Option<crate::cluster::Cluster>,
     /// How long open connections may finish after stop.
     pub grace: Duration,
     /// HTTP/2 settings; `None`: HTTP/1.1 only.
@@ -153,10 +157,9 @@ pub async fn serve(
             _ = stopped(&mut stop_accepting) => break,
         };
         let ip = remote.ip().to_canonical();
-        let slot = match slots.take(
-            ip,
-            listening.trusted_proxies.iter().any(|n| n.contains(&ip)),
-        ) {
+        let trusted = listening.trusted_proxies.iter().any(|n| n.contains(&ip))
+            || listening.cluster.as_ref().is_some_and(|c| c.is_node(ip));
+        let slot = match slots.take(ip, trusted) {
             Ok(slot) => slot,
             Err(over) => {
                 metrics.shed(over.key());

@@ -388,8 +388,12 @@ impl<S> PolicyLayers<S> {
         };
         // Plain listener, tls.redirect_http: hosts with a certificate go
         // to HTTPS.
+        // A peer node's forward is not redirected: the client's request
+        // was redirected, or not, where it arrived.
         if let Some(to) = self.redirect.as_ref().and_then(|r| r.location(&req)) {
-            return Err(ProxyError::new(ErrorKind::Redirect(to)).into());
+            if self.forwarding.peer_node(&req).is_none() {
+                return Err(ProxyError::new(ErrorKind::Redirect(to)).into());
+            }
         }
         // Forwarding headers, by the trusted_proxies policy; the request
         // id (after the checks above, which count the head as sent, and
