@@ -26,6 +26,11 @@
 //! 6. `isolation`: claim to first byte for a clone restored on the request
 //!    path with the VMM jail and the fence on (the defaults) and with every
 //!    part of both off, alternating between the two gateways run by run.
+//! 7. `cluster`: two nodes on loopback sharing a catalog in one etcd
+//!    member (Debian's `etcd-server`); one warm instance on node B. One
+//!    connection, one request at a time, to B (a local warm hit) and to
+//!    A, which forwards to B's instance (a cluster-wide warm hit): what
+//!    the forward to a peer adds, p50 and p99.
 //!
 //! Run through `scripts/bench`, which installs the tools and builds the
 //! guests; by hand:
@@ -418,7 +423,31 @@ impl Gateway {
     /// [`Gateway::start`] with `network` (a YAML flow map) as its network
     /// settings.
     fn start_on(dir: &Dir, name: &'static str, tls: bool, network: &str, body: &str) -> Gateway {
-        let [listen, admin, tls_any] = free_ports();
+        let [listen] = free_ports();
+        Gateway::start_with(dir, name, tls, listen, network, body)
+    }
+
+    /// [`Gateway::start_on`], listening on `listen` (a port chosen before
+    /// the config is written: a cluster node advertises it).
+    fn start_on_port(
+        dir: &Dir,
+        name: &'static str,
+        listen: u16,
+        network: &str,
+        body: &str,
+    ) -> Gateway {
+        Gateway::start_with(dir, name, false, listen, network, body)
+    }
+
+    fn start_with(
+        dir: &Dir,
+        name: &'static str,
+        tls: bool,
+        listen: u16,
+        network: &str,
+        body: &str,
+    ) -> Gateway {
+        let [admin, tls_any] = free_ports();
         let tls_port = tls.then_some(tls_any);
         let state = dir.path.join(format!("{name}-state"));
         let _ = std::fs::remove_dir_all(&state);
@@ -1212,6 +1241,176 @@ async fn cold(dir: &Dir, report: &mut String) {
 }
 
 /// Section 6: what the jail and the fence add to a clone's cold start.
+async fn cluster(dir: &Dir, report: &mut String) {
+    let (runs, secs) = (
+        env_or("SNAPGATE_BENCH_RUNS", 3usize),
+        env_or("SNAPGATE_BENCH_SECONDS", 8u64),
+    );
+    let [client_port, peer_port] = free_ports();
+    let etcd_log = dir.path.join("etcd.log");
+    let etcd = Proc::spawn(
+        "etcd",
+        Command::new("etcd")
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path.join("etcd"))
+            .args([
+                "--listen-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+                "--advertise-client-urls",
+                &format!("http://127.0.0.1:{client_port}"),
+                "--listen-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-advertise-peer-urls",
+                &format!("http://127.0.0.1:{peer_port}"),
+                "--initial-cluster",
+                &format!("bench=http://127.0.0.1:{peer_port}"),
+            ]),
+        &etcd_log,
+    );
+    wait_port(client_port, Duration::from_secs(30), &etcd_log);
+    let secret = dir.path.join("cluster.secret");
+    std::fs::write(&secret, "bench-cluster-secret-0123456789abcdef").expect("secret");
+    // The app's home is B: A's only way to it is B's warm instance.
+    let app = "cold";
+    let home = snapgate::cluster::placement::home(app, ["node-a", "node-b"]).unwrap();
+    let (a_name, b_name) = match home {
+        "node-b" => ("node-a", "node-b"),
+        _ => ("node-b", "node-a"),
+    };
+    let [a_listen, b_listen] = free_ports();
+    let node = |name: &str, listen: u16| {
+        format!(
+            "cluster:\n  node: {name}\n  advertise: 127.0.0.1:{listen}\n  secret_file: {}\n  \
+             etcd: {{ endpoints: [\"http://127.0.0.1:{client_port}\"] }}\n\
+             apps:\n  {app}:\n    hosts: [{app}.test]\n    image: {img}\n    \
+             pool: {{ min_warm: 0, max_instances: 1, idle_timeout: 1h }}\n",
+            secret.display(),
+            img = vm_image()
+        )
+    };
+    let b = Gateway::start_on_port(
+        dir,
+        "cluster-b",
+        b_listen,
+        "{ tap_prefix: sgclb }",
+        &node(b_name, b_listen),
+    );
+    let a = Gateway::start_on_port(
+        dir,
+        "cluster-a",
+        a_listen,
+        "{ tap_prefix: sgcla }",
+        &node(a_name, a_listen),
+    );
+    // The admin API answers 503 until B's apps are up.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let resp = b
+            .http
+            .post(format!(
+                "http://127.0.0.1:{}/apps/{app}/prewarm?count=1",
+                b.admin
+            ))
+            .send()
+            .await
+            .expect("prewarm");
+        let status = resp.status();
+        if status.is_success() {
+            break;
+        }
+        let text = resp.text().await.unwrap_or_default();
+        assert!(Instant::now() < deadline, "prewarm on B: {status} {text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    b.until(
+        &format!("snapgate_instances{{app=\"{app}\",state=\"warm\""),
+        1.0,
+        Duration::from_secs(120),
+    )
+    .await;
+    // A knows B's instance once its catalog has B's entry with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let view: serde_json::Value = a
+            .http
+            .get(format!("http://127.0.0.1:{}/cluster", a.admin))
+            .send()
+            .await
+            .expect("/cluster")
+            .json()
+            .await
+            .expect("JSON");
+        if view["nodes"][b_name]["apps"][app]["open"].as_u64() == Some(1) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "A never saw B's warm instance: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let restores = "snapgate_restores_total{app=\"cold\"}";
+    let a_restores = a.metric(restores).await;
+    let forwarded = "snapgate_cluster_forwarded_requests_total{reason=\"warm\"}";
+    let forwarded_before = a.metric(forwarded).await;
+    let mut one = Runs::new();
+    for run in 0..runs {
+        eprintln!("cluster: run {}/{runs}", run + 1);
+        for (k, name, port) in [
+            (
+                0,
+                "node B, its own warm instance (local)".to_string(),
+                b.listen,
+            ),
+            (
+                1,
+                "node A, forwarded to B's warm instance".to_string(),
+                a.listen,
+            ),
+        ] {
+            one.entry((k, name)).or_default().push(wrk(
+                &format!("http://127.0.0.1:{port}/"),
+                "cold.test",
+                1,
+                1,
+                secs,
+            ));
+        }
+    }
+    let a_restored = a.metric(restores).await - a_restores;
+    let sent_on = a.metric(forwarded).await - forwarded_before;
+    drop((a, b, etcd));
+    let median = |k: usize, f: fn(&Load) -> f64| {
+        let v: Vec<f64> = one
+            .iter()
+            .find(|((i, _), _)| *i == k)
+            .map(|(_, v)| v.iter().map(f).collect())
+            .unwrap_or_default();
+        Samples::new(v).median()
+    };
+    let mut t = load_table(
+        "A forward to a peer's warm instance",
+        &format!(
+            "Two nodes on loopback sharing a catalog in one etcd member; the app's one warm instance on node B \
+             (its home). `wrk -t1 -c1 -d{secs}s`: one connection, one request at a time, to B and to A, which \
+             forwards each request to B with the hop marker over a kept-alive connection. The VM runs under \
+             QEMU with {}. Each row: the median of {runs} runs.",
+            accel_name()
+        ),
+        &one,
+        None,
+    );
+    writeln!(
+        t,
+        "\nThe forward adds {:.3} ms at p50 and {:.3} ms at p99 (medians of the runs). A forwarded \
+         {sent_on:.0} requests to B's instance and restored {a_restored:.0} instances of its own.",
+        median(1, |l| l.p50) - median(0, |l| l.p50),
+        median(1, |l| l.p99) - median(0, |l| l.p99),
+    )
+    .unwrap();
+    emit(report, &t);
+}
+
 async fn isolation(dir: &Dir, report: &mut String) {
     let runs = env_or("SNAPGATE_BENCH_COLD_RUNS", 20usize).max(1);
     let at_zero = "{ min_warm: 0, max_instances: 1, idle_timeout: 1s, hold_timeout: 60s }";
@@ -1798,6 +1997,10 @@ async fn run() {
     if section_on("isolation") {
         report.push_str("## 6. Isolation\n\n");
         isolation(&dir, &mut report).await;
+    }
+    if section_on("cluster") {
+        report.push_str("## 7. Many nodes\n\n");
+        cluster(&dir, &mut report).await;
     }
     method(&mut report);
     writeln!(

@@ -20,7 +20,8 @@
 #   - /usr/local/bin/snapgate, a VMM, nftables, conntrack and the guests'
 #     files (here /usr/share/snapgate/guest)
 #   - hardware KVM (/dev/kvm): vmm.accel is kvm
-#   - a client max_kill_timeout (default 30s) not below kill_timeout
+#   - a client max_kill_timeout (default 30s) of at least 45s, the
+#     kill_timeout below
 # The shared secrets live in Nomad variables, readable by this job's tasks:
 #   nomad var put nomad/jobs/snapgate \
 #     cluster_secret="$(openssl rand -hex 32)" admin_token="$(openssl rand -hex 32)"
@@ -105,11 +106,12 @@ job "snapgate" {
         args    = ["run", "--config", "${NOMAD_TASK_DIR}/proxy.yaml"]
       }
 
-      # SIGTERM drains: requests in flight finish within shutdown_grace
-      # (20s), then every VM and tap goes and the node's catalog entry is
-      # revoked. kill_timeout leaves room for it.
+      # SIGTERM: the node's catalog entry is revoked (up to 2s), requests
+      # in flight finish within shutdown_grace (20s), then pools, runtime
+      # stocks and jails get up to 5s each. kill_timeout leaves room for
+      # all of it.
       kill_signal  = "SIGTERM"
-      kill_timeout = "30s"
+      kill_timeout = "45s"
 
       # The VMMs' cgroups nest under the task's where Nomad gives it one:
       # memory is sized for the VMs (sum over apps of max_instances x
