@@ -30,8 +30,41 @@ const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::fro
 /// What failed in a session.
 type Failure = Box<dyn std::error::Error + Send + Sync>;
 
-/// A client for the configured endpoints, with authentication and TLS.
+/// A client of one etcd member, with authentication and TLS: the first
+/// that answers a status request, trying each endpoint once, from the one
+/// the last session of this node used. Each session's streams run on one
+/// member's connection, so a client of one member loses nothing a
+/// balanced one would keep, and a member that is down is never chosen
+/// again while another answers.
 async fn connect(cluster: &Cluster) -> Result<Client, Failure> {
+    let endpoints = &cluster.0.config.etcd.endpoints;
+    let first = cluster
+        .0
+        .endpoint
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for k in 0..endpoints.len() {
+        let i = (first + k) % endpoints.len();
+        match connect_to(cluster, &endpoints[i]).await {
+            Ok(client) => {
+                cluster
+                    .0
+                    .endpoint
+                    .store(i, std::sync::atomic::Ordering::Relaxed);
+                return Ok(client);
+            }
+            Err(e) => failures.push(format!(
+                "{}: {}",
+                endpoints[i],
+                crate::display_chain(e.as_ref())
+            )),
+        }
+    }
+    Err(format!("no etcd member answered ({})", failures.join("; ")).into())
+}
+
+/// A client of the member at `endpoint`, once it answered.
+async fn connect_to(cluster: &Cluster, endpoint: &str) -> Result<Client, Failure> {
     let etcd = &cluster.0.config.etcd;
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
@@ -57,7 +90,9 @@ async fn connect(cluster: &Cluster) -> Result<Client, Failure> {
         }
         options = options.with_tls(t);
     }
-    Ok(Client::connect(&etcd.endpoints, Some(options)).await?)
+    let mut client = Client::connect([endpoint], Some(options)).await?;
+    client.status().await?;
+    Ok(client)
 }
 
 /// The catalog's key prefix: `<prefix>nodes/`.
@@ -206,6 +241,7 @@ async fn registration(
     info!(node = %config.node, lease, "cluster: registered in the catalog");
     let mut keep_alive = tokio::time::interval(config.lease_ttl / 3);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut written = Instant::now();
     let mut publish = tokio::time::interval(config.publish_interval);
     publish.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -226,15 +262,29 @@ async fn registration(
             }
             _ = publish.tick() => {
                 let now = entry(cluster, pools, epoch, 0);
-                if now.apps != last.apps {
+                // What routing reads goes out at once; the other counts
+                // (for operators) at most every ten intervals.
+                let due = routing_changed(&last, &now)
+                    || (now.apps != last.apps && written.elapsed() >= config.publish_interval * 10);
+                if due {
                     let now = NodeEntry { version: next(), ..now };
                     write(&mut client, &now).await?;
                     cluster.0.metrics.publishes.inc();
+                    written = Instant::now();
                     last = now;
                 }
             }
         }
     }
+}
+
+/// Whether what routing reads of an entry changed between `old` and `new`:
+/// the apps listed, and for each whether it has instances free or open.
+fn routing_changed(old: &NodeEntry, new: &NodeEntry) -> bool {
+    old.apps.len() != new.apps.len()
+        || old.apps.iter().zip(&new.apps).any(|((a, x), (b, y))| {
+            a != b || (x.warm > 0) != (y.warm > 0) || (x.open > 0) != (y.open > 0)
+        })
 }
 
 /// Protocol steps 3 and 4: the catalog, read whole and then watched.
@@ -357,4 +407,49 @@ async fn watching(cluster: &Cluster) -> Result<(), Failure> {
         cluster.confirm();
     }
     Err("the watch stream ended".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(apps: &[(&str, u32, u32, u32)]) -> NodeEntry {
+        NodeEntry {
+            node: "a".into(),
+            address: "10.0.0.1:8080".parse().unwrap(),
+            epoch: 1,
+            version: 1,
+            apps: apps
+                .iter()
+                .map(|(name, warm, open, leased)| {
+                    let load = AppLoad {
+                        warm: *warm,
+                        open: *open,
+                        leased: *leased,
+                        ..Default::default()
+                    };
+                    (name.to_string(), load)
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn only_what_routing_reads_is_written_at_once() {
+        let base = entry(&[("x", 1, 1, 0)]);
+        // Counts that move without crossing zero: no change.
+        assert!(!routing_changed(
+            &entry(&[("x", 2, 2, 0)]),
+            &entry(&[("x", 1, 1, 1)])
+        ));
+        // The last free instance leased, still open: a change (free is shown).
+        assert!(routing_changed(&base, &entry(&[("x", 0, 1, 1)])));
+        // Free and open gone, an app added or renamed: a change.
+        assert!(routing_changed(&base, &entry(&[("x", 0, 0, 1)])));
+        assert!(routing_changed(
+            &base,
+            &entry(&[("x", 1, 1, 0), ("y", 0, 0, 0)])
+        ));
+        assert!(routing_changed(&base, &entry(&[("z", 1, 1, 0)])));
+    }
 }

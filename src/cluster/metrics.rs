@@ -44,7 +44,7 @@ impl ClusterMetrics {
             forwarded: IntCounterVec::new(
                 Opts::new(
                     "snapgate_cluster_forwarded_requests_total",
-                    "Requests forwarded to a peer, by reason (warm: the peer had a free warm instance; home: the peer is the app's home node; spillover: the nodes before it refused or did not answer).",
+                    "Requests sent to a peer, by reason (warm: the peer had a warm instance that would take it; home: the peer is the app's home node; spillover: the nodes before it refused or did not answer); a request refused by one peer and sent to the next counts at each.",
                 ),
                 &["reason"],
             )?,

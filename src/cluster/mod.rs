@@ -10,8 +10,10 @@
 //!    the keep-alives and leaves the catalog when its lease expires.
 //! 2. The entry is rewritten when the node's pools change, at most once
 //!    per `publish_interval`: a task reads every pool's counts (one lock
-//!    each) each interval and writes only when they differ from the last
-//!    entry written. Each entry carries the run's start (`epoch`) and a
+//!    each) each interval and writes when what routing reads changed (the
+//!    apps listed, and whether each has instances free or open), or when
+//!    other counts changed and the last write is ten intervals old. A
+//!    busy node's leases come and go without a write each. Each entry carries the run's start (`epoch`) and a
 //!    `version` counting its writes.
 //! 3. Each node reads every entry once (one consistent `Range`) and then
 //!    watches the prefix from the revision after it; each event replaces
@@ -25,9 +27,10 @@
 //!    `snapgate_cluster_etcd_up` is 0), keeps its copy of the catalog and
 //!    goes on routing from it, and starts a new session after a backoff
 //!    (100 ms doubling to 2 s): a fresh client, a new lease and entry, a
-//!    fresh read and watch. The sessions' streams each run on one
-//!    member's connection: losing that member ends the session, and the
-//!    next one goes to another member.
+//!    fresh read and watch. A session is a client of one member: the
+//!    first of the endpoints, from the one last used, that answers a
+//!    status request with a leader. Losing that member ends the session,
+//!    and the next one goes to another member.
 //! 5. A name is one node's: a session that finds an entry under its name
 //!    from another address fails (and so retries) until that entry's lease
 //!    is gone.
@@ -213,6 +216,8 @@ struct Inner {
     leave: tokio_util::sync::CancellationToken,
     /// The registration session, which revokes the lease as it ends.
     registration: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The etcd endpoint (its index) the last session connected to.
+    endpoint: std::sync::atomic::AtomicUsize,
 }
 
 /// Where a [`Cluster`] reads this node's pools: the gateway's current
@@ -238,6 +243,7 @@ impl Cluster {
             metrics,
             leave: Default::default(),
             registration: Default::default(),
+            endpoint: Default::default(),
         })))
     }
 

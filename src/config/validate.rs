@@ -136,6 +136,21 @@ impl Config {
         for (key, message) in self.cluster.iter().flat_map(|c| c.validate()) {
             add(key, message);
         }
+        if let Some(c) = &self.cluster {
+            // Peers forward plain HTTP there: the admin or TLS listener
+            // would answer every forward wrongly.
+            let other = [Some(self.admin), self.tls.as_ref().map(|t| t.listen)];
+            let port = c.advertise.port();
+            if port != self.listen.port() && other.iter().flatten().any(|a| a.port() == port) {
+                add(
+                    "cluster.advertise".into(),
+                    format!(
+                        "{}: the port of the admin or TLS listener; peers reach `listen` ({})",
+                        c.advertise, self.listen
+                    ),
+                );
+            }
+        }
         // Port 0 asks for any free port: two of those never clash.
         if self.listen == self.admin && self.listen.port() != 0 {
             add(
@@ -741,6 +756,30 @@ mod tests {
             "kernel: /k\ncmdline: x\nready_path: /healthz\non_restore: {{path: '{path}'}}\n"
         ))
         .unwrap()
+    }
+
+    #[test]
+    fn a_cluster_node_must_advertise_its_plain_listener() {
+        let text = |advertise: &str| {
+            format!(
+                "listen: 0.0.0.0:8080\nadmin: 127.0.0.1:9090\ncluster:\n  node: a\n  \
+                 advertise: {advertise}\n  secret_file: s\n  etcd: {{ endpoints: [\"http://e:2379\"] }}\n\
+                 apps:\n  a:\n    hosts: [a.test]\n    upstream: 127.0.0.1:1\n"
+            )
+        };
+        let keys = |t: String| -> Vec<String> {
+            Config::parse(&t)
+                .unwrap()
+                .validate()
+                .into_iter()
+                .map(|p| p.key)
+                .collect()
+        };
+        assert!(keys(text("10.0.0.1:8080")).is_empty());
+        // A port forward to listen is the operator's to know.
+        assert!(keys(text("10.0.0.1:80")).is_empty());
+        assert_eq!(keys(text("10.0.0.1:9090")), ["cluster.advertise"]);
+        assert_eq!(keys(text("0.0.0.0:8080")), ["cluster.advertise"]);
     }
 
     #[test]
