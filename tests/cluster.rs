@@ -559,6 +559,22 @@ async fn three_nodes_share_a_catalog_in_etcd_and_route_to_each_other() {
             assert_eq!(status, 200, "{app} through {}: {body}", NODES[i]);
         }
     }
+    // For two lease TTLs after, no node ever leaves any node's catalog,
+    // and each is current again (a session on the killed member moves to
+    // another).
+    let watched = Instant::now();
+    while watched.elapsed() < Duration::from_secs(2 * LEASE_TTL) {
+        for i in 0..3 {
+            let view = admin(i, "/cluster").await;
+            let seen = view["nodes"].as_object().map_or(0, |n| n.len());
+            assert_eq!(
+                seen, 3,
+                "with one etcd member down, {} sees: {view}",
+                NODES[i]
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
     for i in 0..3 {
         until(
             "current with one member down",

@@ -21,8 +21,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Longest wait for one etcd request (not a watch).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(3);
 /// HTTP/2 PINGs on the gRPC connection, so a member that vanished (no
-/// reset: a host gone) is noticed within about this twice.
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// reset: a host gone) is noticed. No more often than etcd allows by
+/// default (`--grpc-keepalive-min-time`, 5 s): a client that pings more
+/// often is disconnected (`too_many_pings`).
+const KEEP_ALIVE: (Duration, Duration) = (Duration::from_secs(10), Duration::from_secs(5));
 /// The backoff between sessions (protocol step 4): from the first to the
 /// last, doubling.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(2));
@@ -69,7 +71,7 @@ async fn connect_to(cluster: &Cluster, endpoint: &str) -> Result<Client, Failure
     let mut options = ConnectOptions::new()
         .with_connect_timeout(CONNECT_TIMEOUT)
         .with_timeout(REQUEST_TIMEOUT)
-        .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE)
+        .with_keep_alive(KEEP_ALIVE.0, KEEP_ALIVE.1)
         .with_keep_alive_while_idle(true)
         // A member cut off from the quorum answers nothing rather than
         // what it last knew (etcd's `hasleader` metadata).
@@ -238,6 +240,14 @@ async fn registration(
     cluster.0.metrics.publishes.inc();
     let (mut keeper, mut answers) = client.lease_keep_alive(lease).await?;
     cluster.set_registered(true);
+    // Peers forward to `advertise`: said loudly if it is not this node's
+    // listener as seen from here (a port forward may still be right).
+    if !super::probe(config.advertise, config.peer_connect_timeout).await {
+        warn!(
+            advertise = %config.advertise,
+            "cluster.advertise does not answer as a snapgate listener from this node: peers may not reach it there"
+        );
+    }
     info!(node = %config.node, lease, "cluster: registered in the catalog");
     let mut keep_alive = tokio::time::interval(config.lease_ttl / 3);
     keep_alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

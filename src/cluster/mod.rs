@@ -41,8 +41,9 @@
 //! 1. A request that carries a valid hop marker (`Snapgate-Hop`,
 //!    [`Cluster::verify`]: an HMAC with the shared secret over the
 //!    forwarding node, the time, the mode and the request's method, `Host`
-//!    and target, within [`MARKER_WINDOW`]) was forwarded by a peer: it
-//!    is served here, from this node's pool, and never forwarded again.
+//!    and target, within [`MARKER_WINDOW`]) from the address of a node in
+//!    the catalog was forwarded by a peer: it is served here, from this
+//!    node's pool, and never forwarded again.
 //!    Every request loses its `Snapgate-Hop` before the app sees it, so a
 //!    client that sends one cannot make a node skip routing (it is
 //!    counted as not valid).
@@ -65,11 +66,12 @@
 //!    answer, and any failure after the request went out, is the
 //!    client's: a broken exchange is a 502, and the request is not sent to
 //!    another node (it may have reached the app).
-//! 5. A peer that could not be connected to is skipped (not in plans)
-//!    until a health check (a TCP connect, each second) reaches it, or
-//!    its entry shows a new run of it (`epoch`) or a new address, or it
-//!    leaves the catalog. A peer that takes connections but fails
-//!    requests is not skipped: each such request fails (502).
+//! 5. A peer that could not be connected to, or that gave no answer
+//!    within the wait (a hung process: the kernel still takes its
+//!    connections), is skipped (not in plans) until a health check
+//!    ([`probe`], each second) gets its listener's answer, or its entry
+//!    shows a new run of it (`epoch`) or a new address, or it leaves the
+//!    catalog. A peer that answers, even with errors, is not skipped.
 //! 6. A request whose `Via` already names snapgate twice went round
 //!    (nodes whose markers do not verify each other's): it is served where
 //!    it is, not forwarded again.
@@ -120,12 +122,12 @@ impl Secret {
         let text = std::fs::read_to_string(path)
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let line = text.lines().next().unwrap_or("").trim();
-        if line.len() < crate::config::MIN_SECRET_LEN {
+        if line.chars().count() < crate::config::MIN_SECRET_LEN {
             anyhow::bail!(
                 "{}: the secret's first line has {} characters; at least {} are needed \
                  (say, `openssl rand -hex 32`)",
                 path.display(),
-                line.len(),
+                line.chars().count(),
                 crate::config::MIN_SECRET_LEN
             );
         }
@@ -167,6 +169,39 @@ type HmacSha256 = hmac::Hmac<Sha256>;
 /// How far a hop marker's time may be from this node's clock: nodes keep
 /// their clocks within this of each other (NTP does far better).
 pub const MARKER_WINDOW: Duration = Duration::from_secs(30);
+
+/// Whether a snapgate listener answers at `address` within `within`: a
+/// request for a host no app has (`snapgate-probe.invalid`, RFC 6761
+/// section 6.4) gets its 404 naming the host. A TCP connect alone is not
+/// enough: the kernel completes handshakes for a stopped process.
+pub async fn probe(address: SocketAddr, within: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(address).await.ok()?;
+        stream
+            .write_all(
+                b"GET / HTTP/1.1\r\nHost: snapgate-probe.invalid\r\nConnection: close\r\n\r\n",
+            )
+            .await
+            .ok()?;
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        while answer.len() < 8192 {
+            let n = stream.read(&mut buf).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&answer);
+        Some(text.starts_with("HTTP/1.1 404") && text.contains("snapgate-probe.invalid"))
+    };
+    tokio::time::timeout(within, exchange)
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+}
 
 fn unix_now() -> u64 {
     std::time::SystemTime::now()
@@ -218,6 +253,8 @@ struct Inner {
     registration: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The etcd endpoint (its index) the last session connected to.
     endpoint: std::sync::atomic::AtomicUsize,
+    /// When a node's invalid marker was last warned of (Unix seconds).
+    warned: std::sync::atomic::AtomicU64,
 }
 
 /// Where a [`Cluster`] reads this node's pools: the gateway's current
@@ -244,6 +281,7 @@ impl Cluster {
             leave: Default::default(),
             registration: Default::default(),
             endpoint: Default::default(),
+            warned: Default::default(),
         })))
     }
 
@@ -349,9 +387,34 @@ impl Cluster {
     /// A request came with a hop marker that is not valid (a client's, or
     /// a peer's with another secret or a clock off by more than
     /// [`MARKER_WINDOW`]): counted; it is routed as any other.
-    pub fn bad_marker(&self) {
+    /// `from` is where the request came from: a node of the catalog's
+    /// invalid marker is a misconfigured cluster (another secret, clocks
+    /// apart), said at WARN at most once a minute.
+    pub fn bad_marker(&self, from: Option<std::net::IpAddr>) {
         self.0.metrics.bad_markers.inc();
-        tracing::debug!("a request's hop marker is not valid: removed, the request routed");
+        if !from.is_some_and(|ip| self.is_node(ip)) {
+            tracing::debug!("a request's hop marker is not valid: removed, the request routed");
+            return;
+        }
+        let now = unix_now();
+        let last = self.0.warned.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= last + 60
+            && self
+                .0
+                .warned
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                from = ?from,
+                "a node's hop marker is not valid here: do the nodes share one cluster secret, and clocks within 30 s?"
+            );
+        }
     }
 
     /// Whether `ip` is the address of a node in the catalog.
@@ -376,9 +439,9 @@ impl Cluster {
         })
     }
 
-    /// `peer` could not be connected to: skipped from now on (routing
-    /// step 5).
-    pub fn peer_unreachable(&self, peer: &Arc<str>) {
+    /// `peer` took no connection, or accepted one and gave no answer in
+    /// time: skipped from now on (routing step 5).
+    pub fn skip(&self, peer: &Arc<str>) {
         let Some(run) = self
             .0
             .catalog
@@ -389,7 +452,6 @@ impl Cluster {
         else {
             return;
         };
-        self.0.metrics.peer_error(peer, "connect");
         if self.0.down.insert(peer.clone(), run).is_none() {
             tracing::warn!(%peer, "peer not answering: skipped until it does");
         }
@@ -501,12 +563,9 @@ impl Cluster {
             // All at once, each within the connect timeout; a shutdown
             // does not wait for them.
             let within = self.0.config.peer_connect_timeout;
-            let checks = down.into_iter().map(|(peer, address)| async move {
-                let reached = tokio::time::timeout(within, tokio::net::TcpStream::connect(address))
-                    .await
-                    .is_ok_and(|c| c.is_ok());
-                (peer, reached)
-            });
+            let checks = down
+                .into_iter()
+                .map(|(peer, address)| async move { (peer, probe(address, within).await) });
             let results = tokio::select! {
                 _ = cancel.cancelled() => return,
                 results = futures::future::join_all(checks) => results,
@@ -602,6 +661,46 @@ mod tests {
         // Garbage.
         assert_eq!(check("node-a".into()), None);
         assert_eq!(check(format!("{marker} extra")), None);
+    }
+
+    #[tokio::test]
+    async fn a_probe_needs_a_listeners_answer_not_a_handshake() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let within = Duration::from_millis(300);
+        // Takes connections (the kernel would for a stopped process) and
+        // never answers.
+        let hung = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let hung_at = hung.local_addr().unwrap();
+        let held = tokio::spawn(async move {
+            let mut kept = Vec::new();
+            while let Ok((s, _)) = hung.accept().await {
+                kept.push(s);
+            }
+        });
+        assert!(!probe(hung_at, within).await);
+        // Answers as snapgate does for a host no app has.
+        let live = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let live_at = live.local_addr().unwrap();
+        let answering = tokio::spawn(async move {
+            while let Ok((mut s, _)) = live.accept().await {
+                let mut buf = [0u8; 512];
+                let _ = s.read(&mut buf).await;
+                let body = "snapgate: no app serves host \"snapgate-probe.invalid\"\n";
+                let head = format!(
+                    "HTTP/1.1 404 Not Found\r\ncontent-length: {}\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(format!("{head}{body}").as_bytes()).await;
+            }
+        });
+        assert!(probe(live_at, within).await);
+        // Nothing listening.
+        drop(answering);
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed_at = closed.local_addr().unwrap();
+        drop(closed);
+        assert!(!probe(closed_at, within).await);
+        held.abort();
     }
 
     #[test]

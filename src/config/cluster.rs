@@ -155,16 +155,19 @@ impl ClusterConfig {
             add("etcd.endpoints", "at least one etcd client URL".into());
         }
         for (i, e) in etcd.endpoints.iter().enumerate() {
-            let scheme_ok = match &etcd.tls {
-                Some(_) => e.starts_with("https://"),
-                None => e.starts_with("http://"),
-            };
-            let authority = e.split_once("://").map_or("", |(_, rest)| rest);
-            if !scheme_ok || authority.is_empty() || authority.contains('/') {
+            let want = if etcd.tls.is_some() { "https" } else { "http" };
+            let ok = e.parse::<http::Uri>().is_ok_and(|u| {
+                u.scheme_str() == Some(want)
+                    && u.port_u16().is_some()
+                    && u.host().is_some_and(|h| !h.is_empty())
+                    && matches!(u.path(), "" | "/")
+                    && u.query().is_none()
+            });
+            if !ok {
                 let scheme = if etcd.tls.is_some() { "https" } else { "http" };
                 add(
                     &format!("etcd.endpoints[{i}]"),
-                    format!("{e:?}: a client URL {scheme}://host:port"),
+                    format!("{e:?}: a client URL {scheme}://host:port (with its port)"),
                 );
             }
         }
@@ -268,6 +271,9 @@ mod tests {
         c.node = "Node_A".into();
         c.advertise = "0.0.0.0:8080".parse().unwrap();
         c.etcd.endpoints = vec!["10.0.0.9:2379".into(), "https://x:1".into()];
+        c.etcd
+            .endpoints
+            .extend(["http://a b:1".into(), "http://x".into()]);
         c.etcd.prefix = "snapgate".into();
         c.etcd.username = Some("u".into());
         assert_eq!(
@@ -280,6 +286,8 @@ mod tests {
                 "cluster.snapshot_store",
                 "cluster.etcd.endpoints[0]",
                 "cluster.etcd.endpoints[1]",
+                "cluster.etcd.endpoints[2]",
+                "cluster.etcd.endpoints[3]",
                 "cluster.etcd.prefix",
                 "cluster.etcd.username",
             ]

@@ -758,7 +758,8 @@ impl Apps {
                         // sent, the request goes to the next node.
                         Err(Retry::NotSent { req: back, cause }) => {
                             warn!(%app, peer = %node, "no connection to the peer: {cause}");
-                            cluster.peer_unreachable(node);
+                            cluster.metrics().peer_error(node, "connect");
+                            cluster.skip(node);
                             let mut back = *back;
                             back.headers_mut().remove(crate::cluster::HOP_MARKER);
                             req = Some(back);
@@ -769,6 +770,11 @@ impl Apps {
                         Err(Retry::Failed(kind)) => {
                             warn!(%app, peer = %node, "forward to the peer failed: {kind}");
                             cluster.metrics().peer_error(node, "failed");
+                            // No answer in time: a hung node is skipped
+                            // until it answers a probe.
+                            if matches!(kind, ErrorKind::ResponseTimeout(_)) {
+                                cluster.skip(node);
+                            }
                             return Err(kind.of(app));
                         }
                     }

@@ -254,14 +254,19 @@ impl Forwarding {
     /// marker (step 6).
     pub(super) fn peer_node<B>(&self, req: &Request<B>) -> Option<(Arc<str>, bool)> {
         let marker = req.headers().get(crate::cluster::HOP_MARKER)?;
+        let cluster = self.cluster.as_ref()?;
+        // Only a node of the catalog forwards (a marker seen by others
+        // cannot be replayed from elsewhere).
+        let from = req.extensions().get::<Peer>()?.addr.ip().to_canonical();
+        if !cluster.is_node(from) {
+            return None;
+        }
         let host = req
             .headers()
             .get(header::HOST)
             .map_or(&b""[..], |h| h.as_bytes());
         let target = req.uri().path_and_query().map_or("", |p| p.as_str());
-        self.cluster
-            .as_ref()?
-            .verify(marker, req.method(), host, target)
+        cluster.verify(marker, req.method(), host, target)
     }
 
     fn trusts(&self, ip: IpAddr) -> bool {
@@ -314,7 +319,9 @@ impl Forwarding {
             (Some((node, now)), _) => {
                 req.extensions_mut().insert(FromPeer { node, now });
             }
-            (None, Some(cluster)) if marked => cluster.bad_marker(),
+            (None, Some(cluster)) if marked => {
+                cluster.bad_marker(peer.map(|p| p.addr.ip().to_canonical()))
+            }
             _ => {}
         }
         // One look at each name: hop-by-hop fields (most requests have
