@@ -1,5 +1,5 @@
 //! The node's two sessions with etcd (the module doc of `crate::cluster`,
-//! protocol steps 1 to 5): its registration (lease, entry, keep-alives,
+//! protocol steps 1 to 6): its registration (lease, entry, keep-alives,
 //! writes) and its watch of the catalog. Each runs until cancelled,
 //! starting a new session after any failure.
 
@@ -139,7 +139,7 @@ where
     }
 }
 
-/// Protocol steps 1, 2, 4 and 5: this node's entry under its lease.
+/// Protocol steps 1, 2, 4, 5 and 6: this node's entry under its lease.
 pub(super) async fn register(cluster: Cluster, pools: Pools, cancel: CancellationToken) {
     let epoch = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -154,7 +154,7 @@ pub(super) async fn register(cluster: Cluster, pools: Pools, cancel: Cancellatio
     )
     .await;
     cluster.set_registered(false);
-    // Step 5: the entry goes with the lease.
+    // Protocol step 6: the entry goes with the lease.
     let held = lease.lock().unwrap().take();
     if let Some((mut client, id)) = held {
         match tokio::time::timeout(Duration::from_secs(1), client.lease_revoke(id)).await {

@@ -205,6 +205,19 @@ struct Peers {
     config: UpstreamConfig,
 }
 
+impl Peers {
+    /// The upstream of `node` at `address`: made on first use, and anew
+    /// when the node's address changed.
+    fn upstream(&self, node: &Arc<str>, address: std::net::SocketAddr) -> Arc<Upstream> {
+        let make = || (address, Upstream::new(address, None, self.config.clone()));
+        let mut slot = self.upstreams.entry(node.clone()).or_insert_with(make);
+        if slot.0 != address {
+            *slot = make();
+        }
+        slot.1.clone()
+    }
+}
+
 /// What answered a pool's request: an instance of this node's (its lease
 /// with it), or a peer node.
 struct Served {
@@ -695,21 +708,7 @@ impl Apps {
                     address,
                     reason,
                 } => {
-                    let upstream = {
-                        let mut slot = peers.upstreams.entry(node.clone()).or_insert_with(|| {
-                            (
-                                *address,
-                                Upstream::new(*address, None, peers.config.clone()),
-                            )
-                        });
-                        if slot.0 != *address {
-                            *slot = (
-                                *address,
-                                Upstream::new(*address, None, peers.config.clone()),
-                            );
-                        }
-                        slot.1.clone()
-                    };
+                    let upstream = peers.upstream(node, *address);
                     let mut this = this;
                     // To a warm instance: refused at once if it is gone, so
                     // the request goes on to the home node without a wait
