@@ -31,9 +31,10 @@
 //!    a trusted proxy, or the leftmost if every entry is one (as nginx's
 //!    `real_ip_recursive`).
 //! 6. In a cluster, a request with a valid hop marker (`Snapgate-Hop`,
-//!    `crate::cluster` routing step 1) came from a peer node: it is
-//!    trusted as a peer in `trusted_proxies` is, and gets [`FromPeer`].
-//!    The marker is removed from every request, valid or not.
+//!    `crate::cluster` routing step 1) from the address of a node in the
+//!    catalog came from a peer node: it is trusted as a peer in
+//!    `trusted_proxies` is, and gets [`FromPeer`]. The marker is removed
+//!    from every request, valid or not; an invalid one is counted.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
