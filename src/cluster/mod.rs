@@ -13,8 +13,9 @@
 //!    each) each interval and writes when what routing reads changed (the
 //!    apps listed, and whether each has instances free or open), or when
 //!    other counts changed and the last write is ten intervals old. A
-//!    busy node's leases come and go without a write each. Each entry carries the run's start (`epoch`) and a
-//!    `version` counting its writes.
+//!    busy node's leases come and go without a write each. Each entry
+//!    carries the run's start (`epoch`) and a `version` counting its
+//!    writes.
 //! 3. Each node reads every entry once (one consistent `Range`) and then
 //!    watches the prefix from the revision after it; each event replaces
 //!    its copy ([`Catalog`], swapped whole). The copy is what routing
@@ -76,8 +77,8 @@
 //!    (nodes whose markers do not verify each other's): it is served where
 //!    it is, not forwarded again.
 //!
-//! Peer forwards use the proxy's kept-alive upstream connections, one set
-//! per peer address.
+//! Peer forwards use the proxy's kept-alive upstream connections: one
+//! upstream per peer node, made anew when its address changes.
 
 pub mod catalog;
 mod etcd;
