@@ -407,41 +407,28 @@ impl Apps {
                             ))
                             .await
                         }
-                        // A peer's forward to a warm instance it saw: a
-                        // free one now, or a refusal at once.
-                        (_, Some(FromPeer { now: true, .. })) => match pool.try_claim() {
-                            Some(lease) => Box::pin(self.via_pool(
-                                app,
-                                pool,
-                                upstreams,
-                                limits,
-                                routed.req,
-                                asked,
-                                Some(lease),
-                            ))
-                            .await
-                            .map_err(|mut e| {
-                                e.refused_to_peer = true;
+                        // Served here. A peer's forward to a warm
+                        // instance it saw (mode `now`): a free one now,
+                        // or a refusal at once.
+                        (_, from_peer) => {
+                            let now = matches!(from_peer, Some(FromPeer { now: true, .. }));
+                            let first = if now { pool.try_claim() } else { None };
+                            let sent = if now && first.is_none() {
+                                Err(ErrorKind::NoInstance(crate::pool::ClaimError::NoneFree {
+                                    app: app.name().to_string(),
+                                })
+                                .of(app))
+                            } else {
+                                Box::pin(self.via_pool(
+                                    app, pool, upstreams, limits, routed.req, asked, first,
+                                ))
+                                .await
+                            };
+                            sent.map_err(|mut e| {
+                                e.refused_to_peer = from_peer.is_some();
                                 e
-                            }),
-                            None => {
-                                let mut e =
-                                    ErrorKind::NoInstance(crate::pool::ClaimError::NoneFree {
-                                        app: app.name().to_string(),
-                                    })
-                                    .of(app);
-                                e.refused_to_peer = true;
-                                Err(e)
-                            }
-                        },
-                        _ => Box::pin(
-                            self.via_pool(app, pool, upstreams, limits, routed.req, asked, None),
-                        )
-                        .await
-                        .map_err(|mut e| {
-                            e.refused_to_peer = from_peer.is_some();
-                            e
-                        }),
+                            })
+                        }
                     };
                     let served = sent.inspect_err(|e| count(app, e))?;
                     let mut resp = self.answer(
